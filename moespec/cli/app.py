@@ -1,0 +1,32 @@
+"""`moespec` entry point: registers one thin module per command.
+
+Command modules import torch lazily, inside their functions, so that `moespec validate`
+and `moespec show` start without loading it.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from moespec.cli import compile_cmd, schema_cmd, show_cmd, train_cmd, validate_cmd
+
+app = typer.Typer(
+    name="moespec",
+    help="Declare a Mixture-of-Experts transformer in YAML; validate, compile, train, simulate it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("validate")(validate_cmd.validate_command)
+app.command("show")(show_cmd.show_command)
+app.command("schema")(schema_cmd.schema_command)
+app.command("compile")(compile_cmd.compile_command)
+app.command("train")(train_cmd.train_command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

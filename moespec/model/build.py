@@ -1,0 +1,166 @@
+"""The model builder: a resolved `SpecPlan` in, a `MoETransformer` out.
+
+`build_model` is the only place that reads the plan; the modules it makes take plain keyword
+arguments. Shape legend: B batch, S sequence, D d_model, V vocabulary.
+
+Initialisation is deterministic for a given seed: the whole build runs under a forked RNG
+seeded with `seed` (so the MoE layers' own initialisation is reproducible too, and the
+caller's global RNG is left as it was), then the dense weights are re-drawn from
+N(0, init_std), with the residual output projections (`o_proj`, `w_down`) scaled by
+1/sqrt(2 * n_layers) as in GPT-2, so that the residual stream's variance does not grow
+with depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moespec.model.layers import CausalSelfAttention, DecoderBlock, DenseFFN, RotaryEmbedding, make_norm
+from moespec.model.types import ModelAux
+from moespec.spec.plan import SpecPlan
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only transformer: embeddings, pre-norm blocks (dense or MoE), final norm, LM head.
+
+    `lm_head=None` ties the output projection to the token embedding (one shared matrix,
+    counted once and stored once in the state dict).
+    """
+
+    def __init__(
+        self,
+        *,
+        tok_embeddings: nn.Embedding,
+        blocks: list[DecoderBlock],
+        final_norm: nn.Module,
+        lm_head: nn.Linear | None,
+        pos_embeddings: nn.Embedding | None = None,
+        rope: RotaryEmbedding | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if (pos_embeddings is None) == (rope is None):
+            raise ValueError("give exactly one of pos_embeddings= (learned) or rope=")
+        self.tok_embeddings = tok_embeddings
+        self.pos_embeddings = pos_embeddings
+        self.rope = rope
+        self.embed_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.lm_head is None
+
+    @property
+    def max_seq_len(self) -> int | None:
+        """Longest input the learned position table covers; None with RoPE."""
+        return None if self.pos_embeddings is None else self.pos_embeddings.num_embeddings
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ModelAux]:
+        """tokens [B, S] long -> (logits [B, S, V], ModelAux with the summed MoE aux loss)."""
+        B, S = tokens.shape
+        positions = torch.arange(S, device=tokens.device)  # [S]
+        x = self.tok_embeddings(tokens)  # [B, S, D]
+        rope = None
+        if self.pos_embeddings is not None:
+            if S > self.pos_embeddings.num_embeddings:
+                raise ValueError(f"sequence length {S} exceeds the learned position table ({self.pos_embeddings.num_embeddings})")
+            x = x + self.pos_embeddings(positions)  # [B, S, D] + [S, D]
+        else:
+            rope = self.rope.cos_sin(positions)  # ([S, Hd], [S, Hd])
+        x = self.embed_dropout(x)
+
+        aux_loss = torch.zeros((), dtype=torch.float32, device=tokens.device)
+        stats = []
+        for block in self.blocks:
+            x, block_stats, block_aux = block(x, rope=rope, token_ids=tokens)
+            if block_stats is not None:
+                stats.append(block_stats)
+                aux_loss = aux_loss + block_aux.float()
+        x = self.final_norm(x)  # [B, S, D]
+        weight = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight  # [V, D]
+        logits = F.linear(x, weight)  # [B, S, V]
+        return logits, ModelAux(aux_loss=aux_loss, moe=stats)
+
+
+def build_model(plan: SpecPlan, *, seed: int = 0, device: torch.device | str | None = None) -> MoETransformer:
+    """Build the model a plan describes. `device="meta"` gives shapes without memory, which
+    is how full-size specs (Mixtral, DeepSeek-V3) are built and counted on a laptop."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = _assemble(plan)
+        _init_dense_weights(model, std=plan.model.init_std, n_layers=plan.model.n_layers)
+    return model
+
+
+def _assemble(plan: SpecPlan) -> MoETransformer:
+    m = plan.model
+    blocks = [_block(plan, layer) for layer in plan.layers]
+    return MoETransformer(
+        tok_embeddings=nn.Embedding(m.vocab_size, m.d_model),
+        pos_embeddings=nn.Embedding(m.seq_len, m.d_model) if m.positions == "learned" else None,
+        rope=RotaryEmbedding(head_dim=m.head_dim, theta=m.rope_theta) if m.positions == "rope" else None,
+        blocks=blocks,
+        final_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps),
+        lm_head=None if m.tied_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False),
+        dropout=m.dropout,
+    )
+
+
+def _block(plan: SpecPlan, layer) -> DecoderBlock:
+    m = plan.model
+    attention = CausalSelfAttention(
+        d_model=m.d_model,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        head_dim=m.head_dim,
+        qkv_bias=m.qkv_bias,
+        dropout=m.dropout,
+    )
+    if layer.kind == "moe":
+        from moespec.model.moe_layer import build_moe_layer  # the MoE layer imports routers, experts
+
+        ffn = None
+        moe = build_moe_layer(layer.moe, d_model=m.d_model, activation=m.activation, layer_index=layer.index)
+    else:
+        ffn = DenseFFN(d_model=m.d_model, d_ff=layer.d_ff, activation=m.activation)
+        moe = None
+    return DecoderBlock(
+        attn_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps),
+        attention=attention,
+        ffn_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps),
+        ffn=ffn,
+        moe=moe,
+        dropout=m.dropout,
+    )
+
+
+@torch.no_grad()
+def _init_dense_weights(model: MoETransformer, *, std: float, n_layers: int) -> None:
+    """N(0, std) for embeddings and dense linears, zero biases; residual output projections
+    get std / sqrt(2 * n_layers). MoE layers keep the initialisation their builder chose."""
+    residual_std = std / math.sqrt(2 * n_layers)
+    dense_linears: list[tuple[nn.Linear, float]] = []
+    for block in model.blocks:
+        att = block.attention
+        dense_linears += [(att.q_proj, std), (att.k_proj, std), (att.v_proj, std), (att.o_proj, residual_std)]
+        if block.ffn is not None:
+            ffn = block.ffn
+            dense_linears += [(lin, std) for lin in (ffn.w_gate, ffn.w_up) if lin is not None]
+            dense_linears.append((ffn.w_down, residual_std))
+    if model.lm_head is not None:
+        dense_linears.append((model.lm_head, std))
+    for linear, linear_std in dense_linears:
+        nn.init.normal_(linear.weight, mean=0.0, std=linear_std)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+    nn.init.normal_(model.tok_embeddings.weight, mean=0.0, std=std)
+    if model.pos_embeddings is not None:
+        nn.init.normal_(model.pos_embeddings.weight, mean=0.0, std=std)

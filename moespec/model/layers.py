@@ -1,0 +1,212 @@
+"""Dense transformer parts: norms, rotary positions, causal attention, the dense FFN and the
+pre-norm decoder block that carries either a dense FFN or a MoE layer.
+
+Shape legend: B batch, S sequence, D d_model, H query heads, G key/value heads (n_kv_heads),
+Hd head_dim, F dense FFN hidden width. Every constructor takes plain keyword arguments; no
+module holds the spec, so a layer can be built and tested on its own.
+
+Conventions, chosen to match the Hugging Face Llama / Mixtral / Qwen layouts so that parameter
+counts agree with published models:
+- no bias on any linear except the optional q/k/v bias (Qwen); `o_proj` never has one;
+- RMSNorm has a weight only (D parameters), LayerNorm a weight and a bias (2 * D);
+- RoPE uses the "rotate half" pairing (dimension i with i + Hd/2), not interleaved pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
+def make_norm(kind: str, dim: int, *, eps: float) -> nn.Module:
+    """RMSNorm (weight only) or LayerNorm (weight and bias); the choice changes counts."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r} (expected rmsnorm or layernorm)")
+
+
+def activation_fn(name: str):
+    """The elementwise nonlinearity; for gated variants, the one applied to the gate branch."""
+    if name == "relu":
+        return F.relu
+    if name in ("gelu", "geglu"):
+        return F.gelu
+    if name == "swiglu":
+        return F.silu
+    raise ValueError(f"unknown activation {name!r} (expected relu, gelu, swiglu or geglu)")
+
+
+# --- rotary position embedding -------------------------------------------------------------
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates each (i, i + Hd/2) pair of a head by angle `pos * theta^(-2i/Hd)`.
+
+    The angles are computed in the forward pass from a non-persistent `inv_freq` buffer, so
+    the state dict holds no tables, nothing has to be precomputed for a maximum length, and
+    the module works on the meta device too.
+    """
+
+    def __init__(self, *, head_dim: int, theta: float):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Hd/2]
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables for integer positions [S], float32, each [S, Hd]."""
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [S, Hd/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [S, Hd]
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # [..., Hd/2] each
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, h, S, Hd] by the tables [S, Hd]; computed in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+# --- attention ------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with grouped key/value heads (MHA when G == H, MQA when
+    G == 1). head_dim is explicit because some models (Qwen, Gemma) set it apart from D / H."""
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, S, _ = x.shape  # [B, S, D]
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Hd]
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Hd]
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Hd]
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # enable_gqa: each group of H / G query heads reads one key/value head, without
+        # materialising the repeated keys and values.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # [B, H, S, Hd]
+        y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*Hd]
+        return self.o_proj(y)  # [B, S, D]
+
+
+# --- dense feed-forward ---------------------------------------------------------------------
+
+
+class DenseFFN(nn.Module):
+    """Position-wise FFN. Plain: `down(act(up(x)))`, 2*D*F weights. Gated (SwiGLU, GeGLU):
+    `down(act(gate(x)) * up(x))`, 3*D*F weights, as in Llama and Mixtral experts."""
+
+    def __init__(self, *, d_model: int, d_ff: int, activation: str):
+        super().__init__()
+        self.act = activation_fn(activation)
+        self.gated = activation in GATED_ACTIVATIONS
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False) if self.gated else None
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_up(x)  # [B, S, F]
+        h = self.act(self.w_gate(x)) * h if self.gated else self.act(h)  # [B, S, F]
+        return self.w_down(h)  # [B, S, D]
+
+
+# --- decoder block --------------------------------------------------------------------------
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: `x + attn(norm(x))`, then `x + ffn(norm(x))` where the FFN is either a
+    dense `ffn` or a `moe` layer (exactly one). The MoE layer's statistics and auxiliary loss
+    are returned, never stored, so a forward has no side effects.
+
+    The MoE layer is called as `moe(x, token_ids=tokens)` when it accepts token ids (hash
+    routing needs them) and `moe(x)` otherwise; it returns (y, MoEStats, aux_loss).
+    """
+
+    def __init__(
+        self,
+        *,
+        attn_norm: nn.Module,
+        attention: nn.Module,
+        ffn_norm: nn.Module,
+        ffn: nn.Module | None = None,
+        moe: nn.Module | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if (ffn is None) == (moe is None):
+            raise ValueError("a decoder block takes exactly one of ffn= or moe=")
+        self.attn_norm = attn_norm
+        self.attention = attention
+        self.ffn_norm = ffn_norm
+        self.ffn = ffn
+        self.moe = moe
+        self.resid_dropout = nn.Dropout(dropout)
+        self._moe_takes_token_ids = moe is not None and _accepts_keyword(moe.forward, "token_ids")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, S, D]
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_ids: torch.Tensor | None = None,  # [B, S] long
+    ):
+        """Returns (x [B, S, D], MoEStats or None, aux_loss [] float32 or None)."""
+        x = x + self.resid_dropout(self.attention(self.attn_norm(x), rope))
+        h = self.ffn_norm(x)  # [B, S, D]
+        if self.moe is None:
+            return x + self.resid_dropout(self.ffn(h)), None, None
+        if self._moe_takes_token_ids:
+            y, stats, aux_loss = self.moe(h, token_ids=token_ids)
+        else:
+            y, stats, aux_loss = self.moe(h)
+        return x + self.resid_dropout(y), stats, aux_loss
+
+
+def _accepts_keyword(fn, name: str) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

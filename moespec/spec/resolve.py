@@ -1,0 +1,288 @@
+"""Schema-valid spec data -> `SpecPlan`, with the cross-field rules checked once, here.
+
+Defaults are read from the schema (`definition_defaults`), so the documented default and the
+used default cannot differ. Every semantic error names the YAML path that should change, both
+values involved, and the fix; errors are collected, never asserted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moespec.spec.errors import PathT, SpecError, SpecErrors
+from moespec.spec.plan import (
+    ROUTER_TYPES,
+    CapacityPlan,
+    ExpertsPlan,
+    LayerPlan,
+    ModelPlan,
+    MoELayerPlan,
+    ParallelPlan,
+    SpecPlan,
+)
+from moespec.spec.schema import definition_defaults, load_schema
+from moespec.spec.yaml_source import Locations
+
+
+@dataclass
+class _Errors:
+    locations: Locations
+    found: dict[tuple[str, str], SpecError] = field(default_factory=dict)
+
+    def add(self, path: PathT, message: str) -> None:
+        error = self.locations.error(path, message)
+        self.found.setdefault((error.path, message), error)  # one report per place, not per layer
+
+
+def _with_defaults(definition: str, raw: dict | None) -> dict:
+    """Defaults of a schema definition overlaid with what the spec wrote (floats like 2.0 in
+    integer fields become ints, which the schema allows)."""
+    properties = load_schema()["$defs"][definition]["properties"]
+    merged = {**definition_defaults(definition), **(raw or {})}
+    for key, value in merged.items():
+        types = properties.get(key, {}).get("type", [])
+        if isinstance(value, float) and "integer" in (types if isinstance(types, list) else [types]):
+            merged[key] = int(value)
+    return merged
+
+
+def resolve(data: dict, locations: Locations) -> SpecPlan:
+    errors = _Errors(locations)
+    model = _model(data["model"], errors)
+    parallel = _parallel(data.get("parallelism") or {}, model, errors)
+    if data.get("moe") is None:
+        layers = tuple(LayerPlan(index=i, kind="dense", d_ff=model.d_ff, moe=None) for i in range(model.n_layers))
+    else:
+        layers = _layers(data["moe"], model, parallel, errors)
+    if errors.found:
+        raise SpecErrors(errors.found.values())
+    return SpecPlan(
+        version=int(data["version"]),
+        name=data["name"],
+        description=data.get("description", ""),
+        model=model,
+        layers=layers,
+        parallel=parallel,
+    )
+
+
+def _model(raw: dict, errors: _Errors) -> ModelPlan:
+    m = _with_defaults("model", raw)
+    n_heads, d_model = m["n_heads"], m["d_model"]
+    n_kv_heads = m["n_kv_heads"] or n_heads
+    if n_heads % n_kv_heads:
+        errors.add(("model", "n_kv_heads"), f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads}) for grouped-query attention; pick a divisor of {n_heads}")
+    head_dim = m["head_dim"]
+    if head_dim is None:
+        if d_model % n_heads:
+            errors.add(("model", "n_heads"), f"n_heads ({n_heads}) does not divide d_model ({d_model}); pick n_heads dividing d_model or set model.head_dim")
+        head_dim = max(d_model // n_heads, 1)
+    if m["positions"] == "rope" and head_dim % 2:
+        where = ("model", "head_dim") if m["head_dim"] is not None else ("model", "n_heads")
+        errors.add(where, f"RoPE rotates pairs of channels, so head_dim ({head_dim}) must be even; change head_dim or use positions: learned")
+    return ModelPlan(
+        vocab_size=m["vocab_size"],
+        d_model=d_model,
+        n_layers=m["n_layers"],
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        d_ff=m["d_ff"] or 4 * d_model,
+        activation=m["activation"],
+        norm=m["norm"],
+        norm_eps=float(m["norm_eps"]),
+        positions=m["positions"],
+        rope_theta=float(m["rope_theta"]),
+        tied_embeddings=m["tied_embeddings"],
+        seq_len=m["seq_len"],
+        dropout=float(m["dropout"]),
+        qkv_bias=m["qkv_bias"],
+        init_std=float(m["init_std"]),
+    )
+
+
+def _parallel(raw: dict, model: ModelPlan, errors: _Errors) -> ParallelPlan:
+    p = _with_defaults("parallelism", raw)
+    dp, ep, tp, pp, micro = p["dp"], p["ep"], p["tp"], p["pp"], p["micro_batch"]
+    if dp % ep:
+        errors.add(("parallelism", "ep"), f"ep ({ep}) must divide dp ({dp}): expert parallelism lives inside data parallelism; set ep to a divisor of dp")
+    for heads_name in ("n_heads", "n_kv_heads"):
+        heads = getattr(model, heads_name)
+        if heads % tp:
+            errors.add(("parallelism", "tp"), f"tp ({tp}) must divide model.{heads_name} ({heads}) to split heads across ranks; pick a divisor")
+    if pp > model.n_layers:
+        errors.add(("parallelism", "pp"), f"pp ({pp}) exceeds model.n_layers ({model.n_layers}); each stage needs at least one layer")
+    global_batch = p["global_batch"] or micro * dp
+    if global_batch % (micro * dp):
+        errors.add(
+            ("parallelism", "global_batch"),
+            f"global_batch ({global_batch}) must be a multiple of micro_batch * dp ({micro} * {dp} = {micro * dp}); "
+            f"use {max(global_batch // (micro * dp), 1) * micro * dp}",
+        )
+    return ParallelPlan(
+        dp=dp, ep=ep, tp=tp, pp=pp, micro_batch=micro, global_batch=global_batch,
+        precision=p["precision"], zero_stage=p["zero_stage"], recompute=p["recompute"],
+    )  # fmt: skip
+
+
+def _moe_indices(raw: dict, n_layers: int, errors: _Errors) -> list[int]:
+    placement = _with_defaults(f"placement_{raw['type']}", raw)
+    kind, path = placement["type"], ("moe", "placement")
+    first_dense = placement.get("first_dense", 0)
+    if first_dense >= n_layers:
+        errors.add(path + ("first_dense",), f"first_dense ({first_dense}) leaves no MoE layer in {n_layers} layers; use a value below {n_layers}")
+    if kind == "all":
+        return list(range(first_dense, n_layers))
+    if kind == "every":
+        every, offset = placement["every"], placement["offset"]
+        if offset >= n_layers:
+            errors.add(path + ("offset",), f"offset ({offset}) is past the last layer ({n_layers - 1}); use an offset below {n_layers}")
+        return [i for i in range(max(first_dense, offset), n_layers) if (i - offset) % every == 0]
+    if kind == "middle":
+        return [n_layers // 2]
+    indices = []
+    for position, index in enumerate(placement["layers"]):
+        if index >= n_layers:
+            errors.add(path + ("layers", position), f"layer {index} is out of range for n_layers {n_layers}; use 0..{n_layers - 1}")
+        else:
+            indices.append(index)
+    return sorted(indices)
+
+
+@dataclass
+class _LayerSources:
+    """Where one MoE layer's router/experts/capacity come from (paths for error messages)."""
+
+    router: dict
+    router_path: PathT
+    experts: dict
+    experts_paths: dict[str, PathT]  # field -> path where it was written
+    capacity_raw: list[tuple[PathT, dict]]  # capacity mappings written for this layer, in order
+
+
+def _layers(raw: dict, model: ModelPlan, parallel: ParallelPlan, errors: _Errors) -> tuple[LayerPlan, ...]:
+    moe_indices = _moe_indices(raw.get("placement") or {"type": "all"}, model.n_layers, errors)
+    if not moe_indices:
+        errors.add(("moe", "placement"), f"this placement makes no layer MoE in {model.n_layers} layers; change it or remove the moe section")
+    base_experts = raw.get("experts") or {}
+    base_capacity = [(("moe", "capacity"), raw["capacity"])] if raw.get("capacity") is not None else []
+    sources = {
+        index: _LayerSources(
+            router=raw.get("router") or {"type": "topk"},
+            router_path=("moe", "router"),
+            experts=dict(base_experts),
+            experts_paths={key: ("moe", "experts", key) for key in base_experts},
+            capacity_raw=list(base_capacity),
+        )
+        for index in moe_indices
+    }
+    overridden: dict[int, int] = {}
+    for number, override in enumerate(raw.get("overrides") or []):
+        path = ("moe", "overrides", number)
+        if not any(key in override for key in ("router", "experts", "capacity")):
+            errors.add(path, "this override changes nothing; add router, experts or capacity, or remove it")
+        for position, index in enumerate(override["layers"]):
+            where = path + ("layers", position)
+            if index >= model.n_layers:
+                errors.add(where, f"layer {index} is out of range for n_layers {model.n_layers}; use 0..{model.n_layers - 1}")
+                continue
+            if index not in sources:
+                errors.add(where, f"layer {index} is dense under moe.placement (MoE layers: {_short(moe_indices)}); add it to the placement or drop it here")
+                continue
+            if index in overridden:
+                errors.add(where, f"layer {index} is already overridden by moe.overrides[{overridden[index]}]; merge the two overrides")
+                continue
+            overridden[index] = number
+            layer = sources[index]
+            if "router" in override:
+                layer.router, layer.router_path = override["router"], path + ("router",)
+            for key, value in (override.get("experts") or {}).items():
+                layer.experts[key] = value
+                layer.experts_paths[key] = path + ("experts", key)
+            if override.get("capacity") is not None:
+                layer.capacity_raw.append((path + ("capacity",), override["capacity"]))
+    layers = []
+    for index in range(model.n_layers):
+        if index in sources:
+            moe = _moe_layer(sources[index], model, parallel, errors)
+            layers.append(LayerPlan(index=index, kind="moe", d_ff=model.d_ff, moe=moe))
+        else:
+            layers.append(LayerPlan(index=index, kind="dense", d_ff=model.d_ff, moe=None))
+    return tuple(layers)
+
+
+def _short(indices: list[int]) -> str:
+    return ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
+
+
+def _moe_layer(src: _LayerSources, model: ModelPlan, parallel: ParallelPlan, errors: _Errors) -> MoELayerPlan:
+    ex = _with_defaults("experts", src.experts)
+    count_path = src.experts_paths.get("count", ("moe", "experts", "count"))
+    count = ex["count"]
+    if count % parallel.ep:
+        errors.add(count_path, f"experts.count ({count}) must be divisible by parallelism.ep ({parallel.ep}) so each rank holds the same number of experts")
+    if ex["shared_count"] == 0:
+        for key in ("shared_d_ff", "shared_gate"):
+            if key in src.experts_paths and ex[key] not in (None, False):
+                errors.add(src.experts_paths[key], f"{key} is set but shared_count is 0; set experts.shared_count or remove {key}")
+    d_ff = ex["d_ff"] or model.d_ff
+    experts = ExpertsPlan(
+        count=count, d_ff=d_ff, shared_count=ex["shared_count"],
+        shared_d_ff=ex["shared_d_ff"] or d_ff, shared_gate=ex["shared_gate"],
+    )  # fmt: skip
+
+    router_raw = src.router
+    router_type = router_raw["type"]
+    router = ROUTER_TYPES[router_type](**_with_defaults(f"router_{router_type}", router_raw))
+    k_path = src.router_path + ("k",) if "k" in router_raw else src.router_path
+    k = router.experts_per_token
+    if router_type in ("topk", "sigmoid_bias") and k > count:
+        errors.add(k_path, f"k ({k}) exceeds the expert count ({count}); choose k <= {count}")
+    if router_type == "noisy_topk" and k >= count:
+        errors.add(k_path, f"noisy_topk needs k ({k}) below the expert count ({count}): the load estimator uses the (k+1)-th logit; lower k")
+    if router_type == "sigmoid_bias":
+        _check_groups(router, count, src.router_path, errors)
+
+    capacity = None
+    if router_type == "base":
+        # A moe-level capacity is for the other layers when only an override makes this one BASE.
+        global_router = src.router_path == ("moe", "router")
+        for path, _ in src.capacity_raw:
+            if path == ("moe", "capacity") and not global_router:
+                continue
+            errors.add(path, "BASE layers have no capacity: balanced assignment gives every expert exactly T/E tokens; remove this capacity section for BASE layers")
+    else:
+        capacity = _capacity(src, router_type, errors)
+    return MoELayerPlan(router=router, experts=experts, capacity=capacity)
+
+
+def _check_groups(router, count: int, path: PathT, errors: _Errors) -> None:
+    groups, kept = router.n_groups, router.topk_groups
+    if count % groups:
+        errors.add(path + ("n_groups",), f"n_groups ({groups}) must divide the expert count ({count}); pick a divisor of {count}")
+        return
+    if kept > groups:
+        errors.add(path + ("topk_groups",), f"topk_groups ({kept}) exceeds n_groups ({groups}); choose at most {groups}")
+    elif router.k > kept * (count // groups):
+        errors.add(path + ("k",), f"k ({router.k}) exceeds the experts in the kept groups ({kept} x {count // groups}); raise topk_groups or lower k")
+
+
+def _capacity(src: _LayerSources, router_type: str, errors: _Errors) -> CapacityPlan:
+    merged: dict = {}
+    written: dict[str, PathT] = {}
+    for path, raw in src.capacity_raw:
+        merged.update(raw)
+        written.update({key: path + (key,) for key in raw})
+    cap = _with_defaults("capacity", merged)
+    factor, eval_factor = float(cap["factor"]), float(cap["eval_factor"])
+    if cap["dropless"]:
+        if router_type == "expert_choice":
+            errors.add(written["dropless"], "expert_choice always fills C = T * factor / E slots per expert, so it cannot be dropless; remove dropless")
+        for key in ("factor", "eval_factor"):
+            if key in written:
+                errors.add(written[key], f"dropless capacity has no {key}: expert groups take every routed token; remove {key} or set dropless: false")
+        factor = eval_factor = None
+    return CapacityPlan(
+        factor=factor, eval_factor=eval_factor, min_capacity=cap["min_capacity"],
+        drop_policy=cap["drop_policy"], dropless=cap["dropless"],
+    )  # fmt: skip

@@ -1,0 +1,1 @@
+"""JSON Schemas shipped inside the wheel (mapped to the package `moespec.schemas`)."""
