@@ -283,6 +283,7 @@ class SpecPlan:
     def to_dict(self) -> dict:
         """JSON-ready form (router and layer kinds explicit, derived figures included)."""
         data = dataclasses.asdict(self)
+        data["layers"] = list(data["layers"])
         data["parallel"].update(
             world=self.parallel.world,
             expert_dp=self.parallel.expert_dp,

@@ -110,6 +110,7 @@ def _parallel(raw: dict, model: ModelPlan, errors: _Errors) -> ParallelPlan:
         heads = getattr(model, heads_name)
         if heads % tp:
             errors.add(("parallelism", "tp"), f"tp ({tp}) must divide model.{heads_name} ({heads}) to split heads across ranks; pick a divisor")
+            break  # n_kv_heads defaults to n_heads: one report, not the same one twice
     if pp > model.n_layers:
         errors.add(("parallelism", "pp"), f"pp ({pp}) exceeds model.n_layers ({model.n_layers}); each stage needs at least one layer")
     global_batch = p["global_batch"] or micro * dp
@@ -161,8 +162,9 @@ class _LayerSources:
 
 
 def _layers(raw: dict, model: ModelPlan, parallel: ParallelPlan, errors: _Errors) -> tuple[LayerPlan, ...]:
+    reported = len(errors.found)
     moe_indices = _moe_indices(raw.get("placement") or {"type": "all"}, model.n_layers, errors)
-    if not moe_indices:
+    if not moe_indices and len(errors.found) == reported:  # else the placement error already says why
         errors.add(("moe", "placement"), f"this placement makes no layer MoE in {model.n_layers} layers; change it or remove the moe section")
     base_experts = raw.get("experts") or {}
     base_capacity = [(("moe", "capacity"), raw["capacity"])] if raw.get("capacity") is not None else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -32,9 +33,23 @@ def load_schema(kind: str = "spec") -> dict:
     return json.loads(text)
 
 
+def _ecma_pattern(validator, pattern: str, instance, schema):
+    """`pattern` as JSON Schema means it (ECMA-262), where `$` is the end of the string; Python's
+    `$` also matches before a final newline, so `name: "tiny\\n"` would pass ^...$."""
+    if not validator.is_type(instance, "string"):
+        return
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + "\\Z"
+    if not re.search(pattern, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
+
+
 @functools.cache
 def _validator(kind: str) -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(load_schema(kind))
+    return _Validator(load_schema(kind))
 
 
 def definition_defaults(name: str, kind: str = "spec") -> dict:
@@ -44,14 +59,19 @@ def definition_defaults(name: str, kind: str = "spec") -> dict:
 
 
 def schema_errors(data: object, locations: Locations, kind: str = "spec") -> list[SpecError]:
-    errors: list[SpecError] = []
+    errors: dict[SpecError, None] = {}  # ordered set: a null router fails each if/then branch alike
     for error in _validator(kind).iter_errors(data):
-        errors.extend(_translate(error, locations))
-    return errors
+        errors.update(dict.fromkeys(_translate(error, locations)))
+    return list(errors)
 
 
-def suggest(word: str, options) -> str:
-    matches = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+def suggest(word: str, options, section: str = "") -> str:
+    word, options = str(word), [str(o) for o in options]
+    # `capacity: {capacity_factor: ...}` repeats the section's name; the bare key is meant.
+    for prefix in {f"{section}_", f"{section.rstrip('s')}_"} if section else ():
+        if word.startswith(prefix) and word[len(prefix) :] in options:
+            return f"; did you mean {word[len(prefix):]!r}?"
+    matches = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f"; did you mean {matches[0]!r}?" if matches else ""
 
 
@@ -95,11 +115,12 @@ def _translate(error: jsonschema.ValidationError, locations: Locations) -> list[
         allowed = sorted(schema.get("properties", {}))
         extras = [key for key in error.instance if key not in schema.get("properties", {})]
         variant = error.instance.get("type") if isinstance(error.instance, dict) else None
+        section = path[-1] if path and isinstance(path[-1], str) else ""
         return [
             locations.error(
                 path + (key,),
                 _KEY_HINTS.get((variant, key))
-                or f"unknown key {key!r}{suggest(key, allowed) or f'; allowed here: {_list(allowed)}'}",
+                or f"unknown key {key!r}{suggest(key, allowed, section) or f'; allowed here: {_list(allowed)}'}",
             )
             for key in extras
         ]

@@ -9,6 +9,7 @@ never a hang or a traceback.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,12 @@ from moespec.spec.errors import PathT, SpecError, SpecErrors, format_path
 MAX_FILE_BYTES = 1 << 20  # a spec is a page of YAML; 1 MiB leaves a thousandfold margin
 MAX_NODES = 100_000  # constructed values, aliases counted each time they are expanded
 MAX_DEPTH = 64
+
+# YAML 1.2 floats with an exponent. PyYAML follows YAML 1.1, where `1e-5` (no dot) and `1.0e400` (unsigned
+# exponent) are strings, so `norm_eps: 1e-5` would fail as "expected a number, got str".
+_FLOAT_12 = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+")
+_STR_TAG = "tag:yaml.org,2002:str"
+_TYPE_NAMES = {"NoneType": "null", "bool": "a boolean", "int": "an integer", "float": "a number"}
 
 
 @dataclass
@@ -86,6 +93,11 @@ def parse_yaml(text: str, file: str) -> tuple[object, Locations]:
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = exc.problem or exc.context or "invalid YAML"
         raise SpecErrors([SpecError(file, line, col, "(root)", f"invalid YAML: {problem}; fix the syntax here")]) from None
+    except yaml.reader.ReaderError as exc:  # a control character (NUL, ...) anywhere in the text
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        shown = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise SpecErrors([SpecError(file, line, col, "(root)", f"character {shown} is not allowed in YAML; remove it (is this a text file?)")]) from None
     except yaml.YAMLError as exc:
         raise SpecErrors([SpecError(file, 1, 1, "(root)", f"invalid YAML: {exc}; fix the syntax")]) from None
     except RecursionError:
@@ -136,19 +148,34 @@ class _Builder:
         return None
 
     def _scalar(self, node: ScalarNode, path: PathT):
-        try:
-            value = self.constructor.construct_object(node, deep=True)
-        except ValueError as exc:  # e.g. an integer with more digits than Python converts
-            self._error(node, path, f"number cannot be read ({exc}); use a smaller value")
-            return None
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc)
-            self._error(node, path, f"cannot read this value: {problem}; use a plain string, number or boolean")
-            return None
+        if node.tag == _STR_TAG and node.style is None and _FLOAT_12.fullmatch(node.value):
+            value = float(node.value)  # a plain `1e-5`: a number in YAML 1.2, a string to PyYAML
+        else:
+            try:
+                value = self.constructor.construct_object(node, deep=True)
+            except yaml.YAMLError as exc:
+                problem = getattr(exc, "problem", None) or str(exc)
+                self._error(node, path, f"cannot read this value: {problem}; use a plain string, number or boolean")
+                return None
+            except (ValueError, LookupError, AttributeError, TypeError):
+                # PyYAML's constructors raise these for values their tag cannot hold
+                # (`!!bool maybe`, `!!int ''`, `!!timestamp x`), and Python refuses to read an
+                # integer of more than 4300 digits.
+                self._error(node, path, self._unreadable(node))
+                return None
         if isinstance(value, float) and not math.isfinite(value):
             self._error(node, path, f"{value} is not a finite number; write a finite value")
             return None
         return value
+
+    @staticmethod
+    def _unreadable(node: ScalarNode) -> str:
+        digits = sum(ch.isdigit() for ch in node.value)
+        if node.tag == "tag:yaml.org,2002:int" and digits > 100:
+            return f"an integer with {digits} digits is far too large; use a smaller value"
+        shown = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+        tag = node.tag.rsplit(":", 1)[-1]
+        return f"{shown!r} cannot be read as {tag}; fix the value or remove the !!{tag} tag"
 
     def _mapping(self, node: MappingNode, path: PathT, depth: int) -> dict:
         result: dict = {}
@@ -163,7 +190,8 @@ class _Builder:
             key = self._scalar(key_node, path)
             if not isinstance(key, str):
                 shown = "null" if key is None else str(key).lower() if isinstance(key, bool) else str(key)
-                self._error(key_node, path, f"key {shown!r} is read as {type(key).__name__}, not a string; quote it or use a name")
+                kind = _TYPE_NAMES.get(type(key).__name__, type(key).__name__)
+                self._error(key_node, path, f"key {shown!r} is read as {kind}, not a string; quote it or use a name")
                 continue
             child = path + (key,)
             if key in result:

@@ -1,0 +1,81 @@
+"""Plan -> spec: write a resolved plan back as spec YAML that resolves to the same plan.
+
+Used to prove the spec language round-trips and, by the explorer, to emit designs as ready
+specs. Every value is written explicitly (no reliance on defaults), so an emitted spec means
+the same thing even if a future version changes a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import yaml
+
+from moespec.spec.plan import MoELayerPlan, SpecPlan
+
+SCHEMA_COMMENT = "# yaml-language-server: $schema=../schemas/moespec.schema.json\n"
+
+
+def _router_dict(moe: MoELayerPlan) -> dict:
+    return dataclasses.asdict(moe.router)
+
+
+def _experts_dict(moe: MoELayerPlan) -> dict:
+    experts = dataclasses.asdict(moe.experts)
+    if not moe.experts.shared_count:  # shared fields without shared experts are an error
+        del experts["shared_d_ff"], experts["shared_gate"]
+    return experts
+
+
+def _capacity_dict(moe: MoELayerPlan) -> dict | None:
+    cap = moe.capacity
+    if cap is None:
+        return None
+    if cap.dropless:
+        return {"dropless": True, "min_capacity": cap.min_capacity, "drop_policy": cap.drop_policy}
+    return dataclasses.asdict(cap)
+
+
+def plan_to_spec(plan: SpecPlan) -> dict:
+    """The spec mapping for `plan`: the most common MoE layer config at moe level, the rest as overrides."""
+    spec: dict = {
+        "version": plan.version,
+        "name": plan.name,
+        "description": plan.description,
+        "model": dataclasses.asdict(plan.model),
+        "parallelism": {
+            field.name: getattr(plan.parallel, field.name) for field in dataclasses.fields(plan.parallel)
+        },
+    }
+    moe_layers = plan.moe_layers
+    if not moe_layers:
+        return spec
+    # A BASE layer carries no capacity, so it cannot be the moe-level config when another
+    # layer needs capacity; prefer the most common non-BASE config.
+    counts = Counter(layer.moe for layer in moe_layers)
+    non_base = [moe for moe in counts if moe.capacity is not None]
+    common = max(non_base or counts, key=lambda moe: counts[moe])
+    moe: dict = {
+        "placement": {"type": "layers", "layers": [layer.index for layer in moe_layers]},
+        "experts": _experts_dict(common),
+        "router": _router_dict(common),
+    }
+    if common.capacity is not None:
+        moe["capacity"] = _capacity_dict(common)
+    overrides = []
+    for config in sorted({layer.moe for layer in moe_layers} - {common}, key=lambda m: str(m)):
+        override: dict = {"layers": [layer.index for layer in moe_layers if layer.moe == config]}
+        override["router"] = _router_dict(config)
+        override["experts"] = _experts_dict(config)
+        if config.capacity is not None:
+            override["capacity"] = _capacity_dict(config)
+        overrides.append(override)
+    if overrides:
+        moe["overrides"] = overrides
+    spec["moe"] = moe
+    return spec
+
+
+def plan_to_yaml(plan: SpecPlan) -> str:
+    return SCHEMA_COMMENT + yaml.safe_dump(plan_to_spec(plan), sort_keys=False, default_flow_style=None, width=100)
