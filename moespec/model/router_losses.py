@@ -15,6 +15,13 @@ import torch
 CV_EPS = 1e-10
 
 
+def expert_counts(expert_index_A: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert, [E] long. scatter_add rather than bincount: the output shape
+    does not depend on the data, so it also runs on the meta device and under torch.compile."""
+    counts_E = torch.zeros(n_experts, dtype=torch.long, device=expert_index_A.device)
+    return counts_E.scatter_add_(0, expert_index_A, torch.ones_like(expert_index_A))
+
+
 def load_balancing_loss(probs_TE: torch.Tensor, expert_index_A: torch.Tensor) -> torch.Tensor:
     """Switch Transformer load balancing loss `E * sum_i f_i * P_i` (Fedus 2021, eq. 4).
 
@@ -24,7 +31,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_index_A: torch.Tensor) ->
     perfect balance and E when every token goes to one expert with probability 1.
     """
     n_experts = probs_TE.shape[-1]
-    counts_E = torch.bincount(expert_index_A, minlength=n_experts).to(probs_TE.dtype)
+    counts_E = expert_counts(expert_index_A, n_experts).to(probs_TE.dtype)
     fraction_E = counts_E / max(expert_index_A.numel(), 1)
     mean_prob_E = probs_TE.mean(dim=0)
     return n_experts * (fraction_E * mean_prob_E).sum()

@@ -19,6 +19,7 @@ C capacity per expert, A assignments, G expert groups, S experts per group.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moespec.model import router_losses
+from moespec.model.auction import balanced_assignment
 from moespec.model.types import RouterOutput
 from moespec.spec.plan import (
     BaseRouter,
@@ -48,8 +50,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _full_precision(x: torch.Tensor) -> torch.autocast:
-    """Context that switches autocast off for the router math on x's device."""
+def _full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context that switches autocast off for the router math on x's device. Devices without
+    autocast (meta, used for shape and FLOP counting) need nothing switched off."""
+    if not torch.amp.is_autocast_available(x.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
@@ -78,7 +83,7 @@ def _token_choice_output(
         priority_A=priority_TK.detach().reshape(-1),
         aux_loss=router_losses.weighted_sum(losses, coefs, like=gate_TK),
         losses=losses,
-        tokens_per_expert_E=torch.bincount(expert_index_A, minlength=n_experts),
+        tokens_per_expert_E=router_losses.expert_counts(expert_index_A, n_experts),
     )
 
 
@@ -167,7 +172,7 @@ class NoisyTopKRouting(nn.Module):
             if self.training:
                 load_E = router_losses.smooth_load(clean_TE, noisy_TE, noise_std_TE, self.k)
             else:  # no noise, nothing to smooth over: the load is the count
-                load_E = torch.bincount(expert_index_TK.reshape(-1), minlength=clean_TE.shape[-1]).to(clean_TE.dtype)
+                load_E = router_losses.expert_counts(expert_index_TK.reshape(-1), clean_TE.shape[-1]).to(clean_TE.dtype)
             losses = {
                 "importance": router_losses.cv_squared(gates_TE.sum(dim=0)),
                 "load": router_losses.cv_squared(load_E),
@@ -208,10 +213,11 @@ def balanced_expert_index(scores_TE: torch.Tensor, *, eps: float | None) -> torc
     """Balanced assignment for any T: pad with rows of zeros up to a multiple of E, solve,
     drop the padding. A constant row adds the same amount to every assignment's total, so the
     padding fills leftover slots without changing which real tokens go where. [T] long."""
-    # Imported at call time: auction.py is a sibling that may be swapped (or absent) in tests.
-    from moespec.model.auction import balanced_assignment
-
     n_tokens, n_experts = scores_TE.shape
+    if scores_TE.device.type == "meta":
+        # Meta tensors (shape and FLOP counting) hold no values to solve with; every balanced
+        # assignment has the same shapes and costs, so take the round-robin one.
+        return torch.arange(n_tokens, device=scores_TE.device) % n_experts
     n_padded = math.ceil(n_tokens / n_experts) * n_experts
     padding_PE = scores_TE.new_zeros(n_padded - n_tokens, n_experts)
     expert_index_P = balanced_assignment(torch.cat([scores_TE, padding_PE]), eps=eps)
@@ -297,18 +303,18 @@ _MASK32 = 0xFFFFFFFF
 _HASH_MULT = 0x45D9F3B  # odd, so multiplication is a bijection mod 2^32 (Mueller's int hash)
 
 
+def _mix32(v):
+    """A 32-bit integer mixer, the same on Python ints and int64 tensors; values stay below
+    2^32 * 2^27, so int64 never overflows and every device agrees bit for bit."""
+    v = (((v >> 16) ^ v) * _HASH_MULT) & _MASK32
+    v = (((v >> 16) ^ v) * _HASH_MULT) & _MASK32
+    return (v >> 16) ^ v
+
+
 def hash_expert_index(token_ids_T: torch.Tensor, *, seed: int, n_experts: int) -> torch.Tensor:
-    """expert = mix32(token_id XOR mix32(seed)) mod E, in int64 arithmetic that never
-    overflows (values < 2^32 times a 27-bit constant), so CPU and GPU agree bit for bit.
-    mix32 is a bijection on 32-bit ids, so ids spread evenly mod E. [T] long."""
-
-    def mix32(v: torch.Tensor) -> torch.Tensor:
-        v = (((v >> 16) ^ v) * _HASH_MULT) & _MASK32
-        v = (((v >> 16) ^ v) * _HASH_MULT) & _MASK32
-        return (v >> 16) ^ v
-
-    seed_key = int(mix32(torch.tensor(seed & _MASK32, dtype=torch.long)))
-    return mix32((token_ids_T.long() & _MASK32) ^ seed_key) % n_experts
+    """expert = mix32(token_id XOR mix32(seed)) mod E. mix32 is a bijection on 32-bit ids, so
+    a vocabulary spreads evenly over the experts, and each seed gives another mapping. [T] long"""
+    return _mix32((token_ids_T.long() & _MASK32) ^ _mix32(seed & _MASK32)) % n_experts
 
 
 class HashRouting(nn.Module):
@@ -323,8 +329,11 @@ class HashRouting(nn.Module):
         if token_ids_T is None:
             raise ValueError("router type 'hash' needs token_ids_T: the expert is a hash of the token id")
         if token_ids_T.shape != x_TD.shape[:1]:
-            raise ValueError(f"hash router: token_ids_T has shape {tuple(token_ids_T.shape)}, x_TD has {x_TD.shape[0]} tokens")
-        expert_index_T1 = hash_expert_index(token_ids_T.to(x_TD.device), seed=self.seed, n_experts=self.n_experts)[:, None]
+            raise ValueError(
+                f"hash router: token_ids_T has shape {tuple(token_ids_T.shape)}, x_TD has {x_TD.shape[0]} tokens"
+            )
+        token_ids_T = token_ids_T.to(x_TD.device)
+        expert_index_T1 = hash_expert_index(token_ids_T, seed=self.seed, n_experts=self.n_experts)[:, None]
         ones_T1 = torch.ones(expert_index_T1.shape, dtype=_compute_dtype(x_TD), device=x_TD.device)
         return _token_choice_output(expert_index_T1, ones_T1, ones_T1, self.n_experts, {}, {})
 
@@ -370,7 +379,8 @@ class SigmoidBiasRouting(nn.Module):
             gate_TK = score_TK / (score_TK.sum(dim=-1, keepdim=True) + 1e-20) if self.normalize else score_TK
             gate_TK = gate_TK * self.scaling_factor
             if self.training:
-                self.load_since_update_E += torch.bincount(expert_index_TK.reshape(-1), minlength=logits_TE.shape[-1])
+                n_experts = logits_TE.shape[-1]
+                self.load_since_update_E += router_losses.expert_counts(expert_index_TK.reshape(-1), n_experts)
             return _token_choice_output(expert_index_TK, gate_TK, score_TK, logits_TE.shape[-1], {}, {})
 
     @torch.no_grad()
@@ -426,7 +436,9 @@ def build_router(plan: RouterPlan, *, d_model: int, n_experts: int, capacity: Ca
         if plan.n_groups < 1 or n_experts % plan.n_groups != 0:
             raise ValueError(f"router.n_groups ({plan.n_groups}) must divide experts.count ({n_experts})")
         if not 1 <= plan.topk_groups <= plan.n_groups:
-            raise ValueError(f"router.topk_groups ({plan.topk_groups}) must be between 1 and router.n_groups ({plan.n_groups})")
+            raise ValueError(
+                f"router.topk_groups ({plan.topk_groups}) must be between 1 and router.n_groups ({plan.n_groups})"
+            )
         reachable = plan.topk_groups * (n_experts // plan.n_groups)
         if plan.k > reachable:
             raise ValueError(f"router.k ({plan.k}) exceeds the experts in the kept groups "
