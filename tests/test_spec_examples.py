@@ -92,3 +92,11 @@ def test_every_schema_property_is_documented():
 def test_emitted_yaml_is_plain_yaml():
     text = plan_to_yaml(load_plan(Path("specs/tiny-mixed.yaml")))
     assert yaml.safe_load(text)["moe"]["overrides"]
+
+
+def test_emit_quotes_strings_that_look_like_numbers():
+    plan = load_plan(Path("specs/tiny-topk.yaml"))
+    import dataclasses
+
+    odd = dataclasses.replace(plan, name="1e5", description="2.5e-3")
+    assert plan_from_text(plan_to_yaml(odd)) == odd

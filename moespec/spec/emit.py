@@ -13,6 +13,7 @@ from collections import Counter
 import yaml
 
 from moespec.spec.plan import MoELayerPlan, SpecPlan
+from moespec.spec.yaml_source import FLOAT_12
 
 SCHEMA_COMMENT = "# yaml-language-server: $schema=../schemas/moespec.schema.json\n"
 
@@ -77,5 +78,19 @@ def plan_to_spec(plan: SpecPlan) -> dict:
     return spec
 
 
+class _SpecDumper(yaml.SafeDumper):
+    """Quotes strings that our loader would read as numbers (it reads YAML 1.2 exponent floats
+    such as `1e5`, which PyYAML's 1.1 resolver would leave unquoted)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str):
+    style = "'" if FLOAT_12.fullmatch(value) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_SpecDumper.add_representer(str, _represent_str)
+
+
 def plan_to_yaml(plan: SpecPlan) -> str:
-    return SCHEMA_COMMENT + yaml.safe_dump(plan_to_spec(plan), sort_keys=False, default_flow_style=None, width=100)
+    body = yaml.dump(plan_to_spec(plan), Dumper=_SpecDumper, sort_keys=False, default_flow_style=None, width=100)
+    return SCHEMA_COMMENT + body

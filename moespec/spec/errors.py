@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
 PathT = tuple  # a YAML path: keys (str) and list indices (int), from the document root
+_PLAIN_KEY = re.compile(r"[\w$-]+")
 
 
 def format_path(path: PathT) -> str:
-    """('moe', 'overrides', 0, 'router', 'k') -> 'moe.overrides[0].router.k'."""
+    """('moe', 'overrides', 0, 'router', 'k') -> 'moe.overrides[0].router.k'.
+
+    A key that is not a plain word (a typo'd `"n layers"`, a key with a newline or a dot) is
+    written quoted, `model['n layers']`, so the path stays one unambiguous line.
+    """
     text = ""
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(str(part)):
+            text += f"[{str(part)!r}]"
         else:
             text += f".{part}" if text else str(part)
     return text or "(root)"

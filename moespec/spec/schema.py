@@ -68,7 +68,7 @@ def schema_errors(data: object, locations: Locations, kind: str = "spec") -> lis
 def suggest(word: str, options, section: str = "") -> str:
     word, options = str(word), [str(o) for o in options]
     # `capacity: {capacity_factor: ...}` repeats the section's name; the bare key is meant.
-    for prefix in {f"{section}_", f"{section.rstrip('s')}_"} if section else ():
+    for prefix in (f"{section}_", f"{section.rstrip('s')}_") if section else ():
         if word.startswith(prefix) and word[len(prefix) :] in options:
             return f"; did you mean {word[len(prefix):]!r}?"
     matches = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
@@ -115,6 +115,7 @@ def _translate(error: jsonschema.ValidationError, locations: Locations) -> list[
         allowed = sorted(schema.get("properties", {}))
         extras = [key for key in error.instance if key not in schema.get("properties", {})]
         variant = error.instance.get("type") if isinstance(error.instance, dict) else None
+        variant = variant if isinstance(variant, str) else None  # `type: []` is unhashable
         section = path[-1] if path and isinstance(path[-1], str) else ""
         return [
             locations.error(

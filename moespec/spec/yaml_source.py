@@ -22,11 +22,17 @@ from moespec.spec.errors import PathT, SpecError, SpecErrors, format_path
 MAX_FILE_BYTES = 1 << 20  # a spec is a page of YAML; 1 MiB leaves a thousandfold margin
 MAX_NODES = 100_000  # constructed values, aliases counted each time they are expanded
 MAX_DEPTH = 64
+MAX_INT_DIGITS = 100  # spec integers are counts and sizes; Python 3.11+ will not read > 4300 digits
 
 # YAML 1.2 floats with an exponent. PyYAML follows YAML 1.1, where `1e-5` (no dot) and `1.0e400` (unsigned
 # exponent) are strings, so `norm_eps: 1e-5` would fail as "expected a number, got str".
-_FLOAT_12 = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+")
+FLOAT_12 = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+")
 _STR_TAG = "tag:yaml.org,2002:str"
+_INT_TAG = "tag:yaml.org,2002:int"
+_SYNTAX_HINTS = [  # (sign in PyYAML's problem text, the fix to suggest)
+    ("another document", "a spec is one YAML document: remove this '---' and what follows, or split the file"),
+    ("'\\t'", "indent with spaces, not tabs"),
+]
 _TYPE_NAMES = {"NoneType": "null", "bool": "a boolean", "int": "an integer", "float": "a number"}
 
 
@@ -92,7 +98,11 @@ def parse_yaml(text: str, file: str) -> tuple[object, Locations]:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = exc.problem or exc.context or "invalid YAML"
-        raise SpecErrors([SpecError(file, line, col, "(root)", f"invalid YAML: {problem}; fix the syntax here")]) from None
+        if exc.problem and exc.context:  # where the construct began: an unclosed `{` is found lines later
+            where = f" on line {exc.context_mark.line + 1}" if exc.context_mark else ""
+            problem = f"{exc.problem} ({exc.context}{where})"
+        hint = next((fix for sign, fix in _SYNTAX_HINTS if sign in problem), "fix the syntax here")
+        raise SpecErrors([SpecError(file, line, col, "(root)", f"invalid YAML: {problem}; {hint}")]) from None
     except yaml.reader.ReaderError as exc:  # a control character (NUL, ...) anywhere in the text
         line = text.count("\n", 0, exc.position) + 1
         col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
@@ -148,7 +158,11 @@ class _Builder:
         return None
 
     def _scalar(self, node: ScalarNode, path: PathT):
-        if node.tag == _STR_TAG and node.style is None and _FLOAT_12.fullmatch(node.value):
+        digits = sum(ch.isdigit() for ch in node.value) if node.tag == _INT_TAG else 0
+        if digits > MAX_INT_DIGITS:  # checked before reading: the same error on every Python
+            self._error(node, path, f"an integer with {digits} digits is far too large; use a smaller value")
+            return None
+        if node.tag == _STR_TAG and node.style is None and FLOAT_12.fullmatch(node.value):
             value = float(node.value)  # a plain `1e-5`: a number in YAML 1.2, a string to PyYAML
         else:
             try:
@@ -159,23 +173,15 @@ class _Builder:
                 return None
             except (ValueError, LookupError, AttributeError, TypeError):
                 # PyYAML's constructors raise these for values their tag cannot hold
-                # (`!!bool maybe`, `!!int ''`, `!!timestamp x`), and Python refuses to read an
-                # integer of more than 4300 digits.
-                self._error(node, path, self._unreadable(node))
+                # (`!!bool maybe`, `!!int ''`, `!!timestamp x`).
+                shown = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+                tag = node.tag.rsplit(":", 1)[-1]
+                self._error(node, path, f"{shown!r} cannot be read as {tag}; fix the value or remove the !!{tag} tag")
                 return None
         if isinstance(value, float) and not math.isfinite(value):
             self._error(node, path, f"{value} is not a finite number; write a finite value")
             return None
         return value
-
-    @staticmethod
-    def _unreadable(node: ScalarNode) -> str:
-        digits = sum(ch.isdigit() for ch in node.value)
-        if node.tag == "tag:yaml.org,2002:int" and digits > 100:
-            return f"an integer with {digits} digits is far too large; use a smaller value"
-        shown = node.value if len(node.value) <= 40 else node.value[:37] + "..."
-        tag = node.tag.rsplit(":", 1)[-1]
-        return f"{shown!r} cannot be read as {tag}; fix the value or remove the !!{tag} tag"
 
     def _mapping(self, node: MappingNode, path: PathT, depth: int) -> dict:
         result: dict = {}
