@@ -6,9 +6,9 @@ arguments. Shape legend: B batch, S sequence, D d_model, V vocabulary.
 Initialisation is deterministic for a given seed: the whole build runs under a forked RNG
 seeded with `seed` (so the MoE layers' own initialisation is reproducible too, and the
 caller's global RNG is left as it was), then the dense weights are re-drawn from
-N(0, init_std), with the residual output projections (`o_proj`, `w_down`) scaled by
-1/sqrt(2 * n_layers) as in GPT-2, so that the residual stream's variance does not grow
-with depth.
+N(0, init_std), with the residual output projections (`o_proj`, `w_down`, the experts'
+`w_down`) scaled by 1/sqrt(2 * n_layers) as in GPT-2, so that the residual stream's
+variance does not grow with depth.
 """
 
 from __future__ import annotations
@@ -128,7 +128,14 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
         from moespec.model.moe_layer import build_moe_layer  # the MoE layer imports routers, experts
 
         ffn = None
-        moe = build_moe_layer(layer.moe, d_model=m.d_model, activation=m.activation, layer_index=layer.index)
+        moe = build_moe_layer(
+            layer.moe,
+            d_model=m.d_model,
+            activation=m.activation,
+            layer_index=layer.index,
+            init_std=m.init_std,
+            down_init_std=residual_init_std(m.init_std, m.n_layers),
+        )
     else:
         ffn = DenseFFN(d_model=m.d_model, d_ff=layer.d_ff, activation=m.activation)
         moe = None
@@ -142,11 +149,18 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
     )
 
 
+def residual_init_std(std: float, n_layers: int) -> float:
+    """GPT-2's scaling for projections that write into the residual stream (o_proj, w_down):
+    2 * n_layers of them add up, so each gets 1/sqrt(2 * n_layers) of the std."""
+    return std / math.sqrt(2 * n_layers)
+
+
 @torch.no_grad()
 def _init_dense_weights(model: MoETransformer, *, std: float, n_layers: int) -> None:
     """N(0, std) for embeddings and dense linears, zero biases; residual output projections
-    get std / sqrt(2 * n_layers). MoE layers keep the initialisation their builder chose."""
-    residual_std = std / math.sqrt(2 * n_layers)
+    get std / sqrt(2 * n_layers). MoE layers were initialised by `build_moe_layer` with the
+    same two stds (routers keep their own initialisation)."""
+    residual_std = residual_init_std(std, n_layers)
     dense_linears: list[tuple[nn.Linear, float]] = []
     for block in model.blocks:
         att = block.attention

@@ -157,8 +157,8 @@ class DecoderBlock(nn.Module):
     dense `ffn` or a `moe` layer (exactly one). The MoE layer's statistics and auxiliary loss
     are returned, never stored, so a forward has no side effects.
 
-    The MoE layer is called as `moe(x, token_ids=tokens)` when it accepts token ids (hash
-    routing needs them) and `moe(x)` otherwise; it returns (y, MoEStats, aux_loss).
+    The MoE layer is called as `moe(x, token_ids=tokens)` (hash routing needs the ids; other
+    routers ignore them) and returns (y, MoEStats, aux_loss).
     """
 
     def __init__(
@@ -180,7 +180,6 @@ class DecoderBlock(nn.Module):
         self.ffn = ffn
         self.moe = moe
         self.resid_dropout = nn.Dropout(dropout)
-        self._moe_takes_token_ids = moe is not None and _accepts_keyword(moe.forward, "token_ids")
 
     @property
     def is_moe(self) -> bool:
@@ -198,15 +197,6 @@ class DecoderBlock(nn.Module):
         h = self.ffn_norm(x)  # [B, S, D]
         if self.moe is None:
             return x + self.resid_dropout(self.ffn(h)), None, None
-        if self._moe_takes_token_ids:
-            y, stats, aux_loss = self.moe(h, token_ids=token_ids)
-        else:
-            y, stats, aux_loss = self.moe(h)
+        y, stats, aux_loss = self.moe(h, token_ids=token_ids)
         return x + self.resid_dropout(y), stats, aux_loss
 
-
-def _accepts_keyword(fn, name: str) -> bool:
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -1,0 +1,218 @@
+"""The training loop, as a library function a notebook can call (the `train` command is a
+thin wrapper around it), and the one-step forward/backward check that `compile --check` runs.
+
+loss = cross-entropy of next-byte prediction + the MoE layers' auxiliary losses (already
+coefficient-weighted by the routers). After every optimizer step `update_router_biases`
+nudges the aux-loss-free routers (DeepSeek-V3's sigmoid_bias) towards balance; it is a no-op
+for the others. Everything a step produced is returned as a record, nothing is logged
+globally. Shape legend: B batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moespec.data.corpus import BYTE_VOCAB, CorpusSplit, get_batch, load_split
+from moespec.model.types import ModelAux
+from moespec.spec.plan import SpecPlan
+
+
+@dataclass
+class StepRecord:
+    step: int  # 1-based optimizer step
+    loss: float  # cross-entropy + aux, what was minimised
+    ce_loss: float
+    aux_loss: float
+    tokens_per_expert: dict[int, list[int]]  # MoE layer index -> [E] tokens routed (before dropping)
+    dropped_fraction: dict[int, float]  # MoE layer index -> share of assignments over capacity
+    val_loss: float | None = None  # cross-entropy on the validation split, on eval steps
+
+    def as_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "ce_loss": self.ce_loss,
+            "aux_loss": self.aux_loss,
+            "val_loss": self.val_loss,
+            "tokens_per_expert": {str(k): v for k, v in self.tokens_per_expert.items()},
+            "dropped_fraction": {str(k): v for k, v in self.dropped_fraction.items()},
+        }
+
+
+@dataclass
+class TrainResult:
+    records: list[StepRecord]
+    initial_val_loss: float  # before the first step, same validation batches as later
+    final_val_loss: float
+    tokens_per_expert_total: dict[int, list[int]] = field(default_factory=dict)  # summed over steps
+
+    @property
+    def first_loss(self) -> float:
+        return self.records[0].ce_loss
+
+    @property
+    def last_loss(self) -> float:
+        return self.records[-1].ce_loss
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in float32 (also under bf16 autocast). logits [B, S, V], targets [B, S]."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16/fp16 autocast per `parallel.precision`; fp32 runs as is. Router math stays
+    float32 inside the routers whatever this says (REFERENCE.md sec. 1)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train(
+    model: torch.nn.Module,
+    plan: SpecPlan,
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    batch: int | None = None,
+    seq_len: int | None = None,
+    seed: int = 0,
+    eval_every: int = 0,
+    eval_batches: int = 4,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    split: CorpusSplit | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> TrainResult:
+    """Train `model` (built from `plan`) on the shipped byte corpus for `steps` AdamW steps.
+
+    batch defaults to plan.parallel.micro_batch and seq_len to plan.model.seq_len, so the
+    routing group is the plan's T. `eval_every=0` evaluates only before and after.
+    `on_step` sees every record as it is made (the CLI's progress bar).
+    """
+    from moespec.model.routers import update_router_biases
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if plan.model.vocab_size < BYTE_VOCAB:
+        raise ValueError(f"model.vocab_size ({plan.model.vocab_size}) must be >= {BYTE_VOCAB} to train on byte tokens")
+    batch = batch or plan.parallel.micro_batch
+    seq_len = seq_len or plan.model.seq_len
+    split = split or load_split()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.parallel.precision == "fp16")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+    def evaluate() -> float:
+        return evaluate_loss(model, plan, split.val, batch=batch, seq_len=seq_len, n_batches=eval_batches, seed=seed)
+
+    initial_val = evaluate()
+    records: list[StepRecord] = []
+    totals: dict[int, torch.Tensor] = {}
+    model.train()
+    for step in range(1, steps + 1):
+        window = get_batch(split.train, batch=batch, seq_len=seq_len, generator=generator).to(device)  # [B, S+1]
+        with autocast_for(plan.parallel.precision, device):
+            logits, aux = model(window[:, :-1])  # [B, S, V]
+        ce = lm_loss(logits, window[:, 1:])
+        loss = ce + aux.aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        update_router_biases(model)
+
+        record = _record(step, loss, ce, aux)
+        for stats in aux.moe:
+            totals[stats.layer] = totals.get(stats.layer, 0) + stats.tokens_per_expert_E.detach().cpu()
+        if eval_every and step % eval_every == 0 and step != steps:
+            record.val_loss = evaluate()
+            model.train()
+        if step == steps:
+            record.val_loss = evaluate()
+        if not all(map(_finite, (record.loss, record.ce_loss, record.aux_loss))):
+            raise FloatingPointError(f"loss became {record.loss} at step {step}; lower --lr")
+        records.append(record)
+        if on_step is not None:
+            on_step(record)
+    model.eval()
+    return TrainResult(
+        records=records,
+        initial_val_loss=initial_val,
+        final_val_loss=records[-1].val_loss,
+        tokens_per_expert_total={layer: [int(v) for v in counts.tolist()] for layer, counts in sorted(totals.items())},
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module, plan: SpecPlan, ids: torch.Tensor, *, batch: int, seq_len: int, n_batches: int, seed: int
+) -> float:
+    """Mean cross-entropy over `n_batches` windows drawn with a fixed seed, so successive
+    evaluations see the same text and can be compared."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed + 1)
+    total = 0.0
+    for _ in range(n_batches):
+        window = get_batch(ids, batch=batch, seq_len=seq_len, generator=generator).to(device)  # [B, S+1]
+        with autocast_for(plan.parallel.precision, device):
+            logits, _ = model(window[:, :-1])
+        total += float(lm_loss(logits, window[:, 1:]))
+    return total / n_batches
+
+
+def check_step(model: torch.nn.Module, *, batch: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+    """One forward and backward on random tokens: the compiled model runs and has gradients.
+
+    On the meta device nothing is computed, only shapes propagate, so the losses are None and
+    the logits shape is the whole check; that is how full-size specs are checked in seconds.
+    """
+    device = next(model.parameters()).device
+    model.train()
+    if device.type == "meta":
+        tokens = torch.empty(batch, seq_len + 1, dtype=torch.long, device=device)  # [B, S+1]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=generator).to(device)  # [B, S+1]
+    logits, aux = model(tokens[:, :-1])  # [B, S, V]
+    ce = lm_loss(logits, tokens[:, 1:])
+    loss = ce + aux.aux_loss
+    loss.backward()
+    with_grad = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    on_meta = device.type == "meta"
+    return {
+        "device": device.type,
+        "tokens_shape": [batch, seq_len],
+        "logits_shape": list(logits.shape),
+        "loss": None if on_meta else float(loss.detach()),
+        "ce_loss": None if on_meta else float(ce.detach()),
+        "aux_loss": None if on_meta else float(aux.aux_loss.detach()),
+        "moe_layers": len(aux.moe),
+        "params_with_grad": with_grad,
+    }
+
+
+def _record(step: int, loss: torch.Tensor, ce: torch.Tensor, aux: ModelAux) -> StepRecord:
+    return StepRecord(
+        step=step,
+        loss=float(loss.detach()),
+        ce_loss=float(ce.detach()),
+        aux_loss=float(aux.aux_loss.detach()),
+        tokens_per_expert={s.layer: [int(v) for v in s.tokens_per_expert_E.tolist()] for s in aux.moe},
+        dropped_fraction={s.layer: float(s.dropped_fraction) for s in aux.moe},
+    )
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
