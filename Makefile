@@ -19,6 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/moespec validate specs/*.yaml
 	@for f in specs/*.yaml; do $(BIN)/moespec show $$f || exit 1; done
+	$(BIN)/moespec compile specs/mixtral-8x7b.yaml
+	$(BIN)/moespec compile specs/qwen1.5-moe-a2.7b.yaml
+	$(BIN)/moespec compile specs/tiny-mixed.yaml --check
+	$(BIN)/moespec train specs/tiny-mixed.yaml --steps 50
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
