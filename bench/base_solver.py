@@ -1,0 +1,137 @@
+"""Benchmark: BASE balanced assignment, our auction against scipy's exact solver, in one run.
+
+Scores are router-like affinities `x @ W` (x: [T, D], W: [D, E], standard normal), as a BASE
+layer sees them. scipy solves the same problem exactly as a [T, T] linear assignment with
+every expert column repeated T/E times (Hungarian/LAPJV); we time only its solve call, not
+building the repeated matrix, so the speed-up is if anything understated.
+
+    python bench/base_solver.py [--tokens 4096 --experts 64 --dim 256 --repeats 3] [--json]
+
+torch runs on one CPU thread by default (`--threads`): scipy's solver is single-threaded, so
+that is like for like, and on a small shared machine torch's spinning worker threads make
+timings erratic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from moespec.model.auction import auction_assignment  # noqa: E402
+
+
+def router_scores(tokens: int, experts: int, dim: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x_TD = torch.randn(tokens, dim, generator=generator)
+    w_DE = torch.randn(dim, experts, generator=generator)
+    return x_TD @ w_DE  # [T, E] float32
+
+
+def time_ours(scores_TE: torch.Tensor, repeats: int) -> tuple[list[float], object]:
+    """Wall times of auction_assignment, one untimed warm-up call first."""
+    sync = torch.cuda.synchronize if scores_TE.is_cuda else (lambda: None)
+    result = auction_assignment(scores_TE)
+    sync()
+    times_s = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = auction_assignment(scores_TE)
+        sync()
+        times_s.append(time.perf_counter() - start)
+    return times_s, result
+
+
+def time_scipy(scores_TE: torch.Tensor, repeats: int):
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    T, E = scores_TE.shape
+    scores_np = scores_TE.double().cpu().numpy()
+    slots_TT = np.repeat(scores_np, T // E, axis=1)  # column e*M + i is slot i of expert e
+    times_s = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _, slot_T = linear_sum_assignment(slots_TT, maximize=True)
+        times_s.append(time.perf_counter() - start)
+    return times_s, torch.from_numpy(slot_T // (T // E))
+
+
+def objective(scores_TE: torch.Tensor, expert_index_T: torch.Tensor) -> float:
+    scores64_TE = scores_TE.double().cpu()
+    return float(scores64_TE.gather(1, expert_index_T.cpu().view(-1, 1)).sum())
+
+
+def run(tokens: int, experts: int, dim: int, repeats: int, seed: int, device: str) -> dict:
+    scores_TE = router_scores(tokens, experts, dim, seed)
+    scipy_s, scipy_index_T = time_scipy(scores_TE, repeats)
+    ours_s, result = time_ours(scores_TE.to(device), repeats)
+    ours_index_T = result.expert_index_T.cpu()
+    balanced = bool((torch.bincount(ours_index_T, minlength=experts) == tokens // experts).all())
+    ours_obj = objective(scores_TE, ours_index_T)
+    scipy_obj = objective(scores_TE, scipy_index_T)
+    scipy_med, ours_med = statistics.median(scipy_s), statistics.median(ours_s)
+    return {
+        "tokens": tokens,
+        "experts": experts,
+        "dim": dim,
+        "repeats": repeats,
+        "device": str(scores_TE.to(device).device),
+        "torch_threads": torch.get_num_threads(),
+        "scipy_s": scipy_med,
+        "ours_s": ours_med,
+        "scipy_s_all": scipy_s,
+        "ours_s_all": ours_s,
+        "speedup": scipy_med / ours_med,
+        "ours_objective": ours_obj,
+        "scipy_objective": scipy_obj,
+        "gap_percent": 100.0 * (scipy_obj - ours_obj) / abs(scipy_obj),
+        "bound_percent": 100.0 * result.optimality_bound / abs(scipy_obj),
+        "eps": result.eps,
+        "rounds": result.rounds,
+        "augmentations": result.augmentations,
+        "phases": result.phases,
+        "balanced": balanced,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=256, help="router input width D")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="device for our solver (scipy is CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, 0: torch's default")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    report = run(args.tokens, args.experts, args.dim, args.repeats, args.seed, args.device)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"BASE balanced assignment, T={args.tokens} E={args.experts} D={args.dim}, median of "
+          f"{args.repeats}, ours on {report['device']} ({report['torch_threads']} threads)")
+    print(f"  scipy linear_sum_assignment : {report['scipy_s'] * 1e3:9.1f} ms")
+    print(f"  ours (auction)              : {report['ours_s'] * 1e3:9.1f} ms")
+    print(f"  speed-up                    : {report['speedup']:9.1f} x")
+    print(f"  scipy objective (optimum)   : {report['scipy_objective']:.6f}")
+    print(f"  our objective               : {report['ours_objective']:.6f}")
+    print(f"  optimality gap              : {report['gap_percent']:.6f} % "
+          f"(guaranteed <= {report['bound_percent']:.4f} %, eps={report['eps']:.4g})")
+    print(f"  rounds / augmentations / phases: {report['rounds']} / "
+          f"{report['augmentations']} / {report['phases']}; balanced: {report['balanced']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
