@@ -89,13 +89,20 @@ def train(
     grad_clip: float = 1.0,
     split: CorpusSplit | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
+    dist_ctx=None,
 ) -> TrainResult:
     """Train `model` (built from `plan`) on the shipped byte corpus for `steps` AdamW steps.
 
     batch defaults to plan.parallel.micro_batch and seq_len to plan.model.seq_len, so the
     routing group is the plan's T. `eval_every=0` evaluates only before and after.
     `on_step` sees every record as it is made (the CLI's progress bar).
+
+    dist_ctx (a `moespec.distributed.context.DistContext`): `model` is this rank's shard
+    (experts already sharded); each rank draws its own batches, dense gradients are averaged
+    by DDP, expert gradients over their expert-data-parallel group, the gradient norm is
+    clipped globally, and records carry the mean loss and the summed loads of all ranks.
     """
+    from moespec.distributed import data_parallel as dp_utils
     from moespec.model.routers import update_router_biases
 
     if steps < 1:
@@ -106,9 +113,13 @@ def train(
     seq_len = seq_len or plan.model.seq_len
     split = split or load_split()
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    rank = 0 if dist_ctx is None else dist_ctx.rank
+    generator = torch.Generator().manual_seed(seed + 1000 * rank)  # each rank its own batches
     scaler = torch.amp.GradScaler(device.type, enabled=plan.parallel.precision == "fp16")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    bare_model = model
+    if dist_ctx is not None:
+        model = dp_utils.wrap_data_parallel(model, dist_ctx)
 
     def evaluate() -> float:
         return evaluate_loss(model, plan, split.val, batch=batch, seq_len=seq_len, n_batches=eval_batches, seed=seed)
@@ -126,11 +137,17 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if dist_ctx is None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        else:
+            dp_utils.reduce_expert_gradients(bare_model, dist_ctx)
+            dp_utils.clip_grad_norm_distributed(bare_model, grad_clip, dist_ctx)
         scaler.step(optimizer)
         scaler.update()
-        update_router_biases(model)
+        update_router_biases(bare_model, process_group=None if dist_ctx is None else dist_ctx.dp_group)
 
+        if dist_ctx is not None:
+            loss, ce, aux = dp_utils.global_step_view(loss, ce, aux, dist_ctx)
         record = _record(step, loss, ce, aux)
         for stats in aux.moe:
             totals[stats.layer] = totals.get(stats.layer, 0) + stats.tokens_per_expert_E.detach().cpu()

@@ -28,9 +28,25 @@ def train_command(
     batch: int = typer.Option(0, "--batch", help="Sequences per step; 0 takes parallel.micro_batch."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (no progress bar)."),
     eval_every: int = typer.Option(0, "--eval-every", help="Validation loss every N steps (0: only at the end)."),
+    nproc: int = typer.Option(1, "--nproc", help="Ranks to launch (torchrun-style); must equal the spec's world size."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds before a stuck collective fails every rank."),
 ) -> None:
     """Train a tiny spec on CPU on the shipped corpus; report first/last loss, validation loss and expert loads."""
     plan = load_plan_or_exit(spec)
+    from moespec.distributed.context import launched_world
+
+    if nproc < 1 or not timeout > 0:
+        fail(f"--nproc must be >= 1 and --timeout > 0, got {nproc} and {timeout}")
+    if nproc > 1 and launched_world() is None:
+        _launch_ranks(spec, plan, nproc=nproc, timeout=timeout, steps=steps, lr=lr, seed=seed, batch=batch,
+                      as_json=as_json, eval_every=eval_every)  # fmt: skip
+        return
+    if launched_world() is not None:
+        from moespec.distributed.launch import run_rank
+
+        run_rank(lambda: _train_rank(spec, plan, timeout=timeout, steps=steps, lr=lr, seed=seed, batch=batch,
+                                     as_json=as_json, eval_every=eval_every))  # fmt: skip
+        return
     if steps < 1:
         fail(f"--steps must be at least 1, got {steps}")
     if batch < 0 or eval_every < 0:
@@ -65,7 +81,15 @@ def train_command(
     except FloatingPointError as exc:
         fail(f"{spec}: {exc}", code=1)
 
-    document = {
+    document = _document(spec, plan, counts, result, steps=steps, lr=lr, batch=batch, seed=seed)
+    if as_json:
+        emit_json(document)
+        return
+    _print_summary(plan, counts, result, steps)
+
+
+def _document(spec: Path, plan, counts, result, *, steps: int, lr: float, batch: int, seed: int) -> dict:
+    return {
         "spec": str(spec),
         "name": plan.name,
         "params": {"total": counts.total, "active": counts.active, "embeddings_in_active": True},
@@ -81,10 +105,58 @@ def train_command(
         "tokens_per_expert_total": {str(k): v for k, v in result.tokens_per_expert_total.items()},
         "records": [record.as_dict() for record in result.records],
     }
-    if as_json:
-        emit_json(document)
-        return
-    _print_summary(plan, counts, result, steps)
+
+
+def _launch_ranks(spec: Path, plan, *, nproc: int, timeout: float, **options) -> None:
+    """Re-run this command on nproc ranks under torch's elastic launcher; one line if a rank fails."""
+    from moespec.distributed.context import DistributedConfigError, check_world
+    from moespec.distributed.launch import launch
+
+    try:
+        check_world(plan, nproc)
+    except DistributedConfigError as exc:
+        fail(f"{spec}: {exc}")
+    args = ["train", str(spec), "--steps", str(options["steps"]), "--lr", str(options["lr"]), "--seed", str(options["seed"]),
+            "--batch", str(options["batch"]), "--eval-every", str(options["eval_every"]), "--timeout", str(timeout)]  # fmt: skip
+    if options["as_json"]:
+        args.append("--json")
+    # The launcher's own limit: warm-up and every step, generously; a stuck collective fails
+    # earlier, at --timeout, inside the ranks.
+    code, failure = launch(nproc, args, timeout_s=timeout * 4 + 60 * options["steps"])
+    if failure:
+        fail(failure, code=1)
+    if code:
+        raise typer.Exit(code)
+
+
+def _train_rank(spec: Path, plan, *, timeout: float, steps: int, lr: float, seed: int, batch: int, as_json: bool, eval_every: int) -> None:
+    """One rank of a distributed run: join the group, keep this rank's experts, train; rank 0 reports."""
+    from moespec.distributed.context import DistributedConfigError, init_distributed, shutdown
+    from moespec.distributed.data_parallel import shard_experts
+    from moespec.model.build import build_model
+    from moespec.model.counting import count_parameters
+    from moespec.train import train
+
+    try:
+        ctx = init_distributed(plan, timeout_s=timeout, device="cpu")
+    except DistributedConfigError as exc:
+        fail(f"{spec}: {exc}")
+    counts = count_parameters(build_model(plan, seed=seed, device="meta"), plan)
+    model = build_model(plan, seed=seed, device="cpu")  # same seed on every rank: one model
+    shard_experts(model, ctx)
+    batch = batch or plan.parallel.micro_batch
+    quiet = as_json or ctx.rank != 0
+    kwargs = dict(steps=steps, lr=lr, batch=batch, seed=seed, eval_every=eval_every, dist_ctx=ctx)
+    result = train(model, plan, **kwargs) if quiet else _train_with_progress(model, plan, **kwargs)
+    if ctx.rank == 0:
+        document = _document(spec, plan, counts, result, steps=steps, lr=lr, batch=batch, seed=seed)
+        document["world"] = ctx.world
+        if as_json:
+            emit_json(document)
+        else:
+            console.print(f"world {ctx.world}: dp {ctx.dp_size}, ep {ctx.ep_size} ({ctx.backend}); losses averaged over ranks")
+            _print_summary(plan, counts, result, steps)
+    shutdown()
 
 
 def _train_with_progress(model, plan, **kwargs):

@@ -1,0 +1,98 @@
+"""Process groups from the plan (REFERENCE.md sec. 3).
+
+world = pp * tp * dp; expert parallelism lives inside data parallelism. Ranks are laid out
+on a DeviceMesh of shape (dp / ep, ep) named ("edp", "ep"): an expert-parallel group is ep
+consecutive ranks (so it stays inside a node when ep <= GPUs per node), and the ranks that
+hold the same experts form an expert-data-parallel ("edp") group along the other dimension.
+Dense parameters are reduced over all dp ranks, expert parameters over their edp group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from moespec.spec.plan import SpecPlan
+
+
+class DistributedConfigError(ValueError):
+    """The launch does not fit the spec (world size, unsupported degree): a user error, exit 2."""
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    dp_group: object  # all data-parallel ranks (dense gradients)
+    dp_size: int
+    ep_group: object  # ranks sharing one set of E experts (all-to-all)
+    ep_rank: int
+    ep_size: int
+    edp_group: object  # ranks holding the same experts (expert gradients)
+    edp_size: int
+    mesh: object
+
+
+def launched_world() -> int | None:
+    """WORLD_SIZE when started by torchrun (or `moespec ... --nproc`), else None."""
+    world = os.environ.get("WORLD_SIZE")
+    return int(world) if world else None
+
+
+def check_world(plan: SpecPlan, world: int) -> None:
+    p = plan.parallel
+    if p.tp > 1 or p.pp > 1:
+        raise DistributedConfigError(
+            f"parallelism.tp ({p.tp}) and parallelism.pp ({p.pp}) must be 1 to run: tensor and pipeline "
+            "parallel are costed by the simulator but not executed yet; set both to 1"
+        )
+    if world != p.world:
+        raise DistributedConfigError(
+            f"the spec needs world = pp * tp * dp = {p.pp} * {p.tp} * {p.dp} = {p.world} ranks but {world} were "
+            f"launched; use --nproc {p.world} or set parallelism.dp to {world}"
+        )
+
+
+def init_distributed(plan: SpecPlan, *, timeout_s: float = 120.0, device: str = "auto") -> DistContext:
+    """Join the process group torchrun set up (env://) and build the mesh for this plan."""
+    world = launched_world() or 1
+    check_world(plan, world)
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    torch_device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    p = plan.parallel
+    mesh = init_device_mesh(torch_device.type, (p.dp // p.ep, p.ep), mesh_dim_names=("edp", "ep"))
+    return DistContext(
+        rank=rank,
+        world=world,
+        local_rank=local_rank,
+        device=torch_device,
+        backend=backend,
+        dp_group=dist.group.WORLD,
+        dp_size=p.dp,
+        ep_group=mesh.get_group("ep"),
+        ep_rank=mesh.get_local_rank("ep"),
+        ep_size=p.ep,
+        edp_group=mesh.get_group("edp"),
+        edp_size=p.dp // p.ep,
+        mesh=mesh,
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

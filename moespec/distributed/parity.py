@@ -1,0 +1,164 @@
+"""Distributed == single process: the test of the distributed code (REFERENCE.md sec. 3).
+
+One training step of the same spec and seed, run (a) in one process, routing each rank's
+micro-batch as its own group and averaging the losses, and (b) over real ranks with expert
+parallelism and data parallelism. Loss and every gradient must agree to float32 rounding.
+Random routers draw the same numbers in both because each routing group re-seeds torch's
+generator with `seed + rank` before its forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moespec.spec.plan import SpecPlan
+
+# float32 rounding: the distributed run sums the same products in a different order (expert
+# buffers of another shape, gradients reduced by all-reduce), so the last bits may differ.
+# Gradients range over 1e-4..1e-1 by tensor, so the absolute slack is relative to each
+# tensor's own scale: 2e-5 of its largest entry (~170 float32 ulps of it); observed ~1e-6.
+RTOL, SCALE_ATOL = 1e-5, 2e-5
+ATOL = 1e-6  # for the loss (~5.5): ~ 20 float32 ulps
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts c10d collectives as the dispatcher sees them (what CommDebugMode does, without
+    its module tracker, which fails under DDP's forward hooks in torch 2.13)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket
+        if getattr(packet, "_qualified_op_name", "").startswith("c10d::"):
+            self.counts[packet] = self.counts.get(packet, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def parity_tokens(plan: SpecPlan, seed: int) -> torch.Tensor:
+    """Token batches for every dp rank, [dp, B, S+1], identical in every process."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (plan.parallel.dp, plan.parallel.micro_batch, plan.model.seq_len + 1)
+    return torch.randint(0, plan.model.vocab_size, shape, generator=generator)
+
+
+def _step_loss(model, tokens_BS1: torch.Tensor) -> torch.Tensor:
+    logits, aux = model(tokens_BS1[:, :-1])
+    ce = F.cross_entropy(logits.float().flatten(0, 1), tokens_BS1[:, 1:].flatten())
+    return ce + aux.aux_loss
+
+
+def reference_step(plan: SpecPlan, seed: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """Single process: mean over the dp routing groups of each group's loss; full gradients."""
+    from moespec.model.build import build_model
+
+    model = build_model(plan, seed=seed)
+    model.train()
+    tokens = parity_tokens(plan, seed)
+    total = torch.zeros(())
+    for rank in range(plan.parallel.dp):
+        torch.manual_seed(seed + rank)
+        total = total + _step_loss(model, tokens[rank]) / plan.parallel.dp
+    total.backward()
+    return float(total.detach()), {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def distributed_step(plan: SpecPlan, ctx, seed: int) -> tuple[float, dict[str, torch.Tensor], tuple[int, int], object]:
+    """This rank's share of the same step; returns (global loss, local grads,
+    (a2a bytes sent to other ranks, all-to-all calls counted by CommDebugMode), model)."""
+    from moespec.distributed.data_parallel import (
+        all_reduce_mean,
+        moe_layers,
+        reduce_expert_gradients,
+        shard_experts,
+        unwrap,
+        wrap_data_parallel,
+    )
+    from moespec.model.build import build_model
+
+    model = build_model(plan, seed=seed)
+    model.train()
+    shard_experts(model, ctx)
+    wrapped = wrap_data_parallel(model, ctx)
+    tokens = parity_tokens(plan, seed)
+    torch.manual_seed(seed + ctx.rank)
+    with CollectiveCounter() as comm:  # counts at the dispatcher, independent of our counter
+        loss = _step_loss(wrapped, tokens[ctx.rank])
+        loss.backward()
+    all_to_alls = comm.counts.get(torch.ops.c10d.alltoall_base_, 0)
+    reduce_expert_gradients(wrapped, ctx)
+    grads = {name: p.grad.detach().clone() for name, p in unwrap(wrapped).named_parameters() if p.grad is not None}
+    a2a = sum(layer.expert_parallel.counter.total_bytes for layer in moe_layers(model) if layer.expert_parallel)
+    return float(all_reduce_mean(loss, ctx)), grads, (a2a, all_to_alls), model
+
+
+def compare_with_reference(plan: SpecPlan, ctx, seed: int) -> dict:
+    """Run both and compare on this rank; expert gradients against this rank's slice."""
+    from moespec.distributed.data_parallel import expert_parameter_names
+
+    ref_loss, ref_grads = reference_step(plan, seed)
+    loss, grads, (a2a_bytes, all_to_alls), model = distributed_step(plan, ctx, seed)
+    expert_names = set(expert_parameter_names(model))
+    worst, mismatched = 0.0, []
+    for name, grad in grads.items():
+        expected = ref_grads[name]
+        if name in expert_names:
+            local = grad.shape[0]
+            expected = expected[ctx.ep_rank * local : (ctx.ep_rank + 1) * local]
+        if expected.shape != grad.shape:
+            mismatched.append(name)
+            continue
+        scale = float(expected.abs().max()) or 1.0
+        if not torch.allclose(grad, expected, rtol=RTOL, atol=SCALE_ATOL * scale):
+            mismatched.append(name)
+        worst = max(worst, float((grad - expected).abs().max()) / scale)
+    missing = sorted(set(ref_grads) - set(grads))
+    return {
+        "rank": ctx.rank,
+        "loss": loss,
+        "reference_loss": ref_loss,
+        "loss_ok": abs(loss - ref_loss) <= ATOL + RTOL * abs(ref_loss),
+        "grads_checked": len(grads),
+        "mismatched": mismatched,
+        "missing": missing,
+        "max_rel_grad_diff": worst,  # largest |diff| / tensor scale
+        "a2a_bytes": a2a_bytes,
+        "all_to_all_calls": all_to_alls,
+    }
+
+
+def parity_worker(rank: int, world: int, port: int, cases: list[tuple[str, dict]], out_dir: str) -> None:
+    """mp.spawn entry: one process per rank runs every case and writes its results as JSON."""
+    from moespec.distributed.context import init_distributed, shutdown
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    results = []
+    for name, plan_fields in cases:
+        plan = plan_from_fields(plan_fields)
+        ctx = init_distributed(plan, timeout_s=60, device="cpu")
+        results.append({"case": name, **compare_with_reference(plan, ctx, seed=1234)})
+    shutdown()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def plan_from_fields(fields: dict) -> SpecPlan:
+    """Rebuild a plan in a spawned rank: plans travel as emitted spec YAML (plain data)."""
+    from moespec.spec import plan_from_text
+
+    return plan_from_text(fields["yaml"], fields.get("name", "<parity>"))
+
+
+def plan_fields(plan: SpecPlan) -> dict:
+    from moespec.spec.emit import plan_to_yaml
+
+    return {"yaml": plan_to_yaml(plan), "name": plan.name}
+
