@@ -29,6 +29,8 @@ the shapes in bench/moe_layer.py. Numbers and what is left on the table: bench/m
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -241,7 +243,9 @@ class ExpertBank(nn.Module):
             )
         w_gate, w_up, w_down = self._weights(compute_dtype(x_TD))
         gate_A = None if gate_A is None else gate_A.to(gate_dtype(gate_A.dtype))
-        with torch.autocast(x_TD.device.type, enabled=False):  # dtypes are explicit inside
+        # dtypes are explicit inside; meta has no autocast state, and nothing to disable there
+        no_autocast = contextlib.nullcontext() if x_TD.device.type == "meta" else torch.autocast(x_TD.device.type, enabled=False)
+        with no_autocast:
             return GroupedExpertsFn.apply(
                 x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation
             )
