@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/moespec compile specs/qwen1.5-moe-a2.7b.yaml
 	$(BIN)/moespec compile specs/tiny-mixed.yaml --check
 	$(BIN)/moespec train specs/tiny-mixed.yaml --steps 50
+	$(BIN)/moespec train specs/tiny-ep.yaml --steps 50 --nproc 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -116,7 +116,7 @@ def train(
     rank = 0 if dist_ctx is None else dist_ctx.rank
     generator = torch.Generator().manual_seed(seed + 1000 * rank)  # each rank its own batches
     scaler = torch.amp.GradScaler(device.type, enabled=plan.parallel.precision == "fp16")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    optimizers = dp_utils.build_optimizers(model, plan, dist_ctx, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     bare_model = model
     if dist_ctx is not None:
         model = dp_utils.wrap_data_parallel(model, dist_ctx)
@@ -134,15 +134,18 @@ def train(
             logits, aux = model(window[:, :-1])  # [B, S, V]
         ce = lm_loss(logits, window[:, 1:])
         loss = ce + aux.aux_loss
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
         if dist_ctx is None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         else:
             dp_utils.reduce_expert_gradients(bare_model, dist_ctx)
             dp_utils.clip_grad_norm_distributed(bare_model, grad_clip, dist_ctx)
-        scaler.step(optimizer)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
         scaler.update()
         update_router_biases(bare_model, process_group=None if dist_ctx is None else dist_ctx.dp_group)
 

@@ -128,3 +128,29 @@ def global_step_view(loss: torch.Tensor, ce: torch.Tensor, aux, ctx: DistContext
         stats.append(MoEStats(layer=s.layer, router=s.router, tokens_per_expert_E=counts.cpu(),
                               dropped_fraction=dropped.cpu(), losses=s.losses, a2a_bytes=s.a2a_bytes))
     return losses[0], losses[1], ModelAux(aux_loss=losses[2], moe=stats)
+
+
+def build_optimizers(model: nn.Module, plan, ctx: DistContext | None, **adamw) -> list[torch.optim.Optimizer]:
+    """AdamW, with the spec's ZeRO stage where torch provides it.
+
+    zero_stage 1 shards the dense parameters' optimizer state over the dp ranks with torch's
+    ZeroRedundancyOptimizer; expert state is already partitioned by expert parallelism (each
+    rank holds E/ep experts) and stays with its experts. Stages 2 and 3 (gradient and
+    parameter sharding, FSDP2 in torch) are not executed yet and are refused, not ignored.
+    """
+    stage = plan.parallel.zero_stage
+    if ctx is None or ctx.dp_size == 1 or stage == 0:
+        return [torch.optim.AdamW(model.parameters(), **adamw)]
+    if stage > 1:
+        from moespec.distributed.context import DistributedConfigError
+
+        raise DistributedConfigError(
+            f"parallelism.zero_stage {stage} is costed by the simulator but not executed yet (stage 1 is); set zero_stage to 0 or 1"
+        )
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    expert_names = set(expert_parameter_names(model))
+    dense = [p for name, p in model.named_parameters() if name not in expert_names]
+    experts = [p for name, p in model.named_parameters() if name in expert_names]
+    sharded = ZeroRedundancyOptimizer(dense, optimizer_class=torch.optim.AdamW, process_group=ctx.dp_group, **adamw)
+    return [sharded] + ([torch.optim.AdamW(experts, **adamw)] if experts else [])

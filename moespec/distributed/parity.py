@@ -83,20 +83,20 @@ def distributed_step(plan: SpecPlan, ctx, seed: int) -> tuple[float, dict[str, t
     )
     from moespec.model.build import build_model
 
-    model = build_model(plan, seed=seed)
+    model = build_model(plan, seed=seed, device=ctx.device)
     model.train()
     shard_experts(model, ctx)
     wrapped = wrap_data_parallel(model, ctx)
     tokens = parity_tokens(plan, seed)
     torch.manual_seed(seed + ctx.rank)
     with CollectiveCounter() as comm:  # counts at the dispatcher, independent of our counter
-        loss = _step_loss(wrapped, tokens[ctx.rank])
+        loss = _step_loss(wrapped, tokens[ctx.rank].to(ctx.device))
         loss.backward()
     all_to_alls = comm.counts.get(torch.ops.c10d.alltoall_base_, 0)
     reduce_expert_gradients(wrapped, ctx)
-    grads = {name: p.grad.detach().clone() for name, p in unwrap(wrapped).named_parameters() if p.grad is not None}
+    grads = {name: p.grad.detach().cpu().clone() for name, p in unwrap(wrapped).named_parameters() if p.grad is not None}
     a2a = sum(layer.expert_parallel.counter.total_bytes for layer in moe_layers(model) if layer.expert_parallel)
-    return float(all_reduce_mean(loss, ctx)), grads, (a2a, all_to_alls), model
+    return float(all_reduce_mean(loss, ctx).cpu()), grads, (a2a, all_to_alls), model
 
 
 def compare_with_reference(plan: SpecPlan, ctx, seed: int) -> dict:
@@ -134,7 +134,7 @@ def compare_with_reference(plan: SpecPlan, ctx, seed: int) -> dict:
     }
 
 
-def parity_worker(rank: int, world: int, port: int, cases: list[tuple[str, dict]], out_dir: str) -> None:
+def parity_worker(rank: int, world: int, port: int, cases: list[tuple[str, dict]], out_dir: str, device: str = "cpu") -> None:
     """mp.spawn entry: one process per rank runs every case and writes its results as JSON."""
     from moespec.distributed.context import init_distributed, shutdown
 
@@ -144,7 +144,7 @@ def parity_worker(rank: int, world: int, port: int, cases: list[tuple[str, dict]
     results = []
     for name, plan_fields in cases:
         plan = plan_from_fields(plan_fields)
-        ctx = init_distributed(plan, timeout_s=60, device="cpu")
+        ctx = init_distributed(plan, timeout_s=60, device=device)
         results.append({"case": name, **compare_with_reference(plan, ctx, seed=1234)})
     shutdown()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
