@@ -198,3 +198,18 @@ def test_zero_stage_3_is_refused_not_ignored(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "zero_stage 3 is costed by the simulator but not executed yet" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_base_layer_with_token_shuffle_trains_exactly_balanced(tmp_path):
+    """BASE shuffles tokens across the EP group before its balanced assignment (Lewis 2021);
+    the shuffled groups must still give every expert exactly T/E tokens on every rank."""
+    text = (ROOT / "specs/tiny-ep.yaml").read_text()
+    text = text.replace("name: tiny-ep", "name: tiny-ep-base").replace("router: {type: topk, k: 2}", "router: {type: base, shuffle: true}")
+    spec = tmp_path / "tiny-ep-base.yaml"
+    spec.write_text("\n".join(line for line in text.splitlines() if "capacity:" not in line) + "\n")
+    document = _train_json(spec, "--steps", "10", "--nproc", "2")
+    assert document["last_loss"] < document["first_loss"] - 0.5
+    for record in document["records"]:
+        for counts in record["tokens_per_expert"].values():
+            assert counts == [2 * 4 * 64 // 4] * 4  # 2 ranks x T = 256 tokens, 4 experts
