@@ -19,8 +19,6 @@ C capacity per expert, A assignments, G expert groups, S experts per group.
 
 from __future__ import annotations
 
-import contextlib
-import math
 
 import torch
 import torch.distributed as dist
@@ -28,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moespec.model import router_losses
-from moespec.model.auction import balanced_assignment
+from moespec.model.balanced_routers import BaseRouting, SinkhornRouting, balanced_expert_index, sinkhorn_log_plan  # noqa: F401
+from moespec.model.router_common import _compute_dtype, _full_precision, _softmax_top_k, _token_choice_output, router_logits  # noqa: F401
 from moespec.model.types import RouterOutput
 from moespec.spec.plan import (
     BaseRouter,
@@ -42,67 +41,6 @@ from moespec.spec.plan import (
     SwitchRouter,
     TopKRouter,
 )
-
-# --- shared pieces: plain functions -------------------------------------------------------
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Context that switches autocast off for the router math on x's device. Devices without
-    autocast (meta, used for shape and FLOP counting) need nothing switched off."""
-    if not torch.amp.is_autocast_available(x.device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def router_logits(linear: nn.Linear, x_TD: torch.Tensor) -> torch.Tensor:
-    """x @ W (+ b) in float32 (float64 kept), whatever the parameter dtype. [T, E]"""
-    dtype = _compute_dtype(x_TD)
-    bias = None if linear.bias is None else linear.bias.to(dtype)
-    return F.linear(x_TD.to(dtype), linear.weight.to(dtype), bias)
-
-
-def _token_choice_output(
-    expert_index_TK: torch.Tensor,
-    gate_TK: torch.Tensor,
-    priority_TK: torch.Tensor,
-    n_experts: int,
-    losses: dict[str, torch.Tensor],
-    coefs: dict[str, float],
-) -> RouterOutput:
-    """Flatten [T, K] choices token-major into a RouterOutput."""
-    n_tokens, k = expert_index_TK.shape
-    expert_index_A = expert_index_TK.reshape(-1)  # [T*K]
-    return RouterOutput(
-        token_index_A=torch.arange(n_tokens, device=gate_TK.device).repeat_interleave(k),
-        expert_index_A=expert_index_A,
-        gate_A=gate_TK.reshape(-1),
-        priority_A=priority_TK.detach().reshape(-1),
-        aux_loss=router_losses.weighted_sum(losses, coefs, like=gate_TK),
-        losses=losses,
-        tokens_per_expert_E=router_losses.expert_counts(expert_index_A, n_experts),
-    )
-
-
-def _softmax_top_k(
-    logits_TE: torch.Tensor, k: int, normalize: bool, aux_loss_coef: float, z_loss_coef: float
-) -> RouterOutput:
-    """Top-k of softmax(logits) with the Switch load balancing loss and the z-loss (topk, switch)."""
-    probs_TE = logits_TE.softmax(dim=-1)
-    top_probs_TK, expert_index_TK = probs_TE.topk(k, dim=-1)  # sorted, best first
-    gate_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True) if normalize else top_probs_TK
-    losses = {
-        "load_balancing": router_losses.load_balancing_loss(probs_TE, expert_index_TK.reshape(-1)),
-        "z_loss": router_losses.z_loss(logits_TE),
-    }
-    coefs = {"load_balancing": aux_loss_coef, "z_loss": z_loss_coef}
-    return _token_choice_output(expert_index_TK, gate_TK, top_probs_TK, logits_TE.shape[-1], losses, coefs)
-
-
-# --- one module per router type -----------------------------------------------------------
 
 
 class TopKRouting(nn.Module):
@@ -179,87 +117,6 @@ class NoisyTopKRouting(nn.Module):
                 "z_loss": router_losses.z_loss(clean_TE),
             }
             return _token_choice_output(expert_index_TK, gate_TK, gate_TK, clean_TE.shape[-1], losses, self.coefs)
-
-
-class BaseRouting(nn.Module):
-    """BASE layers (Lewis et al. 2021). The `gate` weight rows are the expert embeddings w_e.
-
-    Training solves the balanced linear assignment (every expert exactly T/E tokens,
-    maximising sum x_t . w_e) with the auction in `auction.py`; eval routes greedily to the
-    argmax. The gate sigmoid(x_t . w_e) is how the expert embeddings learn. The token shuffle
-    across the expert-parallel group (`router.shuffle`) belongs to the dispatcher, not here:
-    within one group the assignment problem does not depend on token order.
-    """
-
-    def __init__(self, *, d_model: int, n_experts: int, auction_eps: float | None) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d_model, n_experts, bias=False)
-        self.auction_eps = auction_eps
-
-    def forward(self, x_TD: torch.Tensor, *, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
-        with _full_precision(x_TD):
-            affinity_TE = router_logits(self.gate, x_TD)
-            n_tokens, n_experts = affinity_TE.shape
-            if self.training:
-                expert_index_T = balanced_expert_index(affinity_TE.detach(), eps=self.auction_eps)
-            else:
-                expert_index_T = affinity_TE.argmax(dim=-1)
-            expert_index_T1 = expert_index_T.view(n_tokens, 1)
-            gate_T1 = torch.sigmoid(affinity_TE.gather(1, expert_index_T1))
-            return _token_choice_output(expert_index_T1, gate_T1, gate_T1, n_experts, {}, {})
-
-
-def balanced_expert_index(scores_TE: torch.Tensor, *, eps: float | None) -> torch.Tensor:
-    """Balanced assignment for any T: pad with rows of zeros up to a multiple of E, solve,
-    drop the padding. A constant row adds the same amount to every assignment's total, so the
-    padding fills leftover slots without changing which real tokens go where. [T] long."""
-    n_tokens, n_experts = scores_TE.shape
-    if scores_TE.device.type == "meta":
-        # Meta tensors (shape and FLOP counting) hold no values to solve with; every balanced
-        # assignment has the same shapes and costs, so take the round-robin one.
-        return torch.arange(n_tokens, device=scores_TE.device) % n_experts
-    n_padded = math.ceil(n_tokens / n_experts) * n_experts
-    padding_PE = scores_TE.new_zeros(n_padded - n_tokens, n_experts)
-    expert_index_P = balanced_assignment(torch.cat([scores_TE, padding_PE]), eps=eps)
-    return expert_index_P[:n_tokens].to(device=scores_TE.device, dtype=torch.long)
-
-
-def sinkhorn_log_plan(logits_TE: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Log of the Sinkhorn-balanced matrix diag(u) exp(logits) diag(v) whose rows sum to 1 and
-    whose columns approach the uniform expert marginal T/E (Clark et al. 2022, S-BASE).
-    Log space keeps exp(logits) from overflowing. Ends on a column step: a row step does not
-    change any row's argmax. [T, E]"""
-    n_tokens, n_experts = logits_TE.shape
-    log_column_target = math.log(n_tokens / n_experts)
-    log_plan_TE = logits_TE
-    for _ in range(iterations):
-        log_plan_TE = log_plan_TE - log_plan_TE.logsumexp(dim=1, keepdim=True)  # rows sum to 1
-        log_plan_TE = log_plan_TE - log_plan_TE.logsumexp(dim=0, keepdim=True) + log_column_target
-    return log_plan_TE
-
-
-class SinkhornRouting(nn.Module):
-    """S-BASE: top-1 of the Sinkhorn-balanced matrix in training (no gradient through the
-    balancing), argmax at eval; the gate is the plain softmax prob of the chosen expert."""
-
-    def __init__(self, *, d_model: int, n_experts: int, bias: bool, iterations: int, z_loss_coef: float) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d_model, n_experts, bias=bias)
-        self.iterations, self.z_loss_coef = iterations, z_loss_coef
-
-    def forward(self, x_TD: torch.Tensor, *, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
-        with _full_precision(x_TD):
-            logits_TE = router_logits(self.gate, x_TD)
-            if self.training:
-                with torch.no_grad():
-                    expert_index_T = sinkhorn_log_plan(logits_TE.detach(), self.iterations).argmax(dim=-1)
-            else:
-                expert_index_T = logits_TE.argmax(dim=-1)
-            expert_index_T1 = expert_index_T.view(-1, 1)
-            gate_T1 = logits_TE.softmax(dim=-1).gather(1, expert_index_T1)
-            losses = {"z_loss": router_losses.z_loss(logits_TE)}
-            return _token_choice_output(expert_index_T1, gate_T1, gate_T1, logits_TE.shape[-1], losses,
-                                        {"z_loss": self.z_loss_coef})
 
 
 class ExpertChoiceRouting(nn.Module):
