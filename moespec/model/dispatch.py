@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moespec.model.router_losses import expert_counts as count_per_expert  # one counting function for both
+
 
 @dataclass(frozen=True)
 class DispatchPlan:
@@ -55,13 +57,6 @@ class DispatchPlan:
     capacity: int | None  # C, None when dropless
     n_experts: int
     ep_size: int
-
-
-def count_per_expert(expert_index_A: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Assignments per expert, [E] long. A scatter-add rather than `torch.bincount`, because
-    bincount has no meta kernel and the meta device is how full-size models are checked."""
-    counts_E = torch.zeros(n_experts, dtype=torch.long, device=expert_index_A.device)
-    return counts_E.scatter_add_(0, expert_index_A, torch.ones_like(expert_index_A))
 
 
 def sort_by_expert(
