@@ -97,7 +97,9 @@ def test_wheel_ships_the_schemas(tmp_path):
         pytest.skip("setuptools/wheel not installed in this environment")
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(tmp_path.glob("moespec-*.whl"))
-    assert "moespec/schemas/moespec.schema.json" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "moespec/schemas/moespec.schema.json" in names and "moespec/schemas/backend.schema.json" in names
+    assert "moespec/backends/dgx-h100.yaml" in names and "moespec/data/python_docs_topics.txt" in names
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],

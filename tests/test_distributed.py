@@ -16,7 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 from moespec.distributed.launch import launch
-from moespec.distributed.parity import parity_worker, plan_fields
+from moespec.distributed.parity import parity_worker, plan_fields, plan_from_fields
+from moespec.sim.counts import predict_a2a_bytes
 from moespec.spec import load_plan
 from moespec.spec.plan import (
     BaseRouter,
@@ -89,6 +90,13 @@ def run_parity(world: int, dp: int, ep: int, tmp_path: Path, device: str = "cpu"
 @pytest.mark.parametrize("dp,ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "dp4-ep2"])
 def test_distributed_step_equals_single_process(dp, ep, tmp_path):
     results = run_parity(dp, dp, ep, tmp_path)
+    # The simulator predicts the bytes the layer measured, exactly where routing cannot change
+    # them: capacity buffers and BASE's exact balance (REFERENCE sec. 4).
+    plans = {name: plan_from_fields(fields) for name, fields in cases(dp, ep)}
+    for rank_results in results:
+        for result in rank_results:
+            if result["case"].endswith("capacity") or "tight" in result["case"]:
+                assert result["a2a_bytes"] == predict_a2a_bytes(plans[result["case"]]), result["case"]
     for rank_results in results:
         for result in rank_results:
             label = f"{result['case']} rank {result['rank']}"

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moespec.model.flops  # noqa: F401  (registers the CPU attention FLOP formulas)
 from moespec.model.layers import CausalSelfAttention, DecoderBlock, DenseFFN, RotaryEmbedding, make_norm
 from moespec.model.types import ModelAux
 from moespec.spec.plan import SpecPlan

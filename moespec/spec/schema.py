@@ -19,7 +19,7 @@ import jsonschema
 from moespec.spec.errors import PathT, SpecError
 from moespec.spec.yaml_source import Locations
 
-SCHEMA_FILES = {"spec": "moespec.schema.json"}
+SCHEMA_FILES = {"spec": "moespec.schema.json", "backend": "backend.schema.json"}
 
 
 @functools.cache

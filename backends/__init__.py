@@ -1,0 +1,1 @@
+"""Hardware descriptions shipped inside the wheel (mapped to the package `moespec.backends`)."""
