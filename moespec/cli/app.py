@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from moespec.cli import compile_cmd, schema_cmd, show_cmd, train_cmd, validate_cmd
+from moespec.cli import compile_cmd, schema_cmd, show_cmd, simulate_cmd, train_cmd, validate_cmd
 
 app = typer.Typer(
     name="moespec",
@@ -22,6 +22,7 @@ app.command("show")(show_cmd.show_command)
 app.command("schema")(schema_cmd.schema_command)
 app.command("compile")(compile_cmd.compile_command)
 app.command("train")(train_cmd.train_command)
+app.command("simulate")(simulate_cmd.simulate_command)
 
 
 def main() -> None:

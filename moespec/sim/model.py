@@ -1,0 +1,211 @@
+"""One training step, predicted: memory per device and time (REFERENCE.md sec. 4 and 5).
+
+Counts come from `counts.py` (exact); memory and time are models, each term a small function
+with its unit in its name, every assumption stated where it is made. Scalar evaluation of one
+design; the explorer's batched evaluation is future work (issue 7).
+
+Rank layout (as the runtime's DeviceMesh): an expert-parallel group is `ep` consecutive ranks,
+so it stays inside a node while ep <= devices per node; the data-parallel group is every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moespec.sim.backend import Backend
+from moespec.sim.collectives import all_reduce_time_s, all_to_all_time_s
+from moespec.sim.counts import expert_rows, predict_a2a_bytes, predict_params, predict_step_flops
+from moespec.sim.topology import build_topology
+from moespec.spec.plan import SpecPlan
+
+ALLOCATOR_ALLOWANCE = 0.10  # fragmentation and workspace: 10% on top of what is counted
+DEFAULT_OVERLAP = 0.5  # share of the gradient all-reduce hidden behind the backward pass
+
+
+def bytes_per_element(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    weights_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+    a2a_buffers_bytes: float
+    allowance_bytes: float
+    total_bytes: float
+    device_bytes: float
+    fits: bool
+
+
+def _param_split(plan: SpecPlan) -> tuple[int, int]:
+    """(dense, expert) parameter counts of the whole model."""
+    total = predict_params(plan).total
+    expert = 0
+    for layer in plan.moe_layers:
+        e = layer.moe.experts
+        matrices = 3 if plan.model.activation in ("swiglu", "geglu") else 2
+        expert += e.count * matrices * plan.model.d_model * e.d_ff
+    return total - expert, expert
+
+
+def memory_per_device(plan: SpecPlan, backend: Backend) -> MemoryPrediction:
+    """Mixed-precision Adam is 16 bytes per parameter (bf16 weight and grad, fp32 master, m, v);
+    fp32 training is 4 + 4 + 8. ZeRO shards over the group that replicates a parameter: dense
+    over dp, experts over dp / ep. Pipeline stages split layers evenly; tensor parallel splits
+    every matrix."""
+    p = plan.parallel
+    b = bytes_per_element(p.precision)
+    weight_b, grad_b, optim_b = (b, b, 16 - 2 * b)
+    dense, expert = _param_split(plan)
+    shard = p.tp * p.pp
+    dense_local, expert_local = dense / shard, expert / p.ep / shard
+    zero = p.zero_stage
+
+    def placed(count_dense: float, count_expert: float, bytes_each: int, sharded: bool) -> float:
+        if not sharded:
+            return (count_dense + count_expert) * bytes_each
+        return (count_dense / p.dp + count_expert / p.expert_dp) * bytes_each
+
+    weights = placed(dense_local, expert_local, weight_b, zero >= 3)
+    grads = placed(dense_local, expert_local, grad_b, zero >= 2)
+    optimizer = placed(dense_local, expert_local, optim_b, zero >= 1)
+    activations = activation_bytes(plan)
+    a2a = a2a_buffer_bytes(plan)
+    counted = weights + grads + optimizer + activations + a2a
+    allowance = ALLOCATOR_ALLOWANCE * counted
+    total = counted + allowance
+    return MemoryPrediction(
+        weights, grads, optimizer, activations, a2a, allowance, total,
+        float(backend.device.memory_bytes), total <= backend.device.memory_bytes,
+    )  # fmt: skip
+
+
+def activation_bytes(plan: SpecPlan) -> float:
+    """Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per dense 16-bit layer without
+    recomputation, of which 19*s*b*h is the 4h-wide MLP. For a MoE layer the MLP part scales
+    with the rows experts see per token (k * cf, E*C/T) times their width over 4h. Selective
+    recomputation drops the 5*a*s/h attention term; full keeps only each layer's input (2sbh).
+    fp32 doubles everything. Layers on one pipeline stage: n_layers / pp."""
+    m, p = plan.model, plan.parallel
+    s, bsz, h, a = m.seq_len, p.micro_batch, m.d_model, m.n_heads
+    tokens = s * bsz
+    scale = 2 if p.precision == "fp32" else 1
+    total = 0.0
+    for layer in plan.layers:
+        if p.recompute == "full":
+            total += 2 * s * bsz * h * scale
+            continue
+        attention = 15 * s * bsz * h + (0 if p.recompute == "selective" else 5 * a * s * s * bsz)
+        if layer.moe is None:
+            mlp = 19 * s * bsz * h * layer.d_ff / (4 * h)
+        else:
+            e = layer.moe.experts
+            rows_per_token = expert_rows(layer.moe, tokens) / tokens
+            mlp = 19 * s * bsz * h * (rows_per_token * e.d_ff + e.shared_count * e.shared_d_ff) / (4 * h)
+        total += (attention + mlp) * scale
+    return total / (p.pp * p.tp)
+
+
+def a2a_buffer_bytes(plan: SpecPlan) -> float:
+    """Send and receive buffers of the largest MoE layer's dispatch."""
+    if plan.parallel.ep == 1 or not plan.moe_layers:
+        return 0.0
+    tokens = plan.tokens_per_group
+    rows = max(expert_rows(layer.moe, tokens) for layer in plan.moe_layers)
+    return 2.0 * rows * plan.model.d_model * bytes_per_element(plan.parallel.precision)
+
+
+@dataclass(frozen=True)
+class TimePrediction:
+    compute_s: float  # forward + backward matmul time of all micro-steps (roofline)
+    a2a_s: float  # expert-parallel all-to-all, on the critical path
+    dp_allreduce_s: float  # dense gradients over dp, expert gradients over dp/ep
+    exposed_allreduce_s: float
+    bubble_s: float
+    optimizer_s: float
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+    model_flops_per_token: float
+
+
+def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERLAP) -> TimePrediction:
+    p, m = plan.parallel, plan.model
+    if p.world > backend.num_devices:
+        raise ValueError(f"the spec needs {p.world} devices; backend {backend.name} has {backend.num_devices}")
+    graph = build_topology(backend)
+    peak = backend.device.peak_flops_per_s["fp32" if p.precision == "fp32" else p.precision]
+    b = bytes_per_element(p.precision)
+    micro_steps = p.grad_accum
+    # Roofline per micro-step: matmul FLOPs at the calibrated efficiency, or reading the local
+    # weights three times (forward, backward for inputs, for weights) if that is slower.
+    dense, expert = _param_split(plan)
+    local_weight_bytes = (dense + expert / p.ep) / (p.tp * p.pp) * b
+    flops = predict_step_flops(plan) / (p.tp * p.pp)
+    micro_s = max(flops / (peak * backend.matmul_efficiency),
+                  3 * local_weight_bytes / (backend.device.memory_bandwidth_Bps * backend.memory_efficiency))  # fmt: skip
+    compute_s = micro_s * micro_steps
+    # All-to-all: 4 transfers per MoE layer per micro-step, each rank sending rows*D*b/ep to
+    # every other rank of its group (ranks 0..ep-1: a group is consecutive ranks).
+    a2a_s = 0.0
+    if p.ep > 1:
+        ranks = list(range(p.ep))
+        for layer in plan.moe_layers:
+            rows = expert_rows(layer.moe, plan.tokens_per_group)
+            a2a_s += 4 * all_to_all_time_s(graph, ranks, rows * m.d_model * b / p.ep)
+        a2a_s *= micro_steps / p.pp
+    grad_b = b
+    allreduce_s = 0.0
+    if p.dp > 1:
+        dp_ranks = list(range(0, p.world, p.tp * p.pp))[: p.dp]
+        allreduce_s += all_reduce_time_s(graph, dp_ranks, dense / (p.tp * p.pp) * grad_b)
+        if p.expert_dp > 1 and expert:
+            edp_ranks = dp_ranks[:: p.ep][: p.expert_dp]
+            allreduce_s += all_reduce_time_s(graph, edp_ranks, expert / p.ep / (p.tp * p.pp) * grad_b)
+    exposed = (1 - overlap) * allreduce_s
+    bubble_s = (p.pp - 1) / (micro_steps + p.pp - 1) * (compute_s + a2a_s) if p.pp > 1 else 0.0
+    local_params = (dense / p.dp + expert / p.ep / p.expert_dp) if p.zero_stage >= 1 else dense + expert / p.ep
+    optimizer_s = 2 * 16 * local_params / (p.tp * p.pp) / (backend.device.memory_bandwidth_Bps * backend.memory_efficiency)
+    step_s = compute_s + a2a_s + exposed + bubble_s + optimizer_s
+    tokens = p.global_batch * m.seq_len
+    model_flops_per_token = model_flops_per_token_of(plan)
+    tokens_per_s = tokens / step_s
+    mfu = model_flops_per_token * tokens_per_s / (p.world * peak)
+    return TimePrediction(compute_s, a2a_s, allreduce_s, exposed, bubble_s, optimizer_s, step_s, tokens_per_s, mfu, model_flops_per_token)
+
+
+def model_flops_per_token_of(plan: SpecPlan) -> float:
+    """For MFU: 6 per active matmul parameter (the token embedding is a lookup, not a matmul;
+    a tied table still does the LM head's matmul) plus attention, 12 * L * H * hd * S."""
+    m = plan.model
+    params = predict_params(plan)
+    active_matmul = params.active - params.embedding + (params.embedding if m.tied_embeddings else 0)
+    return 6 * active_matmul + 12 * m.n_layers * m.n_heads * m.head_dim * m.seq_len
+
+
+def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERLAP) -> dict:
+    """Everything `moespec simulate` reports, as plain data."""
+    params = predict_params(plan)
+    memory = memory_per_device(plan, backend)
+    timing = step_time(plan, backend, overlap=overlap)
+    return {
+        "spec": plan.name,
+        "backend": backend.name,
+        "world": plan.parallel.world,
+        "dp": plan.parallel.dp,
+        "ep": plan.parallel.ep,
+        "global_batch": plan.parallel.global_batch,
+        "params": {"total": params.total, "active": params.active, "embedding": params.embedding,
+                   "embeddings_in_active": True},  # fmt: skip
+        "step_flops_per_rank_microstep": predict_step_flops(plan),
+        "a2a_bytes_per_rank_microstep": predict_a2a_bytes(plan, bytes_per_element=bytes_per_element(plan.parallel.precision)),
+        "memory_per_device": asdict(memory),
+        "time": asdict(timing),
+        "assumptions": {
+            "allocator_allowance": ALLOCATOR_ALLOWANCE,
+            "allreduce_overlap": overlap,
+            "efficiencies": {"matmul": backend.matmul_efficiency, "memory": backend.memory_efficiency},
+        },
+    }
