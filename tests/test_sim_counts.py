@@ -87,3 +87,8 @@ def test_published_totals():
     assert mixtral.total == 46_702_792_704 and mixtral.active == 12_879_925_248
     qwen = predict_params(load_plan(Path(__file__).resolve().parents[1] / "specs/qwen1.5-moe-a2.7b.yaml"))
     assert round(qwen.total / 1e9, 1) == 14.3 and round(qwen.active / 1e9, 1) == 2.7
+
+
+def test_switch_c_style_reproduces_1571b_within_1_percent():
+    plan = load_plan(Path(__file__).resolve().parents[1] / "specs/switch-c-2048.yaml")
+    assert abs(predict_params(plan).total / 1571e9 - 1) < 0.01

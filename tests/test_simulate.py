@@ -82,3 +82,24 @@ def test_bad_backend_and_world_are_one_line_exit_2(tmp_path):
     assert too_big.returncode == 2 and "needs 64 devices; backend dgx-h100 has 8" in too_big.stderr
     odd = moespec("simulate", "specs/mixtral-8x7b.yaml", "--backend", "dgx-h100", "--world", "12")
     assert odd.returncode == 2 and "which parallelism.ep (8) does not divide" in odd.stderr
+
+
+def test_imbalance_slows_dropless_experts_and_a2a_only():
+    backend = load_backend("h100-cluster-4n")
+    dropless = with_parallel(load_plan(ROOT / "specs/olmoe-1b-7b.yaml"), dp=32, ep=8, global_batch=1024)
+    even, skewed = step_time(dropless, backend), step_time(dropless, backend, imbalance=1.5)
+    assert abs(skewed.a2a_s / even.a2a_s - 1.5) < 0.01  # the same volume x 1.5 (plus equal latency)
+    assert skewed.compute_s > even.compute_s
+    capacity = with_parallel(load_plan(ROOT / "specs/switch-base-8.yaml"), dp=8, ep=8, global_batch=256)
+    dgx = load_backend("dgx-h100")
+    assert step_time(capacity, dgx, imbalance=2.0) == step_time(capacity, dgx)
+
+
+def test_flops_by_part_sum_to_the_exact_total():
+    from moespec.sim.counts import predict_step_flops, step_flops_by_part
+
+    for name in ("tiny-mixed", "qwen1.5-moe-a2.7b", "deepseek-moe-16b"):
+        plan = load_plan(ROOT / "specs" / f"{name}.yaml")
+        parts = step_flops_by_part(plan)
+        assert sum(parts.values()) == predict_step_flops(plan)
+    assert {"attention", "dense_ffn", "router", "experts_dropless", "shared_experts", "lm_head"} <= set(step_flops_by_part(plan))

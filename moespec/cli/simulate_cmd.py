@@ -15,6 +15,7 @@ def simulate_command(
     backend: str = typer.Option(..., "--backend", help="Shipped backend name (e.g. dgx-h100) or a backend YAML file.", show_default=False),
     world: int = typer.Option(0, "--world", help="Devices to use: sets dp = world / (tp * pp); 0 keeps the spec's."),
     overlap: float = typer.Option(0.5, "--overlap", help="Share of the gradient all-reduce hidden behind backward (0..1)."),
+    imbalance: float = typer.Option(1.0, "--imbalance", help="Dropless routing: busiest rank's load over the mean (>= 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Predict parameters, FLOPs, memory per device, all-to-all and step time of one training step."""
@@ -25,6 +26,8 @@ def simulate_command(
     plan = load_plan_or_exit(spec)
     if not 0 <= overlap <= 1:
         fail(f"--overlap must be between 0 and 1, got {overlap}")
+    if not imbalance >= 1:
+        fail(f"--imbalance is max/mean load, so at least 1; got {imbalance}")
     try:
         hardware = load_backend(backend)
     except SpecErrors as errors:
@@ -34,7 +37,7 @@ def simulate_command(
     if world:
         plan = _with_world(spec, plan, world)
     try:
-        report = simulate(plan, hardware, overlap=overlap)
+        report = simulate(plan, hardware, overlap=overlap, imbalance=imbalance)
     except ValueError as exc:
         fail(f"{spec}: {exc}")
     if as_json:
@@ -90,4 +93,12 @@ def _print(report: dict) -> None:
                        ("bubble_s", "pipeline bubble"), ("optimizer_s", "optimizer"), ("step_s", "step")):  # fmt: skip
         timing.add_row(label, f"{time[key] * 1e3:,.2f} ms")
     console.print(timing)
+    parts = Table(title="compute by part (share of matmul FLOPs)")
+    parts.add_column("part")
+    parts.add_column("FLOPs", justify="right")
+    parts.add_column("time", justify="right")
+    total = sum(report["step_flops_by_part"].values())
+    for name, flops in sorted(report["step_flops_by_part"].items(), key=lambda item: -item[1]):
+        parts.add_row(name.replace("_", " "), f"{flops / total:.1%}", f"{report['compute_s_by_part'][name] * 1e3:,.2f} ms")
+    console.print(parts)
     console.print(f"tokens/s {time['tokens_per_s']:,.0f}   MFU {time['mfu']:.1%}")

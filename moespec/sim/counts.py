@@ -110,30 +110,47 @@ def attention_flops(model: ModelPlan, batch: int) -> int:
     return projections + scores_values
 
 
-def layer_flops(model: ModelPlan, layer: LayerPlan, batch: int) -> int:
-    """Matmul FLOPs of one block, forward + backward, for one micro-batch of `batch` sequences."""
+def layer_flops_by_part(model: ModelPlan, layer: LayerPlan, batch: int) -> dict[str, int]:
+    """Matmul FLOPs of one block by part, forward + backward, for `batch` sequences."""
     t, d = batch * model.seq_len, model.d_model
     matrices = _ffn_matrices(model.activation)
-    flops = attention_flops(model, batch)
+    parts = {"attention": attention_flops(model, batch)}
     if layer.moe is None:
-        return flops + 6 * t * d * layer.d_ff * matrices
+        parts["dense_ffn"] = 6 * t * d * layer.d_ff * matrices
+        return parts
     moe = layer.moe
     experts = moe.experts
     router_matrices = {"hash": 0, "noisy_topk": 2}.get(moe.router.type, 1)
-    flops += 6 * t * d * experts.count * router_matrices
-    flops += 6 * expert_rows(moe, t) * d * experts.d_ff * matrices
+    parts["router"] = 6 * t * d * experts.count * router_matrices
+    expert_flops = 6 * expert_rows(moe, t) * d * experts.d_ff * matrices
+    dropless = moe.capacity is None or moe.capacity.dropless
+    parts["experts_dropless" if dropless else "experts_capacity"] = expert_flops
     if experts.shared_count:
-        flops += 6 * t * d * experts.shared_count * experts.shared_d_ff * matrices
-        flops += 6 * t * d if experts.shared_gate else 0
-    return flops
+        parts["shared_experts"] = 6 * t * d * experts.shared_count * experts.shared_d_ff * matrices
+        parts["shared_experts"] += 6 * t * d if experts.shared_gate else 0
+    return parts
+
+
+def layer_flops(model: ModelPlan, layer: LayerPlan, batch: int) -> int:
+    """Matmul FLOPs of one block, forward + backward, for one micro-batch of `batch` sequences."""
+    return sum(layer_flops_by_part(model, layer, batch).values())
+
+
+def step_flops_by_part(plan: SpecPlan, *, batch: int | None = None) -> dict[str, int]:
+    """`predict_step_flops` split into attention, dense FFN, router, experts (capacity or
+    dropless), shared experts and the LM head: the parts sum to the total exactly."""
+    batch = batch or plan.parallel.micro_batch
+    model = plan.model
+    parts = {"lm_head": 6 * batch * model.seq_len * model.d_model * model.vocab_size}
+    for layer in plan.layers:
+        for name, flops in layer_flops_by_part(model, layer, batch).items():
+            parts[name] = parts.get(name, 0) + flops
+    return parts
 
 
 def predict_step_flops(plan: SpecPlan, *, batch: int | None = None) -> int:
     """FlopCounterMode's count for one training micro-step (forward + backward) on one rank."""
-    batch = batch or plan.parallel.micro_batch
-    model = plan.model
-    lm_head = 6 * batch * model.seq_len * model.d_model * model.vocab_size
-    return lm_head + sum(layer_flops(model, layer, batch) for layer in plan.layers)
+    return sum(step_flops_by_part(plan, batch=batch).values())
 
 
 # --- all-to-all bytes ----------------------------------------------------------------------

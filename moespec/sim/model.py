@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from moespec.sim.backend import Backend
 from moespec.sim.collectives import all_reduce_time_s, all_to_all_time_s
-from moespec.sim.counts import expert_rows, predict_a2a_bytes, predict_params, predict_step_flops
+from moespec.sim.counts import expert_rows, predict_a2a_bytes, predict_params, predict_step_flops, step_flops_by_part
 from moespec.sim.topology import build_topology
 from moespec.spec.plan import SpecPlan
 
@@ -131,7 +131,12 @@ class TimePrediction:
     model_flops_per_token: float
 
 
-def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERLAP) -> TimePrediction:
+def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERLAP, imbalance: float = 1.0) -> TimePrediction:
+    """`imbalance` (>= 1): the busiest expert-parallel rank's dropless load over the balanced
+    one (max/mean, as `moespec train` prints it). Dropless experts and their all-to-all wait
+    for the busiest rank, so both scale by it; capacity layers are fixed-size and do not."""
+    if imbalance < 1:
+        raise ValueError(f"imbalance is max/mean load, so at least 1; got {imbalance}")
     p, m = plan.parallel, plan.model
     if p.world > backend.num_devices:
         raise ValueError(f"the spec needs {p.world} devices; backend {backend.name} has {backend.num_devices}")
@@ -143,7 +148,8 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
     # weights three times (forward, backward for inputs, for weights) if that is slower.
     dense, expert = _param_split(plan)
     local_weight_bytes = (dense + expert / p.ep) / (p.tp * p.pp) * b
-    flops = predict_step_flops(plan) / (p.tp * p.pp)
+    by_part = step_flops_by_part(plan)
+    flops = (sum(by_part.values()) + (imbalance - 1) * by_part.get("experts_dropless", 0)) / (p.tp * p.pp)
     micro_s = max(flops / (peak * backend.matmul_efficiency),
                   3 * local_weight_bytes / (backend.device.memory_bandwidth_Bps * backend.memory_efficiency))  # fmt: skip
     compute_s = micro_s * micro_steps
@@ -154,6 +160,8 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
         ranks = list(range(p.ep))
         for layer in plan.moe_layers:
             rows = expert_rows(layer.moe, plan.tokens_per_group)
+            dropless = layer.moe.capacity is None or layer.moe.capacity.dropless
+            rows *= imbalance if dropless and layer.moe.router.type != "base" else 1  # BASE is exactly balanced
             a2a_s += 4 * all_to_all_time_s(graph, ranks, rows * m.d_model * b / p.ep)
         a2a_s *= micro_steps / p.pp
     grad_b = b
@@ -185,11 +193,15 @@ def model_flops_per_token_of(plan: SpecPlan) -> float:
     return 6 * active_matmul + 12 * m.n_layers * m.n_heads * m.head_dim * m.seq_len
 
 
-def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERLAP) -> dict:
+def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERLAP, imbalance: float = 1.0) -> dict:
     """Everything `moespec simulate` reports, as plain data."""
     params = predict_params(plan)
     memory = memory_per_device(plan, backend)
-    timing = step_time(plan, backend, overlap=overlap)
+    timing = step_time(plan, backend, overlap=overlap, imbalance=imbalance)
+    by_part = step_flops_by_part(plan)
+    total_flops = sum(by_part.values())
+    # Compute time split in proportion to FLOPs (one roofline rate for every matmul).
+    compute_by_part_s = {name: timing.compute_s * flops / total_flops for name, flops in by_part.items()}
     return {
         "spec": plan.name,
         "backend": backend.name,
@@ -200,12 +212,15 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
         "params": {"total": params.total, "active": params.active, "embedding": params.embedding,
                    "embeddings_in_active": True},  # fmt: skip
         "step_flops_per_rank_microstep": predict_step_flops(plan),
+        "step_flops_by_part": by_part,
+        "compute_s_by_part": compute_by_part_s,
         "a2a_bytes_per_rank_microstep": predict_a2a_bytes(plan, bytes_per_element=bytes_per_element(plan.parallel.precision)),
         "memory_per_device": asdict(memory),
         "time": asdict(timing),
         "assumptions": {
             "allocator_allowance": ALLOCATOR_ALLOWANCE,
             "allreduce_overlap": overlap,
+            "dropless_imbalance": imbalance,
             "efficiencies": {"matmul": backend.matmul_efficiency, "memory": backend.memory_efficiency},
         },
     }
