@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/moespec compile specs/tiny-mixed.yaml --check
 	$(BIN)/moespec train specs/tiny-mixed.yaml --steps 50
 	$(BIN)/moespec train specs/tiny-ep.yaml --steps 50 --nproc 2
+	$(BIN)/moespec simulate specs/mixtral-8x7b.yaml --backend h100-cluster-4n --world 32
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -14,6 +14,7 @@ def simulate_command(
     spec: Path = typer.Argument(..., help="Spec file.", show_default=False),
     backend: str = typer.Option(..., "--backend", help="Shipped backend name (e.g. dgx-h100) or a backend YAML file.", show_default=False),
     world: int = typer.Option(0, "--world", help="Devices to use: sets dp = world / (tp * pp); 0 keeps the spec's."),
+    ep: int = typer.Option(0, "--ep", help="Expert-parallel degree to use instead of the spec's (0 keeps it)."),
     overlap: float = typer.Option(0.5, "--overlap", help="Share of the gradient all-reduce hidden behind backward (0..1)."),
     imbalance: float = typer.Option(1.0, "--imbalance", help="Dropless routing: busiest rank's load over the mean (>= 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -34,6 +35,8 @@ def simulate_command(
         for error in errors.errors:
             err_console.print(error.format(), markup=False, soft_wrap=True)
         raise typer.Exit(2)
+    if ep:
+        plan = _with_ep(plan, ep)
     if world:
         plan = _with_world(spec, plan, world)
     try:
@@ -44,6 +47,15 @@ def simulate_command(
         emit_json(report)
         return
     _print(report)
+
+
+def _with_ep(plan, ep: int):
+    import dataclasses
+
+    counts = sorted({layer.moe.experts.count for layer in plan.moe_layers})
+    if ep < 1 or any(count % ep for count in counts):
+        fail(f"--ep ({ep}) must divide every MoE layer's expert count ({', '.join(map(str, counts)) or 'no MoE layers'})")
+    return dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, ep=ep))
 
 
 def _with_world(spec: Path, plan, world: int):
