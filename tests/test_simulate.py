@@ -103,3 +103,13 @@ def test_flops_by_part_sum_to_the_exact_total():
         parts = step_flops_by_part(plan)
         assert sum(parts.values()) == predict_step_flops(plan)
     assert {"attention", "dense_ffn", "router", "experts_dropless", "shared_experts", "lm_head"} <= set(step_flops_by_part(plan))
+
+
+def test_recomputation_adds_the_forward_it_repeats():
+    plan = with_parallel(load_plan(ROOT / "specs/switch-base-8.yaml"), recompute="none")
+    backend = load_backend("dgx-h100")
+    none = step_time(plan, backend).compute_s
+    full = step_time(with_parallel(plan, recompute="full"), backend).compute_s
+    selective = step_time(with_parallel(plan, recompute="selective"), backend).compute_s
+    assert abs(full / none - 4 / 3) < 1e-9  # compute-bound: the forward is a third of the step
+    assert none < selective < full

@@ -149,7 +149,8 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
     dense, expert = _param_split(plan)
     local_weight_bytes = (dense + expert / p.ep) / (p.tp * p.pp) * b
     by_part = step_flops_by_part(plan)
-    flops = (sum(by_part.values()) + (imbalance - 1) * by_part.get("experts_dropless", 0)) / (p.tp * p.pp)
+    flops = (sum(by_part.values()) + (imbalance - 1) * by_part.get("experts_dropless", 0)) * recompute_factor(p.recompute)
+    flops = (flops + selective_recompute_flops(plan)) / (p.tp * p.pp)
     micro_s = max(flops / (peak * backend.matmul_efficiency),
                   3 * local_weight_bytes / (backend.device.memory_bandwidth_Bps * backend.memory_efficiency))  # fmt: skip
     compute_s = micro_s * micro_steps
@@ -182,6 +183,21 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
     tokens_per_s = tokens / step_s
     mfu = model_flops_per_token * tokens_per_s / (p.world * peak)
     return TimePrediction(compute_s, a2a_s, allreduce_s, exposed, bubble_s, optimizer_s, step_s, tokens_per_s, mfu, model_flops_per_token)
+
+
+def recompute_factor(recompute: str) -> float:
+    """Full recomputation runs every forward matmul twice: the forward is 2 of the 6 FLOPs per
+    weight (and 4 of the 12 of attention), so the step does 4/3 of the counted work."""
+    return 4 / 3 if recompute == "full" else 1.0
+
+
+def selective_recompute_flops(plan: SpecPlan) -> float:
+    """Selective recomputation (Korthikanti et al.) redoes only attention's scores and values
+    forward: 4 * B * H * S^2 * hd per layer."""
+    if plan.parallel.recompute != "selective":
+        return 0.0
+    m = plan.model
+    return 4.0 * plan.parallel.micro_batch * m.n_heads * m.seq_len**2 * m.head_dim * m.n_layers
 
 
 def model_flops_per_token_of(plan: SpecPlan) -> float:
