@@ -116,10 +116,10 @@ def train(
     rank = 0 if dist_ctx is None else dist_ctx.rank
     generator = torch.Generator().manual_seed(seed + 1000 * rank)  # each rank its own batches
     scaler = torch.amp.GradScaler(device.type, enabled=plan.parallel.precision == "fp16")
-    optimizers = dp_utils.build_optimizers(model, plan, dist_ctx, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     bare_model = model
-    if dist_ctx is not None:
-        model = dp_utils.wrap_data_parallel(model, dist_ctx)
+    if dist_ctx is not None:  # wrap first: FSDP2 (ZeRO-2/3) turns parameters into shards
+        model = dp_utils.wrap_data_parallel(model, dist_ctx, zero_stage=plan.parallel.zero_stage)
+    optimizers = dp_utils.build_optimizers(bare_model, plan, dist_ctx, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
     def evaluate() -> float:
         return evaluate_loss(model, plan, split.val, batch=batch, seq_len=seq_len, n_batches=eval_batches, seed=seed)

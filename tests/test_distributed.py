@@ -184,28 +184,19 @@ def _train_json(spec: Path, *extra: str) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.timeout(400)
-def test_zero_stage_1_trains_exactly_like_stage_0(tmp_path):
-    """ZeRO-1 only partitions optimizer state: the same steps must give the same losses."""
+@pytest.mark.timeout(600)
+def test_zero_stages_train_exactly_like_stage_0(tmp_path):
+    """ZeRO only partitions state (1: optimizer, ZeroRedundancyOptimizer; 2/3: FSDP2 shards of
+    the dense parameters): the same steps must give the same losses."""
     text = (ROOT / "specs/tiny-ep.yaml").read_text()
-    zero1 = tmp_path / "tiny-ep-zero1.yaml"
-    zero1.write_text(text.replace("name: tiny-ep", "name: tiny-ep-zero1").replace("  global_batch: 8", "  global_batch: 8\n  zero_stage: 1"))
     plain = _train_json(ROOT / "specs/tiny-ep.yaml", "--steps", "4", "--nproc", "2")
-    sharded = _train_json(zero1, "--steps", "4", "--nproc", "2")
-    for a, b in zip(plain["records"], sharded["records"]):
-        # Same arithmetic per parameter, AdamW on shards: float32 rounding at most.
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["loss"], b["loss"])
-
-
-def test_zero_stage_3_is_refused_not_ignored(tmp_path):
-    spec = tmp_path / "z3.yaml"
-    spec.write_text((ROOT / "specs/tiny-ep.yaml").read_text().replace("  global_batch: 8", "  global_batch: 8\n  zero_stage: 3"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "moespec", "train", str(spec), "--steps", "1", "--nproc", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2 and "zero_stage 3 is costed by the simulator but not executed yet" in result.stderr
+    for stage in (1, 2, 3):
+        spec = tmp_path / f"tiny-ep-zero{stage}.yaml"
+        spec.write_text(text.replace("name: tiny-ep", f"name: tiny-ep-zero{stage}").replace("  global_batch: 8", f"  global_batch: 8\n  zero_stage: {stage}"))
+        sharded = _train_json(spec, "--steps", "4", "--nproc", "2")
+        for a, b in zip(plain["records"], sharded["records"]):
+            # Same arithmetic per parameter, summed in another order: float32 rounding at most.
+            assert abs(a["loss"] - b["loss"]) < 1e-5, (stage, a["loss"], b["loss"])
 
 
 @pytest.mark.timeout(300)

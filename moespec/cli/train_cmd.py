@@ -114,11 +114,6 @@ def _launch_ranks(spec: Path, plan, *, nproc: int, timeout: float, **options) ->
 
     try:
         check_world(plan, nproc)
-        if plan.parallel.zero_stage > 1:
-            raise DistributedConfigError(
-                f"parallelism.zero_stage {plan.parallel.zero_stage} is costed by the simulator but not executed yet "
-                "(stage 1 is); set zero_stage to 0 or 1"
-            )
     except DistributedConfigError as exc:
         fail(f"{spec}: {exc}")
     args = ["train", str(spec), "--steps", str(options["steps"]), "--lr", str(options["lr"]), "--seed", str(options["seed"]),

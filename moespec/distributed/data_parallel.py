@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from moespec.distributed.context import DistContext
@@ -42,10 +43,24 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return names
 
 
-def wrap_data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """DDP over all dp ranks for the dense parameters only."""
+def wrap_data_parallel(model: nn.Module, ctx: DistContext, *, zero_stage: int = 0) -> nn.Module:
+    """Data parallel for the dense parameters only (experts are reduced over their own group).
+
+    ZeRO stages 0 and 1: DDP (stage 1 shards optimizer state in `build_optimizers`).
+    Stages 2 and 3: torch's FSDP2 `fully_shard` over the dp ranks, experts left out through
+    `ignored_params`; stage 3 frees the gathered parameters after forward, stage 2 keeps them
+    until backward (FSDP2's closest counterpart of ZeRO-2: gradients and optimizer state
+    sharded, parameters gathered once per step)."""
     if ctx.dp_size == 1:
         return model
+    if zero_stage >= 2:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        names = set(expert_parameter_names(model))
+        experts = {p for name, p in model.named_parameters() if name in names}
+        dp_mesh = init_device_mesh(ctx.device.type, (ctx.dp_size,), mesh_dim_names=("dp",))
+        return fully_shard(model, mesh=dp_mesh, reshard_after_forward=zero_stage >= 3, ignored_params=experts)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
     return DistributedDataParallel(
         model,
@@ -73,6 +88,7 @@ def reduce_expert_gradients(model: nn.Module, ctx: DistContext) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model without DDP's wrapper (FSDP2 shards in place: nothing to unwrap)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -91,24 +107,33 @@ def clip_grad_norm_distributed(model: nn.Module, max_norm: float, ctx: DistConte
     names = set(expert_parameter_names(model))
     dense_sq = torch.zeros((), dtype=torch.float32)
     expert_sq = torch.zeros((), dtype=torch.float32)
+    sharded_sq = torch.zeros((), dtype=torch.float32)
     params = []
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         params.append(p)
-        square = p.grad.detach().float().pow(2).sum().cpu()
+        grad = p.grad.detach()
+        if isinstance(grad, DTensor):  # FSDP2 (ZeRO-2/3): each rank holds a shard of it
+            sharded_sq += grad.to_local().float().pow(2).sum().cpu()
+            continue
+        square = grad.float().pow(2).sum().cpu()
         if name in names:
             expert_sq += square
         else:
             dense_sq += square
+    if sharded_sq.item() or any(isinstance(p.grad, DTensor) for p in params):
+        sharded_sq = sharded_sq.to(ctx.device)
+        dist.all_reduce(sharded_sq, group=ctx.dp_group)
+        dense_sq += sharded_sq.cpu()
     if ctx.ep_size > 1:
         expert_sq = expert_sq.to(ctx.device)
         dist.all_reduce(expert_sq, group=ctx.ep_group)
         expert_sq = expert_sq.cpu()
     total_norm = (dense_sq + expert_sq).sqrt()
-    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    scale = float((max_norm / (total_norm + 1e-6)).clamp(max=1.0))
     for p in params:
-        p.grad.mul_(scale.to(p.grad.device))
+        p.grad.mul_(scale)
     return total_norm
 
 
@@ -135,18 +160,14 @@ def build_optimizers(model: nn.Module, plan, ctx: DistContext | None, **adamw) -
 
     zero_stage 1 shards the dense parameters' optimizer state over the dp ranks with torch's
     ZeroRedundancyOptimizer; expert state is already partitioned by expert parallelism (each
-    rank holds E/ep experts) and stays with its experts. Stages 2 and 3 (gradient and
-    parameter sharding, FSDP2 in torch) are not executed yet and are refused, not ignored.
+    rank holds E/ep experts) and stays with its experts. Stages 2 and 3 shard the dense
+    parameters with FSDP2 (`wrap_data_parallel`), so a plain AdamW holds sharded state.
     """
     stage = plan.parallel.zero_stage
     if ctx is None or ctx.dp_size == 1 or stage == 0:
         return [torch.optim.AdamW(model.parameters(), **adamw)]
-    if stage > 1:
-        from moespec.distributed.context import DistributedConfigError
-
-        raise DistributedConfigError(
-            f"parallelism.zero_stage {stage} is costed by the simulator but not executed yet (stage 1 is); set zero_stage to 0 or 1"
-        )
+    if stage > 1:  # FSDP2 already shards the dense parameters, so their optimizer state too
+        return [torch.optim.AdamW(model.parameters(), **adamw)]
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     expert_names = set(expert_parameter_names(model))
