@@ -103,7 +103,6 @@ def train(
     clipped globally, and records carry the mean loss and the summed loads of all ranks.
     """
     from moespec.distributed import data_parallel as dp_utils
-    from moespec.model.routers import update_router_biases
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -115,11 +114,8 @@ def train(
     device = next(model.parameters()).device
     rank = 0 if dist_ctx is None else dist_ctx.rank
     generator = torch.Generator().manual_seed(seed + 1000 * rank)  # each rank its own batches
-    scaler = torch.amp.GradScaler(device.type, enabled=plan.parallel.precision == "fp16")
-    bare_model = model
-    if dist_ctx is not None:  # wrap first: FSDP2 (ZeRO-2/3) turns parameters into shards
-        model = dp_utils.wrap_data_parallel(model, dist_ctx, zero_stage=plan.parallel.zero_stage)
-    optimizers = dp_utils.build_optimizers(bare_model, plan, dist_ctx, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    setup = prepare_training(model, plan, dist_ctx=dist_ctx, lr=lr, weight_decay=weight_decay)
+    model = setup.model
 
     def evaluate() -> float:
         return evaluate_loss(model, plan, split.val, batch=batch, seq_len=seq_len, n_batches=eval_batches, seed=seed)
@@ -130,25 +126,7 @@ def train(
     model.train()
     for step in range(1, steps + 1):
         window = get_batch(split.train, batch=batch, seq_len=seq_len, generator=generator).to(device)  # [B, S+1]
-        with autocast_for(plan.parallel.precision, device):
-            logits, aux = model(window[:, :-1])  # [B, S, V]
-        ce = lm_loss(logits, window[:, 1:])
-        loss = ce + aux.aux_loss
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)
-        if dist_ctx is None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        else:
-            dp_utils.reduce_expert_gradients(bare_model, dist_ctx)
-            dp_utils.clip_grad_norm_distributed(bare_model, grad_clip, dist_ctx)
-        for optimizer in optimizers:
-            scaler.step(optimizer)
-        scaler.update()
-        update_router_biases(bare_model, process_group=None if dist_ctx is None else dist_ctx.dp_group)
-
+        loss, ce, aux = train_step(setup, plan, [window], grad_clip=grad_clip)
         if dist_ctx is not None:
             loss, ce, aux = dp_utils.global_step_view(loss, ce, aux, dist_ctx)
         record = _record(step, loss, ce, aux)
@@ -171,6 +149,69 @@ def train(
         final_val_loss=records[-1].val_loss,
         tokens_per_expert_total={layer: [int(v) for v in counts.tolist()] for layer, counts in sorted(totals.items())},
     )
+
+
+@dataclass
+class TrainingSetup:
+    """What one rank needs to take optimizer steps: `model` runs forward (DDP- or FSDP2-wrapped
+    under a DistContext), `bare_model` is the module itself (its experts, its router biases)."""
+
+    model: torch.nn.Module
+    bare_model: torch.nn.Module
+    optimizers: list
+    scaler: torch.amp.GradScaler
+    dist_ctx: object | None
+
+
+def prepare_training(model: torch.nn.Module, plan: SpecPlan, *, dist_ctx=None, lr: float = 3e-3,
+                     weight_decay: float = 0.1) -> TrainingSetup:  # fmt: skip
+    """Wrap for data parallelism (first: FSDP2 turns parameters into shards) and build AdamW."""
+    from moespec.distributed import data_parallel as dp_utils
+
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.parallel.precision == "fp16")
+    wrapped = model
+    if dist_ctx is not None:
+        wrapped = dp_utils.wrap_data_parallel(model, dist_ctx, zero_stage=plan.parallel.zero_stage)
+    optimizers = dp_utils.build_optimizers(model, plan, dist_ctx, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    return TrainingSetup(wrapped, model, optimizers, scaler, dist_ctx)
+
+
+def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor], *, grad_clip: float = 1.0):
+    """One optimizer step over len(windows) micro-batches (gradient accumulation; DDP syncs on
+    the last only). windows: each [B, S+1] tokens. Returns (loss, ce, aux) of the last
+    micro-batch, this rank's view."""
+    from moespec.distributed import data_parallel as dp_utils
+    from moespec.model.regions import region
+    from moespec.model.routers import update_router_biases
+
+    model, bare, ctx = setup.model, setup.bare_model, setup.dist_ctx
+    device = windows[0].device
+    for optimizer in setup.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    for i, window in enumerate(windows):
+        last = i == len(windows) - 1
+        no_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with no_sync:
+            with autocast_for(plan.parallel.precision, device):
+                logits, aux = model(window[:, :-1])  # [B, S, V]
+            ce = lm_loss(logits, window[:, 1:])
+            loss = ce + aux.aux_loss
+            setup.scaler.scale(loss / len(windows)).backward()
+    with region("grad_sync"):
+        for optimizer in setup.optimizers:
+            setup.scaler.unscale_(optimizer)
+        if ctx is None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        else:
+            dp_utils.reduce_expert_gradients(bare, ctx)
+            dp_utils.clip_grad_norm_distributed(bare, grad_clip, ctx)
+    with region("optimizer"):
+        for optimizer in setup.optimizers:
+            setup.scaler.step(optimizer)
+        setup.scaler.update()
+        update_router_biases(bare, process_group=None if ctx is None else ctx.dp_group)
+    return loss, ce, aux
 
 
 @torch.no_grad()

@@ -70,7 +70,7 @@ def test_a_design_that_does_not_fit_is_flagged():
 def test_report_is_one_json_document_with_a_time_breakdown():
     report = simulate(load_plan(ROOT / "specs/tiny-ep.yaml"), load_backend("cpu-local"))
     time = report["time"]
-    parts = time["compute_s"] + time["a2a_s"] + time["exposed_allreduce_s"] + time["bubble_s"] + time["optimizer_s"]
+    parts = time["compute_s"] + time["elementwise_s"] + time["overhead_s"] + time["a2a_s"] + time["exposed_allreduce_s"] + time["bubble_s"] + time["optimizer_s"]
     assert abs(time["step_s"] - parts) < 1e-12 and time["a2a_s"] > 0
     assert 0 < time["mfu"] < 1
 

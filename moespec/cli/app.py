@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import typer
 
-from moespec.cli import compile_cmd, schema_cmd, show_cmd, simulate_cmd, train_cmd, validate_cmd
+from moespec.cli import calibrate_cmd, compile_cmd, explore_cmd, profile_cmd, schema_cmd, show_cmd, simulate_cmd, train_cmd, validate_cmd
 
 app = typer.Typer(
     name="moespec",
-    help="Declare a Mixture-of-Experts transformer in YAML; validate, compile, train, simulate it.",
+    help="Declare a Mixture-of-Experts transformer in YAML; validate, compile, train, simulate, profile and explore it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -23,6 +23,9 @@ app.command("schema")(schema_cmd.schema_command)
 app.command("compile")(compile_cmd.compile_command)
 app.command("train")(train_cmd.train_command)
 app.command("simulate")(simulate_cmd.simulate_command)
+app.command("explore")(explore_cmd.explore_command)
+app.command("profile")(profile_cmd.profile_command)
+app.command("calibrate")(calibrate_cmd.calibrate_command)
 
 
 def main() -> None:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 
+from moespec.files import write_atomic  # noqa: F401 - re-exported for the commands
+
 BAD_INPUT_EXIT = 2
+T = TypeVar("T")
 
 # Rich views go to stdout; errors to stderr, so `--json` keeps stdout one document.
 console = Console(highlight=False)
@@ -39,28 +40,31 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temp file beside `path`, then rename: no partial file is ever left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_plan_or_exit(path: Path):
-    """Load and resolve a spec, or print its errors (one line each) and exit 2."""
-    from moespec.spec import SpecErrors, load_plan
+def or_exit(load: Callable[..., T], *args, **kwargs) -> T:
+    """`load(*args, **kwargs)`, or its errors printed one line each and exit 2: SpecErrors
+    (located lines) and ValueError (one line)."""
+    from moespec.spec import SpecErrors
 
     try:
-        return load_plan(path)
+        return load(*args, **kwargs)
     except SpecErrors as errors:
         for error in errors.errors:
             err_console.print(error.format(), markup=False, soft_wrap=True)
         raise typer.Exit(BAD_INPUT_EXIT)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def load_plan_or_exit(path: Path):
+    """Load and resolve a spec, or print its errors (one line each) and exit 2."""
+    from moespec.spec import load_plan
+
+    return or_exit(load_plan, path)
+
+
+def backend_or_exit(name: str, calibration: str = "none", *, world: int | None = None):
+    """A backend by name or file, with a calibration (none, auto or a file) applied."""
+    from moespec.sim.backend import load_backend
+    from moespec.sim.calibration import backend_with_calibration
+
+    return or_exit(backend_with_calibration, or_exit(load_backend, name), calibration, world=world)

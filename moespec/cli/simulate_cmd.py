@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moespec.cli.common import console, emit_json, err_console, fail, load_plan_or_exit
+from moespec.cli.common import backend_or_exit, console, emit_json, fail, load_plan_or_exit
+from moespec.cli.overrides import apply_overrides
 
 
 def simulate_command(
@@ -17,28 +18,19 @@ def simulate_command(
     ep: int = typer.Option(0, "--ep", help="Expert-parallel degree to use instead of the spec's (0 keeps it)."),
     overlap: float = typer.Option(0.5, "--overlap", help="Share of the gradient all-reduce hidden behind backward (0..1)."),
     imbalance: float = typer.Option(1.0, "--imbalance", help="Dropless routing: busiest rank's load over the mean (>= 1)."),
+    calibration: str = typer.Option("none", "--calibration", help="none, auto (the shipped calibration of this backend) or a calibration JSON file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Predict parameters, FLOPs, memory per device, all-to-all and step time of one training step."""
-    from moespec.sim.backend import load_backend
     from moespec.sim.model import simulate
-    from moespec.spec import SpecErrors
 
     plan = load_plan_or_exit(spec)
     if not 0 <= overlap <= 1:
         fail(f"--overlap must be between 0 and 1, got {overlap}")
     if not imbalance >= 1:
         fail(f"--imbalance is max/mean load, so at least 1; got {imbalance}")
-    try:
-        hardware = load_backend(backend)
-    except SpecErrors as errors:
-        for error in errors.errors:
-            err_console.print(error.format(), markup=False, soft_wrap=True)
-        raise typer.Exit(2)
-    if ep:
-        plan = _with_ep(plan, ep)
-    if world:
-        plan = _with_world(spec, plan, world)
+    plan = apply_overrides(spec, plan, world=world, ep=ep)
+    hardware = backend_or_exit(backend, calibration, world=plan.parallel.world)
     try:
         report = simulate(plan, hardware, overlap=overlap, imbalance=imbalance)
     except ValueError as exc:
@@ -49,37 +41,14 @@ def simulate_command(
     _print(report)
 
 
-def _with_ep(plan, ep: int):
-    import dataclasses
-
-    counts = sorted({layer.moe.experts.count for layer in plan.moe_layers})
-    if ep < 1 or any(count % ep for count in counts):
-        fail(f"--ep ({ep}) must divide every MoE layer's expert count ({', '.join(map(str, counts)) or 'no MoE layers'})")
-    return dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, ep=ep))
-
-
-def _with_world(spec: Path, plan, world: int):
-    """The same design on `world` devices: dp changes, ep and the micro-batch stay."""
-    import dataclasses
-
-    p = plan.parallel
-    if world < 1 or world % (p.tp * p.pp):
-        fail(f"--world ({world}) must be a positive multiple of tp * pp ({p.tp * p.pp})")
-    dp = world // (p.tp * p.pp)
-    if dp % p.ep:
-        fail(f"--world {world} gives dp {dp}, which parallelism.ep ({p.ep}) does not divide; pick a multiple of {p.ep * p.tp * p.pp}")
-    per_step = p.micro_batch * dp
-    global_batch = max(p.global_batch // per_step, 1) * per_step
-    return dataclasses.replace(plan, parallel=dataclasses.replace(p, dp=dp, global_batch=global_batch))
-
-
 def _gib(value: float) -> str:
     return f"{value / 2**30:,.2f} GiB"
 
 
 def _print(report: dict) -> None:
     params, mem, time = report["params"], report["memory_per_device"], report["time"]
-    console.print(f"[bold]{report['spec']}[/bold] on {report['backend']} ({report['world']} devices: dp {report['dp']}, ep {report['ep']}, global batch {report['global_batch']})")
+    calibrated = report["assumptions"]["calibration"]
+    console.print(f"[bold]{report['spec']}[/bold] on {report['backend']}{' (calibrated: ' + calibrated + ')' if calibrated else ''} ({report['world']} devices: dp {report['dp']}, ep {report['ep']}, global batch {report['global_batch']})")
     counts = Table(title="counts (exact: equal to the compiled model)")
     counts.add_column("figure")
     counts.add_column("value", justify="right")
@@ -100,7 +69,8 @@ def _print(report: dict) -> None:
     timing = Table(title="one optimizer step (model)")
     timing.add_column("component")
     timing.add_column("time", justify="right")
-    for key, label in (("compute_s", "compute (roofline)"), ("a2a_s", "all-to-all (exposed)"),
+    for key, label in (("compute_s", "compute (matmul roofline)"), ("elementwise_s", "elementwise (memory-bound)"),
+                       ("overhead_s", "host overhead (calibrated)"), ("a2a_s", "all-to-all (exposed)"),
                        ("dp_allreduce_s", "gradient all-reduce"), ("exposed_allreduce_s", "  of which exposed"),
                        ("bubble_s", "pipeline bubble"), ("optimizer_s", "optimizer"), ("step_s", "step")):  # fmt: skip
         timing.add_row(label, f"{time[key] * 1e3:,.2f} ms")

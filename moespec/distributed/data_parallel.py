@@ -11,6 +11,8 @@ gives the sum over all dp ranks, and the global loss is the mean of the dp ranks
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,7 +30,10 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_experts(model: nn.Module, ctx: DistContext) -> None:
-    """Keep experts [ep_rank * L, (ep_rank + 1) * L) of every MoE layer and attach the EP group."""
+    """Keep experts [ep_rank * L, (ep_rank + 1) * L) of every MoE layer and attach the EP group.
+    With ep = 1 every rank keeps all experts and no all-to-all runs at all."""
+    if ctx.ep_size == 1:
+        return
     for layer in moe_layers(model):
         layer.shard_experts(ExpertParallel(group=ctx.ep_group, rank=ctx.ep_rank, size=ctx.ep_size))
 
@@ -62,12 +67,16 @@ def wrap_data_parallel(model: nn.Module, ctx: DistContext, *, zero_stage: int = 
         dp_mesh = init_device_mesh(ctx.device.type, (ctx.dp_size,), mesh_dim_names=("dp",))
         return fully_shard(model, mesh=dp_mesh, reshard_after_forward=zero_stage >= 3, ignored_params=experts)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
-    return DistributedDataParallel(
-        model,
-        process_group=ctx.dp_group,
-        broadcast_buffers=False,  # router bias buffers are kept equal by their own all-reduce
-        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-    )
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, whose False still
+        # syncs at init; we want neither, and the old spelling says exactly that.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(
+            model,
+            process_group=ctx.dp_group,
+            broadcast_buffers=False,  # router bias buffers are kept equal by their own all-reduce
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        )
 
 
 def reduce_expert_gradients(model: nn.Module, ctx: DistContext) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from moespec.distributed.all_to_all import A2ACounter, all_to_all
+from moespec.model.regions import region
 
 
 @dataclass
@@ -56,12 +57,15 @@ def capacity_exchange(x_ECD: torch.Tensor, experts_local, ep: ExpertParallel) ->
     rows_per_rank = n_local * capacity
     splits = [rows_per_rank] * ep.size
     send_ND = x_ECD.reshape(n_experts * capacity, d_model)  # owner-major: rank p's experts are rows p*L*C...
-    recv_ND = all_to_all(send_ND, output_splits=splits, input_splits=splits, group=ep.group, counter=ep.counter)
+    recv_ND = all_to_all(send_ND, output_splits=splits, input_splits=splits, group=ep.group, counter=ep.counter,
+                         label="dispatch_a2a")  # fmt: skip
     # [P, L, C, D] from each source -> [L, P*C, D]: each local expert sees its slots from every source.
     recv_LXD = recv_ND.view(ep.size, n_local, capacity, d_model).transpose(0, 1).reshape(n_local, ep.size * capacity, d_model)
-    out_LXD = experts_local.forward_capacity(recv_LXD)
+    with region("experts"):
+        out_LXD = experts_local.forward_capacity(recv_LXD)
     back_ND = out_LXD.view(n_local, ep.size, capacity, d_model).transpose(0, 1).reshape(ep.size * rows_per_rank, d_model)
-    out_ND = all_to_all(back_ND, output_splits=splits, input_splits=splits, group=ep.group, counter=ep.counter)
+    out_ND = all_to_all(back_ND, output_splits=splits, input_splits=splits, group=ep.group, counter=ep.counter,
+                        label="combine_a2a")  # fmt: skip
     return out_ND.view(n_experts, capacity, d_model)
 
 
@@ -71,18 +75,22 @@ def dropless_exchange(x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor, exp
     n_local = n_experts // ep.size
     # 1. Tell each owner how many rows of each of its experts are coming (E small integers).
     recv_counts_flat = torch.empty_like(tokens_per_expert_E)
-    dist.all_to_all_single(recv_counts_flat, tokens_per_expert_E.contiguous(), group=ep.group)
+    with region("dispatch_a2a"):
+        dist.all_to_all_single(recv_counts_flat, tokens_per_expert_E.contiguous(), group=ep.group)
     recv_counts_PL = recv_counts_flat.view(ep.size, n_local)
     send_splits = tokens_per_expert_E.view(ep.size, n_local).sum(1).tolist()
     recv_splits = recv_counts_PL.sum(1).tolist()
     # 2. The rows themselves, uneven splits.
-    recv_ND = all_to_all(x_AD, output_splits=recv_splits, input_splits=send_splits, group=ep.group, counter=ep.counter)
+    recv_ND = all_to_all(x_AD, output_splits=recv_splits, input_splits=send_splits, group=ep.group, counter=ep.counter,
+                         label="dispatch_a2a")  # fmt: skip
     # 3. Contiguous groups per local expert, run, and back to arrival order.
     order_N = regroup_by_local_expert(recv_counts_PL)
-    out_sorted_ND = experts_local.forward_grouped(recv_ND.index_select(0, order_N), recv_counts_PL.sum(0).tolist())
+    with region("experts"):
+        out_sorted_ND = experts_local.forward_grouped(recv_ND.index_select(0, order_N), recv_counts_PL.sum(0).tolist())
     out_ND = torch.empty_like(out_sorted_ND).index_copy(0, order_N, out_sorted_ND)
     # 4. Results return along the reverse routes.
-    return all_to_all(out_ND, output_splits=send_splits, input_splits=recv_splits, group=ep.group, counter=ep.counter)
+    return all_to_all(out_ND, output_splits=send_splits, input_splits=recv_splits, group=ep.group, counter=ep.counter,
+                      label="combine_a2a")
 
 
 @dataclass(frozen=True)

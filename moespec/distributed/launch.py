@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 RANK_FAILED = "moespec: rank {rank} failed: {what}"
 _RANK_FAILED_RE = re.compile(r"moespec: rank (\d+) failed: (.*)")
-_TORCHRUN_ROOT_CAUSE_RE = re.compile(r"rank\s*:\s*(\d+)")
+_TORCHRUN_RANK_RE = re.compile(r"rank\s*:\s*(\d+)")
+_TORCHRUN_EXIT_RE = re.compile(r"exitcode\s*:\s*(-?\d+).*?(\(SIG\w+\))?\s*$")
 _PEER_LOST_RE = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker crash|NCCL communicator was aborted", re.I)
 
 
@@ -70,8 +71,11 @@ def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: boo
         torchrun_command(nproc, program_args, module=module), stdout=None, stderr=subprocess.PIPE, text=True, env=env
     )
     failures: list[tuple[int, str]] = []
+    exits: dict[int, str] = {}  # rank -> how it ended, from torchrun's report
     root_cause_rank: int | None = None
-    in_report = False
+    report_rank: int | None = None
+    in_report = in_root_cause = False
+    keep_tracebacks = bool(os.environ.get("MOESPEC_TRACEBACK"))
     try:
         for line in proc.stderr:  # type: ignore[union-attr]
             match = _RANK_FAILED_RE.search(line)
@@ -79,12 +83,19 @@ def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: boo
                 failures.append((int(match.group(1)), match.group(2)))
                 sys.stderr.write(line)
                 continue
-            if "ChildFailedError" in line or line.startswith("=" * 20) or "Root Cause" in line:
-                in_report = True
+            starts_report = "ChildFailedError" in line or line.startswith("=" * 20) or "Root Cause" in line
+            if starts_report or (line.startswith("Traceback (most recent call last)") and not keep_tracebacks):
+                in_report = True  # the agent's own traceback, then its report: condensed below
             if in_report:
-                found = _TORCHRUN_ROOT_CAUSE_RE.search(line)
-                if found and root_cause_rank is None:
-                    root_cause_rank = int(found.group(1))
+                in_root_cause = in_root_cause or "Root Cause" in line
+                found, exited = _TORCHRUN_RANK_RE.search(line), _TORCHRUN_EXIT_RE.search(line)
+                if found:
+                    report_rank = int(found.group(1))
+                    if in_root_cause and root_cause_rank is None:
+                        root_cause_rank = report_rank
+                if exited and report_rank is not None:
+                    code_text, signal_name = exited.group(1), exited.group(2)
+                    exits.setdefault(report_rank, f"killed by {signal_name.strip('()')}" if signal_name else f"exit code {code_text}")
                 continue
             if _is_launcher_noise(line):
                 continue
@@ -98,6 +109,14 @@ def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: boo
         raise
     if code == 0:
         return 0, None
+    reported = {rank for rank, _ in failures}
+    only_peer_losses = all(_PEER_LOST_RE.search(what) for _, what in failures)
+    silent = sorted(rank for rank in exits if rank not in reported)
+    if silent and only_peer_losses:
+        # A rank died without a word (killed, out of memory); the others only saw it go.
+        rank = root_cause_rank if root_cause_rank in silent else silent[0]
+        seen = f"; rank(s) {', '.join(map(str, sorted(reported)))} lost their peer" if reported else ""
+        return code, f"rank {rank} died ({exits[rank]}){seen}"
     if failures:
         # The root cause is the first failure that is not a peer's loss seen from another rank.
         causes = [f for f in failures if not _PEER_LOST_RE.search(f[1])] or failures

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moespec.model.regions import region
+
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 
 
@@ -193,10 +195,12 @@ class DecoderBlock(nn.Module):
         token_ids: torch.Tensor | None = None,  # [B, S] long
     ):
         """Returns (x [B, S, D], MoEStats or None, aux_loss [] float32 or None)."""
-        x = x + self.resid_dropout(self.attention(self.attn_norm(x), rope))
+        with region("attention"):
+            x = x + self.resid_dropout(self.attention(self.attn_norm(x), rope))
         h = self.ffn_norm(x)  # [B, S, D]
         if self.moe is None:
-            return x + self.resid_dropout(self.ffn(h)), None, None
+            with region("dense_ffn"):
+                return x + self.resid_dropout(self.ffn(h)), None, None
         y, stats, aux_loss = self.moe(h, token_ids=token_ids)
         return x + self.resid_dropout(y), stats, aux_loss
 

@@ -28,6 +28,7 @@ from torch import nn
 from moespec.distributed.expert_parallel import capacity_exchange, dropless_exchange, shuffle_tokens, unshuffle_tokens
 from moespec.model.dispatch import DispatchPlan, plan_dispatch
 from moespec.model.experts import ExpertBank, build_shared_experts, gate_dtype
+from moespec.model.regions import region
 from moespec.model.routers import build_router
 from moespec.model.types import MoEStats, RouterOutput
 from moespec.spec.plan import CapacityPlan, MoELayerPlan
@@ -51,12 +52,18 @@ def moe_capacity(x_TD: torch.Tensor, route: RouterOutput, plan: DispatchPlan, ex
     # Which token fills each buffer row: T (an appended zero row of x) where the slot is empty.
     token_R = torch.full((n_rows + 1,), n_tokens, dtype=torch.long, device=x_TD.device)
     token_R = token_R.scatter(0, plan.row_A, route.token_index_A)[:n_rows]
-    gate_A = route.gate_A.to(gate_dtype(route.gate_A.dtype))
-    gate_R = gate_A.new_zeros(n_rows + 1).scatter(0, plan.row_A, gate_A)[:n_rows]
-    x_padded_TD = torch.cat([x_TD, x_TD.new_zeros(1, d_model)])  # [T+1, D]
-    x_ECD = x_padded_TD.index_select(0, token_R).view(n_experts, capacity, d_model)
-    out_ECD = experts.forward_capacity(x_ECD) if ep is None else capacity_exchange(x_ECD, experts, ep)
-    y_TD = combine_weighted(out_ECD.reshape(n_rows, d_model), gate_R, token_R, n_tokens + 1, x_TD.dtype)
+    with region("permute"):
+        gate_A = route.gate_A.to(gate_dtype(route.gate_A.dtype))
+        gate_R = gate_A.new_zeros(n_rows + 1).scatter(0, plan.row_A, gate_A)[:n_rows]
+        x_padded_TD = torch.cat([x_TD, x_TD.new_zeros(1, d_model)])  # [T+1, D]
+        x_ECD = x_padded_TD.index_select(0, token_R).view(n_experts, capacity, d_model)
+    if ep is None:
+        with region("experts"):
+            out_ECD = experts.forward_capacity(x_ECD)
+    else:
+        out_ECD = capacity_exchange(x_ECD, experts, ep)
+    with region("permute"):
+        y_TD = combine_weighted(out_ECD.reshape(n_rows, d_model), gate_R, token_R, n_tokens + 1, x_TD.dtype)
     return y_TD[:n_tokens]
 
 
@@ -67,9 +74,11 @@ def moe_dropless(x_TD: torch.Tensor, route: RouterOutput, plan: DispatchPlan, ex
     token_sorted_A = route.token_index_A[plan.order_A]
     gate_sorted_A = route.gate_A[plan.order_A]
     if ep is not None:
-        x_AD = x_TD.index_select(0, token_sorted_A)  # rows grouped by global expert
+        with region("permute"):
+            x_AD = x_TD.index_select(0, token_sorted_A)  # rows grouped by global expert
         out_AD = dropless_exchange(x_AD, plan.tokens_per_expert_E, experts, ep)
-        return combine_weighted(out_AD, gate_sorted_A, token_sorted_A, x_TD.shape[0], x_TD.dtype)
+        with region("permute"):
+            return combine_weighted(out_AD, gate_sorted_A, token_sorted_A, x_TD.shape[0], x_TD.dtype)
     if x_TD.device.type == "meta":
         # Meta tensors hold no routing, only shapes: take the balanced split (as the simulator
         # does), so full-size dropless models can be checked without memory.
@@ -77,7 +86,8 @@ def moe_dropless(x_TD: torch.Tensor, route: RouterOutput, plan: DispatchPlan, ex
         counts_E = [n_assign // n_experts + (e < n_assign % n_experts) for e in range(n_experts)]
     else:
         counts_E = plan.tokens_per_expert_E.tolist()  # the one host sync of a dropless layer
-    return experts.forward_dropless(x_TD, token_sorted_A, gate_sorted_A, counts_E)
+    with region("experts"):
+        return experts.forward_dropless(x_TD, token_sorted_A, gate_sorted_A, counts_E)
 
 
 def reference_keep(route: RouterOutput, priority_A: torch.Tensor | None, *, n_experts: int, capacity: int | None) -> list[int]:
@@ -190,7 +200,8 @@ class MoELayer(nn.Module):
             if token_ids_T is not None:
                 token_ids_T = shuffle_tokens(token_ids_T[:, None], routes, ep)[:, 0]
         sent_before = 0 if ep is None else ep.counter.forward_bytes
-        route = self.router(x_TD, token_ids_T=token_ids_T)
+        with region("router"):
+            route = self.router(x_TD, token_ids_T=token_ids_T)
         capacity = self.capacity(n_tokens)
         priority_A = self._priority(route)
         n_assign = route.expert_index_A.shape[0]
@@ -205,9 +216,10 @@ class MoELayer(nn.Module):
             routed_E = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
             routed_E.index_add_(0, route.expert_index_A, torch.ones_like(route.expert_index_A))
         else:
-            plan = plan_dispatch(
-                route.expert_index_A, route.token_index_A, priority_A, n_experts=self.n_experts, capacity=capacity
-            )
+            with region("permute"):
+                plan = plan_dispatch(
+                    route.expert_index_A, route.token_index_A, priority_A, n_experts=self.n_experts, capacity=capacity
+                )
             moe = moe_dropless if capacity is None else moe_capacity
             y_TD = moe(x_TD, route, plan, self.experts, ep)
             dropped, routed_E = plan.dropped, plan.tokens_per_expert_E
@@ -215,7 +227,8 @@ class MoELayer(nn.Module):
         if routes is not None:
             y_TD, x_TD = unshuffle_tokens(y_TD, routes, ep), x_in_TD
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            with region("shared_experts"):
+                y_TD = y_TD + self.shared(x_TD)
         if route.tokens_per_expert_E is not None:
             routed_E = route.tokens_per_expert_E
         stats = MoEStats(

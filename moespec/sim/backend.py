@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 
+from moespec.sim.overhead import Overheads, overheads_from_dict
 from moespec.spec.errors import SpecError, SpecErrors
 from moespec.spec.schema import load_schema, schema_errors, suggest  # same error wording as specs
 from moespec.spec.yaml_source import parse_yaml, read_spec_text
@@ -55,6 +56,9 @@ class Backend:
     matmul_efficiency: float
     memory_efficiency: float
     file: str  # where it was read from, for messages
+    overheads: Overheads = Overheads()  # fixed host time (sim/overhead.py); 0 unless measured
+    calibration: str | None = None  # the calibration file applied, if any (sim/calibration.py)
+    allreduce_scale: float = 1.0  # measured all-reduce over the ideal ring model (calibrated; 1 = ideal)
 
     @property
     def num_devices(self) -> int:
@@ -144,4 +148,5 @@ def _build(data: dict, file: str) -> Backend:
         matmul_efficiency=float(efficiency["matmul"]),
         memory_efficiency=float(efficiency["memory"]),
         file=file,
+        overheads=overheads_from_dict(data.get("overhead", {})),
     )

@@ -34,6 +34,7 @@ import numpy as np
 from moespec.sim.backend import Backend
 from moespec.sim.collectives import all_reduce_time_s, all_to_all_time_s
 from moespec.sim.model import ALLOCATOR_ALLOWANCE, DEFAULT_OVERLAP
+from moespec.sim.overhead import ELEMENTWISE_PASSES, ROUTER_NAMES
 from moespec.sim.topology import build_topology
 from moespec.spec.plan import SpecPlan
 
@@ -70,6 +71,7 @@ class DesignBatch:
     shared_count: np.ndarray
     shared_d_ff: np.ndarray
     shared_gate: np.ndarray
+    router: np.ndarray  # index into ROUTER_NAMES (per-router host overhead)
     router_matrices: np.ndarray  # D x E router matrices: 0 hash, 2 noisy_topk, 1 the others
     router_bias: np.ndarray  # an E-vector bias on the gate (only where router_matrices > 0)
     capacity_factor: np.ndarray  # training factor; ignored where dropless
@@ -145,14 +147,14 @@ def _row(plan: SpecPlan) -> dict:
     }  # fmt: skip
     if not moe_configs:  # a dense model: harmless MoE placeholders, multiplied by 0 layers
         return row | {"experts": 1, "expert_d_ff": 0, "k": 1, "shared_count": 0, "shared_d_ff": 0,
-                      "shared_gate": False, "router_matrices": 0, "router_bias": False, "capacity_factor": 1.0,
+                      "shared_gate": False, "router": 0, "router_matrices": 0, "router_bias": False, "capacity_factor": 1.0,
                       "min_capacity": 0, "dropless": True, "balanced": False}  # fmt: skip
     moe = moe_configs.pop()
     router, experts, capacity = moe.router, moe.experts, moe.capacity
     matrices = {"hash": 0, "noisy_topk": 2}.get(router.type, 1)
     dropless = capacity is None or capacity.dropless or capacity.factor is None
     return row | {
-        "experts": experts.count, "expert_d_ff": experts.d_ff, "k": router.experts_per_token,
+        "router": ROUTER_NAMES.index(router.type), "experts": experts.count, "expert_d_ff": experts.d_ff, "k": router.experts_per_token,
         "shared_count": experts.shared_count, "shared_d_ff": experts.shared_d_ff, "shared_gate": experts.shared_gate,
         "router_matrices": matrices, "router_bias": matrices > 0 and bool(getattr(router, "bias", False)),
         "capacity_factor": 0.0 if dropless else capacity.factor, "min_capacity": 0 if capacity is None else capacity.min_capacity,
@@ -326,20 +328,23 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict) -> dict[str, np.ndar
     }  # fmt: skip
 
 
-def _activation_bytes(b: DesignBatch, counts: dict) -> np.ndarray:
-    """model.activation_bytes (Korthikanti et al. 2022), summed as n_dense + n_moe like blocks."""
+def _activation_bytes(b: DesignBatch, counts: dict, *, as_if_no_recompute: bool = False) -> np.ndarray:
+    """model.activation_bytes (Korthikanti et al. 2022), summed as n_dense + n_moe like blocks.
+    `as_if_no_recompute`: what the layers would store without recomputation (elementwise traffic)."""
     s, bsz, h, a = (x.astype(np.float64) for x in (b.seq_len, b.micro_batch, b.d_model, b.n_heads))
     tokens = s * bsz
     scale = np.where(b.precision == PRECISIONS.index("fp32"), 2, 1)
     sbh = s * bsz * h
-    attention = 15 * sbh + np.where(b.recompute == RECOMPUTE.index("selective"), 0, 5 * a * s * s * bsz)
+    selective = (b.recompute == RECOMPUTE.index("selective")) & (not as_if_no_recompute)
+    attention = 15 * sbh + np.where(selective, 0, 5 * a * s * s * bsz)
     dense_mlp = 19 * sbh * b.d_ff / (4 * h)
     rows_per_token = counts["expert_rows"] / tokens
     moe_mlp = 19 * sbh * (rows_per_token * b.expert_d_ff + b.shared_count * b.shared_d_ff) / (4 * h)
     n_moe = b.n_moe_layers
     layers = (b.n_layers - n_moe) * (attention + dense_mlp) * scale + n_moe * (attention + moe_mlp) * scale
     full = b.n_layers * (2 * sbh * scale)
-    return np.where(b.recompute == RECOMPUTE.index("full"), full, layers) / (b.pp * b.tp)
+    full_recompute = (b.recompute == RECOMPUTE.index("full")) & (not as_if_no_recompute)
+    return np.where(full_recompute, full, layers) / (b.pp * b.tp)
 
 
 @np.errstate(divide="ignore", invalid="ignore")
@@ -370,6 +375,13 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, collectives: Collectiv
     flops = ((counts["step_flops"] + (imbalance - 1) * counts["dropless_expert_flops"]) * full + selective) / shard
     micro_s = np.maximum(flops / (peak * backend.matmul_efficiency), 3 * local_weight_bytes / memory_Bps)
     compute_s = micro_s * micro_steps
+    # model.elementwise_bytes and overhead.fixed_overhead_s.
+    elementwise_s = ELEMENTWISE_PASSES * _activation_bytes(b, counts, as_if_no_recompute=True) * full / memory_Bps * micro_steps
+    ov = backend.overheads
+    moe_layer_s = np.array([ov.moe_layer(name) for name in ROUTER_NAMES])[b.router]
+    fixed_s = ov.step_s + (b.n_layers - b.n_moe_layers) * ov.dense_layer_s + b.n_moe_layers * (
+        moe_layer_s + ov.local_expert_s * b.experts / b.ep)
+    overhead_s = fixed_s / b.pp * micro_steps
 
     # All-to-all: 4 per MoE layer per micro-step over ranks 0..ep-1, rows*D*b/ep per pair.
     a2a_on = valid & (b.ep > 1) & (b.n_moe_layers > 0)
@@ -382,25 +394,28 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, collectives: Collectiv
 
     # Gradient all-reduce: dense over the dp ranks (stride tp*pp), experts over every ep-th.
     expert_dp = b.dp // b.ep
-    allreduce_s = np.zeros(len(b))
+    dense_ar = np.zeros(len(b))
+    expert_ar = np.zeros(len(b))
     dense_on = valid & (b.dp > 1)
     if dense_on.any():
         i = np.flatnonzero(dense_on)
-        allreduce_s[i] = collectives.all_reduce_s(shard[i], b.dp[i], dense[i] / shard[i] * bpe[i])
+        dense_ar[i] = collectives.all_reduce_s(shard[i], b.dp[i], dense[i] / shard[i] * bpe[i]) * backend.allreduce_scale
     expert_on = dense_on & (expert_dp > 1) & (expert > 0)
     if expert_on.any():
         i = np.flatnonzero(expert_on)
-        allreduce_s[i] += collectives.all_reduce_s(shard[i] * b.ep[i], expert_dp[i], expert[i] / b.ep[i] / shard[i] * bpe[i])
-    exposed = (1 - overlap) * allreduce_s
+        expert_ar[i] = collectives.all_reduce_s(shard[i] * b.ep[i], expert_dp[i], expert[i] / b.ep[i] / shard[i] * bpe[i]) * backend.allreduce_scale
+    allreduce_s = dense_ar + expert_ar
+    exposed = (1 - overlap) * dense_ar + expert_ar  # model.step_time: expert gradients after backward
 
-    bubble_s = np.where(b.pp > 1, (b.pp - 1) / (micro_steps + b.pp - 1) * (compute_s + a2a_s), 0.0)
+    pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s
+    bubble_s = np.where(b.pp > 1, (b.pp - 1) / (micro_steps + b.pp - 1) * pipelined_s, 0.0)
     local_params = np.where(b.zero_stage >= 1, dense / b.dp + expert / b.ep / expert_dp, dense + expert / b.ep)
     optimizer_s = 2 * 16 * local_params / shard / memory_Bps
-    step_s = compute_s + a2a_s + exposed + bubble_s + optimizer_s
+    step_s = compute_s + elementwise_s + overhead_s + a2a_s + exposed + bubble_s + optimizer_s
     tokens_per_s = b.global_batch * b.seq_len / step_s
     mfu = counts["model_flops_per_token"] * tokens_per_s / (world * peak)
     times = {
-        "compute_s": compute_s, "a2a_s": a2a_s, "allreduce_s": allreduce_s, "exposed_allreduce_s": exposed,
+        "compute_s": compute_s, "elementwise_s": elementwise_s, "overhead_s": overhead_s, "a2a_s": a2a_s, "allreduce_s": allreduce_s, "exposed_allreduce_s": exposed,
         "bubble_s": bubble_s, "optimizer_s": optimizer_s, "step_s": step_s, "tokens_per_s": tokens_per_s, "mfu": mfu,
     }  # fmt: skip
     return {"valid": valid} | {name: np.where(valid, value, np.nan) for name, value in times.items()}

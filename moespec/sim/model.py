@@ -10,11 +10,13 @@ so it stays inside a node while ep <= devices per node; the data-parallel group 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from moespec.sim.backend import Backend
 from moespec.sim.collectives import all_reduce_time_s, all_to_all_time_s
 from moespec.sim.counts import expert_rows, predict_a2a_bytes, predict_params, predict_step_flops, step_flops_by_part
+from moespec.sim.overhead import ELEMENTWISE_PASSES, fixed_overhead_s
 from moespec.sim.topology import build_topology
 from moespec.spec.plan import SpecPlan
 
@@ -120,6 +122,8 @@ def a2a_buffer_bytes(plan: SpecPlan) -> float:
 @dataclass(frozen=True)
 class TimePrediction:
     compute_s: float  # forward + backward matmul time of all micro-steps (roofline)
+    elementwise_s: float  # memory-bound non-matmul work: 3 passes over the stored activations
+    overhead_s: float  # fixed host time (dispatch, launches) from the backend's overheads
     a2a_s: float  # expert-parallel all-to-all, on the critical path
     dp_allreduce_s: float  # dense gradients over dp, expert gradients over dp/ep
     exposed_allreduce_s: float
@@ -154,6 +158,9 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
     micro_s = max(flops / (peak * backend.matmul_efficiency),
                   3 * local_weight_bytes / (backend.device.memory_bandwidth_Bps * backend.memory_efficiency))  # fmt: skip
     compute_s = micro_s * micro_steps
+    memory_Bps = backend.device.memory_bandwidth_Bps * backend.memory_efficiency
+    elementwise_s = elementwise_bytes(plan) / memory_Bps * micro_steps
+    overhead_s = fixed_overhead_s(plan, backend.overheads) * micro_steps
     # All-to-all: 4 transfers per MoE layer per micro-step, each rank sending rows*D*b/ep to
     # every other rank of its group (ranks 0..ep-1: a group is consecutive ranks).
     a2a_s = 0.0
@@ -166,23 +173,35 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
             a2a_s += 4 * all_to_all_time_s(graph, ranks, rows * m.d_model * b / p.ep)
         a2a_s *= micro_steps / p.pp
     grad_b = b
-    allreduce_s = 0.0
+    # Dense gradients: DDP reduces them during backward (`overlap` of it hidden). Expert
+    # gradients: the runtime reduces them over their expert-data-parallel group after backward
+    # (data_parallel.reduce_expert_gradients), so all of that is exposed.
+    dense_allreduce_s = expert_allreduce_s = 0.0
     if p.dp > 1:
         dp_ranks = list(range(0, p.world, p.tp * p.pp))[: p.dp]
-        allreduce_s += all_reduce_time_s(graph, dp_ranks, dense / (p.tp * p.pp) * grad_b)
+        dense_allreduce_s = all_reduce_time_s(graph, dp_ranks, dense / (p.tp * p.pp) * grad_b) * backend.allreduce_scale
         if p.expert_dp > 1 and expert:
             edp_ranks = dp_ranks[:: p.ep][: p.expert_dp]
-            allreduce_s += all_reduce_time_s(graph, edp_ranks, expert / p.ep / (p.tp * p.pp) * grad_b)
-    exposed = (1 - overlap) * allreduce_s
-    bubble_s = (p.pp - 1) / (micro_steps + p.pp - 1) * (compute_s + a2a_s) if p.pp > 1 else 0.0
+            expert_allreduce_s = all_reduce_time_s(graph, edp_ranks, expert / p.ep / (p.tp * p.pp) * grad_b) * backend.allreduce_scale
+    allreduce_s = dense_allreduce_s + expert_allreduce_s
+    exposed = (1 - overlap) * dense_allreduce_s + expert_allreduce_s
+    pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s
+    bubble_s = (p.pp - 1) / (micro_steps + p.pp - 1) * pipelined_s if p.pp > 1 else 0.0
     local_params = (dense / p.dp + expert / p.ep / p.expert_dp) if p.zero_stage >= 1 else dense + expert / p.ep
     optimizer_s = 2 * 16 * local_params / (p.tp * p.pp) / (backend.device.memory_bandwidth_Bps * backend.memory_efficiency)
-    step_s = compute_s + a2a_s + exposed + bubble_s + optimizer_s
+    step_s = compute_s + elementwise_s + overhead_s + a2a_s + exposed + bubble_s + optimizer_s
     tokens = p.global_batch * m.seq_len
     model_flops_per_token = model_flops_per_token_of(plan)
     tokens_per_s = tokens / step_s
     mfu = model_flops_per_token * tokens_per_s / (p.world * peak)
-    return TimePrediction(compute_s, a2a_s, allreduce_s, exposed, bubble_s, optimizer_s, step_s, tokens_per_s, mfu, model_flops_per_token)
+    return TimePrediction(compute_s, elementwise_s, overhead_s, a2a_s, allreduce_s, exposed, bubble_s, optimizer_s, step_s, tokens_per_s, mfu, model_flops_per_token)
+
+
+def elementwise_bytes(plan: SpecPlan) -> float:
+    """Bytes one micro-step's non-matmul ops move on one rank (sim/overhead.py says why 3
+    passes over the stored activations); full recomputation replays the forward (4/3)."""
+    stored = activation_bytes(dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, recompute="none")))
+    return ELEMENTWISE_PASSES * stored * recompute_factor(plan.parallel.recompute)
 
 
 def recompute_factor(recompute: str) -> float:
@@ -238,5 +257,7 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
             "allreduce_overlap": overlap,
             "dropless_imbalance": imbalance,
             "efficiencies": {"matmul": backend.matmul_efficiency, "memory": backend.memory_efficiency},
+            "overheads": backend.overheads.as_dict(),
+            "calibration": backend.calibration,
         },
     }

@@ -19,7 +19,12 @@ import jsonschema
 from moespec.spec.errors import PathT, SpecError
 from moespec.spec.yaml_source import Locations
 
-SCHEMA_FILES = {"spec": "moespec.schema.json", "backend": "backend.schema.json"}
+SCHEMA_FILES = {
+    "spec": "moespec.schema.json",
+    "backend": "backend.schema.json",
+    "sweep": "sweep.schema.json",
+    "calibration": "calibration.schema.json",
+}
 
 
 @functools.cache

@@ -1,0 +1,122 @@
+"""`moespec calibrate --backend NAME [--nproc N]`: fit the backend's figures to this machine
+and write profiler/calibrations/<backend>.json (or --out), which `simulate --calibration` and
+`profile` apply. The work is `moespec.profiling.calibrate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from moespec.cli.common import backend_or_exit, console, emit_json, fail, write_atomic
+
+
+def calibrate_command(
+    backend: str = typer.Option(..., "--backend", help="Backend to calibrate (name or file).", show_default=False),
+    nproc: int = typer.Option(1, "--nproc", help="Ranks that run the micro-benchmarks at once (collectives need 2 or more)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    out: Path = typer.Option(None, "--out", help="Calibration file to write [default: profiler/calibrations/<backend>.json, or <backend>.nproc<N>.json when N is not the devices per node]."),
+    threads: int = typer.Option(0, "--threads", help="Torch threads per rank; 0: cores / backend devices per node on CPU."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer repeats (tests, smoke runs); noisier figures."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds before a stuck collective fails every rank."),
+    as_json: bool = typer.Option(False, "--json", help="Print the calibration as one JSON document on stdout."),
+) -> None:
+    """Micro-benchmark this machine and fit the backend's efficiencies, link and host overheads."""
+    from moespec.distributed.context import launched_world
+
+    hardware = backend_or_exit(backend)
+    if device not in ("cpu", "cuda"):
+        fail(f"--device must be cpu or cuda, got {device!r}")
+    if nproc < 1 or threads < 0 or not timeout > 0:
+        fail("--nproc must be >= 1, --threads >= 0 and --timeout > 0")
+    if nproc > hardware.num_devices:
+        fail(f"--nproc {nproc} is more ranks than backend {hardware.name} has devices ({hardware.num_devices})")
+    if out is None:
+        from moespec.sim.calibration import _REPO_ROOT, calibration_name
+
+        out = _REPO_ROOT / "profiler" / "calibrations" / calibration_name(hardware.name, nproc, hardware.devices_per_node)
+    if nproc > 1 and launched_world() is None:
+        from moespec.distributed.launch import launch
+
+        args = ["calibrate", "--backend", backend, "--device", device, "--out", str(out), "--threads", str(threads),
+                "--timeout", str(timeout)] + (["--quick"] if quick else []) + (["--json"] if as_json else [])  # fmt: skip
+        code, failure = launch(nproc, args, timeout_s=timeout * 4 + 900)
+        if failure:
+            fail(failure, code=1)
+        if code:
+            raise typer.Exit(code)
+        return
+    if launched_world() is not None:
+        from moespec.distributed.launch import run_rank
+
+        run_rank(lambda: _calibrate(hardware, device, out, threads, quick, as_json, timeout, launched_world()))
+        return
+    _calibrate(hardware, device, out, threads, quick, as_json, timeout, 1)
+
+
+def _calibrate(hardware, device: str, out: Path, threads: int, quick: bool, as_json: bool, timeout: float, world: int) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from moespec.cli.profile_cmd import default_threads
+    from moespec.profiling.calibrate import calibrate_rank
+    from moespec.sim.calibration import calibration_errors
+
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: torch sees no CUDA device here; use --device cpu")
+    torch.set_num_threads(threads or default_threads(hardware, device, world))
+    torch_device = torch.device("cpu")
+    if world > 1:
+        import os
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+            torch_device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    elif device == "cuda":
+        torch_device = torch.device("cuda", 0)
+    document = calibrate_rank(hardware, device=torch_device, world=world, quick=quick)
+    if world > 1:
+        dist.destroy_process_group()
+    if document is None:
+        return
+    errors = calibration_errors(document, str(out))
+    if errors:  # our own output must satisfy our schema; say so rather than write a bad file
+        fail(f"internal error: the calibration does not validate: {errors[0].format()}", code=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(document, indent=2) + "\n")
+    if as_json:
+        emit_json(document | {"written": str(out)})
+        return
+    _print(document, out)
+
+
+def _print(document: dict, out: Path) -> None:
+    fitted, machine, errors = document["fitted"], document["machine"], document["fit_error"]
+    console.print(f"[bold]{document['backend']}[/bold] calibrated on {machine['hostname']} ({machine['cpu']}, {machine['nproc']} rank(s) x "
+                  f"{machine['threads_per_rank']} thread(s), torch {machine['torch']}) at {document['created']}")  # fmt: skip
+    table = Table(title="fitted figures")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("fit error (median)", justify="right")
+    table.add_row("peak fp32 (raised to the best measured if higher)", f"{fitted['peak_flops_per_s']['fp32'] / 1e9:,.1f} GFLOP/s", "")
+    table.add_row("matmul efficiency", f"{fitted['matmul_efficiency']:.3f}", f"{errors['matmul']:.1%}")
+    table.add_row("memory bandwidth", f"{fitted['memory_bandwidth_Bps'] / 1e9:,.2f} GB/s", f"{errors['memory']:.1%}")
+    link = fitted["link"]
+    if document["measurements"]["all_to_all"]:
+        table.add_row("link latency", f"{link['latency_s'] * 1e6:,.1f} us", f"{errors['all_to_all']:.1%}")
+        table.add_row("link bandwidth", f"{link['bandwidth_Bps'] / 1e9:,.2f} GB/s", "")
+        table.add_row("all-reduce over the ideal ring", f"{fitted['allreduce_scale']:.2f}x", f"{errors['all_reduce']:.1%}")
+    overhead = fitted["overhead"]
+    table.add_row("host overhead per micro-step", f"{overhead['step_s'] * 1e3:,.3f} ms", "")
+    table.add_row("host overhead per dense block", f"{overhead['dense_layer_s'] * 1e3:,.3f} ms", "")
+    for router, seconds in overhead["moe_layer_s"].items():
+        table.add_row(f"host overhead per MoE block, {router}", f"{seconds * 1e3:,.3f} ms", "")
+    table.add_row("host overhead per local expert", f"{overhead['local_expert_s'] * 1e3:,.3f} ms", "")
+    console.print(table)
+    console.print(f"written: {out}")

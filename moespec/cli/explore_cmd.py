@@ -1,0 +1,157 @@
+"""`moespec explore SWEEP`: the non-dominated designs of a design space, on one backend.
+
+Thin: loads the sweep, runs `moespec.explore.explore` with a progress bar (stderr, only on a
+terminal and never under --json), prints the front as a table, and hands files to
+`moespec.explore.report`. Torch is never imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+from moespec.cli.common import console, emit_json, err_console, fail, or_exit
+
+DEFAULT_SHOW = 40  # front rows printed; --out / --json carry all of them
+# Column headers for common axes (the legend under the table names the full path).
+SHORT = {
+    "moe.experts.count": "E", "moe.router.k": "k", "moe.capacity.factor": "cf", "moe.experts.d_ff": "expert_d_ff",
+    "moe.router.type": "router", "moe.router": "router", "moe.placement": "placement", "moe.placement.every": "every",
+    "parallelism.micro_batch": "micro", "parallelism.zero_stage": "zero", "moe.capacity.dropless": "dropless",
+}  # fmt: skip
+
+
+def explore_command(
+    sweep: Path = typer.Argument(..., help="Sweep file (see schemas/sweep.schema.json).", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write front.csv/json, sample.csv/json, summary.json and pareto.png here."),
+    emit: Optional[Path] = typer.Option(None, "--emit", help="Write each front design as a ready spec YAML into this folder."),
+    top: int = typer.Option(0, "--top", help="Also rank the N best feasible designs by one objective (see --by)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Objective (or figure) for --top; default: the sweep's first objective."),
+    sample: int = typer.Option(1000, "--sample", help="Feasible designs kept as a uniform sample (for --out and the plot)."),
+    plot_x: Optional[str] = typer.Option(None, "--x", help="Figure on the plot's x axis (default: first objective)."),
+    plot_y: Optional[str] = typer.Option(None, "--y", help="Figure on the plot's y axis (default: second objective)."),
+    show: int = typer.Option(DEFAULT_SHOW, "--show", help="Front rows to print (the files hold all)."),
+    chunk: int = typer.Option(65_536, "--chunk", help="Designs evaluated per vectorised batch."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Search a sweep's design space for the Pareto front of its objectives under its constraints."""
+    from moespec.explore import emit_specs, explore, load_sweep, result_document, write_outputs
+    from moespec.explore.run import FIGURES
+
+    loaded = or_exit(load_sweep, sweep)
+    for option, value in (("--by", by), ("--x", plot_x), ("--y", plot_y)):
+        if value is not None and value not in FIGURES:
+            fail(f"{option} {value!r} is not a figure; choose one of {', '.join(FIGURES)}")
+    if top < 0 or sample < 0 or chunk < 1 or show < 0:
+        fail("--top, --sample and --show must be >= 0 and --chunk >= 1")
+    if (plot_x is None) != (plot_y is None):
+        fail("--x and --y go together; give both or neither")
+
+    with _progress(enabled=not as_json and err_console.is_terminal) as step:
+        result = explore(loaded, chunk_size=chunk, sample_size=sample, top=top, rank_by=by, seed=seed, progress=step)
+    written = write_outputs(result, out, plot=(plot_x, plot_y) if plot_x else None) if out is not None else []
+    emitted = emit_specs(result, emit) if emit is not None else []
+    if as_json:
+        document = result_document(result)
+        document["written"] = [str(p) for p in written]
+        document["emitted"] = [str(p) for p in emitted]
+        emit_json(document)
+        return
+    _print(result, show)
+    for path in [*written, *emitted]:
+        console.print(f"wrote {path}", markup=False)
+
+
+class _progress:
+    """A rich progress bar on stderr as a context manager yielding the `progress` callback."""
+
+    def __init__(self, *, enabled: bool):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("exploring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=err_console, transient=True)  # fmt: skip
+
+    def __enter__(self):
+        if self.bar is None:
+            return None
+        self.bar.start()
+        task = self.bar.add_task("designs", total=None)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print(result, show: int) -> None:
+    sweep = result.sweep
+    console.print(f"[bold]{sweep.name}[/bold]: {result.designs:,} designs of {sweep.base_file} on {sweep.backend.name} "
+                  f"({sweep.backend.num_devices} devices) in {result.elapsed_s:.2f} s ({result.designs_per_s:,.0f} designs/s)", soft_wrap=True)  # fmt: skip
+    infeasible = result.designs - result.feasible
+    console.print(f"feasible {result.feasible:,}; infeasible {infeasible:,}" + (", by first failing reason:" if infeasible else ""))
+    for reason, count in result.infeasible_by_reason.items():
+        console.print(f"  {count:>12,}  {reason}", markup=False)
+    varying = [axis.name for axis in sweep.axes if len(axis.values) > 1]
+    objectives = [o.name for o in sweep.objectives]
+    extra = [name for name in ("memory_per_device",) if name not in objectives]
+    if not result.feasible:
+        console.print("no feasible design: every one fails a reason above; relax a constraint or widen an axis", markup=False, soft_wrap=True)
+        return
+    _table(f"Pareto front: {len(result.front)} designs (" + ", ".join(f"{o.name} {o.direction}" for o in sweep.objectives) + ")",
+           result.front, varying, objectives + extra, show, sort_by=sweep.objectives[0])  # fmt: skip
+    if result.top is not None:
+        ranked = result.rank_by
+        _table(f"top {len(result.top)} by {ranked.name} ({ranked.direction})", result.top, varying,
+               list(dict.fromkeys([ranked.name, *objectives, *extra])), show, sort_by=None)  # fmt: skip
+    console.print("columns: " + ", ".join(f"{_short(name)} = {name}" for name in varying), markup=False, soft_wrap=True)
+    if "quality" in objectives:
+        console.print(result.quality_proxy, markup=False, soft_wrap=True)
+    if "quality" in objectives and result.front.figures["quality_extrapolated"].any():
+        console.print("* quality extrapolated beyond the law's fitted range (size, experts, k > 1 or router)", markup=False, soft_wrap=True)
+
+
+def _table(title: str, designs, varying: list[str], figures: list[str], show: int, *, sort_by) -> None:
+    from moespec.explore.report import display, label
+
+    table = Table(title=title, title_justify="left", min_width=len(title))
+    table.add_column("design", justify="right", overflow="fold")  # narrow terminal: fold, never cut a figure
+    for name in varying:
+        table.add_column(_short(name), overflow="fold")
+    derived_dp = len(set(designs.figures["dp"].tolist())) > 1 and not any(name == "parallelism.dp" for name in varying)
+    if derived_dp:
+        table.add_column("dp", justify="right", overflow="fold")
+    for name in figures:
+        table.add_column(label(name), justify="right", overflow="fold")
+    order = range(len(designs))
+    if sort_by is not None:
+        sign = -1.0 if sort_by.direction == "max" else 1.0
+        order = sorted(order, key=lambda i: (sign * designs.figures[sort_by.name][i], designs.ids[i]))
+    rows = list(order)
+    for i in rows[:show]:
+        cells = [str(designs.ids[i])] + [display(name, designs.axis_values[name][i]) for name in varying]
+        if derived_dp:
+            cells.append(str(int(designs.figures["dp"][i])))
+        for name in figures:
+            text = display(name, designs.figures[name][i])
+            cells.append(text + ("*" if name == "quality" and designs.figures["quality_extrapolated"][i] else ""))
+        table.add_row(*cells)
+    if len(rows) > show:
+        table.caption = f"{len(rows) - show} more rows: use --show, --out or --json"
+    # Piped output has no terminal width: print at the table's own width rather than truncate.
+    out = console
+    if not console.is_terminal:
+        width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        out = Console(highlight=False, width=max(console.width, width))
+    out.print(table)
+
+
+def _short(name: str) -> str:
+    return SHORT.get(name, name.rsplit(".", 1)[-1])

@@ -1,0 +1,212 @@
+"""`moespec profile SPEC`: run the compiled model for real, measure what the simulator
+predicts, and print both side by side. The work is `moespec.profiling`; this module parses,
+launches ranks the way `train` does, and prints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from moespec.cli.common import backend_or_exit, console, emit_json, fail, load_plan_or_exit, write_atomic
+from moespec.cli.overrides import apply_overrides
+
+PROFILE_PARAM_LIMIT_CPU = 25_000_000  # as `train`: beyond this a CPU step takes too long to repeat
+
+
+def profile_command(
+    spec: Path = typer.Argument(..., help="Spec file.", show_default=False),
+    nproc: int = typer.Option(1, "--nproc", help="Ranks to launch (torchrun-style); must equal the spec's world size."),
+    device: str = typer.Option("cpu", "--device", help="cpu (gloo) or cuda (NCCL, one GPU per rank)."),
+    steps: int = typer.Option(10, "--steps", help="Timed optimizer steps."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first."),
+    trace_steps: int = typer.Option(2, "--trace-steps", help="Steps recorded by torch.profiler after the timed ones (0: no traces)."),
+    out: Path = typer.Option(None, "--out", help="Directory for report.json and the plots [default: moespec-profile/<name>]."),
+    trace_dir: Path = typer.Option(None, "--trace-dir", help="Directory for the TensorBoard traces [default: OUT/traces]."),
+    backend: str = typer.Option("cpu-local", "--backend", help="Backend the prediction and the MFU use (name or file)."),
+    calibration: str = typer.Option("auto", "--calibration", help="auto (the shipped calibration of the backend), none, or a calibration file."),
+    world: int = typer.Option(0, "--world", help="Run on this many ranks instead of the spec's (sets dp); 0 keeps the spec's."),
+    ep: int = typer.Option(0, "--ep", help="Expert-parallel degree instead of the spec's (0 keeps it)."),
+    threads: int = typer.Option(0, "--threads", help="Torch threads per rank; 0: cores / backend devices per node on CPU."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and of the batches."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds before a stuck collective fails every rank."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Measure real training steps (time, FLOPs, all-to-all, memory, expert load) beside the simulator's prediction."""
+    from moespec.distributed.context import launched_world
+
+    plan = apply_overrides(spec, load_plan_or_exit(spec), world=world, ep=ep)
+    if device not in ("cpu", "cuda"):
+        fail(f"--device must be cpu or cuda, got {device!r}")
+    if nproc < 1 or steps < 1 or warmup < 0 or trace_steps < 0 or threads < 0 or not timeout > 0:
+        fail("--nproc and --steps must be >= 1; --warmup, --trace-steps, --threads >= 0; --timeout > 0")
+    hardware = backend_or_exit(backend, calibration, world=plan.parallel.world)
+    out = out or Path("moespec-profile") / plan.name
+    trace_dir = trace_dir or out / "traces"
+    _check_runnable(spec, plan, device)
+    options = dict(nproc=nproc, device=device, steps=steps, warmup=warmup, trace_steps=trace_steps, out=out,
+                   trace_dir=trace_dir, threads=threads, seed=seed, timeout=timeout, as_json=as_json)  # fmt: skip
+    if nproc > 1 and launched_world() is None:
+        _launch(spec, plan, backend=backend, calibration=calibration, world=world, ep=ep, **options)
+        return
+    if launched_world() is not None:
+        from moespec.distributed.launch import run_rank
+
+        run_rank(lambda: _profile_rank(spec, plan, hardware, distributed=True, **options))
+        return
+    from moespec.distributed.context import DistributedConfigError, check_world
+
+    try:
+        check_world(plan, 1)
+    except DistributedConfigError as exc:
+        fail(f"{spec}: {exc}; or profile it on one rank with --world 1")
+    _profile_rank(spec, plan, hardware, distributed=False, **options)
+
+
+def _check_runnable(spec: Path, plan, device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: torch sees no CUDA device here (this torch build or machine has none); use --device cpu")
+    if plan.parallel.tp > 1 or plan.parallel.pp > 1:
+        fail(f"{spec}: tp and pp are costed by the simulator but not executed yet; profile a spec with tp = pp = 1")
+    if device == "cpu":
+        from moespec.model.build import build_model
+        from moespec.model.counting import count_parameters
+
+        total = count_parameters(build_model(plan, device="meta"), plan).total
+        if total > PROFILE_PARAM_LIMIT_CPU:
+            fail(f"{spec}: {total:,} parameters is over the {PROFILE_PARAM_LIMIT_CPU:,} that a CPU profile repeats in reasonable time; "
+                 "use --device cuda or a tiny spec")  # fmt: skip
+
+
+def _launch(spec: Path, plan, *, backend: str, calibration: str, world: int, ep: int, **o) -> None:
+    from moespec.distributed.context import DistributedConfigError, check_world
+    from moespec.distributed.launch import launch
+
+    try:
+        check_world(plan, o["nproc"])
+    except DistributedConfigError as exc:
+        fail(f"{spec}: {exc}")
+    args = ["profile", str(spec), "--device", o["device"], "--steps", str(o["steps"]), "--warmup", str(o["warmup"]),
+            "--trace-steps", str(o["trace_steps"]), "--out", str(o["out"]), "--trace-dir", str(o["trace_dir"]),
+            "--backend", backend, "--calibration", calibration, "--world", str(world), "--ep", str(ep),
+            "--threads", str(o["threads"]), "--seed", str(o["seed"]), "--timeout", str(o["timeout"])]  # fmt: skip
+    if o["as_json"]:
+        args.append("--json")
+    code, failure = launch(o["nproc"], args, timeout_s=o["timeout"] * 4 + 30 * (o["steps"] + o["warmup"] + o["trace_steps"]) + 120)
+    if failure:
+        fail(failure, code=1)
+    if code:
+        raise typer.Exit(code)
+
+
+def default_threads(hardware, device: str, nproc: int) -> int:
+    """A CPU backend's device is some cores: give each rank its share of this machine's."""
+    cores = os.cpu_count() or 1
+    return max(1, cores // max(nproc, hardware.devices_per_node)) if device == "cpu" else max(1, cores // nproc)
+
+
+def _profile_rank(spec: Path, plan, hardware, *, distributed: bool, nproc: int, device: str, steps: int, warmup: int,
+                  trace_steps: int, out: Path, trace_dir: Path, threads: int, seed: int, timeout: float, as_json: bool) -> None:  # fmt: skip
+    import torch
+    import torch.distributed as dist
+
+    from moespec.profiling.measure import measure_rank
+    from moespec.profiling.plots import write_plots
+    from moespec.profiling.report import build_report
+
+    threads = threads or default_threads(hardware, device, nproc)
+    torch.set_num_threads(threads)
+    ctx = None
+    if distributed:
+        from moespec.distributed.context import DistributedConfigError, init_distributed
+
+        try:
+            ctx = init_distributed(plan, timeout_s=timeout, device=device)
+        except DistributedConfigError as exc:
+            fail(f"{spec}: {exc}")
+        torch_device = ctx.device
+    else:
+        torch_device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    measurement = measure_rank(plan, device=torch_device, steps=steps, warmup=warmup, trace_dir=trace_dir if trace_steps else None,
+                               trace_steps=trace_steps, seed=seed, dist_ctx=ctx).as_dict()  # fmt: skip
+    ranks = [measurement]
+    if ctx is not None:
+        ranks = [None] * ctx.world
+        dist.all_gather_object(ranks, measurement)
+    if ctx is None or ctx.rank == 0:
+        report = build_report(plan, hardware, ranks, spec=str(spec), device=device, steps=steps, warmup=warmup, threads=threads,
+                              trace_dir=str(trace_dir) if trace_steps else None)  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        report["plots"] = [str(path) for path in write_plots(report, out)]
+        report["report"] = str(out / "report.json")
+        import json
+
+        write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+        if as_json:
+            emit_json(report)
+        else:
+            print_report(report)
+    if ctx is not None:
+        from moespec.distributed.context import shutdown
+
+        shutdown()
+
+
+def _fmt(value: float | None, figure: str) -> str:
+    if value is None:
+        return "-"
+    if "FLOPs" in figure or "bytes" in figure:
+        return f"{value:,.0f}"
+    if "MFU" in figure:
+        return f"{value:.2%}"
+    if "tokens" in figure:
+        return f"{value:,.0f}"
+    return f"{value * 1e3:,.2f} ms"
+
+
+def print_report(report: dict) -> None:
+    calibrated = report["calibration"] or "datasheet figures, not calibrated"
+    console.print(f"[bold]{report['name']}[/bold]: world {report['world']} (dp {report['dp']}, ep {report['ep']}) on {report['device']}, "
+                  f"{report['threads_per_rank']} thread(s) per rank, {report['steps']} timed steps after {report['warmup']} warm-up")  # fmt: skip
+    console.print(f"prediction: backend {report['backend']} ({calibrated})")
+    table = Table(title="measured vs predicted (per rank per micro-step for counts)")
+    for column, justify in (("figure", "left"), ("measured", "right"), ("predicted", "right"), ("error", "right")):
+        table.add_column(column, justify=justify)
+    for row in report["comparison"]:
+        if row["exact"]:
+            error = "[green]equal[/green]" if row["equal"] else f"[red]differs by {row['predicted'] - row['measured']:,.0f}[/red]"
+        else:
+            error = "-" if row["relative_error"] is None else f"{row['relative_error']:+.1%}"
+        table.add_row(row["figure"].replace(" (s, median)", "").replace(" (s)", ""), _fmt(row["measured"], row["figure"]),
+                      _fmt(row["predicted"], row["figure"]), error)  # fmt: skip
+    console.print(table)
+    m = report["measured"]
+    console.print(f"step time over {report['steps']} steps: median {m['step_s']['median'] * 1e3:,.2f} ms, "
+                  f"min {m['step_s']['min'] * 1e3:,.2f}, max {m['step_s']['max'] * 1e3:,.2f}; "
+                  f"achieved {m['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s")  # fmt: skip
+    regions = Table(title="where the measured step went (profiled steps, scaled to the median)")
+    regions.add_column("region")
+    regions.add_column("ms", justify="right")
+    regions.add_column("share", justify="right")
+    total = sum(m["region_s"].values()) or 1.0
+    for name, seconds in sorted(m["region_s"].items(), key=lambda item: -item[1]):
+        regions.add_row(name.replace("_", " "), f"{seconds * 1e3:,.2f}", f"{seconds / total:.0%}")
+    console.print(regions)
+    memory = m["memory"]
+    label = "CUDA peak allocated" if memory["kind"] == "cuda_peak_allocated" else "peak RSS"
+    console.print(f"memory: {label} {memory['peak_bytes'] / 2**20:,.1f} MiB ({memory['above_baseline_bytes'] / 2**20:,.1f} MiB above "
+                  f"the process before the model); predicted {memory['predicted_total_bytes'] / 2**20:,.1f} MiB")  # fmt: skip
+    if m["expert_load"]:
+        load = Table(title="expert load per MoE layer (tokens routed in the timed steps, all ranks)")
+        for column in ("layer", "min", "mean", "max", "max/mean", "dropped"):
+            load.add_column(column, justify="right")
+        for layer, s in m["expert_load"].items():
+            load.add_row(layer, f"{s['min']:,}", f"{s['mean']:,.1f}", f"{s['max']:,}", f"{s['max_over_mean']:.2f}", f"{s['dropped_fraction']:.1%}")
+        console.print(load)
+    console.print(f"report: {report['report']}; plots: {', '.join(report['plots'])}")
+    if report["trace_dir"]:
+        console.print(f"traces: tensorboard --logdir {report['trace_dir']}  (PyTorch Profiler tab, torch-tb-profiler)")

@@ -1,0 +1,180 @@
+"""One rank's measurement of real training steps: what `moespec profile` reports per rank.
+
+The steps are the training loop's own (`moespec.train.train_step`, gradient accumulation
+included), so what is measured is what `moespec train` runs. Three passes, each clean of the
+others' overhead:
+1. one micro-step under FlopCounterMode (matmul FLOPs, REFERENCE sec. 4) - then discarded;
+2. warm-up, then timed steps: wall clock after a barrier (all ranks start together) with
+   synchronisation, or CUDA events on a GPU; all-to-all bytes from the layers' counters;
+3. a few steps under torch.profiler, writing per-rank TensorBoard traces and giving the time
+   per region (profiling/attribution.py).
+Memory: CUDA peak allocated on a GPU; on CPU the process peak RSS (which includes Python and
+torch themselves, so the RSS before the model was built is reported too).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moespec.spec.plan import SpecPlan
+
+
+@dataclass
+class RankMeasurement:
+    rank: int
+    step_s: list[float]  # each timed optimizer step, seconds
+    flops_per_microstep: int  # FlopCounterMode, forward + backward of one micro-batch
+    a2a_bytes_per_microstep: float  # sent to other ranks, own chunk excluded (dispatch + combine)
+    a2a_calls_per_microstep: float
+    region_s: dict[str, float]  # seconds per step by region, from the profiled steps
+    profiled_step_s: float  # mean step under the profiler (its overhead included)
+    memory_kind: str  # "cuda_peak_allocated" or "peak_rss"
+    peak_memory_bytes: int
+    baseline_memory_bytes: int  # before the model was built (RSS) or 0 (CUDA)
+    tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> [E], timed steps
+    dropped_fraction: dict[int, float] = field(default_factory=dict)  # MoE layer -> mean share dropped
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["tokens_per_expert"] = {str(k): v for k, v in self.tokens_per_expert.items()}
+        data["dropped_fraction"] = {str(k): v for k, v in self.dropped_fraction.items()}
+        return data
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _ep_counters(model) -> list:
+    from moespec.distributed.data_parallel import moe_layers
+
+    return [layer.expert_parallel.counter for layer in moe_layers(model) if layer.expert_parallel is not None]
+
+
+class _Batches:
+    """Training windows from the shipped byte corpus (random tokens if the vocabulary is
+    smaller than a byte), each rank its own stream, like `moespec train`."""
+
+    def __init__(self, plan: SpecPlan, device: torch.device, seed: int, rank: int):
+        from moespec.data.corpus import BYTE_VOCAB, load_split
+
+        self.plan, self.device = plan, device
+        self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
+        self.ids = load_split().train if plan.model.vocab_size >= BYTE_VOCAB else None
+
+    def step(self) -> list[torch.Tensor]:
+        from moespec.data.corpus import get_batch
+
+        b, s = self.plan.parallel.micro_batch, self.plan.model.seq_len
+        windows = []
+        for _ in range(self.plan.parallel.grad_accum):
+            if self.ids is None:
+                window = torch.randint(0, self.plan.model.vocab_size, (b, s + 1), generator=self.generator)
+            else:
+                window = get_batch(self.ids, batch=b, seq_len=s, generator=self.generator)
+            windows.append(window.to(self.device))  # [B, S+1]
+        return windows
+
+
+def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: int, trace_dir: Path | None,
+                 trace_steps: int = 2, seed: int = 0, dist_ctx=None) -> RankMeasurement:  # fmt: skip
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moespec.distributed.data_parallel import shard_experts
+    from moespec.model.build import build_model
+    from moespec.train import lm_loss, prepare_training, train_step
+
+    rank = 0 if dist_ctx is None else dist_ctx.rank
+    cuda = device.type == "cuda"
+    baseline = 0 if cuda else peak_rss_bytes()
+    model = build_model(plan, seed=seed, device=device)
+    if dist_ctx is not None:
+        shard_experts(model, dist_ctx)
+    setup = prepare_training(model, plan, dist_ctx=dist_ctx)
+    batches = _Batches(plan, device, seed, rank)
+
+    # 1. FLOPs of one micro-step (forward + backward), gradients thrown away.
+    window = batches.step()[0]
+    with FlopCounterMode(display=False) as flop_counter:
+        logits, aux = setup.model(window[:, :-1])
+        (lm_loss(logits, window[:, 1:]) + aux.aux_loss).backward()
+    flops = int(flop_counter.get_total_flops())
+    setup.bare_model.zero_grad(set_to_none=True)
+
+    # 2. Warm-up, then timed steps.
+    for _ in range(warmup):
+        train_step(setup, plan, batches.step())
+    counters = _ep_counters(setup.bare_model)
+    for counter in counters:
+        counter.reset()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s: list[float] = []
+    loads: dict[int, torch.Tensor] = {}
+    dropped: dict[int, float] = {}
+    for _ in range(steps):
+        windows = batches.step()
+        if dist_ctx is not None:
+            dist.barrier(group=dist_ctx.dp_group)
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _, _, aux = train_step(setup, plan, windows)
+            end.record()
+            torch.cuda.synchronize(device)
+            step_s.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            _, _, aux = train_step(setup, plan, windows)
+            step_s.append(time.perf_counter() - t0)
+        for stats in aux.moe:
+            loads[stats.layer] = loads.get(stats.layer, 0) + stats.tokens_per_expert_E.detach().cpu()
+            dropped[stats.layer] = dropped.get(stats.layer, 0.0) + float(stats.dropped_fraction) / steps
+    micro_steps = steps * plan.parallel.grad_accum
+    a2a_bytes = sum(c.total_bytes for c in counters) / micro_steps
+    a2a_calls = sum(c.calls for c in counters) / micro_steps
+    peak = int(torch.cuda.max_memory_allocated(device)) if cuda else peak_rss_bytes()
+
+    # 3. Profiled steps: traces and time per region.
+    region_s, profiled_s = _profile_steps(setup, plan, batches, trace_dir, trace_steps, rank, cuda)
+    return RankMeasurement(
+        rank=rank,
+        step_s=step_s,
+        flops_per_microstep=flops,
+        a2a_bytes_per_microstep=a2a_bytes,
+        a2a_calls_per_microstep=a2a_calls,
+        region_s=region_s,
+        profiled_step_s=profiled_s,
+        memory_kind="cuda_peak_allocated" if cuda else "peak_rss",
+        peak_memory_bytes=peak,
+        baseline_memory_bytes=baseline,
+        tokens_per_expert={layer: [int(v) for v in counts.tolist()] for layer, counts in sorted(loads.items())},
+        dropped_fraction=dict(sorted(dropped.items())),
+    )
+
+
+def _profile_steps(setup, plan, batches, trace_dir: Path | None, trace_steps: int, rank: int, cuda: bool):
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    from moespec.profiling.attribution import region_seconds
+    from moespec.train import train_step
+
+    if trace_steps < 1:
+        return {}, 0.0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    handler = tensorboard_trace_handler(str(trace_dir), worker_name=f"rank{rank}") if trace_dir else None
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=trace_steps, repeat=1),
+                 on_trace_ready=handler) as prof:  # fmt: skip
+        for _ in range(trace_steps + 1):
+            train_step(setup, plan, batches.step())
+            prof.step()
+    by_region, total_s, n_steps = region_seconds(prof.events())
+    n_steps = max(n_steps, 1)
+    return {name: seconds / n_steps for name, seconds in by_region.items()}, total_s / n_steps

@@ -1,0 +1,127 @@
+"""The profile report: every rank's measurement aggregated, beside the simulator's prediction.
+
+Aggregation: a step of the job lasts as long as its slowest rank, so each step's time is the
+maximum over ranks, and the report gives the median and spread over steps. Counts (FLOPs,
+all-to-all bytes) are per rank per micro-step, the simulator's unit; they must be equal to the
+prediction (dropless routing excepted: its counts follow the real routing, the prediction
+assumes balance). Times carry their relative error against the (calibrated) prediction.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from moespec.sim.backend import Backend
+from moespec.sim.model import simulate
+from moespec.spec.plan import SpecPlan
+
+COMPARED_TIMES = (("compute_s", "compute (matmul roofline + elementwise + host overhead)"),
+                  ("a2a_s", "all-to-all"), ("optimizer_s", "optimizer"))  # fmt: skip
+
+
+def _relative(measured: float, predicted: float) -> float | None:
+    return None if not measured else (predicted - measured) / measured
+
+
+def is_dropless(plan: SpecPlan) -> bool:
+    return any(layer.moe.capacity is None or layer.moe.capacity.dropless for layer in plan.moe_layers)
+
+
+def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: str, device: str, steps: int,
+                 warmup: int, threads: int, trace_dir: str | None) -> dict:  # fmt: skip
+    """`ranks`: RankMeasurement.as_dict() of every rank, in rank order."""
+    p = plan.parallel
+    predicted = simulate(plan, backend)
+    per_step = [max(values) for values in zip(*(r["step_s"] for r in ranks))]  # slowest rank per step
+    median_s = statistics.median(per_step)
+    tokens = p.global_batch * plan.model.seq_len
+    peak = backend.device.peak_flops_per_s["fp32" if p.precision == "fp32" else p.precision]
+    flops_rank = ranks[0]["flops_per_microstep"]
+    achieved = sum(r["flops_per_microstep"] for r in ranks) * p.grad_accum / median_s
+    model_flops_per_token = predicted["time"]["model_flops_per_token"]
+    mfu = model_flops_per_token * tokens / median_s / (p.world * peak)
+    a2a_bytes = statistics.mean(r["a2a_bytes_per_microstep"] for r in ranks)
+    regions = _mean_regions(ranks)
+    scale = median_s / statistics.mean(r["profiled_step_s"] for r in ranks) if all(r["profiled_step_s"] for r in ranks) else 1.0
+    a2a_measured_s = (regions.get("dispatch_a2a", 0.0) + regions.get("combine_a2a", 0.0)) * scale
+    time = predicted["time"]
+    rows = [
+        _row("step time (s, median)", median_s, time["step_s"]),
+        _row("tokens/s", tokens / median_s, time["tokens_per_s"]),
+        _row("MFU", mfu, time["mfu"]),
+        _row("matmul FLOPs per rank per micro-step", flops_rank, predicted["step_flops_per_rank_microstep"], exact=not is_dropless(plan)),
+        _row("all-to-all bytes per rank per micro-step", a2a_bytes, predicted["a2a_bytes_per_rank_microstep"], exact=not is_dropless(plan)),
+        _row("all-to-all time per step (s)", a2a_measured_s, time["a2a_s"]),
+    ]
+    memory = _memory(ranks, predicted)
+    return {
+        "spec": spec,
+        "name": plan.name,
+        "backend": backend.name,
+        "calibration": backend.calibration,
+        "device": device,
+        "world": p.world,
+        "dp": p.dp,
+        "ep": p.ep,
+        "threads_per_rank": threads,
+        "steps": steps,
+        "warmup": warmup,
+        "global_batch": p.global_batch,
+        "grad_accum": p.grad_accum,
+        "measured": {
+            "step_s": {"median": median_s, "min": min(per_step), "max": max(per_step), "per_step": per_step},
+            "tokens_per_s": tokens / median_s,
+            "achieved_flops_per_s": achieved,
+            "mfu": mfu,
+            "flops_per_rank_microstep": [r["flops_per_microstep"] for r in ranks],
+            "a2a_bytes_per_rank_microstep": [r["a2a_bytes_per_microstep"] for r in ranks],
+            "a2a_calls_per_rank_microstep": [r["a2a_calls_per_microstep"] for r in ranks],
+            "a2a_s": a2a_measured_s,
+            "region_s": {name: seconds * scale for name, seconds in regions.items()},
+            "region_s_note": "seconds per step by region, from the profiled steps scaled to the median untraced step",
+            "memory": memory,
+            "expert_load": _expert_load(ranks),
+        },
+        "predicted": predicted,
+        "comparison": rows,
+        "exact_counts": all(r["equal"] for r in rows if r["exact"]),
+        "trace_dir": trace_dir,
+        "ranks": ranks,
+    }
+
+
+def _row(figure: str, measured: float, predicted: float, *, exact: bool = False) -> dict:
+    return {"figure": figure, "measured": measured, "predicted": predicted, "relative_error": _relative(measured, predicted),
+            "exact": exact, "equal": measured == predicted}  # fmt: skip
+
+
+def _mean_regions(ranks: list[dict]) -> dict[str, float]:
+    names = sorted({name for r in ranks for name in r["region_s"]})
+    return {name: statistics.mean(r["region_s"].get(name, 0.0) for r in ranks) for name in names}
+
+
+def _memory(ranks: list[dict], predicted: dict) -> dict:
+    peak = max(r["peak_memory_bytes"] for r in ranks)
+    baseline = max(r["baseline_memory_bytes"] for r in ranks)
+    return {
+        "kind": ranks[0]["memory_kind"],
+        "peak_bytes": peak,
+        "baseline_bytes": baseline,
+        "above_baseline_bytes": peak - baseline,
+        "predicted_total_bytes": predicted["memory_per_device"]["total_bytes"],
+    }
+
+
+def _expert_load(ranks: list[dict]) -> dict[str, dict]:
+    """Per MoE layer over all ranks: tokens routed to each expert in the timed steps."""
+    layers = {}
+    for layer in ranks[0]["tokens_per_expert"]:
+        counts = [sum(r["tokens_per_expert"][layer][e] for r in ranks) for e in range(len(ranks[0]["tokens_per_expert"][layer]))]
+        mean = sum(counts) / len(counts)
+        layers[layer] = {
+            "tokens_per_expert": counts,
+            "min": min(counts), "mean": mean, "max": max(counts),
+            "max_over_mean": max(counts) / mean if mean else 0.0,
+            "dropped_fraction": statistics.mean(r["dropped_fraction"][layer] for r in ranks),
+        }  # fmt: skip
+    return layers

@@ -1,0 +1,113 @@
+"""Calibrations: a backend's figures as measured on a real machine by `moespec calibrate`.
+
+A calibration file (JSON, schemas/calibration.schema.json) records where and when it was
+measured, the raw micro-benchmark timings and the fitted figures. Applying it to its backend
+replaces the peak FLOP/s (raised to the best measured matmul rate when the datasheet figure
+was lower), the matmul efficiency, the memory bandwidth (measured, so efficiency 1), the
+intra-node link's latency and bandwidth (fitted so that the topology model's all-to-all and
+all-reduce times match the measured ones) and the fixed host overheads (sim/overhead.py).
+Shipped calibrations live in profiler/calibrations/ (the package moespec.calibrations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+
+from moespec.sim.backend import Backend, LinkSpec
+from moespec.sim.overhead import overheads_from_dict
+from moespec.spec.errors import SpecError, SpecErrors
+from moespec.spec.schema import schema_errors
+from moespec.spec.yaml_source import parse_yaml
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def calibrations_dir() -> Path:
+    """Shipped calibrations: the package moespec.calibrations, else <repo>/profiler/calibrations."""
+    try:
+        return Path(str(resources.files("moespec.calibrations")))
+    except ModuleNotFoundError:
+        return _REPO_ROOT / "profiler" / "calibrations"
+
+
+def calibration_name(backend_name: str, nproc: int, devices_per_node: int) -> str:
+    """`<backend>.json` when measured with every device of a node busy (how multi-rank runs
+    see the machine), else `<backend>.nproc<N>.json`: on a small machine the cores share
+    caches and memory bandwidth, so one rank alone runs faster than one of two."""
+    return f"{backend_name}.json" if nproc == devices_per_node else f"{backend_name}.nproc{nproc}.json"
+
+
+def shipped_calibration(backend_name: str, world: int | None = None) -> Path | None:
+    """The shipped calibration for a run on `world` ranks: the one measured with that many
+    ranks if there is one, else the backend's default."""
+    names = ([f"{backend_name}.nproc{world}.json"] if world else []) + [f"{backend_name}.json"]
+    for name in names:
+        path = calibrations_dir() / name
+        if path.is_file():
+            return path
+    return None
+
+
+def calibration_errors(data: object, file: str = "<calibration>") -> list[SpecError]:
+    """Schema errors of a calibration document (located when it came from text)."""
+    text = json.dumps(data, indent=2)
+    parsed, locations = parse_yaml(text, file)
+    return schema_errors(parsed, locations, "calibration")
+
+
+def load_calibration(path: str | Path) -> dict:
+    """Read and validate a calibration file; SpecErrors with located lines if it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecErrors([SpecError(str(path), 1, 1, "(root)", f"cannot read the calibration: {exc.strerror or exc}")]) from None
+    data, locations = parse_yaml(text, str(path))
+    if not isinstance(data, dict):
+        raise SpecErrors([locations.error((), "a calibration is a JSON object written by `moespec calibrate`")])
+    errors = schema_errors(data, locations, "calibration")
+    if errors:
+        raise SpecErrors(errors)
+    return data
+
+
+def apply_calibration(backend: Backend, calibration: dict, *, source: str = "") -> Backend:
+    """`backend` with the calibrated figures; refuses a calibration of another backend."""
+    if calibration["backend"] != backend.name:
+        raise ValueError(f"the calibration {source or ''} was measured for backend {calibration['backend']!r}, not {backend.name!r}")
+    fitted = calibration["fitted"]
+    link = fitted["link"]
+    device = dataclasses.replace(
+        backend.device,
+        memory_bandwidth_Bps=float(fitted["memory_bandwidth_Bps"]),
+        peak_flops_per_s=MappingProxyType({dtype: float(v) for dtype, v in fitted["peak_flops_per_s"].items()}),
+    )
+    return dataclasses.replace(
+        backend,
+        device=device,
+        matmul_efficiency=float(fitted["matmul_efficiency"]),
+        memory_efficiency=1.0,  # the bandwidth above is what was measured
+        intra_node=LinkSpec(float(link["bandwidth_Bps"]), float(link["latency_s"]), 1.0),
+        overheads=overheads_from_dict(fitted["overhead"]),
+        allreduce_scale=float(fitted["allreduce_scale"]),
+        calibration=source or calibration.get("created", "calibrated"),
+    )
+
+
+def backend_with_calibration(backend: Backend, choice: str, *, world: int | None = None) -> Backend:
+    """choice: "auto" (the shipped calibration of this backend for `world` ranks, if there is
+    one), "none", or a file path. Raises SpecErrors for a bad file, ValueError for another
+    backend's file."""
+    if choice == "none":
+        return backend
+    if choice == "auto":
+        path = shipped_calibration(backend.name, world)
+        if path is None:
+            return backend
+    else:
+        path = Path(choice)
+    return apply_calibration(backend, load_calibration(path), source=str(path))

@@ -1,0 +1,1 @@
+"""Calibrations shipped with moespec (`moespec calibrate` output), one JSON per backend."""

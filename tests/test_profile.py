@@ -1,0 +1,159 @@
+"""`moespec profile` and `moespec calibrate` on real runs: counts equal the simulator's, traces
+parse with the named regions, a killed rank ends the run with its name, and calibrations
+validate against their schema and change the prediction."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moespec.sim.backend import load_backend
+from moespec.sim.calibration import apply_calibration, calibration_errors, load_calibration, shipped_calibration
+from moespec.sim.model import simulate
+from moespec.spec import SpecErrors, load_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ROOT / "specs"
+MOESPEC = [sys.executable, "-m", "moespec"]
+QUICK = ["--steps", "2", "--warmup", "1", "--trace-steps", "1"]
+
+
+def run(args, **kwargs):
+    return subprocess.run([*MOESPEC, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
+
+
+def trace_region_names(trace_dir: Path) -> dict[str, set[str]]:
+    """worker name -> names of the moespec regions in its Chrome trace."""
+    found = {}
+    for path in trace_dir.glob("*.pt.trace.json"):
+        events = json.loads(path.read_text())["traceEvents"]  # a trace that does not parse fails here
+        found[path.name.split(".")[0]] = {e["name"] for e in events if e.get("name", "").startswith("moespec::")}
+    return found
+
+
+def test_profile_world_1_counts_equal_the_simulator_and_traces_parse(tmp_path):
+    done = run(["profile", "specs/tiny-topk.yaml", "--json", "--out", str(tmp_path), *QUICK])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    predicted = simulate(load_plan(SPECS / "tiny-topk.yaml"), load_backend("cpu-local"))
+    assert report["measured"]["flops_per_rank_microstep"] == [predicted["step_flops_per_rank_microstep"]]
+    assert report["exact_counts"] is True
+    step = report["measured"]["step_s"]
+    assert 0 < step["min"] <= step["median"] <= step["max"] and len(step["per_step"]) == 2
+    load = report["measured"]["expert_load"]
+    assert set(load) == {"1", "3"}  # the MoE layers of tiny-topk (every 2nd, offset 1)
+    tokens = 2 * 8 * 64 * 2  # steps x batch x seq x k: every assignment is routed somewhere
+    assert all(sum(layer["tokens_per_expert"]) == tokens for layer in load.values())
+    # Report and plots on disk, the report equal to what was printed.
+    assert json.loads((tmp_path / "report.json").read_text())["comparison"] == report["comparison"]
+    for name in ("time_breakdown.png", "expert_load.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    regions = trace_region_names(tmp_path / "traces")
+    assert set(regions) == {"rank0"}
+    assert {"moespec::attention", "moespec::dense_ffn", "moespec::router", "moespec::experts",
+            "moespec::optimizer", "moespec::grad_sync"} <= regions["rank0"]  # fmt: skip
+    measured_regions = report["measured"]["region_s"]
+    assert measured_regions["attention"] > 0 and measured_regions["experts"] > 0
+
+
+def test_profile_two_ranks_measures_the_predicted_all_to_all(tmp_path):
+    done = run(["profile", "specs/tiny-ep.yaml", "--nproc", "2", "--json", "--out", str(tmp_path), *QUICK])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    predicted = simulate(load_plan(SPECS / "tiny-ep.yaml"), load_backend("cpu-local"))
+    assert report["world"] == 2
+    assert report["measured"]["a2a_bytes_per_rank_microstep"] == [predicted["a2a_bytes_per_rank_microstep"]] * 2
+    assert report["measured"]["a2a_calls_per_rank_microstep"] == [4 * 2] * 2  # 4 per MoE layer, 2 layers
+    assert report["exact_counts"] is True and report["measured"]["a2a_s"] > 0
+    regions = trace_region_names(tmp_path / "traces")
+    assert set(regions) == {"rank0", "rank1"}
+    assert all({"moespec::dispatch_a2a", "moespec::combine_a2a"} <= names for names in regions.values())
+
+
+def _rank_pid(rank: int, marker: str) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and f"RANK={rank}".encode() in environ and b"moespec" in b" ".join(cmdline):
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_ends_the_profile_with_its_name(tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*MOESPEC, "profile", "specs/tiny-ep.yaml", "--nproc", "2", "--steps", "100000", "--warmup", "0",
+                             "--trace-steps", "0", "--timeout", "20", "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pid, deadline = None, time.monotonic() + 60
+    while pid is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        pid = _rank_pid(1, str(out))
+    assert pid is not None, "rank 1 never started"
+    time.sleep(3)  # let it get into the timed steps
+    start = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, None)
+    assert time.monotonic() - start < 60  # ended by the agent or the 20 s collective timeout
+    assert "rank 1" in stderr, stderr
+    assert not (out / "report.json").exists()  # no partial report
+
+
+def test_profile_refuses_bad_input_in_one_line(tmp_path):
+    done = run(["profile", "specs/tiny-ep.yaml", "--out", str(tmp_path)])  # needs 2 ranks
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--world 1" in done.stderr
+    done = run(["profile", "specs/mixtral-8x7b.yaml"])
+    assert done.returncode == 2 and "parameters" in done.stderr and "Traceback" not in done.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 1, "backend": "cpu-local"}\n')
+    done = run(["profile", "specs/tiny-topk.yaml", "--calibration", str(bad)])
+    assert done.returncode == 2 and f"{bad}:1:1" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_calibrate_writes_a_calibration_that_validates_and_is_used(tmp_path):
+    out = tmp_path / "cpu-local.json"
+    done = run(["calibrate", "--backend", "cpu-local", "--quick", "--out", str(out), "--json"])
+    assert done.returncode == 0, done.stderr
+    calibration = load_calibration(out)  # raises if it does not validate
+    assert calibration_errors(calibration) == []
+    assert calibration["backend"] == "cpu-local" and calibration["machine"]["nproc"] == 1
+    fitted = calibration["fitted"]
+    assert 0 < fitted["matmul_efficiency"] <= 1 and fitted["memory_bandwidth_Bps"] > 0
+    assert fitted["overhead"]["moe_layer_s"]["base"] > 0  # the auction costs real host time
+    backend = apply_calibration(load_backend("cpu-local"), calibration, source=str(out))
+    assert backend.matmul_efficiency == fitted["matmul_efficiency"] and backend.overheads.dense_layer_s == fitted["overhead"]["dense_layer_s"]
+    plan = load_plan(SPECS / "tiny-topk.yaml")
+    assert simulate(plan, backend)["time"]["overhead_s"] > 0 == simulate(plan, load_backend("cpu-local"))["time"]["overhead_s"]
+    with pytest.raises(ValueError, match="measured for backend 'cpu-local'"):
+        apply_calibration(load_backend("dgx-h100"), calibration)
+
+
+def test_the_shipped_calibration_validates_and_names_its_machine():
+    path = shipped_calibration("cpu-local")
+    assert path is not None
+    calibration = load_calibration(path)
+    assert calibration["machine"]["nproc"] == 2 and calibration["created"].startswith("20")
+    assert calibration["measurements"]["all_to_all"] and calibration["fitted"]["link"]["latency_s"] > 0
+
+
+def test_a_bad_calibration_is_a_located_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 1, "backend": "cpu-local", "created": "x", "machine": {}, "fitted": {}, "measurements": {},
+                               "fit_error": {}, "extra": 1}, indent=2))  # fmt: skip
+    with pytest.raises(SpecErrors) as caught:
+        load_calibration(bad)
+    lines = [error.format() for error in caught.value.errors]
+    assert any(line.startswith(f"{bad}:") and "extra" in line for line in lines)
