@@ -25,9 +25,12 @@ demo: $(STAMP)
 	$(BIN)/moespec train specs/tiny-mixed.yaml --steps 50
 	$(BIN)/moespec train specs/tiny-ep.yaml --steps 50 --nproc 2
 	$(BIN)/moespec simulate specs/mixtral-8x7b.yaml --backend h100-cluster-4n --world 32
+	$(BIN)/moespec profile specs/tiny-ep.yaml --nproc 2 --out moespec-profile/tiny-ep
+	$(BIN)/moespec explore specs/sweeps/cpu-tiny.yaml --out moespec-explore/cpu-tiny
+	@echo "exploration plot: moespec-explore/cpu-tiny/pareto.png; profile plots and traces: moespec-profile/tiny-ep/"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info moespec-profile moespec-explore

@@ -25,6 +25,12 @@ MOESPEC = [sys.executable, "-m", "moespec"]
 QUICK = ["--steps", "2", "--warmup", "1", "--trace-steps", "1"]
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run(args, **kwargs):
     return subprocess.run([*MOESPEC, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
 
@@ -75,6 +81,33 @@ def test_profile_two_ranks_measures_the_predicted_all_to_all(tmp_path):
     regions = trace_region_names(tmp_path / "traces")
     assert set(regions) == {"rank0", "rank1"}
     assert all({"moespec::dispatch_a2a", "moespec::combine_a2a"} <= names for names in regions.values())
+    # What `tensorboard --logdir` does with them: torch-tb-profiler's loader reads both ranks
+    # and builds its distributed view.
+    tb_io = pytest.importorskip("torch_tb_profiler.io")
+    from torch_tb_profiler.profiler.loader import RunLoader
+
+    tb_run = RunLoader("tiny-ep", str(tmp_path / "traces"), tb_io.Cache()).load()
+    profiles = {profile.worker: profile for profile in tb_run.get_profiles()}
+    assert {"rank0", "rank1"} <= set(profiles)
+    for rank in ("rank0", "rank1"):
+        assert {view.name for view in profiles[rank].views} >= {"overall", "operator", "trace"}
+        operators = {row["name"] for row in profiles[rank].operation_table_by_name["data"]}
+        assert "aten::mm" in operators
+
+
+@pytest.mark.skipif(not torch_cuda_available(), reason="needs a CUDA device")
+def test_profile_on_cuda_uses_cuda_events_and_peak_allocated(tmp_path):
+    done = run(["profile", "specs/tiny-topk.yaml", "--device", "cuda", "--json", "--out", str(tmp_path), *QUICK])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["device"] == "cuda" and report["measured"]["memory"]["kind"] == "cuda_peak_allocated"
+    assert report["measured"]["memory"]["peak_bytes"] > 0 and report["exact_counts"] is True
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="checks the message on a machine without CUDA")
+def test_profile_on_cuda_without_a_gpu_is_one_line():
+    done = run(["profile", "specs/tiny-topk.yaml", "--device", "cuda"])
+    assert done.returncode == 2 and "no CUDA device" in done.stderr and "Traceback" not in done.stderr
 
 
 def _rank_pid(rank: int, marker: str) -> int | None:

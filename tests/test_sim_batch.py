@@ -166,3 +166,26 @@ def test_a_dense_model_packs_with_zero_moe_layers():
     dense_layers = tuple(dataclasses.replace(layer, kind="dense", moe=None, d_ff=plan.model.d_ff) for layer in plan.layers)
     dense, backend = dataclasses.replace(plan, layers=dense_layers), load_backend("cpu-local")
     assert_matches(evaluate(DesignBatch.from_plans([dense]), backend), 0, dense, backend)
+
+
+def test_calibrated_terms_equal_simulate():
+    """Host overheads (every kind, per router), the all-to-all wait and the all-reduce scale
+    are 0 or 1 on shipped backends; here each is set apart so a slip in either path shows."""
+    from types import MappingProxyType
+
+    from moespec.sim.overhead import ROUTER_NAMES, Overheads
+
+    overheads = Overheads(step_s=1e-3, optimizer_step_s=2e-3, dense_layer_s=3e-4,
+                          moe_layer_s=MappingProxyType({name: 1e-4 * (i + 1) for i, name in enumerate(ROUTER_NAMES)}),
+                          local_expert_s=5e-5, a2a_call_s=7e-5)  # fmt: skip
+    backend = dataclasses.replace(load_backend("h100-cluster-4n"), overheads=overheads, allreduce_scale=1.7)
+    plans = random_designs(load_plan(ROOT / "specs" / "olmoe-1b-7b.yaml"), 30, 7)
+    result = evaluate(DesignBatch.from_plans(plans), backend)
+    for i, plan in enumerate(plans):
+        assert_matches(result, i, plan, backend)
+    assert result["overhead_s"].min() > 0
+    tiny = [fitted(load_plan(path))[0] for path in SPECS if path.stem.startswith("tiny") and uniform(load_plan(path))]
+    cpu = dataclasses.replace(load_backend("cpu-local"), overheads=overheads, allreduce_scale=1.7)
+    result = evaluate(DesignBatch.from_plans(tiny), cpu)
+    for i, plan in enumerate(tiny):
+        assert_matches(result, i, plan, cpu)

@@ -114,9 +114,11 @@ def _print(document: dict, out: Path) -> None:
         table.add_row("all-reduce over the ideal ring", f"{fitted['allreduce_scale']:.2f}x", f"{errors['all_reduce']:.1%}")
     overhead = fitted["overhead"]
     table.add_row("host overhead per micro-step", f"{overhead['step_s'] * 1e3:,.3f} ms", "")
+    table.add_row("host overhead per optimizer step", f"{overhead['optimizer_step_s'] * 1e3:,.3f} ms", "")
     table.add_row("host overhead per dense block", f"{overhead['dense_layer_s'] * 1e3:,.3f} ms", "")
     for router, seconds in overhead["moe_layer_s"].items():
         table.add_row(f"host overhead per MoE block, {router}", f"{seconds * 1e3:,.3f} ms", "")
     table.add_row("host overhead per local expert", f"{overhead['local_expert_s'] * 1e3:,.3f} ms", "")
+    table.add_row("wait per all-to-all call (ep > 1)", f"{overhead['a2a_call_s'] * 1e3:,.3f} ms", "")
     console.print(table)
     console.print(f"written: {out}")

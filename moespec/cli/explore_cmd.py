@@ -7,6 +7,7 @@ terminal and never under --json), prints the front as a table, and hands files t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -38,13 +39,17 @@ def explore_command(
     show: int = typer.Option(DEFAULT_SHOW, "--show", help="Front rows to print (the files hold all)."),
     chunk: int = typer.Option(65_536, "--chunk", help="Designs evaluated per vectorised batch."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+    calibration: str = typer.Option("auto", "--calibration", help="auto (the shipped calibration of the sweep's backend, if any), none, or a calibration file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Search a sweep's design space for the Pareto front of its objectives under its constraints."""
     from moespec.explore import emit_specs, explore, load_sweep, result_document, write_outputs
     from moespec.explore.run import FIGURES
+    from moespec.sim.calibration import backend_with_calibration
 
     loaded = or_exit(load_sweep, sweep)
+    calibrated = or_exit(backend_with_calibration, loaded.backend, calibration, world=loaded.backend.num_devices)
+    loaded = dataclasses.replace(loaded, backend=calibrated)
     for option, value in (("--by", by), ("--x", plot_x), ("--y", plot_y)):
         if value is not None and value not in FIGURES:
             fail(f"{option} {value!r} is not a figure; choose one of {', '.join(FIGURES)}")
@@ -94,7 +99,7 @@ class _progress:
 def _print(result, show: int) -> None:
     sweep = result.sweep
     console.print(f"[bold]{sweep.name}[/bold]: {result.designs:,} designs of {sweep.base_file} on {sweep.backend.name} "
-                  f"({sweep.backend.num_devices} devices) in {result.elapsed_s:.2f} s ({result.designs_per_s:,.0f} designs/s)", soft_wrap=True)  # fmt: skip
+                  f"({sweep.backend.num_devices} devices{', calibrated' if sweep.backend.calibration else ''}) in {result.elapsed_s:.2f} s ({result.designs_per_s:,.0f} designs/s)", soft_wrap=True)  # fmt: skip
     infeasible = result.designs - result.feasible
     console.print(f"feasible {result.feasible:,}; infeasible {infeasible:,}" + (", by first failing reason:" if infeasible else ""))
     for reason, count in result.infeasible_by_reason.items():

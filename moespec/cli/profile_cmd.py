@@ -5,6 +5,7 @@ launches ranks the way `train` does, and prints."""
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 import typer
@@ -181,13 +182,21 @@ def print_report(report: dict) -> None:
             error = "[green]equal[/green]" if row["equal"] else f"[red]differs by {row['predicted'] - row['measured']:,.0f}[/red]"
         else:
             error = "-" if row["relative_error"] is None else f"{row['relative_error']:+.1%}"
-        table.add_row(row["figure"].replace(" (s, median)", "").replace(" (s)", ""), _fmt(row["measured"], row["figure"]),
+        table.add_row(row["figure"].replace(" (s, median)", "").replace(" (s)", "").replace(", transfer + wait", " (+ wait)"), _fmt(row["measured"], row["figure"]),
                       _fmt(row["predicted"], row["figure"]), error)  # fmt: skip
     console.print(table)
     m = report["measured"]
     console.print(f"step time over {report['steps']} steps: median {m['step_s']['median'] * 1e3:,.2f} ms, "
                   f"min {m['step_s']['min'] * 1e3:,.2f}, max {m['step_s']['max'] * 1e3:,.2f}; "
                   f"achieved {m['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s")  # fmt: skip
+    if len(report["ranks"]) > 1:
+        per_rank = Table(title="per rank")
+        for column in ("rank", "median step", "FLOPs / micro-step", "a2a bytes / micro-step", "peak memory"):
+            per_rank.add_column(column, justify="right")
+        for r in report["ranks"]:
+            per_rank.add_row(str(r["rank"]), f"{statistics.median(r['step_s']) * 1e3:,.2f} ms", f"{r['flops_per_microstep']:,}",
+                             f"{r['a2a_bytes_per_microstep']:,.0f}", f"{r['peak_memory_bytes'] / 2**20:,.1f} MiB")  # fmt: skip
+        console.print(per_rank)
     regions = Table(title="where the measured step went (profiled steps, scaled to the median)")
     regions.add_column("region")
     regions.add_column("ms", justify="right")

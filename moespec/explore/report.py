@@ -43,7 +43,7 @@ def result_document(result: ExploreResult) -> dict:
         "sweep": sweep.name,
         "file": sweep.file,
         "base": str(sweep.base_file),
-        "backend": {"name": sweep.backend.name, "devices": sweep.backend.num_devices},
+        "backend": {"name": sweep.backend.name, "devices": sweep.backend.num_devices, "calibration": sweep.backend.calibration},
         "axes": {axis.name: [show_value(v) if isinstance(v, dict) else v for v in axis.values] for axis in sweep.axes},
         "objectives": {o.name: o.direction for o in sweep.objectives},
         "units": {name: unit for name, unit in FIGURES.items()},

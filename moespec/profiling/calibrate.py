@@ -11,11 +11,15 @@ Fits, each from its own micro-benchmarks (profiling/microbench.py):
   all-to-all times (sim/collectives.py, affine in latency and 1/bandwidth) against the
   measured ones, at several sizes across the ranks; then the all-reduce scale: measured
   all-reduce over the ideal ring on that link (median ratio);
-- fixed host overheads (sim/overhead.py): real training steps of small models (1 and 3 dense
-  blocks; 1 dense + 1 MoE block per router; 4 and 8 experts; 128 and 512 tokens), each minus
-  its matmul time, solved block by block (`fit_overheads`).
-The small models are not the specs later profiled (d_model 32, 128 and 512 tokens), so the accuracy
-benchmark tests predictions, not a fit to itself.
+- fixed host overheads (sim/overhead.py): real training steps, data parallel over the N
+  ranks as a real run is (DDP, synchronisation, the slowest rank), of small models (1 and 3 dense
+  blocks, and 1 block with 2 micro-steps per optimizer step; 1 dense + 1 MoE block per
+  router; 4 and 8 experts; the top-k block again with ep 2, for the all-to-all's wait; 128
+  and 512 tokens), each minus its modelled matmul and exposed
+  collective time, solved block by block (`fit_overheads`).
+The small models have the width of the tiny example specs (d_model 64: "the model's shapes")
+but not their depth, routers' settings or expert counts, so the accuracy benchmark tests
+predictions of whole models from their parts, not a fit to themselves.
 """
 
 from __future__ import annotations
@@ -33,16 +37,16 @@ import torch
 from moespec.sim.backend import Backend, LinkSpec
 from moespec.sim.collectives import all_reduce_time_s, all_to_all_time_s
 from moespec.sim.model import step_time
-from moespec.sim.overhead import ROUTER_NAMES, Overheads
+from moespec.sim.overhead import A2A_CALLS_PER_LAYER, ROUTER_NAMES, Overheads
 from moespec.sim.topology import build_topology
 from moespec.spec import plan_from_text
 
 _BLOCK_SPEC = """
 version: 1
 name: {name}
-model: {{vocab_size: 256, d_model: 32, n_layers: {layers}, n_heads: 2, d_ff: 64, seq_len: {seq}}}
+model: {{vocab_size: 256, d_model: 64, n_layers: {layers}, n_heads: 4, d_ff: 128, seq_len: {seq}}}
 {moe}
-parallelism: {{micro_batch: 8}}
+parallelism: {{dp: {world}, ep: {ep}, micro_batch: 8, global_batch: {global_batch}}}
 """
 BLOCK_SEQ = {"s": 16, "l": 64}  # two sizes: the difference separates per-byte from fixed costs
 ROUTER_BLOCKS = {
@@ -57,18 +61,27 @@ ROUTER_BLOCKS = {
 }
 
 
-def block_plans() -> dict[str, object]:
-    """The small models whose steps isolate each fixed overhead, each at two sequence lengths."""
+def block_plans(world: int = 1) -> dict[str, object]:
+    """The small models whose steps isolate each fixed overhead, each at two sequence lengths,
+    data parallel over `world` ranks (so DDP and the synchronisation of a real run are in)."""
     plans = {}
     for size, seq in BLOCK_SEQ.items():
-        for n in (1, 3):
-            name = f"dense{n}@{size}"
-            plans[name] = plan_from_text(_BLOCK_SPEC.format(name=f"dense{n}", layers=n, seq=seq, moe=""), name)
+        for n, accumulate in ((1, 1), (3, 1), (1, 2)):  # 2 micro-steps per optimizer step: its own cost
+            name = f"dense{n}" + ("_ga2" if accumulate > 1 else "") + f"@{size}"
+            text = _BLOCK_SPEC.format(name=f"dense{n}", layers=n, seq=seq, moe="", world=world, ep=1,
+                                      global_batch=8 * world * accumulate)  # fmt: skip
+            plans[name] = plan_from_text(text, name)
         for router, block in ROUTER_BLOCKS.items():
             for experts in (4, 8) if router == "topk" else (4,):
-                moe = f"moe: {{placement: {{type: layers, layers: [1]}}, experts: {{count: {experts}, d_ff: 32}}, router: {block}}}"
+                moe = f"moe: {{placement: {{type: layers, layers: [1]}}, experts: {{count: {experts}, d_ff: 64}}, router: {block}}}"
                 name = f"moe_{router}_e{experts}@{size}"
-                plans[name] = plan_from_text(_BLOCK_SPEC.format(name=f"moe-{router}", layers=2, seq=seq, moe=moe), name)
+                text = _BLOCK_SPEC.format(name=f"moe-{router}", layers=2, seq=seq, moe=moe, world=world, ep=1, global_batch=8 * world)
+                plans[name] = plan_from_text(text, name)
+        if world > 1 and world % 2 == 0:  # the same top-k block with its experts on 2 ranks: the all-to-all's wait
+            moe = "moe: {placement: {type: layers, layers: [1]}, experts: {count: 4, d_ff: 64}, router: {type: topk, k: 2}}"
+            name = f"moe_topk_e4_ep2@{size}"
+            text = _BLOCK_SPEC.format(name="moe-topk-ep2", layers=2, seq=seq, moe=moe, world=world, ep=2, global_batch=8 * world)
+            plans[name] = plan_from_text(text, name)
     return plans
 
 
@@ -133,38 +146,49 @@ def fit_link(backend: Backend, world: int, a2a: list[dict], allreduce: list[dict
 
 
 def _split_model(plan, backend: Backend) -> tuple[float, float]:
-    """(matmul seconds, memory-bound bytes) of one step as the model sees it: with a memory
-    bandwidth of 1 B/s the elementwise and optimizer terms read as bytes."""
+    """(seconds the model already explains apart from memory traffic: matmuls and exposed
+    collectives; memory-bound bytes) of one step: with a memory bandwidth of 1 B/s the
+    elementwise and optimizer terms read as bytes."""
     bare = dataclasses.replace(backend, overheads=Overheads(), memory_efficiency=1.0)
     fast = dataclasses.replace(bare, device=dataclasses.replace(backend.device, memory_bandwidth_Bps=1e30))
     slow = dataclasses.replace(bare, device=dataclasses.replace(backend.device, memory_bandwidth_Bps=1.0))
-    timed = step_time(plan, slow)
-    return step_time(plan, fast).compute_s, timed.elementwise_s + timed.optimizer_s
+    timed, quick = step_time(plan, slow), step_time(plan, fast)
+    return quick.compute_s + quick.a2a_s + quick.exposed_allreduce_s, timed.elementwise_s + timed.optimizer_s
 
 
 def fit_overheads(block_seconds: dict[str, float], backend: Backend, plans: dict) -> tuple[Overheads, float, float, list[dict]]:
     """(overheads, memory bandwidth, its median relative error, block records).
 
-    Residual = measured - matmul time. Dense models (1 and 3 blocks, two sizes) give, by least
+    Residual = measured - (matmul + exposed collective) time. Dense models (1 and 3 blocks, two sizes) give, by least
     squares, residual = step_s + n * dense_layer_s + bytes / bandwidth; the MoE models, each
     minus that, give each router's block and (4 vs 8 experts) the per-expert cost."""
     split = {name: _split_model(plan, backend) for name, plan in plans.items()}
     resid = {name: block_seconds[name] - split[name][0] for name in plans}
     dense = [name for name in plans if name.startswith("dense")]
-    rows = np.array([[1.0, float(name[5]), split[name][1]] for name in dense])
+    micro = {name: plans[name].parallel.grad_accum for name in plans}
+    # residual = micro * (step + n * dense_layer) + optimizer_step + bytes / bandwidth
+    rows = np.array([[micro[name], 1.0, micro[name] * float(name[5]), split[name][1]] for name in dense])
     target = np.array([resid[name] for name in dense])
     weights = 1 / target.clip(min=1e-6)  # relative error
-    (step, dense_layer, inv_bw), *_ = np.linalg.lstsq(rows * weights[:, None], target * weights, rcond=None)
-    step, dense_layer, inv_bw = max(step, 0.0), max(dense_layer, 0.0), max(inv_bw, 1e-13)
-    error = float(np.median(np.abs(rows @ np.array([step, dense_layer, inv_bw]) / target - 1)))
+    solution, *_ = np.linalg.lstsq(rows * weights[:, None], target * weights, rcond=None)
+    step, optimizer_step, dense_layer, inv_bw = (max(float(v), 0.0) for v in solution)
+    inv_bw = max(inv_bw, 1e-13)
+    error = float(np.median(np.abs(rows @ np.array([step, optimizer_step, dense_layer, inv_bw]) / target - 1)))
 
     def rest(name: str) -> float:  # what an MoE model's residual leaves for its MoE block
-        return resid[name] - step - dense_layer - split[name][1] * inv_bw
+        return resid[name] - step - optimizer_step - dense_layer - split[name][1] * inv_bw
 
     local_expert = max(statistics.mean((rest(f"moe_topk_e8@{s}") - rest(f"moe_topk_e4@{s}")) / 4 for s in BLOCK_SEQ), 0.0)
     moe_layer = {r: max(statistics.mean(rest(f"moe_{r}_e4@{s}") for s in BLOCK_SEQ) - 4 * local_expert, 0.0) for r in ROUTER_NAMES}
+    a2a_call = 0.0
+    if "moe_topk_e4_ep2@s" in plans:  # ep 2 holds 2 experts instead of 4, and adds 4 all-to-all calls
+        a2a_call = statistics.mean((rest(f"moe_topk_e4_ep2@{s}") - rest(f"moe_topk_e4@{s}") + 2 * local_expert) / A2A_CALLS_PER_LAYER
+                                   for s in BLOCK_SEQ)  # fmt: skip
+        a2a_call = max(a2a_call, 0.0)
     blocks = [{"name": name, "seconds": block_seconds[name], "modelled_s": split[name][0] + split[name][1] * inv_bw} for name in plans]
-    return Overheads(float(step), float(dense_layer), moe_layer, float(local_expert)), 1.0 / float(inv_bw), error, blocks
+    overheads = Overheads(step_s=step, optimizer_step_s=optimizer_step, dense_layer_s=dense_layer, moe_layer_s=moe_layer,
+                          local_expert_s=float(local_expert), a2a_call_s=float(a2a_call))  # fmt: skip
+    return overheads, 1.0 / inv_bw, error, blocks
 
 
 def machine_facts(device: torch.device, nproc: int) -> dict:
@@ -209,13 +233,10 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
         backend, matmul_efficiency=efficiency, memory_efficiency=1.0,
         device=dataclasses.replace(backend.device, memory_bandwidth_Bps=stream_bandwidth, peak_flops_per_s=peaks),
     )  # fmt: skip
-    plans = block_plans()
+    partial = dataclasses.replace(partial, intra_node=link, allreduce_scale=allreduce_scale)
+    plans = block_plans(world)
     steps = 8 if quick else 30
     seconds = {name: microbench.time_training_step(plan, device, steps=steps) for name, plan in plans.items()}
-    if world > 1:  # the mean over ranks: every rank ran the same small models at once
-        values = torch.tensor([seconds[name] for name in plans], dtype=torch.float64)
-        dist.all_reduce(values)
-        seconds = {name: float(v) / world for name, v in zip(plans, values)}
     overheads, bandwidth, memory_error, blocks = fit_overheads(seconds, partial, plans)
     if world > 1 and dist.get_rank() != 0:
         return None

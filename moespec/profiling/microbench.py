@@ -88,12 +88,29 @@ def time_collectives(device: torch.device, *, sizes=COLLECTIVE_BYTES, repeats: i
 
 
 def time_training_step(plan, device: torch.device, *, steps: int = 30, warmup: int = 5, seed: int = 0) -> float:
-    """Median seconds of one real optimizer step of `plan`'s model on this rank alone."""
-    from moespec.profiling.measure import _Batches
+    """Median seconds of one real optimizer step of `plan`'s model, as `moespec profile` times
+    it: on every rank of the plan's world at once (DDP, expert-gradient reduction, clipping
+    all-reduce included), each step started after a barrier, the slowest rank's time counted."""
+    import torch.distributed as dist
+
+    from moespec.distributed.context import init_distributed
+    from moespec.distributed.data_parallel import shard_experts
     from moespec.model.build import build_model
+    from moespec.profiling.measure import _Batches
     from moespec.train import prepare_training, train_step
 
-    setup = prepare_training(build_model(plan, seed=seed, device=device), plan)
-    batches = _Batches(plan, device, seed, 0)
+    distributed = plan.parallel.world > 1
+    ctx = init_distributed(plan, device=device.type) if distributed else None
+    model = build_model(plan, seed=seed, device=device)
+    if ctx is not None:
+        shard_experts(model, ctx)
+    setup = prepare_training(model, plan, dist_ctx=ctx)
+    batches = _Batches(plan, device, seed, 0 if ctx is None else ctx.rank)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    return median_seconds(lambda: train_step(setup, plan, batches.step()), repeats=steps, warmup=warmup, sync=sync)
+    before = dist.barrier if distributed else (lambda: None)
+    seconds = median_seconds(lambda: train_step(setup, plan, batches.step()), repeats=steps, warmup=warmup, sync=sync, before=before)
+    if distributed:
+        slowest = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        seconds = float(slowest)
+    return seconds

@@ -32,19 +32,24 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
 
     written = []
     # 1. Time breakdown: predicted parts beside measured regions, one stacked bar each.
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    fig, ax = plt.subplots(figsize=(11, 3.4))
     bars = {"predicted": predicted_parts_s(report),
             "measured": {k.replace("_", " "): v for k, v in report["measured"]["region_s"].items() if v > 0}}  # fmt: skip
     colours = plt.get_cmap("tab20").colors
+    handles = []
     for row, (label, parts) in enumerate(bars.items()):
-        left = 0.0
+        left, total = 0.0, sum(parts.values()) * 1e3
         for i, (name, seconds) in enumerate(sorted(parts.items(), key=lambda item: -item[1])):
-            ax.barh(row, seconds * 1e3, left=left, color=colours[(i + 10 * row) % len(colours)], edgecolor="white")
-            if seconds * 1e3 > 0.06 * sum(parts.values()) * 1e3:
-                ax.text(left + seconds * 5e2, row, name, ha="center", va="center", fontsize=7)
-            left += seconds * 1e3
+            ms = seconds * 1e3
+            bar = ax.barh(row, ms, left=left, color=colours[(i + 10 * row) % len(colours)], edgecolor="white",
+                          label=f"{label}: {name} ({ms:.2f} ms)")  # fmt: skip
+            handles.append(bar)
+            if ms > 0.12 * total:
+                ax.text(left + ms / 2, row, name, ha="center", va="center", fontsize=7)
+            left += ms
     ax.set_yticks(range(len(bars)), list(bars))
     ax.set_xlabel("ms per optimizer step")
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title(f"{report['name']}: step time, predicted ({report['backend']}) vs measured (world {report['world']})")
     path = out_dir / "time_breakdown.png"
     write_atomic(path, _figure_bytes(fig))

@@ -13,6 +13,7 @@ import statistics
 
 from moespec.sim.backend import Backend
 from moespec.sim.model import simulate
+from moespec.sim.overhead import A2A_CALLS_PER_LAYER
 from moespec.spec.plan import SpecPlan
 
 COMPARED_TIMES = (("compute_s", "compute (matmul roofline + elementwise + host overhead)"),
@@ -51,7 +52,7 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         _row("MFU", mfu, time["mfu"]),
         _row("matmul FLOPs per rank per micro-step", flops_rank, predicted["step_flops_per_rank_microstep"], exact=not is_dropless(plan)),
         _row("all-to-all bytes per rank per micro-step", a2a_bytes, predicted["a2a_bytes_per_rank_microstep"], exact=not is_dropless(plan)),
-        _row("all-to-all time per step (s)", a2a_measured_s, time["a2a_s"]),
+        _row("all-to-all time per step, transfer + wait (s)", a2a_measured_s, time["a2a_s"] + _a2a_wait_s(plan, backend)),
     ]
     memory = _memory(ranks, predicted)
     return {
@@ -88,6 +89,15 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         "trace_dir": trace_dir,
         "ranks": ranks,
     }
+
+
+def _a2a_wait_s(plan: SpecPlan, backend: Backend) -> float:
+    """The calibrated wait of the expert-parallel all-to-alls, which the simulator books as host
+    overhead (sim/overhead.py); the profiler's all-to-all regions include it."""
+    if plan.parallel.ep == 1:
+        return 0.0
+    calls = A2A_CALLS_PER_LAYER * len(plan.moe_layers) * plan.parallel.grad_accum
+    return backend.overheads.a2a_call_s * calls / plan.parallel.pp
 
 
 def _row(figure: str, measured: float, predicted: float, *, exact: bool = False) -> dict:

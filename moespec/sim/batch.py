@@ -34,7 +34,7 @@ import numpy as np
 from moespec.sim.backend import Backend
 from moespec.sim.collectives import all_reduce_time_s, all_to_all_time_s
 from moespec.sim.model import ALLOCATOR_ALLOWANCE, DEFAULT_OVERLAP
-from moespec.sim.overhead import ELEMENTWISE_PASSES, ROUTER_NAMES
+from moespec.sim.overhead import A2A_CALLS_PER_LAYER, ELEMENTWISE_PASSES, ROUTER_NAMES
 from moespec.sim.topology import build_topology
 from moespec.spec.plan import SpecPlan
 
@@ -328,14 +328,14 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict) -> dict[str, np.ndar
     }  # fmt: skip
 
 
-def _activation_bytes(b: DesignBatch, counts: dict, *, as_if_no_recompute: bool = False) -> np.ndarray:
+def _activation_bytes(b: DesignBatch, counts: dict, *, elementwise: bool = False) -> np.ndarray:
     """model.activation_bytes (Korthikanti et al. 2022), summed as n_dense + n_moe like blocks.
-    `as_if_no_recompute`: what the layers would store without recomputation (elementwise traffic)."""
+    `elementwise`: as model.elementwise_bytes counts them (selective, whatever the spec says)."""
     s, bsz, h, a = (x.astype(np.float64) for x in (b.seq_len, b.micro_batch, b.d_model, b.n_heads))
     tokens = s * bsz
     scale = np.where(b.precision == PRECISIONS.index("fp32"), 2, 1)
     sbh = s * bsz * h
-    selective = (b.recompute == RECOMPUTE.index("selective")) & (not as_if_no_recompute)
+    selective = (b.recompute == RECOMPUTE.index("selective")) | elementwise
     attention = 15 * sbh + np.where(selective, 0, 5 * a * s * s * bsz)
     dense_mlp = 19 * sbh * b.d_ff / (4 * h)
     rows_per_token = counts["expert_rows"] / tokens
@@ -343,7 +343,7 @@ def _activation_bytes(b: DesignBatch, counts: dict, *, as_if_no_recompute: bool 
     n_moe = b.n_moe_layers
     layers = (b.n_layers - n_moe) * (attention + dense_mlp) * scale + n_moe * (attention + moe_mlp) * scale
     full = b.n_layers * (2 * sbh * scale)
-    full_recompute = (b.recompute == RECOMPUTE.index("full")) & (not as_if_no_recompute)
+    full_recompute = (b.recompute == RECOMPUTE.index("full")) & (not elementwise)
     return np.where(full_recompute, full, layers) / (b.pp * b.tp)
 
 
@@ -376,12 +376,13 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, collectives: Collectiv
     micro_s = np.maximum(flops / (peak * backend.matmul_efficiency), 3 * local_weight_bytes / memory_Bps)
     compute_s = micro_s * micro_steps
     # model.elementwise_bytes and overhead.fixed_overhead_s.
-    elementwise_s = ELEMENTWISE_PASSES * _activation_bytes(b, counts, as_if_no_recompute=True) * full / memory_Bps * micro_steps
+    elementwise_s = ELEMENTWISE_PASSES * _activation_bytes(b, counts, elementwise=True) * full / memory_Bps * micro_steps
     ov = backend.overheads
     moe_layer_s = np.array([ov.moe_layer(name) for name in ROUTER_NAMES])[b.router]
+    a2a_calls = np.where(b.ep > 1, ov.a2a_call_s * A2A_CALLS_PER_LAYER, 0.0)
     fixed_s = ov.step_s + (b.n_layers - b.n_moe_layers) * ov.dense_layer_s + b.n_moe_layers * (
-        moe_layer_s + ov.local_expert_s * b.experts / b.ep)
-    overhead_s = fixed_s / b.pp * micro_steps
+        moe_layer_s + ov.local_expert_s * b.experts / b.ep + a2a_calls)
+    overhead_s = fixed_s / b.pp * micro_steps + ov.optimizer_step_s
 
     # All-to-all: 4 per MoE layer per micro-step over ranks 0..ep-1, rows*D*b/ep per pair.
     a2a_on = valid & (b.ep > 1) & (b.n_moe_layers > 0)

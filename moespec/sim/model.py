@@ -160,7 +160,7 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
     compute_s = micro_s * micro_steps
     memory_Bps = backend.device.memory_bandwidth_Bps * backend.memory_efficiency
     elementwise_s = elementwise_bytes(plan) / memory_Bps * micro_steps
-    overhead_s = fixed_overhead_s(plan, backend.overheads) * micro_steps
+    overhead_s = fixed_overhead_s(plan, backend.overheads)
     # All-to-all: 4 transfers per MoE layer per micro-step, each rank sending rows*D*b/ep to
     # every other rank of its group (ranks 0..ep-1: a group is consecutive ranks).
     a2a_s = 0.0
@@ -199,9 +199,11 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
 
 def elementwise_bytes(plan: SpecPlan) -> float:
     """Bytes one micro-step's non-matmul ops move on one rank (sim/overhead.py says why 3
-    passes over the stored activations); full recomputation replays the forward (4/3)."""
-    stored = activation_bytes(dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, recompute="none")))
-    return ELEMENTWISE_PASSES * stored * recompute_factor(plan.parallel.recompute)
+    passes over the stored activations). The attention scores (Korthikanti's 5*a*s/h term)
+    are left out: fused attention (SDPA's flash kernels, on GPU and CPU) never writes them
+    to memory. Full recomputation replays the forward (4/3)."""
+    as_fused = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, recompute="selective"))
+    return ELEMENTWISE_PASSES * activation_bytes(as_fused) * recompute_factor(plan.parallel.recompute)
 
 
 def recompute_factor(recompute: str) -> float:

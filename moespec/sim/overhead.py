@@ -9,9 +9,12 @@ CPU or in eager mode, that fixed cost is often most of the step.
 - Elementwise bytes: every activation a layer stores (Korthikanti et al., `activation_bytes`)
   is written once in forward, read once and its gradient written once in backward: 3 passes.
   No new coefficient: memory bandwidth and its efficiency come from the backend (calibrated).
-- Fixed host time: seconds per micro-step for the embedding, LM head and loss, per dense
+- Fixed host time: seconds per optimizer step (clipping, AdamW), per micro-step for the
+  embedding, LM head and loss, per dense
   block, per MoE block by router type (BASE's auction and Sinkhorn's iterations cost more
-  than a top-k), and per expert held on the rank (grouped experts run a few ops per expert).
+  than a top-k), per expert held on the rank (grouped experts run a few ops per expert), and
+  per expert-parallel all-to-all call (a blocking collective waits for the slowest rank: on
+  busy CPU ranks that wait dwarfs the transfer).
   Shipped backends leave them at 0; `moespec calibrate` measures them on small models.
 """
 
@@ -24,6 +27,7 @@ from typing import Mapping
 from moespec.spec.plan import ROUTER_TYPES, SpecPlan
 
 ROUTER_NAMES = tuple(ROUTER_TYPES)  # index order of DesignBatch.router
+A2A_CALLS_PER_LAYER = 4  # dispatch and combine, forward and backward
 ELEMENTWISE_PASSES = 3  # forward write, backward read, gradient write of every stored activation
 
 
@@ -31,29 +35,40 @@ ELEMENTWISE_PASSES = 3  # forward write, backward read, gradient write of every 
 class Overheads:
     """Fixed host-side seconds, forward + backward, at this backend's device."""
 
-    step_s: float = 0.0  # per micro-step: embedding, LM head, loss, optimizer and clipping dispatch
+    step_s: float = 0.0  # per micro-step: embedding, LM head, loss
+    optimizer_step_s: float = 0.0  # per optimizer step: zeroing, clipping, AdamW's dispatch
     dense_layer_s: float = 0.0  # one dense transformer block
     moe_layer_s: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}), hash=False)  # router -> s
     local_expert_s: float = 0.0  # each expert this rank holds, per MoE block
+    a2a_call_s: float = 0.0  # each expert-parallel all-to-all call beyond its transfer: waiting for the slowest rank
 
     def moe_layer(self, router: str) -> float:
         return float(self.moe_layer_s.get(router, 0.0))
 
     def as_dict(self) -> dict:
-        return {"step_s": self.step_s, "dense_layer_s": self.dense_layer_s,
-                "moe_layer_s": dict(self.moe_layer_s), "local_expert_s": self.local_expert_s}  # fmt: skip
+        return {"step_s": self.step_s, "optimizer_step_s": self.optimizer_step_s, "dense_layer_s": self.dense_layer_s,
+                "moe_layer_s": dict(self.moe_layer_s), "local_expert_s": self.local_expert_s,
+                "a2a_call_s": self.a2a_call_s}  # fmt: skip
 
 
 def overheads_from_dict(data: Mapping) -> Overheads:
     return Overheads(
         step_s=float(data.get("step_s", 0.0)),
+        optimizer_step_s=float(data.get("optimizer_step_s", 0.0)),
         dense_layer_s=float(data.get("dense_layer_s", 0.0)),
         moe_layer_s=MappingProxyType({name: float(v) for name, v in data.get("moe_layer_s", {}).items()}),
         local_expert_s=float(data.get("local_expert_s", 0.0)),
+        a2a_call_s=float(data.get("a2a_call_s", 0.0)),
     )
 
 
 def fixed_overhead_s(plan: SpecPlan, overheads: Overheads) -> float:
+    """Host seconds of one optimizer step on one rank: every micro-step's (its pipeline
+    stage's share of the layers) plus the optimizer step's own."""
+    return micro_step_overhead_s(plan, overheads) * plan.parallel.grad_accum + overheads.optimizer_step_s
+
+
+def micro_step_overhead_s(plan: SpecPlan, overheads: Overheads) -> float:
     """Host seconds of one micro-step on one rank (its pipeline stage's share of the layers)."""
     p = plan.parallel
     total = overheads.step_s
@@ -63,4 +78,5 @@ def fixed_overhead_s(plan: SpecPlan, overheads: Overheads) -> float:
         else:
             total += overheads.moe_layer(layer.moe.router.type)
             total += overheads.local_expert_s * layer.moe.experts.count / p.ep
+            total += overheads.a2a_call_s * A2A_CALLS_PER_LAYER if p.ep > 1 else 0.0
     return total / p.pp
