@@ -100,15 +100,19 @@ def test_wheel_ships_the_schemas(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "moespec/schemas/moespec.schema.json" in names and "moespec/schemas/backend.schema.json" in names
     assert "moespec/backends/dgx-h100.yaml" in names and "moespec/data/python_docs_topics.txt" in names
+    assert {"moespec/schemas/sweep.schema.json", "moespec/schemas/calibration.schema.json",
+            "moespec/calibrations/cpu-local.json", "moespec/explore/clark2022.yaml"} <= set(names)  # fmt: skip
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     check = subprocess.run(
-        [sys.executable, "-c", "import moespec.spec.schema as s; print(s.__file__); print(len(s.load_schema()['$defs']))"],
+        [sys.executable, "-c", "import moespec.spec.schema as s; print(s.__file__); print(len(s.load_schema()['$defs'])); "
+         "from moespec.sim.calibration import shipped_calibration, load_calibration; "
+         "print(load_calibration(shipped_calibration('cpu-local'))['backend'])"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert check.returncode == 0, check.stderr
-    module_file, n_defs = check.stdout.split()
-    assert module_file.startswith(str(site)) and int(n_defs) > 10
+    module_file, n_defs, calibrated = check.stdout.split()
+    assert module_file.startswith(str(site)) and int(n_defs) > 10 and calibrated == "cpu-local"

@@ -34,9 +34,9 @@ def calibrate_command(
     if nproc > hardware.num_devices:
         fail(f"--nproc {nproc} is more ranks than backend {hardware.name} has devices ({hardware.num_devices})")
     if out is None:
-        from moespec.sim.calibration import _REPO_ROOT, calibration_name
+        from moespec.sim.calibration import calibration_name, user_calibrations_dir
 
-        out = _REPO_ROOT / "profiler" / "calibrations" / calibration_name(hardware.name, nproc, hardware.devices_per_node)
+        out = user_calibrations_dir() / calibration_name(hardware.name, nproc, hardware.devices_per_node)
     if nproc > 1 and launched_world() is None:
         from moespec.distributed.launch import launch
 

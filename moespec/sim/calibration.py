@@ -41,14 +41,23 @@ def calibration_name(backend_name: str, nproc: int, devices_per_node: int) -> st
     return f"{backend_name}.json" if nproc == devices_per_node else f"{backend_name}.nproc{nproc}.json"
 
 
+def user_calibrations_dir() -> Path:
+    """Where `moespec calibrate` writes by default: profiler/calibrations of this checkout,
+    or of the current directory when moespec is installed as a package."""
+    repo = _REPO_ROOT / "profiler" / "calibrations"
+    return repo if repo.is_dir() else Path.cwd() / "profiler" / "calibrations"
+
+
 def shipped_calibration(backend_name: str, world: int | None = None) -> Path | None:
-    """The shipped calibration for a run on `world` ranks: the one measured with that many
-    ranks if there is one, else the backend's default."""
+    """The calibration for a run on `world` ranks: the one measured with that many ranks if
+    there is one, else the backend's default; the user's own (user_calibrations_dir) before
+    the ones shipped in the package."""
     names = ([f"{backend_name}.nproc{world}.json"] if world else []) + [f"{backend_name}.json"]
-    for name in names:
-        path = calibrations_dir() / name
-        if path.is_file():
-            return path
+    for folder in dict.fromkeys([user_calibrations_dir(), calibrations_dir()]):
+        for name in names:
+            path = folder / name
+            if path.is_file():
+                return path
     return None
 
 
