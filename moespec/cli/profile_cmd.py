@@ -191,11 +191,13 @@ def print_report(report: dict) -> None:
                   f"achieved {m['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s")  # fmt: skip
     if len(report["ranks"]) > 1:
         per_rank = Table(title="per rank")
-        for column in ("rank", "median step", "FLOPs / micro-step", "a2a bytes / micro-step", "peak memory"):
+        for column in ("rank", "median step", "FLOPs / micro-step", "a2a bytes / micro-step", "a2a (traced)", "peak memory"):
             per_rank.add_column(column, justify="right")
         for r in report["ranks"]:
+            a2a_s = r["region_s"].get("dispatch_a2a", 0.0) + r["region_s"].get("combine_a2a", 0.0)
             per_rank.add_row(str(r["rank"]), f"{statistics.median(r['step_s']) * 1e3:,.2f} ms", f"{r['flops_per_microstep']:,}",
-                             f"{r['a2a_bytes_per_microstep']:,.0f}", f"{r['peak_memory_bytes'] / 2**20:,.1f} MiB")  # fmt: skip
+                             f"{r['a2a_bytes_per_microstep']:,.0f}", f"{a2a_s * 1e3:,.2f} ms",
+                             f"{r['peak_memory_bytes'] / 2**20:,.1f} MiB")  # fmt: skip
         console.print(per_rank)
     regions = Table(title="where the measured step went (profiled steps, scaled to the median)")
     regions.add_column("region")

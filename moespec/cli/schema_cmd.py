@@ -10,7 +10,7 @@ from moespec.cli.common import fail
 
 
 def schema_command(
-    kind: str = typer.Option("spec", "--kind", help="Which schema: spec."),
+    kind: str = typer.Option("spec", "--kind", help="Which schema: spec, backend, sweep or calibration."),
 ) -> None:
     """Print a shipped JSON Schema (2020-12) on stdout."""
     from moespec.spec.schema import SCHEMA_FILES, load_schema
