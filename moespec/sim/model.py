@@ -2,7 +2,7 @@
 
 Counts come from `counts.py` (exact); memory and time are models, each term a small function
 with its unit in its name, every assumption stated where it is made. Scalar evaluation of one
-design; the explorer's batched evaluation is future work (issue 7).
+design; `batch.py` evaluates the same formulas for many designs at once (the explorer).
 
 Rank layout (as the runtime's DeviceMesh): an expert-parallel group is `ep` consecutive ranks,
 so it stays inside a node while ep <= devices per node; the data-parallel group is every rank.
