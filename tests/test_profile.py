@@ -51,6 +51,9 @@ def test_profile_world_1_counts_equal_the_simulator_and_traces_parse(tmp_path):
     predicted = simulate(load_plan(SPECS / "tiny-topk.yaml"), load_backend("cpu-local"))
     assert report["measured"]["flops_per_rank_microstep"] == [predicted["step_flops_per_rank_microstep"]]
     assert report["exact_counts"] is True
+    # The shipped 1-rank calibration applies (auto) and judges the time rows by its band.
+    assert report["calibration"].endswith("cpu-local.nproc1.json") and report["calibrated_error_band"] >= 0.05
+    assert all("within_calibrated_error" in row for row in report["comparison"] if not row["exact"] and row["measured"])
     step = report["measured"]["step_s"]
     assert 0 < step["min"] <= step["median"] <= step["max"] and len(step["per_step"]) == 2
     load = report["measured"]["expert_load"]

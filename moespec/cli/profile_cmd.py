@@ -173,7 +173,9 @@ def print_report(report: dict) -> None:
     calibrated = report["calibration"] or "datasheet figures, not calibrated"
     console.print(f"[bold]{report['name']}[/bold]: world {report['world']} (dp {report['dp']}, ep {report['ep']}) on {report['device']}, "
                   f"{report['threads_per_rank']} thread(s) per rank, {report['steps']} timed steps after {report['warmup']} warm-up")  # fmt: skip
-    console.print(f"prediction: backend {report['backend']} ({calibrated})")
+    band = report["calibrated_error_band"]
+    console.print(f"prediction: backend {report['backend']} ({calibrated})"
+                  + (f"; time rows within the calibrated error band of +/-{band:.0%} say ok" if band is not None else ""))  # fmt: skip
     table = Table(title="measured vs predicted (per rank per micro-step for counts)")
     for column, justify in (("figure", "left"), ("measured", "right"), ("predicted", "right"), ("error", "right")):
         table.add_column(column, justify=justify)
@@ -182,6 +184,8 @@ def print_report(report: dict) -> None:
             error = "[green]equal[/green]" if row["equal"] else f"[red]differs by {row['predicted'] - row['measured']:,.0f}[/red]"
         else:
             error = "-" if row["relative_error"] is None else f"{row['relative_error']:+.1%}"
+            if "within_calibrated_error" in row:
+                error += " ok" if row["within_calibrated_error"] else " [yellow]out[/yellow]"
         table.add_row(row["figure"].replace(" (s, median)", "").replace(" (s)", "").replace(", transfer + wait", " (+ wait)"), _fmt(row["measured"], row["figure"]),
                       _fmt(row["predicted"], row["figure"]), error)  # fmt: skip
     console.print(table)

@@ -242,7 +242,7 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
         return None
     flops = [2 * m["m"] * m["n"] * m["k"] for m in matmuls]
     matmul_error = statistics.median(abs(f / (dtype_peak * efficiency) / m["seconds"] - 1) for f, m in zip(flops, matmuls))
-    return {
+    document = {
         "version": 1,
         "backend": backend.name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -258,3 +258,17 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
         "measurements": {"matmul": matmuls, "memory": memory, "all_to_all": a2a, "all_reduce": allreduce, "blocks": blocks},
         "fit_error": {"matmul": matmul_error, "memory": memory_error, "all_to_all": link_error, "all_reduce": allreduce_error},
     }
+    document["fit_error"]["step"] = step_error(document, backend)
+    return document
+
+
+def step_error(calibration: dict, backend: Backend) -> float:
+    """Median relative error of the calibrated model's whole-step prediction over the small
+    models it was fitted on: the error band `profile` judges its time rows by."""
+    from moespec.sim.calibration import apply_calibration
+
+    calibrated = apply_calibration(backend, calibration)
+    plans = block_plans(calibration["machine"]["nproc"])
+    errors = [abs(step_time(plans[b["name"]], calibrated).step_s / b["seconds"] - 1)
+              for b in calibration["measurements"]["blocks"] if b["name"] in plans]  # fmt: skip
+    return statistics.median(errors)

@@ -16,8 +16,10 @@ from moespec.sim.model import simulate
 from moespec.sim.overhead import A2A_CALLS_PER_LAYER
 from moespec.spec.plan import SpecPlan
 
-COMPARED_TIMES = (("compute_s", "compute (matmul roofline + elementwise + host overhead)"),
-                  ("a2a_s", "all-to-all"), ("optimizer_s", "optimizer"))  # fmt: skip
+# A time row is "within the calibrated error" when |error| <= 2x the calibration's median
+# step error on its own small models (a two-sigma-like band), and never tighter than 5%: the
+# run-to-run noise of a small shared machine.
+WITHIN_FLOOR = 0.05
 
 
 def _relative(measured: float, predicted: float) -> float | None:
@@ -54,6 +56,10 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         _row("all-to-all bytes per rank per micro-step", a2a_bytes, predicted["a2a_bytes_per_rank_microstep"], exact=not is_dropless(plan)),
         _row("all-to-all time per step, transfer + wait (s)", a2a_measured_s, time["a2a_s"] + _a2a_wait_s(plan, backend)),
     ]
+    band = None if backend.calibration_error is None else max(2 * backend.calibration_error, WITHIN_FLOOR)
+    for row in rows:
+        if not row["exact"] and band is not None and row["relative_error"] is not None:
+            row["within_calibrated_error"] = abs(row["relative_error"]) <= band
     memory = _memory(ranks, predicted)
     return {
         "spec": spec,
@@ -86,6 +92,7 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         "predicted": predicted,
         "comparison": rows,
         "exact_counts": all(r["equal"] for r in rows if r["exact"]),
+        "calibrated_error_band": band,
         "trace_dir": trace_dir,
         "ranks": ranks,
     }

@@ -58,6 +58,7 @@ class Backend:
     file: str  # where it was read from, for messages
     overheads: Overheads = Overheads()  # fixed host time (sim/overhead.py); 0 unless measured
     calibration: str | None = None  # the calibration file applied, if any (sim/calibration.py)
+    calibration_error: float | None = None  # its median step-time error on the models it was fitted on
     allreduce_scale: float = 1.0  # measured all-reduce over the ideal ring model (calibrated; 1 = ideal)
 
     @property

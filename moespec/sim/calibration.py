@@ -104,6 +104,7 @@ def apply_calibration(backend: Backend, calibration: dict, *, source: str = "") 
         overheads=overheads_from_dict(fitted["overhead"]),
         allreduce_scale=float(fitted["allreduce_scale"]),
         calibration=source or calibration.get("created", "calibrated"),
+        calibration_error=calibration["fit_error"].get("step"),
     )
 
 
