@@ -1,7 +1,10 @@
 """Does the explorer's ranking hold on real hardware? Profile the top designs of a CPU-sized
 sweep and compare the measured order of tokens/s with the predicted one.
 
-    .venv/bin/python bench/explore_check.py [--sweep specs/sweeps/cpu-tiny.yaml] [--top 8]
+    .venv/bin/python bench/explore_check.py [--sweep specs/sweeps/cpu-tiny.yaml] [--top 8] [--spread]
+
+`--spread` profiles designs spread over the whole predicted ranking (best to worst) instead:
+the best few are often closer to one another than the machine's noise.
 
 The sweep is explored (vectorised simulator, shipped calibration of its backend applied, as
 `moespec profile` applies it), its best `--top` designs by predicted tokens/s are written as
@@ -42,20 +45,30 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def result_size(sweep) -> int:
+    """Every design of the sweep (the ranking is then complete)."""
+    return int(np.prod([len(axis.values) for axis in sweep.axes]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default=str(ROOT / "specs/sweeps/cpu-tiny.yaml"))
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--spread", action="store_true",
+                        help="profile --top designs spread evenly over the whole predicted ranking instead of the best ones")
     args = parser.parse_args()
     sweep = load_sweep(args.sweep)
     calibrated = backend_with_calibration(sweep.backend, "auto", world=sweep.backend.num_devices)
     sweep = dataclasses.replace(sweep, backend=calibrated)
-    result = explore(sweep, top=args.top, rank_by="tokens_per_s")
+    result = explore(sweep, top=result_size(sweep) if args.spread else args.top, rank_by="tokens_per_s")
     space = DesignSpace(sweep)
     rows = result.top.rows()
+    if args.spread:  # every k-th of the ranking, best and worst included
+        rows = [rows[int(i)] for i in np.unique(np.linspace(0, len(rows) - 1, args.top).round())]
+    which = "spread over the ranking" if args.spread else "the best"
     print(f"{sweep.name}: {result.designs} designs on {calibrated.name} (calibration: {calibrated.calibration}); "
-          f"profiling the top {len(rows)} by predicted tokens/s")  # fmt: skip
+          f"profiling {len(rows)} ({which}) by predicted tokens/s")  # fmt: skip
     predicted, measured = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
