@@ -24,7 +24,7 @@ SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 RTOL = 1e-9
 COUNTS = ("params_total", "params_active", "step_flops", "a2a_bytes")
 MEMORY = ("weights", "grads", "optimizer", "activations", "a2a_buffers", "allowance", "total")
-TIMES = ("compute_s", "elementwise_s", "overhead_s", "a2a_s", "exposed_allreduce_s", "bubble_s", "optimizer_s", "step_s", "tokens_per_s", "mfu")
+TIMES = ("compute_s", "elementwise_s", "overhead_s", "a2a_s", "tp_comm_s", "pp_comm_s", "exposed_allreduce_s", "bubble_s", "optimizer_s", "step_s", "tokens_per_s", "mfu")
 
 
 def with_parallel(plan, **fields):

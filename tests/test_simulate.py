@@ -70,7 +70,7 @@ def test_a_design_that_does_not_fit_is_flagged():
 def test_report_is_one_json_document_with_a_time_breakdown():
     report = simulate(load_plan(ROOT / "specs/tiny-ep.yaml"), load_backend("cpu-local"))
     time = report["time"]
-    parts = time["compute_s"] + time["elementwise_s"] + time["overhead_s"] + time["a2a_s"] + time["exposed_allreduce_s"] + time["bubble_s"] + time["optimizer_s"]
+    parts = time["compute_s"] + time["elementwise_s"] + time["overhead_s"] + time["a2a_s"] + time["tp_comm_s"] + time["pp_comm_s"] + time["exposed_allreduce_s"] + time["bubble_s"] + time["optimizer_s"]
     assert abs(time["step_s"] - parts) < 1e-12 and time["a2a_s"] > 0
     assert 0 < time["mfu"] < 1
 
@@ -113,3 +113,18 @@ def test_recomputation_adds_the_forward_it_repeats():
     selective = step_time(with_parallel(plan, recompute="selective"), backend).compute_s
     assert abs(full / none - 4 / 3) < 1e-9  # compute-bound: the forward is a third of the step
     assert none < selective < full
+
+
+def test_tensor_and_pipeline_parallel_pay_for_their_traffic():
+    """tp all-reduces activations 4 times per block; beyond a node (8 GPUs) they cross the
+    NICs and cost far more per byte. pp sends activations between neighbouring stages."""
+    backend = load_backend("h100-cluster-4n")
+    plan = load_plan(ROOT / "specs/olmoe-1b-7b.yaml")
+    base = step_time(with_parallel(plan, dp=1, ep=1, tp=1, pp=1, global_batch=plan.parallel.micro_batch), backend)
+    assert base.tp_comm_s == base.pp_comm_s == 0.0
+    in_node = step_time(with_parallel(plan, dp=1, ep=1, tp=8, pp=1, global_batch=plan.parallel.micro_batch), backend)
+    across = step_time(with_parallel(plan, dp=1, ep=1, tp=16, pp=1, global_batch=plan.parallel.micro_batch), backend)
+    assert in_node.tp_comm_s > 0
+    assert across.tp_comm_s > 3 * in_node.tp_comm_s  # NIC bandwidth is ~1/9 of NVLink's per GPU
+    piped = step_time(with_parallel(plan, dp=1, ep=1, tp=1, pp=4, global_batch=8 * plan.parallel.micro_batch), backend)
+    assert piped.pp_comm_s > 0 and piped.bubble_s > 0

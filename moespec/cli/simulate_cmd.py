@@ -71,6 +71,7 @@ def _print(report: dict) -> None:
     timing.add_column("time", justify="right")
     for key, label in (("compute_s", "compute (matmul roofline)"), ("elementwise_s", "elementwise (memory-bound)"),
                        ("overhead_s", "host overhead (calibrated)"), ("a2a_s", "all-to-all (exposed)"),
+                       ("tp_comm_s", "tensor-parallel all-reduces"), ("pp_comm_s", "pipeline sends"),
                        ("dp_allreduce_s", "gradient all-reduce"), ("exposed_allreduce_s", "  of which exposed"),
                        ("bubble_s", "pipeline bubble"), ("optimizer_s", "optimizer"), ("step_s", "step")):  # fmt: skip
         timing.add_row(label, f"{time[key] * 1e3:,.2f} ms")

@@ -20,6 +20,7 @@ def predicted_parts_s(report: dict) -> dict[str, float]:
     time = report["predicted"]["time"]
     parts = {f"matmul: {name.replace('_', ' ')}": s for name, s in report["predicted"]["compute_s_by_part"].items()}
     parts |= {"elementwise": time["elementwise_s"], "host overhead": time["overhead_s"], "all-to-all": time["a2a_s"],
+              "tp all-reduces": time["tp_comm_s"], "pipeline sends": time["pp_comm_s"], "pipeline bubble": time["bubble_s"],
               "grad all-reduce (exposed)": time["exposed_allreduce_s"], "optimizer": time["optimizer_s"]}  # fmt: skip
     return {name: s for name, s in parts.items() if s > 0}
 

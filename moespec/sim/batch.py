@@ -249,6 +249,10 @@ class CollectiveCosts:
         """all_to_all_time_s over ranks 0..ep-1 (an expert-parallel group), per design."""
         return self._apply("a2a", np.ones_like(ep), ep, bytes_per_pair)
 
+    def pair_exchange_s(self, stride: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        """all_to_all_time_s between ranks 0 and `stride` (neighbouring pipeline stages)."""
+        return self._apply("a2a", stride, np.full_like(stride, 2), nbytes)
+
     def all_reduce_s(self, stride: np.ndarray, n: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
         """all_reduce_time_s over ranks 0, stride, ..., (n-1)*stride, per design."""
         return self._apply("all_reduce", stride, n, nbytes)
@@ -393,6 +397,20 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, collectives: Collectiv
         per_layer = 4 * collectives.all_to_all_s(b.ep[i], rows[i] * b.d_model[i] * bpe[i] / b.ep[i])
         a2a_s[i] = b.n_moe_layers[i] * per_layer * (micro_steps[i] / b.pp[i])
 
+    # Tensor- and pipeline-parallel activation traffic (model.step_time says what is counted).
+    activations_bytes = b.micro_batch * b.seq_len * b.d_model * bpe
+    tp_comm_s = np.zeros(len(b))
+    pp_comm_s = np.zeros(len(b))
+    tp_on = valid & (b.tp > 1)
+    if tp_on.any():
+        i = np.flatnonzero(tp_on)
+        per_call = collectives.all_reduce_s(np.ones_like(b.tp[i]), b.tp[i], activations_bytes[i])
+        tp_comm_s[i] = 4 * b.n_layers[i] / b.pp[i] * per_call * micro_steps[i]
+    pp_on = valid & (b.pp > 1)
+    if pp_on.any():
+        i = np.flatnonzero(pp_on)
+        pp_comm_s[i] = 2 * collectives.pair_exchange_s(b.tp[i], activations_bytes[i] / b.tp[i]) * micro_steps[i]
+
     # Gradient all-reduce: dense over the dp ranks (stride tp*pp), experts over every ep-th.
     expert_dp = b.dp // b.ep
     dense_ar = np.zeros(len(b))
@@ -408,15 +426,15 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, collectives: Collectiv
     allreduce_s = dense_ar + expert_ar
     exposed = (1 - overlap) * dense_ar + expert_ar  # model.step_time: expert gradients after backward
 
-    pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s
+    pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s
     bubble_s = np.where(b.pp > 1, (b.pp - 1) / (micro_steps + b.pp - 1) * pipelined_s, 0.0)
     local_params = np.where(b.zero_stage >= 1, dense / b.dp + expert / b.ep / expert_dp, dense + expert / b.ep)
     optimizer_s = 2 * 16 * local_params / shard / memory_Bps
-    step_s = compute_s + elementwise_s + overhead_s + a2a_s + exposed + bubble_s + optimizer_s
+    step_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s + pp_comm_s + exposed + bubble_s + optimizer_s
     tokens_per_s = b.global_batch * b.seq_len / step_s
     mfu = counts["model_flops_per_token"] * tokens_per_s / (world * peak)
     times = {
-        "compute_s": compute_s, "elementwise_s": elementwise_s, "overhead_s": overhead_s, "a2a_s": a2a_s, "allreduce_s": allreduce_s, "exposed_allreduce_s": exposed,
+        "compute_s": compute_s, "elementwise_s": elementwise_s, "overhead_s": overhead_s, "a2a_s": a2a_s, "tp_comm_s": tp_comm_s, "pp_comm_s": pp_comm_s, "allreduce_s": allreduce_s, "exposed_allreduce_s": exposed,
         "bubble_s": bubble_s, "optimizer_s": optimizer_s, "step_s": step_s, "tokens_per_s": tokens_per_s, "mfu": mfu,
     }  # fmt: skip
     return {"valid": valid} | {name: np.where(valid, value, np.nan) for name, value in times.items()}

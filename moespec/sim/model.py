@@ -125,6 +125,8 @@ class TimePrediction:
     elementwise_s: float  # memory-bound non-matmul work: 3 passes over the stored activations
     overhead_s: float  # fixed host time (dispatch, launches) from the backend's overheads
     a2a_s: float  # expert-parallel all-to-all, on the critical path
+    tp_comm_s: float  # tensor-parallel activation all-reduces (Megatron: 4 per block per micro-step)
+    pp_comm_s: float  # pipeline sends between neighbouring stages (activation forward, gradient back)
     dp_allreduce_s: float  # dense gradients over dp, expert gradients over dp/ep
     exposed_allreduce_s: float
     bubble_s: float
@@ -173,6 +175,17 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
             a2a_s += 4 * all_to_all_time_s(graph, ranks, rows * m.d_model * b / p.ep)
         a2a_s *= micro_steps / p.pp
     grad_b = b
+    # Tensor parallel (Megatron-style): every block all-reduces its [B, S, D] activations twice
+    # in forward and twice in backward over the tp ranks (consecutive: inside a node while tp
+    # fits one). Pipeline: each micro-step sends its activations to the next stage and their
+    # gradient back, a pair exchange between neighbouring stages (rank r and r + tp), each tp
+    # rank its 1/tp share. Neither overlaps compute here.
+    activations_bytes = p.micro_batch * m.seq_len * m.d_model * b
+    tp_comm_s = pp_comm_s = 0.0
+    if p.tp > 1:
+        tp_comm_s = 4 * m.n_layers / p.pp * all_reduce_time_s(graph, list(range(p.tp)), activations_bytes) * micro_steps
+    if p.pp > 1:
+        pp_comm_s = 2 * all_to_all_time_s(graph, [0, p.tp], activations_bytes / p.tp) * micro_steps
     # Dense gradients: DDP reduces them during backward (`overlap` of it hidden). Expert
     # gradients: the runtime reduces them over their expert-data-parallel group after backward
     # (data_parallel.reduce_expert_gradients), so all of that is exposed.
@@ -185,16 +198,16 @@ def step_time(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVER
             expert_allreduce_s = all_reduce_time_s(graph, edp_ranks, expert / p.ep / (p.tp * p.pp) * grad_b) * backend.allreduce_scale
     allreduce_s = dense_allreduce_s + expert_allreduce_s
     exposed = (1 - overlap) * dense_allreduce_s + expert_allreduce_s
-    pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s
+    pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s
     bubble_s = (p.pp - 1) / (micro_steps + p.pp - 1) * pipelined_s if p.pp > 1 else 0.0
     local_params = (dense / p.dp + expert / p.ep / p.expert_dp) if p.zero_stage >= 1 else dense + expert / p.ep
     optimizer_s = 2 * 16 * local_params / (p.tp * p.pp) / (backend.device.memory_bandwidth_Bps * backend.memory_efficiency)
-    step_s = compute_s + elementwise_s + overhead_s + a2a_s + exposed + bubble_s + optimizer_s
+    step_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s + pp_comm_s + exposed + bubble_s + optimizer_s
     tokens = p.global_batch * m.seq_len
     model_flops_per_token = model_flops_per_token_of(plan)
     tokens_per_s = tokens / step_s
     mfu = model_flops_per_token * tokens_per_s / (p.world * peak)
-    return TimePrediction(compute_s, elementwise_s, overhead_s, a2a_s, allreduce_s, exposed, bubble_s, optimizer_s, step_s, tokens_per_s, mfu, model_flops_per_token)
+    return TimePrediction(compute_s, elementwise_s, overhead_s, a2a_s, tp_comm_s, pp_comm_s, allreduce_s, exposed, bubble_s, optimizer_s, step_s, tokens_per_s, mfu, model_flops_per_token)
 
 
 def elementwise_bytes(plan: SpecPlan) -> float:
