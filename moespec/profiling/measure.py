@@ -57,7 +57,7 @@ def _ep_counters(model) -> list:
     return [layer.expert_parallel.counter for layer in moe_layers(model) if layer.expert_parallel is not None]
 
 
-class _Batches:
+class TrainingBatches:
     """Training windows from the shipped byte corpus (random tokens if the vocabulary is
     smaller than a byte), each rank its own stream, like `moespec train`."""
 
@@ -97,7 +97,7 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     if dist_ctx is not None:
         shard_experts(model, dist_ctx)
     setup = prepare_training(model, plan, dist_ctx=dist_ctx)
-    batches = _Batches(plan, device, seed, rank)
+    batches = TrainingBatches(plan, device, seed, rank)
 
     # 1. FLOPs of one micro-step (forward + backward), gradients thrown away.
     window = batches.step()[0]

@@ -96,7 +96,7 @@ def time_training_step(plan, device: torch.device, *, steps: int = 30, warmup: i
     from moespec.distributed.context import init_distributed
     from moespec.distributed.data_parallel import shard_experts
     from moespec.model.build import build_model
-    from moespec.profiling.measure import _Batches
+    from moespec.profiling.measure import TrainingBatches
     from moespec.train import prepare_training, train_step
 
     distributed = plan.parallel.world > 1
@@ -105,7 +105,7 @@ def time_training_step(plan, device: torch.device, *, steps: int = 30, warmup: i
     if ctx is not None:
         shard_experts(model, ctx)
     setup = prepare_training(model, plan, dist_ctx=ctx)
-    batches = _Batches(plan, device, seed, 0 if ctx is None else ctx.rank)
+    batches = TrainingBatches(plan, device, seed, 0 if ctx is None else ctx.rank)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     before = dist.barrier if distributed else (lambda: None)
     seconds = median_seconds(lambda: train_step(setup, plan, batches.step()), repeats=steps, warmup=warmup, sync=sync, before=before)
