@@ -45,11 +45,6 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def result_size(sweep) -> int:
-    """Every design of the sweep (the ranking is then complete)."""
-    return int(np.prod([len(axis.values) for axis in sweep.axes]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default=str(ROOT / "specs/sweeps/cpu-tiny.yaml"))
@@ -61,8 +56,8 @@ def main() -> None:
     sweep = load_sweep(args.sweep)
     calibrated = backend_with_calibration(sweep.backend, "auto", world=sweep.backend.num_devices)
     sweep = dataclasses.replace(sweep, backend=calibrated)
-    result = explore(sweep, top=result_size(sweep) if args.spread else args.top, rank_by="tokens_per_s")
     space = DesignSpace(sweep)
+    result = explore(sweep, top=space.size if args.spread else args.top, rank_by="tokens_per_s")
     rows = result.top.rows()
     if args.spread:  # every k-th of the ranking, best and worst included
         rows = [rows[int(i)] for i in np.unique(np.linspace(0, len(rows) - 1, args.top).round())]

@@ -68,3 +68,29 @@ def backend_or_exit(name: str, calibration: str = "none", *, world: int | None =
     from moespec.sim.calibration import backend_with_calibration
 
     return or_exit(backend_with_calibration, or_exit(load_backend, name), calibration, world=world)
+
+
+# A CPU step costs ~6 * params * tokens FLOPs; at 25M parameters and 512 tokens a step that is
+# ~80 GFLOP, about a second on a laptop core: the most that still gives a curve (or a profile
+# of repeated steps) in minutes.
+CPU_PARAM_LIMIT = 25_000_000
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and message, whitespace collapsed."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def cpu_sized_counts_or_exit(spec: Path, plan, *, doing: str, instead: str):
+    """The plan's parameter counts (built on the meta device), or one line and exit 2 when the
+    model cannot be built or is too big to `doing` on a CPU."""
+    from moespec.model.build import build_model
+    from moespec.model.counting import count_parameters
+
+    try:
+        counts = count_parameters(build_model(plan, device="meta"), plan)
+    except (ValueError, NotImplementedError, RuntimeError) as exc:
+        fail(f"{spec}: cannot build the model: {one_line(exc)}")
+    if counts.total > CPU_PARAM_LIMIT:
+        fail(f"{spec}: {plan.name} has {counts.total:,} parameters, over the {CPU_PARAM_LIMIT:,} limit for {doing} on CPU; {instead}")
+    return counts

@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from moespec.cli.common import console, emit_json, fail, load_plan_or_exit, write_atomic
+from moespec.cli.common import console, emit_json, fail, load_plan_or_exit, one_line, write_atomic
 
 # Above this many parameters `--device auto` stays on meta: 200M float32 weights are 0.8 GB,
 # and the check's gradients and activations double that, still fine on a laptop.
@@ -43,7 +43,7 @@ def compile_command(
         if device == "cpu" or (device == "auto" and counts.total <= CPU_COMPILE_LIMIT):
             model = build_model(plan, seed=seed, device="cpu")
     except (ValueError, NotImplementedError, RuntimeError) as exc:
-        fail(f"{spec}: cannot build the model: {_one_line(exc)}")
+        fail(f"{spec}: cannot build the model: {one_line(exc)}")
     on = next(model.parameters()).device.type
 
     check_result = None
@@ -60,7 +60,7 @@ def compile_command(
                 if on == "meta"
                 else ""
             )
-            fail(f"{spec}: --check failed on {on}: {_one_line(exc)}{hint}", code=1)
+            fail(f"{spec}: --check failed on {on}: {one_line(exc)}{hint}", code=1)
 
     written = None
     if out is not None:
@@ -161,7 +161,3 @@ def _print_report(plan, counts, on: str, check_result: dict | None, written: dic
             )
     if written is not None:
         console.print(f"wrote {written['weights']} ({written['tensors']} tensors) and {written['spec']}")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())

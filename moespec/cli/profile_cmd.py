@@ -11,10 +11,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moespec.cli.common import backend_or_exit, console, emit_json, fail, load_plan_or_exit, write_atomic
+from moespec.cli.common import backend_or_exit, console, cpu_sized_counts_or_exit, emit_json, fail, load_plan_or_exit, write_atomic
 from moespec.cli.overrides import apply_overrides
-
-PROFILE_PARAM_LIMIT_CPU = 25_000_000  # as `train`: beyond this a CPU step takes too long to repeat
 
 
 def profile_command(
@@ -74,13 +72,7 @@ def _check_runnable(spec: Path, plan, device: str) -> None:
     if plan.parallel.tp > 1 or plan.parallel.pp > 1:
         fail(f"{spec}: tp and pp are costed by the simulator but not executed yet; profile a spec with tp = pp = 1")
     if device == "cpu":
-        from moespec.model.build import build_model
-        from moespec.model.counting import count_parameters
-
-        total = count_parameters(build_model(plan, device="meta"), plan).total
-        if total > PROFILE_PARAM_LIMIT_CPU:
-            fail(f"{spec}: {total:,} parameters is over the {PROFILE_PARAM_LIMIT_CPU:,} that a CPU profile repeats in reasonable time; "
-                 "use --device cuda or a tiny spec")  # fmt: skip
+        cpu_sized_counts_or_exit(spec, plan, doing="profiling", instead="use --device cuda or a tiny spec")
 
 
 def _launch(spec: Path, plan, *, backend: str, calibration: str, world: int, ep: int, **o) -> None:

@@ -13,11 +13,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moespec.cli.common import console, emit_json, err_console, fail, load_plan_or_exit
+from moespec.cli.common import console, cpu_sized_counts_or_exit, emit_json, err_console, fail, load_plan_or_exit
 
-# A CPU step costs ~6 * params * tokens FLOPs; at 25M parameters and 512 tokens a step that is
-# ~80 GFLOP, about a second on a laptop core: the most that still gives a curve in minutes.
-TRAIN_PARAM_LIMIT = 25_000_000
 
 
 def train_command(
@@ -56,20 +53,11 @@ def train_command(
 
     from moespec.data.corpus import BYTE_VOCAB
     from moespec.model.build import build_model
-    from moespec.model.counting import count_parameters
     from moespec.train import train
 
     if plan.model.vocab_size < BYTE_VOCAB:
         fail(f"{spec}: model.vocab_size is {plan.model.vocab_size}; training on the byte corpus needs at least {BYTE_VOCAB}")
-    try:
-        counts = count_parameters(build_model(plan, seed=seed, device="meta"), plan)
-    except (ValueError, NotImplementedError, RuntimeError) as exc:
-        fail(f"{spec}: cannot build the model: {_one_line(exc)}")
-    if counts.total > TRAIN_PARAM_LIMIT:
-        fail(
-            f"{spec}: {plan.name} has {counts.total:,} parameters, over the {TRAIN_PARAM_LIMIT:,} limit for "
-            f"training on CPU; use a tiny spec (e.g. specs/tiny-topk.yaml)"
-        )
+    counts = cpu_sized_counts_or_exit(spec, plan, doing="training", instead="use a tiny spec (e.g. specs/tiny-topk.yaml)")
     model = build_model(plan, seed=seed, device="cpu")
 
     batch = batch or plan.parallel.micro_batch
@@ -205,7 +193,3 @@ def _print_summary(plan, counts, result, steps: int) -> None:
     imbalance = [max(c) / (sum(c) / len(c)) if sum(c) else 0.0 for c in totals.values()]
     table.add_row("max/mean", *(f"{value:.2f}" for value in imbalance))
     console.print(table)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())

@@ -6,7 +6,7 @@ Fits, each from its own micro-benchmarks (profiling/microbench.py):
 - memory bandwidth, as the model uses it (elementwise and optimizer bytes): fitted with the
   fixed overheads below, from small models at two sizes, since what a norm or a softmax
   costs per byte inside a training step is not what a streaming `a + b` shows (that one is
-  kept in the measurements for reference);
+  kept in the measurements, unfitted, for reference);
 - link latency and bandwidth: least squares, in relative error, of the topology model's
   all-to-all times (sim/collectives.py, affine in latency and 1/bandwidth) against the
   measured ones, at several sizes across the ranks; then the all-reduce scale: measured
@@ -94,18 +94,6 @@ def fit_peak(matmuls: list[dict], datasheet_peak: float) -> float:
 def fit_matmul_efficiency(matmuls: list[dict], peak_flops_per_s: float) -> float:
     flops = sum(2 * m["m"] * m["n"] * m["k"] for m in matmuls)
     return min(flops / (sum(m["seconds"] for m in matmuls) * peak_flops_per_s), 1.0)
-
-
-def fit_memory_bandwidth(memory: list[dict]) -> tuple[float, float, float]:
-    """(bandwidth, per-op intercept s, median relative error) of t = a + bytes / bw, fitted in
-    relative error so that small and large sizes count alike."""
-    x = np.array([m["bytes"] for m in memory], dtype=np.float64)
-    t = np.array([m["seconds"] for m in memory], dtype=np.float64)
-    (a, slope), *_ = np.linalg.lstsq(np.stack([1 / t, x / t], axis=1), np.ones_like(t), rcond=None)
-    if slope <= 0:
-        a, slope = 0.0, float(t.sum() / x.sum())
-    error = float(np.median(np.abs((a + slope * x) / t - 1)))
-    return float(1.0 / slope), float(a), error
 
 
 def _link_coefficients(backend: Backend, kind: str, world: int, nbytes: float) -> tuple[float, float]:
@@ -222,21 +210,28 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
     memory = microbench.time_memory(device, repeats=repeats)
     a2a, allreduce = microbench.time_collectives(device, repeats=max(repeats // 2, 3)) if world > 1 else ([], [])
     efficiency = fit_matmul_efficiency(matmuls, dtype_peak)
-    stream_bandwidth, _, _ = fit_memory_bandwidth(memory)
     if world > 1:
         link, link_error, allreduce_scale, allreduce_error = fit_link(backend, world, a2a, allreduce)
     else:  # nothing to measure between ranks: the backend's own link stands
         link, link_error, allreduce_scale, allreduce_error = backend.intra_node, 0.0, backend.allreduce_scale, 0.0
     scale = dtype_peak / backend.device.peak_flops_per_s["fp32"]
     peaks = {dtype: value * scale for dtype, value in backend.device.peak_flops_per_s.items()}
+    # What is fitted so far; fit_overheads fits the memory bandwidth itself.
     partial = dataclasses.replace(
-        backend, matmul_efficiency=efficiency, memory_efficiency=1.0,
-        device=dataclasses.replace(backend.device, memory_bandwidth_Bps=stream_bandwidth, peak_flops_per_s=peaks),
+        backend, matmul_efficiency=efficiency, intra_node=link, allreduce_scale=allreduce_scale,
+        device=dataclasses.replace(backend.device, peak_flops_per_s=peaks),
     )  # fmt: skip
-    partial = dataclasses.replace(partial, intra_node=link, allreduce_scale=allreduce_scale)
     plans = block_plans(world)
     steps = 8 if quick else 30
-    seconds = {name: microbench.time_training_step(plan, device, steps=steps) for name, plan in plans.items()}
+    contexts = {}  # one process-group layout per (dp, ep), shared by the plans that use it
+    seconds = {}
+    for name, plan in plans.items():
+        layout = (plan.parallel.dp, plan.parallel.ep)
+        if world > 1 and layout not in contexts:
+            from moespec.distributed.context import init_distributed
+
+            contexts[layout] = init_distributed(plan, device=device.type)
+        seconds[name] = microbench.time_training_step(plan, device, steps=steps, dist_ctx=contexts.get(layout))
     overheads, bandwidth, memory_error, blocks = fit_overheads(seconds, partial, plans)
     if world > 1 and dist.get_rank() != 0:
         return None

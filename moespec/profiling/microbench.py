@@ -87,25 +87,22 @@ def time_collectives(device: torch.device, *, sizes=COLLECTIVE_BYTES, repeats: i
     return a2a, allreduce
 
 
-def time_training_step(plan, device: torch.device, *, steps: int = 30, warmup: int = 5, seed: int = 0) -> float:
+def time_training_step(plan, device: torch.device, *, steps: int = 30, warmup: int = 5, seed: int = 0, dist_ctx=None) -> float:
     """Median seconds of one real optimizer step of `plan`'s model, as `moespec profile` times
-    it: on every rank of the plan's world at once (DDP, expert-gradient reduction, clipping
-    all-reduce included), each step started after a barrier, the slowest rank's time counted."""
-    import torch.distributed as dist
-
-    from moespec.distributed.context import init_distributed
+    it: with `dist_ctx` (a DistContext for the plan's layout) on every rank at once (DDP,
+    expert-gradient reduction, clipping all-reduce included), each step started after a
+    barrier, the slowest rank's time counted."""
     from moespec.distributed.data_parallel import shard_experts
     from moespec.model.build import build_model
     from moespec.profiling.measure import TrainingBatches
     from moespec.train import prepare_training, train_step
 
-    distributed = plan.parallel.world > 1
-    ctx = init_distributed(plan, device=device.type) if distributed else None
+    distributed = dist_ctx is not None
     model = build_model(plan, seed=seed, device=device)
-    if ctx is not None:
-        shard_experts(model, ctx)
-    setup = prepare_training(model, plan, dist_ctx=ctx)
-    batches = TrainingBatches(plan, device, seed, 0 if ctx is None else ctx.rank)
+    if distributed:
+        shard_experts(model, dist_ctx)
+    setup = prepare_training(model, plan, dist_ctx=dist_ctx)
+    batches = TrainingBatches(plan, device, seed, dist_ctx.rank if distributed else 0)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     before = dist.barrier if distributed else (lambda: None)
     seconds = median_seconds(lambda: train_step(setup, plan, batches.step()), repeats=steps, warmup=warmup, sync=sync, before=before)
