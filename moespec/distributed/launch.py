@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import traceback
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -23,7 +24,13 @@ RANK_FAILED = "moespec: rank {rank} failed: {what}"
 _RANK_FAILED_RE = re.compile(r"moespec: rank (\d+) failed: (.*)")
 _TORCHRUN_RANK_RE = re.compile(r"rank\s*:\s*(\d+)")
 _TORCHRUN_EXIT_RE = re.compile(r"exitcode\s*:\s*(-?\d+).*?(\(SIG\w+\))?\s*$")
-_PEER_LOST_RE = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker crash|NCCL communicator was aborted", re.I)
+# What a rank says when a peer vanished: mid-run (closed or reset connections) or before gloo's
+# full mesh was up (the peer's port refuses connections).
+_PEER_LOST_RE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Connection refused|connectFullMesh failed|timed out connecting"
+    r"|Broken pipe|remote worker crash|NCCL communicator was aborted",
+    re.I,
+)
 
 
 def current_rank() -> int:
@@ -70,36 +77,11 @@ def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: boo
     proc = subprocess.Popen(
         torchrun_command(nproc, program_args, module=module), stdout=None, stderr=subprocess.PIPE, text=True, env=env
     )
-    failures: list[tuple[int, str]] = []
-    exits: dict[int, str] = {}  # rank -> how it ended, from torchrun's report
-    root_cause_rank: int | None = None
-    report_rank: int | None = None
-    in_report = in_root_cause = False
-    keep_tracebacks = bool(os.environ.get("MOESPEC_TRACEBACK"))
+    log = FailureLog(keep_tracebacks=bool(os.environ.get("MOESPEC_TRACEBACK")))
     try:
         for line in proc.stderr:  # type: ignore[union-attr]
-            match = _RANK_FAILED_RE.search(line)
-            if match:
-                failures.append((int(match.group(1)), match.group(2)))
+            if log.read(line):
                 sys.stderr.write(line)
-                continue
-            starts_report = "ChildFailedError" in line or line.startswith("=" * 20) or "Root Cause" in line
-            if starts_report or (line.startswith("Traceback (most recent call last)") and not keep_tracebacks):
-                in_report = True  # the agent's own traceback, then its report: condensed below
-            if in_report:
-                in_root_cause = in_root_cause or "Root Cause" in line
-                found, exited = _TORCHRUN_RANK_RE.search(line), _TORCHRUN_EXIT_RE.search(line)
-                if found:
-                    report_rank = int(found.group(1))
-                    if in_root_cause and root_cause_rank is None:
-                        root_cause_rank = report_rank
-                if exited and report_rank is not None:
-                    code_text, signal_name = exited.group(1), exited.group(2)
-                    exits.setdefault(report_rank, f"killed by {signal_name.strip('()')}" if signal_name else f"exit code {code_text}")
-                continue
-            if _is_launcher_noise(line):
-                continue
-            sys.stderr.write(line)
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
@@ -107,35 +89,83 @@ def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: boo
     except KeyboardInterrupt:
         proc.terminate()
         raise
-    if code == 0:
-        return 0, None
-    reported = {rank for rank, _ in failures}
-    only_peer_losses = all(_PEER_LOST_RE.search(what) for _, what in failures)
-    silent = sorted(rank for rank in exits if rank not in reported)
-    if silent and only_peer_losses:
-        # A rank died without a word (killed, out of memory); the others only saw it go.
-        rank = root_cause_rank if root_cause_rank in silent else silent[0]
-        seen = f"; rank(s) {', '.join(map(str, sorted(reported)))} lost their peer" if reported else ""
-        return code, f"rank {rank} died ({exits[rank]}){seen}"
-    if failures:
-        # The root cause is the first failure that is not a peer's loss seen from another rank.
-        causes = [f for f in failures if not _PEER_LOST_RE.search(f[1])] or failures
-        rank, what = causes[0]
-        others = sorted({r for r, _ in failures} - {rank})
-        extra = f" (then rank(s) {', '.join(map(str, others))} stopped)" if others else ""
-        return code, f"rank {rank} failed: {what}{extra}"
-    if root_cause_rank is not None:
-        return code, f"rank {root_cause_rank} exited with an error (exit code {code}) before reporting; rerun with MOESPEC_TRACEBACK=1"
-    return code, f"distributed run failed with exit code {code}"
+    return code, log.verdict(code)
+
+
+@dataclass
+class FailureLog:
+    """What the ranks and torchrun's agent said on stderr, read line by line, so that the run's
+    failure can be told in one line naming the rank that caused it (not the ranks that merely
+    lost it as a peer)."""
+
+    keep_tracebacks: bool = False
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (rank, its one-line error)
+    exits: dict[int, str] = field(default_factory=dict)  # rank -> how it ended, from torchrun's report
+    root_cause_rank: int | None = None
+    _report_rank: int | None = None
+    _in_report: bool = False
+    _in_root_cause: bool = False
+
+    def read(self, line: str) -> bool:
+        """Take one stderr line; True when it should be shown to the user."""
+        match = _RANK_FAILED_RE.search(line)
+        if match:
+            self.failures.append((int(match.group(1)), match.group(2)))
+            return True
+        starts_report = "ChildFailedError" in line or line.startswith("=" * 20) or "Root Cause" in line
+        if starts_report or (line.startswith("Traceback (most recent call last)") and not self.keep_tracebacks):
+            self._in_report = True  # the agent's own traceback, then its report: condensed below
+        if self._in_report:
+            self._read_report(line)
+            return False
+        return not _is_launcher_noise(line)
+
+    def _read_report(self, line: str) -> None:
+        self._in_root_cause = self._in_root_cause or "Root Cause" in line
+        found, exited = _TORCHRUN_RANK_RE.search(line), _TORCHRUN_EXIT_RE.search(line)
+        if found:
+            self._report_rank = int(found.group(1))
+            if self._in_root_cause and self.root_cause_rank is None:
+                self.root_cause_rank = self._report_rank
+        if exited and self._report_rank is not None:
+            code_text, signal_name = exited.group(1), exited.group(2)
+            how = f"killed by {signal_name.strip('()')}" if signal_name else f"exit code {code_text}"
+            self.exits.setdefault(self._report_rank, how)
+
+    def verdict(self, code: int) -> str | None:
+        """One line naming the failed rank, or None for a clean run."""
+        if code == 0:
+            return None
+        reported = {rank for rank, _ in self.failures}
+        only_peer_losses = all(_PEER_LOST_RE.search(what) for _, what in self.failures)
+        silent = sorted(rank for rank in self.exits if rank not in reported)
+        if silent and only_peer_losses:
+            # A rank died without a word (killed, out of memory); the others only saw it go.
+            rank = self.root_cause_rank if self.root_cause_rank in silent else silent[0]
+            seen = f"; rank(s) {', '.join(map(str, sorted(reported)))} lost their peer" if reported else ""
+            return f"rank {rank} died ({self.exits[rank]}){seen}"
+        if self.failures:
+            # The root cause is the first failure that is not a peer's loss seen from another rank.
+            causes = [f for f in self.failures if not _PEER_LOST_RE.search(f[1])] or self.failures
+            rank, what = causes[0]
+            others = sorted(reported - {rank})
+            extra = f" (then rank(s) {', '.join(map(str, others))} stopped)" if others else ""
+            return f"rank {rank} failed: {what}{extra}"
+        if self.root_cause_rank is not None:
+            return f"rank {self.root_cause_rank} exited with an error (exit code {code}) before reporting; rerun with MOESPEC_TRACEBACK=1"
+        return f"distributed run failed with exit code {code}"
 
 
 def _is_launcher_noise(line: str) -> bool:
     """torchrun's routine chatter: OMP_NUM_THREADS advice, agent shutdown messages."""
     if "moespec" in line:
         return False
-    glog_prefix = len(line) > 5 and line[0] in "WIE" and line[1:5].isdigit()  # e.g. "W1122 04:50:01..."
+    bare = line[1:] if line.startswith("[") else line
+    glog_prefix = len(bare) > 5 and bare[0] in "WIE" and bare[1:5].isdigit()  # e.g. "W1122 04:50:01...", "[E1128 ..."
+    gloo_retry = "gloo/transport" in line and "failed to connect" in line  # gloo's own connect retries
     return (
         glog_prefix
+        or gloo_retry
         or "Setting OMP_NUM_THREADS" in line
         or line.startswith("*****")
         or "torch.distributed.elastic" in line

@@ -1,0 +1,39 @@
+"""The launcher's one-line verdict, read from real stderr that torchrun and gloo printed.
+
+tests/data/torchrun_peer_refused.txt is what a 2-core CI machine printed when rank 1 was
+SIGKILLed before gloo's full mesh was up: rank 0 saw only a refused connection. The
+process-level tests (test_profile, test_distributed) kill real ranks; this one pins the
+timing they cannot choose.
+"""
+
+from pathlib import Path
+
+from moespec.distributed.launch import FailureLog
+
+DATA = Path(__file__).parent / "data"
+
+
+def read_all(text: str) -> tuple[FailureLog, list[str]]:
+    log = FailureLog()
+    shown = [line for line in text.splitlines(keepends=True) if log.read(line)]
+    return log, shown
+
+
+def test_a_rank_killed_before_the_mesh_is_up_is_named_not_the_peer_that_was_refused():
+    log, shown = read_all((DATA / "torchrun_peer_refused.txt").read_text())
+    assert log.verdict(1) == "rank 1 died (killed by SIGKILL); rank(s) 0 lost their peer"
+    # the user sees rank 0's own line, not gloo's connect retries nor torchrun's report
+    assert len(shown) == 1 and shown[0].startswith("moespec: rank 0 failed: RuntimeError: Gloo connectFullMesh")
+
+
+def test_a_rank_that_raised_is_the_cause_and_the_ranks_that_lost_it_follow():
+    log, _ = read_all(
+        "moespec: rank 1 failed: ValueError: token ids out of range\n"
+        "moespec: rank 0 failed: RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:4242\n"
+    )
+    assert log.verdict(1) == "rank 1 failed: ValueError: token ids out of range (then rank(s) 0 stopped)"
+
+
+def test_a_clean_run_has_no_verdict_and_a_silent_failure_still_gets_one():
+    assert FailureLog().verdict(0) is None
+    assert FailureLog().verdict(3) == "distributed run failed with exit code 3"
