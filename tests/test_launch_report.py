@@ -3,7 +3,10 @@
 tests/data/torchrun_peer_refused.txt is what a 2-core CI machine printed when rank 1 was
 SIGKILLed before gloo's full mesh was up: rank 0 saw only a refused connection. The
 process-level tests (test_profile, test_distributed) kill real ranks; this one pins the
-timing they cannot choose.
+timing they cannot choose. tests/data/torchrun_killed_while_starting.txt is torchrun's report
+when rank 1 was SIGKILLed during its imports and the agent then stopped rank 0 with SIGTERM,
+with the two entries in the order torchrun may print them when it sees both in one poll
+(the run that printed it had them the other way round).
 """
 
 from pathlib import Path
@@ -24,6 +27,12 @@ def test_a_rank_killed_before_the_mesh_is_up_is_named_not_the_peer_that_was_refu
     assert log.verdict(1) == "rank 1 died (killed by SIGKILL); rank(s) 0 lost their peer"
     # the user sees rank 0's own line, not gloo's connect retries nor torchrun's report
     assert len(shown) == 1 and shown[0].startswith("moespec: rank 0 failed: RuntimeError: Gloo connectFullMesh")
+
+
+def test_a_rank_killed_while_starting_is_named_not_the_rank_the_agent_stopped():
+    log, shown = read_all((DATA / "torchrun_killed_while_starting.txt").read_text())
+    assert log.verdict(1) == "rank 1 died (killed by SIGKILL)"
+    assert shown == []
 
 
 def test_a_rank_that_raised_is_the_cause_and_the_ranks_that_lost_it_follow():

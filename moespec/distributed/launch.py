@@ -141,7 +141,9 @@ class FailureLog:
         silent = sorted(rank for rank in self.exits if rank not in reported)
         if silent and only_peer_losses:
             # A rank died without a word (killed, out of memory); the others only saw it go.
-            rank = self.root_cause_rank if self.root_cause_rank in silent else silent[0]
+            # SIGTERM is how the agent stops the survivors, so such a rank is the cause last;
+            # then torchrun's "first observed failure" (its clock ties within one poll).
+            rank = min(silent, key=lambda r: (self.exits[r] == "killed by SIGTERM", r != self.root_cause_rank, r))
             seen = f"; rank(s) {', '.join(map(str, sorted(reported)))} lost their peer" if reported else ""
             return f"rank {rank} died ({self.exits[rank]}){seen}"
         if self.failures:
