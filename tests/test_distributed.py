@@ -145,6 +145,7 @@ def test_a_hung_collective_times_out_on_every_rank():
     code, message, elapsed = _launch_fault("hang", timeout_s=5)
     assert code != 0
     assert message.startswith("rank 0 failed:"), message  # rank 0 waited in the collective
+    assert message.endswith("rank(s) 1 never joined: look there for the hang"), message
     assert elapsed < 60
 
 

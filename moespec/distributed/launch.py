@@ -31,6 +31,8 @@ _PEER_LOST_RE = re.compile(
     r"|Broken pipe|remote worker crash|NCCL communicator was aborted",
     re.I,
 )
+# A collective that gave up waiting (gloo's per-op timeout, NCCL's watchdog).
+_TIMED_OUT_RE = re.compile(r"Timed out waiting|collective operation timeout|Watchdog caught", re.I)
 
 
 def current_rank() -> int:
@@ -152,6 +154,10 @@ class FailureLog:
             rank, what = causes[0]
             others = sorted(reported - {rank})
             extra = f" (then rank(s) {', '.join(map(str, others))} stopped)" if others else ""
+            stopped = sorted(r for r in silent if self.exits[r] == "killed by SIGTERM")
+            if _TIMED_OUT_RE.search(what) and stopped:
+                # The rank that gave up waited for a peer that was alive and silent: a hang there.
+                extra += f"; rank(s) {', '.join(map(str, stopped))} never joined: look there for the hang"
             return f"rank {rank} failed: {what}{extra}"
         if self.root_cause_rank is not None:
             return f"rank {self.root_cause_rank} exited with an error (exit code {code}) before reporting; rerun with MOESPEC_TRACEBACK=1"
