@@ -31,6 +31,8 @@ _PEER_LOST_RE = re.compile(
     r"|Broken pipe|remote worker crash|NCCL communicator was aborted",
     re.I,
 )
+# How torchrun's agent ends the ranks still running once one has failed.
+_STOPPED_BY_AGENT = "killed by SIGTERM"
 # A collective that gave up waiting (gloo's per-op timeout, NCCL's watchdog).
 _TIMED_OUT_RE = re.compile(r"Timed out waiting|collective operation timeout|Watchdog caught", re.I)
 
@@ -145,7 +147,7 @@ class FailureLog:
             # A rank died without a word (killed, out of memory); the others only saw it go.
             # SIGTERM is how the agent stops the survivors, so such a rank is the cause last;
             # then torchrun's "first observed failure" (its clock ties within one poll).
-            rank = min(silent, key=lambda r: (self.exits[r] == "killed by SIGTERM", r != self.root_cause_rank, r))
+            rank = min(silent, key=lambda r: (self.exits[r] == _STOPPED_BY_AGENT, r != self.root_cause_rank, r))
             seen = f"; rank(s) {', '.join(map(str, sorted(reported)))} lost their peer" if reported else ""
             return f"rank {rank} died ({self.exits[rank]}){seen}"
         if self.failures:
@@ -154,7 +156,7 @@ class FailureLog:
             rank, what = causes[0]
             others = sorted(reported - {rank})
             extra = f" (then rank(s) {', '.join(map(str, others))} stopped)" if others else ""
-            stopped = sorted(r for r in silent if self.exits[r] == "killed by SIGTERM")
+            stopped = sorted(r for r in silent if self.exits[r] == _STOPPED_BY_AGENT)
             if _TIMED_OUT_RE.search(what) and stopped:
                 # The rank that gave up waited for a peer that was alive and silent: a hang there.
                 extra += f"; rank(s) {', '.join(map(str, stopped))} never joined: look there for the hang"
