@@ -20,8 +20,8 @@ from moespec.sim.batch import DesignBatch
 from moespec.spec import SpecPlan
 from moespec.spec.errors import SpecError, SpecErrors
 from moespec.spec.resolve import resolve
-from moespec.spec.schema import load_schema, schema_errors
-from moespec.spec.yaml_source import Locations, parse_yaml, read_spec_text
+from moespec.spec.schema import load_schema, parse_checked
+from moespec.spec.yaml_source import Locations, read_spec_text
 
 Direction = Literal["max", "min"]
 # Constraint key -> (figure it bounds, "max" or "min" bound, unit scale to the figure's unit)
@@ -96,12 +96,9 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def sweep_from_text(text: str, file: str = "<sweep>", *, base_dir: Path = Path(".")) -> Sweep:
-    data, locations = parse_yaml(text, file)
-    if not isinstance(data, dict):
-        raise SpecErrors([locations.error((), "a sweep is a mapping (version:, name:, base:, backend:, axes:, objectives:); this document is not")])
-    errors = schema_errors(data, locations, "sweep")
-    if errors:
-        raise SpecErrors(errors)
+    data, locations = parse_checked(
+        text, file, "sweep", not_a_mapping="a sweep is a mapping (version:, name:, base:, backend:, axes:, objectives:); this document is not"
+    )
     top = _defaults(load_schema("sweep")["properties"]) | data
     errors = []
     base_file = Path(os.path.normpath(base_dir / top["base"]))
@@ -151,12 +148,7 @@ def _load_base(path: Path, locations: Locations, errors: list[SpecError]):
         errors.append(locations.error(("base",), f"no spec file at {path} (base is relative to the sweep file); check the path"))
         return None
     try:
-        data, base_locations = parse_yaml(read_spec_text(path), str(path))
-        if not isinstance(data, dict):
-            raise SpecErrors([base_locations.error((), "a spec is a mapping; this document is not")])
-        problems = schema_errors(data, base_locations)
-        if problems:
-            raise SpecErrors(problems)
+        data, base_locations = parse_checked(read_spec_text(path), str(path), "spec", not_a_mapping="a spec is a mapping; this document is not")
         plan = resolve(data, base_locations)
     except SpecErrors as failure:
         errors.extend(failure.errors)

@@ -16,8 +16,8 @@ from types import MappingProxyType
 
 from moespec.sim.overhead import Overheads, overheads_from_dict
 from moespec.spec.errors import SpecError, SpecErrors
-from moespec.spec.schema import load_schema, schema_errors, suggest  # same error wording as specs
-from moespec.spec.yaml_source import parse_yaml, read_spec_text
+from moespec.spec.schema import load_schema, parse_checked, suggest  # same error wording as specs
+from moespec.spec.yaml_source import read_spec_text
 
 SCHEMA_FILE = "backend.schema.json"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -103,12 +103,7 @@ def load_backend(name_or_path: str | Path) -> Backend:
 
 
 def backend_from_text(text: str, file: str = "<backend>") -> Backend:
-    data, locations = parse_yaml(text, file)
-    if not isinstance(data, dict):
-        raise SpecErrors([locations.error((), "a backend is a mapping (version:, name:, device:, ...); this document is not")])
-    errors = schema_errors(data, locations, "backend")
-    if errors:
-        raise SpecErrors(errors)
+    data, locations = parse_checked(text, file, "backend", not_a_mapping="a backend is a mapping (version:, name:, device:, ...); this document is not")
     links = data["links"]
     if data["nodes"] > 1 and "inter_node" not in links:
         raise SpecErrors(

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from moespec.sim.backend import Backend, LinkSpec
 from moespec.sim.overhead import overheads_from_dict
 from moespec.spec.errors import SpecError, SpecErrors
-from moespec.spec.schema import schema_errors
+from moespec.spec.schema import parse_checked, schema_errors
 from moespec.spec.yaml_source import parse_yaml
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,12 +75,7 @@ def load_calibration(path: str | Path) -> dict:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecErrors([SpecError(str(path), 1, 1, "(root)", f"cannot read the calibration: {exc.strerror or exc}")]) from None
-    data, locations = parse_yaml(text, str(path))
-    if not isinstance(data, dict):
-        raise SpecErrors([locations.error((), "a calibration is a JSON object written by `moespec calibrate`")])
-    errors = schema_errors(data, locations, "calibration")
-    if errors:
-        raise SpecErrors(errors)
+    data, _ = parse_checked(text, str(path), "calibration", not_a_mapping="a calibration is a JSON object written by `moespec calibrate`")
     return data
 
 

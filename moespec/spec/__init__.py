@@ -11,20 +11,15 @@ from pathlib import Path
 from moespec.spec.errors import SpecError, SpecErrors, format_path
 from moespec.spec.plan import SpecPlan
 from moespec.spec.resolve import resolve
-from moespec.spec.schema import load_schema, schema_errors
-from moespec.spec.yaml_source import parse_yaml, read_spec_text
+from moespec.spec.schema import load_schema, parse_checked
+from moespec.spec.yaml_source import read_spec_text
 
 __all__ = ["SpecError", "SpecErrors", "SpecPlan", "format_path", "load_plan", "plan_from_text", "load_schema"]
 
 
 def plan_from_text(text: str, file: str = "<spec>") -> SpecPlan:
     """Resolve spec text into a plan, or raise SpecErrors carrying every error found."""
-    data, locations = parse_yaml(text, file)
-    if not isinstance(data, dict):
-        raise SpecErrors([locations.error((), "a spec is a mapping (version:, name:, model:, ...); this document is not")])
-    errors = schema_errors(data, locations)
-    if errors:
-        raise SpecErrors(errors)
+    data, locations = parse_checked(text, file, "spec", not_a_mapping="a spec is a mapping (version:, name:, model:, ...); this document is not")
     try:
         return resolve(data, locations)
     except SpecErrors:

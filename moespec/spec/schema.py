@@ -16,8 +16,8 @@ from pathlib import Path
 
 import jsonschema
 
-from moespec.spec.errors import PathT, SpecError
-from moespec.spec.yaml_source import Locations
+from moespec.spec.errors import PathT, SpecError, SpecErrors
+from moespec.spec.yaml_source import Locations, parse_yaml
 
 SCHEMA_FILES = {
     "spec": "moespec.schema.json",
@@ -68,6 +68,19 @@ def schema_errors(data: object, locations: Locations, kind: str = "spec") -> lis
     for error in _validator(kind).iter_errors(data):
         errors.update(dict.fromkeys(_translate(error, locations)))
     return list(errors)
+
+
+def parse_checked(text: str, file: str, kind: str, *, not_a_mapping: str) -> tuple[dict, Locations]:
+    """Parse a document and check it against its schema: the first step of loading every kind
+    of file (spec, backend, sweep, calibration). Raises SpecErrors with every located error;
+    `not_a_mapping` tells the user what the top level should look like."""
+    data, locations = parse_yaml(text, file)
+    if not isinstance(data, dict):
+        raise SpecErrors([locations.error((), not_a_mapping)])
+    errors = schema_errors(data, locations, kind)
+    if errors:
+        raise SpecErrors(errors)
+    return data, locations
 
 
 def suggest(word: str, options, section: str = "") -> str:
