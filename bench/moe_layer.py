@@ -3,6 +3,7 @@ against Hugging Face's `MixtralSparseMoeBlock`, at the same shapes, in one run.
 
     python bench/moe_layer.py            # a table of milliseconds and ratios to dense
     python bench/moe_layer.py --json     # one JSON document
+    python bench/moe_layer.py --ops fine # torch.profiler's top ops, ours_dropless then dense
 
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
 - dense: DenseFFN (SwiGLU) of width K*F, the same matmul FLOPs as K routed experts per token;
@@ -135,6 +136,26 @@ def bench_shape(shape: dict, *, repeats: int, warmup: int) -> dict:
     }
 
 
+def op_table(shape: dict, *, steps: int = 3) -> str:
+    """Where the time goes: torch.profiler's self-CPU table for ours_dropless, then dense, over
+    `steps` forward+backward steps each (after 3 unprofiled ones), so the gap can be read per op."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    x = torch.randn(shape["tokens"], shape["d"], requires_grad=True)
+    dy = torch.randn(shape["tokens"], shape["d"])
+    tables = []
+    for name, (fn, module) in {"ours_dropless": ours(shape, dropless=True), "dense": dense(shape)}.items():
+        for _ in range(3):
+            time_step(fn, module, x, dy)
+        with profile() as prof:
+            for _ in range(steps):
+                time_step(fn, module, x, dy)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        tables.append(f"{name} ({shape['name']}, {steps} steps)\n{table}")
+    return "\n".join(tables)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document")
@@ -142,9 +163,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--shapes", nargs="*", help="names from the panel (default: all)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ops:
+        print(op_table(next(s for s in SHAPES if s["name"] == args.ops)))
+        return
     load_before = os.getloadavg()
     shapes = [s for s in SHAPES if not args.shapes or s["name"] in args.shapes]
     results = [bench_shape(s, repeats=args.repeats, warmup=args.warmup) for s in shapes]
