@@ -12,10 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import optimize as scipy_optimize  # a test dependency (pyproject's `test` extra): never skipped
 
 from moespec.model.auction import AuctionResult, auction_assignment, balanced_assignment
-
-scipy_optimize = pytest.importorskip("scipy.optimize")
 
 
 def scipy_optimum(scores_TE: torch.Tensor) -> float:

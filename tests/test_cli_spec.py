@@ -93,8 +93,8 @@ def test_wheel_ships_the_schemas(tmp_path):
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    if build.returncode != 0 and "No module named" in build.stderr:
-        pytest.skip("setuptools/wheel not installed in this environment")
+    # --no-build-isolation builds with this environment's setuptools (the build backend
+    # pyproject names); without it the build fails here, as it would for a user.
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(tmp_path.glob("moespec-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

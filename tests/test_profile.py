@@ -5,6 +5,7 @@ validate against their schema and change the prediction."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -49,13 +50,35 @@ def test_profile_world_1_counts_equal_the_simulator_and_traces_parse(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     predicted = simulate(load_plan(SPECS / "tiny-topk.yaml"), load_backend("cpu-local"))
-    assert report["measured"]["flops_per_rank_microstep"] == [predicted["step_flops_per_rank_microstep"]]
+    # Matmul FLOPs of one micro-step of tiny-topk (8 x 64 = 512 tokens), by hand, forward:
+    #   q, k, v, o        2 * 512 * 4*64*64            = 16,777,216  x 4 layers
+    #   scores, values    2 * 2 * 8 seqs*4 heads*64*64*16 =  8,388,608  x 4 layers
+    #   dense ffn         2 * 512 * 3*64*128           = 25,165,824  x 2 layers
+    #   router            2 * 512 * 64*4               =    262,144  x 2 layers
+    #   experts           2 * E*C * 3*64*64, C = 1.25 * 512*2/4 = 320 slots: 2 * 1280 * 12288
+    #                                                  = 31,457,280  x 2 layers
+    #   lm head           2 * 512 * 256*64             = 16,777,216
+    # = 231,211,008 forward; backward is twice that.
+    forward = 4 * 16_777_216 + 4 * 8_388_608 + 2 * 25_165_824 + 2 * 262_144 + 2 * 31_457_280 + 16_777_216
+    assert report["measured"]["flops_per_rank_microstep"] == [3 * forward] == [693_633_024]
+    assert predicted["step_flops_per_rank_microstep"] == 3 * forward  # and the simulator agrees
+    assert report["measured"]["a2a_bytes_per_rank_microstep"] == [0] and report["measured"]["a2a_calls_per_rank_microstep"] == [0]
     assert report["exact_counts"] is True
-    # The shipped 1-rank calibration applies (auto) and judges the time rows by its band.
-    assert report["calibration"].endswith("cpu-local.nproc1.json") and report["calibrated_error_band"] >= 0.05
-    assert all("within_calibrated_error" in row for row in report["comparison"] if not row["exact"] and row["measured"])
+    # Times: positive, finite, the median inside its spread, the rates derived from it.
     step = report["measured"]["step_s"]
-    assert 0 < step["min"] <= step["median"] <= step["max"] and len(step["per_step"]) == 2
+    assert all(0 < t < 60 for t in step["per_step"]) and len(step["per_step"]) == 2
+    assert step["min"] == min(step["per_step"]) <= step["median"] <= step["max"] == max(step["per_step"])
+    assert report["measured"]["tokens_per_s"] == pytest.approx(8 * 64 / step["median"])  # global_batch x seq_len per step
+    assert 0 < report["measured"]["mfu"] < 1
+    # The shipped 1-rank calibration applies (auto) and judges every time row by its band.
+    assert report["calibration"].endswith("cpu-local.nproc1.json") and report["calibrated_error_band"] >= 0.05
+    rows = {row["figure"]: row for row in report["comparison"]}
+    for figure in ("step time (s, median)", "tokens/s", "MFU"):
+        row = rows[figure]
+        assert 0 < row["measured"] < math.inf and 0 < row["predicted"] < math.inf, row
+        assert isinstance(row["within_calibrated_error"], bool) and not row["exact"], row
+    assert rows["step time (s, median)"]["measured"] == step["median"]
+    assert rows["all-to-all time per step, transfer + wait (s)"]["measured"] == 0 == rows["all-to-all time per step, transfer + wait (s)"]["predicted"]  # one rank: no all-to-all
     load = report["measured"]["expert_load"]
     assert set(load) == {"1", "3"}  # the MoE layers of tiny-topk (every 2nd, offset 1)
     tokens = 2 * 8 * 64 * 2  # steps x batch x seq x k: every assignment is routed somewhere
@@ -69,7 +92,8 @@ def test_profile_world_1_counts_equal_the_simulator_and_traces_parse(tmp_path):
     assert {"moespec::attention", "moespec::dense_ffn", "moespec::router", "moespec::experts",
             "moespec::optimizer", "moespec::grad_sync"} <= regions["rank0"]  # fmt: skip
     measured_regions = report["measured"]["region_s"]
-    assert measured_regions["attention"] > 0 and measured_regions["experts"] > 0
+    assert {"attention", "dense_ffn", "router", "experts", "optimizer", "grad_sync"} <= set(measured_regions)
+    assert all(0 <= t < math.inf for t in measured_regions.values()) and measured_regions["attention"] > 0 and measured_regions["experts"] > 0
 
 
 def test_profile_two_ranks_measures_the_predicted_all_to_all(tmp_path):
@@ -78,9 +102,18 @@ def test_profile_two_ranks_measures_the_predicted_all_to_all(tmp_path):
     report = json.loads(done.stdout)
     predicted = simulate(load_plan(SPECS / "tiny-ep.yaml"), load_backend("cpu-local"))
     assert report["world"] == 2
-    assert report["measured"]["a2a_bytes_per_rank_microstep"] == [predicted["a2a_bytes_per_rank_microstep"]] * 2
+    # By hand: each rank routes 4 x 64 = 256 tokens, top-2 over 4 experts at capacity factor
+    # 1.25, so C = 1.25 * 256*2/4 = 160 slots per expert. Each all-to-all sends the other rank's
+    # 2 experts' slots: 2 * 160 slots * 64 (D) * 4 bytes (fp32) = 81,920 bytes; 4 of them per
+    # MoE layer (dispatch and combine, forward and backward), 2 MoE layers.
+    assert report["measured"]["a2a_bytes_per_rank_microstep"] == [8 * 81_920] * 2 == [predicted["a2a_bytes_per_rank_microstep"]] * 2
     assert report["measured"]["a2a_calls_per_rank_microstep"] == [4 * 2] * 2  # 4 per MoE layer, 2 layers
-    assert report["exact_counts"] is True and report["measured"]["a2a_s"] > 0
+    # FLOPs per rank: half of tiny-topk's (same model, half the tokens per rank; each rank's 2
+    # experts serve both ranks' 2 * 2 * 160 = 640 slots, half of 1280).
+    assert report["measured"]["flops_per_rank_microstep"] == [693_633_024 // 2] * 2
+    assert report["exact_counts"] is True and 0 < report["measured"]["a2a_s"] < math.inf
+    step = report["measured"]["step_s"]
+    assert 0 < step["min"] <= step["median"] <= step["max"] < math.inf
     regions = trace_region_names(tmp_path / "traces")
     assert set(regions) == {"rank0", "rank1"}
     assert all({"moespec::dispatch_a2a", "moespec::combine_a2a"} <= names for names in regions.values())

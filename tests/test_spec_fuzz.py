@@ -20,6 +20,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from typer.testing import CliRunner
+
+from moespec.cli.app import app  # imported plainly: a CLI that does not import fails this file
 from moespec.spec import SpecErrors, SpecPlan, load_plan, plan_from_text
 from moespec.spec.schema import load_schema
 
@@ -222,20 +225,9 @@ def test_unmutated_examples_are_plans():
 # --- (c) the CLI path ---------------------------------------------------------------------
 
 
-def _cli_app():
-    try:
-        from moespec.cli.app import app
-    except ImportError as exc:  # other commands may still be being written
-        pytest.skip(f"moespec.cli.app does not import yet: {exc}")
-    return app
-
-
 @settings(FUZZ, max_examples=40)
 @given(texts=st.lists(mutated_specs(), min_size=1, max_size=3))
 def test_cli_validate_exits_0_or_2_without_traceback(texts):
-    from typer.testing import CliRunner
-
-    app = _cli_app()
     with tempfile.TemporaryDirectory() as folder:
         paths = []
         for number, text in enumerate(texts):
