@@ -1,7 +1,7 @@
 """explore(sweep) -> ExploreResult: stream the design space through the vectorised simulator.
 
 Memory stays bounded whatever the space: per chunk (65,536 designs by default) the designs
-are built (space.py), checked, evaluated (moespec.sim.batch.evaluate), and folded into three
+are built (space.py), checked, evaluated (moespec.sim.cost.evaluate), and folded into three
 small running summaries, then dropped:
 - the exact Pareto front of the feasible designs (pareto.merge_front);
 - a uniform sample of the feasible designs: each id gets a pseudo-random key from a hash of
@@ -24,7 +24,7 @@ from moespec.explore.pareto import merge_front, to_costs
 from moespec.explore.quality import describe, quality
 from moespec.explore.space import FEASIBLE, Chunk, DesignSpace
 from moespec.explore.sweep import Objective, Sweep
-from moespec.sim.batch import CollectiveCosts, evaluate
+from moespec.sim.cost import CollectiveCosts, evaluate
 
 DEFAULT_CHUNK = 65_536
 # Figures a sweep can optimise or bound, and their units (for tables and files).

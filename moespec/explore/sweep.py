@@ -16,7 +16,7 @@ from typing import Literal, Mapping
 
 from moespec.explore.axes import MAX_STRUCTURES, Axis, parse_axis
 from moespec.sim.backend import Backend, backend_from_text, load_backend
-from moespec.sim.batch import DesignBatch
+from moespec.sim.design import DesignBatch
 from moespec.spec import SpecPlan
 from moespec.spec.errors import SpecError, SpecErrors
 from moespec.spec.resolve import resolve

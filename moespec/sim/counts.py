@@ -1,47 +1,214 @@
-"""Exact counts of the compiled model, predicted from the plan alone (REFERENCE.md sec. 4).
+"""Exact counts of the compiled model's training step, for a batch of designs (REFERENCE sec. 4).
 
-Parameters equal `sum(p.numel())` of the built module; training-step FLOPs equal what
-`torch.utils.flop_counter.FlopCounterMode` reports for one forward + backward of one
-micro-batch on one rank (capacity padding included); all-to-all bytes equal what the
-expert-parallel layer counts as sent to other ranks. Pure Python integers: no torch.
+These are the figures the runtime is held to, exactly: parameters (`sum(p.numel())` of the
+built module), matmul FLOPs of one micro-step on one rank (what FlopCounterMode reports,
+recomputed forwards and capacity padding included), bytes one rank sends to the others by
+all-to-all (expert dispatch and combine; BASE's token shuffle apart), bytes of parameters,
+gradients and optimizer state one rank holds under its ZeRO stage, and all-to-all calls.
+int64 (exact) or float64 (`dtype`, the overflow-safe twin); no torch.
 
-Conventions the formulas mirror (they are the compiled model's, see moespec/model):
-- a Linear of `i` inputs and `o` outputs on N rows costs 2*N*i*o forward and 4*N*i*o
-  backward (grad of input and of weight): 6*N*i*o per step. Every matmul input here requires
-  grad (the embedding is trainable), so every backward computes both;
-- attention scores and values: 4*B*H*S^2*hd forward, 8*B*H*S^2*hd backward (torch counts the
-  full S x S product, causal masking does not discount it);
-- experts with capacity run on the fixed [E, C, D] buffer: E*C rows, padding included;
-  dropless experts run on exactly the T*k routed rows, whatever the balance.
+Conventions they mirror (the compiled model's, see moespec/model and moespec/distributed):
+- a Linear of `i` inputs and `o` outputs on N rows: 2*N*i*o forward, 4*N*i*o backward (every
+  matmul input requires grad: the embedding is trainable), 6*N*i*o per step;
+- attention scores and values: 4*B*H*S^2*hd forward, 8*B*H*S^2*hd backward (causal masking
+  does not discount them);
+- experts with capacity run on the fixed [E, C, D] buffer (E*C rows, padding included);
+  dropless experts on the T*k routed rows;
+- recompute "selective" replays each attention core's forward (+4*B*H*S^2*hd per block),
+  "full" every block's whole forward (+1/3 of the block's step FLOPs), and with it the MoE
+  layer's all-to-alls (6 transfers per layer per micro-step instead of 4);
+- dispatch moves rows in the compute dtype (2 bytes under bf16/fp16 autocast, 4 in fp32);
+- parameters and gradients are fp32 at every precision (autocast keeps fp32 master weights),
+  AdamW holds m and v in fp32 (8 bytes; its scalar step counters are not counted). ZeRO
+  shards a parameter by rows, FSDP2's Shard(0): over W ranks the largest share is
+  ceil(dim0 / W) rows. Dense parameters shard over dp, expert banks ([E/ep, D, F]) over
+  dp/ep. Stage 1 shards optimizer state, 2 and 3 (FSDP2) parameters, gradients and state.
 
-Shape legend: B micro-batch, S sequence, T = B*S tokens, D d_model, H heads, KV kv heads,
-hd head dim, F widths, E experts, k experts per token, C capacity, V vocabulary, P ep degree.
+Shape legend: N designs, M layer groups (design.py); B micro-batch, S sequence, T = B*S, D
+d_model, H heads, KV kv heads, hd head dim, F widths, E experts, k per token, V vocabulary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moespec.spec.plan import LayerPlan, ModelPlan, MoELayerPlan, SpecPlan
+import numpy as np
 
-GATED = ("swiglu", "geglu")
+from moespec.sim.design import PRECISIONS, RECOMPUTE, DesignBatch, LayerTable
+from moespec.spec.plan import SpecPlan
 
-
-def _ffn_matrices(activation: str) -> int:
-    return 3 if activation in GATED else 2
-
-
-def _norm_params(model: ModelPlan) -> int:
-    return 2 * model.d_model if model.norm == "layernorm" else model.d_model
+FULL, SELECTIVE = RECOMPUTE.index("full"), RECOMPUTE.index("selective")
+EXACT_LIMIT = 2.0**62  # int64 counts at or above this are returned as float64
 
 
-def _router_params(moe: MoELayerPlan, d_model: int) -> int:
-    router, n_experts = moe.router, moe.experts.count
-    if router.type == "hash":
-        return 0
-    gate = d_model * n_experts + (n_experts if getattr(router, "bias", False) else 0)
-    noise = d_model * n_experts if router.type == "noisy_topk" else 0
-    return gate + noise
+def compute_bytes(b: DesignBatch) -> np.ndarray:
+    """Bytes per element of activations and dispatched rows: 4 in fp32, 2 under autocast."""
+    return np.where(b.precision == PRECISIONS.index("fp32"), 4, 2)
+
+
+def a2a_transfers(b: DesignBatch) -> np.ndarray:
+    """All-to-all transfers per MoE layer per micro-step: dispatch and combine, forward and
+    backward, plus the forward's two again when full recomputation replays it."""
+    return np.where(b.recompute == FULL, 6, 4)
+
+
+def expert_rows(b: DesignBatch, layers: LayerTable, tokens: np.ndarray) -> np.ndarray:
+    """Rows a group's experts compute on per routing group of `tokens` (per group): E*C with
+    capacity C = max(ceil(k*T/E*cf), min_capacity) (CapacityPlan.capacity), T*k dropless."""
+    t_k = tokens * layers.k
+    capacity = np.maximum(np.ceil(t_k / layers.experts * layers.capacity_factor), layers.min_capacity)
+    return np.where(layers.dropless, t_k, layers.experts * np.where(layers.dropless, 0, capacity).astype(np.int64))
+
+
+def _chunk(rows, width, ranks):
+    """Elements of the largest Shard(0) share of a [rows, width] parameter over `ranks`."""
+    return (rows + ranks - 1) // ranks * width
+
+
+def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
+    """Every exact figure for every design, (N,) arrays in `dtype`."""
+    n, layers = len(b), b.layer_table()
+    g, count = layers.design, layers.count.astype(dtype)
+
+    def c(x):
+        return x.astype(dtype)
+
+    def total(per_layer):  # a per-group, per-block figure summed over each design's blocks
+        return layers.per_design(per_layer * count, n)
+
+    d, v, s, hd, heads = c(b.d_model), c(b.vocab), c(b.seq_len), c(b.head_dim), c(b.n_heads)
+    q_width, kv_width = heads * hd, c(b.n_kv_heads) * hd
+    norm = np.where(b.layernorm, 2 * d, d)
+    dl = d[g]
+    matrices = np.where(b.gated, 3, 2).astype(dtype)[g]
+    moe = layers.moe
+    e, f, k = c(layers.experts), c(layers.expert_d_ff), c(layers.k)
+    sc, sf = c(layers.shared_count), c(layers.shared_d_ff)
+
+    # Parameters (the built module's, REFERENCE sec. 4)
+    attention = d * (q_width + 2 * kv_width) + q_width * d + np.where(b.qkv_bias, q_width + 2 * kv_width, 0)
+    block_base = attention + 2 * norm
+    dense_ffn = np.where(moe, 0, matrices * dl * c(layers.d_ff))
+    routed = np.where(moe, e * matrices * dl * f, 0)
+    shared = sc * matrices * dl * sf + np.where((sc > 0) & layers.shared_gate, dl, 0)
+    router = np.where(moe, dl * e * c(layers.router_matrices) + np.where(layers.router_bias, e, 0), 0)
+    layer_total = block_base[g] + dense_ffn + routed + np.where(moe, shared, 0) + router
+    layer_active = layer_total - routed + routed * k // e
+    embedding = v * d + np.where(b.learned_positions, s * d, 0)
+    outer = embedding + np.where(b.tied, 0, v * d) + norm
+    params_total = outer + total(layer_total)
+    params_active = outer + total(layer_active)
+    expert_params = total(routed)
+
+    # Matmul FLOPs of one micro-step on one rank, by part
+    batch = c(b.micro_batch)
+    t = batch * s
+    tl = t[g]
+    core = 12 * batch * heads * s**2 * hd  # attention scores and values, fwd + bwd
+    rows = expert_rows(b, layers, b.micro_batch[g] * b.seq_len[g]).astype(dtype)
+    parts = {
+        "attention": c(b.n_layers) * (6 * t * d * (2 * q_width + 2 * kv_width) + core),
+        "dense_ffn": total(6 * tl * dense_ffn),
+        "router": total(np.where(moe, 6 * tl * dl * e * c(layers.router_matrices), 0)),
+        "experts_capacity": total(np.where(moe & ~layers.dropless, 6 * rows * dl * f * matrices, 0)),
+        "experts_dropless": total(np.where(moe & layers.dropless, 6 * rows * dl * f * matrices, 0)),
+        "shared_experts": total(np.where(moe, 6 * tl * shared, 0)),
+        "lm_head": 6 * t * d * v,
+    }
+    blocks = sum(value for name, value in parts.items() if name != "lm_head")
+    parts["recompute"] = np.where(b.recompute == FULL, blocks // 3,
+                                  np.where(b.recompute == SELECTIVE, c(b.n_layers) * (core // 3), 0))  # fmt: skip
+    step_flops = sum(parts.values())
+
+    # All-to-all bytes one rank sends to others per micro-step (REFERENCE sec. 4)
+    ep, bpe = c(b.ep), c(compute_bytes(b))
+    on = moe & (b.ep[g] > 1)
+    transfers = c(a2a_transfers(b))[g]
+    a2a = total(np.where(on, transfers * rows * dl * bpe[g] * (ep[g] - 1) // ep[g], 0))
+    shuffled = on & layers.shuffle
+    shuffle = total(np.where(shuffled, transfers * (tl - tl // ep[g]) * dl * bpe[g], 0))
+    calls = transfers + np.where(layers.dropless, np.where(b.recompute == FULL, 2, 1)[g], 0)  # + split exchanges
+    a2a_calls = total(np.where(on, calls + np.where(shuffled, transfers, 0), 0))
+
+    # Model FLOPs per token, for MFU: 6 per active matmul parameter (the embedding lookup is no
+    # matmul; a tied table still does the LM head's) plus attention, 12 * L * H * hd * S.
+    active_matmul = params_active - embedding + np.where(b.tied, embedding, 0)
+    model_flops_per_token = 6 * active_matmul + 12 * c(b.n_layers) * heads * hd * s
+    return {
+        "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
+        "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
+        "a2a_calls": a2a_calls, "model_flops_per_token": model_flops_per_token,
+        **{f"flops_{name}": value for name, value in parts.items()},
+    }  # fmt: skip
+
+
+def state_elements(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
+    """Elements of the largest share of (parameters, optimizer state) one rank holds: dense
+    parameters over `dense_ranks`, expert banks over `expert_ranks`, for ZeRO's sharding.
+    Returns (N,) arrays "full" (nothing sharded), "sharded_dense_dp" (dense over dp, experts
+    over dp/ep). Tensor and pipeline parallel (costed, not executed) divide both by tp*pp."""
+    n, layers = len(b), b.layer_table()
+    g, count = layers.design, layers.count.astype(dtype)
+
+    def c(x):
+        return x.astype(dtype)
+
+    def of(ranks, expert_ranks):
+        d, v, s = c(b.d_model), c(b.vocab), c(b.seq_len)
+        q_width, kv_width = c(b.n_heads) * c(b.head_dim), c(b.n_kv_heads) * c(b.head_dim)
+        norm = _chunk(d, 1, ranks) * np.where(b.layernorm, 2, 1)
+        bias = np.where(b.qkv_bias, _chunk(q_width, 1, ranks) + 2 * _chunk(kv_width, 1, ranks), 0)
+        block = 2 * norm + _chunk(q_width, d, ranks) + 2 * _chunk(kv_width, d, ranks) + _chunk(d, q_width, ranks) + bias
+        outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0)
+        outer = outer + np.where(b.tied, 0, _chunk(v, d, ranks)) + norm
+        r, er, dl = ranks[g], expert_ranks[g], d[g]
+        gated = b.gated[g]
+        width = c(layers.d_ff)
+        dense_ffn = np.where(gated, 2, 1) * _chunk(width, dl, r) + _chunk(dl, width, r)
+        e, sw = c(layers.experts), c(layers.shared_count) * c(layers.shared_d_ff)
+        router = c(layers.router_matrices) * _chunk(e, dl, r) + np.where(layers.router_bias, _chunk(e, 1, r), 0)
+        shared = np.where(sw > 0, np.where(gated, 2, 1) * _chunk(sw, dl, r) + _chunk(dl, sw, r), 0)
+        shared = shared + np.where((sw > 0) & layers.shared_gate, _chunk(1, dl, r), 0)
+        local = e // c(b.ep)[g]
+        bank = np.where(gated, 3, 2) * _chunk(local, dl * c(layers.expert_d_ff), er)
+        per_layer_dense = block[g] + np.where(layers.moe, router + shared, dense_ffn)
+        dense = outer + layers.per_design(per_layer_dense * count, n)
+        expert = layers.per_design(np.where(layers.moe, bank, 0) * count, n)
+        return dense, expert
+
+    one = np.ones(n, dtype=dtype)
+    full_dense, full_expert = of(one, one)
+    dp, edp = c(b.dp), c(b.dp // b.ep)
+    sharded_dense, sharded_expert = of(dp, edp)
+    return {"full": full_dense + full_expert, "sharded": sharded_dense + sharded_expert,
+            "full_dense": full_dense, "full_expert": full_expert}  # fmt: skip
+
+
+def state_bytes(b: DesignBatch) -> dict[str, np.ndarray]:
+    """Bytes of parameters, gradients and AdamW state on the rank that holds the most,
+    at rest after an optimizer step (float64; exact below 2**53 bytes)."""
+    elements = {name: value.astype(np.float64) / (b.tp * b.pp) for name, value in state_elements(b).items()}
+    full, sharded = elements["full"], elements["sharded"]
+    return {
+        "params": 4 * np.where(b.zero_stage >= 2, sharded, full),
+        "grads": 4 * np.where(b.zero_stage >= 2, sharded, full),
+        "optimizer": 8 * np.where(b.zero_stage >= 1, sharded, full),
+        "full_dense": elements["full_dense"], "full_expert": elements["full_expert"],
+    }
+
+
+def exact_counts(b: DesignBatch) -> dict[str, np.ndarray]:
+    """`counts` in int64 where every design stays below 2**62, else float64 for that figure."""
+    exact, approx = counts(b, np.int64), counts(b, np.float64)
+    return {name: exact[name] if np.all(np.abs(approx[name]) < EXACT_LIMIT) else approx[name] for name in exact}
+
+
+# --- one plan (a batch of one) ------------------------------------------------------------------
+
+
+def plan_counts(plan: SpecPlan) -> dict:
+    """`exact_counts` of one plan as Python numbers."""
+    return {name: value[0].item() for name, value in exact_counts(DesignBatch.from_plans([plan])).items()}
 
 
 @dataclass(frozen=True)
@@ -49,126 +216,25 @@ class ParamPrediction:
     total: int
     active: int  # per token: dense + router + k routed experts + shared, embeddings included
     embedding: int  # token embeddings (+ learned positions)
-    lm_head: int
-
-
-def attention_params(model: ModelPlan) -> int:
-    q_width, kv_width = model.n_heads * model.head_dim, model.n_kv_heads * model.head_dim
-    bias = (q_width + 2 * kv_width) if model.qkv_bias else 0
-    return model.d_model * (q_width + 2 * kv_width) + q_width * model.d_model + bias
-
-
-def layer_params(model: ModelPlan, layer: LayerPlan) -> tuple[int, int]:
-    """(total, active per token) of one decoder block."""
-    base = attention_params(model) + 2 * _norm_params(model)
-    matrices = _ffn_matrices(model.activation)
-    if layer.moe is None:
-        dense = base + matrices * model.d_model * layer.d_ff
-        return dense, dense
-    moe = layer.moe
-    experts = moe.experts
-    routed = experts.count * matrices * model.d_model * experts.d_ff
-    shared = experts.shared_count * matrices * model.d_model * experts.shared_d_ff
-    shared += model.d_model if experts.shared_count and experts.shared_gate else 0
-    router = _router_params(moe, model.d_model)
-    total = base + router + routed + shared
-    k = moe.router.experts_per_token
-    return total, total - routed + routed * k // experts.count
 
 
 def predict_params(plan: SpecPlan) -> ParamPrediction:
-    model = plan.model
-    embedding = model.vocab_size * model.d_model + (model.seq_len * model.d_model if model.positions == "learned" else 0)
-    lm_head = 0 if model.tied_embeddings else model.vocab_size * model.d_model
-    outer = embedding + lm_head + _norm_params(model)
-    per_layer = [layer_params(model, layer) for layer in plan.layers]
-    return ParamPrediction(
-        total=outer + sum(total for total, _ in per_layer),
-        active=outer + sum(active for _, active in per_layer),
-        embedding=embedding,
-        lm_head=lm_head,
-    )
+    figures = plan_counts(plan)
+    return ParamPrediction(figures["params_total"], figures["params_active"], figures["params_embedding"])
 
 
-# --- FLOPs ---------------------------------------------------------------------------------
-
-
-def expert_rows(moe: MoELayerPlan, tokens: int, *, training: bool = True) -> int:
-    """Rows the routed experts compute on: E*C with capacity (padding included), T*k dropless
-    (BASE: T, every token to one expert). The same CapacityPlan.capacity the runtime calls."""
-    n_experts, k = moe.experts.count, moe.router.experts_per_token
-    if moe.capacity is None or moe.capacity.dropless:
-        return tokens * k
-    return n_experts * moe.capacity.capacity(tokens, k, n_experts, training=training)
-
-
-def attention_flops(model: ModelPlan, batch: int) -> int:
-    t, d = batch * model.seq_len, model.d_model
-    q_width, kv_width = model.n_heads * model.head_dim, model.n_kv_heads * model.head_dim
-    projections = 6 * t * d * (2 * q_width + 2 * kv_width)
-    scores_values = 12 * batch * model.n_heads * model.seq_len**2 * model.head_dim
-    return projections + scores_values
-
-
-def layer_flops_by_part(model: ModelPlan, layer: LayerPlan, batch: int) -> dict[str, int]:
-    """Matmul FLOPs of one block by part, forward + backward, for `batch` sequences."""
-    t, d = batch * model.seq_len, model.d_model
-    matrices = _ffn_matrices(model.activation)
-    parts = {"attention": attention_flops(model, batch)}
-    if layer.moe is None:
-        parts["dense_ffn"] = 6 * t * d * layer.d_ff * matrices
-        return parts
-    moe = layer.moe
-    experts = moe.experts
-    router_matrices = {"hash": 0, "noisy_topk": 2}.get(moe.router.type, 1)
-    parts["router"] = 6 * t * d * experts.count * router_matrices
-    expert_flops = 6 * expert_rows(moe, t) * d * experts.d_ff * matrices
-    dropless = moe.capacity is None or moe.capacity.dropless
-    parts["experts_dropless" if dropless else "experts_capacity"] = expert_flops
-    if experts.shared_count:
-        parts["shared_experts"] = 6 * t * d * experts.shared_count * experts.shared_d_ff * matrices
-        parts["shared_experts"] += 6 * t * d if experts.shared_gate else 0
-    return parts
-
-
-def layer_flops(model: ModelPlan, layer: LayerPlan, batch: int) -> int:
-    """Matmul FLOPs of one block, forward + backward, for one micro-batch of `batch` sequences."""
-    return sum(layer_flops_by_part(model, layer, batch).values())
-
-
-def step_flops_by_part(plan: SpecPlan, *, batch: int | None = None) -> dict[str, int]:
-    """`predict_step_flops` split into attention, dense FFN, router, experts (capacity or
-    dropless), shared experts and the LM head: the parts sum to the total exactly."""
-    batch = batch or plan.parallel.micro_batch
-    model = plan.model
-    parts = {"lm_head": 6 * batch * model.seq_len * model.d_model * model.vocab_size}
-    for layer in plan.layers:
-        for name, flops in layer_flops_by_part(model, layer, batch).items():
-            parts[name] = parts.get(name, 0) + flops
-    return parts
-
-
-def predict_step_flops(plan: SpecPlan, *, batch: int | None = None) -> int:
+def predict_step_flops(plan: SpecPlan) -> int:
     """FlopCounterMode's count for one training micro-step (forward + backward) on one rank."""
-    return sum(step_flops_by_part(plan, batch=batch).values())
+    return plan_counts(plan)["step_flops"]
 
 
-# --- all-to-all bytes ----------------------------------------------------------------------
+def step_flops_by_part(plan: SpecPlan) -> dict[str, int]:
+    """`predict_step_flops` split by part (attention, dense FFN, router, experts, shared
+    experts, LM head, recomputation); the parts sum to the total exactly."""
+    figures = plan_counts(plan)
+    return {name[len("flops_"):]: value for name, value in figures.items() if name.startswith("flops_") and value}
 
 
-def predict_a2a_bytes(plan: SpecPlan, *, batch: int | None = None, bytes_per_element: int = 4) -> int:
-    """Bytes one rank sends to other ranks in one micro-step: per MoE layer, dispatch and
-    combine, forward and backward (4 transfers of the expert rows), each sending the rows
-    owned by the other P-1 ranks. Exact with capacity (fixed buffers) and for BASE (exactly
-    balanced); for other dropless routers this is the balanced value, the measured one
-    depends on routing. The BASE token shuffle is not included (reported apart)."""
-    ep = plan.parallel.ep
-    if ep == 1:
-        return 0
-    batch = batch or plan.parallel.micro_batch
-    tokens, d = batch * plan.model.seq_len, plan.model.d_model
-    total = 0
-    for layer in plan.moe_layers:
-        rows = expert_rows(layer.moe, tokens)
-        total += 4 * rows * d * bytes_per_element * (ep - 1) // ep
-    return total
+def predict_a2a_bytes(plan: SpecPlan) -> int:
+    """Bytes one rank sends to others by expert dispatch and combine in one micro-step."""
+    return plan_counts(plan)["a2a_bytes"]

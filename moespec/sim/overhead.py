@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from moespec.spec.plan import ROUTER_TYPES, SpecPlan
+from moespec.sim.design import ROUTER_NAMES  # noqa: F401  (calibration fits one overhead per router)
 
-ROUTER_NAMES = tuple(ROUTER_TYPES)  # index order of DesignBatch.router
-A2A_CALLS_PER_LAYER = 4  # dispatch and combine, forward and backward
+A2A_CALLS_PER_LAYER = 4  # dispatch and combine, forward and backward (6 when full recomputation replays them)
 ELEMENTWISE_PASSES = 3  # forward write, backward read, gradient write of every stored activation
 
 
@@ -60,23 +59,3 @@ def overheads_from_dict(data: Mapping) -> Overheads:
         local_expert_s=float(data.get("local_expert_s", 0.0)),
         a2a_call_s=float(data.get("a2a_call_s", 0.0)),
     )
-
-
-def fixed_overhead_s(plan: SpecPlan, overheads: Overheads) -> float:
-    """Host seconds of one optimizer step on one rank: every micro-step's (its pipeline
-    stage's share of the layers) plus the optimizer step's own."""
-    return micro_step_overhead_s(plan, overheads) * plan.parallel.grad_accum + overheads.optimizer_step_s
-
-
-def micro_step_overhead_s(plan: SpecPlan, overheads: Overheads) -> float:
-    """Host seconds of one micro-step on one rank (its pipeline stage's share of the layers)."""
-    p = plan.parallel
-    total = overheads.step_s
-    for layer in plan.layers:
-        if layer.moe is None:
-            total += overheads.dense_layer_s
-        else:
-            total += overheads.moe_layer(layer.moe.router.type)
-            total += overheads.local_expert_s * layer.moe.experts.count / p.ep
-            total += overheads.a2a_call_s * A2A_CALLS_PER_LAYER if p.ep > 1 else 0.0
-    return total / p.pp

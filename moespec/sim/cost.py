@@ -1,0 +1,299 @@
+"""The one cost model: memory per device and time of one training step, for a batch of designs.
+
+`evaluate(batch, backend)` is all of moespec's prediction: `simulate` runs it on a batch of one
+plan (model.py formats the report), `explore` on millions of designs. Exact counts come from
+counts.py; this file adds the models (REFERENCE sec. 4 and 5), each term a small function or
+a commented block with its unit in its name. Adding a cost term means editing this file (and
+counts.py if it is a count), nothing else.
+
+Time of one optimizer step on one rank:
+  compute     matmul FLOPs (recomputation included) at the calibrated efficiency, or reading
+              the local weights three times if that is slower (roofline, per micro-step);
+  elementwise memory-bound passes over the stored activations (3: written forward, read and
+              their gradient written backward; attention scores left out, fused kernels never
+              write them), Sinkhorn's balancing passes, dropout's masks;
+  overhead    fixed host time per block, per router, per local expert, per all-to-all call
+              (sim/overhead.py; 0 unless calibrated);
+  a2a         expert dispatch and combine, and BASE's token shuffle, over the topology;
+  tp / pp     tensor-parallel activation all-reduces, pipeline stage sends (costed only);
+  grad sync   ZeRO 0/1: DDP all-reduce of dense gradients over dp (`overlap` of it hidden
+              behind backward) and the expert all-reduce over dp/ep after backward (exposed);
+              ZeRO-1 all-gathers the updated parameters after the step (exposed); ZeRO 2/3
+              (FSDP2): every micro-step reduce-scatters gradients and all-gathers parameters
+              (twice at stage 3), `overlap` hidden by prefetching;
+  bubble      (pp-1)/(m+pp-1) of the pipelined part;  optimizer: AdamW's memory-bound update.
+
+Collectives: on a fixed rank set a collective's time is affine in bytes (busiest link's load
+over bandwidth plus the slowest path's latency), so `CollectiveCosts` fits t = a + bytes * b
+once per distinct rank set from the topology graph and applies it to whole arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moespec.sim.backend import Backend
+from moespec.sim.collectives import all_gather_time_s, all_reduce_time_s, all_to_all_time_s, reduce_scatter_time_s
+from moespec.sim.counts import FULL, SELECTIVE, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes
+from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
+from moespec.sim.overhead import ELEMENTWISE_PASSES
+from moespec.sim.topology import build_topology
+
+ALLOCATOR_ALLOWANCE = 0.10  # fragmentation and workspace: 10% on top of what is counted
+DEFAULT_OVERLAP = 0.5  # share of data-parallel gradient traffic hidden behind the backward pass
+_TIMES = ("compute_s", "elementwise_s", "overhead_s", "a2a_s", "tp_comm_s", "pp_comm_s", "allreduce_s",
+          "exposed_allreduce_s", "zero_comm_s", "bubble_s", "optimizer_s", "step_s", "tokens_per_s", "mfu")  # fmt: skip
+_COLLECTIVES = {"a2a": all_to_all_time_s, "all_reduce": all_reduce_time_s, "all_gather": all_gather_time_s,
+                "reduce_scatter": reduce_scatter_time_s}  # fmt: skip
+
+
+class CollectiveCosts:
+    """Affine collective times on one backend's topology, one (latency_s, s_per_byte) per
+    distinct (kind, rank set), computed on first use. Build one per backend and pass it to
+    every `evaluate` call of a sweep."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.graph = build_topology(backend)
+        self._fits: dict[tuple, tuple[float, float]] = {}
+
+    def all_to_all_s(self, ep: np.ndarray, bytes_per_pair: np.ndarray) -> np.ndarray:
+        """all_to_all_time_s over ranks 0..ep-1 (an expert-parallel group)."""
+        return self.time_s("a2a", np.ones_like(ep), ep, bytes_per_pair)
+
+    def pair_exchange_s(self, stride: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        """all_to_all_time_s between ranks 0 and `stride` (neighbouring pipeline stages)."""
+        return self.time_s("a2a", stride, np.full_like(stride, 2), nbytes)
+
+    def time_s(self, kind: str, stride: np.ndarray, n: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        """`kind` (a2a, all_reduce, all_gather, reduce_scatter) over ranks 0, stride, ...,
+        (n-1)*stride with `nbytes` (collectives.py's meaning for that kind), elementwise."""
+        keys, inverse = np.unique(stride.astype(np.int64) << 32 | n.astype(np.int64), return_inverse=True)
+        fits = np.array([self._fit(kind, int(key >> 32), int(key & 0xFFFFFFFF)) for key in keys]).reshape(-1, 2)
+        latency_s, s_per_byte = fits[inverse.ravel(), 0], fits[inverse.ravel(), 1]
+        return np.where(nbytes > 0, latency_s + nbytes * s_per_byte, 0.0)  # nothing sent: no step
+
+    def _fit(self, kind: str, stride: int, n: int) -> tuple[float, float]:
+        if (kind, stride, n) not in self._fits:
+            ranks = list(range(0, stride * n, stride))
+
+            def time_s(v):
+                return _COLLECTIVES[kind](self.graph, ranks, v)
+
+            small, large = 1.0, 2.0**30
+            s_per_byte = (time_s(large) - time_s(small)) / (large - small)
+            latency_s = time_s(small) - small * s_per_byte
+            probe = 3.0 * 2**20
+            # 1e-9: the fit's own rounding is ~1e-15 relative; a non-affine cost would miss by O(1)
+            if abs(latency_s + probe * s_per_byte - time_s(probe)) > 1e-9 * time_s(probe):
+                raise ValueError(f"{kind} over ranks {ranks[:4]}... on {self.backend.name} is not affine in bytes")
+            self._fits[kind, stride, n] = (latency_s, s_per_byte)
+        return self._fits[kind, stride, n]
+
+
+def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_OVERLAP, imbalance: float = 1.0,
+             collectives: CollectiveCosts | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every figure for every design, as (N,) arrays.
+
+    Counts (counts.py, int64 or float64 past 2**62): params_total, params_active,
+    params_embedding, step_flops and flops_<part> (one micro-step, one rank), a2a_bytes and
+    shuffle_a2a_bytes (one micro-step, one rank), a2a_calls, model_flops_per_token. State
+    held at rest (bytes, float64): state_{params, grads, optimizer}_bytes. Memory per device
+    (bytes): memory_{weights, gathered_weights, grads, optimizer, activations, a2a_buffers,
+    allowance, total}_bytes and `fits`. Time (s): see the module docstring, plus step_s,
+    tokens_per_s, mfu. `valid` is False where the design needs more devices than the backend
+    has or ep does not divide dp; its times are NaN.
+    """
+    if imbalance < 1:
+        raise ValueError(f"imbalance is max/mean load, so at least 1; got {imbalance}")
+    collectives = collectives or CollectiveCosts(backend)
+    if collectives.backend != backend:
+        raise ValueError(f"collectives were built for backend {collectives.backend.name}, not {backend.name}")
+    out = exact_counts(batch)
+    state = state_bytes(batch)
+    out.update({f"state_{name}_bytes": state[name] for name in ("params", "grads", "optimizer")})
+    out.update(_memory(batch, backend, out, state))
+    out.update(_time(batch, backend, out, state, collectives, overlap=overlap, imbalance=imbalance))
+    return out
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+@np.errstate(divide="ignore", invalid="ignore")  # ep not dividing dp: such designs are not valid
+def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict[str, np.ndarray]:
+    """Peak bytes on one device: the state it holds (counts.state_bytes, exact), the
+    parameters FSDP2 gathers for compute (ZeRO-2: all of them through the step; ZeRO-3: the
+    largest block at a time), activations, all-to-all buffers, and a 10% allowance."""
+    layers = b.layer_table()
+    full = state["full_dense"] + state["full_expert"]  # elements this rank computes with
+    gathered = np.where(b.zero_stage == 2, 4 * full - state["params"], 0.0)
+    largest_block = layers.max_per_design(np.where(layers.count > 0, _block_elements(b), 0.0), len(b))
+    gathered = np.where(b.zero_stage == 3, 4 * largest_block / (b.tp * b.pp), gathered)
+    rows = expert_rows(b, layers, b.micro_batch[layers.design] * b.seq_len[layers.design])
+    bpe = compute_bytes(b)
+    has_a2a = layers.moe & (layers.count > 0) & (b.ep[layers.design] > 1)
+    a2a = 2.0 * layers.max_per_design(np.where(has_a2a, rows, 0), len(b)) * b.d_model * bpe
+    activations = activation_bytes(b)
+    counted = state["params"] + gathered + state["grads"] + state["optimizer"] + activations + a2a
+    allowance = ALLOCATOR_ALLOWANCE * counted
+    total = counted + allowance
+    return {
+        "memory_weights_bytes": state["params"], "memory_gathered_weights_bytes": gathered,
+        "memory_grads_bytes": state["grads"], "memory_optimizer_bytes": state["optimizer"],
+        "memory_activations_bytes": activations, "memory_a2a_buffers_bytes": a2a, "memory_allowance_bytes": allowance,
+        "memory_total_bytes": total, "fits": total <= backend.device.memory_bytes,
+    }  # fmt: skip
+
+
+def _block_elements(b: DesignBatch) -> np.ndarray:
+    """Parameters of one block of each group as one rank computes with them (its experts). [M]"""
+    layers = b.layer_table()
+    g = layers.design
+    d = b.d_model[g].astype(np.float64)
+    q, kv = (b.n_heads * b.head_dim)[g], (b.n_kv_heads * b.head_dim)[g]
+    matrices = np.where(b.gated, 3, 2)[g]
+    attention = d * (2 * q + 2 * kv)
+    ffn = np.where(layers.moe, matrices * d * (layers.experts // b.ep[g] * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff),
+                   matrices * d * layers.d_ff)  # fmt: skip
+    return attention + ffn
+
+
+def activation_bytes(b: DesignBatch, *, as_selective: bool = False) -> np.ndarray:
+    """Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per dense 16-bit block without
+    recomputation, of which 19*s*b*h is the 4h-wide MLP; a MoE block's MLP part scales with
+    the rows its experts see per token (k * cf, E*C/T) and their width over 4h. Selective
+    recomputation drops the 5*a*s/h attention-core term; full keeps each block's input (2sbh).
+    fp32 doubles everything; one pipeline stage holds n_layers / pp blocks, tp splits them.
+    `as_selective`: the bytes elementwise ops move (attention scores never written)."""
+    layers = b.layer_table()
+    g = layers.design
+    s, bsz, h, a = (x.astype(np.float64) for x in (b.seq_len, b.micro_batch, b.d_model, b.n_heads))
+    sbh = s * bsz * h
+    scale = np.where(b.precision == PRECISIONS.index("fp32"), 2, 1)
+    selective = (b.recompute == SELECTIVE) | as_selective
+    attention = 15 * sbh + np.where(selective, 0, 5 * a * s * s * bsz)
+    rows = expert_rows(b, layers, b.micro_batch[g] * b.seq_len[g])
+    rows_per_token = rows / (s * bsz)[g]
+    width = np.where(layers.moe, rows_per_token * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff, layers.d_ff)
+    mlp = 19 * sbh[g] * width / (4 * h[g])
+    blocks = (b.n_layers * attention + layers.per_design(layers.count * mlp, len(b))) * scale
+    full_recompute = (b.recompute == FULL) & (not as_selective)
+    return np.where(full_recompute, b.n_layers * 2 * sbh * scale, blocks) / (b.pp * b.tp)
+
+
+def elementwise_bytes(b: DesignBatch) -> np.ndarray:
+    """Bytes one micro-step's non-matmul ops move on one rank: 3 passes over the stored
+    activations (full recomputation replays the forward's third again); Sinkhorn's
+    iterations (2 normalisations of the [T, E] fp32 matrix, ~3 passes each, forward only,
+    again when replayed); dropout's masks (each dropout reads and writes its [T, D] input
+    forward and backward, 4 passes, and a 1-byte mask written and read: 2 residual dropouts
+    per block, one on the embeddings, and one on the attention probabilities)."""
+    layers = b.layer_table()
+    g = layers.design
+    replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
+    stored = ELEMENTWISE_PASSES * activation_bytes(b, as_selective=True) * replay
+    tokens = (b.micro_batch * b.seq_len).astype(np.float64)
+    sinkhorn = layers.per_design(layers.count * layers.sinkhorn_iterations * 2 * 3 * tokens[g] * layers.experts * 4.0, len(b))
+    sinkhorn = sinkhorn * np.where(b.recompute == FULL, 2, 1)
+    per_element = 4 * compute_bytes(b) + 2
+    dropout = (2 * b.n_layers + 1) * tokens * b.d_model * per_element
+    dropout = dropout + b.n_layers * b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) ** 2 * per_element
+    return stored + (sinkhorn + np.where(b.dropout > 0, dropout, 0.0)) / (b.pp * b.tp)
+
+
+# --- time --------------------------------------------------------------------------------------
+
+
+@np.errstate(divide="ignore", invalid="ignore")
+def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectives: CollectiveCosts, *,
+          overlap: float, imbalance: float) -> dict[str, np.ndarray]:  # fmt: skip
+    layers = b.layer_table()
+    g, n = layers.design, len(b)
+    world = b.dp * b.tp * b.pp
+    valid = (world <= backend.num_devices) & (b.dp % b.ep == 0)
+    peak = np.array([backend.device.peak_flops_per_s.get(name, np.nan) for name in PRECISIONS])[b.precision]
+    bpe = compute_bytes(b).astype(np.float64)
+    micro_steps = b.global_batch // (b.micro_batch * b.dp)
+    shard = b.tp * b.pp
+    memory_Bps = backend.device.memory_bandwidth_Bps * backend.memory_efficiency
+    dense, expert = state["full_dense"], state["full_expert"]  # elements of a rank's dense and expert parameters
+
+    # Compute: roofline per micro-step. Dropless experts wait for the busiest rank (`imbalance`).
+    replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
+    flops = (counts["step_flops"] + (imbalance - 1) * counts["flops_experts_dropless"] * replay) / shard
+    weights_s = 3 * (dense + expert) * bpe / memory_Bps
+    compute_s = np.maximum(flops / (peak * backend.matmul_efficiency), weights_s) * micro_steps
+    elementwise_s = elementwise_bytes(b) / memory_Bps * micro_steps
+
+    # Fixed host time (sim/overhead.py): per micro-step and stage, plus the optimizer step's.
+    ov = backend.overheads
+    transfers = a2a_transfers(b)[g]
+    a2a_calls = np.where(b.ep[g] > 1, transfers * np.where(layers.shuffle, 2, 1), 0)
+    moe_s = np.array([ov.moe_layer(name) for name in ROUTER_NAMES])[layers.router] + ov.local_expert_s * layers.experts / b.ep[g]
+    per_block_s = np.where(layers.moe, moe_s + ov.a2a_call_s * a2a_calls, ov.dense_layer_s)
+    fixed_s = ov.step_s + layers.per_design(layers.count * per_block_s, n)
+    overhead_s = fixed_s / b.pp * micro_steps + ov.optimizer_step_s
+
+    # All-to-all: each rank sends rows*D*b/ep to every other rank of its group per transfer.
+    tokens = (b.micro_batch * b.seq_len)[g]
+    on = valid[g] & layers.moe & (b.ep[g] > 1) & (layers.count > 0)
+    a2a_s = np.zeros(n)
+    if on.any():
+        i = np.flatnonzero(on)
+        ep = b.ep[g][i]
+        rows = expert_rows(b, layers, tokens)[i] * np.where(layers.dropless[i] & ~layers.balanced[i], imbalance, 1.0)
+        per_layer = collectives.all_to_all_s(ep, rows * b.d_model[g][i] * bpe[g][i] / ep)
+        shuffle = collectives.all_to_all_s(ep, tokens[i] / ep * b.d_model[g][i] * bpe[g][i])
+        per_layer = transfers[i] * (per_layer + np.where(layers.shuffle[i], shuffle, 0.0))
+        per_group = np.zeros(len(g))
+        per_group[i] = layers.count[i] * per_layer * micro_steps[g][i] / b.pp[g][i]
+        a2a_s = layers.per_design(per_group, n)
+
+    # Tensor parallel (Megatron): 4 all-reduces of the [B, S, D] activations per block per
+    # micro-step over the tp ranks; pipeline: a pair exchange between neighbouring stages.
+    activations = b.micro_batch * b.seq_len * b.d_model * bpe
+    tp_comm_s, pp_comm_s = np.zeros(n), np.zeros(n)
+    if (on_tp := valid & (b.tp > 1)).any():
+        i = np.flatnonzero(on_tp)
+        per_call = collectives.time_s("all_reduce", np.ones_like(b.tp[i]), b.tp[i], activations[i])
+        tp_comm_s[i] = 4 * b.n_layers[i] / b.pp[i] * per_call * micro_steps[i]
+    if (on_pp := valid & (b.pp > 1)).any():
+        i = np.flatnonzero(on_pp)
+        pp_comm_s[i] = 2 * collectives.pair_exchange_s(b.tp[i], activations[i] / b.tp[i]) * micro_steps[i]
+
+    # Data-parallel gradient traffic (fp32 gradients and parameters, 4 bytes).
+    edp = b.dp // b.ep
+    dense_bytes, expert_bytes = 4 * dense, 4 * expert
+    allreduce_s, exposed_s, zero_s = np.zeros(n), np.zeros(n), np.zeros(n)
+
+    def over(kind, mask, stride, ranks, nbytes):
+        out = np.zeros(n)
+        if (mask := mask & valid & (ranks > 1)).any():
+            i = np.flatnonzero(mask)
+            out[i] = collectives.time_s(kind, stride[i], ranks[i], nbytes[i]) * backend.allreduce_scale
+        return out
+
+    ddp = b.zero_stage <= 1
+    dense_ar = over("all_reduce", ddp, shard, b.dp, dense_bytes)
+    expert_ar = over("all_reduce", ddp & (expert > 0), shard * b.ep, edp, expert_bytes)
+    allreduce_s = dense_ar + expert_ar
+    gather = over("all_gather", b.zero_stage == 1, shard, b.dp, dense_bytes) + over(
+        "all_gather", (b.zero_stage == 1) & (expert > 0), shard * b.ep, edp, expert_bytes)
+    fsdp = b.zero_stage >= 2
+    gathers = np.where(b.zero_stage == 3, 2, 1)
+    fsdp_s = (over("reduce_scatter", fsdp, shard, b.dp, dense_bytes) + gathers * over("all_gather", fsdp, shard, b.dp, dense_bytes)
+              + over("reduce_scatter", fsdp & (expert > 0), shard * b.ep, edp, expert_bytes)
+              + gathers * over("all_gather", fsdp & (expert > 0), shard * b.ep, edp, expert_bytes)) * micro_steps  # fmt: skip
+    zero_s = gather + fsdp_s
+    exposed_s = (1 - overlap) * (dense_ar + fsdp_s) + expert_ar + gather
+
+    pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s
+    bubble_s = np.where(b.pp > 1, (b.pp - 1) / (micro_steps + b.pp - 1) * pipelined_s, 0.0)
+    optimizer_s = 2 * 16 * (state["optimizer"] / 8) / memory_Bps  # AdamW reads and writes p, g, m, v
+    step_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s + pp_comm_s + exposed_s + bubble_s + optimizer_s
+    tokens_per_s = b.global_batch * b.seq_len / step_s
+    mfu = counts["model_flops_per_token"] * tokens_per_s / (world * peak)
+    times = dict(zip(_TIMES, (compute_s, elementwise_s, overhead_s, a2a_s, tp_comm_s, pp_comm_s, allreduce_s, exposed_s,
+                              zero_s, bubble_s, optimizer_s, step_s, tokens_per_s, mfu)))  # fmt: skip
+    return {"valid": valid} | {name: np.where(valid, value, np.nan) for name, value in times.items()}

@@ -1,0 +1,259 @@
+"""Designs as arrays: what the one cost model (counts.py, cost.py) evaluates.
+
+A `DesignBatch` holds one numpy array per spec field, one entry per design: `simulate` packs
+one plan (a batch of one), the explorer packs millions by writing swept values into columns.
+No SpecPlan per design, so a sweep costs array arithmetic only.
+
+Layers: the cost model works on a `LayerTable`, one row per group of identical blocks of a
+design (`design` says whose, `count` how many). A batch whose MoE layers are all alike (every
+sweep) keeps them in flat per-design columns (`experts`, `k`, ... and one dense width `d_ff`)
+and `layer_table()` derives two rows per design from them: its dense blocks and its MoE
+blocks. A plan that mixes routers or widths per layer (tiny-mixed: switch, top-2, BASE) is
+packed with an explicit table; its flat MoE columns then show its first MoE layer, for
+display only, and swapping them (`replace`) is refused.
+
+Shape legend: N designs, M layer groups; every DesignBatch column is (N,), every LayerTable
+column is (M,).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from moespec.spec.plan import ROUTER_TYPES, LayerPlan, SpecPlan
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # DesignBatch.precision codes
+RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
+ROUTER_NAMES = tuple(ROUTER_TYPES)  # DesignBatch.router / LayerTable.router codes
+
+_BOOL_FIELDS = ("gated", "layernorm", "learned_positions", "tied", "qkv_bias", "shared_gate", "router_bias",
+                "dropless", "balanced", "shuffle", "moe")  # fmt: skip
+_FLOAT_FIELDS = ("capacity_factor", "dropout")
+# Per-layer fields: the flat MoE columns of a DesignBatch and the columns of a LayerTable.
+LAYER_FIELDS = ("d_ff", "experts", "expert_d_ff", "k", "shared_count", "shared_d_ff", "shared_gate", "router",
+                "router_matrices", "router_bias", "capacity_factor", "min_capacity", "dropless", "balanced",
+                "shuffle", "sinkhorn_iterations")  # fmt: skip
+_MOE_PLACEHOLDER = {"experts": 1, "expert_d_ff": 0, "k": 1, "shared_count": 0, "shared_d_ff": 0, "shared_gate": False,
+                    "router": 0, "router_matrices": 0, "router_bias": False, "capacity_factor": 0.0, "min_capacity": 0,
+                    "dropless": True, "balanced": False, "shuffle": False, "sinkhorn_iterations": 0}  # fmt: skip
+
+
+def _column(name: str, values) -> np.ndarray:
+    dtype = bool if name in _BOOL_FIELDS else np.float64 if name in _FLOAT_FIELDS else np.int64
+    return np.array(values, dtype=dtype)  # a copy: a batch never aliases the caller's arrays
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """Groups of identical blocks. A dense group's MoE columns hold harmless placeholders."""
+
+    design: np.ndarray  # index of the design this group belongs to
+    count: np.ndarray  # blocks in the group (0 allowed: contributes nothing)
+    moe: np.ndarray  # MoE blocks, else dense
+    d_ff: np.ndarray  # dense FFN width (dense groups)
+    experts: np.ndarray  # E routed experts
+    expert_d_ff: np.ndarray
+    k: np.ndarray  # experts per token (router.experts_per_token)
+    shared_count: np.ndarray
+    shared_d_ff: np.ndarray
+    shared_gate: np.ndarray
+    router: np.ndarray  # index into ROUTER_NAMES
+    router_matrices: np.ndarray  # D x E router matrices: 0 hash, 2 noisy_topk, 1 the others
+    router_bias: np.ndarray  # an E-vector bias on the gate
+    capacity_factor: np.ndarray  # training factor; 0 where dropless
+    min_capacity: np.ndarray
+    dropless: np.ndarray  # no capacity (BASE), dropless, or no factor: T*k expert rows
+    balanced: np.ndarray  # BASE: exactly balanced, so `imbalance` does not apply
+    shuffle: np.ndarray  # BASE token shuffle over the EP group in training
+    sinkhorn_iterations: np.ndarray  # Sinkhorn router's balancing iterations (0 otherwise)
+    uniform_n: int = 0  # > 0: rows are [dense of designs 0..n-1, MoE of designs 0..n-1]
+
+    def per_design(self, values: np.ndarray, n: int) -> np.ndarray:
+        """Sum a per-group figure (already times count) into its designs. [M] -> [N]"""
+        if self.uniform_n:
+            return values[:n] + values[n:]
+        out = np.zeros(n, dtype=values.dtype)
+        np.add.at(out, self.design, values)
+        return out
+
+    def max_per_design(self, values: np.ndarray, n: int) -> np.ndarray:
+        """Largest per-group figure of each design (0 where none). [M] -> [N]"""
+        if self.uniform_n:
+            return np.maximum(values[:n], values[n:])
+        out = np.zeros(n, dtype=values.dtype)
+        np.maximum.at(out, self.design, values)
+        return out
+
+
+@dataclass(frozen=True)
+class DesignBatch:
+    """One entry per design; all arrays shape (N,). Model, then MoE layer, then parallelism."""
+
+    vocab: np.ndarray
+    d_model: np.ndarray
+    n_layers: np.ndarray
+    n_heads: np.ndarray
+    n_kv_heads: np.ndarray
+    head_dim: np.ndarray
+    d_ff: np.ndarray  # dense FFN width (every dense layer)
+    gated: np.ndarray  # swiglu / geglu: 3 FFN matrices, else 2
+    layernorm: np.ndarray  # 2*D parameters per norm, else (rmsnorm) D
+    learned_positions: np.ndarray
+    tied: np.ndarray
+    qkv_bias: np.ndarray
+    seq_len: np.ndarray
+    dropout: np.ndarray  # residual, embedding and attention-probability dropout
+    n_moe_layers: np.ndarray  # MoE blocks; the other n_layers - n_moe_layers are dense
+    experts: np.ndarray
+    expert_d_ff: np.ndarray
+    k: np.ndarray
+    shared_count: np.ndarray
+    shared_d_ff: np.ndarray
+    shared_gate: np.ndarray
+    router: np.ndarray
+    router_matrices: np.ndarray
+    router_bias: np.ndarray
+    capacity_factor: np.ndarray
+    min_capacity: np.ndarray
+    dropless: np.ndarray
+    balanced: np.ndarray
+    shuffle: np.ndarray
+    sinkhorn_iterations: np.ndarray
+    dp: np.ndarray
+    ep: np.ndarray
+    tp: np.ndarray
+    pp: np.ndarray
+    micro_batch: np.ndarray
+    global_batch: np.ndarray
+    precision: np.ndarray  # index into PRECISIONS
+    zero_stage: np.ndarray
+    recompute: np.ndarray  # index into RECOMPUTE
+    layers: LayerTable | None = None  # explicit groups (plans with unlike layers); else derived
+
+    def __post_init__(self) -> None:
+        lengths = {f.name: np.shape(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "layers"}
+        if len(set(lengths.values())) != 1 or len(next(iter(lengths.values()))) != 1:
+            raise ValueError(f"every DesignBatch field is one (N,) array; got shapes {lengths}")
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def layer_table(self) -> LayerTable:
+        """The groups the cost model sums over: explicit, or [dense; MoE] rows per design."""
+        if self.layers is not None:
+            return self.layers
+        n = len(self)
+        # Dense rows carry the MoE placeholders (and MoE rows the dense width): a term that
+        # forgets to mask by `moe` then adds nothing rather than a phantom router or expert.
+        both = {name: np.concatenate([np.full(n, _MOE_PLACEHOLDER[name], dtype=getattr(self, name).dtype)
+                                      if name in _MOE_PLACEHOLDER else getattr(self, name), getattr(self, name)])
+                for name in LAYER_FIELDS}  # fmt: skip
+        moe = np.concatenate([np.zeros(n, dtype=bool), np.ones(n, dtype=bool)])
+        count = np.concatenate([self.n_layers - self.n_moe_layers, self.n_moe_layers])
+        return LayerTable(design=np.concatenate([np.arange(n)] * 2), count=count, moe=moe, uniform_n=n, **both)
+
+    def take(self, index) -> DesignBatch:
+        """The designs at `index` (integer array, slice or boolean mask), as a new batch."""
+        picked = {f.name: np.atleast_1d(getattr(self, f.name)[index]) for f in dataclasses.fields(self) if f.name != "layers"}
+        layers = None
+        if self.layers is not None:
+            chosen = np.arange(len(self))[index]
+            chosen = np.atleast_1d(chosen)
+            rows = np.concatenate([np.flatnonzero(self.layers.design == d) for d in chosen])
+            renumber = np.repeat(np.arange(len(chosen)), [np.count_nonzero(self.layers.design == d) for d in chosen])
+            fields = {f.name: getattr(self.layers, f.name)[rows] for f in dataclasses.fields(LayerTable) if f.name != "uniform_n"}
+            layers = LayerTable(**(fields | {"design": renumber}))
+        return DesignBatch(**picked, layers=layers)
+
+    def replace(self, **arrays) -> DesignBatch:
+        """A batch with some fields swapped; scalars broadcast to N, arrays must be (N,)."""
+        if self.layers is not None and set(arrays) & set(LAYER_FIELDS + ("n_moe_layers", "n_layers")):
+            raise ValueError("this batch has unlike layers (an explicit LayerTable): its layer fields cannot be swapped")
+        n = len(self)
+        cast = {name: _column(name, np.broadcast_to(value, (n,))) for name, value in arrays.items()}
+        return dataclasses.replace(self, **cast)
+
+    @classmethod
+    def from_plans(cls, plans) -> DesignBatch:
+        """Pack resolved plans (any layer mix: unlike layers get an explicit LayerTable)."""
+        plans = list(plans)
+        if not plans:
+            raise ValueError("from_plans needs at least one plan")
+        rows = [_row(plan) for plan in plans]
+        batch = cls(**{name: _column(name, [row[name] for row in rows]) for name in rows[0]})
+        if all(_uniform(plan) for plan in plans):
+            return batch
+        groups = [(i, _layer_row(plan, layer), n) for i, plan in enumerate(plans) for layer, n in _groups(plan)]
+        table = {name: _column(name, [g[1][name] for g in groups]) for name in LAYER_FIELDS + ("moe",)}
+        table |= {"design": np.array([g[0] for g in groups], dtype=np.int64), "count": np.array([g[2] for g in groups], dtype=np.int64)}
+        return dataclasses.replace(batch, layers=LayerTable(**table))
+
+    @classmethod
+    def sweep(cls, plan: SpecPlan, **arrays) -> DesignBatch:
+        """`plan` repeated, with the given fields varied: `sweep(plan, experts=E_N, ep=ep_N)`."""
+        n = max((np.size(value) for value in arrays.values()), default=1)
+        return cls.from_plans([plan]).take(np.zeros(n, dtype=np.int64)).replace(**arrays)
+
+
+def require_uniform(plan: SpecPlan) -> None:
+    """ValueError unless every MoE layer is alike and every dense layer has one width: what a
+    sweep's fast axes (one value per design for `experts`, `k`, ...) can describe."""
+    moe_configs = {layer.moe for layer in plan.moe_layers}
+    if len(moe_configs) > 1:
+        indices = [layer.index for layer in plan.moe_layers]
+        raise ValueError(f"{plan.name}: layers {indices} hold {len(moe_configs)} different MoE configurations; "
+                         "a sweep needs every MoE layer alike")  # fmt: skip
+    widths = sorted({layer.d_ff for layer in plan.layers if layer.moe is None})
+    if len(widths) > 1:
+        raise ValueError(f"{plan.name}: dense layers have widths {widths}; a sweep needs one")
+
+
+def _uniform(plan: SpecPlan) -> bool:
+    return len({layer.moe for layer in plan.moe_layers}) <= 1 and len({l.d_ff for l in plan.layers if l.moe is None}) <= 1
+
+
+def _groups(plan: SpecPlan) -> list[tuple[LayerPlan, int]]:
+    """Identical blocks of a plan once each, with how many there are (first-seen order)."""
+    seen: dict[tuple, list] = {}
+    for layer in plan.layers:
+        key = (layer.moe, None if layer.moe is not None else layer.d_ff)
+        seen.setdefault(key, [layer, 0])[1] += 1
+    return [(layer, n) for layer, n in seen.values()]
+
+
+def _layer_row(plan: SpecPlan, layer: LayerPlan) -> dict:
+    """One block's per-layer fields (a dense block: MoE placeholders, multiplied by nothing)."""
+    if layer.moe is None:
+        return _MOE_PLACEHOLDER | {"d_ff": layer.d_ff, "moe": False}
+    router, experts, capacity = layer.moe.router, layer.moe.experts, layer.moe.capacity
+    matrices = {"hash": 0, "noisy_topk": 2}.get(router.type, 1)
+    dropless = capacity is None or capacity.dropless or capacity.factor is None
+    return {
+        "d_ff": plan.model.d_ff, "moe": True, "router": ROUTER_NAMES.index(router.type), "experts": experts.count,
+        "expert_d_ff": experts.d_ff, "k": router.experts_per_token, "shared_count": experts.shared_count,
+        "shared_d_ff": experts.shared_d_ff, "shared_gate": experts.shared_gate, "router_matrices": matrices,
+        "router_bias": matrices > 0 and bool(getattr(router, "bias", False)),
+        "capacity_factor": 0.0 if dropless else capacity.factor, "min_capacity": 0 if capacity is None else capacity.min_capacity,
+        "dropless": dropless, "balanced": router.type == "base",
+        "shuffle": router.type == "base" and bool(getattr(router, "shuffle", False)),
+        "sinkhorn_iterations": getattr(router, "iterations", 0) if router.type == "sinkhorn" else 0,
+    }  # fmt: skip
+
+
+def _row(plan: SpecPlan) -> dict:
+    m, p = plan.model, plan.parallel
+    dense = [layer for layer in plan.layers if layer.moe is None]
+    first = _layer_row(plan, plan.moe_layers[0]) if plan.moe_layers else dict(_MOE_PLACEHOLDER)
+    first["d_ff"] = dense[0].d_ff if dense else m.d_ff
+    first.pop("moe", None)
+    return first | {
+        "vocab": m.vocab_size, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+        "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "gated": m.activation in ("swiglu", "geglu"),
+        "layernorm": m.norm == "layernorm", "learned_positions": m.positions == "learned", "tied": m.tied_embeddings,
+        "qkv_bias": m.qkv_bias, "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
+        "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
+        "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
+    }  # fmt: skip
