@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moespec.distributed.all_to_all import bytes_to_others
@@ -26,23 +27,38 @@ def test_regroup_random_counts_is_a_permutation_grouping_experts():
     assert torch.equal(expert_of_row[order], torch.sort(expert_of_row).values)
 
 
-def test_shuffle_routes_realise_the_global_permutation():
-    n_ranks, tokens = 4, 6
-    generator = torch.Generator().manual_seed(1)
-    destination_G = torch.randperm(n_ranks * tokens, generator=generator)
-    global_tokens = torch.arange(n_ranks * tokens)  # token g carries value g
-    routes = [shuffle_routes(destination_G, rank=r, n_ranks=n_ranks, tokens_per_rank=tokens) for r in range(n_ranks)]
-    # Simulated all-to-all: chunks each rank sends, split by destination rank.
-    sent = []
-    for r, route in enumerate(routes):
-        mine = global_tokens[r * tokens : (r + 1) * tokens][route.send_order]
-        sent.append(list(torch.split(mine, route.send_splits)))
+def test_shuffle_routes_send_exactly_t_over_p_to_every_rank():
+    n_ranks, tokens = 4, 8
+    routes = [shuffle_routes(7, rank=r, n_ranks=n_ranks, tokens_per_rank=tokens) for r in range(n_ranks)]
+    global_tokens = torch.arange(n_ranks * tokens)  # token g = r*T + j carries value g
+    sent = [list(torch.split(global_tokens[r * tokens : (r + 1) * tokens][route.send_order_T], route.splits))
+            for r, route in enumerate(routes)]  # fmt: skip
+    received = [torch.cat([sent[p][q] for p in range(n_ranks)]) for q in range(n_ranks)]  # simulated all-to-all
     for q, route in enumerate(routes):
-        assert route.recv_splits == [len(sent[p][q]) for p in range(n_ranks)]
-        received = torch.cat([sent[p][q] for p in range(n_ranks)])
-        shuffled = torch.empty_like(received).index_copy(0, route.recv_position, received)
-        expected = torch.empty(n_ranks * tokens, dtype=torch.long).index_copy(0, destination_G, global_tokens)
-        assert torch.equal(shuffled, expected[q * tokens : (q + 1) * tokens])
+        assert sorted(route.send_order_T.tolist()) == list(range(tokens))  # a permutation of my tokens
+        assert route.splits == [tokens // n_ranks] * n_ranks
+        assert received[q].shape[0] == tokens
+        for p in range(n_ranks):  # T/P from every source
+            assert ((received[q] // tokens) == p).sum() == tokens // n_ranks
+    assert sorted(torch.cat(received).tolist()) == global_tokens.tolist()  # every token lands once
+    assert bytes_to_others(routes[0].splits, my_rank=0, row_bytes=2) == tokens * (n_ranks - 1) // n_ranks * 2
+    # The way back: rank q returns its group in arrival order, p puts rows by its send order.
+    back = [torch.split(received[q], routes[q].splits) for q in range(n_ranks)]
+    for p, route in enumerate(routes):
+        home = torch.cat([back[q][p] for q in range(n_ranks)])
+        restored = torch.empty_like(home).index_copy(0, route.send_order_T, home)
+        assert torch.equal(restored, global_tokens[p * tokens : (p + 1) * tokens])
+
+
+def test_shuffle_routes_are_the_same_draw_on_every_rank_and_new_per_seed():
+    a = shuffle_routes(3, rank=1, n_ranks=2, tokens_per_rank=6)
+    assert torch.equal(a.send_order_T, shuffle_routes(3, rank=1, n_ranks=2, tokens_per_rank=6).send_order_T)
+    assert not torch.equal(a.send_order_T, shuffle_routes(4, rank=1, n_ranks=2, tokens_per_rank=6).send_order_T)
+
+
+def test_shuffle_routes_refuse_tokens_not_divisible_by_ranks():
+    with pytest.raises(ValueError, match=r"tokens per rank \(6\) to be a multiple of the expert-parallel degree \(4\)"):
+        shuffle_routes(0, rank=0, n_ranks=4, tokens_per_rank=6)
 
 
 def test_bytes_to_others_excludes_own_chunk():

@@ -49,23 +49,16 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
 
 
 def wrap_data_parallel(model: nn.Module, ctx: DistContext, *, zero_stage: int = 0) -> nn.Module:
-    """Data parallel for the dense parameters only (experts are reduced over their own group).
+    """Data parallel as the ZeRO stage says (REFERENCE.md sec. 3).
 
-    ZeRO stages 0 and 1: DDP (stage 1 shards optimizer state in `build_optimizers`).
-    Stages 2 and 3: torch's FSDP2 `fully_shard` over the dp ranks, experts left out through
-    `ignored_params`; stage 3 frees the gathered parameters after forward, stage 2 keeps them
-    until backward (FSDP2's closest counterpart of ZeRO-2: gradients and optimizer state
-    sharded, parameters gathered once per step)."""
+    Stages 0 and 1: DDP over the dp ranks for the dense parameters; expert parameters are left
+    out and reduced over their edp group (`reduce_expert_gradients`); stage 1 partitions the
+    optimizer state in `build_optimizers`. Stages 2 and 3: FSDP2 (`shard_fully`), which shards
+    parameters, gradients and (through them) optimizer state at rest."""
     if ctx.dp_size == 1:
         return model
     if zero_stage >= 2:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        names = set(expert_parameter_names(model))
-        experts = {p for name, p in model.named_parameters() if name in names}
-        dp_mesh = init_device_mesh(ctx.device.type, (ctx.dp_size,), mesh_dim_names=("dp",))
-        return fully_shard(model, mesh=dp_mesh, reshard_after_forward=zero_stage >= 3, ignored_params=experts)
+        return shard_fully(model, ctx, reshard_after_forward=zero_stage >= 3)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
     with warnings.catch_warnings():
         # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, whose False still
@@ -79,10 +72,53 @@ def wrap_data_parallel(model: nn.Module, ctx: DistContext, *, zero_stage: int = 
         )
 
 
+EXPERT_FORWARD_METHODS = ("forward_capacity", "forward_grouped", "forward_dropless")  # ExpertBank's entry points
+
+
+def shard_fully(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bool) -> nn.Module:
+    """FSDP2 `fully_shard`, torchtitan's layout: every ExpertBank over the edp mesh dimension
+    (only when edp > 1; otherwise its experts stay whole on their rank and are reduced by
+    `reduce_expert_gradients`), every decoder block over the dp ranks, then the root model.
+
+    Every parameter is Shard(0) (FSDP2's default): at rest a rank holds the dim-0 chunk of each
+    dense parameter over dp and of each of its experts' banks over edp, and so do its gradients
+    and AdamW state. FSDP2 divides a reduced gradient by its mesh size; an expert gradient must
+    be summed over edp and divided by dp (module docstring), hence the divide factor dp. The
+    banks are called through methods other than `forward`, which FSDP2 is told about
+    (`register_fsdp_forward_method`) so that it all-gathers the bank around each of them.
+    `reshard_after_forward` False (stage 2) keeps the gathered parameters from forward to
+    backward; True (stage 3) frees them after forward and gathers them again in backward."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from moespec.model.experts import ExpertBank
+
+    dp_mesh = ctx.mesh._flatten("dp")  # all dp ranks, from the same ("edp", "ep") mesh
+    expert_params: list[nn.Parameter] = []
+    for block in getattr(model, "blocks", []):
+        banks = [module for module in block.modules() if isinstance(module, ExpertBank)]
+        ignored = set()
+        for bank in banks:
+            if ctx.edp_size > 1:
+                fully_shard(bank, mesh=ctx.mesh["edp"], reshard_after_forward=reshard_after_forward)
+                bank.set_gradient_divide_factor(float(ctx.dp_size))
+                for method in EXPERT_FORWARD_METHODS:
+                    register_fsdp_forward_method(bank, method)
+            else:
+                ignored.update(bank.parameters())
+        expert_params += ignored
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
+    return fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward,
+                       ignored_params=set(expert_params) or None)  # fmt: skip
+
+
 def reduce_expert_gradients(model: nn.Module, ctx: DistContext) -> None:
-    """Sum expert gradients over the edp group and divide by dp (see the module docstring)."""
+    """Sum expert gradients over the edp group and divide by dp (see the module docstring).
+    Gradients FSDP2 already reduced (DTensors, ZeRO-2/3 with edp > 1) are left alone."""
     names = set(expert_parameter_names(unwrap(model)))
-    grads = [p.grad for name, p in unwrap(model).named_parameters() if name in names and p.grad is not None]
+    grads = [
+        p.grad for name, p in unwrap(model).named_parameters()
+        if name in names and p.grad is not None and not isinstance(p.grad, DTensor)
+    ]  # fmt: skip
     if not grads:
         return
     if ctx.edp_size > 1:
@@ -110,28 +146,31 @@ def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 
 def clip_grad_norm_distributed(model: nn.Module, max_norm: float, ctx: DistContext) -> torch.Tensor:
-    """Clip by the norm of the whole model's gradient, as one process would: dense gradients
-    are equal on every rank after DDP; each rank of an EP group holds different experts, so
-    their squared norms are summed over the EP group."""
+    """Clip by the norm of the whole model's gradient, as one process would.
+
+    Three kinds of gradient, each element counted once: whole dense gradients (equal on every
+    rank after DDP: counted locally); whole expert gradients (each rank of an EP group holds
+    other experts, equal over edp: squares summed over the EP group); FSDP2 shards (DTensors,
+    dense over dp and experts over edp: every element lives on exactly one dp rank, whichever
+    of the two meshes, so the local squares are summed over all dp ranks)."""
     names = set(expert_parameter_names(model))
     dense_sq = torch.zeros((), dtype=torch.float32)
     expert_sq = torch.zeros((), dtype=torch.float32)
     sharded_sq = torch.zeros((), dtype=torch.float32)
-    params = []
+    params, any_sharded = [], False
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         params.append(p)
         grad = p.grad.detach()
-        if isinstance(grad, DTensor):  # FSDP2 (ZeRO-2/3): each rank holds a shard of it
+        if isinstance(grad, DTensor):
+            any_sharded = True
             sharded_sq += grad.to_local().float().pow(2).sum().cpu()
-            continue
-        square = grad.float().pow(2).sum().cpu()
-        if name in names:
-            expert_sq += square
+        elif name in names:
+            expert_sq += grad.float().pow(2).sum().cpu()
         else:
-            dense_sq += square
-    if sharded_sq.item() or any(isinstance(p.grad, DTensor) for p in params):
+            dense_sq += grad.float().pow(2).sum().cpu()
+    if any_sharded:
         sharded_sq = sharded_sq.to(ctx.device)
         dist.all_reduce(sharded_sq, group=ctx.dp_group)
         dense_sq += sharded_sq.cpu()
@@ -164,23 +203,25 @@ def global_step_view(loss: torch.Tensor, ce: torch.Tensor, aux, ctx: DistContext
     return losses[0], losses[1], ModelAux(aux_loss=losses[2], moe=stats)
 
 
-def build_optimizers(model: nn.Module, plan, ctx: DistContext | None, **adamw) -> list[torch.optim.Optimizer]:
-    """AdamW, with the spec's ZeRO stage where torch provides it.
+def build_optimizers(model: nn.Module, plan, ctx: DistContext | None, **adamw) -> list:
+    """AdamW, its state partitioned as the spec's ZeRO stage says (REFERENCE.md sec. 3).
 
-    zero_stage 1 shards the dense parameters' optimizer state over the dp ranks with torch's
-    ZeroRedundancyOptimizer; expert state is already partitioned by expert parallelism (each
-    rank holds E/ep experts) and stays with its experts. Stages 2 and 3 shard the dense
-    parameters with FSDP2 (`wrap_data_parallel`), so a plain AdamW holds sharded state.
+    Stage 0 (or one dp rank): plain AdamW over this rank's parameters (dense + its experts).
+    Stage 1: `ZeroAdamW`, state for the dim-0 chunk of each dense parameter over dp and of each
+    expert bank over edp. Stages 2 and 3: FSDP2 already made the parameters Shard(0) DTensors
+    (`shard_fully`), so AdamW's state is sharded with them; parameters FSDP2 left whole
+    (experts when edp = 1) get their own AdamW, so that no optimizer mixes the two kinds.
     """
     stage = plan.parallel.zero_stage
     if ctx is None or ctx.dp_size == 1 or stage == 0:
         return [torch.optim.AdamW(model.parameters(), **adamw)]
-    if stage > 1:  # FSDP2 already shards the dense parameters, so their optimizer state too
-        return [torch.optim.AdamW(model.parameters(), **adamw)]
-    from torch.distributed.optim import ZeroRedundancyOptimizer
+    if stage >= 2:
+        sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+        whole = [p for p in model.parameters() if not isinstance(p, DTensor)]
+        return [torch.optim.AdamW(params, **adamw) for params in (sharded, whole) if params]
+    from moespec.distributed.zero import ZeroAdamW
 
     expert_names = set(expert_parameter_names(model))
     dense = [p for name, p in model.named_parameters() if name not in expert_names]
     experts = [p for name, p in model.named_parameters() if name in expert_names]
-    sharded = ZeroRedundancyOptimizer(dense, optimizer_class=torch.optim.AdamW, process_group=ctx.dp_group, **adamw)
-    return [sharded] + ([torch.optim.AdamW(experts, **adamw)] if experts else [])
+    return [ZeroAdamW([(dense, ctx.dp_group), (experts, ctx.edp_group)], **adamw)]

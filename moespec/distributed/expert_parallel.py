@@ -11,7 +11,12 @@ hands the expert computation to one of the two exchanges here:
   by (source rank, local expert); `regroup_by_local_expert` reorders them by (local expert,
   source) so each local expert's rows are contiguous for the grouped matmul, and its inverse
   puts the results back before the return all-to-all.
+- BASE's token shuffle (`shuffle_routes`, `shuffle_tokens`, `unshuffle_tokens`): before
+  routing, every rank sends exactly T/P of its tokens, chosen at random by a generator every
+  rank seeds alike, to every rank of the group, and the results come back the same way.
 
+Rows travel in the compute dtype (the MoE layer casts them before it builds what is sent), so
+under bf16/fp16 autocast every counted all-to-all moves 2-byte elements, under fp32 4-byte.
 The index math is pure functions of counts, tested without a process group.
 """
 
@@ -95,45 +100,49 @@ def dropless_exchange(x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor, exp
 
 @dataclass(frozen=True)
 class ShuffleRoutes:
-    """How one rank takes part in a BASE token shuffle over the group (all host ints)."""
+    """How one rank takes part in a BASE token shuffle over the group (host data only)."""
 
-    send_order: torch.Tensor  # [T] local token indices in send order (grouped by destination)
-    send_splits: list[int]  # tokens to each rank
-    recv_splits: list[int]  # tokens from each rank
-    recv_position: torch.Tensor  # [T] where each received token sits in the shuffled group
+    send_order_T: torch.Tensor  # [T] local token indices in send order: rank q gets block q
+    split: int  # T/P tokens to and from every rank of the group
+    n_ranks: int  # P
+
+    @property
+    def splits(self) -> list[int]:
+        return [self.split] * self.n_ranks
 
 
-def shuffle_routes(destination_G: torch.Tensor, *, rank: int, n_ranks: int, tokens_per_rank: int) -> ShuffleRoutes:
-    """BASE shuffle (Lewis 2021): global token g = r*T + j goes to shuffled position
-    destination_G[g] (a permutation of the P*T positions shared by the group), i.e. to rank
-    destination_G[g] // T. Pure index math: every rank derives its routes from the same
-    permutation, so no extra message is needed."""
-    t = tokens_per_rank
-    mine = destination_G[rank * t : (rank + 1) * t]  # [T] where my tokens go
-    send_order = torch.argsort(mine, stable=True)  # by destination position, hence by rank
-    send_splits = torch.bincount(mine // t, minlength=n_ranks).tolist()
-    source_G = torch.arange(n_ranks * t) // t
-    to_me = (destination_G // t) == rank
-    # Arrivals come source-major, each source's tokens in destination order.
-    arriving = torch.nonzero(to_me).flatten()
-    arriving = arriving[torch.argsort(source_G[arriving] * (n_ranks * t) + destination_G[arriving], stable=True)]
-    recv_splits = torch.bincount(source_G[arriving], minlength=n_ranks).tolist()
-    return ShuffleRoutes(send_order, send_splits, recv_splits, destination_G[arriving] - rank * t)
+def shuffle_routes(seed: int, *, rank: int, n_ranks: int, tokens_per_rank: int) -> ShuffleRoutes:
+    """BASE shuffle (Lewis 2021), exactly balanced: every rank sends T/P of its tokens, chosen
+    at random, to every rank of the group (itself included), so every rank receives exactly T
+    tokens, T/P from each source, and sends T*(P-1)/P rows to others per transfer.
+
+    The generator seeded with `seed` draws one random order of the T tokens for each of the P
+    ranks, in rank order; every rank draws the same P orders and uses row `rank`, so no
+    permutation is sent. Rank r's block q (tokens send_order[q*T/P : (q+1)*T/P]) goes to
+    rank q; a rank's shuffled group is what it receives, in arrival (source-major) order.
+    """
+    if tokens_per_rank % n_ranks:
+        raise ValueError(
+            f"BASE token shuffle needs the tokens per rank ({tokens_per_rank}) to be a multiple of the "
+            f"expert-parallel degree ({n_ranks}): every rank sends T/P tokens to every rank"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    orders_PT = torch.stack([torch.randperm(tokens_per_rank, generator=generator) for _ in range(n_ranks)])
+    return ShuffleRoutes(send_order_T=orders_PT[rank], split=tokens_per_rank // n_ranks, n_ranks=n_ranks)
 
 
 def shuffle_tokens(x_TD: torch.Tensor, routes: ShuffleRoutes, ep: ExpertParallel) -> torch.Tensor:
-    """Send my tokens to their shuffled places; returns my shuffled group [T, D]."""
-    recv_TD = all_to_all(
-        x_TD.index_select(0, routes.send_order), output_splits=routes.recv_splits,
-        input_splits=routes.send_splits, group=ep.group, counter=ep.shuffle_counter,
+    """Send T/P of my tokens to every rank; returns my shuffled group [T, D], source-major."""
+    return all_to_all(
+        x_TD.index_select(0, routes.send_order_T), output_splits=routes.splits,
+        input_splits=routes.splits, group=ep.group, counter=ep.shuffle_counter,
     )  # fmt: skip
-    return torch.empty_like(recv_TD).index_copy(0, routes.recv_position, recv_TD)
 
 
 def unshuffle_tokens(y_TD: torch.Tensor, routes: ShuffleRoutes, ep: ExpertParallel) -> torch.Tensor:
     """Inverse of `shuffle_tokens`: results go home in the original token order."""
     back_TD = all_to_all(
-        y_TD.index_select(0, routes.recv_position), output_splits=routes.send_splits,
-        input_splits=routes.recv_splits, group=ep.group, counter=ep.shuffle_counter,
+        y_TD, output_splits=routes.splits, input_splits=routes.splits, group=ep.group,
+        counter=ep.shuffle_counter,
     )  # fmt: skip
-    return torch.empty_like(back_TD).index_copy(0, routes.send_order, back_TD)
+    return torch.empty_like(back_TD).index_copy(0, routes.send_order_T, back_TD)

@@ -237,6 +237,14 @@ class ExpertBank(nn.Module):
         the assignments sorted by expert, counts_E[e] each. counts_E are host ints: the group
         sizes are data and the loop needs them (the dropless all-to-all needs them on the
         host too). gate_A None means weight 1. Returns [T, D] in x's dtype."""
+        return self._grouped(x_TD, token_A, gate_A, counts_E)
+
+    def _grouped(
+        self, x_TD: torch.Tensor, token_A: torch.Tensor, gate_A: torch.Tensor | None, counts_E: list[int]
+    ) -> torch.Tensor:
+        """What `forward_dropless` and `forward_grouped` share. They are the bank's entry points
+        (FSDP2 all-gathers the bank around each, `register_fsdp_forward_method`), so neither
+        calls the other: a nested entry would run FSDP2's forward hooks twice."""
         if len(counts_E) != self.n_experts or sum(counts_E) != token_A.shape[0]:
             raise ValueError(
                 f"group sizes {counts_E} must be {self.n_experts} counts summing to the {token_A.shape[0]} assignments"
@@ -255,7 +263,7 @@ class ExpertBank(nn.Module):
         (An expert-parallel rank can instead pass its regrouping permutation as token_A to
         `forward_dropless` and get the outputs back in arrival order without two copies.)"""
         rows_A = torch.arange(x_AD.shape[0], device=x_AD.device)
-        return self.forward_dropless(x_AD, rows_A, None, counts_E)
+        return self._grouped(x_AD, rows_A, None, counts_E)
 
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """One expert on its rows, the textbook formula: the oracle's building block."""

@@ -18,6 +18,12 @@ Two fast paths, chosen by the capacity plan at each forward, and one oracle:
   Python sort, keep the first C, and run `ExpertBank.reference_forward`. It shares no index
   math with `plan_dispatch`, so it checks it.
 Gates multiply in float32 and the sum is cast to x's dtype (REFERENCE.md sec. 1).
+
+What travels is in the compute dtype (`experts.compute_dtype`: autocast's bf16/fp16, else x's):
+the capacity buffer and the dropless rows are cast before they are gathered, and BASE's
+shuffled tokens before they are shuffled, so under autocast every all-to-all moves 2-byte
+elements (REFERENCE.md sec. 4, `b`). The local dropless path sends nothing; its grouped kernel
+casts each group as it gathers it.
 """
 
 from __future__ import annotations
@@ -25,9 +31,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moespec.distributed.expert_parallel import capacity_exchange, dropless_exchange, shuffle_tokens, unshuffle_tokens
+from moespec.distributed.expert_parallel import (
+    capacity_exchange,
+    dropless_exchange,
+    shuffle_routes,
+    shuffle_tokens,
+    unshuffle_tokens,
+)
 from moespec.model.dispatch import DispatchPlan, plan_dispatch
-from moespec.model.experts import ExpertBank, build_shared_experts, gate_dtype
+from moespec.model.experts import ExpertBank, build_shared_experts, compute_dtype, gate_dtype
+from moespec.model.recompute import is_recomputing
 from moespec.model.regions import region
 from moespec.model.routers import build_router
 from moespec.model.types import MoEStats, RouterOutput
@@ -55,7 +68,8 @@ def moe_capacity(x_TD: torch.Tensor, route: RouterOutput, plan: DispatchPlan, ex
     with region("permute"):
         gate_A = route.gate_A.to(gate_dtype(route.gate_A.dtype))
         gate_R = gate_A.new_zeros(n_rows + 1).scatter(0, plan.row_A, gate_A)[:n_rows]
-        x_padded_TD = torch.cat([x_TD, x_TD.new_zeros(1, d_model)])  # [T+1, D]
+        x_cast_TD = x_TD.to(compute_dtype(x_TD))  # the buffer (and its all-to-all) in the compute dtype
+        x_padded_TD = torch.cat([x_cast_TD, x_cast_TD.new_zeros(1, d_model)])  # [T+1, D]
         x_ECD = x_padded_TD.index_select(0, token_R).view(n_experts, capacity, d_model)
     if ep is None:
         with region("experts"):
@@ -75,7 +89,8 @@ def moe_dropless(x_TD: torch.Tensor, route: RouterOutput, plan: DispatchPlan, ex
     gate_sorted_A = route.gate_A[plan.order_A]
     if ep is not None:
         with region("permute"):
-            x_AD = x_TD.index_select(0, token_sorted_A)  # rows grouped by global expert
+            # rows grouped by global expert, in the compute dtype (what the all-to-all sends)
+            x_AD = x_TD.to(compute_dtype(x_TD)).index_select(0, token_sorted_A)
         out_AD = dropless_exchange(x_AD, plan.tokens_per_expert_E, experts, ep)
         with region("permute"):
             return combine_weighted(out_AD, gate_sorted_A, token_sorted_A, x_TD.shape[0], x_TD.dtype)
@@ -128,7 +143,8 @@ class MoELayer(nn.Module):
         self.n_experts_total = experts.n_experts  # E; the local bank shrinks to E/P under EP
         self.shuffle_tokens = shuffle_tokens  # BASE: shuffle across the EP group in training
         self.expert_parallel = None  # an ExpertParallel once `shard_experts` ran
-        self._shuffles = 0
+        self._shuffles = 0  # first-run forwards that shuffled: the permutation's seed counter
+        self._last_shuffle = 0  # the counter value of the last first-run shuffle (for replays)
         self.shared = shared
         self.capacity_plan = capacity
         self.experts_per_token = experts_per_token
@@ -156,15 +172,16 @@ class MoELayer(nn.Module):
         self.expert_parallel = ep
 
     def _shuffle_routes(self, n_tokens: int):
-        """BASE's random token shuffle over the EP group: every rank draws the same global
-        permutation (same seed, same call count), so no permutation is sent."""
-        from moespec.distributed.expert_parallel import shuffle_routes
-
+        """BASE's random token shuffle over the EP group: every rank draws the same orders
+        (same seed: layer index and call count), so no permutation is sent. A forward replayed
+        by activation recomputation (`is_recomputing()`) reuses the count of this layer's last
+        first-run forward, so it shuffles exactly as the run whose activations it rebuilds."""
         ep = self.expert_parallel
-        generator = torch.Generator().manual_seed(1_000_003 * (self.layer_index + 1) + self._shuffles)
-        self._shuffles += 1
-        destination_G = torch.randperm(ep.size * n_tokens, generator=generator)
-        return shuffle_routes(destination_G, rank=ep.rank, n_ranks=ep.size, tokens_per_rank=n_tokens)
+        if not is_recomputing():
+            self._last_shuffle = self._shuffles
+            self._shuffles += 1
+        seed = 1_000_003 * (self.layer_index + 1) + self._last_shuffle
+        return shuffle_routes(seed, rank=ep.rank, n_ranks=ep.size, tokens_per_rank=n_tokens)
 
     def capacity(self, n_tokens: int) -> int | None:
         """C for a routing group of n_tokens in the current mode (train or eval factor)."""
@@ -196,9 +213,8 @@ class MoELayer(nn.Module):
         if ep is not None and self.shuffle_tokens and self.training and ep.size > 1:
             routes = self._shuffle_routes(n_tokens)
             x_in_TD = x_TD
-            x_TD = shuffle_tokens(x_TD, routes, ep)
-            if token_ids_T is not None:
-                token_ids_T = shuffle_tokens(token_ids_T[:, None], routes, ep)[:, 0]
+            x_TD = shuffle_tokens(x_TD.to(compute_dtype(x_TD)), routes, ep)  # sent in the compute dtype
+            token_ids_T = None  # only BASE shuffles, and it routes without token ids: none are sent
         sent_before = 0 if ep is None else ep.counter.forward_bytes
         with region("router"):
             route = self.router(x_TD, token_ids_T=token_ids_T)
@@ -225,7 +241,9 @@ class MoELayer(nn.Module):
             dropped, routed_E = plan.dropped, plan.tokens_per_expert_E
 
         if routes is not None:
-            y_TD, x_TD = unshuffle_tokens(y_TD, routes, ep), x_in_TD
+            # y left the combine in the shuffled x's dtype, the compute dtype: it travels home so.
+            y_TD = unshuffle_tokens(y_TD, routes, ep).to(x_in_TD.dtype)
+            x_TD = x_in_TD
         if self.shared is not None:
             with region("shared_experts"):
                 y_TD = y_TD + self.shared(x_TD)
