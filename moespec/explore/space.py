@@ -6,7 +6,8 @@ then fast axes (in sweep order), the last one varying fastest. A chunk of ids be
 fast axes' values into their columns: no SpecPlan per design.
 
 The spec rules a fast value can break (ep divides dp and E, k <= E, tp divides the heads, ...)
-are re-checked here, vectorised, and each failing design gets a reason code; `design_plan(id)`
+are checked here by the spec layer's own rule functions (moespec/spec/rules.py) evaluated on
+the batch's columns, and each failing design gets a reason code; `design_plan(id)`
 is the slow twin (edit the spec, resolve it) that `--emit` uses and that the tests hold the
 fast path to, design by design.
 
@@ -28,6 +29,7 @@ from moespec.explore.axes import Axis, show_value
 from moespec.explore.sweep import Sweep
 from moespec.sim.batch import PRECISIONS, RECOMPUTE, DesignBatch
 from moespec.spec import SpecErrors, SpecPlan
+from moespec.spec.rules import MOE_RULES, PARALLEL_RULES, RULES
 from moespec.spec.resolve import resolve
 from moespec.spec.schema import load_schema, schema_errors
 from moespec.spec.yaml_source import Locations
@@ -118,8 +120,7 @@ class DesignSpace:
         self.router_type = [r.type if r else "none" for r in routers]
         self.moe_free = np.array([r is None for r in routers])
         self.fixed_k = np.array([r is not None and r.type not in _TOPK_STYLE for r in routers])
-        self.noisy = np.array([r is not None and r.type == "noisy_topk" for r in routers])
-        self.sigmoid = np.array([r is not None and r.type == "sigmoid_bias" for r in routers])
+        self.rule_applies = {rule.name: np.array([r is not None and rule.applies(r) for r in routers]) for rule in MOE_RULES}
         self.n_groups = np.array([getattr(r, "n_groups", 1) for r in routers], dtype=np.int64)
         self.topk_groups = np.array([getattr(r, "topk_groups", 1) for r in routers], dtype=np.int64)
         self.no_capacity = np.array([c is None for c in capacities])  # BASE (or dense)
@@ -189,27 +190,21 @@ class DesignSpace:
         return {"shared_d_ff": np.where(none, expert_d_ff, own), "shared_gate": np.where(none, False, rows.shared_gate)}
 
     def _parallel_rules(self, b: DesignBatch, s: np.ndarray, reason: np.ndarray):
-        """resolve.py's rules on the fast fields, vectorised; fills dp (and global_batch)."""
-        devices = self.sweep.backend.num_devices
-        moe = ~self.moe_free[s]
-        _flag(reason, (b.n_heads % b.tp != 0) | (b.n_kv_heads % b.tp != 0), self.code("tp does not divide model.n_heads / n_kv_heads"))
-        _flag(reason, b.pp > b.n_layers, self.code("pp exceeds model.n_layers"))
-        if self.derive_dp:
-            shard = b.tp * b.pp
+        """The spec layer's rules (moespec/spec/rules.py) on the designs' columns, the same
+        functions resolve.py calls on one spec; fills dp (and global_batch) first. A design's
+        reason is the first rule it breaks, and a rule's reason text is its `short`."""
+        if self.derive_dp:  # the world constraint, before the rules that read dp
+            devices, shard = self.sweep.backend.num_devices, b.tp * b.pp
             _flag(reason, devices % shard != 0, self.code("tp * pp does not divide the backend's devices"))
             b = b.replace(dp=np.maximum(devices // shard, 1))
         if self.global_follows:
             b = b.replace(global_batch=b.micro_batch * b.dp)
-        _flag(reason, b.dp % b.ep != 0, self.code("ep does not divide dp"))
-        _flag(reason, b.global_batch % (b.micro_batch * b.dp) != 0, self.code("global_batch is not a multiple of micro_batch * dp"))
-        _flag(reason, moe & (b.experts % b.ep != 0), self.code("ep does not divide the expert count"))
-        topk = moe & ~self.fixed_k[s]
-        _flag(reason, topk & ~self.noisy[s] & (b.k > b.experts), self.code("k exceeds the expert count"))
-        _flag(reason, topk & self.noisy[s] & (b.k >= b.experts), self.code("noisy_topk needs k below the expert count"))
-        groups = self.n_groups[s]
-        sig = moe & self.sigmoid[s]
-        _flag(reason, sig & (b.experts % groups != 0), self.code("sigmoid_bias n_groups does not divide the expert count"))
-        _flag(reason, sig & (b.k > self.topk_groups[s] * (b.experts // groups)), self.code("sigmoid_bias k exceeds the experts in the kept groups"))
+        values = {name: getattr(b, name) for rule in RULES for name in rule.inputs if name not in ("n_groups", "topk_groups")}
+        values.update(n_groups=self.n_groups[s], topk_groups=self.topk_groups[s])
+        for rule in PARALLEL_RULES:
+            _flag(reason, rule.check(values), self.code(rule.short))
+        for rule in MOE_RULES:
+            _flag(reason, self.rule_applies[rule.name][s] & rule.check(values), self.code(rule.short))
         return b, reason
 
     # --- reporting and the slow path --------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moespec.spec.errors import PathT, SpecError, SpecErrors
+from moespec.spec import rules
 from moespec.spec.plan import (
     ROUTER_TYPES,
     CapacityPlan,
@@ -104,22 +105,12 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
 def _parallel(raw: dict, model: ModelPlan, errors: _Errors) -> ParallelPlan:
     p = _with_defaults("parallelism", raw)
     dp, ep, tp, pp, micro = p["dp"], p["ep"], p["tp"], p["pp"], p["micro_batch"]
-    if dp % ep:
-        errors.add(("parallelism", "ep"), f"ep ({ep}) must divide dp ({dp}): expert parallelism lives inside data parallelism; set ep to a divisor of dp")
-    for heads_name in ("n_heads", "n_kv_heads"):
-        heads = getattr(model, heads_name)
-        if heads % tp:
-            errors.add(("parallelism", "tp"), f"tp ({tp}) must divide model.{heads_name} ({heads}) to split heads across ranks; pick a divisor")
-            break  # n_kv_heads defaults to n_heads: one report, not the same one twice
-    if pp > model.n_layers:
-        errors.add(("parallelism", "pp"), f"pp ({pp}) exceeds model.n_layers ({model.n_layers}); each stage needs at least one layer")
     global_batch = p["global_batch"] or micro * dp
-    if global_batch % (micro * dp):
-        errors.add(
-            ("parallelism", "global_batch"),
-            f"global_batch ({global_batch}) must be a multiple of micro_batch * dp ({micro} * {dp} = {micro * dp}); "
-            f"use {max(global_batch // (micro * dp), 1) * micro * dp}",
-        )
+    values = {"dp": dp, "ep": ep, "tp": tp, "pp": pp, "micro_batch": micro, "global_batch": global_batch,
+              "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "n_layers": model.n_layers}  # fmt: skip
+    for rule in (rules.EP_DIVIDES_DP, rules.TP_DIVIDES_HEADS, rules.PP_WITHIN_LAYERS, rules.GLOBAL_BATCH_MULTIPLE):
+        if rule.check(values):
+            errors.add(rule.path, rule.explain(values))
     return ParallelPlan(
         dp=dp, ep=ep, tp=tp, pp=pp, micro_batch=micro, global_batch=global_batch,
         precision=p["precision"], zero_stage=p["zero_stage"], recompute=p["recompute"],
@@ -221,8 +212,6 @@ def _moe_layer(src: _LayerSources, model: ModelPlan, parallel: ParallelPlan, err
     ex = _with_defaults("experts", src.experts)
     count_path = src.experts_paths.get("count", ("moe", "experts", "count"))
     count = ex["count"]
-    if count % parallel.ep:
-        errors.add(count_path, f"experts.count ({count}) must be divisible by parallelism.ep ({parallel.ep}) so each rank holds the same number of experts")
     if ex["shared_count"] == 0:
         for key in ("shared_d_ff", "shared_gate"):
             if key in src.experts_paths and ex[key] not in (None, False):
@@ -237,13 +226,16 @@ def _moe_layer(src: _LayerSources, model: ModelPlan, parallel: ParallelPlan, err
     router_type = router_raw["type"]
     router = ROUTER_TYPES[router_type](**_with_defaults(f"router_{router_type}", router_raw))
     k_path = src.router_path + ("k",) if "k" in router_raw else src.router_path
-    k = router.experts_per_token
-    if router_type in ("topk", "sigmoid_bias") and k > count:
-        errors.add(k_path, f"k ({k}) exceeds the expert count ({count}); choose k <= {count}")
-    if router_type == "noisy_topk" and k >= count:
-        errors.add(k_path, f"noisy_topk needs k ({k}) below the expert count ({count}): the load estimator uses the (k+1)-th logit; lower k")
-    if router_type == "sigmoid_bias":
-        _check_groups(router, count, src.router_path, errors)
+    values = {"experts": count, "k": router.experts_per_token, "ep": parallel.ep, "micro_batch": parallel.micro_batch,
+              "seq_len": model.seq_len, "n_groups": getattr(router, "n_groups", 1), "topk_groups": getattr(router, "topk_groups", 1)}  # fmt: skip
+    where = {rules.EP_DIVIDES_EXPERTS: count_path, rules.K_WITHIN_EXPERTS: k_path, rules.NOISY_K_BELOW_EXPERTS: k_path,
+             rules.GROUPS_DIVIDE_EXPERTS: src.router_path + ("n_groups",), rules.TOPK_GROUPS_WITHIN_GROUPS: src.router_path + ("topk_groups",),
+             rules.K_WITHIN_KEPT_GROUPS: src.router_path + ("k",), rules.BASE_SHUFFLE_DIVIDES: rules.BASE_SHUFFLE_DIVIDES.path}  # fmt: skip
+    for rule in rules.MOE_RULES:
+        if rule.applies(router) and rule.check(values):
+            errors.add(where[rule], rule.explain(values))
+            if rule in rules.GROUP_RULES:
+                break  # the later group rules are meaningless once one fails (and BASE's is not for this router)
 
     capacity = None
     if router_type == "base":
@@ -256,17 +248,6 @@ def _moe_layer(src: _LayerSources, model: ModelPlan, parallel: ParallelPlan, err
     else:
         capacity = _capacity(src, router_type, errors)
     return MoELayerPlan(router=router, experts=experts, capacity=capacity)
-
-
-def _check_groups(router, count: int, path: PathT, errors: _Errors) -> None:
-    groups, kept = router.n_groups, router.topk_groups
-    if count % groups:
-        errors.add(path + ("n_groups",), f"n_groups ({groups}) must divide the expert count ({count}); pick a divisor of {count}")
-        return
-    if kept > groups:
-        errors.add(path + ("topk_groups",), f"topk_groups ({kept}) exceeds n_groups ({groups}); choose at most {groups}")
-    elif router.k > kept * (count // groups):
-        errors.add(path + ("k",), f"k ({router.k}) exceeds the experts in the kept groups ({kept} x {count // groups}); raise topk_groups or lower k")
 
 
 def _capacity(src: _LayerSources, router_type: str, errors: _Errors) -> CapacityPlan:
