@@ -1,8 +1,8 @@
-"""Benchmark: designs evaluated per second by the vectorised simulator (moespec.sim.batch).
+"""Benchmark: designs evaluated per second by the vectorised simulator (moespec.sim.cost.evaluate).
 
 An OLMoE-1B-7B base (specs/olmoe-1b-7b.yaml) swept at random over experts E, top-k, capacity
 factor (or dropless), ep, dp, micro-batch and ZeRO stage on the 4 x 8 H100 cluster; ep always
-divides dp, so every design is one the scalar simulator accepts. The designs are built as
+divides dp, so every design is valid. The designs are built as
 arrays (no SpecPlan per design) and evaluated in chunks with one CollectiveCosts table, as the
 explorer does; building the arrays is not timed, evaluating them is, best of `--repeats`.
 
@@ -22,7 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from moespec.sim.backend import load_backend
-from moespec.sim.batch import CollectiveCosts, DesignBatch, evaluate
+from moespec.sim.cost import CollectiveCosts, evaluate
+from moespec.sim.design import DesignBatch
 from moespec.spec import load_plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 from moespec.model.build import build_model
 from moespec.model.counting import count_parameters
 from moespec.sim.backend import load_backend
-from moespec.sim.counts import attention_flops, layer_flops
+from moespec.sim.counts import step_flops_by_part
 from moespec.sim.model import simulate
 from moespec.spec import load_plan
 
@@ -110,9 +110,10 @@ def true_counts(plan) -> dict:
 def moe_fwd_flops_per_token(plan) -> int:
     """Forward matmul FLOPs per token of one MoE block's FFN side (router + k routed experts +
     shared experts), from the exact counts: (block - attention) / 3, one sequence."""
-    layer = plan.moe_layers[0]
-    ffn_fwd_bwd = layer_flops(plan.model, layer, 1) - attention_flops(plan.model, 1)
-    return ffn_fwd_bwd // 3 // plan.model.seq_len
+    one = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, micro_batch=1, recompute="none"))
+    parts = step_flops_by_part(one)
+    ffn = sum(parts.get(name, 0) for name in ("router", "experts_capacity", "experts_dropless", "shared_experts"))
+    return ffn // len(plan.moe_layers) // 3 // plan.model.seq_len
 
 
 def moespec_side(plan, backend, eps) -> dict:

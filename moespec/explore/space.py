@@ -27,7 +27,7 @@ import numpy as np
 
 from moespec.explore.axes import Axis, show_value
 from moespec.explore.sweep import Sweep
-from moespec.sim.batch import PRECISIONS, RECOMPUTE, DesignBatch
+from moespec.sim.design import PRECISIONS, RECOMPUTE, DesignBatch, require_uniform
 from moespec.spec import SpecErrors, SpecPlan
 from moespec.spec.rules import MOE_RULES, PARALLEL_RULES, RULES
 from moespec.spec.resolve import resolve
@@ -101,7 +101,7 @@ class DesignSpace:
             router["k"] = 1
         try:
             plan = resolve_spec(spec)
-            DesignBatch.from_plans([plan])
+            require_uniform(plan)
         except (SpecErrors, ValueError) as failure:
             text = failure.errors[0] if isinstance(failure, SpecErrors) else failure
             message = f"{text.path}: {text.message}" if isinstance(failure, SpecErrors) else str(text)

@@ -110,7 +110,7 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
     if collectives.backend != backend:
         raise ValueError(f"collectives were built for backend {collectives.backend.name}, not {backend.name}")
     out = exact_counts(batch)
-    state = state_bytes(batch)
+    state = state_bytes(batch, out)
     out.update({f"state_{name}_bytes": state[name] for name in ("params", "grads", "optimizer")})
     out.update(_memory(batch, backend, out, state))
     out.update(_time(batch, backend, out, state, collectives, overlap=overlap, imbalance=imbalance))
@@ -125,7 +125,7 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     """Peak bytes on one device: the state it holds (counts.state_bytes, exact), the
     parameters FSDP2 gathers for compute (ZeRO-2: all of them through the step; ZeRO-3: the
     largest block at a time), activations, all-to-all buffers, and a 10% allowance."""
-    layers = b.layer_table()
+    layers = b.table
     full = state["full_dense"] + state["full_expert"]  # elements this rank computes with
     gathered = np.where(b.zero_stage == 2, 4 * full - state["params"], 0.0)
     largest_block = layers.max_per_design(np.where(layers.count > 0, _block_elements(b), 0.0), len(b))
@@ -148,7 +148,7 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
 
 def _block_elements(b: DesignBatch) -> np.ndarray:
     """Parameters of one block of each group as one rank computes with them (its experts). [M]"""
-    layers = b.layer_table()
+    layers = b.table
     g = layers.design
     d = b.d_model[g].astype(np.float64)
     q, kv = (b.n_heads * b.head_dim)[g], (b.n_kv_heads * b.head_dim)[g]
@@ -166,7 +166,7 @@ def activation_bytes(b: DesignBatch, *, as_selective: bool = False) -> np.ndarra
     recomputation drops the 5*a*s/h attention-core term; full keeps each block's input (2sbh).
     fp32 doubles everything; one pipeline stage holds n_layers / pp blocks, tp splits them.
     `as_selective`: the bytes elementwise ops move (attention scores never written)."""
-    layers = b.layer_table()
+    layers = b.table
     g = layers.design
     s, bsz, h, a = (x.astype(np.float64) for x in (b.seq_len, b.micro_batch, b.d_model, b.n_heads))
     sbh = s * bsz * h
@@ -189,7 +189,7 @@ def elementwise_bytes(b: DesignBatch) -> np.ndarray:
     again when replayed); dropout's masks (each dropout reads and writes its [T, D] input
     forward and backward, 4 passes, and a 1-byte mask written and read: 2 residual dropouts
     per block, one on the embeddings, and one on the attention probabilities)."""
-    layers = b.layer_table()
+    layers = b.table
     g = layers.design
     replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
     stored = ELEMENTWISE_PASSES * activation_bytes(b, as_selective=True) * replay
@@ -208,7 +208,7 @@ def elementwise_bytes(b: DesignBatch) -> np.ndarray:
 @np.errstate(divide="ignore", invalid="ignore")
 def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectives: CollectiveCosts, *,
           overlap: float, imbalance: float) -> dict[str, np.ndarray]:  # fmt: skip
-    layers = b.layer_table()
+    layers = b.table
     g, n = layers.design, len(b)
     world = b.dp * b.tp * b.pp
     valid = (world <= backend.num_devices) & (b.dp % b.ep == 0)

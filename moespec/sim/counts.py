@@ -67,7 +67,7 @@ def _chunk(rows, width, ranks):
 
 def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     """Every exact figure for every design, (N,) arrays in `dtype`."""
-    n, layers = len(b), b.layer_table()
+    n, layers = len(b), b.table
     g, count = layers.design, layers.count.astype(dtype)
 
     def c(x):
@@ -142,65 +142,70 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     }  # fmt: skip
 
 
-def state_elements(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
-    """Elements of the largest share of (parameters, optimizer state) one rank holds: dense
-    parameters over `dense_ranks`, expert banks over `expert_ranks`, for ZeRO's sharding.
-    Returns (N,) arrays "full" (nothing sharded), "sharded_dense_dp" (dense over dp, experts
-    over dp/ep). Tensor and pipeline parallel (costed, not executed) divide both by tp*pp."""
-    n, layers = len(b), b.layer_table()
+def sharded_elements(b: DesignBatch, dtype=np.float64) -> np.ndarray:
+    """Elements of the largest share of a rank's parameters when ZeRO shards them by rows:
+    dense parameters over dp, expert banks ([E/ep, D, F]) over dp/ep; ceil(dim0 / W) rows
+    of each. Tensor and pipeline parallel (costed, not executed) are not applied here."""
+    n, layers = len(b), b.table
     g, count = layers.design, layers.count.astype(dtype)
 
     def c(x):
         return x.astype(dtype)
 
-    def of(ranks, expert_ranks):
-        d, v, s = c(b.d_model), c(b.vocab), c(b.seq_len)
-        q_width, kv_width = c(b.n_heads) * c(b.head_dim), c(b.n_kv_heads) * c(b.head_dim)
-        norm = _chunk(d, 1, ranks) * np.where(b.layernorm, 2, 1)
-        bias = np.where(b.qkv_bias, _chunk(q_width, 1, ranks) + 2 * _chunk(kv_width, 1, ranks), 0)
-        block = 2 * norm + _chunk(q_width, d, ranks) + 2 * _chunk(kv_width, d, ranks) + _chunk(d, q_width, ranks) + bias
-        outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0)
-        outer = outer + np.where(b.tied, 0, _chunk(v, d, ranks)) + norm
-        r, er, dl = ranks[g], expert_ranks[g], d[g]
-        gated = b.gated[g]
-        width = c(layers.d_ff)
-        dense_ffn = np.where(gated, 2, 1) * _chunk(width, dl, r) + _chunk(dl, width, r)
-        e, sw = c(layers.experts), c(layers.shared_count) * c(layers.shared_d_ff)
-        router = c(layers.router_matrices) * _chunk(e, dl, r) + np.where(layers.router_bias, _chunk(e, 1, r), 0)
-        shared = np.where(sw > 0, np.where(gated, 2, 1) * _chunk(sw, dl, r) + _chunk(dl, sw, r), 0)
-        shared = shared + np.where((sw > 0) & layers.shared_gate, _chunk(1, dl, r), 0)
-        local = e // c(b.ep)[g]
-        bank = np.where(gated, 3, 2) * _chunk(local, dl * c(layers.expert_d_ff), er)
-        per_layer_dense = block[g] + np.where(layers.moe, router + shared, dense_ffn)
-        dense = outer + layers.per_design(per_layer_dense * count, n)
-        expert = layers.per_design(np.where(layers.moe, bank, 0) * count, n)
-        return dense, expert
-
-    one = np.ones(n, dtype=dtype)
-    full_dense, full_expert = of(one, one)
-    dp, edp = c(b.dp), c(b.dp // b.ep)
-    sharded_dense, sharded_expert = of(dp, edp)
-    return {"full": full_dense + full_expert, "sharded": sharded_dense + sharded_expert,
-            "full_dense": full_dense, "full_expert": full_expert}  # fmt: skip
+    ranks, expert_ranks = c(b.dp), c(b.dp // b.ep)
+    d, v, s = c(b.d_model), c(b.vocab), c(b.seq_len)
+    q_width, kv_width = c(b.n_heads) * c(b.head_dim), c(b.n_kv_heads) * c(b.head_dim)
+    norm = _chunk(d, 1, ranks) * np.where(b.layernorm, 2, 1)
+    bias = np.where(b.qkv_bias, _chunk(q_width, 1, ranks) + 2 * _chunk(kv_width, 1, ranks), 0)
+    block = 2 * norm + _chunk(q_width, d, ranks) + 2 * _chunk(kv_width, d, ranks) + _chunk(d, q_width, ranks) + bias
+    outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0)
+    outer = outer + np.where(b.tied, 0, _chunk(v, d, ranks)) + norm
+    r, er, dl = ranks[g], expert_ranks[g], d[g]
+    gated = b.gated[g]
+    width = c(layers.d_ff)
+    dense_ffn = np.where(gated, 2, 1) * _chunk(width, dl, r) + _chunk(dl, width, r)
+    e, sw = c(layers.experts), c(layers.shared_count) * c(layers.shared_d_ff)
+    router = c(layers.router_matrices) * _chunk(e, dl, r) + np.where(layers.router_bias, _chunk(e, 1, r), 0)
+    shared = np.where(sw > 0, np.where(gated, 2, 1) * _chunk(sw, dl, r) + _chunk(dl, sw, r), 0)
+    shared = shared + np.where((sw > 0) & layers.shared_gate, _chunk(1, dl, r), 0)
+    bank = np.where(gated, 3, 2) * _chunk(e // c(b.ep)[g], dl * c(layers.expert_d_ff), er)
+    per_layer = block[g] + np.where(layers.moe, router + shared + bank, dense_ffn)
+    return outer + layers.per_design(per_layer * count, n)
 
 
-def state_bytes(b: DesignBatch) -> dict[str, np.ndarray]:
+def state_bytes(b: DesignBatch, counts: dict) -> dict[str, np.ndarray]:
     """Bytes of parameters, gradients and AdamW state on the rank that holds the most,
     at rest after an optimizer step (float64; exact below 2**53 bytes)."""
-    elements = {name: value.astype(np.float64) / (b.tp * b.pp) for name, value in state_elements(b).items()}
-    full, sharded = elements["full"], elements["sharded"]
+    shard = b.tp * b.pp
+    dense = (counts["params_total"] - counts["expert_params"]) / shard
+    expert = counts["expert_params"] // b.ep / shard
+    full, sharded = dense + expert, sharded_elements(b) / shard
     return {
         "params": 4 * np.where(b.zero_stage >= 2, sharded, full),
         "grads": 4 * np.where(b.zero_stage >= 2, sharded, full),
         "optimizer": 8 * np.where(b.zero_stage >= 1, sharded, full),
-        "full_dense": elements["full_dense"], "full_expert": elements["full_expert"],
+        "full_dense": dense, "full_expert": expert,
     }
 
 
 def exact_counts(b: DesignBatch) -> dict[str, np.ndarray]:
-    """`counts` in int64 where every design stays below 2**62, else float64 for that figure."""
-    exact, approx = counts(b, np.int64), counts(b, np.float64)
-    return {name: exact[name] if np.all(np.abs(approx[name]) < EXACT_LIMIT) else approx[name] for name in exact}
+    """`counts` as int64 (exact), or float64 for a figure some design takes past 2**62.
+    Computed in float64 first: every intermediate is an integer no larger than its figure,
+    so below 2**53 the float is exact and converts losslessly; only a batch with a figure
+    between 2**53 and 2**62 pays for the int64 pass."""
+    approx = counts(b, np.float64)
+    exact = None
+    out = {}
+    for name, value in approx.items():
+        top = np.max(np.abs(value)) if len(value) else 0.0
+        if top < 2.0**53:
+            out[name] = value.astype(np.int64)
+        elif top < EXACT_LIMIT:
+            exact = exact if exact is not None else counts(b, np.int64)
+            out[name] = exact[name]
+        else:
+            out[name] = value
+    return out
 
 
 # --- one plan (a batch of one) ------------------------------------------------------------------

@@ -19,6 +19,7 @@ column is (M,).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,12 +135,17 @@ class DesignBatch:
     layers: LayerTable | None = None  # explicit groups (plans with unlike layers); else derived
 
     def __post_init__(self) -> None:
-        lengths = {f.name: np.shape(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "layers"}
+        lengths = {f.name: np.shape(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "layers"}  # fmt: skip
         if len(set(lengths.values())) != 1 or len(next(iter(lengths.values()))) != 1:
             raise ValueError(f"every DesignBatch field is one (N,) array; got shapes {lengths}")
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+    @functools.cached_property
+    def table(self) -> LayerTable:
+        """`layer_table()`, built once per batch (every cost term reads it)."""
+        return self.layer_table()
 
     def layer_table(self) -> LayerTable:
         """The groups the cost model sums over: explicit, or [dense; MoE] rows per design."""
