@@ -64,12 +64,12 @@ def test_zero_shards_state_as_the_runtime_holds_it():
     assert zero0.optimizer_bytes == 8 * (MIXTRAL_DENSE + local_experts)
     # ep = dp: experts have no replicas (dp/ep = 1); every dense dim divides by 8 here.
     assert zero1.optimizer_bytes == 8 * (MIXTRAL_DENSE // 8 + local_experts)
-    # dp 16: a [8, 4096] router keeps a whole row on rank 0 (ceil(8/16) = 1, not half a row),
-    # and one local expert [1, 4096, 14336] over dp/ep = 2 ranks stays whole on rank 0.
+    # dp 16: a [8, 4096] router keeps a whole row on rank 0 (ceil(8/16) = 1, not half a row);
+    # one local expert [1, 4096, 14336] over dp/ep = 2 ranks cannot split by expert, so it
+    # splits by its second dim (4096 or 14336 rows): exactly half on each.
     zero3 = simulate(with_parallel(plan, dp=16, ep=8, zero_stage=3, global_batch=128), load_backend("h100-cluster-4n"))
-    dense_shard = MIXTRAL_DENSE // 16 + 32 * (4096 - 8 * 4096 // 16)
-    assert zero3["state_bytes_per_rank"] == {"params": 4 * (dense_shard + local_experts), "grads": 4 * (dense_shard + local_experts),
-                                             "optimizer": 8 * (dense_shard + local_experts)}  # fmt: skip
+    shard = MIXTRAL_DENSE // 16 + 32 * (4096 - 8 * 4096 // 16) + local_experts // 2
+    assert zero3["state_bytes_per_rank"] == {"params": 4 * shard, "grads": 4 * shard, "optimizer": 8 * shard}
 
 
 def test_a_design_that_does_not_fit_is_flagged():

@@ -56,12 +56,17 @@ def _print(report: dict) -> None:
     counts.add_row("parameters, active per token (embeddings included)", f"{params['active']:,}")
     counts.add_row("matmul FLOPs per rank per micro-step (fwd + bwd)", f"{report['step_flops_per_rank_microstep']:,}")
     counts.add_row("all-to-all bytes sent per rank per micro-step", f"{report['a2a_bytes_per_rank_microstep']:,}")
+    if report["shuffle_a2a_bytes_per_rank_microstep"]:
+        counts.add_row("  BASE token shuffle, bytes per rank per micro-step", f"{report['shuffle_a2a_bytes_per_rank_microstep']:,}")
+    state = report["state_bytes_per_rank"]
+    counts.add_row("state held per rank: parameters / gradients / optimizer (bytes)",
+                   f"{state['params']:,} / {state['grads']:,} / {state['optimizer']:,}")  # fmt: skip
     counts.add_row("model FLOPs per token (for MFU)", f"{time['model_flops_per_token']:,.0f}")
     console.print(counts)
     memory = Table(title="memory per device (model)")
     memory.add_column("part")
     memory.add_column("bytes", justify="right")
-    for key in ("weights", "grads", "optimizer", "activations", "a2a_buffers", "allowance", "total"):
+    for key in ("weights", "gathered_weights", "grads", "optimizer", "activations", "a2a_buffers", "allowance", "total"):
         memory.add_row(key.replace("_", " "), _gib(mem[f"{key}_bytes"]))
     verdict = "fits" if mem["fits"] else "[red]does NOT fit[/red]"
     memory.add_row("device", f"{_gib(mem['device_bytes'])} ({verdict})")
@@ -72,7 +77,8 @@ def _print(report: dict) -> None:
     for key, label in (("compute_s", "compute (matmul roofline)"), ("elementwise_s", "elementwise (memory-bound)"),
                        ("overhead_s", "host overhead (calibrated)"), ("a2a_s", "all-to-all (exposed)"),
                        ("tp_comm_s", "tensor-parallel all-reduces"), ("pp_comm_s", "pipeline sends"),
-                       ("dp_allreduce_s", "gradient all-reduce"), ("exposed_allreduce_s", "  of which exposed"),
+                       ("dp_allreduce_s", "gradient all-reduce"), ("zero_comm_s", "ZeRO gathers and reduce-scatters"),
+                       ("exposed_allreduce_s", "  data-parallel traffic exposed"),
                        ("bubble_s", "pipeline bubble"), ("optimizer_s", "optimizer"), ("step_s", "step")):  # fmt: skip
         timing.add_row(label, f"{time[key] * 1e3:,.2f} ms")
     console.print(timing)

@@ -22,7 +22,8 @@ Conventions they mirror (the compiled model's, see moespec/model and moespec/dis
   AdamW holds m and v in fp32 (8 bytes; its scalar step counters are not counted). ZeRO
   shards a parameter by rows, FSDP2's Shard(0): over W ranks the largest share is
   ceil(dim0 / W) rows. Dense parameters shard over dp, expert banks ([E/ep, D, F]) over
-  dp/ep. Stage 1 shards optimizer state, 2 and 3 (FSDP2) parameters, gradients and state.
+  dp/ep, by expert unless E/ep < dp/ep, then by their second dim (torchtitan's placement).
+  Stage 1 shards optimizer state, 2 and 3 (FSDP2) parameters, gradients and state.
 
 Shape legend: N designs, M layer groups (design.py); B micro-batch, S sequence, T = B*S, D
 d_model, H heads, KV kv heads, hd head dim, F widths, E experts, k per token, V vocabulary.
@@ -143,9 +144,10 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
 
 
 def sharded_elements(b: DesignBatch, dtype=np.float64) -> np.ndarray:
-    """Elements of the largest share of a rank's parameters when ZeRO shards them by rows:
-    dense parameters over dp, expert banks ([E/ep, D, F]) over dp/ep; ceil(dim0 / W) rows
-    of each. Tensor and pipeline parallel (costed, not executed) are not applied here."""
+    """Elements of the largest share of a rank's parameters when ZeRO shards them: dense
+    parameters by rows over dp, ceil(dim0 / W) rows each (FSDP2's Shard(0)); expert banks
+    ([E/ep, D, F]) over dp/ep, by expert, or by their second dim when a rank holds fewer
+    experts than there are replicas. Tensor and pipeline parallel are not applied here."""
     n, layers = len(b), b.table
     g, count = layers.design, layers.count.astype(dtype)
 
@@ -168,7 +170,12 @@ def sharded_elements(b: DesignBatch, dtype=np.float64) -> np.ndarray:
     router = c(layers.router_matrices) * _chunk(e, dl, r) + np.where(layers.router_bias, _chunk(e, 1, r), 0)
     shared = np.where(sw > 0, np.where(gated, 2, 1) * _chunk(sw, dl, r) + _chunk(dl, sw, r), 0)
     shared = shared + np.where((sw > 0) & layers.shared_gate, _chunk(1, dl, r), 0)
-    bank = np.where(gated, 3, 2) * _chunk(e // c(b.ep)[g], dl * c(layers.expert_d_ff), er)
+    # Expert banks shard by expert (dim 0) unless there are fewer local experts than ranks,
+    # then by their second dim, D of w_gate/w_up [e, D, F] and F of w_down [e, F, D] (torchtitan's rule).
+    local, f = e // c(b.ep)[g], c(layers.expert_d_ff)
+    by_row = np.where(gated, 3, 2) * _chunk(local, dl * f, er)
+    by_col = local * (np.where(gated, 2, 1) * _chunk(dl, f, er) + _chunk(f, dl, er))
+    bank = np.where(er > local, by_col, by_row)
     per_layer = block[g] + np.where(layers.moe, router + shared + bank, dense_ffn)
     return outer + layers.per_design(per_layer * count, n)
 
