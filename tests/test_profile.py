@@ -119,7 +119,7 @@ def test_profile_two_ranks_measures_the_predicted_all_to_all(tmp_path):
     assert all({"moespec::dispatch_a2a", "moespec::combine_a2a"} <= names for names in regions.values())
     # What `tensorboard --logdir` does with them: torch-tb-profiler's loader reads both ranks
     # and builds its distributed view.
-    tb_io = pytest.importorskip("torch_tb_profiler.io")
+    import torch_tb_profiler.io as tb_io  # the profile extra is installed by make: fail, never skip
     from torch_tb_profiler.profiler.loader import RunLoader
 
     tb_run = RunLoader("tiny-ep", str(tmp_path / "traces"), tb_io.Cache()).load()
