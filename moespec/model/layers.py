@@ -82,6 +82,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --- attention ------------------------------------------------------------------------------
 
 
+class AttentionCore(nn.Module):
+    """The parameter-free core of attention: causal `softmax(q k^T / sqrt(Hd)) v` with dropout
+    on the probabilities. A module of its own so that it can be wrapped from outside (selective
+    recomputation, moespec/distributed/parallelize.py) without touching the projections.
+
+    enable_gqa: each group of H / G query heads reads one key/value head, without
+    materialising the repeated keys and values.
+    """
+
+    def __init__(self, *, dropout: float = 0.0, enable_gqa: bool = False):
+        super().__init__()
+        self.dropout = dropout
+        self.enable_gqa = enable_gqa
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, H, S, Hd], k and v [B, G, S, Hd] -> [B, H, S, Hd]."""
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.enable_gqa,
+        )
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with grouped key/value heads (MHA when G == H, MQA when
     G == 1). head_dim is explicit because some models (Qwen, Gemma) set it apart from D / H."""
@@ -106,6 +132,7 @@ class CausalSelfAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.core = AttentionCore(dropout=dropout, enable_gqa=n_kv_heads != n_heads)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -116,16 +143,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # enable_gqa: each group of H / G query heads reads one key/value head, without
-        # materialising the repeated keys and values.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # [B, H, S, Hd]
+        y = self.core(q, k, v)  # [B, H, S, Hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*Hd]
         return self.o_proj(y)  # [B, S, D]
 
