@@ -280,11 +280,15 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     allreduce_s = dense_ar + expert_ar
     gather = over("all_gather", b.zero_stage == 1, shard, b.dp, dense_bytes) + over(
         "all_gather", (b.zero_stage == 1) & (expert > 0), shard * b.ep, edp, expert_bytes)
+    # FSDP2: one collective per unit (each block, the root; expert banks over dp/ep apart),
+    # so the latency is paid per unit and the bytes once: units * t(bytes / units).
     fsdp = b.zero_stage >= 2
     gathers = np.where(b.zero_stage == 3, 2, 1)
-    fsdp_s = (over("reduce_scatter", fsdp, shard, b.dp, dense_bytes) + gathers * over("all_gather", fsdp, shard, b.dp, dense_bytes)
-              + over("reduce_scatter", fsdp & (expert > 0), shard * b.ep, edp, expert_bytes)
-              + gathers * over("all_gather", fsdp & (expert > 0), shard * b.ep, edp, expert_bytes)) * micro_steps  # fmt: skip
+    units = np.maximum(b.n_layers + 1, 1)
+    banks = np.maximum(b.n_moe_layers, 1)
+    fsdp_s = (units * (over("reduce_scatter", fsdp, shard, b.dp, dense_bytes / units) + gathers * over("all_gather", fsdp, shard, b.dp, dense_bytes / units))
+              + banks * (over("reduce_scatter", fsdp & (expert > 0), shard * b.ep, edp, expert_bytes / banks)
+                         + gathers * over("all_gather", fsdp & (expert > 0), shard * b.ep, edp, expert_bytes / banks))) * micro_steps  # fmt: skip
     zero_s = gather + fsdp_s
     exposed_s = (1 - overlap) * (dense_ar + fsdp_s) + expert_ar + gather
 

@@ -23,7 +23,9 @@ Conventions they mirror (the compiled model's, see moespec/model and moespec/dis
   shards a parameter by rows, FSDP2's Shard(0): over W ranks the largest share is
   ceil(dim0 / W) rows. Dense parameters shard over dp, expert banks ([E/ep, D, F]) over
   dp/ep, by expert unless E/ep < dp/ep, then by their second dim (torchtitan's placement).
-  Stage 1 shards optimizer state, 2 and 3 (FSDP2) parameters, gradients and state.
+  Stage 1 shards optimizer state, 2 and 3 (FSDP2) parameters, gradients and state;
+- collective calls: all-to-alls per micro-step (with dropless layers' split exchanges) and
+  ZeRO's all-gathers and reduce-scatters per step, as the dispatcher counts them.
 
 Shape legend: N designs, M layer groups (design.py); B micro-batch, S sequence, T = B*S, D
 d_model, H heads, KV kv heads, hd head dim, F widths, E experts, k per token, V vocabulary.
@@ -131,6 +133,18 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     calls = transfers + np.where(layers.dropless, np.where(b.recompute == FULL, 2, 1)[g], 0)  # + split exchanges
     a2a_calls = total(np.where(on, calls + np.where(shuffled, transfers, 0), 0))
 
+    # ZeRO's collectives per optimizer step: stage 1 all-gathers the updated chunks once per
+    # group (dense over dp, experts over dp/ep); FSDP2 (2, 3) gathers every unit's parameters
+    # each micro-step (twice at stage 3: forward and backward) and reduce-scatters its
+    # gradients. Units: each block, the root (embeddings, final norm, head), each expert bank
+    # when dp/ep > 1.
+    micro = c(b.global_batch // (b.micro_batch * b.dp))
+    dp_on, edp_on = b.dp > 1, (b.dp // b.ep > 1) & (b.n_moe_layers > 0)
+    units = c(b.n_layers) + 1 + np.where(edp_on, c(b.n_moe_layers), 0)
+    fsdp = (b.zero_stage >= 2) & dp_on
+    zero_gathers = np.where((b.zero_stage == 1) & dp_on, 1 + edp_on, np.where(fsdp, units * micro * np.where(b.zero_stage == 3, 2, 1), 0))
+    zero_reduce_scatters = np.where(fsdp, units * micro, 0)
+
     # Model FLOPs per token, for MFU: 6 per active matmul parameter (the embedding lookup is no
     # matmul; a tied table still does the LM head's) plus attention, 12 * L * H * hd * S.
     active_matmul = params_active - embedding + np.where(b.tied, embedding, 0)
@@ -138,7 +152,8 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     return {
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
-        "a2a_calls": a2a_calls, "model_flops_per_token": model_flops_per_token,
+        "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
+        "fsdp_units": np.where(fsdp, units, 0), "model_flops_per_token": model_flops_per_token,
         **{f"flops_{name}": value for name, value in parts.items()},
     }  # fmt: skip
 

@@ -105,6 +105,8 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
         "a2a_bytes_per_rank_microstep": one["a2a_bytes"],
         "shuffle_a2a_bytes_per_rank_microstep": one["shuffle_a2a_bytes"],
         "a2a_calls_per_rank_microstep": one["a2a_calls"],
+        "collective_calls_per_step": {"all_to_all": one["a2a_calls"] * plan.parallel.grad_accum,
+                                      "all_gather": one["zero_all_gather_calls"], "reduce_scatter": one["zero_reduce_scatter_calls"]},
         "state_bytes_per_rank": {name: int(one[f"state_{name}_bytes"]) for name in ("params", "grads", "optimizer")},
         "memory_per_device": _memory(one, backend).__dict__,
         "time": timing.__dict__,
