@@ -101,6 +101,8 @@ def shard_fully(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bo
             if ctx.edp_size > 1:
                 fully_shard(bank, mesh=ctx.mesh["edp"], reshard_after_forward=reshard_after_forward)
                 bank.set_gradient_divide_factor(float(ctx.dp_size))
+                if ctx.backend == "gloo":  # a custom factor is NCCL's PREMUL_SUM, which gloo lacks
+                    bank.set_force_sum_reduction_for_comms(True)
                 for method in EXPERT_FORWARD_METHODS:
                     register_fsdp_forward_method(bank, method)
             else:
