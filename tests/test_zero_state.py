@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from moespec.distributed.parity import plan_fields, plan_from_fields
-from moespec.distributed.zero import dim0_chunk
+from moespec.distributed.zero import chunk_range
 from moespec.spec.plan import BaseRouter
 
 from test_distributed import CAPACITY, DROPLESS, ROUTERS, free_port, variant
@@ -51,10 +51,12 @@ def expected_bytes(model, ctx, stage: int) -> dict[str, int]:
     experts = set(expert_parameter_names(model))
     full = chunk = 0
     for name, p in model.named_parameters():
-        world, rank = (ctx.edp_size, ctx.mesh.get_local_rank("edp")) if name in experts else (ctx.dp_size, ctx.rank)
-        start, stop = dim0_chunk(p.shape[0], rank, world)
+        world, rank, dim = ctx.dp_size, ctx.rank, 0
+        if name in experts:  # [e_local, ., .]: by expert, or by dim 1 when e_local < edp
+            world, rank, dim = ctx.edp_size, ctx.mesh.get_local_rank("edp"), (1 if ctx.edp_size > p.shape[0] else 0)
+        start, stop = chunk_range(p.shape[dim], rank, world)
         full += p.numel() * 4  # float32 at every precision
-        chunk += (stop - start) * p[0].numel() * 4
+        chunk += (stop - start) * (p.numel() // p.shape[dim]) * 4
     held = full if stage <= 1 else chunk
     return {"params": held, "grads": held, "optimizer": 2 * (full if stage == 0 else chunk)}
 
@@ -129,10 +131,14 @@ def run_zero(world: int, cases, tmp_path: Path) -> list[dict]:
 
 
 def zero_cases(dp: int, ep: int) -> list[tuple[str, dict]]:
-    return [
+    cases = [
         (f"dp{dp}-ep{ep}-{mode}", plan_fields(variant(dp=dp, ep=ep, router=ROUTERS["topk"], capacity=capacity)))
         for mode, capacity in (("capacity", CAPACITY), ("dropless", DROPLESS))
     ]
+    if ep > 1 and dp // ep > 1:  # one expert per rank, dp/ep > 1 replicas: banks shard along dim 1
+        plan = variant(dp=dp, ep=ep, router=ROUTERS["topk"], capacity=CAPACITY, n_experts=ep)
+        cases.append((f"dp{dp}-ep{ep}-capacity-e{ep}", plan_fields(plan)))
+    return cases
 
 
 @pytest.mark.timeout(900)

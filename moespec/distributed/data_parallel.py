@@ -80,16 +80,19 @@ def shard_fully(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bo
     (only when edp > 1; otherwise its experts stay whole on their rank and are reduced by
     `reduce_expert_gradients`), every decoder block over the dp ranks, then the root model.
 
-    Every parameter is Shard(0) (FSDP2's default): at rest a rank holds the dim-0 chunk of each
-    dense parameter over dp and of each of its experts' banks over edp, and so do its gradients
-    and AdamW state. FSDP2 divides a reduced gradient by its mesh size; an expert gradient must
+    Dense parameters are Shard(0) (FSDP2's default) over dp; expert banks Shard(0) over edp, or
+    Shard(1) when a rank holds fewer experts than there are replicas (`zero.expert_shard_dim`,
+    torchtitan's placement). At rest a rank holds those chunks of parameters, gradients and
+    AdamW state, the same chunks ZeRO-1 keeps state for (`zero.py`). FSDP2 divides a reduced gradient by its mesh size; an expert gradient must
     be summed over edp and divided by dp (module docstring), hence the divide factor dp. The
     banks are called through methods other than `forward`, which FSDP2 is told about
     (`register_fsdp_forward_method`) so that it all-gathers the bank around each of them.
     `reshard_after_forward` False (stage 2) keeps the gathered parameters from forward to
     backward; True (stage 3) frees them after forward and gathers them again in backward."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.tensor import Shard
 
+    from moespec.distributed.zero import expert_shard_dim
     from moespec.model.experts import ExpertBank
 
     dp_mesh = ctx.mesh._flatten("dp")  # all dp ranks, from the same ("edp", "ep") mesh
@@ -99,7 +102,9 @@ def shard_fully(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bo
         ignored = set()
         for bank in banks:
             if ctx.edp_size > 1:
-                fully_shard(bank, mesh=ctx.mesh["edp"], reshard_after_forward=reshard_after_forward)
+                placement = Shard(expert_shard_dim(bank.n_experts, ctx.edp_size))
+                fully_shard(bank, mesh=ctx.mesh["edp"], reshard_after_forward=reshard_after_forward,
+                            shard_placement_fn=lambda param, placement=placement: placement)  # fmt: skip
                 bank.set_gradient_divide_factor(float(ctx.dp_size))
                 if ctx.backend == "gloo":  # a custom factor is NCCL's PREMUL_SUM, which gloo lacks
                     bank.set_force_sum_reduction_for_comms(True)
@@ -221,9 +226,16 @@ def build_optimizers(model: nn.Module, plan, ctx: DistContext | None, **adamw) -
         sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
         whole = [p for p in model.parameters() if not isinstance(p, DTensor)]
         return [torch.optim.AdamW(params, **adamw) for params in (sharded, whole) if params]
-    from moespec.distributed.zero import ZeroAdamW
+    from moespec.distributed.zero import ZeroAdamW, expert_shard_dim
+    from moespec.model.experts import ExpertBank
 
-    expert_names = set(expert_parameter_names(model))
-    dense = [p for name, p in model.named_parameters() if name not in expert_names]
-    experts = [p for name, p in model.named_parameters() if name in expert_names]
-    return [ZeroAdamW([(dense, ctx.dp_group), (experts, ctx.edp_group)], **adamw)]
+    experts, expert_dims = [], []
+    for bank in model.modules():
+        if isinstance(bank, ExpertBank):
+            params = list(bank.parameters())
+            experts += params
+            expert_dims += [expert_shard_dim(bank.n_experts, ctx.edp_size)] * len(params)
+    expert_ids = {id(p) for p in experts}
+    dense = [p for p in model.parameters() if id(p) not in expert_ids]
+    groups = [(dense, [0] * len(dense), ctx.dp_group), (experts, expert_dims, ctx.edp_group)]
+    return [ZeroAdamW(groups, **adamw)]

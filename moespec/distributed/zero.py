@@ -1,17 +1,21 @@
-"""ZeRO-1 for dense and expert parameters: AdamW state for this rank's dim-0 chunk only.
+"""ZeRO-1 for dense and expert parameters: AdamW state for this rank's chunk only.
 
-The convention (REFERENCE.md sec. 3, the one the cost model predicts): a parameter's "dim-0
-chunk" over a group of W ranks is rows [r*c, min((r+1)*c, dim0)) of rank r, c = ceil(dim0 / W),
-possibly none; this is exactly FSDP2's per-parameter Shard(0), so stages 1, 2 and 3 hold the
-same chunks of whatever they shard. Dense parameters are chunked over the dp group, expert
-banks ([e_local, D, F] and [e_local, F, D]) over the expert-data-parallel group.
+The convention (REFERENCE.md sec. 3, the one the cost model predicts, sim/counts.py): a
+parameter's chunk along dim d over a group of W ranks is indices [r*c, min((r+1)*c, size_d))
+of rank r, c = ceil(size_d / W), possibly none; this is exactly FSDP2's per-parameter
+Shard(d), so stages 1, 2 and 3 hold the same chunks of whatever they shard.
+- Dense parameters: dim 0 over the dp group.
+- Expert banks (w_gate/w_up [e_local, D, F], w_down [e_local, F, D]) over the
+  expert-data-parallel group: by expert (dim 0), unless the rank holds fewer experts than
+  there are replicas (e_local < edp), then by their second dim (D, or F for w_down), which
+  is torchtitan's placement (dim-0 chunks would leave replicas empty). `expert_shard_dim`.
 
 `ZeroAdamW.step`, after gradients were reduced (DDP for dense, the edp all-reduce for experts,
-as at stage 0), runs torch's AdamW on leaf views of this rank's chunks (`p.data[a:b]`, its
-gradient `p.grad[a:b]`), so the update is AdamW's own arithmetic on the same numbers, element
-by element; then one all-gather per group (the chunks of all its parameters packed into one
-buffer, each padded to c rows) gives every rank the full parameters again. Parameters and
-gradients stay whole on every rank; only the exp_avg and exp_avg_sq tensors are partitioned.
+as at stage 0), runs torch's AdamW on leaf views of this rank's chunks (`p.data.narrow(...)`,
+its gradient the same view of `p.grad`), so the update is AdamW's own arithmetic on the same
+numbers, element by element; then one all-gather per group (the chunks of all its parameters
+packed into one buffer, each padded to c slices) gives every rank the full parameters again.
+Parameters and gradients stay whole on every rank; only exp_avg and exp_avg_sq are partitioned.
 
 Why not torch's `ZeroRedundancyOptimizer`: it assigns whole parameters to ranks, greedily by
 size, so the state a rank holds is uneven (the embedding's whole state lands on one rank) and
@@ -28,58 +32,71 @@ import torch.distributed as dist
 from torch import nn
 
 
-def dim0_chunk(dim0: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [start, stop) of a dim0-row tensor that rank `rank` of `world` holds: chunks of
-    ceil(dim0 / world) rows, the last ones short or empty (FSDP2's Shard(0))."""
-    rows = -(-dim0 // world)
-    return min(rank * rows, dim0), min((rank + 1) * rows, dim0)
+def chunk_range(size: int, rank: int, world: int) -> tuple[int, int]:
+    """Indices [start, stop) of a dimension of `size` that rank `rank` of `world` holds:
+    chunks of ceil(size / world), the last ones short or empty (FSDP2's Shard(d))."""
+    per_rank = -(-size // world)
+    return min(rank * per_rank, size), min((rank + 1) * per_rank, size)
 
 
-def _rows(param: torch.Tensor) -> torch.Tensor:
-    """The parameter's data as rows along dim 0 (a 0-d parameter is one row)."""
-    return param.data if param.dim() else param.data.view(1)
+def expert_shard_dim(n_local_experts: int, replicas: int) -> int:
+    """The dim an expert bank is sharded along over its `replicas` (edp) ranks: 0 (by expert),
+    or 1 when there are fewer local experts than replicas (torchtitan's placement)."""
+    return 1 if replicas > n_local_experts else 0
+
+
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor as one row, others as they are."""
+    return tensor if tensor.dim() else tensor.view(1)
 
 
 @dataclass
 class ShardedGroup:
-    """Parameters chunked over one process group (dense over dp, experts over edp)."""
+    """Parameters chunked over one process group (dense over dp, experts over edp), each
+    along its own dim."""
 
     params: list[nn.Parameter]
+    dims: list[int]  # the dim each parameter is chunked along
     group: object  # ProcessGroup, or None for the default group
     rank: int
     world: int
 
-    def chunk(self, param: torch.Tensor, rank: int | None = None) -> tuple[int, int]:
-        return dim0_chunk(_rows(param).shape[0], self.rank if rank is None else rank, self.world)
+    def chunk(self, i: int, rank: int | None = None) -> torch.Tensor:
+        """The view of parameter i's data that `rank` (default: this rank) holds."""
+        data, dim = _as_rows(self.params[i].data), self.dims[i]
+        start, stop = chunk_range(data.shape[dim], self.rank if rank is None else rank, self.world)
+        return data.narrow(dim, start, stop - start)
 
     @torch.no_grad()
     def all_gather(self) -> None:
-        """Every rank's updated chunks to every rank: one padded all-gather per dtype."""
+        """Every rank's updated chunks to every rank: one padded all-gather per dtype (one in
+        all: the parameters are float32 at every precision)."""
         if self.world == 1:
             return
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for param in self.params:
-            by_dtype.setdefault(param.dtype, []).append(param)
-        for params in by_dtype.values():
-            # Each parameter occupies c rows (c = ceil(dim0 / W)) of every rank's segment.
-            sizes = [-(-_rows(p).shape[0] // self.world) * _rows(p)[0:1].numel() for p in params]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, param in enumerate(self.params):
+            by_dtype.setdefault(param.dtype, []).append(i)
+        for indices in by_dtype.values():
+            # Parameter i takes ceil(size_d / W) slices of (numel / size_d) elements in every
+            # rank's segment, whatever its own chunk holds.
+            sizes = []
+            for i in indices:
+                data, dim = _as_rows(self.params[i].data), self.dims[i]
+                sizes.append(-(-data.shape[dim] // self.world) * (data.numel() // max(data.shape[dim], 1)))
             segment = sum(sizes)
-            send = params[0].new_zeros(segment)
+            send = self.params[indices[0]].new_zeros(segment)
             offset = 0
-            for param, size in zip(params, sizes):
-                start, stop = self.chunk(param)
-                mine = _rows(param)[start:stop].reshape(-1)
+            for i, size in zip(indices, sizes):
+                mine = self.chunk(i).reshape(-1)
                 send[offset : offset + mine.numel()] = mine
                 offset += size
             received = send.new_empty(self.world * segment)
             _all_gather_single(received, send, group=self.group)
             for rank in range(self.world):
                 offset = rank * segment
-                for param, size in zip(params, sizes):
-                    start, stop = self.chunk(param, rank)
-                    if stop > start:
-                        rows = _rows(param)[start:stop]
-                        rows.copy_(received[offset : offset + rows.numel()].view_as(rows))
+                for i, size in zip(indices, sizes):
+                    part = self.chunk(i, rank)
+                    part.copy_(received[offset : offset + part.numel()].view(part.shape))
                     offset += size
 
 
@@ -92,24 +109,26 @@ def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, *, group) -> 
 class ZeroAdamW:
     """AdamW whose state covers this rank's dim-0 chunk of every parameter (ZeRO stage 1).
 
-    groups: (parameters, process group) pairs; each parameter is chunked over its group.
+    groups: (parameters, their chunk dims, process group); each parameter is chunked over its group.
     `param_groups` lists the whole parameters (GradScaler unscales their whole gradients);
     `state` is the inner AdamW's, keyed by the chunk views, with only this rank's chunks.
     """
 
-    def __init__(self, groups: list[tuple[list[nn.Parameter], object]], **adamw):
+    def __init__(self, groups: list[tuple[list[nn.Parameter], list[int], object]], **adamw):
         self.groups = [
-            ShardedGroup(list(params), group, dist.get_rank(group), dist.get_world_size(group))
-            for params, group in groups
+            ShardedGroup(list(params), list(dims), group, dist.get_rank(group), dist.get_world_size(group))
+            for params, dims, group in groups
             if params
         ]
-        self._views: list[tuple[nn.Parameter, torch.Tensor, int, int]] = []  # (param, chunk view, start, stop)
+        self._views: list[tuple[nn.Parameter, torch.Tensor, int, int, int]] = []  # (param, view, dim, start, length)
         for sharded in self.groups:
-            for param in sharded.params:
-                start, stop = sharded.chunk(param)
-                if stop > start:
-                    self._views.append((param, _rows(param)[start:stop], start, stop))
-        views = [view for _, view, _, _ in self._views]
+            for i, param in enumerate(sharded.params):
+                view = sharded.chunk(i)
+                if view.numel():
+                    dim = sharded.dims[i]
+                    start = chunk_range(_as_rows(param.data).shape[dim], sharded.rank, sharded.world)[0]
+                    self._views.append((param, view, dim, start, view.shape[dim]))
+        views = [view for _, view, _, _, _ in self._views]
         # An empty parameter list is refused by torch.optim; a rank may hold no chunk at all.
         self.inner = torch.optim.AdamW(views or [torch.zeros(0)], **adamw)
         self.defaults = self.inner.defaults
@@ -138,10 +157,10 @@ class ZeroAdamW:
         """AdamW on my chunks (gradients already reduced), then all-gather the parameters."""
         if closure is not None:
             raise ValueError("ZeroAdamW.step takes no closure")
-        for param, view, start, stop in self._views:
-            view.grad = None if param.grad is None else (param.grad if param.dim() else param.grad.view(1))[start:stop]
+        for param, view, dim, start, length in self._views:
+            view.grad = None if param.grad is None else _as_rows(param.grad).narrow(dim, start, length)
         self.inner.step()
-        for _, view, _, _ in self._views:
+        for _, view, _, _, _ in self._views:
             view.grad = None  # a view of the gradient: do not keep it alive past zero_grad
         for sharded in self.groups:
             sharded.all_gather()
