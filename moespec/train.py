@@ -93,9 +93,14 @@ def train(
 ) -> TrainResult:
     """Train `model` (built from `plan`) on the shipped byte corpus for `steps` AdamW steps.
 
-    batch defaults to plan.parallel.micro_batch and seq_len to plan.model.seq_len, so the
-    routing group is the plan's T. `eval_every=0` evaluates only before and after.
-    `on_step` sees every record as it is made (the CLI's progress bar).
+    Each step accumulates gradients over the micro-batches that make up
+    `parallel.global_batch` (`micro_batches_per_step`: grad_accum per rank under a dist_ctx,
+    global_batch / micro_batch in one process). batch overrides the micro-batch size only
+    (default plan.parallel.micro_batch) and seq_len defaults to plan.model.seq_len, so the
+    routing group is the plan's T. `parallel.recompute` is applied to `model` first.
+    tp or pp > 1 raise DistributedConfigError. `eval_every=0` evaluates only before and after.
+    `on_step` sees every record as it is made (the CLI's progress bar); a record's losses and
+    loads are those train_step returns for the step.
 
     dist_ctx (a `moespec.distributed.context.DistContext`): `model` is this rank's shard
     (experts already sharded); each rank draws its own batches, dense gradients are averaged
@@ -103,9 +108,12 @@ def train(
     clipped globally, and records carry the mean loss and the summed loads of all ranks.
     """
     from moespec.distributed import data_parallel as dp_utils
+    from moespec.distributed.context import check_executable, micro_batches_per_step
+    from moespec.distributed.parallelize import apply_recompute
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    check_executable(plan)
     if plan.model.vocab_size < BYTE_VOCAB:
         raise ValueError(f"model.vocab_size ({plan.model.vocab_size}) must be >= {BYTE_VOCAB} to train on byte tokens")
     batch = batch or plan.parallel.micro_batch
@@ -114,6 +122,8 @@ def train(
     device = next(model.parameters()).device
     rank = 0 if dist_ctx is None else dist_ctx.rank
     generator = torch.Generator().manual_seed(seed + 1000 * rank)  # each rank its own batches
+    n_micro = micro_batches_per_step(plan, dist_ctx)
+    apply_recompute(model, plan.parallel.recompute)  # before wrapping, as torchtitan applies AC before FSDP
     setup = prepare_training(model, plan, dist_ctx=dist_ctx, lr=lr, weight_decay=weight_decay)
     model = setup.model
 
@@ -125,8 +135,9 @@ def train(
     totals: dict[int, torch.Tensor] = {}
     model.train()
     for step in range(1, steps + 1):
-        window = get_batch(split.train, batch=batch, seq_len=seq_len, generator=generator).to(device)  # [B, S+1]
-        loss, ce, aux = train_step(setup, plan, [window], grad_clip=grad_clip)
+        windows = [get_batch(split.train, batch=batch, seq_len=seq_len, generator=generator).to(device)  # [B, S+1]
+                   for _ in range(n_micro)]  # fmt: skip
+        loss, ce, aux = train_step(setup, plan, windows, grad_clip=grad_clip)
         if dist_ctx is not None:
             loss, ce, aux = dp_utils.global_step_view(loss, ce, aux, dist_ctx)
         record = _record(step, loss, ce, aux)

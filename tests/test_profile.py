@@ -184,7 +184,7 @@ def test_a_killed_rank_ends_the_profile_with_its_name(tmp_path, after_s):
 def test_profile_refuses_bad_input_in_one_line(tmp_path):
     done = run(["profile", "specs/tiny-ep.yaml", "--out", str(tmp_path)])  # needs 2 ranks
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "--world 1" in done.stderr
+    assert "--nproc 2" in done.stderr and "--single-process" in done.stderr
     done = run(["profile", "specs/mixtral-8x7b.yaml"])
     assert done.returncode == 2 and "parameters" in done.stderr and "Traceback" not in done.stderr
     bad = tmp_path / "bad.json"

@@ -48,8 +48,10 @@ def compile_command(
 
     check_result = None
     if check:
+        from moespec.distributed.parallelize import apply_recompute
         from moespec.train import check_step
 
+        apply_recompute(model, plan.parallel.recompute)  # the check's backward replays what training would
         try:
             check_result = check_step(
                 model, batch=plan.parallel.micro_batch, seq_len=plan.model.seq_len, vocab_size=plan.model.vocab_size, seed=seed

@@ -32,21 +32,37 @@ def profile_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the weights and of the batches."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds before a stuck collective fails every rank."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    single_process: bool = typer.Option(False, "--single-process", help="Run a spec of world > 1 in one process: its data-parallel math (global_batch / micro_batch micro-batches per step), without ep or ZeRO; predicted as world 1."),
 ) -> None:
     """Measure real training steps (time, FLOPs, all-to-all, memory, expert load) beside the simulator's prediction."""
-    from moespec.distributed.context import launched_world
+    from moespec.distributed.context import (DistributedConfigError, check_single_process, launched_world, single_process_note,
+                                             single_process_plan)  # fmt: skip
 
     plan = apply_overrides(spec, load_plan_or_exit(spec), world=world, ep=ep)
     if device not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda, got {device!r}")
     if nproc < 1 or steps < 1 or warmup < 0 or trace_steps < 0 or threads < 0 or not timeout > 0:
         fail("--nproc and --steps must be >= 1; --warmup, --trace-steps, --threads >= 0; --timeout > 0")
+    if single_process and nproc > 1:
+        fail(f"--single-process runs one process; it does not go with --nproc {nproc}")
+    _check_runnable(spec, plan, device)
+    note = None
+    if launched_world() is None and nproc == 1:
+        try:
+            check_single_process(plan, single_process=single_process)
+        except DistributedConfigError as exc:
+            fail(f"{spec}: {exc}")
+        if plan.parallel.world > 1:
+            note = single_process_note(plan)
+            plan = single_process_plan(plan)
     hardware = backend_or_exit(backend, calibration, world=plan.parallel.world)
     out = out or Path("moespec-profile") / plan.name
     trace_dir = trace_dir or out / "traces"
-    _check_runnable(spec, plan, device)
     options = dict(nproc=nproc, device=device, steps=steps, warmup=warmup, trace_steps=trace_steps, out=out,
                    trace_dir=trace_dir, threads=threads, seed=seed, timeout=timeout, as_json=as_json)  # fmt: skip
+    if launched_world() is None and nproc == 1:
+        _profile_rank(spec, plan, hardware, distributed=False, note=note, **options)
+        return
     if nproc > 1 and launched_world() is None:
         _launch(spec, plan, backend=backend, calibration=calibration, world=world, ep=ep, **options)
         return
@@ -54,14 +70,6 @@ def profile_command(
         from moespec.distributed.launch import run_rank
 
         run_rank(lambda: _profile_rank(spec, plan, hardware, distributed=True, **options))
-        return
-    from moespec.distributed.context import DistributedConfigError, check_world
-
-    try:
-        check_world(plan, 1)
-    except DistributedConfigError as exc:
-        fail(f"{spec}: {exc}; or profile it on one rank with --world 1")
-    _profile_rank(spec, plan, hardware, distributed=False, **options)
 
 
 def _check_runnable(spec: Path, plan, device: str) -> None:
@@ -69,8 +77,12 @@ def _check_runnable(spec: Path, plan, device: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: torch sees no CUDA device here (this torch build or machine has none); use --device cpu")
-    if plan.parallel.tp > 1 or plan.parallel.pp > 1:
-        fail(f"{spec}: tp and pp are costed by the simulator but not executed yet; profile a spec with tp = pp = 1")
+    from moespec.distributed.context import DistributedConfigError, check_executable
+
+    try:
+        check_executable(plan)
+    except DistributedConfigError as exc:
+        fail(f"{spec}: {exc}")
     if device == "cpu":
         cpu_sized_counts_or_exit(spec, plan, doing="profiling", instead="use --device cuda or a tiny spec")
 
@@ -102,8 +114,8 @@ def default_threads(hardware, device: str, nproc: int) -> int:
     return max(1, cores // max(nproc, hardware.devices_per_node)) if device == "cpu" else max(1, cores // nproc)
 
 
-def _profile_rank(spec: Path, plan, hardware, *, distributed: bool, nproc: int, device: str, steps: int, warmup: int,
-                  trace_steps: int, out: Path, trace_dir: Path, threads: int, seed: int, timeout: float, as_json: bool) -> None:  # fmt: skip
+def _profile_rank(spec: Path, plan, hardware, *, distributed: bool, nproc: int, device: str, steps: int, warmup: int, trace_steps: int,
+                  out: Path, trace_dir: Path, threads: int, seed: int, timeout: float, as_json: bool, note: str | None = None) -> None:  # fmt: skip
     import torch
     import torch.distributed as dist
 
@@ -134,6 +146,7 @@ def _profile_rank(spec: Path, plan, hardware, *, distributed: bool, nproc: int, 
         report = build_report(plan, hardware, ranks, spec=str(spec), device=device, steps=steps, warmup=warmup, threads=threads,
                               trace_dir=str(trace_dir) if trace_steps else None)  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
+        report["single_process"] = note
         report["plots"] = [str(path) for path in write_plots(report, out)]
         report["report"] = str(out / "report.json")
         import json
@@ -163,6 +176,8 @@ def _fmt(value: float | None, figure: str) -> str:
 
 def print_report(report: dict) -> None:
     calibrated = report["calibration"] or "datasheet figures, not calibrated"
+    if report.get("single_process"):
+        console.print(report["single_process"])
     console.print(f"[bold]{report['name']}[/bold]: world {report['world']} (dp {report['dp']}, ep {report['ep']}) on {report['device']}, "
                   f"{report['threads_per_rank']} thread(s) per rank, {report['steps']} timed steps after {report['warmup']} warm-up")  # fmt: skip
     band = report["calibrated_error_band"]

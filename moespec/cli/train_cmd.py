@@ -16,17 +16,17 @@ from rich.table import Table
 from moespec.cli.common import console, cpu_sized_counts_or_exit, emit_json, err_console, fail, load_plan_or_exit
 
 
-
 def train_command(
     spec: Path = typer.Argument(..., help="Spec file (a tiny one: at most 25M parameters).", show_default=False),
     steps: int = typer.Option(..., "--steps", help="Optimizer steps.", show_default=False),
     lr: float = typer.Option(3e-3, "--lr", help="AdamW learning rate."),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights and of the batches."),
-    batch: int = typer.Option(0, "--batch", help="Sequences per step; 0 takes parallel.micro_batch."),
+    batch: int = typer.Option(0, "--batch", help="Sequences per micro-batch; 0 takes parallel.micro_batch (the micro-batches per step stay the spec's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout (no progress bar)."),
     eval_every: int = typer.Option(0, "--eval-every", help="Validation loss every N steps (0: only at the end)."),
     nproc: int = typer.Option(1, "--nproc", help="Ranks to launch (torchrun-style); must equal the spec's world size."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds before a stuck collective fails every rank."),
+    single_process: bool = typer.Option(False, "--single-process", help="Run a spec of world > 1 in one process: its data-parallel math (global_batch / micro_batch micro-batches per step), without ep or ZeRO."),
 ) -> None:
     """Train a tiny spec on CPU on the shipped corpus; report first/last loss, validation loss and expert loads."""
     plan = load_plan_or_exit(spec)
@@ -34,6 +34,8 @@ def train_command(
 
     if nproc < 1 or not timeout > 0:
         fail(f"--nproc must be >= 1 and --timeout > 0, got {nproc} and {timeout}")
+    if single_process and nproc > 1:
+        fail(f"--single-process runs one process; it does not go with --nproc {nproc}")
     if nproc > 1 and launched_world() is None:
         _launch_ranks(spec, plan, nproc=nproc, timeout=timeout, steps=steps, lr=lr, seed=seed, batch=batch,
                       as_json=as_json, eval_every=eval_every)  # fmt: skip
@@ -52,15 +54,20 @@ def train_command(
         fail(f"--lr must be positive, got {lr}")
 
     from moespec.data.corpus import BYTE_VOCAB
+    from moespec.distributed.context import micro_batches_per_step, single_process_note
     from moespec.model.build import build_model
     from moespec.train import train
 
     if plan.model.vocab_size < BYTE_VOCAB:
         fail(f"{spec}: model.vocab_size is {plan.model.vocab_size}; training on the byte corpus needs at least {BYTE_VOCAB}")
     counts = cpu_sized_counts_or_exit(spec, plan, doing="training", instead="use a tiny spec (e.g. specs/tiny-topk.yaml)")
+    refuse_single_process(spec, plan, single_process=single_process)
     model = build_model(plan, seed=seed, device="cpu")
 
     batch = batch or plan.parallel.micro_batch
+    note = single_process_note(plan, batch) if plan.parallel.world > 1 else None
+    if note and not as_json:
+        console.print(note)
     try:
         if as_json:
             result = train(model, plan, steps=steps, lr=lr, batch=batch, seed=seed, eval_every=eval_every)
@@ -69,21 +76,35 @@ def train_command(
     except FloatingPointError as exc:
         fail(f"{spec}: {exc}", code=1)
 
-    document = _document(spec, plan, counts, result, steps=steps, lr=lr, batch=batch, seed=seed)
+    document = _document(spec, plan, counts, result, steps=steps, lr=lr, batch=batch, seed=seed, micro_batches=micro_batches_per_step(plan, None))
+    if note:
+        document["single_process"] = note
     if as_json:
         emit_json(document)
         return
-    _print_summary(plan, counts, result, steps)
+    _print_summary(plan, counts, result, steps, batch=batch, micro_batches=document["micro_batches_per_step"])
 
 
-def _document(spec: Path, plan, counts, result, *, steps: int, lr: float, batch: int, seed: int) -> dict:
+def refuse_single_process(spec: Path, plan, *, single_process: bool) -> None:
+    """One line and exit 2 unless one process can run `plan` (context.check_single_process)."""
+    from moespec.distributed.context import DistributedConfigError, check_single_process
+
+    try:
+        check_single_process(plan, single_process=single_process)
+    except DistributedConfigError as exc:
+        fail(f"{spec}: {exc}")
+
+
+def _document(spec: Path, plan, counts, result, *, steps: int, lr: float, batch: int, seed: int, micro_batches: int) -> dict:
     return {
         "spec": str(spec),
         "name": plan.name,
         "params": {"total": counts.total, "active": counts.active, "embeddings_in_active": True},
         "steps": steps,
         "lr": lr,
-        "batch": batch,
+        "micro_batch": batch,
+        "micro_batches_per_step": micro_batches,  # per rank
+        "recompute": plan.parallel.recompute,
         "seq_len": plan.model.seq_len,
         "seed": seed,
         "first_loss": result.first_loss,
@@ -119,7 +140,7 @@ def _launch_ranks(spec: Path, plan, *, nproc: int, timeout: float, **options) ->
 
 def _train_rank(spec: Path, plan, *, timeout: float, steps: int, lr: float, seed: int, batch: int, as_json: bool, eval_every: int) -> None:
     """One rank of a distributed run: join the group, keep this rank's experts, train; rank 0 reports."""
-    from moespec.distributed.context import DistributedConfigError, init_distributed, shutdown
+    from moespec.distributed.context import DistributedConfigError, init_distributed, micro_batches_per_step, shutdown
     from moespec.distributed.data_parallel import shard_experts
     from moespec.model.build import build_model
     from moespec.model.counting import count_parameters
@@ -137,13 +158,14 @@ def _train_rank(spec: Path, plan, *, timeout: float, steps: int, lr: float, seed
     kwargs = dict(steps=steps, lr=lr, batch=batch, seed=seed, eval_every=eval_every, dist_ctx=ctx)
     result = train(model, plan, **kwargs) if quiet else _train_with_progress(model, plan, **kwargs)
     if ctx.rank == 0:
-        document = _document(spec, plan, counts, result, steps=steps, lr=lr, batch=batch, seed=seed)
+        document = _document(spec, plan, counts, result, steps=steps, lr=lr, batch=batch, seed=seed,
+                             micro_batches=micro_batches_per_step(plan, ctx))  # fmt: skip
         document["world"] = ctx.world
         if as_json:
             emit_json(document)
         else:
             console.print(f"world {ctx.world}: dp {ctx.dp_size}, ep {ctx.ep_size} ({ctx.backend}); losses averaged over ranks")
-            _print_summary(plan, counts, result, steps)
+            _print_summary(plan, counts, result, steps, batch=batch, micro_batches=document["micro_batches_per_step"])
     shutdown()
 
 
@@ -165,10 +187,12 @@ def _train_with_progress(model, plan, **kwargs):
         return train(model, plan, on_step=on_step, **kwargs)
 
 
-def _print_summary(plan, counts, result, steps: int) -> None:
+def _print_summary(plan, counts, result, steps: int, *, batch: int, micro_batches: int) -> None:
+    recompute = "" if plan.parallel.recompute == "none" else f", recompute {plan.parallel.recompute}"
     console.print(
         f"[bold]{plan.name}[/bold]: {counts.total:,} parameters ({counts.active:,} active per token, embeddings "
-        f"included), {steps} steps"
+        f"included), {steps} steps of {micro_batches} micro-batch{'es' if micro_batches > 1 else ''} of {batch} "
+        f"sequences{recompute}"
     )
     console.print(f"train loss: step 1 {result.first_loss:.4f} -> step {steps} {result.last_loss:.4f}")
     console.print(

@@ -9,6 +9,7 @@ Dense parameters are reduced over all dp ranks, expert parameters over their edp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,18 +48,60 @@ def launched_world() -> int | None:
     return int(world) if world else None
 
 
-def check_world(plan: SpecPlan, world: int) -> None:
+def check_executable(plan: SpecPlan) -> None:
+    """Refuse what no entry point (train, profile, their ranks) can execute: tp or pp > 1."""
     p = plan.parallel
     if p.tp > 1 or p.pp > 1:
         raise DistributedConfigError(
             f"parallelism.tp ({p.tp}) and parallelism.pp ({p.pp}) must be 1 to run: tensor and pipeline "
             "parallel are costed by the simulator but not executed yet; set both to 1"
         )
+
+
+def check_world(plan: SpecPlan, world: int) -> None:
+    check_executable(plan)
+    p = plan.parallel
     if world != p.world:
         raise DistributedConfigError(
             f"the spec needs world = pp * tp * dp = {p.pp} * {p.tp} * {p.dp} = {p.world} ranks but {world} were "
             f"launched; use --nproc {p.world} or set parallelism.dp to {world}"
         )
+
+
+def check_single_process(plan: SpecPlan, *, single_process: bool = False) -> None:
+    """Refuse to run `plan` in one process unless it fits: tp = pp = 1, and world 1 or the
+    explicit `--single-process` (the data-parallel math of all ranks in one process)."""
+    check_executable(plan)
+    if single_process:
+        return
+    try:
+        check_world(plan, 1)
+    except DistributedConfigError as exc:
+        raise DistributedConfigError(f"{exc}; or pass --single-process to run its data-parallel math in one process") from None
+
+
+def micro_batches_per_step(plan: SpecPlan, dist_ctx: "DistContext | None") -> int:
+    """Micro-batches one process runs per optimizer step, so that a step is global_batch
+    sequences (at micro_batch each): grad_accum on each of dp ranks, or global_batch /
+    micro_batch in one process (the data-parallel math of all dp ranks, same routing groups)."""
+    p = plan.parallel
+    return p.global_batch // (p.micro_batch * (1 if dist_ctx is None else dist_ctx.dp_size))
+
+
+def single_process_plan(plan: SpecPlan) -> SpecPlan:
+    """The plan a single process runs for a spec of world dp (`--single-process`): dp 1, the
+    same global_batch (so global_batch / micro_batch micro-batches per step), no expert
+    parallelism and no ZeRO, which need ranks."""
+    parallel = dataclasses.replace(plan.parallel, dp=1, ep=1, zero_stage=0)
+    return dataclasses.replace(plan, parallel=parallel)
+
+
+def single_process_note(plan: SpecPlan, micro_batch: int | None = None) -> str:
+    """One line saying what `--single-process` runs for this (original) plan."""
+    p = plan.parallel
+    return (f"single process: the data-parallel math of dp {p.dp} as {p.global_batch // p.micro_batch} micro-batches of "
+            f"{micro_batch or p.micro_batch} sequences per step; parallelism.ep ({p.ep}) and zero_stage ({p.zero_stage}) "
+            "do not apply")  # fmt: skip
 
 
 def init_distributed(plan: SpecPlan, *, timeout_s: float = 120.0, device: str = "auto") -> DistContext:

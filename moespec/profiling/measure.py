@@ -3,7 +3,8 @@
 The steps are the training loop's own (`moespec.train.train_step`, gradient accumulation
 included), so what is measured is what `moespec train` runs. Three passes, each clean of the
 others' overhead:
-1. one micro-step under FlopCounterMode (matmul FLOPs, REFERENCE sec. 4) - then discarded;
+1. one micro-step under FlopCounterMode (matmul FLOPs, REFERENCE sec. 4; with
+   `parallel.recompute` applied, so the recomputed forwards are counted) - then discarded;
 2. warm-up, then timed steps: wall clock after a barrier (all ranks start together) with
    synchronisation, or CUDA events on a GPU; all-to-all bytes from the layers' counters;
 3. a few steps under torch.profiler, writing per-rank TensorBoard traces and giving the time
@@ -86,16 +87,21 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
                  trace_steps: int = 2, seed: int = 0, dist_ctx=None) -> RankMeasurement:  # fmt: skip
     from torch.utils.flop_counter import FlopCounterMode
 
+    from moespec.distributed.context import check_world
     from moespec.distributed.data_parallel import shard_experts
+    from moespec.distributed.parallelize import apply_recompute
     from moespec.model.build import build_model
     from moespec.train import lm_loss, prepare_training, train_step
 
+    # The plan must be what runs: one process runs a world-1 plan (context.single_process_plan).
+    check_world(plan, 1 if dist_ctx is None else dist_ctx.world)
     rank = 0 if dist_ctx is None else dist_ctx.rank
     cuda = device.type == "cuda"
     baseline = 0 if cuda else peak_rss_bytes()
     model = build_model(plan, seed=seed, device=device)
     if dist_ctx is not None:
         shard_experts(model, dist_ctx)
+    apply_recompute(model, plan.parallel.recompute)
     setup = prepare_training(model, plan, dist_ctx=dist_ctx)
     batches = TrainingBatches(plan, device, seed, rank)
 
