@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from moespec.distributed.parallelize import apply_recompute
 from moespec.model.build import build_model
 from moespec.model.counting import count_parameters
 from moespec.sim.counts import predict_params, predict_step_flops
@@ -20,7 +21,9 @@ SPECS = sorted((Path(__file__).resolve().parents[1] / "specs").glob("*.yaml"))
 
 
 def measured_step_flops(plan, device: str = "cpu") -> int:
-    model = build_model(plan, seed=0, device=device)
+    """FlopCounterMode over one forward and backward of the model as training runs it
+    (the spec's recomputation applied from outside, as `train` does)."""
+    model = apply_recompute(build_model(plan, seed=0, device=device), plan.parallel.recompute)
     model.train()
     shape = (plan.parallel.micro_batch, plan.model.seq_len + 1)
     if device == "meta":
@@ -44,6 +47,15 @@ def test_parameters_equal_the_built_module(path):
 @pytest.mark.parametrize("path", [p for p in SPECS if p.stem.startswith("tiny-")], ids=lambda p: p.stem)
 def test_step_flops_equal_flop_counter_on_cpu(path):
     plan = load_plan(path)
+    assert predict_step_flops(plan) == measured_step_flops(plan)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+@pytest.mark.parametrize("path", [p for p in SPECS if p.stem.startswith("tiny-")], ids=lambda p: p.stem)
+def test_recomputed_step_flops_equal_flop_counter(path, recompute):
+    """Every router, capacity and dropless, with the forward replayed as the spec says."""
+    plan = load_plan(path)
+    plan = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, recompute=recompute))
     assert predict_step_flops(plan) == measured_step_flops(plan)
 
 
