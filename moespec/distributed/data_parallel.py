@@ -7,6 +7,13 @@ expert-data-parallel group. Why the expert gradient is divided by dp, not by the
 after the backward all-to-all, a rank's expert gradient already sums the contributions of
 every rank in its EP group (sum_r dL_r/dw over the group); summing over the edp replicas
 gives the sum over all dp ranks, and the global loss is the mean of the dp ranks' losses.
+
+ZeRO stages (REFERENCE.md sec. 3; each kind of state sharded over the group that reduces its
+gradients, in the chunks `zero.py` defines):
+- 0: DDP for dense, the edp all-reduce for experts; whole params, grads and AdamW state.
+- 1: as 0 for params and grads; AdamW state for this rank's chunks only (`zero.ZeroAdamW`).
+- 2, 3: FSDP2 (`shard_fully`): params, grads and AdamW state at rest are the chunks; stage 3
+  also frees the gathered parameters after forward.
 """
 
 from __future__ import annotations
