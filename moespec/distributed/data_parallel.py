@@ -171,14 +171,16 @@ def clip_grad_norm_distributed(model: nn.Module, max_norm: float, ctx: DistConte
     dense_sq = torch.zeros((), dtype=torch.float32)
     expert_sq = torch.zeros((), dtype=torch.float32)
     sharded_sq = torch.zeros((), dtype=torch.float32)
-    params, any_sharded = [], False
+    params = []
+    # Which all-reduces run is decided by the model's layout, the same on every rank.
+    any_sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    whole_experts = any(name in names and not isinstance(p, DTensor) for name, p in model.named_parameters())
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         params.append(p)
         grad = p.grad.detach()
         if isinstance(grad, DTensor):
-            any_sharded = True
             sharded_sq += grad.to_local().float().pow(2).sum().cpu()
         elif name in names:
             expert_sq += grad.float().pow(2).sum().cpu()
@@ -188,7 +190,7 @@ def clip_grad_norm_distributed(model: nn.Module, max_norm: float, ctx: DistConte
         sharded_sq = sharded_sq.to(ctx.device)
         dist.all_reduce(sharded_sq, group=ctx.dp_group)
         dense_sq += sharded_sq.cpu()
-    if ctx.ep_size > 1:
+    if ctx.ep_size > 1 and whole_experts:
         expert_sq = expert_sq.to(ctx.device)
         dist.all_reduce(expert_sq, group=ctx.ep_group)
         expert_sq = expert_sq.cpu()
