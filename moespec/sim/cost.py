@@ -30,6 +30,8 @@ once per distinct rank set from the topology graph and applies it to whole array
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from moespec.sim.backend import Backend
@@ -47,40 +49,50 @@ _COLLECTIVES = {"a2a": all_to_all_time_s, "all_reduce": all_reduce_time_s, "all_
                 "reduce_scatter": reduce_scatter_time_s}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class RankSets:
+    """The rank set of every design (ranks 0, stride, ..., (n-1)*stride), as an index into
+    the few distinct sets of the batch, so that each collective's fit is looked up once."""
+
+    keys: np.ndarray  # distinct (stride, n) pairs, [K, 2]
+    index: np.ndarray  # set of each design, into keys; shape of the arrays given
+    n: np.ndarray  # ranks in each design's set
+
+
 class CollectiveCosts:
-    """Affine collective times on one backend's topology, one (latency_s, s_per_byte) per
-    distinct (kind, rank set), computed on first use. Build one per backend and pass it to
-    every `evaluate` call of a sweep."""
+    """Affine collective times on one backend's topology, t = latency_s + bytes * s_per_byte,
+    one (latency_s, s_per_byte) per distinct (kind, rank set), computed on first use. Build
+    one per backend and pass it to every `evaluate` call of a sweep."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self.graph = build_topology(backend)
         self._fits: dict[tuple, tuple[float, float]] = {}
 
-    def all_to_all_s(self, ep: np.ndarray, bytes_per_pair: np.ndarray) -> np.ndarray:
-        """all_to_all_time_s over ranks 0..ep-1 (an expert-parallel group)."""
-        return self.time_s("a2a", np.ones_like(ep), ep, bytes_per_pair)
-
-    def pair_exchange_s(self, stride: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-        """all_to_all_time_s between ranks 0 and `stride` (neighbouring pipeline stages)."""
-        return self.time_s("a2a", stride, np.full_like(stride, 2), nbytes)
-
-    def time_s(self, kind: str, stride: np.ndarray, n: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-        """`kind` (a2a, all_reduce, all_gather, reduce_scatter) over ranks 0, stride, ...,
-        (n-1)*stride with `nbytes` (collectives.py's meaning for that kind), elementwise."""
-        if len(stride) == 0:
-            return np.zeros(0)
-        # Distinct rank sets by counting (rank counts are small integers): O(N), no sort.
-        stride, n = stride.astype(np.int64), n.astype(np.int64)
+    def rank_sets(self, stride: np.ndarray, n: np.ndarray) -> RankSets:
+        """Index the designs' rank sets (distinct sets found by counting: O(N), no sort)."""
+        stride, n = np.broadcast_arrays(np.asarray(stride, dtype=np.int64), np.maximum(np.asarray(n, dtype=np.int64), 1))
+        if stride.size == 0:
+            return RankSets(np.zeros((0, 2), dtype=np.int64), np.zeros(stride.shape, dtype=np.int64), n)
         width = int(n.max()) + 1
         key = stride * width + n
-        top = int(key.max())
-        present = np.flatnonzero(np.bincount(key)) if top < 1 << 22 else np.unique(key)
-        fits = np.array([self._fit(kind, int(k // width), int(k % width)) for k in present]).reshape(-1, 2)
+        present = np.flatnonzero(np.bincount(key.ravel())) if int(key.max()) < 1 << 22 else np.unique(key)
         slot = np.zeros(int(present[-1]) + 1, dtype=np.int64)
         slot[present] = np.arange(len(present))
-        index = slot[key]
-        return np.where(nbytes > 0, fits[index, 0] + nbytes * fits[index, 1], 0.0)  # nothing sent: no step
+        return RankSets(np.stack([present // width, present % width], axis=1), slot[key], n)
+
+    def time_s(self, kind: str, sets: RankSets, nbytes: np.ndarray) -> np.ndarray:
+        """`kind` (a2a, all_reduce, all_gather, reduce_scatter) of `nbytes` (collectives.py's
+        meaning for that kind) over each design's rank set; 0 where nothing is sent."""
+        latency_s, s_per_byte = np.zeros(len(sets.keys)), np.zeros(len(sets.keys))
+        for i, (stride, n) in enumerate(sets.keys):
+            if stride * (n - 1) < self.backend.num_devices:  # a set past the backend: only invalid designs
+                latency_s[i], s_per_byte[i] = self._fit(kind, int(stride), int(n))
+        return np.where(nbytes > 0, latency_s[sets.index] + nbytes * s_per_byte[sets.index], 0.0)
+
+    def all_to_all_s(self, ep: np.ndarray, bytes_per_pair: np.ndarray) -> np.ndarray:
+        """all_to_all_time_s over ranks 0..ep-1 (an expert-parallel group)."""
+        return self.time_s("a2a", self.rank_sets(1, ep), bytes_per_pair)
 
     def _fit(self, kind: str, stride: int, n: int) -> tuple[float, float]:
         if (kind, stride, n) not in self._fits:
@@ -120,6 +132,7 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
         raise ValueError(f"collectives were built for backend {collectives.backend.name}, not {backend.name}")
     out = exact_counts(batch)
     state = state_bytes(batch, out)
+    state["activations"], state["elementwise_activations"] = activation_bytes(batch)
     out.update({f"state_{name}_bytes": state[name] for name in ("params", "grads", "optimizer")})
     out.update(_memory(batch, backend, out, state))
     out.update(_time(batch, backend, out, state, collectives, overlap=overlap, imbalance=imbalance))
@@ -137,13 +150,12 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     layers = b.table
     full = state["full_dense"] + state["full_expert"]  # elements this rank computes with
     gathered = np.where(b.zero_stage == 2, 4 * full - state["params"], 0.0)
-    largest_block = layers.max_per_design(np.where(layers.count > 0, _block_elements(b), 0.0), len(b))
-    gathered = np.where(b.zero_stage == 3, 4 * largest_block / (b.tp * b.pp), gathered)
-    rows = expert_rows(b, layers, b.micro_batch[layers.design] * b.seq_len[layers.design])
+    gathered = np.where(b.zero_stage == 3, 4 * _block_elements(b, layers) / (b.tp * b.pp), gathered)
+    rows = expert_rows(b, layers)
     bpe = compute_bytes(b)
-    has_a2a = layers.moe & (layers.count > 0) & (b.ep[layers.design] > 1)
+    has_a2a = layers.moe & (layers.count > 0) & layers.lift(b.ep > 1)
     a2a = 2.0 * layers.max_per_design(np.where(has_a2a, rows, 0), len(b)) * b.d_model * bpe
-    activations = activation_bytes(b)
+    activations = state["activations"]
     counted = state["params"] + gathered + state["grads"] + state["optimizer"] + activations + a2a
     allowance = ALLOCATOR_ALLOWANCE * counted
     total = counted + allowance
@@ -155,56 +167,52 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     }  # fmt: skip
 
 
-def _block_elements(b: DesignBatch) -> np.ndarray:
-    """Parameters of one block of each group as one rank computes with them (its experts). [M]"""
-    layers = b.table
-    g = layers.design
-    d = b.d_model[g].astype(np.float64)
-    q, kv = (b.n_heads * b.head_dim)[g], (b.n_kv_heads * b.head_dim)[g]
-    matrices = np.where(b.gated, 3, 2)[g]
-    attention = d * (2 * q + 2 * kv)
-    ffn = np.where(layers.moe, matrices * d * (layers.experts // b.ep[g] * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff),
-                   matrices * d * layers.d_ff)  # fmt: skip
-    return attention + ffn
+def _block_elements(b: DesignBatch, layers) -> np.ndarray:
+    """Parameters of each design's largest block as one rank computes with it (its experts)."""
+    d = b.d_model.astype(np.float64)
+    attention = d * (2 * b.n_heads * b.head_dim + 2 * b.n_kv_heads * b.head_dim)
+    matrices = np.where(b.gated, 3, 2)
+    widths = layers.experts // layers.lift(b.ep) * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff + layers.d_ff
+    groups = layers.max_per_design(np.where(layers.count > 0, layers.lift(matrices * d) * widths, 0.0), len(b))
+    return attention + np.maximum(groups, np.where(b.dense_blocks > 0, matrices * d * b.d_ff, 0.0))
 
 
-def activation_bytes(b: DesignBatch, *, as_selective: bool = False) -> np.ndarray:
-    """Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per dense 16-bit block without
+def activation_bytes(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes one rank keeps for backward, bytes elementwise ops pass over), per micro-step.
+
+    Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per dense 16-bit block without
     recomputation, of which 19*s*b*h is the 4h-wide MLP; a MoE block's MLP part scales with
     the rows its experts see per token (k * cf, E*C/T) and their width over 4h. Selective
     recomputation drops the 5*a*s/h attention-core term; full keeps each block's input (2sbh).
     fp32 doubles everything; one pipeline stage holds n_layers / pp blocks, tp splits them.
-    `as_selective`: the bytes elementwise ops move (attention scores never written)."""
+    Elementwise ops move the selective figure: fused attention never writes the scores."""
     layers = b.table
-    g = layers.design
     s, bsz, h, a = (x.astype(np.float64) for x in (b.seq_len, b.micro_batch, b.d_model, b.n_heads))
     sbh = s * bsz * h
-    scale = np.where(b.precision == PRECISIONS.index("fp32"), 2, 1)
-    selective = (b.recompute == SELECTIVE) | as_selective
-    attention = 15 * sbh + np.where(selective, 0, 5 * a * s * s * bsz)
-    rows = expert_rows(b, layers, b.micro_batch[g] * b.seq_len[g])
-    rows_per_token = rows / (s * bsz)[g]
-    width = np.where(layers.moe, rows_per_token * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff, layers.d_ff)
-    mlp = 19 * sbh[g] * width / (4 * h[g])
-    blocks = (b.n_layers * attention + layers.per_design(layers.count * mlp, len(b))) * scale
-    full_recompute = (b.recompute == FULL) & (not as_selective)
-    return np.where(full_recompute, b.n_layers * 2 * sbh * scale, blocks) / (b.pp * b.tp)
+    scale = np.where(b.precision == PRECISIONS.index("fp32"), 2, 1) / (b.pp * b.tp)
+    rows_per_token = expert_rows(b, layers) / layers.lift(s * bsz)
+    width = rows_per_token * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff + layers.d_ff  # placeholders zero the rest
+    widths = layers.per_design(layers.count * width, len(b)) + b.dense_blocks * b.d_ff
+    selective = (b.n_layers * 15 * sbh + 19 * sbh / (4 * h) * widths) * scale
+    core = b.n_layers * 5 * a * s * s * bsz * scale
+    kept = np.where(b.recompute == FULL, b.n_layers * 2 * sbh * scale, selective + np.where(b.recompute == SELECTIVE, 0.0, core))
+    return kept, selective
 
 
-def elementwise_bytes(b: DesignBatch) -> np.ndarray:
-    """Bytes one micro-step's non-matmul ops move on one rank: 3 passes over the stored
-    activations (full recomputation replays the forward's third again); Sinkhorn's
-    iterations (2 normalisations of the [T, E] fp32 matrix, ~3 passes each, forward only,
-    again when replayed); dropout's masks (each dropout reads and writes its [T, D] input
-    forward and backward, 4 passes, and a 1-byte mask written and read: 2 residual dropouts
-    per block, one on the embeddings, and one on the attention probabilities)."""
+def elementwise_bytes(b: DesignBatch, passed: np.ndarray) -> np.ndarray:
+    """Bytes one micro-step's non-matmul ops move on one rank: 3 passes over the activations
+    they touch (`passed`, activation_bytes: written forward, read and their gradient written
+    backward; full recomputation replays the forward's third again); Sinkhorn's iterations
+    (2 normalisations of the [T, E] fp32 matrix, ~3 passes each, forward only, again when
+    replayed); dropout's masks (each dropout reads and writes its [T, D] input forward and
+    backward, 4 passes, and a 1-byte mask written and read: 2 residual dropouts per block,
+    one on the embeddings, and one on the attention probabilities)."""
     layers = b.table
-    g = layers.design
-    replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
-    stored = ELEMENTWISE_PASSES * activation_bytes(b, as_selective=True) * replay
+    full = b.recompute == FULL
+    stored = ELEMENTWISE_PASSES * passed * np.where(full, 4 / 3, 1.0)
     tokens = (b.micro_batch * b.seq_len).astype(np.float64)
-    sinkhorn = layers.per_design(layers.count * layers.sinkhorn_iterations * 2 * 3 * tokens[g] * layers.experts * 4.0, len(b))
-    sinkhorn = sinkhorn * np.where(b.recompute == FULL, 2, 1)
+    sinkhorn = layers.per_design(layers.count * layers.sinkhorn_iterations * 2 * 3 * layers.lift(tokens) * layers.experts * 4.0, len(b))
+    sinkhorn = sinkhorn * np.where(full, 2, 1)
     per_element = 4 * compute_bytes(b) + 2
     dropout = (2 * b.n_layers + 1) * tokens * b.d_model * per_element
     dropout = dropout + b.n_layers * b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) ** 2 * per_element
@@ -218,7 +226,7 @@ def elementwise_bytes(b: DesignBatch) -> np.ndarray:
 def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectives: CollectiveCosts, *,
           overlap: float, imbalance: float) -> dict[str, np.ndarray]:  # fmt: skip
     layers = b.table
-    g, n = layers.design, len(b)
+    lift, n = layers.lift, len(b)
     world = b.dp * b.tp * b.pp
     valid = (world <= backend.num_devices) & (b.dp % b.ep == 0)
     peak = np.array([backend.device.peak_flops_per_s.get(name, np.nan) for name in PRECISIONS])[b.precision]
@@ -233,71 +241,60 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     flops = (counts["step_flops"] + (imbalance - 1) * counts["flops_experts_dropless"] * replay) / shard
     weights_s = 3 * (dense + expert) * bpe / memory_Bps
     compute_s = np.maximum(flops / (peak * backend.matmul_efficiency), weights_s) * micro_steps
-    elementwise_s = elementwise_bytes(b) / memory_Bps * micro_steps
+    elementwise_s = elementwise_bytes(b, state["elementwise_activations"]) / memory_Bps * micro_steps
 
     # Fixed host time (sim/overhead.py): per micro-step and stage, plus the optimizer step's.
     ov = backend.overheads
-    transfers = a2a_transfers(b)[g]
-    a2a_calls = np.where(b.ep[g] > 1, transfers * np.where(layers.shuffle, 2, 1), 0)
-    moe_s = np.array([ov.moe_layer(name) for name in ROUTER_NAMES])[layers.router] + ov.local_expert_s * layers.experts / b.ep[g]
+    ep = lift(b.ep)
+    transfers = lift(a2a_transfers(b))
+    a2a_calls = np.where(ep > 1, transfers * np.where(layers.shuffle, 2, 1), 0)
+    moe_s = np.array([ov.moe_layer(name) for name in ROUTER_NAMES])[layers.router] + ov.local_expert_s * layers.experts / ep
     per_block_s = np.where(layers.moe, moe_s + ov.a2a_call_s * a2a_calls, ov.dense_layer_s)
-    fixed_s = ov.step_s + layers.per_design(layers.count * per_block_s, n)
+    fixed_s = ov.step_s + layers.per_design(layers.count * per_block_s, n) + b.dense_blocks * ov.dense_layer_s
     overhead_s = fixed_s / b.pp * micro_steps + ov.optimizer_step_s
 
-    # All-to-all: each rank sends rows*D*b/ep to every other rank of its group per transfer.
-    tokens = (b.micro_batch * b.seq_len)[g]
-    on = valid[g] & layers.moe & (b.ep[g] > 1) & (layers.count > 0)
-    a2a_s = np.zeros(n)
-    if on.any():
-        i = np.flatnonzero(on)
-        ep = b.ep[g][i]
-        rows = expert_rows(b, layers, tokens)[i] * np.where(layers.dropless[i] & ~layers.balanced[i], imbalance, 1.0)
-        per_layer = collectives.all_to_all_s(ep, rows * b.d_model[g][i] * bpe[g][i] / ep)
-        shuffle = collectives.all_to_all_s(ep, tokens[i] / ep * b.d_model[g][i] * bpe[g][i])
-        per_layer = transfers[i] * (per_layer + np.where(layers.shuffle[i], shuffle, 0.0))
-        per_group = np.zeros(len(g))
-        per_group[i] = layers.count[i] * per_layer * micro_steps[g][i] / b.pp[g][i]
-        a2a_s = layers.per_design(per_group, n)
+    # All-to-all: each rank sends rows*D*b/ep to every other rank of its group per transfer;
+    # BASE's shuffle T/ep tokens of D*b bytes. Per layer, per micro-step of its stage.
+    ep_sets = collectives.rank_sets(1, ep)  # an expert-parallel group: ep consecutive ranks
+    on = lift(valid) & layers.moe & (ep > 1)
+    skew = np.where(layers.dropless & ~layers.balanced, imbalance, 1.0)
+    row_bytes = lift(b.d_model * bpe)
+    tokens = lift(b.micro_batch * b.seq_len)
+    dispatch = collectives.time_s("a2a", ep_sets, np.where(on, expert_rows(b, layers) * skew * row_bytes / ep, 0.0))
+    shuffle = collectives.time_s("a2a", ep_sets, np.where(on & layers.shuffle, tokens / ep * row_bytes, 0.0))
+    a2a_s = layers.per_design(layers.count * transfers * (dispatch + shuffle), n) * micro_steps / b.pp
 
     # Tensor parallel (Megatron): 4 all-reduces of the [B, S, D] activations per block per
     # micro-step over the tp ranks; pipeline: a pair exchange between neighbouring stages.
     activations = b.micro_batch * b.seq_len * b.d_model * bpe
-    tp_comm_s, pp_comm_s = np.zeros(n), np.zeros(n)
-    if (on_tp := valid & (b.tp > 1)).any():
-        i = np.flatnonzero(on_tp)
-        per_call = collectives.time_s("all_reduce", np.ones_like(b.tp[i]), b.tp[i], activations[i])
-        tp_comm_s[i] = 4 * b.n_layers[i] / b.pp[i] * per_call * micro_steps[i]
-    if (on_pp := valid & (b.pp > 1)).any():
-        i = np.flatnonzero(on_pp)
-        pp_comm_s[i] = 2 * collectives.pair_exchange_s(b.tp[i], activations[i] / b.tp[i]) * micro_steps[i]
+    tp_comm_s = 4 * b.n_layers / b.pp * micro_steps * collectives.time_s(
+        "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), activations, 0.0))
+    pp_comm_s = 2 * micro_steps * collectives.time_s(
+        "a2a", collectives.rank_sets(b.tp, 2), np.where(valid & (b.pp > 1), activations / b.tp, 0.0))
 
-    # Data-parallel gradient traffic (fp32 gradients and parameters, 4 bytes).
+    # Data-parallel gradient traffic (fp32 gradients and parameters, 4 bytes): dense over
+    # the dp ranks (every tp*pp-th), experts over their replicas (every tp*pp*ep-th).
     edp = b.dp // b.ep
+    dp_sets, edp_sets = collectives.rank_sets(shard, b.dp), collectives.rank_sets(shard * b.ep, edp)
     dense_bytes, expert_bytes = 4 * dense, 4 * expert
-    allreduce_s, exposed_s, zero_s = np.zeros(n), np.zeros(n), np.zeros(n)
 
-    def over(kind, mask, stride, ranks, nbytes):
-        out = np.zeros(n)
-        if (mask := mask & valid & (ranks > 1)).any():
-            i = np.flatnonzero(mask)
-            out[i] = collectives.time_s(kind, stride[i], ranks[i], nbytes[i]) * backend.allreduce_scale
-        return out
+    # On a ring (collectives.py) an all-gather and a reduce-scatter are one pass of n-1 steps
+    # of bytes/n, an all-reduce two such passes: every term below is a multiple of `ring`.
+    def ring(mask, sets, nbytes):
+        return collectives.time_s("reduce_scatter", sets, np.where(mask & valid & (sets.n > 1), nbytes, 0.0)) * backend.allreduce_scale
 
-    ddp = b.zero_stage <= 1
-    dense_ar = over("all_reduce", ddp, shard, b.dp, dense_bytes)
-    expert_ar = over("all_reduce", ddp & (expert > 0), shard * b.ep, edp, expert_bytes)
+    ddp, zero1, fsdp = b.zero_stage <= 1, b.zero_stage == 1, b.zero_stage >= 2
+    dense_pass, expert_pass = ring(ddp, dp_sets, dense_bytes), ring(ddp, edp_sets, expert_bytes)
+    dense_ar, expert_ar = 2 * dense_pass, 2 * expert_pass
     allreduce_s = dense_ar + expert_ar
-    gather = over("all_gather", b.zero_stage == 1, shard, b.dp, dense_bytes) + over(
-        "all_gather", (b.zero_stage == 1) & (expert > 0), shard * b.ep, edp, expert_bytes)
+    gather = np.where(zero1, dense_pass + expert_pass, 0.0)
     # FSDP2: one collective per unit (each block, the root; expert banks over dp/ep apart),
-    # so the latency is paid per unit and the bytes once: units * t(bytes / units).
-    fsdp = b.zero_stage >= 2
-    gathers = np.where(b.zero_stage == 3, 2, 1)
+    # so the latency is paid per unit and the bytes once: units * t(bytes / units); a
+    # reduce-scatter and one all-gather (two at stage 3) per micro-step.
+    passes = np.where(b.zero_stage == 3, 3, 2)
     units = np.maximum(b.n_layers + 1, 1)
     banks = np.maximum(b.n_moe_layers, 1)
-    fsdp_s = (units * (over("reduce_scatter", fsdp, shard, b.dp, dense_bytes / units) + gathers * over("all_gather", fsdp, shard, b.dp, dense_bytes / units))
-              + banks * (over("reduce_scatter", fsdp & (expert > 0), shard * b.ep, edp, expert_bytes / banks)
-                         + gathers * over("all_gather", fsdp & (expert > 0), shard * b.ep, edp, expert_bytes / banks))) * micro_steps  # fmt: skip
+    fsdp_s = passes * micro_steps * (units * ring(fsdp, dp_sets, dense_bytes / units) + banks * ring(fsdp, edp_sets, expert_bytes / banks))
     zero_s = gather + fsdp_s
     exposed_s = (1 - overlap) * (dense_ar + fsdp_s) + expert_ar + gather
 
@@ -309,4 +306,5 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     mfu = counts["model_flops_per_token"] * tokens_per_s / (world * peak)
     times = dict(zip(_TIMES, (compute_s, elementwise_s, overhead_s, a2a_s, tp_comm_s, pp_comm_s, allreduce_s, exposed_s,
                               zero_s, bubble_s, optimizer_s, step_s, tokens_per_s, mfu)))  # fmt: skip
-    return {"valid": valid} | {name: np.where(valid, value, np.nan) for name, value in times.items()}
+    nan_if_invalid = np.where(valid, 1.0, np.nan)
+    return {"valid": valid} | {name: value * nan_if_invalid for name, value in times.items()}

@@ -55,10 +55,10 @@ def a2a_transfers(b: DesignBatch) -> np.ndarray:
     return np.where(b.recompute == FULL, 6, 4)
 
 
-def expert_rows(b: DesignBatch, layers: LayerTable, tokens: np.ndarray) -> np.ndarray:
-    """Rows a group's experts compute on per routing group of `tokens` (per group): E*C with
-    capacity C = max(ceil(k*T/E*cf), min_capacity) (CapacityPlan.capacity), T*k dropless."""
-    t_k = tokens * layers.k
+def expert_rows(b: DesignBatch, layers: LayerTable) -> np.ndarray:
+    """Rows a group's experts compute on per routing group of T tokens (int64, per group): E*C
+    with capacity C = max(ceil(k*T/E*cf), min_capacity) (CapacityPlan.capacity), T*k dropless."""
+    t_k = layers.lift(b.micro_batch * b.seq_len) * layers.k
     capacity = np.maximum(np.ceil(t_k / layers.experts * layers.capacity_factor), layers.min_capacity)
     return np.where(layers.dropless, t_k, layers.experts * np.where(layers.dropless, 0, capacity).astype(np.int64))
 
@@ -68,10 +68,17 @@ def _chunk(rows, width, ranks):
     return (rows + ranks - 1) // ranks * width
 
 
+def _exact_div(a, b):
+    """a / b for a multiple of b: a float division is exact then (below 2**53), and ~40x
+    faster than numpy's float floor-divide; integers divide as integers."""
+    return a // b if np.issubdtype(np.asarray(a).dtype, np.integer) else a / b
+
+
 def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
-    """Every exact figure for every design, (N,) arrays in `dtype`."""
+    """Every exact figure for every design, (N,) arrays in `dtype`. Table groups need no
+    masks: their placeholders zero every term of the other kind of block (design.py)."""
     n, layers = len(b), b.table
-    g, count = layers.design, layers.count.astype(dtype)
+    lift, count = layers.lift, layers.count.astype(dtype)
 
     def c(x):
         return x.astype(dtype)
@@ -80,58 +87,63 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
         return layers.per_design(per_layer * count, n)
 
     d, v, s, hd, heads = c(b.d_model), c(b.vocab), c(b.seq_len), c(b.head_dim), c(b.n_heads)
+    n_layers, n_dense = c(b.n_layers), c(b.dense_blocks)
     q_width, kv_width = heads * hd, c(b.n_kv_heads) * hd
     norm = np.where(b.layernorm, 2 * d, d)
-    dl = d[g]
-    matrices = np.where(b.gated, 3, 2).astype(dtype)[g]
-    moe = layers.moe
+    matrices_n = np.where(b.gated, 3, 2).astype(dtype)
+    dl, matrices = lift(d), lift(matrices_n)
     e, f, k = c(layers.experts), c(layers.expert_d_ff), c(layers.k)
-    sc, sf = c(layers.shared_count), c(layers.shared_d_ff)
 
-    # Parameters (the built module's, REFERENCE sec. 4)
+    # Parameters (the built module's, REFERENCE sec. 4): blocks' attention and norms, dense
+    # FFNs (per design in a uniform batch, groups otherwise), routers, shared and routed experts.
     attention = d * (q_width + 2 * kv_width) + q_width * d + np.where(b.qkv_bias, q_width + 2 * kv_width, 0)
-    block_base = attention + 2 * norm
-    dense_ffn = np.where(moe, 0, matrices * dl * c(layers.d_ff))
-    routed = np.where(moe, e * matrices * dl * f, 0)
-    shared = sc * matrices * dl * sf + np.where((sc > 0) & layers.shared_gate, dl, 0)
-    router = np.where(moe, dl * e * c(layers.router_matrices) + np.where(layers.router_bias, e, 0), 0)
-    layer_total = block_base[g] + dense_ffn + routed + np.where(moe, shared, 0) + router
-    layer_active = layer_total - routed + routed * k // e
+    dense_ffn_n = matrices_n * d * c(b.d_ff)  # one dense block's FFN (uniform batches)
+    one_expert = matrices * dl * f
+    dense_ffn = matrices * dl * c(layers.d_ff)
+    shared = c(layers.shared_count) * matrices * dl * c(layers.shared_d_ff) + np.where((layers.shared_count > 0) & layers.shared_gate, dl, 0)
+    router = dl * e * c(layers.router_matrices) + np.where(layers.router_bias, e, 0)
+    per_design = n_layers * (attention + 2 * norm) + n_dense * dense_ffn_n
     embedding = v * d + np.where(b.learned_positions, s * d, 0)
-    outer = embedding + np.where(b.tied, 0, v * d) + norm
-    params_total = outer + total(layer_total)
-    params_active = outer + total(layer_active)
-    expert_params = total(routed)
+    outer = embedding + np.where(b.tied, 0, v * d) + norm + per_design
+    non_routed = dense_ffn + shared + router
+    expert_params = total(e * one_expert)
+    params_total = outer + total(non_routed) + expert_params
+    params_active = outer + total(non_routed + k * one_expert)
 
-    # Matmul FLOPs of one micro-step on one rank, by part
+    # Matmul FLOPs of one micro-step on one rank, by part: 6 per weight per row of a Linear.
     batch = c(b.micro_batch)
     t = batch * s
-    tl = t[g]
+    tl = lift(t)
     core = 12 * batch * heads * s**2 * hd  # attention scores and values, fwd + bwd
-    rows = expert_rows(b, layers, b.micro_batch[g] * b.seq_len[g]).astype(dtype)
+    rows_int = expert_rows(b, layers)
+    expert_flops = 6 * c(rows_int) * one_expert
+    dropless = layers.dropless
     parts = {
-        "attention": c(b.n_layers) * (6 * t * d * (2 * q_width + 2 * kv_width) + core),
-        "dense_ffn": total(6 * tl * dense_ffn),
-        "router": total(np.where(moe, 6 * tl * dl * e * c(layers.router_matrices), 0)),
-        "experts_capacity": total(np.where(moe & ~layers.dropless, 6 * rows * dl * f * matrices, 0)),
-        "experts_dropless": total(np.where(moe & layers.dropless, 6 * rows * dl * f * matrices, 0)),
-        "shared_experts": total(np.where(moe, 6 * tl * shared, 0)),
+        "attention": n_layers * (6 * t * d * (2 * q_width + 2 * kv_width) + core),
+        "dense_ffn": n_dense * 6 * t * dense_ffn_n + total(6 * tl * dense_ffn),
+        "router": total(6 * tl * dl * e * c(layers.router_matrices)),
+        "experts_capacity": total(np.where(dropless, 0, expert_flops)),
+        "experts_dropless": total(np.where(dropless, expert_flops, 0)),
+        "shared_experts": total(6 * tl * shared),
         "lm_head": 6 * t * d * v,
     }
     blocks = sum(value for name, value in parts.items() if name != "lm_head")
-    parts["recompute"] = np.where(b.recompute == FULL, blocks // 3,
-                                  np.where(b.recompute == SELECTIVE, c(b.n_layers) * (core // 3), 0))  # fmt: skip
+    parts["recompute"] = np.where(b.recompute == FULL, _exact_div(blocks, 3),
+                                  np.where(b.recompute == SELECTIVE, n_layers * _exact_div(core, 3), 0))  # fmt: skip
     step_flops = sum(parts.values())
 
-    # All-to-all bytes one rank sends to others per micro-step (REFERENCE sec. 4)
-    ep, bpe = c(b.ep), c(compute_bytes(b))
-    on = moe & (b.ep[g] > 1)
-    transfers = c(a2a_transfers(b))[g]
-    a2a = total(np.where(on, transfers * rows * dl * bpe[g] * (ep[g] - 1) // ep[g], 0))
+    # All-to-all bytes one rank sends to others per micro-step (REFERENCE sec. 4): per transfer,
+    # the rows held for the other ep - 1 ranks' experts (whole rows; int64 division).
+    ep = lift(b.ep)
+    on = layers.moe & (ep > 1)
+    transfers = lift(a2a_transfers(b))
+    row_bytes = dl * lift(c(compute_bytes(b)))
+    a2a = total(np.where(on, transfers * c(rows_int * (ep - 1) // ep) * row_bytes, 0))
     shuffled = on & layers.shuffle
-    shuffle = total(np.where(shuffled, transfers * (tl - tl // ep[g]) * dl * bpe[g], 0))
-    calls = transfers + np.where(layers.dropless, np.where(b.recompute == FULL, 2, 1)[g], 0)  # + split exchanges
-    a2a_calls = total(np.where(on, calls + np.where(shuffled, transfers, 0), 0))
+    tokens = lift(b.micro_batch * b.seq_len)
+    shuffle = total(np.where(shuffled, transfers * c(tokens - tokens // ep) * row_bytes, 0))
+    calls = transfers * np.where(shuffled, 2, 1) + np.where(dropless, lift(np.where(b.recompute == FULL, 2, 1)), 0)  # + split exchanges
+    a2a_calls = total(np.where(on, calls, 0))
 
     # ZeRO's collectives per optimizer step: stage 1 all-gathers the updated chunks once per
     # group (dense over dp, experts over dp/ep); FSDP2 (2, 3) gathers every unit's parameters
@@ -140,7 +152,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # when dp/ep > 1.
     micro = c(b.global_batch // (b.micro_batch * b.dp))
     dp_on, edp_on = b.dp > 1, (b.dp // b.ep > 1) & (b.n_moe_layers > 0)
-    units = c(b.n_layers) + 1 + np.where(edp_on, c(b.n_moe_layers), 0)
+    units = n_layers + 1 + np.where(edp_on, c(b.n_moe_layers), 0)
     fsdp = (b.zero_stage >= 2) & dp_on
     zero_gathers = np.where((b.zero_stage == 1) & dp_on, 1 + edp_on, np.where(fsdp, units * micro * np.where(b.zero_stage == 3, 2, 1), 0))
     zero_reduce_scatters = np.where(fsdp, units * micro, 0)
@@ -148,7 +160,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # Model FLOPs per token, for MFU: 6 per active matmul parameter (the embedding lookup is no
     # matmul; a tied table still does the LM head's) plus attention, 12 * L * H * hd * S.
     active_matmul = params_active - embedding + np.where(b.tied, embedding, 0)
-    model_flops_per_token = 6 * active_matmul + 12 * c(b.n_layers) * heads * hd * s
+    model_flops_per_token = 6 * active_matmul + 12 * n_layers * heads * hd * s
     return {
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
@@ -158,41 +170,37 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     }  # fmt: skip
 
 
-def sharded_elements(b: DesignBatch, dtype=np.float64) -> np.ndarray:
+def sharded_elements(b: DesignBatch) -> np.ndarray:
     """Elements of the largest share of a rank's parameters when ZeRO shards them: dense
     parameters by rows over dp, ceil(dim0 / W) rows each (FSDP2's Shard(0)); expert banks
     ([E/ep, D, F]) over dp/ep, by expert, or by their second dim when a rank holds fewer
-    experts than there are replicas. Tensor and pipeline parallel are not applied here."""
+    experts than there are replicas. Tensor and pipeline parallel are not applied here.
+    int64: a share is never larger than the model."""
     n, layers = len(b), b.table
-    g, count = layers.design, layers.count.astype(dtype)
-
-    def c(x):
-        return x.astype(dtype)
-
-    ranks, expert_ranks = c(b.dp), c(b.dp // b.ep)
-    d, v, s = c(b.d_model), c(b.vocab), c(b.seq_len)
-    q_width, kv_width = c(b.n_heads) * c(b.head_dim), c(b.n_kv_heads) * c(b.head_dim)
+    lift = layers.lift
+    ranks, expert_ranks = b.dp, b.dp // b.ep
+    d, v, s = b.d_model, b.vocab, b.seq_len
+    inputs = np.where(b.gated, 2, 1)  # input projections of an FFN: w_gate and w_up, or w_up alone
+    q_width, kv_width = b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim
     norm = _chunk(d, 1, ranks) * np.where(b.layernorm, 2, 1)
     bias = np.where(b.qkv_bias, _chunk(q_width, 1, ranks) + 2 * _chunk(kv_width, 1, ranks), 0)
     block = 2 * norm + _chunk(q_width, d, ranks) + 2 * _chunk(kv_width, d, ranks) + _chunk(d, q_width, ranks) + bias
-    outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0)
-    outer = outer + np.where(b.tied, 0, _chunk(v, d, ranks)) + norm
-    r, er, dl = ranks[g], expert_ranks[g], d[g]
-    gated = b.gated[g]
-    width = c(layers.d_ff)
-    dense_ffn = np.where(gated, 2, 1) * _chunk(width, dl, r) + _chunk(dl, width, r)
-    e, sw = c(layers.experts), c(layers.shared_count) * c(layers.shared_d_ff)
-    router = c(layers.router_matrices) * _chunk(e, dl, r) + np.where(layers.router_bias, _chunk(e, 1, r), 0)
-    shared = np.where(sw > 0, np.where(gated, 2, 1) * _chunk(sw, dl, r) + _chunk(dl, sw, r), 0)
+    dense_ffn = inputs * _chunk(b.d_ff, d, ranks) + _chunk(d, b.d_ff, ranks)
+    outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0) + np.where(b.tied, 0, _chunk(v, d, ranks))
+    outer = outer + norm + b.n_layers * block + b.dense_blocks * dense_ffn
+    r, er, dl, gated = lift(ranks), lift(expert_ranks), lift(d), lift(inputs)
+    width, e, sw = layers.d_ff, layers.experts, layers.shared_count * layers.shared_d_ff
+    group_ffn = np.where(width > 0, gated * _chunk(width, dl, r) + _chunk(dl, width, r), 0)  # dense groups of an explicit table
+    router = layers.router_matrices * _chunk(e, dl, r) + np.where(layers.router_bias, _chunk(e, 1, r), 0)
+    shared = np.where(sw > 0, gated * _chunk(sw, dl, r) + _chunk(dl, sw, r), 0)
     shared = shared + np.where((sw > 0) & layers.shared_gate, _chunk(1, dl, r), 0)
     # Expert banks shard by expert (dim 0) unless there are fewer local experts than ranks,
     # then by their second dim, D of w_gate/w_up [e, D, F] and F of w_down [e, F, D] (torchtitan's rule).
-    local, f = e // c(b.ep)[g], c(layers.expert_d_ff)
-    by_row = np.where(gated, 3, 2) * _chunk(local, dl * f, er)
-    by_col = local * (np.where(gated, 2, 1) * _chunk(dl, f, er) + _chunk(f, dl, er))
-    bank = np.where(er > local, by_col, by_row)
-    per_layer = block[g] + np.where(layers.moe, router + shared + bank, dense_ffn)
-    return outer + layers.per_design(per_layer * count, n)
+    local, f = e // lift(b.ep), layers.expert_d_ff
+    by_row = (gated + 1) * _chunk(local, dl * f, er)
+    by_col = local * (gated * _chunk(dl, f, er) + _chunk(f, dl, er))
+    bank = np.where(layers.moe, np.where(er > local, by_col, by_row), 0)
+    return outer + layers.per_design((group_ffn + router + shared + bank) * layers.count, n)
 
 
 def state_bytes(b: DesignBatch, counts: dict) -> dict[str, np.ndarray]:
@@ -200,8 +208,8 @@ def state_bytes(b: DesignBatch, counts: dict) -> dict[str, np.ndarray]:
     at rest after an optimizer step (float64; exact below 2**53 bytes)."""
     shard = b.tp * b.pp
     dense = (counts["params_total"] - counts["expert_params"]) / shard
-    expert = counts["expert_params"] // b.ep / shard
-    full, sharded = dense + expert, sharded_elements(b) / shard
+    expert = counts["expert_params"] / b.ep / shard  # E is a multiple of ep: exact
+    full, sharded = dense + expert, sharded_elements(b).astype(np.float64) / shard
     return {
         "params": 4 * np.where(b.zero_stage >= 2, sharded, full),
         "grads": 4 * np.where(b.zero_stage >= 2, sharded, full),
@@ -219,7 +227,7 @@ def exact_counts(b: DesignBatch) -> dict[str, np.ndarray]:
     exact = None
     out = {}
     for name, value in approx.items():
-        top = np.max(np.abs(value)) if len(value) else 0.0
+        top = value.max() if len(value) else 0.0  # counts are never negative
         if top < 2.0**53:
             out[name] = value.astype(np.int64)
         elif top < EXACT_LIMIT:

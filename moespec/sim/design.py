@@ -6,14 +6,15 @@ No SpecPlan per design, so a sweep costs array arithmetic only.
 
 Layers: the cost model works on a `LayerTable`, one row per group of identical blocks of a
 design (`design` says whose, `count` how many). A batch whose MoE layers are all alike (every
-sweep) keeps them in flat per-design columns (`experts`, `k`, ... and one dense width `d_ff`)
-and `layer_table()` derives two rows per design from them: its dense blocks and its MoE
-blocks. A plan that mixes routers or widths per layer (tiny-mixed: switch, top-2, BASE) is
-packed with an explicit table; its flat MoE columns then show its first MoE layer, for
+sweep) keeps them in flat per-design columns (`experts`, `k`, ... and one dense width `d_ff`):
+`layer_table()` is then one MoE group per design, and its dense blocks (`dense_blocks`) are
+costed per design from `d_ff`, so a sweep pays no gather and no masking. A plan that mixes
+routers or widths per layer (tiny-mixed: switch, top-2, BASE) is packed with an explicit
+table of dense and MoE groups; its flat MoE columns then show its first MoE layer, for
 display only, and swapping them (`replace`) is refused.
 
 Shape legend: N designs, M layer groups; every DesignBatch column is (N,), every LayerTable
-column is (M,).
+column is (M,) (explicit groups, or one MoE group per design in a uniform batch).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def _column(name: str, values) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LayerTable:
-    """Groups of identical blocks. A dense group's MoE columns hold harmless placeholders."""
+    """Groups of identical blocks. Placeholders make every term of the other kind vanish:
+    a dense group has experts 1, expert_d_ff 0, no shared experts, no router; a MoE group
+    has d_ff 0 (design.py's _MOE_PLACEHOLDER and _layer_row)."""
 
     design: np.ndarray  # index of the design this group belongs to
     count: np.ndarray  # blocks in the group (0 allowed: contributes nothing)
@@ -70,21 +73,26 @@ class LayerTable:
     balanced: np.ndarray  # BASE: exactly balanced, so `imbalance` does not apply
     shuffle: np.ndarray  # BASE token shuffle over the EP group in training
     sinkhorn_iterations: np.ndarray  # Sinkhorn router's balancing iterations (0 otherwise)
-    uniform_n: int = 0  # > 0: rows are [dense of designs 0..n-1, MoE of designs 0..n-1]
+    uniform: bool = False  # one MoE group per design, row n for design n; dense blocks are per design
+
+    def lift(self, values: np.ndarray) -> np.ndarray:
+        """A per-design array [N] seen per group [M]: as is in a uniform table, gathered by
+        `design` in an explicit one."""
+        return values if self.uniform else values[self.design]
 
     def per_design(self, values: np.ndarray, n: int) -> np.ndarray:
-        """Sum a per-group figure (already times count) into its designs. [M] -> [N]"""
-        if self.uniform_n:
-            return values[:n] + values[n:]
-        out = np.zeros(n, dtype=values.dtype)
+        """Sum a per-group figure (already times count) into its designs. -> [N]"""
+        if self.uniform:
+            return np.broadcast_to(values, (n,))
+        out = np.zeros(n, dtype=np.result_type(values))
         np.add.at(out, self.design, values)
         return out
 
     def max_per_design(self, values: np.ndarray, n: int) -> np.ndarray:
-        """Largest per-group figure of each design (0 where none). [M] -> [N]"""
-        if self.uniform_n:
-            return np.maximum(values[:n], values[n:])
-        out = np.zeros(n, dtype=values.dtype)
+        """Largest per-group figure of each design (0 where none). -> [N]"""
+        if self.uniform:
+            return np.broadcast_to(values, (n,))
+        out = np.zeros(n, dtype=np.result_type(values))
         np.maximum.at(out, self.design, values)
         return out
 
@@ -148,18 +156,19 @@ class DesignBatch:
         return self.layer_table()
 
     def layer_table(self) -> LayerTable:
-        """The groups the cost model sums over: explicit, or [dense; MoE] rows per design."""
+        """The groups the cost model sums over: explicit, or (uniform) one MoE group per
+        design taken from the flat columns, its dense blocks left to `dense_blocks`."""
         if self.layers is not None:
             return self.layers
-        n = len(self)
-        # Dense rows carry the MoE placeholders (and MoE rows the dense width): a term that
-        # forgets to mask by `moe` then adds nothing rather than a phantom router or expert.
-        both = {name: np.concatenate([np.full(n, _MOE_PLACEHOLDER[name], dtype=getattr(self, name).dtype)
-                                      if name in _MOE_PLACEHOLDER else getattr(self, name), getattr(self, name)])
-                for name in LAYER_FIELDS}  # fmt: skip
-        moe = np.concatenate([np.zeros(n, dtype=bool), np.ones(n, dtype=bool)])
-        count = np.concatenate([self.n_layers - self.n_moe_layers, self.n_moe_layers])
-        return LayerTable(design=np.concatenate([np.arange(n)] * 2), count=count, moe=moe, uniform_n=n, **both)
+        moe = {name: getattr(self, name) for name in LAYER_FIELDS}
+        moe["d_ff"] = np.zeros(len(self), dtype=np.int64)  # a MoE block has no dense FFN
+        return LayerTable(design=np.arange(len(self)), count=self.n_moe_layers, moe=self.n_moe_layers >= 0, uniform=True, **moe)
+
+    @property
+    def dense_blocks(self) -> np.ndarray:
+        """Dense blocks costed per design (width `d_ff`): all of them in a uniform batch,
+        none when an explicit LayerTable lists them as groups."""
+        return self.n_layers - self.n_moe_layers if self.layers is None else np.zeros(len(self), dtype=np.int64)
 
     def take(self, index) -> DesignBatch:
         """The designs at `index` (integer array, slice or boolean mask), as a new batch."""
@@ -170,7 +179,7 @@ class DesignBatch:
             chosen = np.atleast_1d(chosen)
             rows = np.concatenate([np.flatnonzero(self.layers.design == d) for d in chosen])
             renumber = np.repeat(np.arange(len(chosen)), [np.count_nonzero(self.layers.design == d) for d in chosen])
-            fields = {f.name: getattr(self.layers, f.name)[rows] for f in dataclasses.fields(LayerTable) if f.name != "uniform_n"}
+            fields = {f.name: getattr(self.layers, f.name)[rows] for f in dataclasses.fields(LayerTable) if f.name != "uniform"}
             layers = LayerTable(**(fields | {"design": renumber}))
         return DesignBatch(**picked, layers=layers)
 
@@ -238,7 +247,7 @@ def _layer_row(plan: SpecPlan, layer: LayerPlan) -> dict:
     matrices = {"hash": 0, "noisy_topk": 2}.get(router.type, 1)
     dropless = capacity is None or capacity.dropless or capacity.factor is None
     return {
-        "d_ff": plan.model.d_ff, "moe": True, "router": ROUTER_NAMES.index(router.type), "experts": experts.count,
+        "d_ff": 0, "moe": True, "router": ROUTER_NAMES.index(router.type), "experts": experts.count,
         "expert_d_ff": experts.d_ff, "k": router.experts_per_token, "shared_count": experts.shared_count,
         "shared_d_ff": experts.shared_d_ff, "shared_gate": experts.shared_gate, "router_matrices": matrices,
         "router_bias": matrices > 0 and bool(getattr(router, "bias", False)),
