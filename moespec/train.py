@@ -190,8 +190,9 @@ def prepare_training(model: torch.nn.Module, plan: SpecPlan, *, dist_ctx=None, l
 
 def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor], *, grad_clip: float = 1.0):
     """One optimizer step over len(windows) micro-batches (gradient accumulation; DDP syncs on
-    the last only). windows: each [B, S+1] tokens. Returns (loss, ce, aux) of the last
-    micro-batch, this rank's view."""
+    the last only). windows: each [B, S+1] tokens. Returns (loss, ce, aux) of the whole step
+    on this rank: losses averaged over the micro-batches (what the gradient is of), expert
+    loads summed, dropped fractions averaged (`merge_step_aux`)."""
     from moespec.distributed import data_parallel as dp_utils
     from moespec.model.regions import region
     from moespec.model.routers import update_router_biases
@@ -200,6 +201,7 @@ def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor]
     device = windows[0].device
     for optimizer in setup.optimizers:
         optimizer.zero_grad(set_to_none=True)
+    per_micro = []
     for i, window in enumerate(windows):
         last = i == len(windows) - 1
         no_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
@@ -209,6 +211,8 @@ def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor]
             ce = lm_loss(logits, window[:, 1:])
             loss = ce + aux.aux_loss
             setup.scaler.scale(loss / len(windows)).backward()
+        per_micro.append((loss.detach(), ce.detach(), aux))
+    loss, ce, aux = merge_step_aux(per_micro)
     with region("grad_sync"):
         for optimizer in setup.optimizers:
             setup.scaler.unscale_(optimizer)
@@ -223,6 +227,31 @@ def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor]
         setup.scaler.update()
         update_router_biases(bare, process_group=None if ctx is None else ctx.dp_group)
     return loss, ce, aux
+
+
+def merge_step_aux(per_micro: list) -> tuple:
+    """(loss, ce, aux) of several micro-batches as one step: losses (and each MoE layer's
+    unweighted router losses, dropped fraction) averaged, tokens per expert and all-to-all
+    bytes summed. One micro-batch is returned as is."""
+    from moespec.model.types import MoEStats
+
+    if len(per_micro) == 1:
+        return per_micro[0]
+    n = len(per_micro)
+    loss = sum(m[0] for m in per_micro) / n
+    ce = sum(m[1] for m in per_micro) / n
+    auxes = [m[2] for m in per_micro]
+    stats = []
+    for layer_stats in zip(*(a.moe for a in auxes)):
+        first = layer_stats[0]
+        stats.append(MoEStats(
+            layer=first.layer, router=first.router,
+            tokens_per_expert_E=sum(st.tokens_per_expert_E for st in layer_stats),
+            dropped_fraction=sum(st.dropped_fraction for st in layer_stats) / n,
+            losses={name: sum(st.losses[name] for st in layer_stats) / n for name in first.losses},
+            a2a_bytes=sum(st.a2a_bytes for st in layer_stats),
+        ))  # fmt: skip
+    return loss, ce, ModelAux(aux_loss=sum(a.aux_loss.detach() for a in auxes) / n, moe=stats)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from moespec.distributed.context import DistributedConfigError
 from moespec.distributed.parallelize import recompute_mode
 from moespec.model.build import build_model
 from moespec.spec import load_plan, plan_from_text
-from moespec.train import train
+from moespec.train import lm_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_EP = ROOT / "specs" / "tiny-ep.yaml"  # dp 2, ep 2, micro_batch 4, global_batch 8
@@ -77,6 +77,25 @@ def test_train_accumulates_global_batch_over_micro_batches_and_applies_recompute
     generator = torch.Generator().manual_seed(5)
     expected = [get_batch(load_split().train, batch=2, seq_len=16, generator=generator)[:, :-1] for _ in range(6)]
     assert all(torch.equal(a, b) for a, b in zip(seen, expected))
+
+
+def test_a_step_reports_all_its_micro_batches():
+    """The step's loss is the mean of its micro-batches' losses (what the gradient is of),
+    computed here by running the same windows through an identical model one at a time;
+    expert loads count every micro-batch's tokens (2 micro-batches of 2 x 16 tokens, k 2)."""
+    plan = plan_from_text(SMALL.format(name="accum", parallelism="micro_batch: 2, global_batch: 4"))
+    model, twin = build_model(plan, seed=0), build_model(plan, seed=0)
+    record = train(model, plan, steps=1, seed=5).records[0]
+    twin.train()
+    with torch.no_grad():
+        losses = []
+        generator = torch.Generator().manual_seed(5)
+        for _ in range(2):
+            window = get_batch(load_split().train, batch=2, seq_len=16, generator=generator)
+            logits, aux = twin(window[:, :-1])
+            losses.append(float(lm_loss(logits, window[:, 1:]) + aux.aux_loss))
+    assert record.loss == pytest.approx(sum(losses) / 2, rel=1e-6)  # fp32 sums in another order
+    assert all(sum(counts) == 2 * 2 * 16 * 2 for counts in record.tokens_per_expert.values())
 
 
 def test_batch_overrides_the_micro_batch_size_only():
