@@ -33,6 +33,8 @@ class RankMeasurement:
     flops_per_microstep: int  # FlopCounterMode, forward + backward of one micro-batch
     a2a_bytes_per_microstep: float  # sent to other ranks, own chunk excluded (dispatch + combine)
     a2a_calls_per_microstep: float
+    shuffle_bytes_per_microstep: float  # BASE's token shuffle, sent to other ranks
+    state_bytes: dict[str, int]  # parameters, gradients, AdamW state held after a step (state.state_bytes)
     region_s: dict[str, float]  # seconds per step by region, from the profiled steps
     profiled_step_s: float  # mean step under the profiler (its overhead included)
     memory_kind: str  # "cuda_peak_allocated" or "peak_rss"
@@ -52,10 +54,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _ep_counters(model) -> list:
+def _ep_counters(model, name: str = "counter") -> list:
+    """The layers' dispatch/combine byte counters (`shuffle_counter`: BASE's token shuffle)."""
     from moespec.distributed.data_parallel import moe_layers
 
-    return [layer.expert_parallel.counter for layer in moe_layers(model) if layer.expert_parallel is not None]
+    return [getattr(layer.expert_parallel, name) for layer in moe_layers(model) if layer.expert_parallel is not None]
 
 
 class TrainingBatches:
@@ -90,6 +93,7 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     from moespec.distributed.context import check_world
     from moespec.distributed.data_parallel import shard_experts
     from moespec.distributed.parallelize import apply_recompute
+    from moespec.distributed.state import state_bytes
     from moespec.model.build import build_model
     from moespec.train import lm_loss, prepare_training, train_step
 
@@ -116,8 +120,8 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     # 2. Warm-up, then timed steps.
     for _ in range(warmup):
         train_step(setup, plan, batches.step())
-    counters = _ep_counters(setup.bare_model)
-    for counter in counters:
+    counters, shuffles = _ep_counters(setup.bare_model), _ep_counters(setup.bare_model, "shuffle_counter")
+    for counter in counters + shuffles:
         counter.reset()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -146,6 +150,8 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     micro_steps = steps * plan.parallel.grad_accum
     a2a_bytes = sum(c.total_bytes for c in counters) / micro_steps
     a2a_calls = sum(c.calls for c in counters) / micro_steps
+    shuffle_bytes = sum(c.total_bytes for c in shuffles) / micro_steps
+    held = state_bytes(setup.bare_model, setup.optimizers)  # after the last step, gradients still there
     peak = int(torch.cuda.max_memory_allocated(device)) if cuda else peak_rss_bytes()
 
     # 3. Profiled steps: traces and time per region.
@@ -156,6 +162,8 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
         flops_per_microstep=flops,
         a2a_bytes_per_microstep=a2a_bytes,
         a2a_calls_per_microstep=a2a_calls,
+        shuffle_bytes_per_microstep=shuffle_bytes,
+        state_bytes=held,
         region_s=region_s,
         profiled_step_s=profiled_s,
         memory_kind="cuda_peak_allocated" if cuda else "peak_rss",

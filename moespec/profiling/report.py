@@ -3,8 +3,8 @@
 Aggregation: a step of the job lasts as long as its slowest rank, so each step's time is the
 maximum over ranks, and the report gives the median and spread over steps. Counts (FLOPs,
 all-to-all bytes) are per rank per micro-step, the simulator's unit; they must be equal to the
-prediction (dropless routing excepted: its counts follow the real routing, the prediction
-assumes balance). Times carry their relative error against the (calibrated) prediction.
+prediction (the all-to-all bytes of dropless routing over several ranks excepted: they follow
+the real routing, the prediction assumes balance). Times carry their relative error against the (calibrated) prediction.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import statistics
 
 from moespec.sim.backend import Backend
 from moespec.sim.model import simulate
-from moespec.sim.overhead import A2A_CALLS_PER_LAYER
 from moespec.spec.plan import SpecPlan
 
 # A time row is "within the calibrated error" when |error| <= 2x the calibration's median
@@ -26,8 +25,11 @@ def _relative(measured: float, predicted: float) -> float | None:
     return None if not measured else (predicted - measured) / measured
 
 
-def is_dropless(plan: SpecPlan) -> bool:
-    return any(layer.moe.capacity is None or layer.moe.capacity.dropless for layer in plan.moe_layers)
+def routing_dependent(plan: SpecPlan) -> bool:
+    """Dropless top-k style layers over several ranks: what a rank sends follows the routing,
+    the prediction assumes balance. (BASE is balanced exactly; with ep 1 nothing is sent.)"""
+    return plan.parallel.ep > 1 and any(
+        layer.moe.capacity is not None and layer.moe.capacity.dropless for layer in plan.moe_layers)
 
 
 def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: str, device: str, steps: int,
@@ -39,7 +41,8 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
     median_s = statistics.median(per_step)
     tokens = p.global_batch * plan.model.seq_len
     peak = backend.device.peak_flops_per_s["fp32" if p.precision == "fp32" else p.precision]
-    flops_rank = ranks[0]["flops_per_microstep"]
+    # A rank computes the rows routed to its experts; their mean over the ranks is exact.
+    flops_rank = statistics.mean(r["flops_per_microstep"] for r in ranks)
     achieved = sum(r["flops_per_microstep"] for r in ranks) * p.grad_accum / median_s
     model_flops_per_token = predicted["time"]["model_flops_per_token"]
     mfu = model_flops_per_token * tokens / median_s / (p.world * peak)
@@ -52,10 +55,17 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         _row("step time (s, median)", median_s, time["step_s"]),
         _row("tokens/s", tokens / median_s, time["tokens_per_s"]),
         _row("MFU", mfu, time["mfu"]),
-        _row("matmul FLOPs per rank per micro-step", flops_rank, predicted["step_flops_per_rank_microstep"], exact=not is_dropless(plan)),
-        _row("all-to-all bytes per rank per micro-step", a2a_bytes, predicted["a2a_bytes_per_rank_microstep"], exact=not is_dropless(plan)),
-        _row("all-to-all time per step, transfer + wait (s)", a2a_measured_s, time["a2a_s"] + _a2a_wait_s(plan, backend)),
+        _row("matmul FLOPs per rank per micro-step (mean)", flops_rank, predicted["step_flops_per_rank_microstep"], exact=True),
+        _row("all-to-all bytes per rank per micro-step", a2a_bytes, predicted["a2a_bytes_per_rank_microstep"], exact=not routing_dependent(plan)),
+        _row("all-to-all time per step, transfer + wait (s)", a2a_measured_s, time["a2a_s"] + _a2a_wait_s(plan, backend, predicted)),
     ]
+    shuffle = max(r["shuffle_bytes_per_microstep"] for r in ranks)
+    if shuffle or predicted["shuffle_a2a_bytes_per_rank_microstep"]:
+        rows.insert(5, _row("BASE shuffle bytes per rank per micro-step", shuffle, predicted["shuffle_a2a_bytes_per_rank_microstep"], exact=True))
+    # State at rest after a step, on the rank that holds the most (REFERENCE sec. 4): exact.
+    for kind, label in (("params", "parameters"), ("grads", "gradients"), ("optimizer", "optimizer state")):
+        held = max(r["state_bytes"][kind] for r in ranks)
+        rows.append(_row(f"{label} held per rank (bytes)", held, predicted["state_bytes_per_rank"][kind], exact=True))
     band = None if backend.calibration_error is None else max(2 * backend.calibration_error, WITHIN_FLOOR)
     for row in rows:
         if not row["exact"] and band is not None and row["relative_error"] is not None:
@@ -98,12 +108,12 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
     }
 
 
-def _a2a_wait_s(plan: SpecPlan, backend: Backend) -> float:
+def _a2a_wait_s(plan: SpecPlan, backend: Backend, predicted: dict) -> float:
     """The calibrated wait of the expert-parallel all-to-alls, which the simulator books as host
-    overhead (sim/overhead.py); the profiler's all-to-all regions include it."""
+    overhead (sim/overhead.py) per transfer; the profiler's all-to-all regions include it."""
     if plan.parallel.ep == 1:
         return 0.0
-    calls = A2A_CALLS_PER_LAYER * len(plan.moe_layers) * plan.parallel.grad_accum
+    calls = predicted["collective_calls_per_step"]["all_to_all"]
     return backend.overheads.a2a_call_s * calls / plan.parallel.pp
 
 
