@@ -109,3 +109,48 @@ def test_runtime_holds_computes_and_sends_what_the_cost_model_predicts(world, tm
         assert held == predicted["state_bytes_per_rank"], (label, held, predicted["state_bytes_per_rank"])
         checked += 1
     assert checked == len(plans) == (24 if world == 2 else 12)
+
+
+def _held_by_rank0(model, plan) -> dict[str, int]:
+    """Bytes rank 0 of the plan's world holds, by the runtime's own placement (zero.py's
+    chunk_range and expert_shard_dim, FSDP2's Shard(d)), on the model's real shapes."""
+    from moespec.distributed.data_parallel import expert_parameter_names
+    from moespec.distributed.zero import chunk_range, expert_shard_dim
+
+    p = plan.parallel
+    experts = set(expert_parameter_names(model))
+    local = plan.moe_layers[0].moe.experts.count // p.ep
+    whole = sharded = 0
+    for name, param in model.named_parameters():
+        shape = list(param.shape)
+        if name in experts:
+            shape[0] = local  # ep: this rank's E/ep experts of the bank
+            dim, ranks = expert_shard_dim(local, p.expert_dp), p.expert_dp
+        else:
+            dim, ranks = 0, p.dp
+        numel = 1
+        for size in shape:
+            numel *= size
+        start, stop = chunk_range(shape[dim], 0, ranks)
+        whole += numel
+        sharded += numel // shape[dim] * (stop - start)
+    zero = p.zero_stage
+    return {"params": 4 * (sharded if zero >= 2 else whole), "grads": 4 * (sharded if zero >= 2 else whole),
+            "optimizer": 8 * (sharded if zero >= 1 else whole)}  # fmt: skip
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_mixtral_on_32_gpus_holds_what_simulate_reports(zero_stage):
+    """`moespec simulate specs/mixtral-8x7b.yaml --backend h100-cluster-4n --world 32` (dp 32,
+    ep 8: one expert per rank, 4 replicas, so expert banks shard by their second dim): the
+    memory rows equal what the runtime's sharding puts on rank 0 of the real shapes (meta)."""
+    from moespec.model.build import build_model
+
+    plan = load_plan(ROOT / "specs/mixtral-8x7b.yaml")
+    plan = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, dp=32, ep=8, global_batch=32 * plan.parallel.micro_batch,
+                                                                  zero_stage=zero_stage))  # fmt: skip
+    report = simulate(plan, load_backend("h100-cluster-4n"))
+    held = _held_by_rank0(build_model(plan, device="meta"), plan)
+    assert report["state_bytes_per_rank"] == held
+    memory = report["memory_per_device"]
+    assert (memory["weights_bytes"], memory["grads_bytes"], memory["optimizer_bytes"]) == (held["params"], held["grads"], held["optimizer"])
