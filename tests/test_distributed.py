@@ -185,21 +185,6 @@ def _train_json(spec: Path, *extra: str) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.timeout(600)
-def test_zero_stages_train_exactly_like_stage_0(tmp_path):
-    """ZeRO only partitions state (1: optimizer, ZeroRedundancyOptimizer; 2/3: FSDP2 shards of
-    the dense parameters): the same steps must give the same losses."""
-    text = (ROOT / "specs/tiny-ep.yaml").read_text()
-    plain = _train_json(ROOT / "specs/tiny-ep.yaml", "--steps", "4", "--nproc", "2")
-    for stage in (1, 2, 3):
-        spec = tmp_path / f"tiny-ep-zero{stage}.yaml"
-        spec.write_text(text.replace("name: tiny-ep", f"name: tiny-ep-zero{stage}").replace("  global_batch: 8", f"  global_batch: 8\n  zero_stage: {stage}"))
-        sharded = _train_json(spec, "--steps", "4", "--nproc", "2")
-        for a, b in zip(plain["records"], sharded["records"]):
-            # Same arithmetic per parameter, summed in another order: float32 rounding at most.
-            assert abs(a["loss"] - b["loss"]) < 1e-5, (stage, a["loss"], b["loss"])
-
-
 @pytest.mark.timeout(300)
 def test_base_layer_with_token_shuffle_trains_exactly_balanced(tmp_path):
     """BASE shuffles tokens across the EP group before its balanced assignment (Lewis 2021);
