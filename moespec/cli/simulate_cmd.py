@@ -58,9 +58,8 @@ def _print(report: dict) -> None:
     counts.add_row("all-to-all bytes sent per rank per micro-step", f"{report['a2a_bytes_per_rank_microstep']:,}")
     if report["shuffle_a2a_bytes_per_rank_microstep"]:
         counts.add_row("  BASE token shuffle, bytes per rank per micro-step", f"{report['shuffle_a2a_bytes_per_rank_microstep']:,}")
-    state = report["state_bytes_per_rank"]
-    counts.add_row("state held per rank: parameters / gradients / optimizer (bytes)",
-                   f"{state['params']:,} / {state['grads']:,} / {state['optimizer']:,}")  # fmt: skip
+    for kind, label in (("params", "parameters"), ("grads", "gradients"), ("optimizer", "optimizer state")):
+        counts.add_row(f"{label} held per rank (bytes, ZeRO-sharded)", f"{report['state_bytes_per_rank'][kind]:,}")
     counts.add_row("model FLOPs per token (for MFU)", f"{time['model_flops_per_token']:,.0f}")
     console.print(counts)
     memory = Table(title="memory per device (model)")
