@@ -14,10 +14,6 @@ measured at once on this rank:
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -56,16 +52,6 @@ def measure_step(plan: SpecPlan, ctx, seed: int) -> dict:
 
 def agreement_worker(rank: int, world: int, port: int, cases: list[tuple[str, dict]], out_dir: str) -> None:
     """mp.spawn entry: one process per rank measures every case and writes rank<r>.json."""
-    from moespec.distributed.context import init_distributed, shutdown
-    from moespec.distributed.parity import plan_from_fields
+    from moespec.distributed.parity import run_cases
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    results = []
-    for name, fields in cases:
-        plan = plan_from_fields(fields)
-        ctx = init_distributed(plan, timeout_s=120, device="cpu")
-        results.append({"case": name, **measure_step(plan, ctx, seed=7)})
-    shutdown()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    run_cases(rank, world, port, cases, out_dir, lambda plan, ctx: measure_step(plan, ctx, seed=7), timeout_s=120)

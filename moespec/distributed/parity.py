@@ -134,20 +134,27 @@ def compare_with_reference(plan: SpecPlan, ctx, seed: int) -> dict:
     }
 
 
-def parity_worker(rank: int, world: int, port: int, cases: list[tuple[str, dict]], out_dir: str, device: str = "cpu") -> None:
-    """mp.spawn entry: one process per rank runs every case and writes its results as JSON."""
+def run_cases(rank: int, world: int, port: int, cases: list[tuple[str, dict]], out_dir: str, measure, *,
+              device: str = "cpu", timeout_s: float = 60) -> None:  # fmt: skip
+    """One spawned rank (torchrun's environment set by hand, one thread): `measure(plan, ctx)`
+    for every case in turn, the results written to out_dir/rank<r>.json."""
     from moespec.distributed.context import init_distributed, shutdown
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     results = []
-    for name, plan_fields in cases:
-        plan = plan_from_fields(plan_fields)
-        ctx = init_distributed(plan, timeout_s=60, device=device)
-        results.append({"case": name, **compare_with_reference(plan, ctx, seed=1234)})
+    for name, fields in cases:
+        plan = plan_from_fields(fields)
+        ctx = init_distributed(plan, timeout_s=timeout_s, device=device)
+        results.append({"case": name, **measure(plan, ctx)})
     shutdown()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def parity_worker(rank: int, world: int, port: int, cases: list[tuple[str, dict]], out_dir: str, device: str = "cpu") -> None:
+    """mp.spawn entry: one process per rank runs every case and writes its results as JSON."""
+    run_cases(rank, world, port, cases, out_dir, lambda plan, ctx: compare_with_reference(plan, ctx, seed=1234), device=device)
 
 
 def plan_from_fields(fields: dict) -> SpecPlan:
