@@ -18,10 +18,13 @@ def simulate_command(
     ep: int = typer.Option(0, "--ep", help="Expert-parallel degree to use instead of the spec's (0 keeps it)."),
     overlap: float = typer.Option(0.5, "--overlap", help="Share of the gradient all-reduce hidden behind backward (0..1)."),
     imbalance: float = typer.Option(1.0, "--imbalance", help="Dropless routing: busiest rank's load over the mean (>= 1)."),
+    load: Path = typer.Option(None, "--load", help="A `moespec profile` report.json: predict with the expert loads it measured.", show_default=False),
+    skew: float = typer.Option(None, "--skew", help="Zipf skew of expert loads: expert i gets a share ~ 1/(i+1)^S (0: balanced).", show_default=False),
     calibration: str = typer.Option("none", "--calibration", help="none, auto (the shipped calibration of this backend) or a calibration JSON file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Predict parameters, FLOPs, memory per device, all-to-all and step time of one training step."""
+    from moespec.sim.load import measured_load, zipf_load
     from moespec.sim.model import simulate
 
     plan = load_plan_or_exit(spec)
@@ -29,10 +32,17 @@ def simulate_command(
         fail(f"--overlap must be between 0 and 1, got {overlap}")
     if not imbalance >= 1:
         fail(f"--imbalance is max/mean load, so at least 1; got {imbalance}")
+    if sum(x is not None for x in (load, skew)) + (imbalance != 1.0) > 1:
+        fail("give one load model: --imbalance, --skew or --load")
     plan = apply_overrides(spec, plan, world=world, ep=ep)
     hardware = backend_or_exit(backend, calibration, world=plan.parallel.world)
     try:
-        report = simulate(plan, hardware, overlap=overlap, imbalance=imbalance)
+        load_model = None
+        if load is not None:
+            load_model = measured_load(plan, load)
+        elif skew is not None:
+            load_model = zipf_load(plan, skew)
+        report = simulate(plan, hardware, overlap=overlap, imbalance=imbalance, load=load_model)
     except ValueError as exc:
         fail(f"{spec}: {exc}")
     if as_json:
@@ -90,3 +100,11 @@ def _print(report: dict) -> None:
         parts.add_row(name.replace("_", " "), f"{flops / total:.1%}", f"{report['compute_s_by_part'][name] * 1e3:,.2f} ms")
     console.print(parts)
     console.print(f"tokens/s {time['tokens_per_s']:,.0f}   MFU {time['mfu']:.1%}")
+    if "load" in report:
+        load = report["load"]
+        console.print(f"load: {load['source']}; busiest rank's expert rows {load['compute_imbalance']:.2f}x the mean, "
+                      f"its all-to-all rows {load['a2a_imbalance']:.2f}x balanced")  # fmt: skip
+        console.print("all-to-all bytes per rank per micro-step: " + ", ".join(f"{v:,.0f}" for v in load["a2a_bytes_per_rank_microstep"]))
+        dropped = {layer: v["dropped_fraction"] for layer, v in load["layers"].items() if v["dropped_fraction"]}
+        if dropped:
+            console.print("predicted dropped share by layer: " + ", ".join(f"{k}: {v:.1%}" for k, v in dropped.items()))

@@ -113,7 +113,7 @@ class CollectiveCosts:
 
 
 def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_OVERLAP, imbalance: float = 1.0,
-             collectives: CollectiveCosts | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+             a2a_imbalance: float | None = None, collectives: CollectiveCosts | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Every figure for every design, as (N,) arrays.
 
     Counts (counts.py, int64 or float64 past 2**62): params_total, params_active,
@@ -124,9 +124,14 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
     allowance, total}_bytes and `fits`. Time (s): see the module docstring, plus step_s,
     tokens_per_s, mfu. `valid` is False where the design needs more devices than the backend
     has or ep does not divide dp; its times are NaN.
+
+    Load (sim/load.py): dropless experts wait for the busiest rank, `imbalance` times the mean
+    rows; their all-to-all for the busiest sender or receiver, `a2a_imbalance` (default: the
+    same) times the balanced rows. Capacity layers and BASE (exactly balanced) are fixed.
     """
-    if imbalance < 1:
-        raise ValueError(f"imbalance is max/mean load, so at least 1; got {imbalance}")
+    a2a_imbalance = imbalance if a2a_imbalance is None else a2a_imbalance
+    if not (imbalance >= 1 and a2a_imbalance >= 1):
+        raise ValueError(f"imbalance is max/mean load, so at least 1; got {imbalance} (all-to-all {a2a_imbalance})")
     collectives = collectives or CollectiveCosts(backend)
     if collectives.backend != backend:
         raise ValueError(f"collectives were built for backend {collectives.backend.name}, not {backend.name}")
@@ -135,7 +140,7 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
     state["activations"], state["elementwise_activations"] = activation_bytes(batch)
     out.update({f"state_{name}_bytes": state[name] for name in ("params", "grads", "optimizer")})
     out.update(_memory(batch, backend, out, state))
-    out.update(_time(batch, backend, out, state, collectives, overlap=overlap, imbalance=imbalance))
+    out.update(_time(batch, backend, out, state, collectives, overlap=overlap, imbalance=imbalance, a2a_imbalance=a2a_imbalance))
     return out
 
 
@@ -224,7 +229,7 @@ def elementwise_bytes(b: DesignBatch, passed: np.ndarray) -> np.ndarray:
 
 @np.errstate(divide="ignore", invalid="ignore")
 def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectives: CollectiveCosts, *,
-          overlap: float, imbalance: float) -> dict[str, np.ndarray]:  # fmt: skip
+          overlap: float, imbalance: float, a2a_imbalance: float) -> dict[str, np.ndarray]:  # fmt: skip
     layers = b.table
     lift, n = layers.lift, len(b)
     world = b.dp * b.tp * b.pp
@@ -257,7 +262,7 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     # BASE's shuffle T/ep tokens of D*b bytes. Per layer, per micro-step of its stage.
     ep_sets = collectives.rank_sets(1, ep)  # an expert-parallel group: ep consecutive ranks
     on = lift(valid) & layers.moe & (ep > 1)
-    skew = np.where(layers.dropless & ~layers.balanced, imbalance, 1.0)
+    skew = np.where(layers.dropless & ~layers.balanced, a2a_imbalance, 1.0)
     row_bytes = lift(b.d_model * bpe)
     tokens = lift(b.micro_batch * b.seq_len)
     dispatch = collectives.time_s("a2a", ep_sets, np.where(on, expert_rows(b, layers) * skew * row_bytes / ep, 0.0))

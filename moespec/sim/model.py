@@ -12,7 +12,9 @@ from dataclasses import dataclass, fields
 
 from moespec.sim.backend import Backend
 from moespec.sim.cost import ALLOCATOR_ALLOWANCE, DEFAULT_OVERLAP, evaluate
+from moespec.sim.counts import compute_bytes
 from moespec.sim.design import DesignBatch
+from moespec.sim.load import Load, a2a_bytes_per_rank, imbalance_factors, layer_load
 from moespec.spec.plan import SpecPlan
 
 FLOP_PARTS = ("attention", "dense_ffn", "router", "experts_capacity", "experts_dropless", "shared_experts", "lm_head", "recompute")
@@ -51,11 +53,11 @@ class TimePrediction:
     model_flops_per_token: float
 
 
-def _evaluate(plan: SpecPlan, backend: Backend, *, overlap: float, imbalance: float) -> dict:
+def _evaluate(plan: SpecPlan, backend: Backend, *, overlap: float, imbalance: float, a2a_imbalance: float | None = None) -> dict:
     p = plan.parallel
     if p.world > backend.num_devices:
         raise ValueError(f"the spec needs {p.world} devices; backend {backend.name} has {backend.num_devices}")
-    out = evaluate(DesignBatch.from_plans([plan]), backend, overlap=overlap, imbalance=imbalance)
+    out = evaluate(DesignBatch.from_plans([plan]), backend, overlap=overlap, imbalance=imbalance, a2a_imbalance=a2a_imbalance)
     return {name: value[0].item() for name, value in out.items()}
 
 
@@ -82,15 +84,21 @@ def memory_per_device(plan: SpecPlan, backend: Backend) -> MemoryPrediction:
     return _memory(_evaluate(plan, backend, overlap=DEFAULT_OVERLAP, imbalance=1.0), backend)
 
 
-def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERLAP, imbalance: float = 1.0) -> dict:
-    """Everything `moespec simulate` reports, as plain data."""
-    one = _evaluate(plan, backend, overlap=overlap, imbalance=imbalance)
+def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERLAP, imbalance: float = 1.0,
+             load: Load | None = None) -> dict:  # fmt: skip
+    """Everything `moespec simulate` reports, as plain data. `load` (sim/load.py) replaces the
+    single `imbalance` knob by what a load model or a measured histogram implies."""
+    a2a_imbalance = None
+    if load is not None:
+        factors = imbalance_factors(plan, load)
+        imbalance, a2a_imbalance = factors["compute_imbalance"], factors["a2a_imbalance"]
+    one = _evaluate(plan, backend, overlap=overlap, imbalance=imbalance, a2a_imbalance=a2a_imbalance)
     timing = _time(one)
     by_part = {name: one[f"flops_{name}"] for name in FLOP_PARTS if one[f"flops_{name}"]}
     total_flops = sum(by_part.values())
     # Compute time split in proportion to FLOPs (one roofline rate for every matmul).
     compute_by_part_s = {name: timing.compute_s * flops / total_flops for name, flops in by_part.items()}
-    return {
+    report = {
         "spec": plan.name,
         "backend": backend.name,
         "world": plan.parallel.world,
@@ -114,6 +122,7 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
             "allocator_allowance": ALLOCATOR_ALLOWANCE,
             "allreduce_overlap": overlap,
             "dropless_imbalance": imbalance,
+            "a2a_imbalance": imbalance if a2a_imbalance is None else a2a_imbalance,
             "efficiencies": {"matmul": backend.matmul_efficiency, "memory": backend.memory_efficiency},
             "overheads": backend.overheads.as_dict(),
             "calibration": backend.calibration,
@@ -121,3 +130,18 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
                      "ZeRO shards by rows (FSDP2 Shard(0)): dense over dp, experts over dp/ep",
         },
     }
+    if load is not None:
+        report["load"] = _load_report(plan, load)
+    return report
+
+
+def _load_report(plan: SpecPlan, load: Load) -> dict:
+    """What the load implies per rank and layer (sim/load.py), beside the step's figures."""
+    b = int(compute_bytes(DesignBatch.from_plans([plan]))[0])
+    per_layer = {}
+    for layer in plan.moe_layers:
+        ll = layer_load(plan, load, layer)
+        per_layer[str(layer.index)] = {"expert_rows_per_rank": ll.expert_rows_P.tolist(), "sent_rows_per_rank": ll.send_rows_P.tolist(),
+                                       "received_rows_per_rank": ll.recv_rows_P.tolist(), "dropped_fraction": ll.dropped_fraction}  # fmt: skip
+    return {"kind": load.kind, "source": load.source, **imbalance_factors(plan, load),
+            "a2a_bytes_per_rank_microstep": a2a_bytes_per_rank(plan, load, b), "layers": per_layer}
