@@ -13,13 +13,14 @@ from rich.table import Table
 
 from moespec.cli.common import backend_or_exit, console, cpu_sized_counts_or_exit, emit_json, fail, load_plan_or_exit, write_atomic
 from moespec.cli.overrides import apply_overrides
+from moespec.profiling.report import MIN_TIMED_STEPS
 
 
 def profile_command(
     spec: Path = typer.Argument(..., help="Spec file.", show_default=False),
     nproc: int = typer.Option(1, "--nproc", help="Ranks to launch (torchrun-style); must equal the spec's world size."),
     device: str = typer.Option("cpu", "--device", help="cpu (gloo) or cuda (NCCL, one GPU per rank)."),
-    steps: int = typer.Option(10, "--steps", help="Timed optimizer steps."),
+    steps: int = typer.Option(10, "--steps", help="Timed optimizer steps (at least 10: the report gives their median and spread)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed steps first."),
     trace_steps: int = typer.Option(2, "--trace-steps", help="Steps recorded by torch.profiler after the timed ones (0: no traces)."),
     out: Path = typer.Option(None, "--out", help="Directory for report.json and the plots [default: moespec-profile/<name>]."),
@@ -55,6 +56,8 @@ def profile_command(
         if plan.parallel.world > 1:
             note = single_process_note(plan)
             plan = single_process_plan(plan)
+    if steps < MIN_TIMED_STEPS:  # after the spec's own refusals, which say more
+        fail(f"--steps {steps}: profile times at least {MIN_TIMED_STEPS} steps, to give their median and spread")
     hardware = backend_or_exit(backend, calibration, world=plan.parallel.world)
     out = out or Path("moespec-profile") / plan.name
     trace_dir = trace_dir or out / "traces"
@@ -174,6 +177,26 @@ def _fmt(value: float | None, figure: str) -> str:
     return f"{value * 1e3:,.2f} ms"
 
 
+def _print_memory_by_category(report: dict) -> None:
+    by_category = report["memory_by_category"]
+    n_ranks = len(by_category["ranks"])
+    table = Table(title="memory by category, MiB (MemTracker, one extra untimed step; max over ranks)")
+    table.add_column("category")
+    for rank in range(n_ranks if n_ranks > 1 else 0):
+        table.add_column(f"rank {rank}", justify="right")
+    for column in ("measured", "predicted", "error"):
+        table.add_column(column, justify="right")
+    for row in by_category["rows"]:
+        if row["exact"]:
+            error = "[green]equal[/green]" if row["equal"] else f"[red]differs by {row['predicted'] - row['measured']:,.0f} B[/red]"
+        else:
+            error = "-" if row["relative_error"] is None else f"{row['relative_error']:+.1%}"
+        per_rank = [f"{b / 2**20:,.3f}" for b in row["per_rank"]] if n_ranks > 1 else []
+        table.add_row(row["figure"], *per_rank, f"{row['measured'] / 2**20:,.3f}",
+                      "-" if row["predicted"] is None else f"{row['predicted'] / 2**20:,.3f}", error)  # fmt: skip
+    console.print(table)
+
+
 def print_report(report: dict) -> None:
     calibrated = report["calibration"] or "datasheet figures, not calibrated"
     if report.get("single_process"):
@@ -182,7 +205,7 @@ def print_report(report: dict) -> None:
                   f"{report['threads_per_rank']} thread(s) per rank, {report['steps']} timed steps after {report['warmup']} warm-up")  # fmt: skip
     band = report["calibrated_error_band"]
     console.print(f"prediction: backend {report['backend']} ({calibrated})"
-                  + (f"; time rows within the calibrated error band of +/-{band:.0%} say ok" if band is not None else ""))  # fmt: skip
+                  + (f"; time rows within the calibrated error band of +/-{band:.0%} say ok, or noisy when the steps' spread is wider" if band is not None else ""))  # fmt: skip
     table = Table(title="measured vs predicted (per rank per micro-step for counts)")
     for column, justify in (("figure", "left"), ("measured", "right"), ("predicted", "right"), ("error", "right")):
         table.add_column(column, justify=justify)
@@ -191,18 +214,23 @@ def print_report(report: dict) -> None:
             error = "[green]equal[/green]" if row["equal"] else f"[red]differs by {row['predicted'] - row['measured']:,.0f}[/red]"
         else:
             error = "-" if row["relative_error"] is None else f"{row['relative_error']:+.1%}"
-            if "within_calibrated_error" in row:
-                error += " ok" if row["within_calibrated_error"] else " [yellow]out[/yellow]"
+            if row.get("verdict") == "noisy":
+                error += f" [yellow]noisy: spread {report['measured']['step_s']['spread']:.0%} > band {band:.0%}[/yellow]"
+            elif row.get("verdict") is not None:
+                error += " ok" if row["verdict"] == "ok" else " [yellow]out[/yellow]"
         table.add_row(row["figure"].replace(" (s, median)", "").replace(" (s)", "").replace(", transfer + wait", " (+ wait)"), _fmt(row["measured"], row["figure"]),
                       _fmt(row["predicted"], row["figure"]), error)  # fmt: skip
     console.print(table)
     m = report["measured"]
+    spread = m["step_s"]["spread"]
     console.print(f"step time over {report['steps']} steps: median {m['step_s']['median'] * 1e3:,.2f} ms, "
+                  f"spread (interquartile range / median) {'-' if spread is None else f'{spread:.1%}'}, "
                   f"min {m['step_s']['min'] * 1e3:,.2f}, max {m['step_s']['max'] * 1e3:,.2f}; "
                   f"achieved {m['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s")  # fmt: skip
     if len(report["ranks"]) > 1:
         per_rank = Table(title="per rank")
-        for column in ("rank", "median step", "FLOPs / micro-step", "a2a bytes / micro-step", "a2a (traced)", "peak memory"):
+        memory_label = "CUDA peak" if report["measured"]["memory"]["kind"] == "cuda_peak_allocated" else "peak RSS"
+        for column in ("rank", "median step", "FLOPs / micro-step", "a2a bytes / micro-step", "a2a (traced)", memory_label):
             per_rank.add_column(column, justify="right")
         for r in report["ranks"]:
             a2a_s = r["region_s"].get("dispatch_a2a", 0.0) + r["region_s"].get("combine_a2a", 0.0)
@@ -218,10 +246,14 @@ def print_report(report: dict) -> None:
     for name, seconds in sorted(m["region_s"].items(), key=lambda item: -item[1]):
         regions.add_row(name.replace("_", " "), f"{seconds * 1e3:,.2f}", f"{seconds / total:.0%}")
     console.print(regions)
+    _print_memory_by_category(report)
     memory = m["memory"]
-    label = "CUDA peak allocated" if memory["kind"] == "cuda_peak_allocated" else "peak RSS"
-    console.print(f"memory: {label} {memory['peak_bytes'] / 2**20:,.1f} MiB ({memory['above_baseline_bytes'] / 2**20:,.1f} MiB above "
-                  f"the process before the model); predicted {memory['predicted_total_bytes'] / 2**20:,.1f} MiB")  # fmt: skip
+    if memory["kind"] == "cuda_peak_allocated":
+        console.print(f"CUDA peak allocated (timed steps): {memory['peak_bytes'] / 2**20:,.2f} MiB; "
+                      f"predicted {memory['predicted_total_bytes'] / 2**20:,.2f} MiB")  # fmt: skip
+    else:
+        console.print(f"RSS (whole process: Python, torch, the corpus; not the simulator's quantity): peak {memory['peak_bytes'] / 2**20:,.1f} MiB, "
+                      f"{memory['above_baseline_bytes'] / 2**20:,.1f} MiB above the process before the model")  # fmt: skip
     if m["expert_load"]:
         load = Table(title="expert load per MoE layer (tokens routed in the timed steps, all ranks)")
         for column in ("layer", "min", "mean", "max", "max/mean", "dropped"):

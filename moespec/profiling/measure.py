@@ -1,16 +1,23 @@
 """One rank's measurement of real training steps: what `moespec profile` reports per rank.
 
 The steps are the training loop's own (`moespec.train.train_step`, gradient accumulation
-included), so what is measured is what `moespec train` runs. Three passes, each clean of the
+included), so what is measured is what `moespec train` runs. Four passes, each clean of the
 others' overhead:
 1. one micro-step under FlopCounterMode (matmul FLOPs, REFERENCE sec. 4; with
    `parallel.recompute` applied, so the recomputed forwards are counted) - then discarded;
 2. warm-up, then timed steps: wall clock after a barrier (all ranks start together) with
    synchronisation, or CUDA events on a GPU; all-to-all bytes from the layers' counters;
-3. a few steps under torch.profiler, writing per-rank TensorBoard traces and giving the time
+3. one more step, untimed, under torch's MemTracker (`memory_by_category`): peak memory by
+   category (parameters, gradients, optimizer state, activations, temporaries), the figures the
+   simulator predicts. It runs on the model as trained: the DDP wrapper and gloo collectives
+   included (checked on tiny-ep, 2 ranks); FSDP2 and CUDA are not checked (on CUDA, MemTracker
+   rounds each storage up to 512 bytes, as the caching allocator does, so the state rows may
+   differ from the exact count there);
+4. a few steps under torch.profiler, writing per-rank TensorBoard traces and giving the time
    per region (profiling/attribution.py).
-Memory: CUDA peak allocated on a GPU; on CPU the process peak RSS (which includes Python and
-torch themselves, so the RSS before the model was built is reported too).
+Memory, besides: CUDA peak allocated on a GPU; on CPU the process peak RSS (which includes
+Python and torch themselves, so the RSS before the model was built is reported too), read
+before the tracked step so that the tracker's own bookkeeping is not in it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class RankMeasurement:
     memory_kind: str  # "cuda_peak_allocated" or "peak_rss"
     peak_memory_bytes: int
     baseline_memory_bytes: int  # before the model was built (RSS) or 0 (CUDA)
+    memory_by_category: dict = field(default_factory=dict)  # memory_by_category(): {"peak", "at_optimizer_step", ...}
     tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> [E], timed steps
     dropped_fraction: dict[int, float] = field(default_factory=dict)  # MoE layer -> mean share dropped
 
@@ -154,7 +162,10 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     held = state_bytes(setup.bare_model, setup.optimizers)  # after the last step, gradients still there
     peak = int(torch.cuda.max_memory_allocated(device)) if cuda else peak_rss_bytes()
 
-    # 3. Profiled steps: traces and time per region.
+    # 3. One untimed step under MemTracker (it slows the step down, and its hooks stay out of the timed ones).
+    by_category = memory_by_category(setup, plan, batches.step())
+
+    # 4. Profiled steps: traces and time per region.
     region_s, profiled_s = _profile_steps(setup, plan, batches, trace_dir, trace_steps, rank, cuda)
     return RankMeasurement(
         rank=rank,
@@ -169,9 +180,78 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
         memory_kind="cuda_peak_allocated" if cuda else "peak_rss",
         peak_memory_bytes=peak,
         baseline_memory_bytes=baseline,
+        memory_by_category=by_category,
         tokens_per_expert={layer: [int(v) for v in counts.tolist()] for layer, counts in sorted(loads.items())},
         dropped_fraction=dict(sorted(dropped.items())),
     )
+
+
+# MemTracker's reference types (torch.distributed._tools.mem_tracker._MemRefType) -> our names.
+_CATEGORIES = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients", "Optstate": "optimizer",
+               "Activation": "activations", "Temp": "temporaries", "Other": "other", "Total": "total"}  # fmt: skip
+
+
+def memory_by_category(setup, plan: SpecPlan, windows: list[torch.Tensor]) -> dict:
+    """Bytes by category over one training step (`train_step`, the wrapper and its collectives
+    included), from torch's MemTracker (a TorchDispatchMode: it sees every tensor the step
+    allocates, and the parameters, gradients and optimizer state registered before it starts).
+
+    Returns {"peak": {category: bytes}, "at_optimizer_step": {...}, "step_counter_bytes": n}:
+    - "peak": the categories at the moment the tracked total peaked (on these models the end of
+      the forward, where the activations are all held and the gradients not yet made:
+      `train_step` sets them to None first);
+    - "at_optimizer_step": just before the first optimizer step, when every gradient exists;
+    - "step_counter_bytes": AdamW's scalar `step` tensors, which MemTracker counts as optimizer
+      state and `state.state_bytes` (and the simulator) do not.
+    Categories: parameters, buffers, gradients, optimizer, activations (made in forward),
+    temporaries (made in backward, activation gradients among them), other, total. What it does
+    not see: tensors made before the step and not registered with it (DDP's gradient buckets,
+    which its reducer allocates at construction and at the first step's rebuild: about one more
+    copy of the DDP-synced gradients), memory outside the dispatcher (gloo's own buffers), and
+    the Python heap."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.nn.modules.module import register_module_forward_pre_hook
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from moespec.train import train_step
+
+    tracker = MemTracker()
+    tracker.track_external(setup.model, *setup.optimizers)
+    at_optimizer_step: list[dict] = []
+
+    def before_optimizer_step(optimizer, args, kwargs) -> None:
+        if not at_optimizer_step:
+            at_optimizer_step.append(tracker.get_tracker_snapshot("current"))
+
+    def before_forward(module, inputs) -> None:
+        # MemTracker refuses a second forward of the root module (it takes it for the next
+        # iteration); with gradient accumulation a step has several. Its per-module statistics,
+        # which we do not use, are what it would mix up: clear them. Registered before the
+        # tracker's own global hook, so this runs first.
+        if module is setup.model:
+            tracker.reset_mod_stats()
+
+    hooks = [register_optimizer_step_pre_hook(before_optimizer_step), register_module_forward_pre_hook(before_forward)]
+    try:
+        with tracker:
+            train_step(setup, plan, windows)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    step_counters = sum(value.numel() * value.element_size() for optimizer in setup.optimizers for state in optimizer.state.values()
+                        for name, value in state.items() if name == "step" and isinstance(value, torch.Tensor))  # fmt: skip
+    return {"peak": _by_category(tracker.get_tracker_snapshot("peak")),
+            "at_optimizer_step": _by_category(at_optimizer_step[0] if at_optimizer_step else {}),
+            "step_counter_bytes": step_counters}  # fmt: skip
+
+
+def _by_category(snapshot: dict) -> dict[str, int]:
+    """MemTracker's {device: {reftype: bytes}} of this rank's one device as {category: bytes}."""
+    out = dict.fromkeys(_CATEGORIES.values(), 0)
+    for per_type in snapshot.values():
+        for reftype, nbytes in per_type.items():
+            out[_CATEGORIES[getattr(reftype, "value", reftype)]] += int(nbytes)
+    return out
 
 
 def _profile_steps(setup, plan, batches, trace_dir: Path | None, trace_steps: int, rank: int, cuda: bool):

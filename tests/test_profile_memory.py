@@ -1,0 +1,141 @@
+"""The profile report's honest parts: the spread of the timed steps and the "noisy" verdict
+(build_report on synthetic rank measurements, no process launched), the refusal of fewer
+than 10 timed steps, and memory by category from MemTracker beside the simulator's terms
+(one real rank of tiny-topk)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moespec.profiling.report import MIN_TIMED_STEPS, build_report, step_spread, verdict
+from moespec.sim.backend import load_backend
+from moespec.sim.model import simulate
+from moespec.spec import load_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TOPK = ROOT / "specs" / "tiny-topk.yaml"
+
+
+def synthetic_rank(step_s: list[float], plan, predicted: dict) -> dict:
+    """RankMeasurement.as_dict() of one rank whose counts are the prediction's and whose
+    memory tracker saw exactly the predicted state (what build_report reads, nothing more)."""
+    state = predicted["state_bytes_per_rank"]
+    category = {"parameters": state["params"], "buffers": 0, "gradients": state["grads"], "optimizer": state["optimizer"] + 8,
+                "activations": 1000, "temporaries": 10, "other": 0}  # fmt: skip
+    category["total"] = sum(category.values())
+    return {
+        "rank": 0, "step_s": step_s, "flops_per_microstep": predicted["step_flops_per_rank_microstep"],
+        "a2a_bytes_per_microstep": 0.0, "a2a_calls_per_microstep": 0.0, "shuffle_bytes_per_microstep": 0.0,
+        "state_bytes": dict(state), "region_s": {"attention": 0.01}, "profiled_step_s": 0.02,
+        "memory_kind": "peak_rss", "peak_memory_bytes": 2**28, "baseline_memory_bytes": 2**27,
+        "memory_by_category": {"peak": category, "at_optimizer_step": category, "step_counter_bytes": 8},
+        "tokens_per_expert": {}, "dropped_fraction": {},
+    }  # fmt: skip
+
+
+def report_for(step_s: list[float], *, calibration_error: float | None = 0.05) -> dict:
+    plan = load_plan(TINY_TOPK)
+    backend = dataclasses.replace(load_backend("cpu-local"), calibration_error=calibration_error)
+    predicted = simulate(plan, backend)
+    return build_report(plan, backend, [synthetic_rank(step_s, plan, predicted)], spec=str(TINY_TOPK), device="cpu",
+                        steps=len(step_s), warmup=1, threads=1, trace_dir=None)  # fmt: skip
+
+
+def time_rows(report: dict) -> list[dict]:
+    return [row for row in report["comparison"] if row["figure"] in ("step time (s, median)", "tokens/s", "MFU")]
+
+
+def test_the_spread_is_the_interquartile_range_over_the_median():
+    # 1..10 ms: quartiles (inclusive) 3.25 and 7.75, median 5.5 -> 4.5 / 5.5.
+    assert step_spread([i / 1e3 for i in range(1, 11)]) == pytest.approx(4.5 / 5.5)
+    assert step_spread([0.02] * 10) == 0.0
+    assert step_spread([0.02]) is None
+    # One stray step does not move it (min/max would): quartiles stay among the tight ones.
+    assert step_spread([0.020] * 9 + [0.200]) == 0.0
+    assert verdict(0.30, band=0.10, spread=0.25) == "noisy"
+    assert verdict(0.03, band=0.10, spread=0.02) == "ok" and verdict(-0.30, band=0.10, spread=0.02) == "out"
+    assert verdict(0.30, band=None, spread=0.5) is None
+
+
+def test_widely_spread_steps_get_the_noisy_verdict_not_ok_or_out():
+    # Steps from 10 to 100 ms: IQR / median far above the band of max(2 x 5%, 5%) = 10%.
+    report = report_for([0.010 * i for i in range(1, 11)])
+    assert report["calibrated_error_band"] == pytest.approx(0.10)
+    spread = report["measured"]["step_s"]["spread"]
+    assert spread == pytest.approx(0.045 / 0.055) and report["measured"]["step_s"]["spread_measure"] == "interquartile range / median"
+    assert report["noisy"] is True
+    for row in time_rows(report):
+        assert row["verdict"] == "noisy" and row["within_calibrated_error"] is None, row
+    # Counts are not judged by the clock.
+    assert all("verdict" not in row for row in report["comparison"] if row["exact"])
+
+
+def test_tight_steps_get_ok_or_out_against_the_band():
+    plan = load_plan(TINY_TOPK)
+    predicted_s = simulate(plan, dataclasses.replace(load_backend("cpu-local"), calibration_error=0.05))["time"]["step_s"]
+    # Within 1% of each other; the median 2% above the prediction (ok), then 3x it (out).
+    for factor, expected in ((1.02, "ok"), (3.0, "out")):
+        steps = [predicted_s * factor * (1 + 0.001 * (i - 5)) for i in range(10)]
+        report = report_for(steps)
+        assert report["measured"]["step_s"]["spread"] < 0.01 and report["noisy"] is False
+        for row in time_rows(report):
+            assert row["verdict"] == expected and row["within_calibrated_error"] is (expected == "ok"), row
+
+
+def test_without_a_calibration_there_is_no_verdict():
+    report = report_for([0.010 * i for i in range(1, 11)], calibration_error=None)
+    assert report["calibrated_error_band"] is None and report["noisy"] is False
+    assert all("verdict" not in row and "within_calibrated_error" not in row for row in report["comparison"])
+
+
+def test_memory_by_category_rows_take_the_step_counters_out_of_the_optimizer_state():
+    report = report_for([0.02] * 10)
+    rows = {row["figure"]: row for row in report["memory_by_category"]["rows"]}
+    for figure in ("parameters", "gradients", "optimizer state"):
+        assert rows[figure]["exact"] and rows[figure]["equal"], rows[figure]
+    assert rows["activations (at peak)"]["measured"] == 1000 and rows["temporaries, buffers, other (at peak)"]["predicted"] is None
+
+
+def test_fewer_than_ten_timed_steps_are_refused_in_one_line(tmp_path):
+    assert MIN_TIMED_STEPS == 10
+    done = subprocess.run([sys.executable, "-m", "moespec", "profile", str(TINY_TOPK), "--steps", "9", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    assert "--steps 9" in done.stderr and "at least 10" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_memtracker_sees_the_exact_state_and_activations_on_tiny_topk():
+    """One real rank (world 1): the tracked step's parameters, gradients and optimizer state
+    (step counters out) are the state `state_bytes` holds and the simulator predicts, to the
+    byte; activations exist; the peak holds at least the state."""
+    import torch
+
+    from moespec.distributed.state import state_bytes
+    from moespec.model.build import build_model
+    from moespec.profiling.measure import TrainingBatches, memory_by_category
+    from moespec.train import prepare_training, train_step
+
+    torch.manual_seed(0)
+    plan = load_plan(TINY_TOPK)
+    setup = prepare_training(build_model(plan, seed=0, device=torch.device("cpu")), plan)
+    batches = TrainingBatches(plan, torch.device("cpu"), seed=0, rank=0)
+    train_step(setup, plan, batches.step())  # the optimizer state exists before the tracked step, as in profile
+    tracked = memory_by_category(setup, plan, batches.step())
+    held = state_bytes(setup.bare_model, setup.optimizers)
+    predicted = simulate(plan, load_backend("cpu-local"))["memory_per_device"]
+    at_step, peak = tracked["at_optimizer_step"], tracked["peak"]
+    assert at_step["parameters"] == held["params"] == predicted["weights_bytes"] == 987_392
+    assert at_step["gradients"] == held["grads"] == predicted["grads_bytes"]
+    # AdamW keeps one 4-byte fp32 `step` tensor per parameter tensor; the rest is m and v.
+    n_tensors = len(list(setup.bare_model.parameters()))
+    assert tracked["step_counter_bytes"] == 4 * n_tensors
+    assert at_step["optimizer"] - tracked["step_counter_bytes"] == held["optimizer"] == predicted["optimizer_bytes"]
+    assert peak["activations"] > 0
+    assert peak["total"] >= held["params"] + held["grads"] + held["optimizer"]
+    assert peak["total"] == sum(v for k, v in peak.items() if k != "total")
