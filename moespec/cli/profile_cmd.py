@@ -195,6 +195,9 @@ def _print_memory_by_category(report: dict) -> None:
         table.add_row(row["figure"], *per_rank, f"{row['measured'] / 2**20:,.3f}",
                       "-" if row["predicted"] is None else f"{row['predicted'] / 2**20:,.3f}", error)  # fmt: skip
     console.print(table)
+    console.print("state read just before the optimizer step (AdamW's step counters left out, as the simulator does), the rest at the "
+                  "tracked peak; the predicted total carries a 10% allocator allowance; not tracked: tensors made before the step "
+                  "and not registered (DDP's gradient buckets), gloo's buffers")  # fmt: skip
 
 
 def print_report(report: dict) -> None:
@@ -205,7 +208,8 @@ def print_report(report: dict) -> None:
                   f"{report['threads_per_rank']} thread(s) per rank, {report['steps']} timed steps after {report['warmup']} warm-up")  # fmt: skip
     band = report["calibrated_error_band"]
     console.print(f"prediction: backend {report['backend']} ({calibrated})"
-                  + (f"; time rows within the calibrated error band of +/-{band:.0%} say ok, or noisy when the steps' spread is wider" if band is not None else ""))  # fmt: skip
+                  + (f"; time rows within the calibrated error band of +/-{band:.0%} say ok, or noisy when the steps' spread is wider"
+                     if band is not None else ""))  # fmt: skip
     table = Table(title="measured vs predicted (per rank per micro-step for counts)")
     for column, justify in (("figure", "left"), ("measured", "right"), ("predicted", "right"), ("error", "right")):
         table.add_column(column, justify=justify)
