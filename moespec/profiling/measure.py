@@ -9,10 +9,11 @@ others' overhead:
    synchronisation, or CUDA events on a GPU; all-to-all bytes from the layers' counters;
 3. one more step, untimed, under torch's MemTracker (`memory_by_category`): peak memory by
    category (parameters, gradients, optimizer state, activations, temporaries), the figures the
-   simulator predicts. It runs on the model as trained: the DDP wrapper and gloo collectives
-   included (checked on tiny-ep, 2 ranks); FSDP2 and CUDA are not checked (on CUDA, MemTracker
-   rounds each storage up to 512 bytes, as the caching allocator does, so the state rows may
-   differ from the exact count there);
+   simulator predicts. It runs on the model as trained, wrapper and gloo collectives included
+   (checked on tiny-ep, 2 ranks, under DDP and under FSDP2 at ZeRO-3: the state exact on each
+   rank; FSDP2's gathered parameters count where they are made, as activations in forward).
+   CUDA is not checked: there MemTracker rounds each storage up to 512 bytes, as the caching
+   allocator does, so the state rows may differ from the exact count;
 4. a few steps under torch.profiler, writing per-rank TensorBoard traces and giving the time
    per region (profiling/attribution.py).
 Memory, besides: CUDA peak allocated on a GPU; on CPU the process peak RSS (which includes
