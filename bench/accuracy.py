@@ -30,14 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MOESPEC = [sys.executable, "-m", "moespec"]
 
 
-def profile(spec: Path, world: int | None, *, calibration: str, steps: int) -> dict:
+def profile(spec: Path, world: int | None, *, calibration: str, steps: int, device: str = "cpu", backend: str = "cpu-local") -> dict:
     """`moespec profile` of `spec` at `world` ranks (None: the spec's own world)."""
     from moespec.spec import load_plan
 
     needs = load_plan(spec).parallel.world
     world = world or needs
     args = ["profile", str(spec), "--json", "--steps", str(steps), "--warmup", "3", "--trace-steps", "0",
-            "--calibration", calibration, "--out", f"/tmp/moespec-accuracy/{spec.stem}-w{world}"]  # fmt: skip
+            "--calibration", calibration, "--out", f"/tmp/moespec-accuracy/{spec.stem}-w{world}",
+            "--device", device, "--backend", backend]  # fmt: skip
     if world != needs:
         args += ["--world", str(world)] + (["--ep", "1"] if world == 1 else [])
     if world > 1:
@@ -69,16 +70,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--suite", choices=("tiny", "heldout"), default="tiny")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--backend", default="cpu-local")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    from moespec.spec import load_plan
     if args.suite == "heldout":
         runs = [(spec, None) for spec in sorted((ROOT / "bench" / "heldout").glob("*.yaml"))]
     else:
         runs = [(spec, world) for spec in sorted((ROOT / "specs").glob("tiny-*.yaml")) for world in (1, 2)]
     print(f"{'spec':<24} {'world':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>8}")
     errors, measured_all, predicted_all = [], [], []
+    if args.device == "cuda":  # one rank per GPU: a machine with fewer GPUs skips the larger worlds, and says so
+        import torch
+
+        gpus = torch.cuda.device_count()
+        skipped = [spec.stem for spec, world in runs if (world or load_plan(spec).parallel.world) > gpus]
+        runs = [(spec, world) for spec, world in runs if (world or load_plan(spec).parallel.world) <= gpus]
+        if skipped:
+            print(f"skipped (more ranks than the {gpus} GPU(s) here): {', '.join(skipped)}")
     for spec, world in runs:
-        reports = [profile(spec, world, calibration=args.calibration, steps=args.steps) for _ in range(args.repeat)]
+        reports = [profile(spec, world, calibration=args.calibration, steps=args.steps, device=args.device, backend=args.backend)
+                   for _ in range(args.repeat)]  # fmt: skip
         report = reports[0]
         measured = statistics.median(r["comparison"][0]["measured"] for r in reports)
         predicted = report["comparison"][0]["predicted"]

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU checks for a device machine (one prepared script: calibrate, then judge on held-out specs).
+#   bash bench/gpu_check.sh [OUT_DIR]
+# 1. the NCCL and CUDA tests that skip without a GPU;
+# 2. `moespec calibrate --device cuda` for the BACKEND (default h200-cluster-4n: the device
+#    machine's H200; writes profiler/calibrations/<backend>.nproc1.json);
+# 3. the held-out accuracy suite (bench/accuracy.py --suite heldout) against that calibration.
+# Each step has its own time limit so the whole script stays under 8 minutes; outputs go to
+# OUT_DIR (default $OUT, the device tool's folder that comes back, else ./gpu-check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu-check}}"
+mkdir -p "$out"
+py=.venv/bin/python
+[ -x "$py" ] || py=python3
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || { echo "no GPU here (nvidia-smi failed)"; exit 2; }
+timeout 180 "$py" -m pytest -q -rs tests/test_distributed.py tests/test_auction.py tests/test_profile.py -k "nccl or cuda" \
+  > "$out/gpu-tests.txt" 2>&1; echo "gpu tests: exit $?" | tee -a "$out/summary.txt"
+backend="${BACKEND:-h200-cluster-4n}"
+timeout 150 "$py" -m moespec calibrate --backend "$backend" --device cuda --nproc 1 --json > "$out/calibration.json" 2> "$out/calibrate.err"
+echo "calibrate: exit $?" | tee -a "$out/summary.txt"
+timeout 150 "$py" bench/accuracy.py --suite heldout --calibration auto --device cuda --backend "$backend" > "$out/heldout.txt" 2>&1
+echo "held-out accuracy: exit $?" | tee -a "$out/summary.txt"
+tail -4 "$out/heldout.txt" | tee -a "$out/summary.txt"
