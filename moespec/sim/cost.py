@@ -272,10 +272,13 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     # Tensor parallel (Megatron): 4 all-reduces of the [B, S, D] activations per block per
     # micro-step over the tp ranks; pipeline: a pair exchange between neighbouring stages.
     activations = b.micro_batch * b.seq_len * b.d_model * bpe
-    tp_comm_s = 4 * b.n_layers / b.pp * micro_steps * collectives.time_s(
-        "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), activations, 0.0))
-    pp_comm_s = 2 * micro_steps * collectives.time_s(
-        "a2a", collectives.rank_sets(b.tp, 2), np.where(valid & (b.pp > 1), activations / b.tp, 0.0))
+    tp_comm_s, pp_comm_s = np.zeros(n), np.zeros(n)  # most sweeps have neither: skip the lookups
+    if (b.tp > 1).any():
+        tp_comm_s = 4 * b.n_layers / b.pp * micro_steps * collectives.time_s(
+            "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), activations, 0.0))
+    if (b.pp > 1).any():
+        pp_comm_s = 2 * micro_steps * collectives.time_s(
+            "a2a", collectives.rank_sets(b.tp, 2), np.where(valid & (b.pp > 1), activations / b.tp, 0.0))
 
     # Data-parallel gradient traffic (fp32 gradients and parameters, 4 bytes): dense over
     # the dp ranks (every tp*pp-th), experts over their replicas (every tp*pp*ep-th).

@@ -56,8 +56,13 @@ def a2a_transfers(b: DesignBatch) -> np.ndarray:
 
 
 def expert_rows(b: DesignBatch, layers: LayerTable) -> np.ndarray:
-    """Rows a group's experts compute on per routing group of T tokens (int64, per group): E*C
-    with capacity C = max(ceil(k*T/E*cf), min_capacity) (CapacityPlan.capacity), T*k dropless."""
+    """Rows a group's experts compute on per routing group of T tokens (int64, per group)."""
+    return b.expert_rows if layers is b.table else capacity_rows(b, layers)
+
+
+def capacity_rows(b: DesignBatch, layers: LayerTable) -> np.ndarray:
+    """E*C rows with capacity C = max(ceil(k*T/E*cf), min_capacity) (CapacityPlan.capacity),
+    T*k dropless, per group."""
     t_k = layers.lift(b.micro_batch * b.seq_len) * layers.k
     capacity = np.maximum(np.ceil(t_k / layers.experts * layers.capacity_factor), layers.min_capacity)
     return np.where(layers.dropless, t_k, layers.experts * np.where(layers.dropless, 0, capacity).astype(np.int64))

@@ -155,6 +155,13 @@ class DesignBatch:
         """`layer_table()`, built once per batch (every cost term reads it)."""
         return self.layer_table()
 
+    @functools.cached_property
+    def expert_rows(self) -> np.ndarray:
+        """counts.capacity_rows of `table`, computed once per batch (four cost terms read it)."""
+        from moespec.sim.counts import capacity_rows
+
+        return capacity_rows(self, self.table)
+
     def layer_table(self) -> LayerTable:
         """The groups the cost model sums over: explicit, or (uniform) one MoE group per
         design taken from the flat columns, its dense blocks left to `dense_blocks`."""
