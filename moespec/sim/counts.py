@@ -170,7 +170,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
         "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
-        "fsdp_units": np.where(fsdp, units, 0), "model_flops_per_token": model_flops_per_token,
+        "model_flops_per_token": model_flops_per_token,
         **{f"flops_{name}": value for name, value in parts.items()},
     }  # fmt: skip
 
@@ -271,7 +271,11 @@ def predict_step_flops(plan: SpecPlan) -> int:
 def step_flops_by_part(plan: SpecPlan) -> dict[str, int]:
     """`predict_step_flops` split by part (attention, dense FFN, router, experts, shared
     experts, LM head, recomputation); the parts sum to the total exactly."""
-    figures = plan_counts(plan)
+    return flops_by_part(plan_counts(plan))
+
+
+def flops_by_part(figures: dict) -> dict:
+    """The non-zero `flops_<part>` figures of one design, by part name."""
     return {name[len("flops_"):]: value for name, value in figures.items() if name.startswith("flops_") and value}
 
 

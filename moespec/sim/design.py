@@ -220,21 +220,25 @@ class DesignBatch:
         return cls.from_plans([plan]).take(np.zeros(n, dtype=np.int64)).replace(**arrays)
 
 
-def require_uniform(plan: SpecPlan) -> None:
-    """ValueError unless every MoE layer is alike and every dense layer has one width: what a
-    sweep's fast axes (one value per design for `experts`, `k`, ...) can describe."""
+def _unlike_layers(plan: SpecPlan) -> str:
+    """Why flat per-design columns cannot describe the plan's layers ('' when they can)."""
     moe_configs = {layer.moe for layer in plan.moe_layers}
     if len(moe_configs) > 1:
         indices = [layer.index for layer in plan.moe_layers]
-        raise ValueError(f"{plan.name}: layers {indices} hold {len(moe_configs)} different MoE configurations; "
-                         "a sweep needs every MoE layer alike")  # fmt: skip
+        return f"{plan.name}: layers {indices} hold {len(moe_configs)} different MoE configurations; a sweep needs every MoE layer alike"
     widths = sorted({layer.d_ff for layer in plan.layers if layer.moe is None})
-    if len(widths) > 1:
-        raise ValueError(f"{plan.name}: dense layers have widths {widths}; a sweep needs one")
+    return f"{plan.name}: dense layers have widths {widths}; a sweep needs one" if len(widths) > 1 else ""
+
+
+def require_uniform(plan: SpecPlan) -> None:
+    """ValueError unless every MoE layer is alike and every dense layer has one width: what a
+    sweep's fast axes (one value per design for `experts`, `k`, ...) can describe."""
+    if reason := _unlike_layers(plan):
+        raise ValueError(reason)
 
 
 def _uniform(plan: SpecPlan) -> bool:
-    return len({layer.moe for layer in plan.moe_layers}) <= 1 and len({l.d_ff for l in plan.layers if l.moe is None}) <= 1
+    return not _unlike_layers(plan)
 
 
 def _groups(plan: SpecPlan) -> list[tuple[LayerPlan, int]]:

@@ -12,12 +12,11 @@ from dataclasses import dataclass, fields
 
 from moespec.sim.backend import Backend
 from moespec.sim.cost import ALLOCATOR_ALLOWANCE, DEFAULT_OVERLAP, evaluate
-from moespec.sim.counts import compute_bytes
+from moespec.sim.counts import compute_bytes, flops_by_part
 from moespec.sim.design import DesignBatch
 from moespec.sim.load import Load, a2a_bytes_per_rank, imbalance_factors, layer_load
 from moespec.spec.plan import SpecPlan
 
-FLOP_PARTS = ("attention", "dense_ffn", "router", "experts_capacity", "experts_dropless", "shared_experts", "lm_head", "recompute")
 
 
 @dataclass(frozen=True)
@@ -88,13 +87,13 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
              load: Load | None = None) -> dict:  # fmt: skip
     """Everything `moespec simulate` reports, as plain data. `load` (sim/load.py) replaces the
     single `imbalance` knob by what a load model or a measured histogram implies."""
-    a2a_imbalance = None
+    a2a_imbalance = factors = None
     if load is not None:
         factors = imbalance_factors(plan, load)
         imbalance, a2a_imbalance = factors["compute_imbalance"], factors["a2a_imbalance"]
     one = _evaluate(plan, backend, overlap=overlap, imbalance=imbalance, a2a_imbalance=a2a_imbalance)
     timing = _time(one)
-    by_part = {name: one[f"flops_{name}"] for name in FLOP_PARTS if one[f"flops_{name}"]}
+    by_part = flops_by_part(one)
     total_flops = sum(by_part.values())
     # Compute time split in proportion to FLOPs (one roofline rate for every matmul).
     compute_by_part_s = {name: timing.compute_s * flops / total_flops for name, flops in by_part.items()}
@@ -131,11 +130,11 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
         },
     }
     if load is not None:
-        report["load"] = _load_report(plan, load)
+        report["load"] = _load_report(plan, load, factors)
     return report
 
 
-def _load_report(plan: SpecPlan, load: Load) -> dict:
+def _load_report(plan: SpecPlan, load: Load, factors: dict) -> dict:
     """What the load implies per rank and layer (sim/load.py), beside the step's figures."""
     b = int(compute_bytes(DesignBatch.from_plans([plan]))[0])
     per_layer = {}
@@ -143,5 +142,5 @@ def _load_report(plan: SpecPlan, load: Load) -> dict:
         ll = layer_load(plan, load, layer)
         per_layer[str(layer.index)] = {"expert_rows_per_rank": ll.expert_rows_P.tolist(), "sent_rows_per_rank": ll.send_rows_P.tolist(),
                                        "received_rows_per_rank": ll.recv_rows_P.tolist(), "dropped_fraction": ll.dropped_fraction}  # fmt: skip
-    return {"kind": load.kind, "source": load.source, **imbalance_factors(plan, load),
+    return {"kind": load.kind, "source": load.source, **factors,
             "a2a_bytes_per_rank_microstep": a2a_bytes_per_rank(plan, load, b), "layers": per_layer}
