@@ -8,7 +8,10 @@ small models the calibration is fitted on, so their error is an in-sample figure
 profiles the 12 specs of bench/heldout/ (d_model 64-512, seq 64-512, 4-64 experts, top-1 to
 top-8, capacity and dropless, shared experts, gradient accumulation, BASE, ep 1 and 2, world
 1 and 2, fp32 and bf16), each at its own world: none of them is a model any calibration is
-fitted on, and the bench prints the fit set (the calibration's own small models) beside them.
+fitted on, and the bench prints the fit set (the calibration's micro-benchmarks and toy
+models) beside them. Calibrate on the machine first (`moespec calibrate --backend cpu-local
+--nproc 1` and `--nproc 2`): a calibration from another machine, or from this one on another
+day of a shared VM, carries that machine's speed.
 
 Each run is `moespec profile SPEC --json` (a real training step on real gloo ranks), so the
 figures are what a user sees. World 2 runs the same design with dp 2 (`--world 2`); a spec
@@ -112,7 +115,9 @@ def _fit_set(calibration: str | None) -> str:
     if not calibration or not Path(calibration).is_file():
         return "none (no calibration)"
     blocks = json.loads(Path(calibration).read_text())["measurements"]["blocks"]
-    return ", ".join(sorted({b["name"].split("@")[0] for b in blocks})) + " at seq 16 and 64"
+    return ("operator micro-benchmarks (Linear, bmm, attention grids; gather, elementwise, group loop, AdamW); "
+            "host seconds per op fitted on the toy models " + ", ".join(b["name"] for b in blocks)
+            + " (profiling/calibrate.py fit_plans: dense d 16 and 64, dropless d 16)")
 
 
 if __name__ == "__main__":

@@ -213,13 +213,19 @@ def test_calibrate_writes_a_calibration_that_validates_and_is_used(tmp_path):
     calibration = load_calibration(out)  # raises if it does not validate
     assert calibration_errors(calibration) == []
     assert calibration["backend"] == "cpu-local" and calibration["machine"]["nproc"] == 1
-    fitted = calibration["fitted"]
-    assert 0 < fitted["matmul_efficiency"] <= 1 and fitted["memory_bandwidth_Bps"] > 0
-    assert fitted["overhead"]["moe_layer_s"]["base"] > 0  # the auction costs real host time
+    ops = calibration["ops"]
+    assert set(ops["linear"]) == set(ops["bmm"]) == set(ops["grouped"]) == set(ops["attention"]) == {"fp32", "bf16"}
+    assert all(ops[name] > 0 for name in ("op_s", "optimizer_op_s", "bandwidth_Bps", "gather_Bps"))
+    # a measured grid point comes back from the database at its measured time
+    grid = ops["linear"]["fp32"]
+    m, k, n = (grid["axes"][axis][-1] for axis in "mkn")
     backend = apply_calibration(load_backend("cpu-local"), calibration, source=str(out))
-    assert backend.matmul_efficiency == fitted["matmul_efficiency"] and backend.overheads.dense_layer_s == fitted["overhead"]["dense_layer_s"]
+    assert backend.ops.linear_s(0, m, k, n)[()] == pytest.approx(grid["seconds"][-1][-1][-1], rel=1e-9)
     plan = load_plan(SPECS / "tiny-topk.yaml")
-    assert simulate(plan, backend)["time"]["overhead_s"] > 0 == simulate(plan, load_backend("cpu-local"))["time"]["overhead_s"]
+    calibrated, roofline = simulate(plan, backend), simulate(plan, load_backend("cpu-local"))
+    assert calibrated["time"]["overhead_s"] > 0 == roofline["time"]["overhead_s"]
+    assert calibrated["assumptions"]["time_model"].startswith("operator database")
+    assert roofline["assumptions"]["time_model"].startswith("roofline")
     with pytest.raises(ValueError, match="measured for backend 'cpu-local'"):
         apply_calibration(load_backend("dgx-h100"), calibration)
 

@@ -97,30 +97,45 @@ def _calibrate(hardware, device: str, out: Path, threads: int, quick: bool, as_j
 
 
 def _print(document: dict, out: Path) -> None:
-    fitted, machine, errors = document["fitted"], document["machine"], document["fit_error"]
+    from moespec.sim.opdb import database_from_dict
+
+    fitted, machine, errors, ops = document["fitted"], document["machine"], document["fit_error"], document["ops"]
     console.print(f"[bold]{document['backend']}[/bold] calibrated on {machine['hostname']} ({machine['cpu']}, {machine['nproc']} rank(s) x "
                   f"{machine['threads_per_rank']} thread(s), torch {machine['torch']}) at {document['created']}")  # fmt: skip
-    table = Table(title="fitted figures")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("fit error (median)", justify="right")
-    table.add_row("peak fp32 (raised to the best measured if higher)", f"{fitted['peak_flops_per_s']['fp32'] / 1e9:,.1f} GFLOP/s", "")
-    table.add_row("matmul efficiency", f"{fitted['matmul_efficiency']:.3f}", f"{errors['matmul']:.1%}")
-    table.add_row("memory bandwidth", f"{fitted['memory_bandwidth_Bps'] / 1e9:,.2f} GB/s", f"{errors['memory']:.1%}")
+    db = database_from_dict(ops)
+    table = Table(title="operator database (measured; op_s fitted)")
+    table.add_column("op family")
+    table.add_column("figure", justify="right")
+    for dtype, code in (("fp32", 0), ("bf16", 1)):
+        if dtype in ops["linear"]:
+            rates = [6 * m * k * n / db.linear_s(code, m, k, n)[()] / 1e9 for m, k, n in ((64, 256, 256), (1024, 1024, 1024))]
+            table.add_row(f"Linear fwd+bwd, {dtype}", f"{rates[0]:,.1f} GFLOP/s at 64x256x256, {rates[1]:,.1f} at 1024^3")
+    for dtype, code in (("fp32", 0), ("bf16", 1)):
+        if dtype in ops["bmm"]:
+            rate = 6 * 32 * 16 * 256 * 256 / db.bmm_s(code, 32, 16, 256, 256)[()] / 1e9
+            table.add_row(f"expert bank bmm fwd+bwd, {dtype}", f"{rate:,.1f} GFLOP/s at 32 experts x 16 rows x 256^2")
+    for dtype, code in (("fp32", 0), ("bf16", 1)):
+        if dtype in ops["attention"]:
+            rate = 12 * 256**2 * 64 * 16 / db.attention_s(code, 16, 256, 64)[()] / 1e9
+            table.add_row(f"causal attention fwd+bwd, {dtype}", f"{rate:,.1f} GFLOP/s at 16 heads x 256 x 64")
+    table.add_row("host time per op (fitted)", f"{ops['op_s'] * 1e6:,.2f} us")
+    table.add_row("host time per optimizer step (fitted)", f"{ops['step_s'] * 1e3:,.3f} ms")
+    for dtype, code in (("fp32", 0), ("bf16", 1)):
+        if dtype in ops["grouped"]:
+            rate = 18 * 64 * 128 * 128 * 8 / db.grouped_s(code, 8, 64, 128, 128)[()] / 1e9
+            table.add_row(f"dropless expert groups fwd+bwd, {dtype}", f"{rate:,.1f} GFLOP/s at 8 groups x 64 rows x 128^2")
+    per_param = ", ".join(f"{seconds / size * 1e9:,.2f} ns at {size:,}" for size, seconds in
+                          zip(ops["optimizer_param_s"]["axes"]["size"], ops["optimizer_param_s"]["seconds"]))  # fmt: skip
+    table.add_row("clip + AdamW: per op / per parameter by tensor size", f"{ops['optimizer_op_s'] * 1e6:,.2f} us / {per_param}")
+    table.add_row("elementwise bandwidth", f"{ops['bandwidth_Bps'] / 1e9:,.2f} GB/s")
+    table.add_row("gather / index_add bandwidth", f"{ops['gather_Bps'] / 1e9:,.2f} GB/s")
     link = fitted["link"]
     if document["measurements"]["all_to_all"]:
-        table.add_row("link latency", f"{link['latency_s'] * 1e6:,.1f} us", f"{errors['all_to_all']:.1%}")
-        table.add_row("link bandwidth", f"{link['bandwidth_Bps'] / 1e9:,.2f} GB/s", "")
-        table.add_row("all-reduce over the ideal ring", f"{fitted['allreduce_scale']:.2f}x", f"{errors['all_reduce']:.1%}")
-    overhead = fitted["overhead"]
-    table.add_row("host overhead per micro-step", f"{overhead['step_s'] * 1e3:,.3f} ms", "")
-    table.add_row("host overhead per optimizer step", f"{overhead['optimizer_step_s'] * 1e3:,.3f} ms", "")
-    table.add_row("host overhead per dense block", f"{overhead['dense_layer_s'] * 1e3:,.3f} ms", "")
-    for router, seconds in overhead["moe_layer_s"].items():
-        table.add_row(f"host overhead per MoE block, {router}", f"{seconds * 1e3:,.3f} ms", "")
-    table.add_row("host overhead per local expert", f"{overhead['local_expert_s'] * 1e3:,.3f} ms", "")
-    table.add_row("wait per all-to-all call (ep > 1)", f"{overhead['a2a_call_s'] * 1e3:,.3f} ms", "")
+        table.add_row("link latency", f"{link['latency_s'] * 1e6:,.1f} us (fit error {errors['all_to_all']:.1%})")
+        table.add_row("link bandwidth", f"{link['bandwidth_Bps'] / 1e9:,.2f} GB/s")
+        table.add_row("all-reduce over the ideal ring", f"{fitted['allreduce_scale']:.2f}x (fit error {errors['all_reduce']:.1%})")
     console.print(table)
-    console.print(f"whole-step prediction on the small models: median error {errors['step']:.1%} "
-                  "(profile calls a time within twice this, at least 5%, within the calibrated error)")  # fmt: skip
+    fit = ", ".join(f"{b['name']} {b['seconds'] * 1e3:,.1f} ms ({b['modelled_s'] / b['seconds'] - 1:+.0%})" for b in document["measurements"]["blocks"])
+    console.print(f"fit models (measured, prediction's error): {fit}")
+    console.print(f"median error {errors['step']:.1%} (profile calls a time within twice this, at least 5%, within the calibrated error)")
     console.print(f"written: {out}")

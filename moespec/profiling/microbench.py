@@ -1,5 +1,5 @@
-"""Micro-benchmarks that `moespec calibrate` fits the backend to: matmuls, elementwise memory
-traffic, collectives, and small models' training steps (for the fixed host overheads).
+"""Micro-benchmarks of `moespec calibrate` beside the operator database's (opbench.py):
+collectives over the ranks, and whole training steps of the small fit models.
 
 Every timing is the median of repeated runs after a warm-up, on this rank's threads; all ranks
 run them at once, so memory-bus contention is what a multi-rank training run sees.
@@ -14,10 +14,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-# Small-model matmul shapes: T tokens x (D model, F hidden), forward and both backward forms.
-DEFAULT_TOKENS = (256, 512, 1024)
-DEFAULT_WIDTHS = ((64, 128), (64, 256), (128, 512), (256, 1024))
-MEMORY_SIZES = tuple(2**p for p in range(15, 21))  # 32K..1M float32 elements (128 KiB..4 MiB)
 COLLECTIVE_BYTES = tuple(2**p for p in range(12, 23, 2))  # 4 KiB..4 MiB per rank
 
 
@@ -35,37 +31,6 @@ def median_seconds(run: Callable[[], object], *, repeats: int, warmup: int = 3, 
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def matmul_shapes(tokens=DEFAULT_TOKENS, widths=DEFAULT_WIDTHS) -> list[tuple[int, int, int]]:
-    """(m, n, k) of x@W [T,D]x[D,F], grad_x [T,F]x[F,D] and grad_W [D,T]x[T,F]."""
-    shapes = []
-    for t in tokens:
-        for d, f in widths:
-            shapes += [(t, f, d), (t, d, f), (d, f, t)]
-    return shapes
-
-
-def time_matmuls(shapes, device: torch.device, *, repeats: int = 20) -> list[dict]:
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    results = []
-    for m, n, k in shapes:
-        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-        out = torch.empty(m, n, device=device)
-        seconds = median_seconds(lambda: torch.mm(a, b, out=out), repeats=repeats, sync=sync)
-        results.append({"m": m, "n": n, "k": k, "seconds": seconds})
-    return results
-
-
-def time_memory(device: torch.device, *, sizes=MEMORY_SIZES, repeats: int = 20) -> list[dict]:
-    """c = a + b: reads two tensors and writes one, 3 * 4 bytes per element."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    results = []
-    for n in sizes:
-        a, b, c = (torch.randn(n, device=device) for _ in range(3))
-        seconds = median_seconds(lambda: torch.add(a, b, out=c), repeats=repeats, sync=sync)
-        results.append({"bytes": 3 * 4 * n, "seconds": seconds})
-    return results
 
 
 def time_collectives(device: torch.device, *, sizes=COLLECTIVE_BYTES, repeats: int = 10) -> tuple[list[dict], list[dict]]:
@@ -87,27 +52,37 @@ def time_collectives(device: torch.device, *, sizes=COLLECTIVE_BYTES, repeats: i
     return a2a, allreduce
 
 
-def time_training_step(plan, device: torch.device, *, steps: int = 30, warmup: int = 5, seed: int = 0, dist_ctx=None) -> float:
-    """Median seconds of one real optimizer step of `plan`'s model, as `moespec profile` times
-    it: with `dist_ctx` (a DistContext for the plan's layout) on every rank at once (DDP,
-    expert-gradient reduction, clipping all-reduce included), each step started after a
-    barrier, the slowest rank's time counted."""
+def time_training_steps(plans: dict, device: torch.device, *, rounds: int = 20, warmup: int = 3, seed: int = 0,
+                        dist_ctx=None) -> dict[str, float]:  # fmt: skip
+    """Median seconds of one real optimizer step of each plan, as `moespec profile` times it
+    (with `dist_ctx` on every rank at once, DDP included, the slowest rank's), interleaved: round after round, one step of every plan, so that a machine whose speed
+    drifts (a shared VM) moves every plan's median alike instead of skewing their ratios."""
     from moespec.distributed.data_parallel import shard_experts
     from moespec.model.build import build_model
     from moespec.profiling.measure import TrainingBatches
     from moespec.train import prepare_training, train_step
 
     distributed = dist_ctx is not None
-    model = build_model(plan, seed=seed, device=device)
-    if distributed:
-        shard_experts(model, dist_ctx)
-    setup = prepare_training(model, plan, dist_ctx=dist_ctx)
-    batches = TrainingBatches(plan, device, seed, dist_ctx.rank if distributed else 0)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    before = dist.barrier if distributed else (lambda: None)
-    seconds = median_seconds(lambda: train_step(setup, plan, batches.step()), repeats=steps, warmup=warmup, sync=sync, before=before)
-    if distributed:
-        slowest = torch.tensor([seconds], dtype=torch.float64)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        seconds = float(slowest)
-    return seconds
+    steps = {}
+    for name, plan in plans.items():
+        model = build_model(plan, seed=seed, device=device)
+        if distributed:
+            shard_experts(model, dist_ctx)
+        setup = prepare_training(model, plan, dist_ctx=dist_ctx)
+        batches = TrainingBatches(plan, device, seed, dist_ctx.rank if distributed else 0)
+        steps[name] = (lambda setup=setup, plan=plan, batches=batches: train_step(setup, plan, batches.step()))
+    times: dict[str, list[float]] = {name: [] for name in plans}
+    for r in range(warmup + rounds):
+        for name, step in steps.items():
+            if distributed:
+                dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    medians = torch.tensor([statistics.median(times[name]) for name in plans], dtype=torch.float64)
+    if distributed:  # the slowest rank's
+        dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    return dict(zip(plans, medians.tolist()))

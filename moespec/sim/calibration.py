@@ -1,11 +1,12 @@
 """Calibrations: a backend's figures as measured on a real machine by `moespec calibrate`.
 
 A calibration file (JSON, schemas/calibration.schema.json) records where and when it was
-measured, the raw micro-benchmark timings and the fitted figures. Applying it to its backend
-replaces the peak FLOP/s (raised to the best measured matmul rate when the datasheet figure
-was lower), the matmul efficiency, the memory bandwidth (measured, so efficiency 1), the
-intra-node link's latency and bandwidth (fitted so that the topology model's all-to-all and
-all-reduce times match the measured ones) and the fixed host overheads (sim/overhead.py).
+measured, its operator database (`ops`, sim/opdb.py: what each op family costs on that
+machine) and the fitted link. Applying it to its backend sets the database, which the cost
+model then sums along each step's op list instead of the roofline, the intra-node link's
+latency and bandwidth (fitted so that the topology model's all-to-all and all-reduce times
+match the measured ones), the peak FLOP/s (raised to the best measured rate when the
+datasheet figure was lower: MFU's denominator) and the memory bandwidth.
 Shipped calibrations live in profiler/calibrations/ (the package moespec.calibrations).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from moespec.sim.backend import Backend, LinkSpec
+from moespec.sim.opdb import database_from_dict
 from moespec.sim.overhead import overheads_from_dict
 from moespec.spec.errors import SpecError, SpecErrors
 from moespec.spec.schema import parse_checked, schema_errors
@@ -98,6 +100,7 @@ def apply_calibration(backend: Backend, calibration: dict, *, source: str = "") 
         intra_node=LinkSpec(float(link["bandwidth_Bps"]), float(link["latency_s"]), 1.0),
         overheads=overheads_from_dict(fitted["overhead"]),
         allreduce_scale=float(fitted["allreduce_scale"]),
+        ops=database_from_dict(calibration["ops"]),
         calibration=source or calibration.get("created", "calibrated"),
         calibration_error=calibration["fit_error"].get("step"),
     )

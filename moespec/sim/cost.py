@@ -227,6 +227,22 @@ def elementwise_bytes(b: DesignBatch, passed: np.ndarray) -> np.ndarray:
 # --- time --------------------------------------------------------------------------------------
 
 
+def _op_times(b: DesignBatch, db, state: dict, *, imbalance: float) -> tuple[np.ndarray, ...]:
+    """(matmul + attention, memory-bound, host seconds) of one micro-step and the optimizer
+    step's seconds, from the operator database: each op family of sim/ops.py at its measured
+    cost. Elementwise bytes are the activation passes (`elementwise_bytes`) at the measured
+    elementwise bandwidth plus dispatch/combine rows at the gather bandwidth."""
+    from moespec.sim import ops
+
+    linear_s, attention_s = ops.linear_and_attention_s(b, db, imbalance=imbalance)
+    host_ops, _ = ops.other_ops(b)
+    replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
+    elementwise_s = elementwise_bytes(b, state["elementwise_activations"]) / db.bandwidth_Bps + ops.gather_bytes(b) * replay / db.gather_Bps
+    host_s = host_ops * db.op_s * replay + ops.auction_s(b, db)
+    optimizer_s = ops.optimizer_s(b, db, state["params"] / 4) + db.step_s  # the training loop's own host time, once per optimizer step
+    return linear_s + attention_s, elementwise_s, host_s, optimizer_s
+
+
 @np.errstate(divide="ignore", invalid="ignore")
 def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectives: CollectiveCosts, *,
           overlap: float, imbalance: float, a2a_imbalance: float) -> dict[str, np.ndarray]:  # fmt: skip
@@ -241,22 +257,27 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     memory_Bps = backend.device.memory_bandwidth_Bps * backend.memory_efficiency
     dense, expert = state["full_dense"], state["full_expert"]  # elements of a rank's dense and expert parameters
 
-    # Compute: roofline per micro-step. Dropless experts wait for the busiest rank (`imbalance`).
-    replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
-    flops = (counts["step_flops"] + (imbalance - 1) * counts["flops_experts_dropless"] * replay) / shard
-    weights_s = 3 * (dense + expert) * bpe / memory_Bps
-    compute_s = np.maximum(flops / (peak * backend.matmul_efficiency), weights_s) * micro_steps
-    elementwise_s = elementwise_bytes(b, state["elementwise_activations"]) / memory_Bps * micro_steps
-
-    # Fixed host time (sim/overhead.py): per micro-step and stage, plus the optimizer step's.
-    ov = backend.overheads
+    if backend.ops is not None:  # the operator database (sim/opdb.py) along the step's op list (sim/ops.py)
+        compute_s, elementwise_s, overhead_s, optimizer_s = _op_times(b, backend.ops, state, imbalance=imbalance)
+        compute_s, elementwise_s, overhead_s = compute_s * micro_steps, elementwise_s * micro_steps, overhead_s * micro_steps / b.pp
+    else:
+        # Compute: roofline per micro-step. Dropless experts wait for the busiest rank (`imbalance`).
+        replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
+        flops = (counts["step_flops"] + (imbalance - 1) * counts["flops_experts_dropless"] * replay) / shard
+        weights_s = 3 * (dense + expert) * bpe / memory_Bps
+        compute_s = np.maximum(flops / (peak * backend.matmul_efficiency), weights_s) * micro_steps
+        elementwise_s = elementwise_bytes(b, state["elementwise_activations"]) / memory_Bps * micro_steps
+        optimizer_s = 2 * 16 * (state["optimizer"] / 8) / memory_Bps  # AdamW reads and writes p, g, m, v
+        overhead_s = np.zeros(n)
     ep = lift(b.ep)
     transfers = lift(a2a_transfers(b))
-    a2a_calls = np.where(ep > 1, transfers * np.where(layers.shuffle, 2, 1), 0)
-    moe_s = np.array([ov.moe_layer(name) for name in ROUTER_NAMES])[layers.router] + ov.local_expert_s * layers.experts / ep
-    per_block_s = np.where(layers.moe, moe_s + ov.a2a_call_s * a2a_calls, ov.dense_layer_s)
-    fixed_s = ov.step_s + layers.per_design(layers.count * per_block_s, n) + b.dense_blocks * ov.dense_layer_s
-    overhead_s = fixed_s / b.pp * micro_steps + ov.optimizer_step_s
+    if backend.ops is None:  # fixed host time (sim/overhead.py): per micro-step and stage, plus the optimizer step's
+        ov = backend.overheads
+        a2a_calls = np.where(ep > 1, transfers * np.where(layers.shuffle, 2, 1), 0)
+        moe_s = np.array([ov.moe_layer(name) for name in ROUTER_NAMES])[layers.router] + ov.local_expert_s * layers.experts / ep
+        per_block_s = np.where(layers.moe, moe_s + ov.a2a_call_s * a2a_calls, ov.dense_layer_s)
+        fixed_s = ov.step_s + layers.per_design(layers.count * per_block_s, n) + b.dense_blocks * ov.dense_layer_s
+        overhead_s = fixed_s / b.pp * micro_steps + ov.optimizer_step_s
 
     # All-to-all: each rank sends rows*D*b/ep to every other rank of its group per transfer;
     # BASE's shuffle T/ep tokens of D*b bytes. Per layer, per micro-step of its stage.
@@ -308,7 +329,6 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
 
     pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s
     bubble_s = np.where(b.pp > 1, (b.pp - 1) / (micro_steps + b.pp - 1) * pipelined_s, 0.0)
-    optimizer_s = 2 * 16 * (state["optimizer"] / 8) / memory_Bps  # AdamW reads and writes p, g, m, v
     step_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s + pp_comm_s + exposed_s + bubble_s + optimizer_s
     tokens_per_s = b.global_batch * b.seq_len / step_s
     mfu = counts["model_flops_per_token"] * tokens_per_s / (world * peak)

@@ -95,7 +95,8 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
     timing = _time(one)
     by_part = flops_by_part(one)
     total_flops = sum(by_part.values())
-    # Compute time split in proportion to FLOPs (one roofline rate for every matmul).
+    # Compute time split in proportion to FLOPs (an estimate: the operator database times the
+    # families apart, but the report keeps one split for both time models).
     compute_by_part_s = {name: timing.compute_s * flops / total_flops for name, flops in by_part.items()}
     report = {
         "spec": plan.name,
@@ -125,6 +126,8 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
             "efficiencies": {"matmul": backend.matmul_efficiency, "memory": backend.memory_efficiency},
             "overheads": backend.overheads.as_dict(),
             "calibration": backend.calibration,
+            "time_model": ("operator database (sim/opdb.py): each op family of the step at its measured cost"
+                           if backend.ops is not None else "roofline (uncalibrated): matmul FLOPs at peak x efficiency, bytes at bandwidth"),
             "state": "fp32 parameters and gradients, fp32 AdamW m and v at every precision (autocast); "
                      "ZeRO shards by rows (FSDP2 Shard(0)): dense over dp, experts over dp/ep",
         },

@@ -1,0 +1,158 @@
+"""A training step's op list, per design, for the operator database (sim/opdb.py).
+
+What one rank runs per micro-step, forward and backward (as arrays over designs):
+- Linears (M rows, K in, N out, dtype): attention q, k, v, o; dense FFNs; routers (fp32:
+  selective precision); shared experts; routed experts, one Linear-shaped product per local
+  expert on its rows (dropless) or a bank's bmm per projection (capacity); the LM head.
+- Causal SDPA over micro_batch x n_heads heads of S x hd, per block.
+- Other ops (norms, RoPE, activations, routing, dispatch, losses, casts, views): counted, not
+  sized: each costs `op_s` of host time, their bytes go through `elementwise_bytes`. The
+  counts are those of `profiling/optrace.py` on the real model (tests/test_op_counts.py
+  checks them within 5% on a matrix of specs). BASE's auction is timed whole instead
+  (`auction_s`): its rounds depend on the scores.
+- Dispatch and combine rows (index_select / index_add, gathers): bytes at `gather_Bps`
+  (capacity layers; the dropless kernel's own gathers are in its `grouped` time).
+- Optimizer: clipping and AdamW, 10 ops per parameter tensor plus 8, and seconds per
+  parameter held.
+Recomputation replays the forward: a third of each replayed op's forward + backward time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moespec.sim.counts import FULL, SELECTIVE, compute_bytes, expert_rows
+from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
+from moespec.sim.opdb import OpDatabase
+
+FP32 = PRECISIONS.index("fp32")
+
+# Other (non-matmul, non-attention) ATen ops per micro-step, forward + backward, measured
+# with profiling/optrace.py on the built model (fp32, swiglu, RMSNorm, RoPE, no biases).
+STEP_OPS = 63  # embedding, final norm, LM head's surroundings, loss
+DENSE_BLOCK_OPS = 178  # two norms, attention around SDPA, gated FFN, residuals
+UNGATED_FFN_OPS = -14  # relu / gelu FFN instead of a gated one
+NORM_OPS_LAYERNORM = -21  # per norm: LayerNorm is one fused op, RMSNorm several
+ROPE_OPS = 28  # per block; learned positions instead cost one add at the embedding
+QKV_BIAS_OPS = 9  # per block
+AUTOCAST_OPS = 37  # per block under bf16/fp16 autocast: the casts
+DROPOUT_OPS = 57  # per block: three dropouts and attention's unfused path
+MOE_BLOCK_OPS = 287  # a capacity top-k MoE block (router, dispatch, bank, combine, losses)
+ROUTER_OPS = {"topk": 0, "switch": -10, "sinkhorn": 12, "expert_choice": -33, "hash": -41, "sigmoid_bias": -15,
+              "noisy_topk": 100, "base": 0}  # fmt: skip
+DROPLESS_OPS = -20  # dropless instead of capacity, plus per non-empty local expert:
+GROUP_OPS = 42  # index_select, slices, index_add and the 9 mm of one gated group (timed by `grouped`)
+SHARED_OPS = 26
+UNGATED_EXPERT_OPS = -7
+GATHER_PASSES = 8  # dispatch + combine, forward and backward: each [rows, D] read or written 8 times
+OPTIMIZER_OPS_PER_TENSOR = 10  # clip's norm and scale, AdamW's lerp, mul, addcmul, sqrt, div, addcdiv...
+OPTIMIZER_OPS = 8
+
+
+def param_tensors(b: DesignBatch) -> np.ndarray:
+    """Parameter tensors of the built model (each one costs AdamW and clipping its ops)."""
+    layers = b.table
+    norm = np.where(b.layernorm, 2, 1)
+    matrices = np.where(b.gated, 3, 2)
+    block = 4 + np.where(b.qkv_bias, 3, 0) + 2 * norm
+    moe = layers.lift(matrices) * (1 + (layers.shared_count > 0)) + layers.router_matrices + layers.router_bias \
+        + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
+    groups = np.where(layers.moe, moe, layers.lift(matrices))
+    root = 1 + b.learned_positions + (1 - b.tied) + norm
+    return root + b.n_layers * block + b.dense_blocks * matrices + layers.per_design(layers.count * groups, len(b))
+
+
+def optimizer_s(b: DesignBatch, db: OpDatabase, params_held: np.ndarray) -> np.ndarray:
+    """Clipping + AdamW of one optimizer step: its ops' dispatch, and its arithmetic by tensor
+    size: the expert banks (matrices per MoE block, each E_local x D x F: the largest tensors)
+    apart from the mean of the others. `params_held`: parameters on this rank."""
+    layers = b.table
+    tensors = param_tensors(b)
+    matrices = layers.lift(np.where(b.gated, 3, 2))
+    local = layers.experts // layers.lift(b.ep)
+    bank_size = np.where(layers.moe, local * layers.lift(b.d_model) * layers.expert_d_ff, 0).astype(np.float64)
+    bank_count = layers.per_design(layers.count * np.where(layers.moe, matrices, 0), len(b))
+    bank_params = layers.per_design(layers.count * np.where(layers.moe, matrices * bank_size, 0.0), len(b))
+    bank_size = np.where(bank_count > 0, bank_params / np.maximum(bank_count, 1), 0.0)
+    shard = np.maximum(b.tp * b.pp, 1)
+    rest_params = np.maximum(params_held - bank_params / shard, 0.0)
+    rest_count = np.maximum(tensors - bank_count, 1)
+    arithmetic = db.optimizer_params_s(bank_count, bank_size / shard) + db.optimizer_params_s(rest_count, rest_params / rest_count)
+    return (OPTIMIZER_OPS + OPTIMIZER_OPS_PER_TENSOR * tensors) * db.optimizer_op_s + arithmetic
+
+
+def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(ops at `op_s`, dropless group-loop ops) per micro-step on one rank; the group loop's
+    are timed whole by the grouped database, counted here to check the list against a trace."""
+    layers = b.table
+    lift = layers.lift
+    autocast = b.precision != FP32
+    block = (DENSE_BLOCK_OPS + np.where(b.layernorm, 2 * NORM_OPS_LAYERNORM, 0) + np.where(b.learned_positions, 0, ROPE_OPS) - ROPE_OPS
+             + np.where(b.qkv_bias, QKV_BIAS_OPS, 0) + np.where(autocast, AUTOCAST_OPS, 0) + np.where(b.dropout > 0, DROPOUT_OPS, 0))  # fmt: skip
+    dense_extra = np.where(b.gated, 0, UNGATED_FFN_OPS)
+    router = np.array([ROUTER_OPS[name] for name in ROUTER_NAMES])[layers.router]
+    local = layers.experts // lift(b.ep)
+    moe = (MOE_BLOCK_OPS - DENSE_BLOCK_OPS + router + np.where(lift(b.gated), 0, UNGATED_EXPERT_OPS)
+           + np.where(layers.dropless, DROPLESS_OPS, 0) + np.where(layers.shared_count > 0, SHARED_OPS, 0))  # fmt: skip
+    groups = np.where(layers.moe, moe, lift(dense_extra))
+    host = STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) + b.n_layers * block + b.dense_blocks * dense_extra
+    host = host + layers.per_design(layers.count * groups, len(b))
+    group = layers.per_design(layers.count * np.where(layers.moe & layers.dropless, GROUP_OPS * local, 0), len(b))
+    return host.astype(np.float64), group.astype(np.float64)
+
+
+def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(Linear seconds, SDPA seconds) of one micro-step on one rank, replays included."""
+    layers = b.table
+    lift, n = layers.lift, len(b)
+    dtype = b.precision
+    t = (b.micro_batch * b.seq_len).astype(np.float64)
+    d, hd = b.d_model, b.head_dim
+    q, kv = b.n_heads * hd, b.n_kv_heads * hd
+    matrices = np.where(b.gated, 3, 2) - 1  # input-side projections of an FFN
+
+    def ffn(code, m, d_model, width, inputs, floor=True):  # an FFN of `width` on m rows: `inputs` input-side Linears and the down one
+        return inputs * db.linear_s(code, m, d_model, width, floor=floor) + db.linear_s(code, m, width, d_model, floor=floor)
+
+    attention = db.linear_s(dtype, t, d, q) * 2 + db.linear_s(dtype, t, d, kv) * 2  # q, o (o is q-sized), k, v
+    core = db.attention_s(dtype, b.micro_batch * b.n_heads, b.seq_len, hd)
+    dense = ffn(dtype, t, d, b.d_ff, matrices)
+    tl, dl, code, inputs = lift(t), lift(d), lift(dtype), lift(matrices)
+    router = db.linear_s(np.full(len(layers.count), FP32), tl, dl, layers.experts * layers.router_matrices)
+    shared = np.where(layers.shared_count > 0, ffn(code, tl, dl, layers.shared_count * layers.shared_d_ff, inputs), 0.0)
+    ep = lift(b.ep)
+    local = layers.experts // ep
+    rows = expert_rows(b, layers) * ep / np.maximum(layers.experts, 1)  # per local expert
+    rows = rows * np.where(layers.dropless & ~layers.balanced, imbalance, 1.0)
+    # Routed experts: a capacity bank's bmm per projection (bmm database); dropless groups by
+    # the grouped database (the real group loop: its dispatch, gathers and matmuls).
+    bank = inputs * db.bmm_s(code, local, rows, dl, layers.expert_d_ff) + db.bmm_s(code, local, rows, layers.expert_d_ff, dl)
+    grouped = db.grouped_s(code, local, rows, dl, layers.expert_d_ff) * np.where(inputs == 2, 1.0, 2 / 3)  # plain: 2 of 3 matrices
+    experts = np.where(layers.dropless, grouped, bank)
+    dense_groups = np.where(layers.d_ff > 0, ffn(code, tl, dl, layers.d_ff, inputs), 0.0)
+    per_group = np.where(layers.moe, router + shared + experts, dense_groups)
+    blocks = b.n_layers * attention + b.dense_blocks * dense + layers.per_design(layers.count * per_group, n)
+    head = db.linear_s(dtype, t, d, b.vocab)
+    cores = b.n_layers * core
+    replay = np.where(b.recompute == FULL, 1 / 3, 0.0)
+    linear_s = (blocks * (1 + replay) + head) / (b.tp * b.pp)
+    attention_s = cores * (1 + np.where(b.recompute == SELECTIVE, 1 / 3, replay)) / (b.tp * b.pp)
+    return linear_s, attention_s
+
+
+def auction_s(b: DesignBatch, db: OpDatabase) -> np.ndarray:
+    """BASE's balanced assignment per micro-step on one rank (forward only; a full replay
+    reuses the assignment it recorded): the database's measured solver time of T x E."""
+    layers = b.table
+    base = np.asarray(ROUTER_NAMES)[layers.router] == "base"
+    tokens = layers.lift(b.micro_batch * b.seq_len)
+    per_group = np.where(layers.moe & base, db.auction_s(tokens, layers.experts), 0.0)
+    return layers.per_design(layers.count * per_group, len(b)) / b.pp
+
+
+def gather_bytes(b: DesignBatch) -> np.ndarray:
+    """Bytes dispatch and combine move per micro-step on one rank (rows in the compute dtype)."""
+    layers = b.table
+    rows = expert_rows(b, layers)
+    per_group = np.where(layers.moe & ~layers.dropless, GATHER_PASSES * rows * layers.lift(b.d_model * compute_bytes(b)), 0)
+    return layers.per_design(layers.count * per_group, len(b)).astype(np.float64) / (b.tp * b.pp)

@@ -1,0 +1,61 @@
+"""The cost model's op list (sim/ops.py) against the ops the real model dispatches
+(profiling/optrace.py, a TorchDispatchMode over one training step): parameter tensors and
+optimizer ops exactly, matmuls exactly, other ops within 5% (the op database times each
+family by its count, so a count that drifts from the model is a time that drifts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moespec.profiling.optrace import trace_step_ops
+from moespec.sim import ops
+from moespec.sim.design import DesignBatch
+from moespec.spec import plan_from_text
+
+SPEC = """
+version: 1
+name: ops-{name}
+model: {{vocab_size: 64, d_model: 16, n_layers: {layers}, n_heads: 2, d_ff: 32, seq_len: 16 {model}}}
+{moe}
+parallelism: {{micro_batch: 2 {parallel}}}
+"""
+MOE = "moe: {{placement: {{type: {placement}}}, experts: {{count: {e}, d_ff: 16 {experts}}}, router: {router}, capacity: {capacity}}}"
+CASES = {
+    "dense": dict(layers=2),
+    "dense-gelu-layernorm": dict(layers=2, model=", activation: gelu, norm: layernorm"),
+    "dense-bias-learned": dict(layers=3, model=", qkv_bias: true, positions: learned, tied_embeddings: true"),
+    "dense-bf16-accum": dict(layers=2, parallel=", precision: bf16, global_batch: 4"),
+    "topk-capacity": dict(layers=2, moe=dict(router="{type: topk, k: 2}")),
+    "switch-dropless": dict(layers=2, moe=dict(router="{type: switch}", capacity="{dropless: true}")),
+    "topk-dropless-shared": dict(layers=2, moe=dict(router="{type: topk, k: 2}", capacity="{dropless: true}",
+                                                    experts=", shared_count: 1, shared_d_ff: 16", e=8)),
+    "sinkhorn-every": dict(layers=4, moe=dict(router="{type: sinkhorn}", placement="every, every: 2, offset: 1")),
+    "expert-choice": dict(layers=2, moe=dict(router="{type: expert_choice}")),
+    "hash-gelu": dict(layers=2, model=", activation: gelu", moe=dict(router="{type: hash}")),
+    "sigmoid-bias": dict(layers=2, moe=dict(router="{type: sigmoid_bias, k: 2}", capacity="{dropless: true}")),
+    "noisy-topk-bf16": dict(layers=2, moe=dict(router="{type: noisy_topk, k: 2}"), parallel=", precision: bf16"),
+}
+
+
+def _plan(name: str, case: dict):
+    moe = ""
+    if "moe" in case:
+        m = {"placement": "all", "e": 4, "experts": "", "capacity": "{factor: 2.0}"} | case["moe"]
+        moe = MOE.format(**m)
+    text = SPEC.format(name=name, layers=case["layers"], model=case.get("model", ""), moe=moe, parallel=case.get("parallel", ""))
+    return plan_from_text(text, name)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_op_list_matches_the_dispatched_ops(name):
+    from moespec.model.build import build_model
+
+    plan = _plan(name, CASES[name])
+    traced = trace_step_ops(plan)
+    batch = DesignBatch.from_plans([plan])
+    tensors = int(ops.param_tensors(batch)[0])
+    assert tensors == len(list(build_model(plan).parameters()))
+    assert traced["optimizer"] == ops.OPTIMIZER_OPS + ops.OPTIMIZER_OPS_PER_TENSOR * tensors
+    host, group = (float(v[0]) * plan.parallel.grad_accum for v in ops.other_ops(batch))
+    group_mm = group / ops.GROUP_OPS * 9  # a gated group's 9 mm are booked with its group ops
+    assert abs(host + group - group_mm - traced["other"]) <= 0.05 * traced["other"], (host, group, traced)
