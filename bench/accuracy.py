@@ -72,12 +72,14 @@ def main() -> None:
     parser.add_argument("--calibration", default="auto")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--suite", choices=("tiny", "heldout"), default="tiny")
+    parser.add_argument("--suite", choices=("tiny", "heldout", "skew"), default="tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--backend", default="cpu-local")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from moespec.spec import load_plan
+    if args.suite == "skew":
+        return skew(args)
     if args.suite == "heldout":
         runs = [(spec, None) for spec in sorted((ROOT / "bench" / "heldout").glob("*.yaml"))]
     else:
@@ -109,6 +111,31 @@ def main() -> None:
     print(f"judged on: {args.suite} ({len(errors)} runs; {'disjoint from the fit set' if args.suite == 'heldout' else 'resembling the fit set: in-sample'})")
     print(f"step time |relative error|: median {statistics.median(errors):.1%}, max {max(errors):.1%}; "
           f"Spearman (predicted vs measured) {spearman(predicted_all, measured_all):+.2f}")  # fmt: skip
+
+
+def skew(args) -> None:
+    """Routing skewed on purpose (bench/skew/: a hash router on byte text, dropless, ep 2):
+    profile it, then predict it twice, balanced and with the load the profile measured
+    (`simulate --load REPORT`): per-rank all-to-all bytes must be exact, the step within the
+    calibrated error band."""
+    for spec in sorted((ROOT / "bench" / "skew").glob("*.yaml")):
+        report = profile(spec, None, calibration=args.calibration, steps=args.steps, backend=args.backend)
+        path = Path(report["report"]) if "report" in report else None
+        done = subprocess.run([*MOESPEC, "simulate", str(spec), "--json", "--backend", args.backend, "--calibration", args.calibration,
+                               "--load", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+        if done.returncode:
+            raise SystemExit(f"{spec.name}: simulate --load: {done.stderr.strip().splitlines()[-1]}")
+        loaded = json.loads(done.stdout)
+        measured = report["comparison"][0]["measured"]
+        balanced = report["comparison"][0]["predicted"]
+        predicted = loaded["time"]["step_s"]
+        load = loaded["load"]
+        print(f"{spec.stem}: compute imbalance {load['compute_imbalance']:.2f}, all-to-all imbalance {load['a2a_imbalance']:.2f}")
+        print(f"  all-to-all bytes per rank per micro-step: measured {report['measured']['a2a_bytes_per_rank_microstep']}, "
+              f"predicted from the load {load['a2a_bytes_per_rank_microstep']}")
+        print(f"  step: measured {measured * 1e3:.1f} ms; predicted balanced {balanced * 1e3:.1f} ms ({balanced / measured - 1:+.1%}), "
+              f"with the measured load {predicted * 1e3:.1f} ms ({predicted / measured - 1:+.1%}); "
+              f"calibrated band +/-{report['calibrated_error_band']:.0%}")  # fmt: skip
 
 
 def _fit_set(calibration: str | None) -> str:

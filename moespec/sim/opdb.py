@@ -22,8 +22,8 @@ file that ships with a cluster description (`ops` in a calibration document):
   forward + backward) per group, on a grid of (n rows, w = sqrt(D F)): its small matmuls on
   slices run far below a Linear's rate (measured here: 64 x 128 x 32 products at ~2.5
   GFLOP/s against 30 for a Linear of that size).
-- `auction`: BASE's balanced assignment on a grid of (T tokens, E experts), at the logits'
-  spread of an initialised model (its rounds depend on the scores).
+- `auction`: BASE's balanced assignment on a grid of (T tokens, E experts), on scores shaped
+  like an initialised router's on byte text (its rounds depend on the scores: opbench.py).
 - `op_s`: host seconds per op in forward/backward (ATen dispatch, autograd, Python modules);
   `step_s` per optimizer step (the training loop's own Python);
   `optimizer_op_s` per op of clipping and AdamW on one parameter tensor.
