@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--suite", choices=("tiny", "heldout", "skew"), default="tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--backend", default="cpu-local")
+    parser.add_argument("--only", default="", help="profile only the specs whose name contains this")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from moespec.spec import load_plan
@@ -86,6 +87,7 @@ def main() -> None:
         runs = [(spec, world) for spec in sorted((ROOT / "specs").glob("tiny-*.yaml")) for world in (1, 2)]
     print(f"{'spec':<24} {'world':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>8}")
     errors, measured_all, predicted_all = [], [], []
+    runs = [(spec, world) for spec, world in runs if args.only in spec.stem]
     if args.device == "cuda":  # one rank per GPU: a machine with fewer GPUs skips the larger worlds, and says so
         import torch
 

@@ -23,7 +23,7 @@ def _document(rate_of) -> dict:
             "grouped": {"fp32": {"axes": {"n": [8, 512], "w": [32, 512]}, "seconds": [[18 * n * w * w / 3e9 for w in (32, 512)] for n in (8, 512)],
                                   "call_s": 1e-4}},
             "auction": {"axes": {"t": [256, 4096], "e": [4, 64]}, "seconds": [[1e-3, 4e-3], [4e-3, 8e-3]]},
-            "op_s": 1e-5, "step_s": 1e-3, "optimizer_op_s": 1e-5,
+            "op_s": 1e-5, "step_s": 1e-3, "a2a_call_s": 0.0, "optimizer_op_s": 1e-5,
             "optimizer_param_s": {"axes": {"size": [1024, 1 << 20]}, "seconds": [1024e-9, (1 << 20) * 2e-9]}, "bandwidth_Bps": 1e9, "gather_Bps": 1e9}  # fmt: skip
 
 

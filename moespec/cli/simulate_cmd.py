@@ -80,18 +80,21 @@ def _print(report: dict) -> None:
     verdict = "fits" if mem["fits"] else "[red]does NOT fit[/red]"
     memory.add_row("device", f"{_gib(mem['device_bytes'])} ({verdict})")
     console.print(memory)
-    timing = Table(title="one optimizer step (model)")
+    database = report["assumptions"]["time_model"].startswith("operator database")
+    timing = Table(title="one optimizer step (model: " + ("operator database" if database else "roofline") + ")")
     timing.add_column("component")
     timing.add_column("time", justify="right")
-    for key, label in (("compute_s", "compute (matmul roofline)"), ("elementwise_s", "elementwise (memory-bound)"),
-                       ("overhead_s", "host overhead (calibrated)"), ("a2a_s", "all-to-all (exposed)"),
+    compute = "matmuls + attention (measured ops)" if database else "compute (matmul roofline)"
+    host = "host time of the other ops" if database else "host overhead (calibrated)"
+    for key, label in (("compute_s", compute), ("elementwise_s", "elementwise (memory-bound)"),
+                       ("overhead_s", host), ("a2a_s", "all-to-all (exposed)"),
                        ("tp_comm_s", "tensor-parallel all-reduces"), ("pp_comm_s", "pipeline sends"),
                        ("dp_allreduce_s", "gradient all-reduce"), ("zero_comm_s", "ZeRO gathers and reduce-scatters"),
                        ("exposed_allreduce_s", "  data-parallel traffic exposed"),
                        ("bubble_s", "pipeline bubble"), ("optimizer_s", "optimizer"), ("step_s", "step")):  # fmt: skip
         timing.add_row(label, f"{time[key] * 1e3:,.2f} ms")
     console.print(timing)
-    parts = Table(title="compute by part (share of matmul FLOPs)")
+    parts = Table(title="compute by part (split by share of matmul FLOPs)")
     parts.add_column("part")
     parts.add_column("FLOPs", justify="right")
     parts.add_column("time", justify="right")

@@ -55,7 +55,8 @@ def time_collectives(device: torch.device, *, sizes=COLLECTIVE_BYTES, repeats: i
 def time_training_steps(plans: dict, device: torch.device, *, rounds: int = 20, warmup: int = 3, seed: int = 0,
                         dist_ctx=None) -> dict[str, float]:  # fmt: skip
     """Median seconds of one real optimizer step of each plan, as `moespec profile` times it
-    (with `dist_ctx` on every rank at once, DDP included, the slowest rank's), interleaved: round after round, one step of every plan, so that a machine whose speed
+    (with `dist_ctx`, one DistContext or one per plan name, on every rank at once, DDP
+    included, the slowest rank's), interleaved: round after round, one step of every plan, so that a machine whose speed
     drifts (a shared VM) moves every plan's median alike instead of skewing their ratios."""
     from moespec.distributed.data_parallel import shard_experts
     from moespec.model.build import build_model
@@ -66,11 +67,12 @@ def time_training_steps(plans: dict, device: torch.device, *, rounds: int = 20, 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     steps = {}
     for name, plan in plans.items():
+        ctx = dist_ctx.get(name) if isinstance(dist_ctx, dict) else dist_ctx
         model = build_model(plan, seed=seed, device=device)
-        if distributed:
-            shard_experts(model, dist_ctx)
-        setup = prepare_training(model, plan, dist_ctx=dist_ctx)
-        batches = TrainingBatches(plan, device, seed, dist_ctx.rank if distributed else 0)
+        if ctx is not None:
+            shard_experts(model, ctx)
+        setup = prepare_training(model, plan, dist_ctx=ctx)
+        batches = TrainingBatches(plan, device, seed, ctx.rank if ctx is not None else 0)
         steps[name] = (lambda setup=setup, plan=plan, batches=batches: train_step(setup, plan, batches.step()))
     times: dict[str, list[float]] = {name: [] for name in plans}
     for r in range(warmup + rounds):

@@ -289,6 +289,8 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     dispatch = collectives.time_s("a2a", ep_sets, np.where(on, expert_rows(b, layers) * skew * row_bytes / ep, 0.0))
     shuffle = collectives.time_s("a2a", ep_sets, np.where(on & layers.shuffle, tokens / ep * row_bytes, 0.0))
     a2a_s = layers.per_design(layers.count * transfers * (dispatch + shuffle), n) * micro_steps / b.pp
+    if backend.ops is not None:  # each call's wait for the slowest rank (operator database)
+        a2a_s = a2a_s + counts["a2a_calls"] * backend.ops.a2a_call_s * micro_steps / b.pp
 
     # Tensor parallel (Megatron): 4 all-reduces of the [B, S, D] activations per block per
     # micro-step over the tp ranks; pipeline: a pair exchange between neighbouring stages.

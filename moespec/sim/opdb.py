@@ -25,7 +25,9 @@ file that ships with a cluster description (`ops` in a calibration document):
 - `auction`: BASE's balanced assignment on a grid of (T tokens, E experts), on scores shaped
   like an initialised router's on byte text (its rounds depend on the scores: opbench.py).
 - `op_s`: host seconds per op in forward/backward (ATen dispatch, autograd, Python modules);
-  `step_s` per optimizer step (the training loop's own Python);
+  `step_s` per optimizer step (the training loop's own Python); `a2a_call_s` per
+  expert-parallel all-to-all call beyond its transfer (a blocking collective waits for the
+  slowest rank: fitted on a toy ep-2 block);
   `optimizer_op_s` per op of clipping and AdamW on one parameter tensor.
 - `bandwidth_Bps`: the memory-bound ops' bytes per second (norms, activations, softmax, their
   gradients, as the model's elementwise bytes count them); `gather_Bps`: index_select /
@@ -95,6 +97,7 @@ class OpDatabase:
     auction: Grid  # over (T, E) of T*E score entries per second: BASE's balanced assignment
     op_s: float
     step_s: float
+    a2a_call_s: float
     optimizer_op_s: float
     optimizer_param_s: Grid  # over tensor size: parameters per second of clipping + AdamW
     bandwidth_Bps: float
@@ -214,6 +217,7 @@ def database_from_dict(data: dict) -> OpDatabase:
         attention_floor_s={dtype: float(record["floor_s"]) for dtype, record in data["attention"].items()},
         op_s=float(data["op_s"]),
         step_s=float(data["step_s"]),
+        a2a_call_s=float(data["a2a_call_s"]),
         optimizer_op_s=float(data["optimizer_op_s"]),
         optimizer_param_s=_grid(data["optimizer_param_s"], lambda size: size),
         bandwidth_Bps=float(data["bandwidth_Bps"]),

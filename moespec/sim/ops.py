@@ -2,8 +2,8 @@
 
 What one rank runs per micro-step, forward and backward (as arrays over designs):
 - Linears (M rows, K in, N out, dtype): attention q, k, v, o; dense FFNs; routers (fp32:
-  selective precision); shared experts; routed experts, one Linear-shaped product per local
-  expert on its rows (dropless) or a bank's bmm per projection (capacity); the LM head.
+  selective precision); shared experts; the LM head. Routed experts: a capacity bank's bmm
+  per projection (`bmm`), or the dropless group loop per local expert (`grouped`).
 - Causal SDPA over micro_batch x n_heads heads of S x hd, per block.
 - Other ops (norms, RoPE, activations, routing, dispatch, losses, casts, views): counted, not
   sized: each costs `op_s` of host time, their bytes go through `elementwise_bytes`. The
@@ -12,8 +12,8 @@ What one rank runs per micro-step, forward and backward (as arrays over designs)
   (`auction_s`): its rounds depend on the scores.
 - Dispatch and combine rows (index_select / index_add, gathers): bytes at `gather_Bps`
   (capacity layers; the dropless kernel's own gathers are in its `grouped` time).
-- Optimizer: clipping and AdamW, 10 ops per parameter tensor plus 8, and seconds per
-  parameter held.
+- Optimizer: clipping and AdamW, 10 ops per parameter tensor plus 8, and their arithmetic
+  by tensor size (expert banks apart from the rest).
 Recomputation replays the forward: a third of each replayed op's forward + backward time.
 """
 
@@ -111,8 +111,8 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     q, kv = b.n_heads * hd, b.n_kv_heads * hd
     matrices = np.where(b.gated, 3, 2) - 1  # input-side projections of an FFN
 
-    def ffn(code, m, d_model, width, inputs, floor=True):  # an FFN of `width` on m rows: `inputs` input-side Linears and the down one
-        return inputs * db.linear_s(code, m, d_model, width, floor=floor) + db.linear_s(code, m, width, d_model, floor=floor)
+    def ffn(code, m, d_model, width, inputs):  # an FFN of `width` on m rows: `inputs` input-side Linears and the down one
+        return inputs * db.linear_s(code, m, d_model, width) + db.linear_s(code, m, width, d_model)
 
     attention = db.linear_s(dtype, t, d, q) * 2 + db.linear_s(dtype, t, d, kv) * 2  # q, o (o is q-sized), k, v
     core = db.attention_s(dtype, b.micro_batch * b.n_heads, b.seq_len, hd)

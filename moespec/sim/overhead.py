@@ -15,7 +15,9 @@ CPU or in eager mode, that fixed cost is often most of the step.
   than a top-k), per expert held on the rank (grouped experts run a few ops per expert), and
   per expert-parallel all-to-all call (a blocking collective waits for the slowest rank: on
   busy CPU ranks that wait dwarfs the transfer).
-  Shipped backends leave them at 0; `moespec calibrate` measures them on small models.
+  Shipped backends leave them at 0. They belong to the roofline time model only: a
+  calibration replaces that model by the operator database (sim/opdb.py), whose host time is
+  ops counted along the step (sim/ops.py) at a measured cost per op.
 """
 
 from __future__ import annotations
