@@ -20,7 +20,7 @@ def simulate_command(
     imbalance: float = typer.Option(1.0, "--imbalance", help="Dropless routing: busiest rank's load over the mean (>= 1)."),
     load: Path = typer.Option(None, "--load", help="A `moespec profile` report.json: predict with the expert loads it measured.", show_default=False),
     skew: float = typer.Option(None, "--skew", help="Zipf skew of expert loads: expert i gets a share ~ 1/(i+1)^S (0: balanced).", show_default=False),
-    calibration: str = typer.Option("none", "--calibration", help="none, auto (the shipped calibration of this backend) or a calibration JSON file."),
+    calibration: str = typer.Option("auto", "--calibration", help="auto (the shipped calibration of this backend for the spec's world, if any), none (the roofline) or a calibration JSON file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Predict parameters, FLOPs, memory per device, all-to-all and step time of one training step."""
