@@ -74,36 +74,31 @@ def backward_call_s(device: torch.device) -> float:
     return timed(run, sync=_sync(device), min_repeats=20)
 
 
-def time_linear(device: torch.device, dtype: str, m: int, k: int, n: int, *, min_repeats: int = 3) -> float:
-    """Forward + backward of Linear(K -> N) on M rows: mm, and the two gradient matmuls
-    (the autograd engine's start, `backward_call_s`, included: callers subtract it)."""
-    x = torch.randn(m, k, device=device, requires_grad=True)
-    w = torch.randn(n, k, device=device, requires_grad=True)
-    grad = torch.randn(m, n, device=device, dtype=torch.float32 if dtype == "fp32" else DTYPES[dtype])
+def _time_product(device: torch.device, dtype: str, product, x_shape, w_shape, *, min_repeats: int) -> float:
+    """Forward + backward of product(x, w) (x and w needing gradients, as a layer's input
+    and weight do; autocast for bf16), autograd engine start included: callers subtract it."""
+    x = torch.randn(*x_shape, device=device, requires_grad=True)
+    w = torch.randn(*w_shape, device=device, requires_grad=True)
+    with _autocast(dtype, device):
+        grad = torch.ones_like(product(x.detach(), w.detach()))
 
     def run():
         with _autocast(dtype, device):
-            y = F.linear(x, w)
+            y = product(x, w)
         y.backward(grad)
         x.grad = w.grad = None
 
     return timed(run, sync=_sync(device), min_repeats=min_repeats)
+
+
+def time_linear(device: torch.device, dtype: str, m: int, k: int, n: int, *, min_repeats: int = 3) -> float:
+    """Forward + backward of Linear(K -> N) on M rows: mm, and the two gradient matmuls."""
+    return _time_product(device, dtype, F.linear, (m, k), (n, k), min_repeats=min_repeats)
 
 
 def time_bmm(device: torch.device, dtype: str, e: int, c: int, k: int, n: int, *, min_repeats: int = 3) -> float:
-    """Forward + backward of a capacity expert bank's projection, [E, C, K] @ [E, K, N]
-    (autograd engine start included: callers subtract it)."""
-    x = torch.randn(e, c, k, device=device, requires_grad=True)
-    w = torch.randn(e, k, n, device=device, requires_grad=True)
-    grad = torch.randn(e, c, n, device=device, dtype=torch.float32 if dtype == "fp32" else DTYPES[dtype])
-
-    def run():
-        with _autocast(dtype, device):
-            y = torch.bmm(x, w)
-        y.backward(grad)
-        x.grad = w.grad = None
-
-    return timed(run, sync=_sync(device), min_repeats=min_repeats)
+    """Forward + backward of a capacity expert bank's projection, [E, C, K] @ [E, K, N]."""
+    return _time_product(device, dtype, torch.bmm, (e, c, k), (e, k, n), min_repeats=min_repeats)
 
 
 def time_attention(device: torch.device, dtype: str, s: int, hd: int, *, min_repeats: int = 3) -> float:

@@ -103,59 +103,49 @@ class OpDatabase:
     bandwidth_Bps: float
     gather_Bps: float
 
-    def _dtype(self, table: dict, dtype: str) -> str:
-        return dtype if dtype in table else "fp32"  # an unmeasured dtype costs as fp32 (stated in the report)
+    def _by_dtype(self, table: dict, dtype_code, args, seconds) -> np.ndarray:
+        """`seconds(key, *args)` for each dtype's designs, args broadcast together as float64;
+        an unmeasured dtype costs as fp32 (the report names the time model)."""
+        args = [np.asarray(v, dtype=np.float64) for v in args]
+        out = np.zeros(np.broadcast(dtype_code, *args).shape)
+        for code, name in enumerate(DTYPES):
+            sel = np.broadcast_to(np.asarray(dtype_code) == code, out.shape)
+            if sel.any():
+                key = name if name in table else "fp32"
+                out[sel] = seconds(key, *(np.broadcast_to(v, out.shape)[sel] for v in args))
+        return out
 
     def linear_s(self, dtype_code: np.ndarray, m, k, n, *, floor: bool = True) -> np.ndarray:
         """Forward + backward seconds of Linear(K -> N) on M rows, per design (dtype codes of
-        DTYPES); 0 where M, K or N is 0. floor=False: the matmuls' work only, for products
-        whose dispatch is counted elsewhere (the experts' bmm and group loop)."""
-        m, k, n = (np.asarray(v, dtype=np.float64) for v in (m, k, n))
-        out = np.zeros(np.broadcast(dtype_code, m, k, n).shape)
-        for code, name in enumerate(DTYPES):
-            key = self._dtype(self.linear, name)
-            sel = np.broadcast_to(np.asarray(dtype_code) == code, out.shape)
-            if not sel.any():
-                continue
-            mm, kk, nn = (np.broadcast_to(v, out.shape)[sel] for v in (m, k, n))
-            flops = 6 * mm * kk * nn
-            seconds, floor_s = flops / self.linear[key].rate(mm, kk, nn), self.linear_floor_s[key]
-            # floor=False: the matmuls' work alone, their dispatch (the smallest Linear's time) taken out
-            seconds = np.maximum(seconds, floor_s) if floor else np.maximum(seconds - floor_s, 0.0)
-            out[sel] = np.where(flops > 0, seconds, 0.0)
-        return out
+        DTYPES); 0 where M, K or N is 0. floor=False: the matmuls' work alone, their dispatch
+        (the smallest Linear's time) taken out, for products whose dispatch is counted elsewhere."""
+
+        def seconds(key, m, k, n):
+            flops = 6 * m * k * n
+            work, floor_s = flops / self.linear[key].rate(m, k, n), self.linear_floor_s[key]
+            return np.where(flops > 0, np.maximum(work, floor_s) if floor else np.maximum(work - floor_s, 0.0), 0.0)
+
+        return self._by_dtype(self.linear, dtype_code, (m, k, n), seconds)
 
     def bmm_s(self, dtype_code: np.ndarray, experts, c, k, n) -> np.ndarray:
         """Forward + backward seconds of [E, C, K] @ [E, K, N] (a capacity bank's projection)."""
-        experts, c, k, n = (np.asarray(v, dtype=np.float64) for v in (experts, c, k, n))
-        out = np.zeros(np.broadcast(dtype_code, experts, c, k, n).shape)
-        for code, name in enumerate(DTYPES):
-            key = self._dtype(self.bmm, name)
-            sel = np.broadcast_to(np.asarray(dtype_code) == code, out.shape)
-            if not sel.any():
-                continue
-            ee, cc, kk, nn = (np.broadcast_to(v, out.shape)[sel] for v in (experts, c, k, n))
-            flops = 6 * ee * cc * kk * nn
-            seconds = np.maximum(flops / self.bmm[key].rate(ee, cc, np.sqrt(kk * nn)), self.bmm_floor_s[key])
-            out[sel] = np.where(flops > 0, seconds, 0.0)
-        return out
+
+        def seconds(key, e, c, k, n):
+            flops = 6 * e * c * k * n
+            return np.where(flops > 0, np.maximum(flops / self.bmm[key].rate(e, c, np.sqrt(k * n)), self.bmm_floor_s[key]), 0.0)
+
+        return self._by_dtype(self.bmm, dtype_code, (experts, c, k, n), seconds)
 
     def grouped_s(self, dtype_code: np.ndarray, groups, n, d, f) -> np.ndarray:
         """Forward + backward seconds of one call of the dropless kernel on `groups` groups of
         n rows each (gated: 3 D x F matrices; 18 n D F FLOPs a group), gathers and combine
         included: the call's fixed cost plus each group's."""
-        groups, n, d, f = (np.asarray(v, dtype=np.float64) for v in (groups, n, d, f))
-        out = np.zeros(np.broadcast(dtype_code, groups, n, d, f).shape)
-        for code, name in enumerate(DTYPES):
-            key = self._dtype(self.grouped, name)
-            sel = np.broadcast_to(np.asarray(dtype_code) == code, out.shape)
-            if not sel.any():
-                continue
-            gg, nn, dd, ff = (np.broadcast_to(v, out.shape)[sel] for v in (groups, n, d, f))
-            flops = 18 * nn * dd * ff
-            seconds = self.grouped_call_s[key] + gg * flops / self.grouped[key].rate(nn, np.sqrt(dd * ff))
-            out[sel] = np.where(gg * flops > 0, seconds, 0.0)
-        return out
+
+        def seconds(key, g, n, d, f):
+            flops = g * 18 * n * d * f
+            return np.where(flops > 0, self.grouped_call_s[key] + flops / self.grouped[key].rate(n, np.sqrt(d * f)), 0.0)
+
+        return self._by_dtype(self.grouped, dtype_code, (groups, n, d, f), seconds)
 
     def optimizer_params_s(self, tensors, size) -> np.ndarray:
         """Seconds of clipping + AdamW's arithmetic on `tensors` tensors of `size` parameters
@@ -171,17 +161,12 @@ class OpDatabase:
 
     def attention_s(self, dtype_code: np.ndarray, heads, s, hd) -> np.ndarray:
         """Forward + backward seconds of causal SDPA over `heads` (batch x head) of S x hd."""
-        heads, s, hd = (np.asarray(v, dtype=np.float64) for v in (heads, s, hd))
-        out = np.zeros(np.broadcast(dtype_code, heads, s, hd).shape)
-        for code, name in enumerate(DTYPES):
-            key = self._dtype(self.attention, name)
-            sel = np.broadcast_to(np.asarray(dtype_code) == code, out.shape)
-            if not sel.any():
-                continue
-            hh, ss, dd = (np.broadcast_to(v, out.shape)[sel] for v in (heads, s, hd))
-            flops = 12 * ss * ss * dd
-            out[sel] = np.where(hh > 0, np.maximum(hh * flops / self.attention[key].rate(ss, dd), self.attention_floor_s[key]), 0.0)
-        return out
+
+        def seconds(key, h, s, hd):
+            work = h * 12 * s * s * hd / self.attention[key].rate(s, hd)
+            return np.where(h > 0, np.maximum(work, self.attention_floor_s[key]), 0.0)
+
+        return self._by_dtype(self.attention, dtype_code, (heads, s, hd), seconds)
 
 
 def linear_flops(m, k, n):
