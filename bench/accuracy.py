@@ -1,7 +1,7 @@
 """Simulator accuracy: profile specs for real and print the predicted step time beside the
 measured one, with the median and max relative error and the rank correlation.
 
-    .venv/bin/python bench/accuracy.py [--suite tiny|heldout] [--calibration auto|none|FILE] [--steps N] [--repeat R]
+    .venv/bin/python bench/accuracy.py [--suite tiny|heldout|fresh|skew] [--only NAME] [--calibration auto|none|FILE] [--steps N] [--repeat R]
 
 Suites: `tiny` (default) profiles every tiny example spec at world 1 and 2: they resemble the
 small models the calibration is fitted on, so their error is an in-sample figure. `heldout`
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--calibration", default="auto")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--suite", choices=("tiny", "heldout", "skew"), default="tiny")
+    parser.add_argument("--suite", choices=("tiny", "heldout", "fresh", "skew"), default="tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--backend", default="cpu-local")
     parser.add_argument("--only", default="", help="profile only the specs whose name contains this")
@@ -81,8 +81,8 @@ def main() -> None:
     from moespec.spec import load_plan
     if args.suite == "skew":
         return skew(args)
-    if args.suite == "heldout":
-        runs = [(spec, None) for spec in sorted((ROOT / "bench" / "heldout").glob("*.yaml"))]
+    if args.suite in ("heldout", "fresh"):  # fresh: specs written after the database was finished
+        runs = [(spec, None) for spec in sorted((ROOT / "bench" / args.suite).glob("*.yaml"))]
     else:
         runs = [(spec, world) for spec in sorted((ROOT / "specs").glob("tiny-*.yaml")) for world in (1, 2)]
     print(f"{'spec':<24} {'world':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>8}")
@@ -110,7 +110,7 @@ def main() -> None:
     print(f"calibration: {report['calibration']}")
     fit = _fit_set(report["calibration"])
     print(f"fit set (the calibration's small models): {fit}")
-    print(f"judged on: {args.suite} ({len(errors)} runs; {'disjoint from the fit set' if args.suite == 'heldout' else 'resembling the fit set: in-sample'})")
+    print(f"judged on: {args.suite} ({len(errors)} runs; {'disjoint from the fit set' if args.suite in ('heldout', 'fresh') else 'resembling the fit set: in-sample'})")
     print(f"step time |relative error|: median {statistics.median(errors):.1%}, max {max(errors):.1%}; "
           f"Spearman (predicted vs measured) {spearman(predicted_all, measured_all):+.2f}")  # fmt: skip
 
