@@ -1,7 +1,8 @@
 """Simulator accuracy: profile specs for real and print the predicted step time beside the
 measured one, with the median and max relative error and the rank correlation.
 
-    .venv/bin/python bench/accuracy.py [--suite tiny|heldout|fresh|skew] [--only NAME] [--calibration auto|none|FILE] [--steps N] [--repeat R]
+    .venv/bin/python bench/accuracy.py [--suite tiny|heldout|fresh|skew] [--only NAME] [--calibrate | --calibration auto|none|FILE]
+                                       [--steps N] [--repeat R]
 
 Suites: `tiny` (default) profiles every tiny example spec at world 1 and 2: they resemble the
 small models the calibration is fitted on, so their error is an in-sample figure. `heldout`
@@ -10,8 +11,9 @@ top-8, capacity and dropless, shared experts, gradient accumulation, BASE, ep 1 
 1 and 2, fp32 and bf16), each at its own world: none of them is a model any calibration is
 fitted on, and the bench prints the fit set (the calibration's micro-benchmarks and toy
 models) beside them. Calibrate on the machine first (`moespec calibrate --backend cpu-local
---nproc 1` and `--nproc 2`): a calibration from another machine, or from this one on another
-day of a shared VM, carries that machine's speed.
+--nproc 1` and `--nproc 2`, or `--calibrate`, which does both into a temporary folder in the
+same run): a calibration from another machine, or from this one on another day of a shared
+VM, carries that machine's speed.
 
 Each run is `moespec profile SPEC --json` (a real training step on real gloo ranks), so the
 figures are what a user sees. World 2 runs the same design with dp 2 (`--world 2`); a spec
@@ -27,6 +29,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +43,7 @@ def profile(spec: Path, world: int | None, *, calibration: str, steps: int, devi
     needs = load_plan(spec).parallel.world
     world = world or needs
     args = ["profile", str(spec), "--json", "--steps", str(steps), "--warmup", "3", "--trace-steps", "0",
-            "--calibration", calibration, "--out", f"/tmp/moespec-accuracy/{spec.stem}-w{world}",
+            "--calibration", _calibration_for(calibration, backend, world), "--out", f"/tmp/moespec-accuracy/{spec.stem}-w{world}",
             "--device", device, "--backend", backend]  # fmt: skip
     if world != needs:
         args += ["--world", str(world)] + (["--ep", "1"] if world == 1 else [])
@@ -52,6 +55,44 @@ def profile(spec: Path, world: int | None, *, calibration: str, steps: int, devi
     return json.loads(done.stdout)
 
 
+def calibrate_now(args) -> str:
+    """`moespec calibrate` at 1 and 2 ranks into a temporary folder, named as the shipped
+    files are; returns the folder (profile() picks the file for each run's world)."""
+    folder = Path(tempfile.mkdtemp(prefix="moespec-accuracy-cal-"))
+    for nproc, name in ((1, f"{args.backend}.nproc1.json"), (2, f"{args.backend}.json")):
+        done = subprocess.run([*MOESPEC, "calibrate", "--backend", args.backend, "--nproc", str(nproc), "--device", args.device,
+                               "--out", str(folder / name)], capture_output=True, text=True, cwd=ROOT, timeout=900)  # fmt: skip
+        if done.returncode:
+            raise SystemExit(f"calibrate --nproc {nproc}: {done.stderr.strip().splitlines()[-1]}")
+        print(f"calibrated at {nproc} rank(s): {folder / name}", flush=True)
+    return str(folder)
+
+
+def _calibration_for(choice: str, backend: str, world: int) -> str:
+    """A folder from --calibrate: its file for `world` ranks; anything else as given."""
+    folder = Path(choice)
+    if not folder.is_dir():
+        return choice
+    own = folder / f"{backend}.nproc{world}.json"
+    return str(own if own.is_file() else folder / f"{backend}.json")
+
+
+def speed_probe() -> float:
+    """Seconds of a fixed fp32 workload on one thread (Linear 512 -> 512 on 256 rows, forward
+    and backward; median of 15): printed beside each spec relative to the run's first probe,
+    so a shared machine's drift during the run shows next to the errors it causes."""
+    import torch
+
+    from moespec.profiling.opbench import time_linear
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return time_linear(torch.device("cpu"), "fp32", 256, 512, 512, min_repeats=15)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def spearman(xs: list[float], ys: list[float]) -> float:
     """Rank correlation (no ties expected among step times): Pearson's r of the ranks."""
     def ranks(values):
@@ -61,6 +102,8 @@ def spearman(xs: list[float], ys: list[float]) -> float:
             out[i] = float(rank)
         return out
 
+    if len(xs) < 2:
+        return float("nan")
     rx, ry = ranks(xs), ranks(ys)
     mx, my = statistics.mean(rx), statistics.mean(ry)
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
@@ -76,17 +119,22 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--backend", default="cpu-local")
     parser.add_argument("--only", default="", help="profile only the specs whose name contains this")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="calibrate this machine first (1 and 2 ranks, into a temporary folder) and judge with those files")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from moespec.spec import load_plan
+    if args.calibrate:
+        args.calibration = calibrate_now(args)
     if args.suite == "skew":
         return skew(args)
     if args.suite in ("heldout", "fresh"):  # fresh: specs written after the database was finished
         runs = [(spec, None) for spec in sorted((ROOT / "bench" / args.suite).glob("*.yaml"))]
     else:
         runs = [(spec, world) for spec in sorted((ROOT / "specs").glob("tiny-*.yaml")) for world in (1, 2)]
-    print(f"{'spec':<24} {'world':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>8}")
-    errors, measured_all, predicted_all = [], [], []
+    probe = speed_probe() if args.device == "cpu" else None
+    print(f"{'spec':<24} {'world':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>8} {'machine':>8} {'peak MiB':>9} {'mem error':>10}")
+    errors, measured_all, predicted_all, memory_errors = [], [], [], []
     runs = [(spec, world) for spec, world in runs if args.only in spec.stem]
     if args.device == "cuda":  # one rank per GPU: a machine with fewer GPUs skips the larger worlds, and says so
         import torch
@@ -106,13 +154,27 @@ def main() -> None:
         errors.append(abs(error))
         measured_all.append(measured)
         predicted_all.append(predicted)
-        print(f"{spec.stem:<24} {report['world']:>5} {measured * 1e3:>12.2f} {predicted * 1e3:>13.2f} {error:>+8.1%}", flush=True)
+        speed = f"{probe / speed_probe():>8.2f}" if probe else f"{'-':>8}"
+        rows = report.get("memory_by_category", {}).get("rows", [])
+        peak = next((row for row in rows if row["figure"] == "peak total"), None)  # CPU runs (MemTracker)
+        memory = f"{'-':>9} {'-':>10}"
+        if peak:
+            memory_errors.append(abs(peak["relative_error"]))
+            memory = f"{peak['measured'] / 2**20:>9.1f} {peak['relative_error']:>+10.1%}"
+        print(f"{spec.stem:<24} {report['world']:>5} {measured * 1e3:>12.2f} {predicted * 1e3:>13.2f} {error:>+8.1%} {speed} {memory}",
+              flush=True)  # fmt: skip
+    print("peak MiB: MemTracker's tracked peak of one training step on the busiest rank; mem error: the simulator's peak against it")
+    print("machine: this machine's speed after each spec relative to the start of the run (a fixed fp32 Linear; 1.00 = unchanged, "
+          "0.80 = 20% slower)")
     print(f"calibration: {report['calibration']}")
     fit = _fit_set(report["calibration"])
     print(f"fit set (the calibration's small models): {fit}")
     print(f"judged on: {args.suite} ({len(errors)} runs; {'disjoint from the fit set' if args.suite in ('heldout', 'fresh') else 'resembling the fit set: in-sample'})")
+    rho = spearman(predicted_all, measured_all)
     print(f"step time |relative error|: median {statistics.median(errors):.1%}, max {max(errors):.1%}; "
-          f"Spearman (predicted vs measured) {spearman(predicted_all, measured_all):+.2f}")  # fmt: skip
+          f"Spearman (predicted vs measured) {'n/a (one run)' if rho != rho else f'{rho:+.2f}'}")  # fmt: skip
+    if memory_errors:
+        print(f"peak memory |relative error|: median {statistics.median(memory_errors):.1%}, max {max(memory_errors):.1%}")
 
 
 def skew(args) -> None:
@@ -123,7 +185,7 @@ def skew(args) -> None:
     for spec in sorted((ROOT / "bench" / "skew").glob("*.yaml")):
         report = profile(spec, None, calibration=args.calibration, steps=args.steps, backend=args.backend)
         path = Path(report["report"]) if "report" in report else None
-        done = subprocess.run([*MOESPEC, "simulate", str(spec), "--json", "--backend", args.backend, "--calibration", args.calibration,
+        done = subprocess.run([*MOESPEC, "simulate", str(spec), "--json", "--backend", args.backend, "--calibration", _calibration_for(args.calibration, args.backend, report["world"]),
                                "--load", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
         if done.returncode:
             raise SystemExit(f"{spec.name}: simulate --load: {done.stderr.strip().splitlines()[-1]}")

@@ -75,8 +75,10 @@ def _print(report: dict) -> None:
     memory = Table(title="memory per device (model)")
     memory.add_column("part")
     memory.add_column("bytes", justify="right")
-    for key in ("weights", "gathered_weights", "grads", "optimizer", "activations", "a2a_buffers", "allowance", "total"):
-        memory.add_row(key.replace("_", " "), _gib(mem[f"{key}_bytes"]))
+    labels = {"activations": "activations (kept for backward)", "a2a_buffers": "a2a buffers (transient)",
+              "total": "peak (tensors)", "allowance": "allocator allowance (for fits)"}  # fmt: skip
+    for key in ("weights", "gathered_weights", "grads", "optimizer", "activations", "a2a_buffers", "total", "allowance"):
+        memory.add_row(labels.get(key, key.replace("_", " ")), _gib(mem[f"{key}_bytes"]))
     verdict = "fits" if mem["fits"] else "[red]does NOT fit[/red]"
     memory.add_row("device", f"{_gib(mem['device_bytes'])} ({verdict})")
     console.print(memory)

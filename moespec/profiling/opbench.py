@@ -25,11 +25,13 @@ import torch.nn.functional as F
 # Grids (log-spaced; the database interpolates between them and holds the edge rate beyond).
 LINEAR_GRID = {
     "fp32": {"m": [16, 64, 256, 1024, 4096], "k": [32, 128, 512, 2048], "n": [32, 128, 512, 2048]},
-    "bf16": {"m": [16, 128, 1024], "k": [32, 256, 1024], "n": [32, 256, 1024]},
+    # CPU bf16 kernels dip at powers of two (M 512: 2.9 GFLOP/s at 256 x 256, 3.7 at 384 x 384,
+    # 5.4 at 384 x 256): the grid holds model widths at 1x and 1.5x powers of two.
+    "bf16": {"m": [16, 128, 512], "k": [32, 128, 256, 384, 512, 768], "n": [32, 128, 256, 384, 512, 768]},
 }
 BMM_GRID = {  # experts, rows per expert, width (K = N): per-expert cost grows with the bank's bytes (caches)
     "fp32": {"e": [8, 32], "c": [4, 16, 64, 256], "w": [64, 256, 512]},
-    "bf16": {"e": [8, 32], "c": [4, 32, 128], "w": [64, 256]},
+    "bf16": {"e": [8, 32], "c": [4, 32, 128], "w": [64, 128, 256, 384]},
 }
 ATTENTION_GRID = {"fp32": {"s": [64, 256, 1024], "hd": [16, 64, 128]}, "bf16": {"s": [64, 256, 512], "hd": [16, 64, 128]}}
 ATTENTION_HEADS = 4  # batch x heads of each attention measurement

@@ -180,8 +180,9 @@ def memory_by_category(ranks: list[dict], predicted: dict) -> dict:
     beside the simulator's `memory_per_device` terms. Parameters, gradients and optimizer state
     are read just before the optimizer step (every gradient exists then; AdamW's scalar step
     counters taken out, as the simulator leaves them out): exact. Activations and the rest are
-    read at the tracked peak; the model's activations are an estimate, its total carries a 10%
-    allocator allowance: both get a relative error. The model has no term for temporaries."""
+    read at the tracked peak; the model's activations (what autograd keeps, counted from the
+    model's code: sim/activations.py) and peak get a relative error: the peak may fall
+    mid-backward, where some activations are freed and some gradients made."""
     def at_step(r: dict, category: str) -> int:
         held = r["memory_by_category"]["at_optimizer_step"][category]
         return held - r["memory_by_category"]["step_counter_bytes"] if category == "optimizer" else held

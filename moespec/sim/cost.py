@@ -36,12 +36,13 @@ import numpy as np
 
 from moespec.sim.backend import Backend
 from moespec.sim.collectives import all_gather_time_s, all_reduce_time_s, all_to_all_time_s, reduce_scatter_time_s
+from moespec.sim.activations import activation_memory
 from moespec.sim.counts import FULL, SELECTIVE, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.overhead import ELEMENTWISE_PASSES
 from moespec.sim.topology import build_topology
 
-ALLOCATOR_ALLOWANCE = 0.10  # fragmentation and workspace: 10% on top of what is counted
+ALLOCATOR_ALLOWANCE = 0.10  # fragmentation and workspace: 10% on top of the tensors' peak, for `fits`
 DEFAULT_OVERLAP = 0.5  # share of data-parallel gradient traffic hidden behind the backward pass
 _TIMES = ("compute_s", "elementwise_s", "overhead_s", "a2a_s", "tp_comm_s", "pp_comm_s", "allreduce_s",
           "exposed_allreduce_s", "zero_comm_s", "bubble_s", "optimizer_s", "step_s", "tokens_per_s", "mfu")  # fmt: skip
@@ -137,7 +138,7 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
         raise ValueError(f"collectives were built for backend {collectives.backend.name}, not {backend.name}")
     out = exact_counts(batch)
     state = state_bytes(batch, out)
-    state["activations"], state["elementwise_activations"] = activation_bytes(batch)
+    state["elementwise_activations"] = elementwise_activation_bytes(batch)
     out.update({f"state_{name}_bytes": state[name] for name in ("params", "grads", "optimizer")})
     out.update(_memory(batch, backend, out, state))
     out.update(_time(batch, backend, out, state, collectives, overlap=overlap, imbalance=imbalance, a2a_imbalance=a2a_imbalance))
@@ -151,7 +152,8 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
 def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict[str, np.ndarray]:
     """Peak bytes on one device: the state it holds (counts.state_bytes, exact), the
     parameters FSDP2 gathers for compute (ZeRO-2: all of them through the step; ZeRO-3: the
-    largest block at a time), activations, all-to-all buffers, and a 10% allowance."""
+    largest block at a time), and the peak of a step over activations and gradients
+    (sim/activations.py); `fits` adds a 10% allowance for the allocator's slack."""
     layers = b.table
     full = state["full_dense"] + state["full_expert"]  # elements this rank computes with
     gathered = np.where(b.zero_stage == 2, 4 * full - state["params"], 0.0)
@@ -160,15 +162,25 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     bpe = compute_bytes(b)
     has_a2a = layers.moe & (layers.count > 0) & layers.lift(b.ep > 1)
     a2a = 2.0 * layers.max_per_design(np.where(has_a2a, rows, 0), len(b)) * b.d_model * bpe
-    activations = state["activations"]
-    counted = state["params"] + gathered + state["grads"] + state["optimizer"] + activations + a2a
-    allowance = ALLOCATOR_ALLOWANCE * counted
-    total = counted + allowance
+    held = state["params"] + gathered + state["optimizer"]
+    kept = activation_memory(b, state["params"])
+    activations = kept["activations"]
+    micro_steps = b.global_batch // (b.micro_batch * b.dp)
+    earlier_grads = np.where(micro_steps > 1, state["grads"], 0.0)  # accumulated over the step's earlier micro-steps
+    matrices = layers.lift(np.where(b.gated, 3, 2))
+    layer_grads = np.where(layers.moe & layers.dropless & (layers.count > 0), (layers.experts // layers.lift(b.ep)) * matrices * layers.lift(b.d_model)
+                           * layers.expert_d_ff * 4.0, 0.0)  # fmt: skip
+    top_dropless_grads = layers.max_per_design(layer_grads, len(b)) / (b.tp * b.pp)
+    start_of_backward = held + earlier_grads + activations + kept["loss_temporaries"]
+    top_dropless_backward = held + np.maximum(earlier_grads, top_dropless_grads) + activations + kept["moe_temporaries"]
+    optimizer_step = held + state["grads"]
+    total = np.maximum(np.maximum(start_of_backward, top_dropless_backward), optimizer_step)
+    allowance = ALLOCATOR_ALLOWANCE * total  # the allocator's slack: counts for `fits`, not in the peak
     return {
         "memory_weights_bytes": state["params"], "memory_gathered_weights_bytes": gathered,
         "memory_grads_bytes": state["grads"], "memory_optimizer_bytes": state["optimizer"],
         "memory_activations_bytes": activations, "memory_a2a_buffers_bytes": a2a, "memory_allowance_bytes": allowance,
-        "memory_total_bytes": total, "fits": total <= backend.device.memory_bytes,
+        "memory_total_bytes": total, "fits": total + allowance <= backend.device.memory_bytes,
     }  # fmt: skip
 
 
@@ -182,31 +194,26 @@ def _block_elements(b: DesignBatch, layers) -> np.ndarray:
     return attention + np.maximum(groups, np.where(b.dense_blocks > 0, matrices * d * b.d_ff, 0.0))
 
 
-def activation_bytes(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes one rank keeps for backward, bytes elementwise ops pass over), per micro-step.
-
-    Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per dense 16-bit block without
-    recomputation, of which 19*s*b*h is the 4h-wide MLP; a MoE block's MLP part scales with
-    the rows its experts see per token (k * cf, E*C/T) and their width over 4h. Selective
-    recomputation drops the 5*a*s/h attention-core term; full keeps each block's input (2sbh).
-    fp32 doubles everything; one pipeline stage holds n_layers / pp blocks, tp splits them.
-    Elementwise ops move the selective figure: fused attention never writes the scores."""
+def elementwise_activation_bytes(b: DesignBatch) -> np.ndarray:
+    """Bytes of activations the elementwise ops pass over per micro-step (the time model's
+    memory-bound term, whose bandwidth the calibration measures against this figure):
+    Korthikanti et al. 2022's per-block count without the attention scores (fused attention
+    never writes them), 15*s*b*h plus 19*s*b*h per 4h of MLP width, a MoE block's MLP scaled
+    by the rows its experts see per token and their width; fp32 doubles it. What a rank
+    keeps for backward is counted exactly elsewhere (sim/activations.py)."""
     layers = b.table
-    s, bsz, h, a = (x.astype(np.float64) for x in (b.seq_len, b.micro_batch, b.d_model, b.n_heads))
+    s, bsz, h = (x.astype(np.float64) for x in (b.seq_len, b.micro_batch, b.d_model))
     sbh = s * bsz * h
     scale = np.where(b.precision == PRECISIONS.index("fp32"), 2, 1) / (b.pp * b.tp)
     rows_per_token = expert_rows(b, layers) / layers.lift(s * bsz)
     width = rows_per_token * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff + layers.d_ff  # placeholders zero the rest
     widths = layers.per_design(layers.count * width, len(b)) + b.dense_blocks * b.d_ff
-    selective = (b.n_layers * 15 * sbh + 19 * sbh / (4 * h) * widths) * scale
-    core = b.n_layers * 5 * a * s * s * bsz * scale
-    kept = np.where(b.recompute == FULL, b.n_layers * 2 * sbh * scale, selective + np.where(b.recompute == SELECTIVE, 0.0, core))
-    return kept, selective
+    return (b.n_layers * 15 * sbh + 19 * sbh / (4 * h) * widths) * scale
 
 
 def elementwise_bytes(b: DesignBatch, passed: np.ndarray) -> np.ndarray:
     """Bytes one micro-step's non-matmul ops move on one rank: 3 passes over the activations
-    they touch (`passed`, activation_bytes: written forward, read and their gradient written
+    they touch (`passed`, elementwise_activation_bytes: written forward, read and their gradient written
     backward; full recomputation replays the forward's third again); Sinkhorn's iterations
     (2 normalisations of the [T, E] fp32 matrix, ~3 passes each, forward only, again when
     replayed); dropout's masks (each dropout reads and writes its [T, D] input forward and

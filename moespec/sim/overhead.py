@@ -6,7 +6,7 @@ their gradients move every activation through memory (REFERENCE sec. 5: each op'
 the host a dispatch (a Python call, an ATen dispatch, a kernel launch): on a small model, on a
 CPU or in eager mode, that fixed cost is often most of the step.
 
-- Elementwise bytes: every activation a layer stores (Korthikanti et al., `activation_bytes`)
+- Elementwise bytes: every activation a layer stores (Korthikanti et al., `cost.elementwise_activation_bytes`)
   is written once in forward, read once and its gradient written once in backward: 3 passes.
   No new coefficient: memory bandwidth and its efficiency come from the backend (calibrated).
 - Fixed host time: seconds per optimizer step (clipping, AdamW), per micro-step for the

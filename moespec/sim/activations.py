@@ -1,0 +1,131 @@
+"""Activation memory of one micro-step on one rank, counted from what this project's model
+keeps for backward, and the peak of a training step built from it.
+
+Why not Korthikanti et al. 2022's 34*s*b*h per block (used before): it describes Megatron's
+kernels (dropout masks, unfused attention scores), not ours. On the held-out suite it missed
+MemTracker's activations by -50% to +233%. Here every term is a tensor autograd saves in our
+model (moespec/model), traced with `saved_tensors_hooks` (tests/test_activation_bytes.py
+checks the sum against the trace on a dozen specs):
+
+- a norm keeps its input and, RMSNorm, the normalised product and 1/rms (LayerNorm: input,
+  mean and 1/std); residual adds keep nothing;
+- a Linear keeps its input once per distinct input tensor; under autocast each Linear casts
+  (and keeps) its own bf16 copy of the input and of its weight;
+- causal SDPA (fused: no S x S scores) keeps q, k, v, its output and a float32 logsumexp;
+- a gated FFN keeps 4 hidden-wide tensors (gate, up, act(gate), their product), plain 2;
+- routers keep a few [T, E] float32 tensors and [T, k] indices (ROUTER_SAVED, traced per router);
+- capacity experts keep the [E*C, D] buffer and the hidden tensors; the combine keeps the
+  expert output and the weighted rows in float32; the dropless kernel keeps its two
+  pre-activations [A, F] and the sorted indices and gates;
+- the loss keeps log-softmax [T, V] in float32; the logits stay alive in the training loop.
+
+Peak (MemTracker's tracked total): the largest of (a) the start of backward: state, the
+gradients of earlier micro-steps, activations, the loss gradients [T, V]; (b) the backward of
+the top dropless MoE layer: its expert gradients and the kernel's temporaries on top of
+(a)'s activations; (c) the optimizer step: state and gradients. Tensor and pipeline parallel split
+the blocks' share as the old formula did (issue 15 runs them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moespec.sim.counts import FULL, SELECTIVE, compute_bytes, expert_rows
+from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
+
+F32, I64 = 4.0, 8.0
+# Per router, what it saves per token (traced: tests/test_activation_bytes.py):
+# ([T, E] float32 tensors, [T, k] int64, [T, k] float32, [T] float32, [T, k+1] int64).
+ROUTER_SAVED = {
+    "topk": (2, 1, 1, 2, 0),
+    "switch": (2, 1, 0, 1, 0),
+    "noisy_topk": (8.25, 1, 1, 1, 1),  # 8 [T, E] float32 and a [T, E] bool mask
+    "sinkhorn": (2, 1, 0, 1, 0),
+    "expert_choice": (2, 0, 0, 1, 0),  # plus its [E, C] indices: counted with the dispatch
+    "sigmoid_bias": (1, 1, 1, 1, 0),
+    "hash": (0, 1, 0, 1, 0),
+    "base": (1, 1, 0, 1, 0),
+}
+
+
+def _router_table() -> np.ndarray:
+    return np.array([ROUTER_SAVED[name] for name in ROUTER_NAMES], dtype=np.float64)
+
+
+def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np.ndarray]:
+    """Bytes per design on one rank: `activations` (held at the end of one micro-step's
+    forward: what autograd saved, and the logits the loop holds), `saved` (autograd's part
+    alone: tests/test_activation_bytes.py), `loss_temporaries` (the loss gradients at the start
+    of backward), `moe_temporaries` (the largest dropless layer's backward temporaries).
+    weights_bytes: the rank's parameter bytes (autocast copies the matmuls' weights)."""
+    layers = b.table
+    n = len(b)
+    c = compute_bytes(b).astype(np.float64)
+    half = b.precision != PRECISIONS.index("fp32")
+    t = (b.micro_batch * b.seq_len).astype(np.float64)
+    d = b.d_model.astype(np.float64)
+    hq, hkv = (b.n_heads * b.head_dim).astype(np.float64), (b.n_kv_heads * b.head_dim).astype(np.float64)
+    td = t * d
+
+    norm = np.where(b.layernorm, td * F32 + 2 * t * F32, 2 * td * F32 + t * F32)
+    attn_inputs = np.where(half, 3 * td * 2, td * F32)
+    core = (2 * t * hq + 2 * t * hkv) * c + b.micro_batch * b.n_heads * b.seq_len * F32
+    core = np.where(b.recompute == SELECTIVE, core - b.micro_batch * b.n_heads * b.seq_len * F32, core)
+    attention = 2 * norm + attn_inputs + core  # both norms of the block
+    inputs = np.where(b.gated, 2, 1)
+    hidden = np.where(b.gated, 4, 2)
+
+    def ffn_in(code_half, count_inputs, tdl):  # what a FFN keeps of its input
+        return np.where(code_half, count_inputs * tdl * 2, tdl * F32)
+
+    dense = ffn_in(half, inputs, td) + hidden * t * b.d_ff * c
+
+    # MoE groups
+    tl, dl, cl, hl = layers.lift(t), layers.lift(d), layers.lift(c), layers.lift(half)
+    il, kl = layers.lift(inputs), layers.lift(hidden)
+    k = layers.k.astype(np.float64)
+    e = layers.experts.astype(np.float64)
+    r = _router_table()[layers.router]
+    router = np.where(layers.router_matrices > 0, tl * dl * F32, 0.0)
+    router = router + tl * (r[:, 0] * e * F32 + r[:, 1] * k * I64 + r[:, 2] * k * F32 + r[:, 3] * F32 + r[:, 4] * (k + 1) * I64)
+    rows = expert_rows(b, layers).astype(np.float64)  # R = E*C (capacity) or A = T*k (dropless)
+    ep = layers.lift(b.ep)
+    f = layers.expert_d_ff.astype(np.float64)
+    capacity = tl * k * I64 + (rows + 1) * (I64 + F32) + rows * dl * cl + kl * rows * f * cl + 2 * rows * dl * F32
+    dropless = 2 * rows * I64 + rows * F32 + (kl // 2) * rows * f * cl
+    dropless = dropless + np.where(layers.router_matrices > 0, 0.0, tl * dl * F32)  # hash: the kernel keeps x itself
+    dropless = dropless + np.where(ep > 1, rows * dl * cl + 2 * rows * dl * F32, 0.0)  # received rows, the combine
+    experts = np.where(layers.dropless, dropless, capacity)
+    fs = (layers.shared_count * layers.shared_d_ff).astype(np.float64)
+    shared = np.where(fs > 0, np.where(hl, il * tl * dl * 2, 0.0) + kl * tl * fs * cl + np.where(layers.shared_gate, 2 * tl * F32, 0.0), 0.0)
+    moe_ffn = router + experts + shared
+    dense_group = np.where(layers.d_ff > 0, ffn_in(hl, il, tl * dl) + kl * tl * layers.d_ff * cl, 0.0)
+    per_group = np.where(layers.moe, moe_ffn, dense_group)
+    blocks = b.n_layers * attention + b.dense_blocks * dense + layers.per_design(layers.count * per_group, n)
+    block_input = b.n_layers * td * F32  # what full recomputation keeps per block
+    biggest_block = attention + np.maximum(np.where(b.dense_blocks > 0, dense, 0.0), layers.max_per_design(np.where(layers.count > 0, per_group, 0.0), n))
+    blocks = np.where(b.recompute == FULL, block_input + biggest_block, blocks)
+    if (b.dropout > 0).any():  # dropout masks (bool): embedding and two per block
+        blocks = blocks + np.where(b.dropout > 0, (1 + 2 * b.n_layers) * td, 0.0)
+
+    v = b.vocab.astype(np.float64)
+    rope = np.where(b.learned_positions, 0.0, 2 * b.seq_len * b.head_dim * F32)
+    head = norm + np.where(half, td * 2, td * F32) + t * v * F32 + 2 * t * I64 + rope
+    logits = t * v * c  # alive in the training loop
+    # autocast's bf16 copies of the matmuls' weights, kept for backward; an untied embedding
+    # table is looked up, not cast. Full recomputation keeps a block's only while it replays.
+    embedding = np.where(b.tied, 0.0, v * d * F32)
+    head_copy = v * d * 2
+    block_copies = np.maximum(weights_bytes - embedding - head_copy * 2, 0.0) / 2
+    block_copies = np.where(b.recompute == FULL, block_copies / np.maximum(b.n_layers / b.pp, 1), block_copies)
+    copies = np.where(half, head_copy + block_copies, 0.0)
+    activations = blocks / (b.tp * b.pp) + head + logits + copies
+
+    # The top dropless layer's backward: its kernel's temporaries (the gathered output
+    # gradient, hidden-wide gradients, the input gradient) while its expert gradients are
+    # made whole at once. Capacity layers run autograd's per-op backward, which frees saved
+    # tensors as it makes gradients: their peak stays the start of backward (MemTracker).
+    temp = rows * dl * cl + 3 * rows * f * cl + tl * dl * F32
+    moe_temp = layers.max_per_design(np.where(layers.moe & layers.dropless & (layers.count > 0), temp, 0.0), n) / (b.tp * b.pp)
+    loss_temporaries = 2 * t * v * F32 + np.where(half, t * v * 2, 0.0)
+    return {"activations": activations, "saved": activations - logits, "loss_temporaries": loss_temporaries, "moe_temporaries": moe_temp}
