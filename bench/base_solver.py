@@ -6,6 +6,11 @@ every expert column repeated T/E times (Hungarian/LAPJV); we time only its solve
 building the repeated matrix, so the speed-up is if anything understated.
 
     python bench/base_solver.py [--tokens 4096 --experts 64 --dim 256 --repeats 3] [--json]
+    python bench/base_solver.py --warm 6   # cold against warm-started prices over 6 steps
+
+`--warm N`: N steps of fresh tokens through the same router weights (as in training, where
+the weights move little between steps), each solved cold (prices from zero) and warm (prices
+from the previous step's solution, what a BASE router does), median times and rounds.
 
 torch runs on one CPU thread by default (`--threads`): scipy's solver is single-threaded, so
 that is like for like, and on a small shared machine torch's spinning worker threads make
@@ -102,6 +107,23 @@ def run(tokens: int, experts: int, dim: int, repeats: int, seed: int, device: st
     }
 
 
+def warm_steps(tokens: int, experts: int, dim: int, steps: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    w_DE = torch.randn(dim, experts, generator=generator)
+    cold_s, warm_s, rounds, prices = [], [], {"cold": [], "warm": []}, None
+    for step in range(steps):
+        scores_TE = torch.randn(tokens, dim, generator=generator) @ w_DE
+        for name, times, start in (("cold", cold_s, None), ("warm", warm_s, prices)):
+            begin = time.perf_counter()
+            result = auction_assignment(scores_TE, price_init_E=start)
+            times.append(time.perf_counter() - begin)
+            rounds[name].append(result.rounds + result.augmentations)
+        prices = result.price_E
+    return {"tokens": tokens, "experts": experts, "steps": steps,
+            "cold_ms": 1e3 * statistics.median(cold_s[1:]), "warm_ms": 1e3 * statistics.median(warm_s[1:]),
+            "cold_rounds": statistics.median(rounds["cold"][1:]), "warm_rounds": statistics.median(rounds["warm"][1:])}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -112,9 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="device for our solver (scipy is CPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, 0: torch's default")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--warm", type=int, default=0, metavar="STEPS", help="cold against warm-started prices over STEPS steps")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.warm:
+        rows = [warm_steps(t, e, args.dim, args.warm, args.seed) for t, e in ((2048, 8), (4096, 16), (4096, 64), (8192, 128))]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            print(f"T={r['tokens']:5d} E={r['experts']:3d}: cold {r['cold_ms']:7.1f} ms ({r['cold_rounds']:.0f} rounds + paths), "
+                  f"warm {r['warm_ms']:7.1f} ms ({r['warm_rounds']:.0f}); warm/cold {r['warm_ms'] / r['cold_ms']:.2f}")
+        return 0
     report = run(args.tokens, args.experts, args.dim, args.repeats, args.seed, args.device)
     if args.json:
         print(json.dumps(report, indent=2))

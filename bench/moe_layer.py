@@ -1,34 +1,38 @@
 """MoE layer forward + backward time against a dense SwiGLU FFN of the same active FLOPs and
 against Hugging Face's `MixtralSparseMoeBlock`, at the same shapes, in one run.
 
-    python bench/moe_layer.py            # a table of milliseconds and ratios to dense
-    python bench/moe_layer.py --json     # one JSON document
-    python bench/moe_layer.py --ops fine # torch.profiler's top ops, ours_dropless then dense
+    python bench/moe_layer.py                     # the tuned shapes: ms and ratios to dense
+    python bench/moe_layer.py --set grid --routers --busy --no-peers
+    python bench/moe_layer.py --json              # one JSON document
+    python bench/moe_layer.py --ops fine          # torch.profiler's top ops, ours_dropless then dense
 
+Sets: `tuned` (the four shapes the kernel was tuned on and the three of issue 13), `grid`
+(eight shapes chosen before any measurement: E 8-128, k 1-8, T 2048 and 8192, d_model
+256-1024, coarse and fine d_ff; nothing was tuned on them), `all`.
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
 - dense: DenseFFN (SwiGLU) of width K*F, the same matmul FLOPs as K routed experts per token;
-- ours_dropless: build_moe_layer with a topk router, `dropless: true`;
+- ours_dropless: build_moe_layer with a topk router, `dropless: true` (one gather and one
+  scatter per pass, torch._grouped_mm per projection);
 - ours_capacity: the same with capacity factor 1.0 (fixed [E, C, D] buffers, drops allowed);
-- hf_mixtral: transformers' MixtralSparseMoeBlock with its "eager" experts implementation
-  (the default for a block built from a MixtralConfig: a Python loop over the experts hit);
-- hf_grouped_mm: the same block with `experts_implementation="grouped_mm"` (one
-  torch._grouped_mm per projection; FlopCounterMode counts it as zero FLOPs, which is why
-  moespec does not use it). Both HF columns are skipped with a note if transformers cannot be
-  imported.
+- with --routers, at k = 1: ours_base (BASE: the auction, then the dropless kernel on exactly
+  T/E rows per expert) and ours_switch (Switch top-1, capacity 1.0);
+- hf_mixtral / hf_grouped_mm: transformers' MixtralSparseMoeBlock with its "eager" experts
+  (a Python loop over the experts hit) and with `experts_implementation="grouped_mm"`;
+  skipped with a note if transformers cannot be imported (or --no-peers).
 Every step is `y = layer(x); y.backward(dy)` with x requiring grad, as inside a model. The
 implementations are timed interleaved (one step of each, then again), so machine noise hits
-all of them alike; the median over repeats is reported, with its ratio to dense.
+all of them alike; the median over repeats is reported, with its ratio to dense. The run
+ends with the worst ratios (dropless / capacity; dropless / dense where each expert gets at
+least 512 rows; dropless / HF grouped_mm; BASE / Switch) and where they are.
+`--busy` runs the set again beside a process that keeps one core busy and prints each path's
+slowdown (busy / quiet) and the worst dropless-to-capacity slowdown ratio.
 
-Reading the numbers (2-core CPU VM, torch 2.13, when this was written): ours_dropless was 0.94-1.06x
-dense on the coarse and medium shapes and 1.1-1.4x on the fine-grained ones. What is left
-there, measured: (1) the E*D*F weight gradients are E/K times the dense ones, and at 32 MiB
-each glibc hands them out as fresh mmap'd pages every step; on this VM first-touch faults
-cost ~0.6 ms/MiB, about 0.1x of dense at E = 64 (raising M_MMAP_THRESHOLD with mallopt
-removes it; a GPU caching allocator would too); (2) ~15 ms of per-group op dispatch at E = 64;
-(3) a few extra elementwise passes over [A, F] for the gate folded into the activation.
-Other processes on the machine hurt code with many small parallel ops (ours, HF) far more
-than dense's few big matmuls: a run under load can show 2-4x for every MoE column. Compare
-ratios only from runs with a low `load_avg_1min`, or use --threads 1.
+Reading the numbers: on this 2-core VM one run's ratios move by 10-20% between runs (compare
+paths within a run, never across runs). On CPU torch._grouped_mm runs one mm per group: for
+small groups (64-128 rows) it keeps only one core busy where the capacity path's bmm keeps
+two, so at many small experts dropless stays 1.1-1.3x the capacity path; under contention each
+of its per-group mm's still synchronises the two threads, so its slowdown beside a busy core
+is larger than bmm's. Both are properties of the CPU kernel; on GPUs grouped GEMMs are one kernel.
 """
 
 from __future__ import annotations
@@ -38,24 +42,44 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 from moespec.model.layers import DenseFFN
 from moespec.model.moe_layer import build_moe_layer
-from moespec.spec.plan import CapacityPlan, ExpertsPlan, MoELayerPlan, TopKRouter
+from moespec.spec.plan import BaseRouter, CapacityPlan, ExpertsPlan, MoELayerPlan, SwitchRouter, TopKRouter
 
-# From coarse-grained (Mixtral-like: few wide experts) to fine-grained (DeepSeek-like).
+# From coarse-grained (Mixtral-like: few wide experts) to fine-grained (DeepSeek-like). The
+# kernel was tuned on these four ("tuned") and on the three shapes of issue 13 ("issue");
+# GRID holds shapes chosen before any measurement, from the designs users hit (E 8-128, k 1-8,
+# T 2048 and 8192, d_model 256-1024, coarse and fine d_ff), on which nothing was tuned.
 SHAPES = [
     {"name": "coarse", "d": 512, "f": 1024, "E": 8, "k": 2, "tokens": 4096},
     {"name": "medium", "d": 512, "f": 512, "E": 16, "k": 4, "tokens": 4096},
     {"name": "fine-32", "d": 512, "f": 256, "E": 32, "k": 8, "tokens": 2048},
     {"name": "fine", "d": 512, "f": 256, "E": 64, "k": 8, "tokens": 2048},
+    {"name": "issue-1", "d": 384, "f": 768, "E": 32, "k": 1, "tokens": 3072},
+    {"name": "issue-2", "d": 256, "f": 256, "E": 128, "k": 2, "tokens": 4096},
+    {"name": "issue-3", "d": 320, "f": 640, "E": 24, "k": 4, "tokens": 3072},
+]
+GRID = [  # each sized so that dense's step is ~0.5 s on a 2-core CPU (18 * T * D * k * F ~ 4e10 FLOPs)
+    {"name": "g-e8k1", "d": 512, "f": 2048, "E": 8, "k": 1, "tokens": 2048},
+    {"name": "g-e8k2", "d": 1024, "f": 512, "E": 8, "k": 2, "tokens": 2048},
+    {"name": "g-e16k2", "d": 256, "f": 512, "E": 16, "k": 2, "tokens": 8192},
+    {"name": "g-e16k8", "d": 256, "f": 128, "E": 16, "k": 8, "tokens": 8192},
+    {"name": "g-e64k1", "d": 512, "f": 512, "E": 64, "k": 1, "tokens": 8192},
+    {"name": "g-e64k8", "d": 1024, "f": 128, "E": 64, "k": 8, "tokens": 2048},
+    {"name": "g-e128k2", "d": 256, "f": 512, "E": 128, "k": 2, "tokens": 8192},
+    {"name": "g-e128k8", "d": 512, "f": 128, "E": 128, "k": 8, "tokens": 2048},
 ]
 
 
-def ours(shape: dict, *, dropless: bool):
+def ours(shape: dict, *, dropless: bool, router=None):
+    """Our MoE layer at `shape`: top-k (or `router`: Switch, BASE with k = 1) with the
+    dropless path or capacity factor 1.0."""
     capacity = CapacityPlan(
         factor=None if dropless else 1.0,
         eval_factor=None if dropless else 1.0,
@@ -64,7 +88,7 @@ def ours(shape: dict, *, dropless: bool):
         dropless=dropless,
     )
     plan = MoELayerPlan(
-        router=TopKRouter(k=shape["k"]),
+        router=router or TopKRouter(k=shape["k"]),
         experts=ExpertsPlan(count=shape["E"], d_ff=shape["f"], shared_count=0, shared_d_ff=0, shared_gate=False),
         capacity=capacity,
     )
@@ -110,11 +134,17 @@ def time_step(fn, module, x, dy) -> float:
     return time.perf_counter() - start
 
 
-def bench_shape(shape: dict, *, repeats: int, warmup: int) -> dict:
+def bench_shape(shape: dict, *, repeats: int, warmup: int, routers: bool = False, peers: bool = True) -> dict:
     torch.manual_seed(0)
     impls = {"dense": dense(shape), "ours_dropless": ours(shape, dropless=True), "ours_capacity": ours(shape, dropless=False)}
+    if routers:  # BASE (balanced assignment, every expert T/E rows: the dropless kernel) and Switch (top-1, capacity 1.0)
+        top1 = dict(shape, k=1)
+        impls["ours_base"] = ours(top1, dropless=True, router=BaseRouter(shuffle=False))
+        impls["ours_switch"] = ours(top1, dropless=False, router=SwitchRouter())
     notes = []
     try:
+        if not peers:
+            raise ImportError("--no-peers")
         impls["hf_mixtral"] = hf_mixtral(shape, "eager")
         impls["hf_grouped_mm"] = hf_mixtral(shape, "grouped_mm")
     except ImportError as err:
@@ -156,23 +186,54 @@ def op_table(shape: dict, *, steps: int = 3) -> str:
     return "\n".join(tables)
 
 
+def competitor() -> subprocess.Popen:
+    """A process that keeps one core busy (pure Python arithmetic), as a second job on a
+    laptop, a CI runner or a shared node does."""
+    return subprocess.Popen([sys.executable, "-c", "x = 0\nwhile True:\n    x = (x + 1) % 1000003"])
+
+
+def run_set(shapes: list[dict], args) -> list[dict]:
+    return [bench_shape(s, repeats=args.repeats, warmup=args.warmup, routers=args.routers, peers=not args.no_peers) for s in shapes]
+
+
+def worst(results: list[dict], num: str, den: str, where=lambda r: True) -> tuple[float, str] | None:
+    ratios = [(r["median_ms"][num] / r["median_ms"][den], r["name"]) for r in results
+              if num in r["median_ms"] and den in r["median_ms"] and where(r)]  # fmt: skip
+    return max(ratios) if ratios else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--shapes", nargs="*", help="names from the panel (default: all)")
+    parser.add_argument("--set", choices=("tuned", "grid", "all"), default="tuned",
+                        help="tuned: the shapes the kernel was tuned on; grid: shapes nothing was tuned on")
+    parser.add_argument("--shapes", nargs="*", help="names from the chosen set (default: all of it)")
+    parser.add_argument("--routers", action="store_true", help="add BASE and Switch layers (k = 1) at each shape")
+    parser.add_argument("--busy", action="store_true", help="run the set again beside a process that keeps one core busy; print slowdowns")
+    parser.add_argument("--no-peers", action="store_true", help="skip Hugging Face's blocks")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    panel = {"tuned": SHAPES, "grid": GRID, "all": SHAPES + GRID}[args.set]
     if args.ops:
-        print(op_table(next(s for s in SHAPES if s["name"] == args.ops)))
+        print(op_table(next(s for s in SHAPES + GRID if s["name"] == args.ops)))
         return
     load_before = os.getloadavg()
-    shapes = [s for s in SHAPES if not args.shapes or s["name"] in args.shapes]
-    results = [bench_shape(s, repeats=args.repeats, warmup=args.warmup) for s in shapes]
+    shapes = [s for s in panel if not args.shapes or s["name"] in args.shapes]
+    results = run_set(shapes, args)
+    busy = None
+    if args.busy:
+        process = competitor()
+        try:
+            time.sleep(1.0)
+            busy = run_set(shapes, args)
+        finally:
+            process.kill()
+            process.wait()
     doc = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -184,6 +245,7 @@ def main() -> None:
         # big matmul (dense): record the 1-minute load average around the run.
         "load_avg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "shapes": results,
+        "busy_shapes": busy,
     }
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -191,12 +253,31 @@ def main() -> None:
     print(f"torch {doc['torch']}, {doc['threads']} threads; {doc['step']}; median of {args.repeats}; "
           f"load average {doc['load_avg_1min'][0]} -> {doc['load_avg_1min'][1]}")
     names = list(results[0]["median_ms"])
-    print(f"{'shape':<8} {'D':>4} {'F':>5} {'E':>3} {'K':>2} {'T':>5}  " + "  ".join(f"{n:>22}" for n in names))
+    print(f"{'shape':<9} {'D':>4} {'F':>5} {'E':>3} {'K':>2} {'T':>5} {'rows/E':>6}  " + "  ".join(f"{n:>22}" for n in names))
     for r in results:
         cells = [f"{r['median_ms'][n]:9.1f} ms ({r['ratio_to_dense'][n]:4.2f}x)" for n in names]
-        print(f"{r['name']:<8} {r['d']:>4} {r['f']:>5} {r['E']:>3} {r['k']:>2} {r['tokens']:>5}  " + "  ".join(f"{c:>22}" for c in cells))
+        rows = r["tokens"] * r["k"] // r["E"]
+        print(f"{r['name']:<9} {r['d']:>4} {r['f']:>5} {r['E']:>3} {r['k']:>2} {r['tokens']:>5} {rows:>6}  " + "  ".join(f"{c:>22}" for c in cells))
         for note in r["notes"]:
             print("   note:", note)
+    lines = [("dropless / capacity", worst(results, "ours_dropless", "ours_capacity")),
+             ("dropless / dense where rows per expert >= 512",
+              worst(results, "ours_dropless", "dense", lambda r: r["tokens"] * r["k"] // r["E"] >= 512)),
+             ("dropless / HF grouped_mm", worst(results, "ours_dropless", "hf_grouped_mm")),
+             ("BASE / Switch", worst(results, "ours_base", "ours_switch"))]  # fmt: skip
+    for label, found in lines:
+        if found:
+            print(f"worst {label}: {found[0]:.2f}x at {found[1]}")
+    if busy:
+        print("beside a busy core: slowdown (busy / quiet) per path")
+        for quiet, loaded in zip(results, busy):
+            slow = {n: loaded["median_ms"][n] / quiet["median_ms"][n] for n in names}
+            print(f"{quiet['name']:<9} " + "  ".join(f"{n} {v:4.2f}x" for n, v in slow.items()))
+        def slowdown(quiet, loaded, name):
+            return loaded["median_ms"][name] / quiet["median_ms"][name]
+
+        ratios = [(slowdown(q, b, "ours_dropless") / slowdown(q, b, "ours_capacity"), q["name"]) for q, b in zip(results, busy)]
+        print(f"worst dropless slowdown / capacity slowdown: {max(ratios)[0]:.2f}x at {max(ratios)[1]}")
 
 
 if __name__ == "__main__":

@@ -220,3 +220,35 @@ def test_property_small_problems(E, M, data):
     assert_near_optimum(scores_TE, result)
     if E > 1:  # E == 1 returns without prices
         assert_certificate(scores_TE, result)
+
+
+@pytest.mark.parametrize("start", ["previous", "random", "huge"])
+def test_warm_start_keeps_balance_and_the_bound(start):
+    """Any starting prices give an exactly balanced assignment within T * eps of the optimum
+    (the cold solve's total is a lower bound on the optimum); the previous solution's prices
+    on the same scores need no more rounds than a cold start."""
+    T, E = 512, 16
+    scores_TE = make_scores("normal", T, E, seed=3)
+    cold = auction_assignment(scores_TE)
+    price_E = {"previous": cold.price_E, "random": torch.randn(E, generator=torch.Generator().manual_seed(1)),
+               "huge": torch.linspace(0, 1e4, E)}[start]  # fmt: skip
+    warm = auction_assignment(scores_TE, price_init_E=price_E)
+    assert torch.bincount(warm.expert_index_T, minlength=E).tolist() == [T // E] * E
+    total = lambda r: float(scores_TE.double().gather(1, r.expert_index_T.view(-1, 1)).sum())  # noqa: E731
+    assert total(warm) >= total(cold) - cold.optimality_bound - warm.optimality_bound
+    if start == "previous":
+        assert warm.rounds + warm.augmentations <= cold.rounds + cold.augmentations
+
+
+def test_base_router_warm_starts_from_its_last_prices():
+    from moespec.model.balanced_routers import BaseRouting
+
+    torch.manual_seed(0)
+    router = BaseRouting(d_model=8, n_experts=4, auction_eps=None).train()
+    assert torch.isnan(router.auction_price_E).all()  # cold until the first training step
+    x_TD = torch.randn(64, 8)
+    router(x_TD)
+    first = router.auction_price_E.clone()
+    assert torch.isfinite(first).all() and "auction_price_E" in router.state_dict()
+    router.eval()(x_TD)
+    assert torch.equal(router.auction_price_E, first)  # eval routes by argmax: prices untouched

@@ -118,9 +118,18 @@ def balanced_assignment(
 
 @torch.no_grad()
 def auction_assignment(
-    scores_TE: torch.Tensor, *, eps: float | None = None, max_rounds: int = 10_000
+    scores_TE: torch.Tensor, *, eps: float | None = None, max_rounds: int = 10_000,
+    price_init_E: torch.Tensor | None = None,
 ) -> AuctionResult:
-    """Like `balanced_assignment`, and returns the prices, round counts and the eps used."""
+    """Like `balanced_assignment`, and returns the prices, round counts and the eps used.
+
+    price_init_E: start from these prices (a BASE router's from its previous step) instead of
+    zeros, with the same epsilon schedule. The auction is correct from any prices (every slot
+    is filled at the end, and eps-CS gives the same bound); prices near the new optimum leave
+    fewer tokens contested in each phase. Measured gain is small: 0.78-1.09x the cold time on
+    router-like scores of fresh tokens each step (bench/base_solver.py --warm), since most
+    rounds settle the new tokens, not the prices. If the argmax is already balanced under the
+    prices, the first round places every token and each phase ends at once."""
     _check_arguments(scores_TE, eps, max_rounds)
     T, E = scores_TE.shape
     device = scores_TE.device
@@ -143,7 +152,12 @@ def auction_assignment(
     if work_TE.dtype == torch.float32 and eps_final < spread * _FLOAT32_EPS_FLOOR:
         work_TE, _ = _shifted_scores(scores_TE, torch.float64)
 
-    price_E = torch.zeros(E, dtype=work_TE.dtype, device=device)
+    warm = price_init_E is not None and bool(torch.isfinite(price_init_E).all())
+    if warm:
+        price_E = price_init_E.detach().to(device=device, dtype=work_TE.dtype).clone()
+        price_E -= price_E.min()  # only differences between prices matter
+    else:
+        price_E = torch.zeros(E, dtype=work_TE.dtype, device=device)
     holder_EM = torch.full((E, M), -1, dtype=torch.long, device=device)  # token in slot, or -1
     expert_T = torch.full((T,), -1, dtype=torch.long, device=device)  # holding expert, or -1
     eps_k = max(spread * _EPS_START_FRACTION, eps_final)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from moespec.model import router_losses
-from moespec.model.auction import balanced_assignment
+from moespec.model.auction import auction_assignment
+from moespec.model.recompute import is_recomputing
 from moespec.model.router_common import _full_precision, _token_choice_output, router_logits
 from moespec.model.types import RouterOutput
 
@@ -28,13 +29,25 @@ class BaseRouting(nn.Module):
         super().__init__()
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         self.auction_eps = auction_eps
+        # The auction's expert prices at the end of the last training step: the next step
+        # starts from them (the routing moves little between steps, so few tokens contest).
+        # Persistent: a resumed run assigns as the uninterrupted one would.
+        self.register_buffer("auction_price_E", torch.full((n_experts,), float("nan")))
+        self._replay_price_E = None  # the prices the last first-run forward started from
 
     def forward(self, x_TD: torch.Tensor, *, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
         with _full_precision(x_TD):
             affinity_TE = router_logits(self.gate, x_TD)
             n_tokens, n_experts = affinity_TE.shape
             if self.training:
-                expert_index_T = balanced_expert_index(affinity_TE.detach(), eps=self.auction_eps)
+                # A forward replayed by recomputation starts where its first run started, so it
+                # assigns exactly as that run did; only first runs move the prices on.
+                replay = is_recomputing() and self._replay_price_E is not None
+                start_E = self._replay_price_E if replay else self.auction_price_E.clone()
+                expert_index_T, price_E = balanced_expert_index(affinity_TE.detach(), eps=self.auction_eps, price_init_E=start_E)
+                if not replay and price_E is not None:
+                    self._replay_price_E = start_E
+                    self.auction_price_E.copy_(price_E)
             else:
                 expert_index_T = affinity_TE.argmax(dim=-1)
             expert_index_T1 = expert_index_T.view(n_tokens, 1)
@@ -42,19 +55,22 @@ class BaseRouting(nn.Module):
             return _token_choice_output(expert_index_T1, gate_T1, gate_T1, n_experts, {}, {})
 
 
-def balanced_expert_index(scores_TE: torch.Tensor, *, eps: float | None) -> torch.Tensor:
+def balanced_expert_index(scores_TE: torch.Tensor, *, eps: float | None,
+                          price_init_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Balanced assignment for any T: pad with rows of zeros up to a multiple of E, solve,
     drop the padding. A constant row adds the same amount to every assignment's total, so the
-    padding fills leftover slots without changing which real tokens go where. [T] long."""
+    padding fills leftover slots without changing which real tokens go where. Returns
+    ([T] long, the final prices [E] float32, None on meta); price_init_E warm-starts the
+    auction (NaN entries: a cold start)."""
     n_tokens, n_experts = scores_TE.shape
     if scores_TE.device.type == "meta":
         # Meta tensors (shape and FLOP counting) hold no values to solve with; every balanced
         # assignment has the same shapes and costs, so take the round-robin one.
-        return torch.arange(n_tokens, device=scores_TE.device) % n_experts
+        return torch.arange(n_tokens, device=scores_TE.device) % n_experts, None
     n_padded = math.ceil(n_tokens / n_experts) * n_experts
     padding_PE = scores_TE.new_zeros(n_padded - n_tokens, n_experts)
-    expert_index_P = balanced_assignment(torch.cat([scores_TE, padding_PE]), eps=eps)
-    return expert_index_P[:n_tokens].to(device=scores_TE.device, dtype=torch.long)
+    result = auction_assignment(torch.cat([scores_TE, padding_PE]), eps=eps, price_init_E=price_init_E)
+    return result.expert_index_T[:n_tokens].to(device=scores_TE.device, dtype=torch.long), result.price_E.float()
 
 
 def sinkhorn_log_plan(logits_TE: torch.Tensor, iterations: int) -> torch.Tensor:

@@ -20,19 +20,25 @@ Three ways to run the same weights, tested against each other (tests/test_moe_la
   an expert-parallel rank runs on the rows it received.
 - `reference_forward(...)`: the slow, obvious per-expert loop on the plain formula; the oracle.
 
-Why not `torch._grouped_mm`: in torch 2.13 it runs on CPU, but FlopCounterMode counts it as
-zero FLOPs, it rejects float64 (no gradcheck) and its meta kernel demands bf16, so neither
-the FLOP convention nor the tests could see it. The per-group loop costs ~15 ms of op
-dispatch per training step at E = 64 (measured with D = F = 16), small next to the matmuls at
-the shapes in bench/moe_layer.py. Numbers and what is left on the table: bench/moe_layer.py.
+The dropless matmuls are grouped GEMMs (`torch._grouped_mm`, one call per projection for all
+experts) where the device and dtype run them (`grouped_gemm_available`: CPU float32/bf16 in
+torch 2.13, CUDA where its kernel exists), and one mm per group otherwise (float64 for
+gradcheck, the meta device, whose kernel demands bf16). Both give the same numbers. On CPU the
+grouped call is 0.87-1.04x the loop's time (measured at E 8-128, bench/moe_layer.py), and it
+is one op where the loop is E. FlopCounterMode counts `_grouped_mm` as zero FLOPs unless told:
+its formula is registered below (2 * rows * K * N for any group sizes), so counts stay exact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.flop_counter import register_flop_formula
 
 from moespec.model.layers import GATED_ACTIVATIONS, DenseFFN, activation_fn
 
@@ -83,62 +89,133 @@ def _scale_rows(h_AF: torch.Tensor, gate_A: torch.Tensor) -> torch.Tensor:
     return h_AF.copy_(h_AF.to(gate_A.dtype) * gate_A[:, None])
 
 
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of a grouped GEMM from shapes alone: whatever the group sizes, each row (or each
+    contracted row, for the [K, A] x [A, N] weight-gradient form) is multiplied once."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # [A, K] x [E, K, N]: rows in groups
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # [K, A] x [A, N] -> [E, K, N]: contraction in groups
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 2:  # [E, M, K] x [K, N]: columns in groups
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]  # batched
+
+
+GROUPED_GEMM = {"enabled": True}  # tests and benches switch the grouped GEMM off to compare with the loop
+
+
+@functools.cache
+def _grouped_gemm_runs(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs here and agrees with mm: tried once on a tiny problem
+    with an empty group, in each layout the kernel uses."""
+    if device_type == "meta" or not hasattr(torch, "_grouped_mm"):
+        return False
+    with _disable_current_modes():  # not seen by an active FlopCounterMode or op trace
+        return _try_grouped_gemm(device_type, dtype)
+
+
+def _try_grouped_gemm(device_type: str, dtype: torch.dtype) -> bool:
+    try:
+        generator = torch.Generator().manual_seed(0)
+        counts_E = [3, 0, 5]
+        offs = torch.tensor([3, 3, 8], dtype=torch.int32, device=device_type)
+        x_AK = torch.randn(8, 16, generator=generator).to(device_type, dtype)
+        w_EKN = torch.randn(3, 16, 8, generator=generator).to(device_type, dtype)
+        g_AN = torch.randn(8, 8, generator=generator).to(device_type, dtype)
+        loop = _rows_times_weights(x_AK, w_EKN, counts_E, None), _weight_grad(x_AK, g_AN, counts_E, None, 3)
+        grouped = torch._grouped_mm(x_AK, w_EKN, offs=offs), torch._grouped_mm(x_AK.t(), g_AN, offs=offs)
+        back = torch._grouped_mm(g_AN, w_EKN.transpose(1, 2), offs=offs)
+        return all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2) for a, b in zip(loop, grouped)) and back.shape == (8, 16)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def grouped_gemm_available(w_EKN: torch.Tensor) -> bool:
+    """The grouped GEMM for an expert weight like w: on, it runs for w's device and dtype,
+    and both widths are multiples of 16 bytes (the kernel's stride rule)."""
+    widths_ok = all(n * w_EKN.element_size() % 16 == 0 for n in w_EKN.shape[1:])
+    return GROUPED_GEMM["enabled"] and widths_ok and _grouped_gemm_runs(w_EKN.device.type, w_EKN.dtype)
+
+
+def _offsets(counts_E: list[int], device: torch.device) -> torch.Tensor:
+    """End row of each group (int32): torch._grouped_mm's `offs`."""
+    return torch.tensor(list(itertools.accumulate(counts_E)), dtype=torch.int32, device=device)
+
+
+def _rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[int], offs: torch.Tensor | None) -> torch.Tensor:
+    """out[rows of e] = a[rows of e] @ w[e], [A, N]: one grouped GEMM (offs given), or one mm
+    per group into slices of a preallocated output."""
+    if offs is not None:
+        return torch._grouped_mm(a_AK, w_EKN, offs=offs)
+    out_AN = a_AK.new_empty(a_AK.shape[0], w_EKN.shape[2])  # every row is in a group: all written
+    for e, rows in _groups(counts_E):
+        torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows])
+    return out_AN
+
+
+def _weight_grad(a_AK: torch.Tensor, g_AN: torch.Tensor, counts_E: list[int], offs: torch.Tensor | None, n_experts: int) -> torch.Tensor:
+    """grad_w[e] = a[rows of e]^T @ g[rows of e], [E, K, N]; zero for an expert without rows."""
+    if offs is not None:
+        return torch._grouped_mm(a_AK.t(), g_AN, offs=offs)
+    new = torch.zeros if 0 in counts_E else torch.empty
+    out_EKN = new(n_experts, a_AK.shape[1], g_AN.shape[1], dtype=a_AK.dtype, device=a_AK.device)
+    for e, rows in _groups(counts_E):
+        torch.mm(a_AK[rows].t(), g_AN[rows], out=out_EKN[e])
+    return out_EKN
+
+
 class GroupedExpertsFn(torch.autograd.Function):
     """Dropless experts with gather and combine: y[token[a]] += gate[a] * expert_e(x[token[a]])
     for the assignments a of each expert e, given sorted by expert, counts_E[e] of them.
 
-    Matmuls run per group into slices of preallocated outputs (`out=`); the elementwise work
-    (activation, gating and their derivatives) runs once over all A rows, so a step is
-    9 matmuls per expert plus a constant number of ops: on a busy CPU every op is a parallel
-    region, and a barrier costs more than a small op does. Forward saves the pre-activations
-    (h_gate, h_up) and recomputes act(h_gate) in the backward. The backward runs exactly the
-    matmuls autograd would run for the textbook formula (two per projection, one when x needs
-    no gradient), so FlopCounterMode reports 18 * N * D * F per gated group, 12 ungated.
+    One gather of the A rows and one scatter-add of their outputs per pass (forward, and the
+    input gradient in backward), whatever E is: on a busy CPU every op is a parallel region
+    whose threads wait on each other, so the cost of a layer follows its op count, and per
+    expert gathers and scatters made the dropless path collapse under load (issue 13). The
+    matmuls are grouped GEMMs (`torch._grouped_mm`, offsets = the group ends) where the device
+    and dtype run them, else one mm per group into slices of a preallocated output
+    (`grouped_gemm_available`). Elementwise work (activation, gating, their derivatives) runs
+    once over all A rows. Forward saves x (not the gathered [A, D] copy: backward gathers again)
+    and the pre-activations (h_gate, h_up). The backward runs exactly the matmuls autograd would
+    run for the textbook formula (two per projection, one when x needs no gradient), so
+    FlopCounterMode reports 18 * N * D * F per gated group, 12 ungated (the grouped GEMM's
+    FLOP formula is registered below).
     """
 
     @staticmethod
-    def forward(ctx, x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, activation):
+    def forward(ctx, x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, activation, grouped):
         act = activation_fn(activation)
         gated = w_gate_EDF is not None
         dtype = w_up_EDF.dtype  # the compute dtype; the weights arrive already cast
-        n_rows, d_ff = token_A.shape[0], w_up_EDF.shape[2]
-        h_up_AF = x_TD.new_empty(n_rows, d_ff, dtype=dtype)  # every row is in a group: all written
-        h_gate_AF = torch.empty_like(h_up_AF) if gated else None
-        for e, rows in _groups(counts_E):
-            x_ND = x_TD.index_select(0, token_A[rows]).to(dtype)
-            torch.mm(x_ND, w_up_EDF[e], out=h_up_AF[rows])
-            if gated:
-                torch.mm(x_ND, w_gate_EDF[e], out=h_gate_AF[rows])
+        offs = _offsets(counts_E, x_TD.device) if grouped and token_A.numel() else None
+        x_AD = x_TD.index_select(0, token_A).to(dtype)  # the one gather
+        h_up_AF = _rows_times_weights(x_AD, w_up_EDF, counts_E, offs)
+        h_gate_AF = _rows_times_weights(x_AD, w_gate_EDF, counts_E, offs) if gated else None
+        del x_AD
         a_AF = act(h_gate_AF).mul_(h_up_AF) if gated else act(h_up_AF)
         if gate_A is not None:
             a_AF = _scale_rows(a_AF, gate_A)
-        y_TD = torch.zeros_like(x_TD)
-        for e, rows in _groups(counts_E):
-            y_TD.index_add_(0, token_A[rows], (a_AF[rows] @ w_down_EFD[e]).to(y_TD.dtype))
+        out_AD = _rows_times_weights(a_AF, w_down_EFD, counts_E, offs)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, out_AD.to(x_TD.dtype))  # the one scatter
         ctx.save_for_backward(x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF)
-        ctx.counts_E = counts_E
-        ctx.activation = activation
+        ctx.counts_E, ctx.activation, ctx.grouped = counts_E, activation, grouped
         return y_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y_TD):
         x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF = ctx.saved_tensors
-        counts_E = ctx.counts_E
+        counts_E, n_experts = ctx.counts_E, w_up_EDF.shape[0]
         act = activation_fn(ctx.activation)
         act_backward = _ACTIVATION_BACKWARD[ctx.activation]
         gated = w_gate_EDF is not None
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         dtype = w_up_EDF.dtype
-        grad_y_TD = grad_y_TD.contiguous()
+        offs = _offsets(counts_E, x_TD.device) if ctx.grouped and token_A.numel() else None
 
-        # d(loss)/d(gate * a), group by group: [A, F]
-        grad_ga_AF = torch.empty_like(h_up_AF)
-        grad_y_groups = {}  # the gathered [N, D] rows, reused for the w_down gradient below
-        for e, rows in _groups(counts_E):
-            grad_y_groups[e] = grad_y_ND = grad_y_TD.index_select(0, token_A[rows]).to(dtype)
-            torch.mm(grad_y_ND, w_down_EFD[e].t(), out=grad_ga_AF[rows])
-        # Elementwise over all rows, in place where a buffer is dead, to spare [A, F] temporaries.
+        grad_y_AD = grad_y_TD.index_select(0, token_A).to(dtype)  # gather of the output gradient
+        grad_ga_AF = _rows_times_weights(grad_y_AD, w_down_EFD.transpose(1, 2), counts_E, offs)  # d(loss)/d(gate * a)
         act_gate_AF = act(h_gate_AF) if gated else None
         a_AF = act_gate_AF * h_up_AF if gated else act(h_up_AF)
         grad_gate_A = None
@@ -156,24 +233,19 @@ class GroupedExpertsFn(torch.autograd.Function):
             grad_up_AF = act_backward(grad_a_AF, h_up_AF)
         del grad_ga_AF, grad_a_AF, act_gate_AF
 
-        # An expert that got no rows has a zero gradient, so start from zeros where one is empty.
-        new_grad = torch.zeros_like if 0 in counts_E else torch.empty_like
-        grad_up_EDF, grad_down_EFD = new_grad(w_up_EDF), new_grad(w_down_EFD)
-        grad_gate_EDF = new_grad(w_gate_EDF) if gated else None
-        grad_x_TD = torch.zeros_like(x_TD) if need_x else None
-        for e, rows in _groups(counts_E):
-            tokens_N = token_A[rows]
-            x_ND = x_TD.index_select(0, tokens_N).to(dtype)
-            torch.mm(a_AF[rows].t(), grad_y_groups.pop(e), out=grad_down_EFD[e])
-            torch.mm(x_ND.t(), grad_up_AF[rows], out=grad_up_EDF[e])
+        grad_down_EFD = _weight_grad(a_AF, grad_y_AD, counts_E, offs, n_experts)
+        del a_AF, grad_y_AD
+        x_AD = x_TD.index_select(0, token_A).to(dtype)  # gathered again rather than kept
+        grad_up_EDF = _weight_grad(x_AD, grad_up_AF, counts_E, offs, n_experts)
+        grad_gate_EDF = _weight_grad(x_AD, grad_gate_AF, counts_E, offs, n_experts) if gated else None
+        del x_AD
+        grad_x_TD = None
+        if need_x:
+            grad_x_AD = _rows_times_weights(grad_up_AF, w_up_EDF.transpose(1, 2), counts_E, offs)
             if gated:
-                torch.mm(x_ND.t(), grad_gate_AF[rows], out=grad_gate_EDF[e])
-            if need_x:
-                grad_x_ND = grad_up_AF[rows] @ w_up_EDF[e].t()
-                if gated:  # addmm with out=, not addmm_: FlopCounterMode counts only the former
-                    torch.addmm(grad_x_ND, grad_gate_AF[rows], w_gate_EDF[e].t(), out=grad_x_ND)
-                grad_x_TD.index_add_(0, tokens_N, grad_x_ND.to(grad_x_TD.dtype))
-        return grad_x_TD, None, grad_gate_A, grad_gate_EDF, grad_up_EDF, grad_down_EFD, None, None
+                grad_x_AD += _rows_times_weights(grad_gate_AF, w_gate_EDF.transpose(1, 2), counts_E, offs)
+            grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_A, grad_x_AD.to(x_TD.dtype))  # the one scatter
+        return grad_x_TD, None, grad_gate_A, grad_gate_EDF, grad_up_EDF, grad_down_EFD, None, None, None
 
 
 class ExpertBank(nn.Module):
@@ -253,9 +325,10 @@ class ExpertBank(nn.Module):
         gate_A = None if gate_A is None else gate_A.to(gate_dtype(gate_A.dtype))
         # dtypes are explicit inside; meta has no autocast state, and nothing to disable there
         no_autocast = contextlib.nullcontext() if x_TD.device.type == "meta" else torch.autocast(x_TD.device.type, enabled=False)
+        grouped = grouped_gemm_available(w_up)
         with no_autocast:
             return GroupedExpertsFn.apply(
-                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation
+                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation, grouped
             )
 
     def forward_grouped(self, x_AD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:

@@ -276,6 +276,6 @@ def auction_grid(device: torch.device, *, quick: bool = False) -> dict:
     def one(t, e):
         table = torch.randn(256, e, generator=generator) * 0.3
         scores = table[text[:t]].to(device)
-        return timed(lambda: balanced_expert_index(scores, eps=None), sync=_sync(device), min_repeats=3)
+        return timed(lambda: balanced_expert_index(scores, eps=None)[0], sync=_sync(device), min_repeats=3)
 
     return {"axes": axes, "seconds": [[one(t, e) for e in axes["e"]] for t in axes["t"]]}

@@ -40,8 +40,12 @@ DROPOUT_OPS = 57  # per block: three dropouts and attention's unfused path
 MOE_BLOCK_OPS = 287  # a capacity top-k MoE block (router, dispatch, bank, combine, losses)
 ROUTER_OPS = {"topk": 0, "switch": -10, "sinkhorn": 12, "expert_choice": -33, "hash": -41, "sigmoid_bias": -15,
               "noisy_topk": 100, "base": 0}  # fmt: skip
-DROPLESS_OPS = -20  # dropless instead of capacity, plus per non-empty local expert:
-GROUP_OPS = 42  # index_select, slices, index_add and the 9 mm of one gated group (timed by `grouped`)
+DROPLESS_OPS = -12  # dropless (one gather, one scatter per pass, grouped GEMMs) instead of capacity
+GROUPED_GEMM_CALLS = 9  # a gated dropless layer's grouped GEMMs, forward + backward (plain: 6; timed by `grouped`)
+# Where the grouped GEMM cannot run (a width whose bytes are not a multiple of 16), the
+# kernel loops over the non-empty local experts instead (timed by `grouped` too):
+GROUP_LOOP_OPS = 39  # per group, gated: its 9 mm and the slices they write into (plain: 26 with 6 mm)
+LOOP_LAYER_OPS = 4  # per layer, the loop's extra ops
 SHARED_OPS = 26
 UNGATED_EXPERT_OPS = -7
 GATHER_PASSES = 8  # dispatch + combine, forward and backward: each [rows, D] read or written 8 times
@@ -97,8 +101,32 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     groups = np.where(layers.moe, moe, lift(dense_extra))
     host = STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) + b.n_layers * block + b.dense_blocks * dense_extra
     host = host + layers.per_design(layers.count * groups, len(b))
-    group = layers.per_design(layers.count * np.where(layers.moe & layers.dropless, GROUP_OPS * local, 0), len(b))
+    loop = layers.moe & layers.dropless & ~grouped_gemm(b, layers)
+    host = host + layers.per_design(layers.count * np.where(loop, LOOP_LAYER_OPS, 0), len(b))
+    kernel, matmuls = dropless_kernel_ops(b, layers)
+    group = layers.per_design(layers.count * kernel, len(b))
     return host.astype(np.float64), group.astype(np.float64)
+
+
+def grouped_gemm(b: DesignBatch, layers) -> np.ndarray:
+    """Per group: the dropless kernel runs torch._grouped_mm (model/experts.py
+    `grouped_gemm_available`): both widths' bytes a multiple of 16 in the compute dtype."""
+    element = np.where(layers.lift(b.precision) == FP32, 4, 2)
+    return (layers.lift(b.d_model) * element % 16 == 0) & (layers.expert_d_ff * element % 16 == 0)
+
+
+def dropless_kernel_ops(b: DesignBatch, layers) -> tuple[np.ndarray, np.ndarray]:
+    """(ops, of which matmuls) of one dropless layer's expert kernel per micro-step, per
+    group (0 for capacity groups): grouped GEMMs, or the loop's per-expert ops."""
+    gated = layers.lift(b.gated)
+    local = layers.experts // layers.lift(b.ep)
+    calls = np.where(gated, GROUPED_GEMM_CALLS, GROUPED_GEMM_CALLS * 2 // 3)
+    loop_ops = np.where(gated, GROUP_LOOP_OPS, 26) * local
+    loop_mm = np.where(gated, 9, 6) * local
+    dropless = layers.moe & layers.dropless
+    grouped = grouped_gemm(b, layers)
+    ops = np.where(dropless, np.where(grouped, calls, loop_ops), 0)
+    return ops, np.where(dropless, np.where(grouped, calls, loop_mm), 0)
 
 
 def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

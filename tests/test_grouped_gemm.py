@@ -1,0 +1,77 @@
+"""The dropless kernel's two matmul engines (model/experts.py): torch._grouped_mm and the
+per-expert loop give the same outputs and gradients, FlopCounterMode counts the grouped one
+exactly, and the grouped path runs where it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from moespec.model import experts as experts_module
+from moespec.model.experts import ExpertBank, grouped_gemm_available
+
+
+def _problem(activation: str, d: int, f: int, counts: list[int], dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    bank = ExpertBank(n_experts=len(counts), d_model=d, d_ff=f, activation=activation)
+    tokens = 24
+    token_A = torch.cat([torch.randperm(tokens)[:n] for n in counts])  # sorted by expert, counts[e] each
+    gate_A = torch.rand(token_A.numel(), requires_grad=True)
+    x_TD = torch.randn(tokens, d, dtype=dtype, requires_grad=True)
+    return bank, x_TD, token_A, gate_A
+
+
+def _run(bank, x_TD, token_A, gate_A, counts, *, grouped: bool, dtype=torch.float32):
+    experts_module.GROUPED_GEMM["enabled"] = grouped
+    try:
+        for p in bank.parameters():
+            p.grad = None
+        x_TD.grad = gate_A.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y_TD = bank.forward_dropless(x_TD, token_A, gate_A, counts)
+        (y_TD.float() * torch.linspace(-1, 1, y_TD.numel()).view_as(y_TD)).sum().backward()
+        return [y_TD.detach().float(), x_TD.grad.float(), gate_A.grad.float()] + [p.grad.float() for p in bank.parameters()]
+    finally:
+        experts_module.GROUPED_GEMM["enabled"] = True
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("counts", [[5, 0, 9, 3, 7], [0, 0, 12, 0, 1], [6, 6, 6, 6, 6]], ids=["empty-one", "mostly-empty", "even"])
+def test_grouped_gemm_equals_the_loop_float32(activation, counts):
+    bank, x_TD, token_A, gate_A = _problem(activation, 16, 24, counts)
+    assert grouped_gemm_available(bank.w_up)
+    grouped = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+    loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
+    for a, b in zip(grouped, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_gemm_equals_the_loop_bf16():
+    counts = [4, 0, 11, 9]
+    bank, x_TD, token_A, gate_A = _problem("swiglu", 32, 48, counts)
+    grouped = _run(bank, x_TD, token_A, gate_A, counts, grouped=True, dtype=torch.bfloat16)
+    loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False, dtype=torch.bfloat16)
+    for a, b in zip(grouped, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_flop_counter_counts_the_grouped_gemm_exactly():
+    counts = [5, 0, 9, 3, 7]
+    bank, x_TD, token_A, gate_A = _problem("swiglu", 16, 24, counts)
+    rows, d, f = sum(counts), 16, 24
+    for grouped in (True, False):
+        experts_module.GROUPED_GEMM["enabled"] = grouped
+        try:
+            with FlopCounterMode(display=False) as counter:
+                bank.forward_dropless(x_TD, token_A, gate_A, counts).sum().backward()
+        finally:
+            experts_module.GROUPED_GEMM["enabled"] = True
+        assert counter.get_total_flops() == 18 * rows * d * f, grouped  # 3 projections x (forward + 2 backward) x 2 * N * D * F
+
+
+def test_where_the_grouped_gemm_runs():
+    assert grouped_gemm_available(torch.empty(2, 16, 24))  # CPU float32, 64- and 96-byte rows
+    assert not grouped_gemm_available(torch.empty(2, 16, 18))  # 72-byte rows: the kernel's stride rule
+    assert not grouped_gemm_available(torch.empty(2, 16, 24, dtype=torch.float64))  # gradcheck runs the loop
+    assert not grouped_gemm_available(torch.empty(2, 16, 24, device="meta"))  # meta demands bf16: the loop shapes it
