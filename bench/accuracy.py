@@ -206,7 +206,7 @@ def _fit_set(calibration: str | None) -> str:
     if not calibration or not Path(calibration).is_file():
         return "none (no calibration)"
     blocks = json.loads(Path(calibration).read_text())["measurements"]["blocks"]
-    return ("operator micro-benchmarks (Linear, bmm, attention grids; gather, elementwise, group loop, AdamW); "
+    return ("operator micro-benchmarks (Linear, bmm, attention grids; gather, elementwise, dropless kernel, AdamW); "
             "host seconds per op fitted on the toy models " + ", ".join(b["name"] for b in blocks)
             + " (profiling/calibrate.py fit_plans: dense d 16 and 64, dropless d 16)")
 

@@ -6,7 +6,7 @@ Linear forward + backward on an (M, K, N) grid per dtype, causal attention on an
 per dtype, gather/scatter rows, clipping + AdamW per tensor and per parameter, collectives by
 bytes over the N ranks (link latency and bandwidth fitted through the topology model, then
 the all-reduce's scale over the ideal ring).
-The dropless experts (the real group loop, per group by rows and width), BASE's auction and
+The dropless experts (the real grouped kernel, per group by rows and width), BASE's auction and
 the memory-bound ops' bandwidth come from micro-benchmarks of the real code too.
 Fitted: two figures, host seconds per op (`op_s`: ATen dispatch, autograd, Python modules,
 DDP's hooks at N ranks) and per optimizer step (`step_s`: train_step's own Python), from whole training steps of six small models that no user spec

@@ -5,7 +5,7 @@ the shapes models use, on this rank's threads while every rank runs them at once
   grid of (M, K, N); attention (causal SDPA) forward + backward on a grid of (S, hd);
 - host seconds per op: tiny dense models of 1 and 3 blocks (every op launch-bound) minus
   what the database already explains, over the ops optrace.py counts in a block;
-- per-op cost of the dropless experts' group loop (tiny models with 4 and 16 experts);
+- per-op cost of the dropless experts' kernel (tiny models with 4 and 16 experts);
 - memory-bound bandwidth: dense models of 1 and 3 blocks at 4096 tokens of width 64;
 - gather bandwidth (index_select + index_add_ of rows); clipping + AdamW per tensor and per
   parameter.

@@ -22,7 +22,9 @@ checks the sum against the trace on a dozen specs):
 Peak (MemTracker's tracked total): the largest of (a) the start of backward: state, the
 gradients of earlier micro-steps, activations, the loss gradients [T, V]; (b) the backward of
 the top dropless MoE layer: its expert gradients and the kernel's temporaries on top of
-(a)'s activations; (c) the optimizer step: state and gradients. Tensor and pipeline parallel split
+(a)'s activations; (c) the gradient sync after backward: state, every gradient, and the flat
+copy of the expert gradients all-reduced over a data-parallel group that replicates them
+(cost.py). Tensor and pipeline parallel split
 the blocks' share as the old formula did (issue 15 runs them).
 """
 

@@ -152,8 +152,9 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
 def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict[str, np.ndarray]:
     """Peak bytes on one device: the state it holds (counts.state_bytes, exact), the
     parameters FSDP2 gathers for compute (ZeRO-2: all of them through the step; ZeRO-3: the
-    largest block at a time), and the peak of a step over activations and gradients
-    (sim/activations.py); `fits` adds a 10% allowance for the allocator's slack."""
+    largest block at a time), and the peak of a step: the start of backward, a dropless
+    layer's backward (sim/activations.py), the gradient sync (every gradient, and the flat
+    copy of replicated expert gradients); `fits` adds a 10% allowance for the allocator's slack."""
     layers = b.table
     full = state["full_dense"] + state["full_expert"]  # elements this rank computes with
     gathered = np.where(b.zero_stage == 2, 4 * full - state["params"], 0.0)
@@ -173,8 +174,11 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     top_dropless_grads = layers.max_per_design(layer_grads, len(b)) / (b.tp * b.pp)
     start_of_backward = held + earlier_grads + activations + kept["loss_temporaries"]
     top_dropless_backward = held + np.maximum(earlier_grads, top_dropless_grads) + activations + kept["moe_temporaries"]
-    optimizer_step = held + state["grads"]
-    total = np.maximum(np.maximum(start_of_backward, top_dropless_backward), optimizer_step)
+    # After backward, expert gradients replicated over the edp group (dp / ep > 1, ZeRO 0/1)
+    # are all-reduced as one flat copy (distributed/data_parallel.py reduce_expert_gradients).
+    flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), 4.0 * state["full_expert"], 0.0)
+    grad_sync = held + state["grads"] + flat
+    total = np.maximum(np.maximum(start_of_backward, top_dropless_backward), grad_sync)
     allowance = ALLOCATOR_ALLOWANCE * total  # the allocator's slack: counts for `fits`, not in the peak
     return {
         "memory_weights_bytes": state["params"], "memory_gathered_weights_bytes": gathered,

@@ -3,7 +3,7 @@
 What one rank runs per micro-step, forward and backward (as arrays over designs):
 - Linears (M rows, K in, N out, dtype): attention q, k, v, o; dense FFNs; routers (fp32:
   selective precision); shared experts; the LM head. Routed experts: a capacity bank's bmm
-  per projection (`bmm`), or the dropless group loop per local expert (`grouped`).
+  per projection (`bmm`), or the dropless kernel per local expert (`grouped`).
 - Causal SDPA over micro_batch x n_heads heads of S x hd, per block.
 - Other ops (norms, RoPE, activations, routing, dispatch, losses, casts, views): counted, not
   sized: each costs `op_s` of host time, their bytes go through `elementwise_bytes`. The
@@ -86,7 +86,7 @@ def optimizer_s(b: DesignBatch, db: OpDatabase, params_held: np.ndarray) -> np.n
 
 
 def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
-    """(ops at `op_s`, dropless group-loop ops) per micro-step on one rank; the group loop's
+    """(ops at `op_s`, dropless kernel ops) per micro-step on one rank; the kernel's
     are timed whole by the grouped database, counted here to check the list against a trace."""
     layers = b.table
     lift = layers.lift
@@ -153,7 +153,7 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     rows = expert_rows(b, layers) * ep / np.maximum(layers.experts, 1)  # per local expert
     rows = rows * np.where(layers.dropless & ~layers.balanced, imbalance, 1.0)
     # Routed experts: a capacity bank's bmm per projection (bmm database); dropless groups by
-    # the grouped database (the real group loop: its dispatch, gathers and matmuls).
+    # the grouped database (the real kernel: its gathers, grouped GEMMs and scatter).
     bank = inputs * db.bmm_s(code, local, rows, dl, layers.expert_d_ff) + db.bmm_s(code, local, rows, layers.expert_d_ff, dl)
     grouped = db.grouped_s(code, local, rows, dl, layers.expert_d_ff) * np.where(inputs == 2, 1.0, 2 / 3)  # plain: 2 of 3 matrices
     experts = np.where(layers.dropless, grouped, bank)
