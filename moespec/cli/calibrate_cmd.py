@@ -24,6 +24,9 @@ def calibrate_command(
     as_json: bool = typer.Option(False, "--json", help="Print the calibration as one JSON document on stdout."),
 ) -> None:
     """Micro-benchmark this machine and fit the backend's efficiencies, link and host overheads."""
+    from moespec.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()  # every step reuses its buffers instead of page-faulting fresh ones
     from moespec.distributed.context import launched_world
 
     hardware = backend_or_exit(backend)

@@ -126,6 +126,9 @@ def _profile_rank(spec: Path, plan, hardware, *, distributed: bool, nproc: int, 
     from moespec.profiling.plots import write_plots
     from moespec.profiling.report import build_report
 
+    from moespec.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()  # every step reuses its buffers instead of page-faulting fresh ones
     threads = threads or default_threads(hardware, device, nproc)
     torch.set_num_threads(threads)
     ctx = None

@@ -29,6 +29,9 @@ def train_command(
     single_process: bool = typer.Option(False, "--single-process", help="Run a spec of world > 1 in one process: its data-parallel math (global_batch / micro_batch micro-batches per step), without ep or ZeRO."),
 ) -> None:
     """Train a tiny spec on CPU on the shipped corpus; report first/last loss, validation loss and expert loads."""
+    from moespec.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()  # every step reuses its buffers instead of page-faulting fresh ones
     plan = load_plan_or_exit(spec)
     from moespec.distributed.context import launched_world
 
