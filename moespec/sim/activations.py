@@ -50,8 +50,7 @@ ROUTER_SAVED = {
 }
 
 
-def _router_table() -> np.ndarray:
-    return np.array([ROUTER_SAVED[name] for name in ROUTER_NAMES], dtype=np.float64)
+_ROUTER_TABLE = np.array([ROUTER_SAVED[name] for name in ROUTER_NAMES], dtype=np.float64)  # rows by router code
 
 
 def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np.ndarray]:
@@ -87,7 +86,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     il, kl = layers.lift(inputs), layers.lift(hidden)
     k = layers.k.astype(np.float64)
     e = layers.experts.astype(np.float64)
-    r = _router_table()[layers.router]
+    r = _ROUTER_TABLE[layers.router]
     router = np.where(layers.router_matrices > 0, tl * dl * F32, 0.0)
     router = router + tl * (r[:, 0] * e * F32 + r[:, 1] * k * I64 + r[:, 2] * k * F32 + r[:, 3] * F32 + r[:, 4] * (k + 1) * I64)
     rows = expert_rows(b, layers).astype(np.float64)  # R = E*C (capacity) or A = T*k (dropless)

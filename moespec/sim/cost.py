@@ -37,7 +37,7 @@ import numpy as np
 from moespec.sim.backend import Backend
 from moespec.sim.collectives import all_gather_time_s, all_reduce_time_s, all_to_all_time_s, reduce_scatter_time_s
 from moespec.sim.activations import activation_memory
-from moespec.sim.counts import FULL, SELECTIVE, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes
+from moespec.sim.counts import FULL, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.overhead import ELEMENTWISE_PASSES
 from moespec.sim.topology import build_topology
