@@ -65,6 +65,10 @@ def _variants():
     yield "gqa-qkv-bias", dataclasses.replace(base, model=dataclasses.replace(m, n_kv_heads=2, qkv_bias=True))
     yield "learned-tied-gelu", dataclasses.replace(base, model=dataclasses.replace(m, positions="learned", tied_embeddings=True, activation="gelu"))
     yield "head-dim-apart", dataclasses.replace(base, model=dataclasses.replace(m, head_dim=24, norm="layernorm"))
+    yield "qk-norm-full-biases", dataclasses.replace(base, model=dataclasses.replace(m, qk_norm="full", out_bias=True, lm_head_bias=True))
+    yield "qk-norm-per-head-gqa", dataclasses.replace(base, model=dataclasses.replace(m, qk_norm="per_head", n_kv_heads=2, head_dim=24))
+    yield "layernorm-no-bias-qk", dataclasses.replace(base, model=dataclasses.replace(m, norm="layernorm", norm_bias=False, qk_norm="full"))
+    yield "tied-head-bias", dataclasses.replace(base, model=dataclasses.replace(m, tied_embeddings=True, lm_head_bias=True, norm="layernorm"))
     sig = load_plan(Path(__file__).resolve().parents[1] / "specs/tiny-sigmoid-bias.yaml")
     layers = tuple(
         dataclasses.replace(l, moe=dataclasses.replace(l.moe, experts=dataclasses.replace(l.moe.experts, shared_gate=True)))
@@ -110,3 +114,25 @@ def test_published_totals():
 def test_switch_c_style_reproduces_1571b_within_1_percent():
     plan = load_plan(Path(__file__).resolve().parents[1] / "specs/switch-c-2048.yaml")
     assert abs(predict_params(plan).total / 1571e9 - 1) < 0.01
+
+
+@pytest.mark.parametrize("name,plan", [v for v in _variants() if v[0] in ("qk-norm-full-biases", "qk-norm-per-head-gqa", "layernorm-no-bias-qk", "tied-head-bias")],
+                         ids=lambda v: v if isinstance(v, str) else "")  # fmt: skip
+def test_zero3_share_counts_every_parameter_of_the_new_model_keys(name, plan):
+    """ZeRO-3's largest share (sim) equals rank 0's Shard(0) chunks of every parameter the
+    built model holds (dense over dp 4, no expert parallelism): the QK-norm weights, o_proj
+    and LM-head biases and bias-free LayerNorms are sharded like any other parameter."""
+    from moespec.distributed.data_parallel import expert_parameter_names
+    from moespec.distributed.zero import chunk_range
+    from moespec.sim.counts import sharded_elements
+    from moespec.sim.design import DesignBatch
+
+    plan = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, dp=4, ep=1, zero_stage=3, global_batch=4 * plan.parallel.micro_batch))
+    model = build_model(plan, device="meta")
+    experts = set(expert_parameter_names(model))
+    expected = 0
+    for pname, p in model.named_parameters():
+        start, stop = chunk_range(p.shape[0], 0, 4)  # rank 0 holds the largest chunks
+        expected += (stop - start) * (p.numel() // p.shape[0])
+    assert experts  # tiny-mixed has MoE layers: their banks shard by expert over dp too (ep 1)
+    assert int(sharded_elements(DesignBatch.from_plans([plan]))[0]) == expected

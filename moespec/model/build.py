@@ -29,7 +29,8 @@ class MoETransformer(nn.Module):
     """Decoder-only transformer: embeddings, pre-norm blocks (dense or MoE), final norm, LM head.
 
     `lm_head=None` ties the output projection to the token embedding (one shared matrix,
-    counted once and stored once in the state dict).
+    counted once and stored once in the state dict); a tied head's bias, if any, is
+    `head_bias` [V] (an untied head keeps its own in `lm_head.bias`).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class MoETransformer(nn.Module):
         pos_embeddings: nn.Embedding | None = None,
         rope: RotaryEmbedding | None = None,
         dropout: float = 0.0,
+        head_bias: nn.Parameter | None = None,
     ):
         super().__init__()
         if (pos_embeddings is None) == (rope is None):
@@ -53,6 +55,9 @@ class MoETransformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = final_norm
         self.lm_head = lm_head
+        if head_bias is not None and lm_head is not None:
+            raise ValueError("head_bias= is for a tied head; an untied one carries lm_head.bias")
+        self.head_bias = head_bias
 
     @property
     def tied_embeddings(self) -> bool:
@@ -85,8 +90,10 @@ class MoETransformer(nn.Module):
                 stats.append(block_stats)
                 aux_loss = aux_loss + block_aux.float()
         x = self.final_norm(x)  # [B, S, D]
-        weight = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight  # [V, D]
-        logits = F.linear(x, weight)  # [B, S, V]
+        if self.lm_head is None:
+            logits = F.linear(x, self.tok_embeddings.weight, self.head_bias)  # [B, S, V]
+        else:
+            logits = self.lm_head(x)  # [B, S, V]
         return logits, ModelAux(aux_loss=aux_loss, moe=stats)
 
 
@@ -109,8 +116,9 @@ def _assemble(plan: SpecPlan) -> MoETransformer:
         pos_embeddings=nn.Embedding(m.seq_len, m.d_model) if m.positions == "learned" else None,
         rope=RotaryEmbedding(head_dim=m.head_dim, theta=m.rope_theta) if m.positions == "rope" else None,
         blocks=blocks,
-        final_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps),
-        lm_head=None if m.tied_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False),
+        final_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.norm_bias),
+        lm_head=None if m.tied_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=m.lm_head_bias),
+        head_bias=nn.Parameter(torch.zeros(m.vocab_size)) if m.lm_head_bias and m.tied_embeddings else None,
         dropout=m.dropout,
     )
 
@@ -123,6 +131,11 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
         n_kv_heads=m.n_kv_heads,
         head_dim=m.head_dim,
         qkv_bias=m.qkv_bias,
+        out_bias=m.out_bias,
+        qk_norm=m.qk_norm,
+        norm=m.norm,
+        norm_eps=m.norm_eps,
+        norm_bias=m.norm_bias,
         dropout=m.dropout,
     )
     if layer.kind == "moe":
@@ -141,9 +154,9 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
         ffn = DenseFFN(d_model=m.d_model, d_ff=layer.d_ff, activation=m.activation)
         moe = None
     return DecoderBlock(
-        attn_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps),
+        attn_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.norm_bias),
         attention=attention,
-        ffn_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps),
+        ffn_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.norm_bias),
         ffn=ffn,
         moe=moe,
         dropout=m.dropout,

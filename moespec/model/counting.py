@@ -69,7 +69,7 @@ def count_parameters(model: nn.Module, plan: SpecPlan) -> ParamCounts:
     """Count a model built by `build_model(plan)`; works on the meta device."""
     layers = tuple(_count_block(block, layer) for block, layer in zip(model.blocks, plan.layers))
     embedding = _numel(model.tok_embeddings) + _numel(model.pos_embeddings)
-    lm_head = _numel(model.lm_head)
+    lm_head = _numel(model.lm_head) + (0 if model.head_bias is None else model.head_bias.numel())
     final_norm = _numel(model.final_norm)
     total = sum(p.numel() for p in model.parameters())
     accounted = embedding + lm_head + final_norm + sum(layer.total for layer in layers)

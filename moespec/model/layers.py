@@ -7,8 +7,12 @@ module holds the spec, so a layer can be built and tested on its own.
 
 Conventions, chosen to match the Hugging Face Llama / Mixtral / Qwen layouts so that parameter
 counts agree with published models:
-- no bias on any linear except the optional q/k/v bias (Qwen); `o_proj` never has one;
-- RMSNorm has a weight only (D parameters), LayerNorm a weight and a bias (2 * D);
+- no bias on any linear unless the spec asks: q/k/v (Qwen), o_proj (Phi-3.5-MoE), LM head;
+- RMSNorm has a weight only (D parameters), LayerNorm a weight and a bias (2 * D) unless
+  `bias=False` (DBRX);
+- QK-norm (OLMoE, Qwen3) normalises q and k after their projections, before RoPE: over the
+  whole projection width ("full", one weight per channel) or per head ("per_head", one
+  head_dim weight shared by the heads);
 - RoPE uses the "rotate half" pairing (dimension i with i + Hd/2), not interleaved pairs.
 """
 
@@ -23,12 +27,13 @@ from moespec.model.regions import region
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 
 
-def make_norm(kind: str, dim: int, *, eps: float) -> nn.Module:
-    """RMSNorm (weight only) or LayerNorm (weight and bias); the choice changes counts."""
+def make_norm(kind: str, dim: int, *, eps: float, bias: bool = True) -> nn.Module:
+    """RMSNorm (weight only) or LayerNorm (weight and, unless bias=False, a bias); the choice
+    changes counts."""
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=eps)
     if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
     raise ValueError(f"unknown norm {kind!r} (expected rmsnorm or layernorm)")
 
 
@@ -120,6 +125,11 @@ class CausalSelfAttention(nn.Module):
         n_kv_heads: int,
         head_dim: int,
         qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm: str = "none",
+        norm: str = "rmsnorm",
+        norm_eps: float = 1e-5,
+        norm_bias: bool = True,
         dropout: float = 0.0,
     ):
         super().__init__()
@@ -133,12 +143,25 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.core = AttentionCore(dropout=dropout, enable_gqa=n_kv_heads != n_heads)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        if qk_norm not in ("none", "full", "per_head"):
+            raise ValueError(f"unknown qk_norm {qk_norm!r} (expected none, full or per_head)")
+        self.qk_norm = qk_norm
+        q_width, k_width = (head_dim, head_dim) if qk_norm == "per_head" else (n_heads * head_dim, n_kv_heads * head_dim)
+        on = qk_norm != "none"
+        self.q_norm = make_norm(norm, q_width, eps=norm_eps, bias=norm_bias) if on else None
+        self.k_norm = make_norm(norm, k_width, eps=norm_eps, bias=norm_bias) if on else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, S, _ = x.shape  # [B, S, D]
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Hd]
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Hd]
+        q, k = self.q_proj(x), self.k_proj(x)  # [B, S, H*Hd], [B, S, G*Hd]
+        if self.qk_norm == "full":
+            q, k = _norm_in_fp32(self.q_norm, q), _norm_in_fp32(self.k_norm, k)
+        q = q.view(B, S, self.n_heads, self.head_dim)  # [B, S, H, Hd]
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, G, Hd]
+        if self.qk_norm == "per_head":
+            q, k = _norm_in_fp32(self.q_norm, q), _norm_in_fp32(self.k_norm, k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Hd], [B, G, S, Hd]
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Hd]
         if rope is not None:
             cos, sin = rope
@@ -146,6 +169,13 @@ class CausalSelfAttention(nn.Module):
         y = self.core(q, k, v)  # [B, H, S, Hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*Hd]
         return self.o_proj(y)  # [B, S, D]
+
+
+def _norm_in_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """QK-norm of a projection's output, in float32 as Hugging Face's models compute it: under
+    autocast the projection is bf16 while the norm's weight stays float32, and the mixed call
+    falls off the fused kernel (with a warning per step)."""
+    return norm(x) if x.dtype == torch.float32 else norm(x.float()).to(x.dtype)
 
 
 # --- dense feed-forward ---------------------------------------------------------------------

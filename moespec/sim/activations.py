@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, SELECTIVE, compute_bytes, expert_rows
+from moespec.sim.counts import FULL, QK_PER_HEAD, SELECTIVE, compute_bytes, expert_rows
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 
 F32, I64 = 4.0, 8.0
@@ -72,7 +72,12 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     attn_inputs = np.where(half, 3 * td * 2, td * F32)
     core = (2 * t * hq + 2 * t * hkv) * c + b.micro_batch * b.n_heads * b.seq_len * F32
     core = np.where(b.recompute == SELECTIVE, core - b.micro_batch * b.n_heads * b.seq_len * F32, core)
-    attention = 2 * norm + attn_inputs + core  # both norms of the block
+    # QK-norm (in float32): each of q and k keeps its input and, RMSNorm, the normalised
+    # product, with one statistic per row (per token, or per token and head).
+    qk_width = t * (hq + hkv)
+    qk_rows = np.where(b.qk_norm == QK_PER_HEAD, t * (b.n_heads + b.n_kv_heads), 2 * t)
+    qk = np.where(b.layernorm, qk_width * F32 + 2 * qk_rows * F32, 2 * qk_width * F32 + qk_rows * F32)
+    attention = 2 * norm + attn_inputs + core + np.where(b.qk_norm > 0, qk, 0.0)  # both norms of the block
     inputs = np.where(b.gated, 2, 1)
     hidden = np.where(b.gated, 4, 2)
 

@@ -37,10 +37,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moespec.sim.design import PRECISIONS, RECOMPUTE, DesignBatch, LayerTable
+from moespec.sim.design import PRECISIONS, QK_NORMS, RECOMPUTE, DesignBatch, LayerTable
 from moespec.spec.plan import SpecPlan
 
 FULL, SELECTIVE = RECOMPUTE.index("full"), RECOMPUTE.index("selective")
+QK_FULL, QK_PER_HEAD = QK_NORMS.index("full"), QK_NORMS.index("per_head")
 EXACT_LIMIT = 2.0**62  # int64 counts at or above this are returned as float64
 
 
@@ -94,14 +95,17 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     d, v, s, hd, heads = c(b.d_model), c(b.vocab), c(b.seq_len), c(b.head_dim), c(b.n_heads)
     n_layers, n_dense = c(b.n_layers), c(b.dense_blocks)
     q_width, kv_width = heads * hd, c(b.n_kv_heads) * hd
-    norm = np.where(b.layernorm, 2 * d, d)
+    per_norm = np.where(b.norm_bias, 2, 1).astype(dtype)  # weight, and LayerNorm's bias unless dropped
+    norm = per_norm * d
+    qk_norm = per_norm * np.where(b.qk_norm == QK_FULL, q_width + kv_width, np.where(b.qk_norm == QK_PER_HEAD, 2 * hd, 0))
     matrices_n = np.where(b.gated, 3, 2).astype(dtype)
     dl, matrices = lift(d), lift(matrices_n)
     e, f, k = c(layers.experts), c(layers.expert_d_ff), c(layers.k)
 
     # Parameters (the built module's, REFERENCE sec. 4): blocks' attention and norms, dense
     # FFNs (per design in a uniform batch, groups otherwise), routers, shared and routed experts.
-    attention = d * (q_width + 2 * kv_width) + q_width * d + np.where(b.qkv_bias, q_width + 2 * kv_width, 0)
+    attention = d * (q_width + 2 * kv_width) + q_width * d + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) \
+        + np.where(b.out_bias, d, 0) + qk_norm  # fmt: skip
     dense_ffn_n = matrices_n * d * c(b.d_ff)  # one dense block's FFN (uniform batches)
     one_expert = matrices * dl * f
     dense_ffn = matrices * dl * c(layers.d_ff)
@@ -109,7 +113,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     router = dl * e * c(layers.router_matrices) + np.where(layers.router_bias, e, 0)
     per_design = n_layers * (attention + 2 * norm) + n_dense * dense_ffn_n
     embedding = v * d + np.where(b.learned_positions, s * d, 0)
-    outer = embedding + np.where(b.tied, 0, v * d) + norm + per_design
+    outer = embedding + np.where(b.tied, 0, v * d) + np.where(b.lm_head_bias, v, 0) + norm + per_design
     non_routed = dense_ffn + shared + router
     expert_params = total(e * one_expert)
     params_total = outer + total(non_routed) + expert_params
@@ -187,11 +191,15 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
     d, v, s = b.d_model, b.vocab, b.seq_len
     inputs = np.where(b.gated, 2, 1)  # input projections of an FFN: w_gate and w_up, or w_up alone
     q_width, kv_width = b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim
-    norm = _chunk(d, 1, ranks) * np.where(b.layernorm, 2, 1)
-    bias = np.where(b.qkv_bias, _chunk(q_width, 1, ranks) + 2 * _chunk(kv_width, 1, ranks), 0)
-    block = 2 * norm + _chunk(q_width, d, ranks) + 2 * _chunk(kv_width, d, ranks) + _chunk(d, q_width, ranks) + bias
+    per_norm = np.where(b.norm_bias, 2, 1)
+    norm = _chunk(d, 1, ranks) * per_norm
+    bias = np.where(b.qkv_bias, _chunk(q_width, 1, ranks) + 2 * _chunk(kv_width, 1, ranks), 0) + np.where(b.out_bias, _chunk(d, 1, ranks), 0)
+    qk_norm = per_norm * np.where(b.qk_norm == QK_FULL, _chunk(q_width, 1, ranks) + _chunk(kv_width, 1, ranks),
+                                  np.where(b.qk_norm == QK_PER_HEAD, 2 * _chunk(b.head_dim, 1, ranks), 0))  # fmt: skip
+    block = 2 * norm + _chunk(q_width, d, ranks) + 2 * _chunk(kv_width, d, ranks) + _chunk(d, q_width, ranks) + bias + qk_norm
     dense_ffn = inputs * _chunk(b.d_ff, d, ranks) + _chunk(d, b.d_ff, ranks)
-    outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0) + np.where(b.tied, 0, _chunk(v, d, ranks))
+    outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0) + np.where(b.tied, 0, _chunk(v, d, ranks)) \
+        + np.where(b.lm_head_bias, _chunk(v, 1, ranks), 0)  # fmt: skip
     outer = outer + norm + b.n_layers * block + b.dense_blocks * dense_ffn
     r, er, dl, gated = lift(ranks), lift(expert_ranks), lift(d), lift(inputs)
     width, e, sw = layers.d_ff, layers.experts, layers.shared_count * layers.shared_d_ff

@@ -29,9 +29,11 @@ from moespec.spec.plan import ROUTER_TYPES, LayerPlan, SpecPlan
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # DesignBatch.precision codes
 RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
+QK_NORMS = ("none", "full", "per_head")  # DesignBatch.qk_norm codes
 ROUTER_NAMES = tuple(ROUTER_TYPES)  # DesignBatch.router / LayerTable.router codes
 
-_BOOL_FIELDS = ("gated", "layernorm", "learned_positions", "tied", "qkv_bias", "shared_gate", "router_bias",
+_BOOL_FIELDS = ("gated", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias",
+                "shared_gate", "router_bias",
                 "dropless", "balanced", "shuffle", "moe")  # fmt: skip
 _FLOAT_FIELDS = ("capacity_factor", "dropout")
 # Per-layer fields: the flat MoE columns of a DesignBatch and the columns of a LayerTable.
@@ -113,6 +115,10 @@ class DesignBatch:
     learned_positions: np.ndarray
     tied: np.ndarray
     qkv_bias: np.ndarray
+    out_bias: np.ndarray  # bias on o_proj
+    qk_norm: np.ndarray  # index into QK_NORMS
+    norm_bias: np.ndarray  # LayerNorm with a bias (False for RMSNorm)
+    lm_head_bias: np.ndarray
     seq_len: np.ndarray
     dropout: np.ndarray  # residual, embedding and attention-probability dropout
     n_moe_layers: np.ndarray  # MoE blocks; the other n_layers - n_moe_layers are dense
@@ -279,7 +285,8 @@ def _row(plan: SpecPlan) -> dict:
         "vocab": m.vocab_size, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
         "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "gated": m.activation in ("swiglu", "geglu"),
         "layernorm": m.norm == "layernorm", "learned_positions": m.positions == "learned", "tied": m.tied_embeddings,
-        "qkv_bias": m.qkv_bias, "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
+        "qkv_bias": m.qkv_bias, "out_bias": m.out_bias, "qk_norm": QK_NORMS.index(m.qk_norm),
+        "norm_bias": m.norm == "layernorm" and m.norm_bias, "lm_head_bias": m.lm_head_bias, "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
     }  # fmt: skip

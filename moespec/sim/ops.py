@@ -35,6 +35,11 @@ UNGATED_FFN_OPS = -14  # relu / gelu FFN instead of a gated one
 NORM_OPS_LAYERNORM = -21  # per norm: LayerNorm is one fused op, RMSNorm several
 ROPE_OPS = 28  # per block; learned positions instead cost one add at the embedding
 QKV_BIAS_OPS = 9  # per block
+BIAS_OPS = 3  # per other biased Linear (o_proj, the LM head): its gradient's sum and the add
+QK_NORM_OPS = 50  # per block, q and k RMSNorms (LayerNorm: QK_NORM_OPS_LAYERNORM); autocast adds QK_NORM_AUTOCAST_OPS
+QK_NORM_OPS_LAYERNORM = 2
+QK_NORM_AUTOCAST_OPS = 8
+NORM_BIAS_OPS = 1  # per LayerNorm with its bias
 AUTOCAST_OPS = 37  # per block under bf16/fp16 autocast: the casts
 DROPOUT_OPS = 57  # per block: three dropouts and attention's unfused path
 MOE_BLOCK_OPS = 287  # a capacity top-k MoE block (router, dispatch, bank, combine, losses)
@@ -56,13 +61,13 @@ OPTIMIZER_OPS = 8
 def param_tensors(b: DesignBatch) -> np.ndarray:
     """Parameter tensors of the built model (each one costs AdamW and clipping its ops)."""
     layers = b.table
-    norm = np.where(b.layernorm, 2, 1)
+    norm = np.where(b.norm_bias, 2, 1)
     matrices = np.where(b.gated, 3, 2)
-    block = 4 + np.where(b.qkv_bias, 3, 0) + 2 * norm
+    block = 4 + np.where(b.qkv_bias, 3, 0) + b.out_bias + 2 * norm + np.where(b.qk_norm > 0, 2 * norm, 0)
     moe = layers.lift(matrices) * (1 + (layers.shared_count > 0)) + layers.router_matrices + layers.router_bias \
         + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
     groups = np.where(layers.moe, moe, layers.lift(matrices))
-    root = 1 + b.learned_positions + (1 - b.tied) + norm
+    root = 1 + b.learned_positions + (1 - b.tied) + b.lm_head_bias + norm
     return root + b.n_layers * block + b.dense_blocks * matrices + layers.per_design(layers.count * groups, len(b))
 
 
@@ -92,14 +97,17 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     lift = layers.lift
     autocast = b.precision != FP32
     block = (DENSE_BLOCK_OPS + np.where(b.layernorm, 2 * NORM_OPS_LAYERNORM, 0) + np.where(b.learned_positions, 0, ROPE_OPS) - ROPE_OPS
-             + np.where(b.qkv_bias, QKV_BIAS_OPS, 0) + np.where(autocast, AUTOCAST_OPS, 0) + np.where(b.dropout > 0, DROPOUT_OPS, 0))  # fmt: skip
+             + np.where(b.qkv_bias, QKV_BIAS_OPS, 0) + np.where(autocast, AUTOCAST_OPS, 0) + np.where(b.dropout > 0, DROPOUT_OPS, 0)
+             + np.where(b.out_bias, BIAS_OPS, 0) + np.where(b.layernorm & ~b.norm_bias, -2 * NORM_BIAS_OPS, 0)
+             + np.where(b.qk_norm > 0, np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0))  # fmt: skip
     dense_extra = np.where(b.gated, 0, UNGATED_FFN_OPS)
     router = np.array([ROUTER_OPS[name] for name in ROUTER_NAMES])[layers.router]
     local = layers.experts // lift(b.ep)
     moe = (MOE_BLOCK_OPS - DENSE_BLOCK_OPS + router + np.where(lift(b.gated), 0, UNGATED_EXPERT_OPS)
            + np.where(layers.dropless, DROPLESS_OPS, 0) + np.where(layers.shared_count > 0, SHARED_OPS, 0))  # fmt: skip
     groups = np.where(layers.moe, moe, lift(dense_extra))
-    host = STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) + b.n_layers * block + b.dense_blocks * dense_extra
+    host = STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) + np.where(b.layernorm & ~b.norm_bias, -NORM_BIAS_OPS, 0) \
+        + np.where(b.lm_head_bias, BIAS_OPS, 0) + b.n_layers * block + b.dense_blocks * dense_extra  # fmt: skip
     host = host + layers.per_design(layers.count * groups, len(b))
     loop = layers.moe & layers.dropless & ~grouped_gemm(b, layers)
     host = host + layers.per_design(layers.count * np.where(loop, LOOP_LAYER_OPS, 0), len(b))

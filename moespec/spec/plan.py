@@ -20,6 +20,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rope"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Recompute = Literal["none", "selective", "full"]
+QKNorm = Literal["none", "full", "per_head"]
 DropPolicy = Literal["position", "probability"]
 
 
@@ -42,6 +43,10 @@ class ModelPlan:
     dropout: float
     qkv_bias: bool  # Qwen-style bias on the q, k, v projections (changes parameter counts)
     init_std: float
+    out_bias: bool = False  # bias on o_proj (Phi-3.5-MoE, gpt-oss)
+    qk_norm: QKNorm = "none"  # full: over H*Hd (OLMoE); per_head: over Hd, shared by heads (Qwen3)
+    norm_bias: bool = True  # LayerNorm's bias (false: DBRX); resolved False for rmsnorm, which has none
+    lm_head_bias: bool = False  # bias on the LM head (Phi-3.5-MoE)
 
 
 # --- routers: a tagged union, one frozen dataclass per `router.type` -----------------------

@@ -81,6 +81,8 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
     if m["positions"] == "rope" and head_dim % 2:
         where = ("model", "head_dim") if m["head_dim"] is not None else ("model", "n_heads")
         errors.add(where, f"RoPE rotates pairs of channels, so head_dim ({head_dim}) must be even; change head_dim or use positions: learned")
+    if m["norm_bias"] is not None and m["norm"] == "rmsnorm":
+        errors.add(("model", "norm_bias"), "norm_bias applies to LayerNorm; rmsnorm has no bias: remove norm_bias or use norm: layernorm")
     return ModelPlan(
         vocab_size=m["vocab_size"],
         d_model=d_model,
@@ -99,6 +101,10 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
         dropout=float(m["dropout"]),
         qkv_bias=m["qkv_bias"],
         init_std=float(m["init_std"]),
+        out_bias=m["out_bias"],
+        qk_norm=m["qk_norm"],
+        norm_bias=m["norm"] == "layernorm" and m["norm_bias"] is not False,
+        lm_head_bias=m["lm_head_bias"],
     )
 
 
