@@ -28,6 +28,7 @@ def compile_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     seed: int = typer.Option(0, "--seed", help="Seed of the weight initialisation and the check's tokens."),
     device: str = typer.Option("auto", "--device", help="meta, cpu, or auto (meta above 200M parameters)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Load a Hugging Face checkpoint (safetensors) into the model; builds on cpu."),
 ) -> None:
     """Compile a spec to a PyTorch module and print its layers with total and active parameters."""
     plan = load_plan_or_exit(spec)
@@ -40,10 +41,20 @@ def compile_command(
     try:
         model = build_model(plan, seed=seed, device="meta")
         counts = count_parameters(model, plan)
-        if device == "cpu" or (device == "auto" and counts.total <= CPU_COMPILE_LIMIT):
+        if weights is not None and device == "meta":
+            fail("--weights needs real memory; use --device cpu (or auto) with it")
+        if device == "cpu" or weights is not None or (device == "auto" and counts.total <= CPU_COMPILE_LIMIT):
             model = build_model(plan, seed=seed, device="cpu")
     except (ValueError, NotImplementedError, RuntimeError) as exc:
         fail(f"{spec}: cannot build the model: {one_line(exc)}")
+    loaded = None
+    if weights is not None:
+        from moespec.interop.hf_weights import load_hf_weights
+
+        try:
+            loaded = load_hf_weights(model, weights)
+        except ValueError as exc:
+            fail(str(exc))
     on = next(model.parameters()).device.type
 
     check_result = None
@@ -81,11 +92,14 @@ def compile_command(
         "params": counts.as_dict(),
         "check": check_result,
         "out": written,
+        "weights": None if weights is None else {"from": str(weights), "tensors": loaded},
     }
     if as_json:
         emit_json(document)
         return
     _print_report(plan, counts, on, check_result, written)
+    if loaded is not None:
+        console.print(f"weights: {loaded} tensors loaded from {weights}")
 
 
 def save_compiled(model, plan, out: Path) -> dict:

@@ -32,7 +32,7 @@ HARMLESS = {
     "use_return_dict", "torchscript", "id2label", "label2id", "chunk_size_feed_forward", "tie_encoder_decoder",
     "hidden_act", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings",
-    "router_aux_loss_coef", "num_experts_per_tok", "rope_scaling", "max_seq_len", "mlp_bias",
+    "router_aux_loss_coef", "num_experts_per_tok", "rope_scaling", "max_seq_len", "mlp_bias", "qkv_bias",
 }  # fmt: skip
 DEFAULT_SEQ_LEN = 4096  # the training length when neither the user nor the config says less
 
@@ -122,10 +122,16 @@ def _seq_len(r: _Reader, seq_len: int | None, *, max_key: str = "max_position_em
 
 def _window(r: _Reader, seq: int, *, on: bool = True) -> None:
     """Sliding-window attention as HF runs it: a no-op when the window covers the training
-    length, refused otherwise (moespec attends to the whole causal prefix)."""
+    length, refused otherwise (moespec attends to the whole causal prefix). transformers 5
+    writes `layer_types`; only "sliding_attention" layers use the window."""
     window = r.take("sliding_window")
     r.take("use_sliding_window")
     r.take("max_window_layers")
+    kinds = set(r.take("layer_types") or [])
+    if kinds - {"full_attention", "sliding_attention"}:
+        r.refuse("layer_types", f"attention kinds {sorted(kinds - {'full_attention', 'sliding_attention'})} are not expressible")
+    if "layer_types" in r.config:
+        on = "sliding_attention" in kinds
     if on and window and int(window) < seq:
         r.refuse("sliding_window", f"{window} is shorter than the training length {seq}; moespec attends to the whole prefix (import with --seq-len {window} or less)")
 
@@ -145,7 +151,10 @@ def _placement(n_layers: int, moe: list[int]) -> dict:
     return {"type": "layers", "layers": moe}
 
 
-def _model(r: _Reader, seq: int, **extra) -> dict:
+def _model(r: _Reader, seq: int, *, window: bool = False, **extra) -> dict:
+    """The `model` section shared by the Llama-like families; `window`: whether the family
+    applies `sliding_window` to every layer when `layer_types` does not say."""
+    _window(r, seq, on=window)
     d, heads = r.take("hidden_size", required=True), r.take("num_attention_heads", required=True)
     model = {
         "vocab_size": r.take("vocab_size", required=True), "d_model": d, "n_layers": r.take("num_hidden_layers", required=True),
@@ -179,8 +188,7 @@ def _sparse_step_layers(r: _Reader, n_layers: int) -> list[int]:
 
 
 def _mixtral(r, seq):
-    model = _model(r, seq)
-    _window(r, seq)
+    model = _model(r, seq, window=True)
     r.note("router_jitter_noise", "training-time multiplicative jitter on the router input; not applied (no parameter)")
     moe = _moe({"type": "all"}, r.take("num_local_experts", required=True), model["d_ff"], _topk(r, r.take("num_experts_per_tok", 2), normalize=True))
     return model, moe
@@ -189,15 +197,15 @@ def _mixtral(r, seq):
 def _qwen_moe(r, seq, *, qwen3: bool):
     bias = bool(r.take("attention_bias", False))
     extra = {"qkv_bias": bool(r.take("qkv_bias", True))} if not qwen3 else {"qkv_bias": bias, "out_bias": bias, "qk_norm": "per_head"}
-    model = _model(r, seq, **extra)
-    _window(r, seq, on=bool(r.config.get("use_sliding_window")))
+    model = _model(r, seq, window=bool(r.config.get("use_sliding_window")), **extra)
     layers = _sparse_step_layers(r, model["n_layers"])
     router = _topk(r, r.take("num_experts_per_tok", 4), normalize=r.take("norm_topk_prob", False))
     experts = {}
     shared = r.take("shared_expert_intermediate_size")
     if shared:
         experts = {"shared_count": 1, "shared_d_ff": int(shared), "shared_gate": True}
-    return model, _moe(_placement(model["n_layers"], layers), r.take("num_experts", required=True), r.take("moe_intermediate_size", required=True), router, **experts)
+    count = r.take("num_experts") or r.take("num_local_experts", required=True)  # transformers 5 writes the latter
+    return model, _moe(_placement(model["n_layers"], layers), count, r.take("moe_intermediate_size", required=True), router, **experts)
 
 
 def _olmoe(r, seq):
@@ -224,8 +232,7 @@ def _granite(r, seq):
 
 def _phimoe(r, seq):
     bias = bool(r.take("attention_bias", False))
-    model = _model(r, seq, norm="layernorm", qkv_bias=bias, out_bias=bias, lm_head_bias=bool(r.take("lm_head_bias", False)))
-    _window(r, seq)
+    model = _model(r, seq, window=True, norm="layernorm", qkv_bias=bias, out_bias=bias, lm_head_bias=bool(r.take("lm_head_bias", False)))
     r.note("router_jitter_noise", "SparseMixer's training jitter; not applied (no parameter)")
     r.note("input_jitter_noise", "training-time input jitter; not applied (no parameter)")
     r.note("original_max_position_embeddings", "LongRoPE's base length; not applied (no parameter)")
@@ -356,3 +363,4 @@ def import_config(config: dict, *, name: str | None = None, seq_len: int | None 
         "parallelism": {"micro_batch": 1},
     }
     return Imported(family=family, spec=spec, notes=r.notes)
+

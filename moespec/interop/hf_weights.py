@@ -1,0 +1,170 @@
+"""Hugging Face safetensors checkpoints into a compiled moespec model, and back.
+
+Why by name rules and not by family classes: the decoder families moespec imports share
+Llama's names for everything but the MoE block, and differ there in a few spellings
+(Mixtral's `block_sparse_moe.experts.N.w1/w2/w3`, Qwen's and OLMoE's `mlp.experts.N.
+gate_proj/up_proj/down_proj`, Granite's fused `input_linear`/`output_linear`, Qwen's
+`shared_expert`, DeepSeek-style `shared_experts`).
+Checkpoints on the Hub and `save_pretrained` of transformers 5 store one tensor per expert;
+transformers' runtime layout (`experts.gate_up_proj` [E, 2F, D], `experts.down_proj`
+[E, D, F]) is read too. moespec keeps an expert bank as [E, D, F] / [E, F, D] (input dim
+first, model/experts.py), so expert weights are transposed and stacked on the way in and
+split on the way out. Every tensor must land somewhere and every parameter must be
+filled: a checkpoint that does not fit the spec is a one-line error naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_LAYER = r"model\.layers\.(\d+)\."
+# HF name (regex) -> moespec name (template); the expert rules are handled apart.
+_RULES = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.(weight|bias)", "final_norm.{0}"),
+    (r"lm_head\.(weight|bias)", "lm_head.{0}"),
+    (_LAYER + r"input_layernorm\.(weight|bias)", "blocks.{0}.attn_norm.{1}"),
+    (_LAYER + r"post_attention_layernorm\.(weight|bias)", "blocks.{0}.ffn_norm.{1}"),
+    (_LAYER + r"self_attn\.([qkvo]_proj)\.(weight|bias)", "blocks.{0}.attention.{1}.{2}"),
+    (_LAYER + r"self_attn\.([qk]_norm)\.(weight|bias)", "blocks.{0}.attention.{1}.{2}"),
+    (_LAYER + r"mlp\.(gate|up|down)_proj\.weight", "blocks.{0}.ffn.w_{1}.weight"),
+    (_LAYER + r"(?:mlp|block_sparse_moe)\.gate\.weight", "blocks.{0}.moe.router.gate.weight"),
+    (_LAYER + r"block_sparse_moe\.router\.layer\.weight", "blocks.{0}.moe.router.gate.weight"),  # Granite
+    (_LAYER + r"mlp\.gate\.e_score_correction_bias", "blocks.{0}.moe.router.expert_bias_E"),
+    (_LAYER + r"mlp\.shared_experts?\.(gate|up|down)_proj\.weight", "blocks.{0}.moe.shared.ffn.w_{1}.weight"),
+    (_LAYER + r"mlp\.shared_expert_gate\.weight", "blocks.{0}.moe.shared.gate.weight"),
+]
+_RULES = [(re.compile(pattern + "$"), target) for pattern, target in _RULES]
+_EXPERT = re.compile(_LAYER + r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+# Fused banks: transformers' runtime layout, and Granite's checkpoints (input_linear [E, 2F, D], output_linear [E, D, F]).
+_FUSED = re.compile(_LAYER + r"(?:mlp\.experts\.(gate_up_proj|down_proj)|block_sparse_moe\.(input_linear|output_linear)\.weight)$")
+_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (one file or shards), by name."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    files = [directory] if directory.is_file() else sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory}: no .safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise ValueError(f"{file}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+    return tensors
+
+
+def to_moespec(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """HF names and layouts -> the model's state-dict names and layouts. Raises ValueError
+    for a tensor with no place in the model."""
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if m := _EXPERT.fullmatch(name):
+            layer, e, proj = m.group(1), int(m.group(2)), _PROJ[m.group(3)]
+            experts.setdefault((f"blocks.{layer}.moe.experts.w_{proj}", name), {})[e] = tensor.t()  # [F, D] -> [D, F]
+            continue
+        if m := _FUSED.fullmatch(name):
+            bank = f"blocks.{m.group(1)}.moe.experts."
+            if (m.group(2) or m.group(3)) in ("gate_up_proj", "input_linear"):  # [E, 2F, D]: gate rows, then up rows
+                gate, up = tensor.chunk(2, dim=1)
+                out[bank + "w_gate"], out[bank + "w_up"] = gate.transpose(1, 2), up.transpose(1, 2)
+            else:  # [E, D, F]
+                out[bank + "w_down"] = tensor.transpose(1, 2)
+            continue
+        for pattern, target in _RULES:
+            if m := pattern.fullmatch(name):
+                key = target.format(*m.groups())
+                if key == "lm_head.bias" and "lm_head.bias" not in state and "head_bias" in state:
+                    key = "head_bias"
+                out[key] = tensor
+                break
+        else:
+            raise ValueError(f"weights: {name} has no place in this spec's model (no moespec parameter takes it)")
+    by_bank: dict[str, dict[int, torch.Tensor]] = {}
+    for (bank, _), found in experts.items():
+        by_bank.setdefault(bank, {}).update(found)
+    for bank, found in by_bank.items():
+        out[bank] = torch.stack([found[e] for e in sorted(found)])  # [E, D, F] or [E, F, D]
+    return out
+
+
+def load_hf_weights(model: nn.Module, directory: Path) -> int:
+    """Fill `model` from a Hugging Face checkpoint (or a `compile --out` folder, already in
+    moespec's names); returns the tensors loaded. Every model parameter and persistent
+    buffer must be given, with its shape."""
+    tensors = read_safetensors(directory)
+    mapped = tensors if "tok_embeddings.weight" in tensors else to_moespec(tensors, model)
+    state = model.state_dict()
+    if missing := sorted(set(state) - set(mapped)):
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"weights: {directory} lacks {missing[0]}{more}; is it the checkpoint of this spec's model?")
+    for key, tensor in mapped.items():
+        if key not in state:
+            raise ValueError(f"weights: {key} (from {directory}) has no place in this spec's model")
+        if tuple(tensor.shape) != tuple(state[key].shape):
+            raise ValueError(f"weights: {key} is {tuple(tensor.shape)} in {directory}, the spec's model has {tuple(state[key].shape)}")
+    model.load_state_dict({k: v.to(state[k].dtype) for k, v in mapped.items()}, strict=True)
+    return len(mapped)
+
+
+def from_moespec(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
+    """The model's tensors under Hugging Face's checkpoint names of `family` (a model_type),
+    one tensor per expert."""
+    out: dict[str, torch.Tensor] = {}
+    mixtral = family == "mixtral"
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().contiguous()
+        if key == "tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = tensor
+        elif key.startswith("final_norm."):
+            out["model." + key.replace("final_norm", "norm")] = tensor
+        elif key.startswith("lm_head.") or key == "head_bias":
+            out["lm_head.bias" if key == "head_bias" else key] = tensor
+        elif m := re.fullmatch(r"blocks\.(\d+)\.(.*)", key):
+            out.update(_block_to_hf(int(m.group(1)), m.group(2), tensor, mixtral=mixtral))
+        else:
+            raise ValueError(f"export: {key} has no Hugging Face name")
+    return out
+
+
+def _block_to_hf(layer: int, rest: str, tensor: torch.Tensor, *, mixtral: bool) -> dict[str, torch.Tensor]:
+    prefix = f"model.layers.{layer}."
+    moe = "block_sparse_moe." if mixtral else "mlp."
+    simple = {
+        r"attn_norm\.(weight|bias)": "input_layernorm.{0}", r"ffn_norm\.(weight|bias)": "post_attention_layernorm.{0}",
+        r"attention\.(\w+)\.(weight|bias)": "self_attn.{0}.{1}", r"ffn\.w_(gate|up|down)\.weight": "mlp.{0}_proj.weight",
+        r"moe\.router\.gate\.weight": moe + "gate.weight", r"moe\.router\.expert_bias_E": "mlp.gate.e_score_correction_bias",
+        r"moe\.shared\.ffn\.w_(gate|up|down)\.weight": "mlp.shared_expert.{0}_proj.weight", r"moe\.shared\.gate\.weight": "mlp.shared_expert_gate.weight",
+    }  # fmt: skip
+    for pattern, target in simple.items():
+        if m := re.fullmatch(pattern, rest):
+            return {prefix + target.format(*m.groups()): tensor}
+    if m := re.fullmatch(r"moe\.experts\.w_(gate|up|down)", rest):
+        names = {"gate": "w1", "up": "w3", "down": "w2"} if mixtral else {p: f"{p}_proj" for p in ("gate", "up", "down")}
+        return {f"{prefix}{moe}experts.{e}.{names[m.group(1)]}.weight": tensor[e].t().contiguous() for e in range(tensor.shape[0])}
+    raise ValueError(f"export: blocks.{layer}.{rest} has no Hugging Face name")
+
+
+def save_hf_checkpoint(model: nn.Module, directory: Path, config: dict) -> list[Path]:
+    """model.safetensors and config.json in `directory`, each written atomically."""
+    from safetensors.torch import save
+
+    from moespec.files import write_atomic
+
+    directory = Path(directory)
+    tensors = from_moespec(model, config["model_type"])
+    weights, cfg = directory / "model.safetensors", directory / "config.json"
+    write_atomic(weights, save(tensors, metadata={"format": "pt"}))
+    write_atomic(cfg, json.dumps(config, indent=2) + "\n")
+    return [weights, cfg]

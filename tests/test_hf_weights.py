@@ -1,0 +1,118 @@
+"""Weights both ways: tiny random Hugging Face models (built here from configs, nothing
+downloaded) saved with `save_pretrained`, imported by `moespec import`, loaded by
+`compile --weights`: logits equal HF's to 1e-5 in fp32 (eval, dropless routing). And back:
+`moespec export` writes a checkpoint transformers loads as the same model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")  # a test extra: installed by `make test`
+import torch  # noqa: E402
+
+from moespec.interop.hf_weights import load_hf_weights  # noqa: E402
+from moespec.model.build import build_model  # noqa: E402
+from moespec.spec import load_plan  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            eos_token_id=1, pad_token_id=0, bos_token_id=2)  # fmt: skip
+FAMILIES = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=24, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                  head_dim=16, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    # muP multipliers at 1 (moespec lists them, does not apply them); attention_multiplier = 1/sqrt(head_dim)
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=1.0, logits_scaling=1.0,
+                       residual_multiplier=1.0, attention_multiplier=0.25),
+}  # fmt: skip
+
+
+def moespec_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moespec", *args], capture_output=True, text=True, timeout=300)
+
+
+def tiny_hf_model(family: str, folder: Path):
+    """A random HF model of `family`, weights drawn wide enough that routing is not a tie."""
+    torch.manual_seed(0)
+    config = transformers.CONFIG_MAPPING[family](**TINY, **FAMILIES[family])
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # dots1's selection bias: a checkpoint value, not zero
+                buffer.normal_(0.0, 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_imported_spec_with_hf_weights_gives_hf_logits(family, tmp_path):
+    hf = tiny_hf_model(family, tmp_path / "hf")
+    spec = tmp_path / "spec.yaml"
+    done = moespec_cli("import", str(tmp_path / "hf"), "-o", str(spec), "--seq-len", "32")
+    assert done.returncode == 0, done.stderr
+    plan = load_plan(spec)
+    model = build_model(plan, seed=5)
+    assert load_hf_weights(model, tmp_path / "hf") == len(model.state_dict())
+    model.eval()
+    x = tokens()
+    with torch.no_grad():
+        ours, _ = model(x)
+        theirs = hf(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_compile_weights_from_the_cli(tmp_path):
+    tiny_hf_model("qwen2_moe", tmp_path / "hf")
+    spec = tmp_path / "spec.yaml"
+    assert moespec_cli("import", str(tmp_path / "hf"), "-o", str(spec), "--seq-len", "32").returncode == 0
+    done = moespec_cli("compile", str(spec), "--weights", str(tmp_path / "hf"), "--check", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["weights"]["tensors"] == 37 and report["device"] == "cpu"  # 2 layers x 17 + embedding, norm, head
+
+
+def test_a_checkpoint_of_another_shape_is_one_line(tmp_path):
+    tiny_hf_model("mixtral", tmp_path / "hf")
+    spec = tmp_path / "spec.yaml"
+    assert moespec_cli("import", str(tmp_path / "hf"), "-o", str(spec), "--seq-len", "32").returncode == 0
+    text = spec.read_text().replace("count: 4", "count: 8")
+    spec.write_text(text)
+    done = moespec_cli("compile", str(spec), "--weights", str(tmp_path / "hf"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "blocks.0.moe.router.gate.weight is (4, 64)" in done.stderr and "(8, 64)" in done.stderr
+    done = moespec_cli("compile", str(spec), "--weights", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "no .safetensors files" in done.stderr
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_export_loads_in_transformers_as_the_same_model(family, tmp_path):
+    tiny_hf_model(family, tmp_path / "hf")  # only for its config: export writes our own seeded weights
+    spec = tmp_path / "spec.yaml"
+    assert moespec_cli("import", str(tmp_path / "hf"), "-o", str(spec), "--seq-len", "32").returncode == 0
+    done = moespec_cli("export", str(spec), "--family", family, "-o", str(tmp_path / "out"), "--seed", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = load_plan(spec)
+    ours = build_model(plan, seed=3).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = tokens()
+    with torch.no_grad():
+        assert (ours(x)[0] - theirs(x).logits).abs().max().item() < 1e-5
+
+
+def test_export_refuses_a_key_the_family_cannot_hold(tmp_path):
+    done = moespec_cli("export", str(Path(__file__).resolve().parents[1] / "specs/tiny-switch.yaml"), "--family", "mixtral", "-o", str(tmp_path / "out"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "moe.router.type" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
