@@ -152,3 +152,14 @@ def test_explorer_verdicts_equal_the_spec_layer_design_by_design(tmp_path):
     broken = {name for name, count in hit.items() if count}
     assert broken >= {"ep_divides_dp", "global_batch_multiple", "ep_divides_experts", "k_within_experts",
                       "noisy_k_below_experts", "groups_divide_experts", "k_within_kept_groups", "base_shuffle_divides"}  # fmt: skip
+
+
+def test_norm_bias_with_rmsnorm_is_refused_at_its_line():
+    text = ("version: 1\nname: nb\nmodel:\n  vocab_size: 64\n  d_model: 16\n  n_layers: 2\n  n_heads: 2\n"
+            "  norm: rmsnorm\n  norm_bias: false\nmoe: {experts: {count: 4}, router: {type: topk, k: 2}}\n")  # fmt: skip
+    with pytest.raises(SpecErrors) as raised:
+        plan_from_text(text, "nb.yaml")
+    (error,) = raised.value.errors
+    assert error.format().startswith("nb.yaml:9:") and "model.norm_bias" in error.format() and "rmsnorm has no bias" in error.format()
+    plan = plan_from_text(text.replace("rmsnorm", "layernorm"), "nb.yaml")
+    assert plan.model.norm_bias is False and plan_from_text(text.replace("  norm_bias: false\n", ""), "nb.yaml").model.norm_bias is False
