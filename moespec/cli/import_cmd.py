@@ -27,7 +27,7 @@ def import_command(
     from moespec.spec.emit import _SpecDumper
 
     try:
-        imported = import_config(read_config(config), name=name, seq_len=seq_len)
+        imported = import_config(read_config(config), name=name or _default_name(config), seq_len=seq_len)
     except ValueError as exc:
         fail(f"{config}: {exc}")
     body = yaml.dump(imported.spec, Dumper=_SpecDumper, sort_keys=False, default_flow_style=None, width=100)
@@ -50,6 +50,16 @@ def import_command(
         console.print(text, markup=False, highlight=False, end="")
         return
     console.print(f"[bold]{plan.name}[/bold] ({imported.family}): {params.total:,} parameters, {params.active:,} active; "
-                  f"{len(plan.moe_layers)} of {plan.model.n_layers} layers MoE -> {out}")  # fmt: skip
+                  f"{len(plan.moe_layers)} of {plan.model.n_layers} layers MoE -> {out}", soft_wrap=True)  # fmt: skip
     for line in imported.notes:
-        console.print(f"  note: {line}", markup=False)
+        console.print(f"  note: {line}", markup=False, soft_wrap=True)
+
+
+def _default_name(config: Path) -> str | None:
+    """The model's folder name (or the file's stem unless it is `config`), as a spec name."""
+    import re
+
+    path = config.resolve()
+    stem = path.name if path.is_dir() else (path.parent.name if path.stem == "config" else path.stem)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._").lower()[:128]
+    return name or None

@@ -38,13 +38,20 @@ def _capacity_dict(moe: MoELayerPlan) -> dict | None:
     return dataclasses.asdict(cap)
 
 
+def _model_dict(plan: SpecPlan) -> dict:
+    model = dataclasses.asdict(plan.model)
+    if plan.model.norm != "layernorm":  # RMSNorm has no bias: the key is refused there
+        del model["norm_bias"]
+    return model
+
+
 def plan_to_spec(plan: SpecPlan) -> dict:
     """The spec mapping for `plan`: the most common MoE layer config at moe level, the rest as overrides."""
     spec: dict = {
         "version": plan.version,
         "name": plan.name,
         "description": plan.description,
-        "model": dataclasses.asdict(plan.model),
+        "model": _model_dict(plan),
         "parallelism": {
             field.name: getattr(plan.parallel, field.name) for field in dataclasses.fields(plan.parallel)
         },
