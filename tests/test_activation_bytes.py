@@ -57,7 +57,7 @@ def variant(tmp_path, base: str, edit) -> object:
 
 
 @pytest.mark.parametrize("name", ["tiny-topk", "tiny-base", "tiny-dropless", "tiny-expert-choice", "tiny-hash", "tiny-mixed",
-                                  "tiny-noisy-topk", "tiny-sigmoid-bias", "tiny-sinkhorn"])  # fmt: skip
+                                  "tiny-noisy-topk", "tiny-sigmoid-bias", "tiny-sinkhorn", "tiny-mla"])  # fmt: skip
 def test_every_router_and_path(name):
     plan = load_plan(f"{SPECS}/{name}.yaml")
     assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)
@@ -86,3 +86,14 @@ def test_switch_jitter_is_the_one_known_gap():
 def test_model_variants(tmp_path, edit):
     plan = variant(tmp_path, "tiny-topk", edit)
     assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.01)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s["model"]["mla"].update(q_lora_rank=None),  # DeepSeek-V2-Lite: one q_proj
+    lambda s: s["parallelism"].update(precision="bf16"),  # latent norms in fp32 under autocast
+    lambda s: s["model"]["mla"].update(v_head_dim=24),  # values as wide as queries: no padding
+    lambda s: s["model"].update(norm="layernorm"),
+], ids=["no-query-bottleneck", "bf16", "unpadded-values", "layernorm"])  # fmt: skip
+def test_latent_attention_variants(tmp_path, edit):
+    plan = variant(tmp_path, "tiny-mla", edit)
+    assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)

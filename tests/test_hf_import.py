@@ -17,16 +17,17 @@ from moespec.spec import plan_from_text
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests/data/hf_configs"
 # sum(p.numel()) of the HF model built from each config on the meta device (transformers
-# 5.24); the published figures for OLMoE, Qwen3, Phi-3.5-MoE and dots.llm1 among them.
+# 5.24); the published figures for DeepSeek-V2-Lite/V3, OLMoE, Qwen3, Phi-3.5-MoE and
+# dots.llm1 among them.
 HF_COUNTS = {
     "mixtral-8x7b": 46_702_792_704, "mixtral-8x22b": 140_630_071_296, "qwen1.5-moe-a2.7b": 14_315_784_192,
     "qwen2-57b-a14b": 57_408_658_944, "qwen3-30b-a3b": 30_532_122_624, "qwen3-235b-a22b": 235_093_634_560,
     "olmoe-1b-7b": 6_919_161_856, "phi-3.5-moe": 41_873_153_344, "granite-3.0-1b-a400m": 1_334_628_352,
     "granite-3.0-3b-a800m": 3_298_793_472, "dbrx": 131_596_523_520, "llama-4-scout": 107_769_861_120,
     "llama-4-maverick": 400_711_848_960, "glm-4.5-air": 106_852_245_504, "glm-4.5": 352_797_814_784,
-    "dots.llm1": 142_774_373_888,
+    "dots.llm1": 142_774_373_888, "deepseek-v3": 671_026_404_352, "deepseek-v2-lite": 15_706_484_224,
 }  # fmt: skip
-REFUSED = {"deepseek-v3": "kv_lora_rank", "deepseek-v2-lite": "kv_lora_rank", "gpt-oss-20b": "layer_types",
+REFUSED = {"gpt-oss-20b": "layer_types",
            "ernie-4.5-21b-a3b": "moe_num_experts", "switch-base-8": "num_decoder_layers"}  # fmt: skip
 
 

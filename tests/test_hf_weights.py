@@ -28,6 +28,12 @@ FAMILIES = {
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
     "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
                   head_dim=16, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    # Multi-head Latent Attention; V3's and V2's interleaved RoPE rows are permuted on load
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                        q_lora_rank=24, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1,
+                        routed_scaling_factor=2.5, num_key_value_heads=4),
+    "deepseek_v2": dict(num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
+                        q_lora_rank=None, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=12),
     # muP multipliers at 1 (moespec lists them, does not apply them); attention_multiplier = 1/sqrt(head_dim)
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=1.0, logits_scaling=1.0,
                        residual_multiplier=1.0, attention_multiplier=0.25),
@@ -41,7 +47,7 @@ def moespec_cli(*args: str) -> subprocess.CompletedProcess:
 def tiny_hf_model(family: str, folder: Path):
     """A random HF model of `family`, weights drawn wide enough that routing is not a tie."""
     torch.manual_seed(0)
-    config = transformers.CONFIG_MAPPING[family](**TINY, **FAMILIES[family])
+    config = transformers.CONFIG_MAPPING[family](**(TINY | FAMILIES[family]))
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -39,6 +39,10 @@ CASES = {
     # 18 * 4 bytes is not a multiple of 16: torch._grouped_mm cannot run, the kernel loops over experts
     "dropless-loop-gelu": dict(layers=2, model=", activation: gelu", moe=dict(router="{type: topk, k: 2}", capacity="{dropless: true}",
                                                                            f=18, e=8)),
+    "mla": dict(layers=2, model=", mla: {q_lora_rank: 8, kv_lora_rank: 12, qk_nope_head_dim: 8, qk_rope_head_dim: 4, v_head_dim: 8}",
+                moe=dict(router="{type: sigmoid_bias, k: 2}", capacity="{dropless: true}")),
+    "mla-no-bottleneck-bf16": dict(layers=2, model=", mla: {kv_lora_rank: 12, qk_nope_head_dim: 8, qk_rope_head_dim: 4, v_head_dim: 12}",
+                                   parallel=", precision: bf16"),
     "noisy-topk-bf16": dict(layers=2, moe=dict(router="{type: noisy_topk, k: 2}"), parallel=", precision: bf16"),
 }
 

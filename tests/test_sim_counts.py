@@ -68,6 +68,9 @@ def _variants():
     yield "qk-norm-full-biases", dataclasses.replace(base, model=dataclasses.replace(m, qk_norm="full", out_bias=True, lm_head_bias=True))
     yield "qk-norm-per-head-gqa", dataclasses.replace(base, model=dataclasses.replace(m, qk_norm="per_head", n_kv_heads=2, head_dim=24))
     yield "layernorm-no-bias-qk", dataclasses.replace(base, model=dataclasses.replace(m, norm="layernorm", norm_bias=False, qk_norm="full"))
+    mla = load_plan(Path(__file__).resolve().parents[1] / "specs/tiny-mla.yaml")
+    yield "mla-no-bottleneck-layernorm", dataclasses.replace(mla, model=dataclasses.replace(
+        mla.model, norm="layernorm", out_bias=True, mla=dataclasses.replace(mla.model.mla, q_lora_rank=None, v_head_dim=32)))
     yield "tied-head-bias", dataclasses.replace(base, model=dataclasses.replace(m, tied_embeddings=True, lm_head_bias=True, norm="layernorm"))
     sig = load_plan(Path(__file__).resolve().parents[1] / "specs/tiny-sigmoid-bias.yaml")
     layers = tuple(
@@ -116,7 +119,8 @@ def test_switch_c_style_reproduces_1571b_within_1_percent():
     assert abs(predict_params(plan).total / 1571e9 - 1) < 0.01
 
 
-@pytest.mark.parametrize("name,plan", [v for v in _variants() if v[0] in ("qk-norm-full-biases", "qk-norm-per-head-gqa", "layernorm-no-bias-qk", "tied-head-bias")],
+@pytest.mark.parametrize("name,plan", [v for v in _variants() if v[0] in ("qk-norm-full-biases", "qk-norm-per-head-gqa", "layernorm-no-bias-qk", "tied-head-bias",
+                                                                        "mla-no-bottleneck-layernorm")],
                          ids=lambda v: v if isinstance(v, str) else "")  # fmt: skip
 def test_zero3_share_counts_every_parameter_of_the_new_model_keys(name, plan):
     """ZeRO-3's largest share (sim) equals rank 0's Shard(0) chunks of every parameter the

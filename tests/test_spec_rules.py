@@ -163,3 +163,17 @@ def test_norm_bias_with_rmsnorm_is_refused_at_its_line():
     assert error.format().startswith("nb.yaml:9:") and "model.norm_bias" in error.format() and "rmsnorm has no bias" in error.format()
     plan = plan_from_text(text.replace("rmsnorm", "layernorm"), "nb.yaml")
     assert plan.model.norm_bias is False and plan_from_text(text.replace("  norm_bias: false\n", ""), "nb.yaml").model.norm_bias is False
+
+
+@pytest.mark.parametrize("extra,key", [("  head_dim: 24\n", "model.head_dim"), ("  n_kv_heads: 2\n", "model.n_kv_heads"),
+                                       ("  qkv_bias: true\n", "model.qkv_bias"), ("  qk_norm: full\n", "model.qk_norm"),
+                                       ("  positions: learned\n", "model.positions")])  # fmt: skip
+def test_keys_latent_attention_replaces_are_refused_by_name(extra, key):
+    text = ("version: 1\nname: mla\nmodel:\n  vocab_size: 64\n  d_model: 32\n  n_layers: 2\n  n_heads: 4\n" + extra +
+            "  mla: {kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 4, v_head_dim: 8}\n"
+            "moe: {experts: {count: 4}, router: {type: topk, k: 2}}\n")  # fmt: skip
+    with pytest.raises(SpecErrors) as raised:
+        plan_from_text(text, "mla.yaml")
+    assert any(key in e.format() for e in raised.value.errors), [e.format() for e in raised.value.errors]
+    plan = plan_from_text(text.replace(extra, ""), "mla.yaml")
+    assert (plan.model.head_dim, plan.model.n_kv_heads) == (12, 4)

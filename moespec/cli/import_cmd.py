@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -46,8 +47,8 @@ def import_command(
         emit_json({"family": imported.family, "name": plan.name, "params_total": params.total, "params_active": params.active,
                    "moe_layers": len(plan.moe_layers), "notes": imported.notes, "out": str(out) if out else None, "spec": imported.spec})  # fmt: skip
         return
-    if out is None:
-        console.print(text, markup=False, highlight=False, end="")
+    if out is None:  # raw: a terminal-width wrap would break the YAML
+        sys.stdout.write(text)
         return
     console.print(f"[bold]{plan.name}[/bold] ({imported.family}): {params.total:,} parameters, {params.active:,} active; "
                   f"{len(plan.moe_layers)} of {plan.model.n_layers} layers MoE -> {out}", soft_wrap=True)  # fmt: skip

@@ -282,21 +282,63 @@ def _llama4(r, seq):
     return model, moe
 
 
-def _deepseek_style(r, seq, *, qk_norm: str, bias: bool, out_bias: bool):
-    """GLM-4.5 and dots.llm1: DeepSeek-V3's MoE (sigmoid scores with a selection bias, expert
-    groups, shared experts, the first layers dense) on standard attention."""
-    model = _model(r, seq, qkv_bias=bias, out_bias=out_bias, qk_norm=qk_norm)
+def _deepseek_style(r, seq, *, qk_norm: str = "none", bias: bool = False, out_bias: bool = False, router: dict | None = None, **model_extra):
+    """DeepSeek's MoE (sigmoid scores with a selection bias, expert groups, shared experts,
+    the first layers dense): on standard attention in GLM-4.5 and dots.llm1, on MLA in
+    DeepSeek-V2/V3 (`model_extra`), with a softmax router in V2 (`router`)."""
+    model = _model(r, seq, qkv_bias=bias, out_bias=out_bias, qk_norm=qk_norm, **model_extra)
     first = int(r.take("first_k_dense_replace", 0) or 0)
+    freq = int(r.take("moe_layer_freq", 1) or 1)  # DeepSeek-V2: layer i >= first is MoE when i % freq == 0
     r.note("num_nextn_predict_layers", "multi-token-prediction layers: not built by Hugging Face's model either, not counted")
-    r.note("scoring_func", "sigmoid scores with a selection bias, as the sigmoid_bias router")
-    r.note("topk_method", "group-limited top-k, as the sigmoid_bias router")
-    router = {"type": "sigmoid_bias", "k": int(r.take("num_experts_per_tok", 8)), "n_groups": int(r.take("n_group", 1) or 1),
-              "topk_groups": int(r.take("topk_group", 1) or 1), "normalize": bool(r.take("norm_topk_prob", True)),
-              "scaling_factor": float(r.take("routed_scaling_factor", 1.0) or 1.0)}  # fmt: skip
+    if router is None:
+        r.note("scoring_func", "sigmoid scores with a selection bias, as the sigmoid_bias router")
+        r.note("topk_method", "group-limited top-k, as the sigmoid_bias router")
+        router = {"type": "sigmoid_bias", "k": int(r.take("num_experts_per_tok", 8)), "n_groups": int(r.take("n_group", 1) or 1),
+                  "topk_groups": int(r.take("topk_group", 1) or 1), "normalize": bool(r.take("norm_topk_prob", True)),
+                  "scaling_factor": float(r.take("routed_scaling_factor", 1.0) or 1.0)}  # fmt: skip
     shared = int(r.take("n_shared_experts", 0) or 0)
     experts = {"shared_count": shared, "shared_d_ff": int(r.config["moe_intermediate_size"])} if shared else {}
-    return model, _moe(_placement(model["n_layers"], list(range(first, model["n_layers"]))), r.take("n_routed_experts", required=True),
+    layers = [i for i in range(first, model["n_layers"]) if i % freq == 0]
+    return model, _moe(_placement(model["n_layers"], layers), r.take("n_routed_experts", required=True),
                        r.take("moe_intermediate_size", required=True), router, **experts)  # fmt: skip
+
+
+def _mla(r: _Reader) -> dict:
+    """DeepSeek's latent attention. Its checkpoints lay RoPE channels out in interleaved
+    pairs; moespec rotates halves, and `compile --weights` permutes those rows on load."""
+    if r.take("attention_bias"):
+        r.refuse("attention_bias", "biases on MLA's q_a/kv_a projections are not expressible yet")
+    r.take("head_dim"), r.take("qk_head_dim")  # transformers derives them (rope width, nope + rope); MLA's widths say it all
+    r.note("rope_interleave", "interleaved RoPE pairs: moespec rotates halves; weights are permuted on load, so the model is the same")
+    params = r.config.get("rope_parameters") or r.config.get("rope_scaling") or {}
+    if params.get("mscale_all_dim"):
+        r.notes.append("rope scaling yarn mscale_all_dim: scales attention logits beyond the pretraining length; not applied (no parameter)")
+    return {"mla": {"q_lora_rank": r.take("q_lora_rank"), "kv_lora_rank": r.take("kv_lora_rank", required=True),
+                    "qk_nope_head_dim": r.take("qk_nope_head_dim", required=True), "qk_rope_head_dim": r.take("qk_rope_head_dim", required=True),
+                    "v_head_dim": r.take("v_head_dim", required=True)}}  # fmt: skip
+
+
+def _deepseek_v3(r, seq):
+    model, moe = _deepseek_style(r, seq, **_mla(r))
+    model.pop("n_kv_heads", None), model.pop("head_dim", None)  # MLA sets both
+    return model, moe
+
+
+def _deepseek_v2(r, seq):
+    method = r.take("topk_method", "greedy")
+    if method != "greedy":
+        r.refuse("topk_method", f"{method!r}: DeepSeek-V2's group-limited softmax routing is not expressible (moespec groups sigmoid_bias routing)")
+    if float(r.take("routed_scaling_factor", 1.0) or 1.0) != 1.0:
+        r.refuse("routed_scaling_factor", "a scale on softmax top-k gates is not expressible (only the sigmoid_bias router scales)")
+    if r.take("scoring_func", "softmax") != "softmax":
+        r.refuse("scoring_func", "DeepSeek-V2 scores other than softmax are not expressible")
+    r.take("n_group"), r.take("topk_group")
+    r.note("seq_aux", "sequence-level auxiliary loss: moespec balances per micro-batch (no parameter)")
+    router = {"type": "topk", "k": int(r.take("num_experts_per_tok", 6)), "normalize": bool(r.take("norm_topk_prob", False)),
+              "aux_loss_coef": float(r.take("aux_loss_alpha", 0.001) or 0.0)}  # fmt: skip
+    model, moe = _deepseek_style(r, seq, router=router, **_mla(r))
+    model.pop("n_kv_heads", None), model.pop("head_dim", None)  # MLA sets both
+    return model, moe
 
 
 def _glm4_moe(r, seq):
@@ -312,10 +354,7 @@ def _dots1(r, seq):
     return _deepseek_style(r, seq, qk_norm="per_head", bias=bias, out_bias=bias)
 
 
-_MLA = "Multi-head Latent Attention (q_lora_rank, kv_lora_rank, qk_rope_head_dim) is not expressible yet"
 REFUSED = {  # families whose architecture the spec language cannot express yet: the field that says so
-    "deepseek_v2": ("kv_lora_rank", _MLA),
-    "deepseek_v3": ("kv_lora_rank", _MLA),
     "gpt_oss": ("layer_types", "attention sinks, per-expert biases and clamped SwiGLU (gpt-oss) are not expressible yet"),
     "ernie4_5_moe": ("moe_num_experts", "ERNIE-4.5's learned score-correction parameter and layer interval are not expressible yet"),
     "switch_transformers": ("num_decoder_layers", "encoder-decoder models (T5-style) are not expressible yet"),
@@ -332,6 +371,8 @@ FAMILIES = {
     "llama4_text": _llama4,
     "glm4_moe": _glm4_moe,
     "dots1": _dots1,
+    "deepseek_v2": _deepseek_v2,
+    "deepseek_v3": _deepseek_v3,
 }
 
 

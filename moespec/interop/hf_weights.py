@@ -32,6 +32,8 @@ _RULES = [
     (_LAYER + r"post_attention_layernorm\.(weight|bias)", "blocks.{0}.ffn_norm.{1}"),
     (_LAYER + r"self_attn\.([qkvo]_proj)\.(weight|bias)", "blocks.{0}.attention.{1}.{2}"),
     (_LAYER + r"self_attn\.([qk]_norm)\.(weight|bias)", "blocks.{0}.attention.{1}.{2}"),
+    (_LAYER + r"self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)\.(weight|bias)", "blocks.{0}.attention.{1}.{2}"),  # MLA
+    (_LAYER + r"self_attn\.(q_a|kv_a)_layernorm\.(weight|bias)", "blocks.{0}.attention.{1}_norm.{2}"),
     (_LAYER + r"mlp\.(gate|up|down)_proj\.weight", "blocks.{0}.ffn.w_{1}.weight"),
     (_LAYER + r"(?:mlp|block_sparse_moe)\.gate\.weight", "blocks.{0}.moe.router.gate.weight"),
     (_LAYER + r"block_sparse_moe\.router\.layer\.weight", "blocks.{0}.moe.router.gate.weight"),  # Granite
@@ -99,12 +101,57 @@ def to_moespec(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
     return out
 
 
+def interleaved_rope(directory: Path) -> bool:
+    """Whether a checkpoint's MLA weights lay RoPE channels out in interleaved pairs
+    (DeepSeek-V2 always, V3 unless `rope_interleave: false`), from its config.json."""
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        return False
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    kind = config.get("model_type")
+    return kind == "deepseek_v2" or (kind == "deepseek_v3" and config.get("rope_interleave", True))
+
+
+def rope_permutation(rope_dim: int) -> torch.Tensor:
+    """Rows of interleaved pairs (x0, x1), (x2, x3), ... as rotate-half halves (x0, x2, ...,
+    x1, x3, ...): the same rotation of every pair, so q.k is unchanged."""
+    return torch.cat((torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)))
+
+
+def permute_latent_rope(mapped: dict[str, torch.Tensor], model: nn.Module, *, inverse: bool = False) -> None:
+    """Reorder the RoPE rows of every MLA block's query and latent projections, in place in
+    `mapped` (moespec names): interleaved -> halves on load, halves -> interleaved on export."""
+    from moespec.model.latent_attention import LatentAttention
+
+    for name, module in model.named_modules():
+        if not isinstance(module, LatentAttention):
+            continue
+        perm = rope_permutation(module.rope_dim)
+        if inverse:
+            perm = torch.argsort(perm)
+        q_name = f"{name}.q_proj.weight" if module.q_proj is not None else f"{name}.q_b_proj.weight"
+        q = mapped[q_name]
+        q_HDi = q.reshape(module.n_heads, module.nope + module.rope_dim, q.shape[-1])  # [H, N+P, in]
+        rot = q_HDi[:, module.nope :][:, perm]
+        mapped[q_name] = torch.cat((q_HDi[:, : module.nope], rot), dim=1).reshape(q.shape)
+        for suffix in ("weight", "bias"):
+            key = f"{name}.kv_a_proj_with_mqa.{suffix}"
+            if key in mapped:
+                kv = mapped[key]
+                mapped[key] = torch.cat((kv[: module.kv_lora_rank], kv[module.kv_lora_rank :][perm]), dim=0)
+
+
 def load_hf_weights(model: nn.Module, directory: Path) -> int:
     """Fill `model` from a Hugging Face checkpoint (or a `compile --out` folder, already in
     moespec's names); returns the tensors loaded. Every model parameter and persistent
-    buffer must be given, with its shape."""
+    buffer must be given, with its shape. DeepSeek's interleaved RoPE rows are permuted to
+    moespec's layout (`permute_latent_rope`)."""
     tensors = read_safetensors(directory)
-    mapped = tensors if "tok_embeddings.weight" in tensors else to_moespec(tensors, model)
+    hf = "tok_embeddings.weight" not in tensors
+    mapped = to_moespec(tensors, model) if hf else tensors
     state = model.state_dict()
     if missing := sorted(set(state) - set(mapped)):
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -114,6 +161,8 @@ def load_hf_weights(model: nn.Module, directory: Path) -> int:
             raise ValueError(f"weights: {key} (from {directory}) has no place in this spec's model")
         if tuple(tensor.shape) != tuple(state[key].shape):
             raise ValueError(f"weights: {key} is {tuple(tensor.shape)} in {directory}, the spec's model has {tuple(state[key].shape)}")
+    if hf and interleaved_rope(directory):
+        permute_latent_rope(mapped, model)
     model.load_state_dict({k: v.to(state[k].dtype) for k, v in mapped.items()}, strict=True)
     return len(mapped)
 

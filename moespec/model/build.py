@@ -114,7 +114,7 @@ def _assemble(plan: SpecPlan) -> MoETransformer:
     return MoETransformer(
         tok_embeddings=nn.Embedding(m.vocab_size, m.d_model),
         pos_embeddings=nn.Embedding(m.seq_len, m.d_model) if m.positions == "learned" else None,
-        rope=RotaryEmbedding(head_dim=m.head_dim, theta=m.rope_theta) if m.positions == "rope" else None,
+        rope=RotaryEmbedding(head_dim=m.mla.qk_rope_head_dim if m.mla else m.head_dim, theta=m.rope_theta) if m.positions == "rope" else None,
         blocks=blocks,
         final_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.norm_bias),
         lm_head=None if m.tied_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=m.lm_head_bias),
@@ -125,19 +125,7 @@ def _assemble(plan: SpecPlan) -> MoETransformer:
 
 def _block(plan: SpecPlan, layer) -> DecoderBlock:
     m = plan.model
-    attention = CausalSelfAttention(
-        d_model=m.d_model,
-        n_heads=m.n_heads,
-        n_kv_heads=m.n_kv_heads,
-        head_dim=m.head_dim,
-        qkv_bias=m.qkv_bias,
-        out_bias=m.out_bias,
-        qk_norm=m.qk_norm,
-        norm=m.norm,
-        norm_eps=m.norm_eps,
-        norm_bias=m.norm_bias,
-        dropout=m.dropout,
-    )
+    attention = _attention(m)
     if layer.kind == "moe":
         from moespec.model.moe_layer import build_moe_layer  # the MoE layer imports routers, experts
 
@@ -163,6 +151,30 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
     )
 
 
+def _attention(m) -> nn.Module:
+    if m.mla is not None:
+        from moespec.model.latent_attention import LatentAttention
+
+        return LatentAttention(
+            d_model=m.d_model, n_heads=m.n_heads, q_lora_rank=m.mla.q_lora_rank, kv_lora_rank=m.mla.kv_lora_rank,
+            qk_nope_head_dim=m.mla.qk_nope_head_dim, qk_rope_head_dim=m.mla.qk_rope_head_dim, v_head_dim=m.mla.v_head_dim,
+            norm=m.norm, norm_eps=m.norm_eps, norm_bias=m.norm_bias, out_bias=m.out_bias, dropout=m.dropout,
+        )  # fmt: skip
+    return CausalSelfAttention(
+        d_model=m.d_model,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        head_dim=m.head_dim,
+        qkv_bias=m.qkv_bias,
+        out_bias=m.out_bias,
+        qk_norm=m.qk_norm,
+        norm=m.norm,
+        norm_eps=m.norm_eps,
+        norm_bias=m.norm_bias,
+        dropout=m.dropout,
+    )
+
+
 def residual_init_std(std: float, n_layers: int) -> float:
     """GPT-2's scaling for projections that write into the residual stream (o_proj, w_down):
     2 * n_layers of them add up, so each gets 1/sqrt(2 * n_layers) of the std."""
@@ -178,7 +190,9 @@ def _init_dense_weights(model: MoETransformer, *, std: float, n_layers: int) -> 
     dense_linears: list[tuple[nn.Linear, float]] = []
     for block in model.blocks:
         att = block.attention
-        dense_linears += [(att.q_proj, std), (att.k_proj, std), (att.v_proj, std), (att.o_proj, residual_std)]
+        inputs = ("q_proj", "k_proj", "v_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+        dense_linears += [(getattr(att, name), std) for name in inputs if getattr(att, name, None) is not None]
+        dense_linears.append((att.o_proj, residual_std))
         if block.ffn is not None:
             ffn = block.ffn
             dense_linears += [(lin, std) for lin in (ffn.w_gate, ffn.w_up) if lin is not None]

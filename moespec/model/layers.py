@@ -101,8 +101,9 @@ class AttentionCore(nn.Module):
         self.dropout = dropout
         self.enable_gqa = enable_gqa
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [B, H, S, Hd], k and v [B, G, S, Hd] -> [B, H, S, Hd]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """q [B, H, S, Hd], k and v [B, G, S, Hd] -> [B, H, S, Hd]; `scale`: of the scores
+        (default 1/sqrt(Hd); MLA passes its unpadded width)."""
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -110,6 +111,7 @@ class AttentionCore(nn.Module):
             is_causal=True,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.enable_gqa,
+            scale=scale,
         )
 
 
@@ -156,11 +158,11 @@ class CausalSelfAttention(nn.Module):
         B, S, _ = x.shape  # [B, S, D]
         q, k = self.q_proj(x), self.k_proj(x)  # [B, S, H*Hd], [B, S, G*Hd]
         if self.qk_norm == "full":
-            q, k = _norm_in_fp32(self.q_norm, q), _norm_in_fp32(self.k_norm, k)
+            q, k = norm_in_fp32(self.q_norm, q), norm_in_fp32(self.k_norm, k)
         q = q.view(B, S, self.n_heads, self.head_dim)  # [B, S, H, Hd]
         k = k.view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, G, Hd]
         if self.qk_norm == "per_head":
-            q, k = _norm_in_fp32(self.q_norm, q), _norm_in_fp32(self.k_norm, k)
+            q, k = norm_in_fp32(self.q_norm, q), norm_in_fp32(self.k_norm, k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Hd], [B, G, S, Hd]
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Hd]
         if rope is not None:
@@ -171,10 +173,10 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(y)  # [B, S, D]
 
 
-def _norm_in_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """QK-norm of a projection's output, in float32 as Hugging Face's models compute it: under
-    autocast the projection is bf16 while the norm's weight stays float32, and the mixed call
-    falls off the fused kernel (with a warning per step)."""
+def norm_in_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A norm of a projection's output (QK-norm, MLA's latents), in float32 as Hugging Face's
+    models compute it: under autocast the projection is bf16 while the norm's weight stays
+    float32, and the mixed call falls off the fused kernel (with a warning per step)."""
     return norm(x) if x.dtype == torch.float32 else norm(x.float()).to(x.dtype)
 
 

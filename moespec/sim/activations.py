@@ -53,6 +53,31 @@ ROUTER_SAVED = {
 _ROUTER_TABLE = np.array([ROUTER_SAVED[name] for name in ROUTER_NAMES], dtype=np.float64)  # rows by router code
 
 
+def _latent_attention(b: DesignBatch, t, td, c, half) -> np.ndarray:
+    """What MLA keeps per block (model/latent_attention.py): x for its two input Linears; each
+    latent norm its input, statistic and product, and the next Linear its output; q and k
+    (concatenated), v (padded to their width), SDPA's output and logsumexp, and o_proj's
+    input (a copy: SDPA's output keeps the [B, H, S] layout of the concatenated q)."""
+    if not b.mla.any():
+        return np.zeros(len(b))
+    heads, hd = b.n_heads.astype(np.float64), b.head_dim.astype(np.float64)
+    rq, rkv, rope, vd = (x.astype(np.float64) for x in (b.q_lora_rank, b.kv_lora_rank, b.qk_rope_dim, b.v_head_dim))
+
+    def latent_norm(width):  # in float32 (norm_in_fp32), then its output in the compute dtype for the next Linear
+        kept = np.where(b.layernorm, t * width * F32 + 2 * t * F32, 2 * t * width * F32 + t * F32)
+        return kept + t * width * c
+
+    inputs = np.where(half, 2 * td * 2, td * F32)
+    q_side = np.where(rq > 0, latent_norm(rq), 0.0)
+    kv_side = latent_norm(rkv) + np.where(half, 0.0, t * rope * F32)  # fp32: the norm's input is a view of kv_a's output
+    lse = b.micro_batch * b.n_heads * b.seq_len * F32
+    width = np.maximum(hd, vd)  # q, k and v padded to one width for the fused kernel
+    padded = np.where(vd < hd, t * heads * width, t * heads * (hd - rope + vd))  # v: its padded copy, or a view of kv_b's output
+    core = (2 * t * heads * width + padded + t * heads * width + t * heads * vd) * c
+    core = core + np.where(b.recompute == SELECTIVE, 0.0, lse)  # q, k, v, output (and o_proj's input when sliced), logsumexp
+    return inputs + q_side + kv_side + core
+
+
 def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np.ndarray]:
     """Bytes per design on one rank: `activations` (held at the end of one micro-step's
     forward: what autograd saved, and the logits the loop holds), `saved` (autograd's part
@@ -77,7 +102,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     qk_width = t * (hq + hkv)
     qk_rows = np.where(b.qk_norm == QK_PER_HEAD, t * (b.n_heads + b.n_kv_heads), 2 * t)
     qk = np.where(b.layernorm, qk_width * F32 + 2 * qk_rows * F32, 2 * qk_width * F32 + qk_rows * F32)
-    attention = 2 * norm + attn_inputs + core + np.where(b.qk_norm > 0, qk, 0.0)  # both norms of the block
+    attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(b.qk_norm > 0, qk, 0.0)  # both norms of the block
     inputs = np.where(b.gated, 2, 1)
     hidden = np.where(b.gated, 4, 2)
 
@@ -115,7 +140,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
         blocks = blocks + np.where(b.dropout > 0, (1 + 2 * b.n_layers) * td, 0.0)
 
     v = b.vocab.astype(np.float64)
-    rope = np.where(b.learned_positions, 0.0, 2 * b.seq_len * b.head_dim * F32)
+    rope = np.where(b.learned_positions, 0.0, 2 * b.seq_len * np.where(b.mla, b.qk_rope_dim, b.head_dim) * F32)
     head = norm + np.where(half, td * 2, td * F32) + t * v * F32 + 2 * t * I64 + rope
     logits = t * v * c  # alive in the training loop
     # autocast's bf16 copies of the matmuls' weights, kept for backward; an untied embedding

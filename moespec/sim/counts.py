@@ -11,7 +11,8 @@ Conventions they mirror (the compiled model's, see moespec/model and moespec/dis
 - a Linear of `i` inputs and `o` outputs on N rows: 2*N*i*o forward, 4*N*i*o backward (every
   matmul input requires grad: the embedding is trainable), 6*N*i*o per step;
 - attention scores and values: 4*B*H*S^2*hd forward, 8*B*H*S^2*hd backward (causal masking
-  does not discount them);
+  does not discount them); under MLA hd is the wider of the query/key and value widths, to
+  which the model pads them (model/latent_attention.py);
 - experts with capacity run on the fixed [E, C, D] buffer (E*C rows, padding included);
   dropless experts on the T*k routed rows;
 - recompute "selective" replays each attention core's forward (+4*B*H*S^2*hd per block),
@@ -80,6 +81,29 @@ def _exact_div(a, b):
     return a // b if np.issubdtype(np.asarray(a).dtype, np.integer) else a / b
 
 
+def attention_linears(b: DesignBatch, dtype=np.int64) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(inputs, outputs, present) of each Linear of one block's attention, as arrays over
+    designs: q, k, v, o, or under MLA q (or q_a and q_b), kv_a, kv_b, o. `present` masks the
+    ones a design lacks (MLA's bottleneck without q_lora_rank; the other kind's)."""
+    c = lambda x: np.asarray(x).astype(dtype)  # noqa: E731
+    d, heads, hd = c(b.d_model), c(b.n_heads), c(b.head_dim)
+    q_width, kv_width = heads * hd, c(b.n_kv_heads) * hd
+    mla, rq, rkv, rope, vd = b.mla, c(b.q_lora_rank), c(b.kv_lora_rank), c(b.qk_rope_dim), c(b.v_head_dim)
+    std, bottleneck = ~mla, mla & (b.q_lora_rank > 0)
+    linears = [(d, q_width, ~bottleneck), (heads * vd, d, np.ones(len(b), dtype=bool))]  # q_proj (both kinds), o_proj
+    if std.any():
+        linears += [(d, kv_width, std), (d, kv_width, std)]  # k_proj, v_proj
+    if mla.any():  # q_a_proj, q_b_proj; kv_a_proj_with_mqa, kv_b_proj
+        linears += [(d, rq, bottleneck), (rq, q_width, bottleneck), (d, rkv + rope, mla), (rkv, heads * (hd - rope + vd), mla)]
+    return linears
+
+
+def attention_matmul_elements(b: DesignBatch, dtype=np.int64) -> np.ndarray:
+    """Sum of inputs x outputs over one block's attention Linears (its weights, and its
+    matmul FLOPs per row / 2)."""
+    return sum(np.where(present, i * o, 0) for i, o, present in attention_linears(b, dtype))
+
+
 def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     """Every exact figure for every design, (N,) arrays in `dtype`. Table groups need no
     masks: their placeholders zero every term of the other kind of block (design.py)."""
@@ -104,8 +128,9 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
 
     # Parameters (the built module's, REFERENCE sec. 4): blocks' attention and norms, dense
     # FFNs (per design in a uniform batch, groups otherwise), routers, shared and routed experts.
-    attention = d * (q_width + 2 * kv_width) + q_width * d + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) \
-        + np.where(b.out_bias, d, 0) + qk_norm  # fmt: skip
+    latent_norms = per_norm * np.where(b.mla, c(b.kv_lora_rank) + c(b.q_lora_rank), 0)  # MLA's q_a and kv_a norms
+    attn_matmul = attention_matmul_elements(b, dtype)
+    attention = attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) + np.where(b.out_bias, d, 0) + qk_norm + latent_norms
     dense_ffn_n = matrices_n * d * c(b.d_ff)  # one dense block's FFN (uniform batches)
     one_expert = matrices * dl * f
     dense_ffn = matrices * dl * c(layers.d_ff)
@@ -123,12 +148,12 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     batch = c(b.micro_batch)
     t = batch * s
     tl = lift(t)
-    core = 12 * batch * heads * s**2 * hd  # attention scores and values, fwd + bwd
+    core = 12 * batch * heads * s**2 * np.maximum(hd, c(b.v_head_dim))  # scores and values, fwd + bwd (MLA: padded to one width)
     rows_int = expert_rows(b, layers)
     expert_flops = 6 * c(rows_int) * one_expert
     dropless = layers.dropless
     parts = {
-        "attention": n_layers * (6 * t * d * (2 * q_width + 2 * kv_width) + core),
+        "attention": n_layers * (6 * t * attn_matmul + core),
         "dense_ffn": n_dense * 6 * t * dense_ffn_n + total(6 * tl * dense_ffn),
         "router": total(6 * tl * dl * e * c(layers.router_matrices)),
         "experts_capacity": total(np.where(dropless, 0, expert_flops)),
@@ -167,9 +192,10 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     zero_reduce_scatters = np.where(fsdp, units * micro, 0)
 
     # Model FLOPs per token, for MFU: 6 per active matmul parameter (the embedding lookup is no
-    # matmul; a tied table still does the LM head's) plus attention, 12 * L * H * hd * S.
+    # matmul; a tied table still does the LM head's) plus attention, 6 * L * H * (hd + v) * S
+    # (the useful widths: MLA's value padding is not model work).
     active_matmul = params_active - embedding + np.where(b.tied, embedding, 0)
-    model_flops_per_token = 6 * active_matmul + 12 * n_layers * heads * hd * s
+    model_flops_per_token = 6 * active_matmul + 6 * n_layers * heads * (hd + c(b.v_head_dim)) * s
     return {
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
@@ -196,7 +222,9 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
     bias = np.where(b.qkv_bias, _chunk(q_width, 1, ranks) + 2 * _chunk(kv_width, 1, ranks), 0) + np.where(b.out_bias, _chunk(d, 1, ranks), 0)
     qk_norm = per_norm * np.where(b.qk_norm == QK_FULL, _chunk(q_width, 1, ranks) + _chunk(kv_width, 1, ranks),
                                   np.where(b.qk_norm == QK_PER_HEAD, 2 * _chunk(b.head_dim, 1, ranks), 0))  # fmt: skip
-    block = 2 * norm + _chunk(q_width, d, ranks) + 2 * _chunk(kv_width, d, ranks) + _chunk(d, q_width, ranks) + bias + qk_norm
+    weights = sum(np.where(present, _chunk(o, i, ranks), 0) for i, o, present in attention_linears(b))  # [out, in] Linears
+    latent_norms = per_norm * np.where(b.mla, _chunk(b.kv_lora_rank, 1, ranks) + np.where(b.q_lora_rank > 0, _chunk(b.q_lora_rank, 1, ranks), 0), 0)
+    block = 2 * norm + weights + bias + qk_norm + latent_norms
     dense_ffn = inputs * _chunk(b.d_ff, d, ranks) + _chunk(d, b.d_ff, ranks)
     outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0) + np.where(b.tied, 0, _chunk(v, d, ranks)) \
         + np.where(b.lm_head_bias, _chunk(v, 1, ranks), 0)  # fmt: skip

@@ -32,7 +32,7 @@ RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
 QK_NORMS = ("none", "full", "per_head")  # DesignBatch.qk_norm codes
 ROUTER_NAMES = tuple(ROUTER_TYPES)  # DesignBatch.router / LayerTable.router codes
 
-_BOOL_FIELDS = ("gated", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias",
+_BOOL_FIELDS = ("gated", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla",
                 "shared_gate", "router_bias",
                 "dropless", "balanced", "shuffle", "moe")  # fmt: skip
 _FLOAT_FIELDS = ("capacity_factor", "dropout")
@@ -119,6 +119,11 @@ class DesignBatch:
     qk_norm: np.ndarray  # index into QK_NORMS
     norm_bias: np.ndarray  # LayerNorm with a bias (False for RMSNorm)
     lm_head_bias: np.ndarray
+    mla: np.ndarray  # Multi-head Latent Attention: the four widths below apply
+    q_lora_rank: np.ndarray  # 0: one q_proj (or standard attention)
+    kv_lora_rank: np.ndarray
+    qk_rope_dim: np.ndarray  # rotary channels per head (MLA; 0 otherwise)
+    v_head_dim: np.ndarray  # value width per head (head_dim for standard attention)
     seq_len: np.ndarray
     dropout: np.ndarray  # residual, embedding and attention-probability dropout
     n_moe_layers: np.ndarray  # MoE blocks; the other n_layers - n_moe_layers are dense
@@ -286,7 +291,9 @@ def _row(plan: SpecPlan) -> dict:
         "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "gated": m.activation in ("swiglu", "geglu"),
         "layernorm": m.norm == "layernorm", "learned_positions": m.positions == "learned", "tied": m.tied_embeddings,
         "qkv_bias": m.qkv_bias, "out_bias": m.out_bias, "qk_norm": QK_NORMS.index(m.qk_norm),
-        "norm_bias": m.norm == "layernorm" and m.norm_bias, "lm_head_bias": m.lm_head_bias, "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
+        "norm_bias": m.norm == "layernorm" and m.norm_bias, "lm_head_bias": m.lm_head_bias, "mla": m.mla is not None,
+        "q_lora_rank": (m.mla.q_lora_rank or 0) if m.mla else 0, "kv_lora_rank": m.mla.kv_lora_rank if m.mla else 0,
+        "qk_rope_dim": m.mla.qk_rope_head_dim if m.mla else 0, "v_head_dim": m.mla.v_head_dim if m.mla else m.head_dim, "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
     }  # fmt: skip

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, SELECTIVE, compute_bytes, expert_rows
+from moespec.sim.counts import FULL, SELECTIVE, attention_linears, compute_bytes, expert_rows
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.opdb import OpDatabase
 
@@ -40,6 +40,10 @@ QK_NORM_OPS = 50  # per block, q and k RMSNorms (LayerNorm: QK_NORM_OPS_LAYERNOR
 QK_NORM_OPS_LAYERNORM = 2
 QK_NORM_AUTOCAST_OPS = 8
 NORM_BIAS_OPS = 1  # per LayerNorm with its bias
+MLA_OPS = 40  # per block, latent attention over standard attention (its norm, splits, the shared rotary key)
+MLA_Q_LORA_OPS = 35  # per block, the query bottleneck (q_a, its norm, q_b)
+MLA_PAD_OPS = 3  # per block, values padded to the query width and the output sliced back
+MLA_Q_LORA_AUTOCAST_OPS = 21  # per block under autocast, the bottleneck's casts (without it MLA casts as many as q, k, v, o)
 AUTOCAST_OPS = 37  # per block under bf16/fp16 autocast: the casts
 DROPOUT_OPS = 57  # per block: three dropouts and attention's unfused path
 MOE_BLOCK_OPS = 287  # a capacity top-k MoE block (router, dispatch, bank, combine, losses)
@@ -63,7 +67,9 @@ def param_tensors(b: DesignBatch) -> np.ndarray:
     layers = b.table
     norm = np.where(b.norm_bias, 2, 1)
     matrices = np.where(b.gated, 3, 2)
-    block = 4 + np.where(b.qkv_bias, 3, 0) + b.out_bias + 2 * norm + np.where(b.qk_norm > 0, 2 * norm, 0)
+    # attention Linears: q, k, v, o; MLA: q (or q_a, its norm, q_b), kv_a, its norm, kv_b, o
+    attention = np.where(b.mla, 3 + norm + np.where(b.q_lora_rank > 0, 2 + norm, 1), 4)
+    block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + 2 * norm + np.where(b.qk_norm > 0, 2 * norm, 0)
     moe = layers.lift(matrices) * (1 + (layers.shared_count > 0)) + layers.router_matrices + layers.router_bias \
         + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
     groups = np.where(layers.moe, moe, layers.lift(matrices))
@@ -99,7 +105,9 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     block = (DENSE_BLOCK_OPS + np.where(b.layernorm, 2 * NORM_OPS_LAYERNORM, 0) + np.where(b.learned_positions, 0, ROPE_OPS) - ROPE_OPS
              + np.where(b.qkv_bias, QKV_BIAS_OPS, 0) + np.where(autocast, AUTOCAST_OPS, 0) + np.where(b.dropout > 0, DROPOUT_OPS, 0)
              + np.where(b.out_bias, BIAS_OPS, 0) + np.where(b.layernorm & ~b.norm_bias, -2 * NORM_BIAS_OPS, 0)
-             + np.where(b.qk_norm > 0, np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0))  # fmt: skip
+             + np.where(b.qk_norm > 0, np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0)
+             + np.where(b.mla, MLA_OPS + np.where(b.q_lora_rank > 0, MLA_Q_LORA_OPS + np.where(autocast, MLA_Q_LORA_AUTOCAST_OPS, 0), 0)
+                        + np.where(b.v_head_dim != b.head_dim, MLA_PAD_OPS, 0), 0))  # fmt: skip
     dense_extra = np.where(b.gated, 0, UNGATED_FFN_OPS)
     router = np.array([ROUTER_OPS[name] for name in ROUTER_NAMES])[layers.router]
     local = layers.experts // lift(b.ep)
@@ -144,14 +152,13 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     dtype = b.precision
     t = (b.micro_batch * b.seq_len).astype(np.float64)
     d, hd = b.d_model, b.head_dim
-    q, kv = b.n_heads * hd, b.n_kv_heads * hd
     matrices = np.where(b.gated, 3, 2) - 1  # input-side projections of an FFN
 
     def ffn(code, m, d_model, width, inputs):  # an FFN of `width` on m rows: `inputs` input-side Linears and the down one
         return inputs * db.linear_s(code, m, d_model, width) + db.linear_s(code, m, width, d_model)
 
-    attention = db.linear_s(dtype, t, d, q) * 2 + db.linear_s(dtype, t, d, kv) * 2  # q, o (o is q-sized), k, v
-    core = db.attention_s(dtype, b.micro_batch * b.n_heads, b.seq_len, hd)
+    attention = sum(np.where(present, db.linear_s(dtype, t, np.maximum(i, 1), np.maximum(o, 1)), 0.0) for i, o, present in attention_linears(b))
+    core = db.attention_s(dtype, b.micro_batch * b.n_heads, b.seq_len, np.maximum(hd, b.v_head_dim))  # MLA: padded to one width
     dense = ffn(dtype, t, d, b.d_ff, matrices)
     tl, dl, code, inputs = lift(t), lift(d), lift(dtype), lift(matrices)
     router = db.linear_s(np.full(len(layers.count), FP32), tl, dl, layers.experts * layers.router_matrices)

@@ -42,6 +42,10 @@ def _model_dict(plan: SpecPlan) -> dict:
     model = dataclasses.asdict(plan.model)
     if plan.model.norm != "layernorm":  # RMSNorm has no bias: the key is refused there
         del model["norm_bias"]
+    if plan.model.mla is not None:  # latent attention sets these itself; the keys are refused beside it
+        del model["head_dim"], model["n_kv_heads"]
+    else:
+        del model["mla"]
     return model
 
 

@@ -25,6 +25,19 @@ DropPolicy = Literal["position", "probability"]
 
 
 @dataclass(frozen=True)
+class MLAPlan:
+    """Multi-head Latent Attention (DeepSeek-V2/V3): q = q_b(norm(q_a(x))) (or q_proj(x) when
+    q_lora_rank is None), [c, k_rope] = kv_a(x), [k_nope, v] = kv_b(norm(c)); each head's key is
+    [k_nope, k_rope] with k_rope shared by the heads."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
 class ModelPlan:
     vocab_size: int
     d_model: int
@@ -47,6 +60,7 @@ class ModelPlan:
     qk_norm: QKNorm = "none"  # full: over H*Hd (OLMoE); per_head: over Hd, shared by heads (Qwen3)
     norm_bias: bool = True  # LayerNorm's bias (false: DBRX); resolved False for rmsnorm, which has none
     lm_head_bias: bool = False  # bias on the LM head (Phi-3.5-MoE)
+    mla: MLAPlan | None = None  # latent attention; then head_dim = qk_nope + qk_rope, n_kv_heads = n_heads
 
 
 # --- routers: a tagged union, one frozen dataclass per `router.type` -----------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from moespec.spec.errors import PathT, SpecError, SpecErrors
 from moespec.spec import rules
 from moespec.spec.plan import (
+    MLAPlan,
     ROUTER_TYPES,
     CapacityPlan,
     ExpertsPlan,
@@ -73,12 +74,15 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
     n_kv_heads = m["n_kv_heads"] or n_heads
     if n_heads % n_kv_heads:
         errors.add(("model", "n_kv_heads"), f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads}) for grouped-query attention; pick a divisor of {n_heads}")
-    head_dim = m["head_dim"]
-    if head_dim is None:
+    head_dim, mla = m["head_dim"], None
+    if m["mla"] is not None:  # latent attention sets the head widths itself
+        mla = _mla(m, n_heads, errors)
+        n_kv_heads, head_dim = n_heads, mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    elif head_dim is None:
         if d_model % n_heads:
             errors.add(("model", "n_heads"), f"n_heads ({n_heads}) does not divide d_model ({d_model}); pick n_heads dividing d_model or set model.head_dim")
         head_dim = max(d_model // n_heads, 1)
-    if m["positions"] == "rope" and head_dim % 2:
+    if mla is None and m["positions"] == "rope" and head_dim % 2:
         where = ("model", "head_dim") if m["head_dim"] is not None else ("model", "n_heads")
         errors.add(where, f"RoPE rotates pairs of channels, so head_dim ({head_dim}) must be even; change head_dim or use positions: learned")
     if m["norm_bias"] is not None and m["norm"] == "rmsnorm":
@@ -105,7 +109,28 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
         qk_norm=m["qk_norm"],
         norm_bias=m["norm"] == "layernorm" and m["norm_bias"] is not False,
         lm_head_bias=m["lm_head_bias"],
+        mla=mla,
     )
+
+
+def _mla(m: dict, n_heads: int, errors: _Errors) -> MLAPlan:
+    """The latent-attention block, and the model keys it replaces refused by name."""
+    raw = m["mla"]
+    mla = MLAPlan(q_lora_rank=raw.get("q_lora_rank"), kv_lora_rank=raw["kv_lora_rank"], qk_nope_head_dim=raw["qk_nope_head_dim"],
+                  qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"])  # fmt: skip
+    clashes = {
+        "head_dim": (m["head_dim"] is not None, "is qk_nope_head_dim + qk_rope_head_dim under mla; remove it"),
+        "n_kv_heads": (m["n_kv_heads"] not in (None, n_heads), "must equal n_heads under mla (every head reads the one latent); remove it"),
+        "qkv_bias": (m["qkv_bias"], "has no q/k/v projections to sit on under mla; remove it"),
+        "qk_norm": (m["qk_norm"] != "none", "is not defined for latent attention (its latents have their own norms); remove it"),
+        "positions": (m["positions"] != "rope", "must be rope under mla (its keys carry a rotary part)"),
+    }  # fmt: skip
+    for key, (bad, why) in clashes.items():
+        if bad:
+            errors.add(("model", key), f"{key} {why}")
+    if mla.qk_rope_head_dim % 2:
+        errors.add(("model", "mla", "qk_rope_head_dim"), f"RoPE rotates pairs of channels, so qk_rope_head_dim ({mla.qk_rope_head_dim}) must be even")
+    return mla
 
 
 def _parallel(raw: dict, model: ModelPlan, errors: _Errors) -> ParallelPlan:
