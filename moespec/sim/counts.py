@@ -71,8 +71,10 @@ def capacity_rows(b: DesignBatch, layers: LayerTable) -> np.ndarray:
 
 
 def _chunk(rows, width, ranks):
-    """Elements of the largest Shard(0) share of a [rows, width] parameter over `ranks`."""
-    return (rows + ranks - 1) // ranks * width
+    """Elements of the largest Shard(0) share of a [rows, width] parameter over `ranks`, in
+    float64: ceil of a float quotient of integers below 2**52 is exact (a quotient that is
+    not an integer is at least 1/ranks away from one), and ~10x faster than integer //."""
+    return np.ceil(rows / ranks) * width
 
 
 def _exact_div(a, b):
@@ -210,10 +212,10 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
     parameters by rows over dp, ceil(dim0 / W) rows each (FSDP2's Shard(0)); expert banks
     ([E/ep, D, F]) over dp/ep, by expert, or by their second dim when a rank holds fewer
     experts than there are replicas. Tensor and pipeline parallel are not applied here.
-    int64: a share is never larger than the model."""
+    float64, exact: a share is never larger than the model (below 2**53)."""
     n, layers = len(b), b.table
     lift = layers.lift
-    ranks, expert_ranks = b.dp, b.dp // b.ep
+    ranks, expert_ranks = b.dp.astype(np.float64), (b.dp // b.ep).astype(np.float64)
     d, v, s = b.d_model, b.vocab, b.seq_len
     inputs = np.where(b.gated, 2, 1)  # input projections of an FFN: w_gate and w_up, or w_up alone
     q_width, kv_width = b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim
@@ -250,7 +252,7 @@ def state_bytes(b: DesignBatch, counts: dict) -> dict[str, np.ndarray]:
     shard = b.tp * b.pp
     dense = (counts["params_total"] - counts["expert_params"]) / shard
     expert = counts["expert_params"] / b.ep / shard  # E is a multiple of ep: exact
-    full, sharded = dense + expert, sharded_elements(b).astype(np.float64) / shard
+    full, sharded = dense + expert, sharded_elements(b) / shard
     return {
         "params": 4 * np.where(b.zero_stage >= 2, sharded, full),
         "grads": 4 * np.where(b.zero_stage >= 2, sharded, full),
