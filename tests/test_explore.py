@@ -174,6 +174,17 @@ def test_chunk_size_changes_nothing(tmp_path):
     assert one.infeasible_by_reason == many.infeasible_by_reason
 
 
+def test_thread_count_changes_nothing(tmp_path):
+    """Chunks evaluated on 3 threads (more in flight than threads) fold to the serial result."""
+    sweep = make_sweep(tmp_path, MIXED_AXES)
+    one = explore(sweep, chunk_size=5, sample_size=20, top=4, threads=1)
+    many = explore(sweep, chunk_size=5, sample_size=20, top=4, threads=3)
+    assert one.front.ids.tolist() == many.front.ids.tolist() and one.top.ids.tolist() == many.top.ids.tolist()
+    assert one.sample.ids.tolist() == many.sample.ids.tolist()
+    assert one.infeasible_by_reason == many.infeasible_by_reason and one.feasible == many.feasible
+    np.testing.assert_array_equal(one.front.figures["step_s"], many.front.figures["step_s"])
+
+
 def test_emitted_specs_validate_compile_and_cost_what_the_explorer_said(tmp_path):
     import torch
 

@@ -9,12 +9,18 @@ small running summaries, then dropped:
   does not depend on the chunk size;
 - the best `top` designs by one objective (ties: lower design id first).
 Every infeasible design is counted under the first reason it fails, in a fixed order: spec
-rules (space.py), then world size, then memory, then the sweep's bounds.
+rules (space.py), then world size, then memory, then the sweep's bounds. Chunks are built and
+evaluated on several threads (`ordered_map`) and folded in order, so the result is the
+same whatever the thread count.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,9 +80,12 @@ class ExploreResult:
 
 
 def explore(sweep: Sweep, *, chunk_size: int = DEFAULT_CHUNK, sample_size: int = 1000, top: int = 0,
-            rank_by: str | None = None, seed: int = 0,
+            rank_by: str | None = None, seed: int = 0, threads: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> ExploreResult:  # fmt: skip
-    """Evaluate every design of `sweep`; `progress(done, total)` is called after each chunk."""
+    """Evaluate every design of `sweep`; `progress(done, total)` is called after each chunk.
+    `threads`: chunks evaluated at once (default: the CPUs this process may use); the result
+    does not depend on it, chunks are folded in order."""
+    threads = threads or default_threads()
     start = time.perf_counter()
     space = DesignSpace(sweep)
     collectives = CollectiveCosts(sweep.backend)
@@ -87,10 +96,12 @@ def explore(sweep: Sweep, *, chunk_size: int = DEFAULT_CHUNK, sample_size: int =
     sample_ids, sample_keys = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint64)
     top_ids, top_costs = np.empty(0, dtype=np.int64), np.empty(0)
     counts: dict[int, int] = {}
-    for lo in range(0, space.size, chunk_size):
+
+    def build_and_assess(lo: int):
         ids = np.arange(lo, min(lo + chunk_size, space.size), dtype=np.int64)
-        chunk = space.chunk(ids)
-        figures, reason = assess(space, chunk, collectives)
+        return (ids, *assess(space, space.chunk(ids), collectives))
+
+    for ids, figures, reason in ordered_map(build_and_assess, range(0, space.size, chunk_size), workers=threads):
         for code, count in zip(*np.unique(reason, return_counts=True)):
             counts[int(code)] = counts.get(int(code), 0) + int(count)
         ok = reason == FEASIBLE
@@ -113,6 +124,28 @@ def explore(sweep: Sweep, *, chunk_size: int = DEFAULT_CHUNK, sample_size: int =
         top=table(space, top_ids, collectives) if ranked is not None else None, rank_by=ranked,
         quality_proxy=describe(sweep.quality_proxy, sweep.clark2022_fit), elapsed_s=time.perf_counter() - start,
     )  # fmt: skip
+
+
+def default_threads() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+
+
+def ordered_map(fn, items, *, workers: int):
+    """fn over items on `workers` threads, results yielded in order, at most 2 * workers in
+    flight (memory stays bounded on a huge space). numpy releases the GIL in its array
+    operations, which are nearly all of a chunk's evaluation: on 2 cores the explorer's
+    throughput rises ~1.5x (bench/sim_speed.py prints both)."""
+    items = iter(items)
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque(pool.submit(fn, item) for item in itertools.islice(items, 2 * workers))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(items, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
 
 
 def assess(space: DesignSpace, chunk: Chunk, collectives: CollectiveCosts) -> tuple[dict, np.ndarray]:

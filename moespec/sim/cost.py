@@ -347,5 +347,7 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     mfu = counts["model_flops_per_token"] * tokens_per_s / (world * peak)
     times = dict(zip(_TIMES, (compute_s, elementwise_s, overhead_s, a2a_s, tp_comm_s, pp_comm_s, allreduce_s, exposed_s,
                               zero_s, bubble_s, optimizer_s, step_s, tokens_per_s, mfu)))  # fmt: skip
+    if valid.all():  # the common case: no NaN to spread
+        return {"valid": valid} | times
     nan_if_invalid = np.where(valid, 1.0, np.nan)
     return {"valid": valid} | {name: value * nan_if_invalid for name, value in times.items()}
