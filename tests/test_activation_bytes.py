@@ -81,8 +81,9 @@ def test_switch_jitter_is_the_one_known_gap():
     lambda s: s["model"].update(qk_norm="per_head", n_kv_heads=2, head_dim=24),  # Qwen3's
     lambda s: (s["model"].update(qk_norm="per_head"), s["parallelism"].update(precision="bf16")),  # norms in fp32 under autocast
     lambda s: s["model"].update(norm="layernorm", norm_bias=False, qk_norm="full"),  # DBRX's LayerNorm
+    lambda s: s["model"].update(rope_fraction=0.5),  # GLM's partial RoPE
 ], ids=["bf16", "layernorm-learned-gelu", "gqa", "shared-expert", "qk-full-biases", "qk-per-head-gqa", "qk-per-head-bf16",
-        "layernorm-no-bias"])  # fmt: skip
+        "layernorm-no-bias", "partial-rope"])  # fmt: skip
 def test_model_variants(tmp_path, edit):
     plan = variant(tmp_path, "tiny-topk", edit)
     assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.01)

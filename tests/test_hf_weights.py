@@ -34,6 +34,9 @@ FAMILIES = {
                         routed_scaling_factor=2.5, num_key_value_heads=4),
     "deepseek_v2": dict(num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1,
                         q_lora_rank=None, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=12),
+    # GLM-4.5: RoPE on half of each head, q/k/v biases, DeepSeek-style routing
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                     head_dim=16, partial_rotary_factor=0.5, attention_bias=True, n_group=2, topk_group=1, routed_scaling_factor=2.5),
     # muP multipliers at 1 (moespec lists them, does not apply them); attention_multiplier = 1/sqrt(head_dim)
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=1.0, logits_scaling=1.0,
                        residual_multiplier=1.0, attention_multiplier=0.25),
@@ -53,7 +56,7 @@ def tiny_hf_model(family: str, folder: Path):
         for p in model.parameters():
             p.normal_(0.0, 0.1)
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # dots1's selection bias: a checkpoint value, not zero
+            if name.endswith("e_score_correction_bias"):  # the selection bias: a checkpoint value, not zero
                 buffer.normal_(0.0, 0.1)
     model.save_pretrained(folder)
     return model

@@ -65,6 +65,7 @@ def _variants():
     yield "gqa-qkv-bias", dataclasses.replace(base, model=dataclasses.replace(m, n_kv_heads=2, qkv_bias=True))
     yield "learned-tied-gelu", dataclasses.replace(base, model=dataclasses.replace(m, positions="learned", tied_embeddings=True, activation="gelu"))
     yield "head-dim-apart", dataclasses.replace(base, model=dataclasses.replace(m, head_dim=24, norm="layernorm"))
+    yield "partial-rope", dataclasses.replace(base, model=dataclasses.replace(m, rope_fraction=0.5))
     yield "qk-norm-full-biases", dataclasses.replace(base, model=dataclasses.replace(m, qk_norm="full", out_bias=True, lm_head_bias=True))
     yield "qk-norm-per-head-gqa", dataclasses.replace(base, model=dataclasses.replace(m, qk_norm="per_head", n_kv_heads=2, head_dim=24))
     yield "layernorm-no-bias-qk", dataclasses.replace(base, model=dataclasses.replace(m, norm="layernorm", norm_bias=False, qk_norm="full"))

@@ -343,10 +343,9 @@ def _deepseek_v2(r, seq):
 
 def _glm4_moe(r, seq):
     bias = bool(r.take("attention_bias", False))
-    factor = r.take("partial_rotary_factor", 1.0)
-    if factor not in (None, 1, 1.0):
-        r.notes.append(f"partial_rotary_factor: {factor}: RoPE rotates part of each head in GLM; moespec rotates all of it (no parameter)")
-    return _deepseek_style(r, seq, qk_norm="per_head" if r.take("use_qk_norm", False) else "none", bias=bias, out_bias=False)
+    factor = r.take("partial_rotary_factor") or (r.config.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0
+    extra = {"rope_fraction": float(factor)} if float(factor) != 1.0 else {}
+    return _deepseek_style(r, seq, qk_norm="per_head" if r.take("use_qk_norm", False) else "none", bias=bias, out_bias=False, **extra)
 
 
 def _dots1(r, seq):

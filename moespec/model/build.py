@@ -114,7 +114,7 @@ def _assemble(plan: SpecPlan) -> MoETransformer:
     return MoETransformer(
         tok_embeddings=nn.Embedding(m.vocab_size, m.d_model),
         pos_embeddings=nn.Embedding(m.seq_len, m.d_model) if m.positions == "learned" else None,
-        rope=RotaryEmbedding(head_dim=m.mla.qk_rope_head_dim if m.mla else m.head_dim, theta=m.rope_theta) if m.positions == "rope" else None,
+        rope=RotaryEmbedding(head_dim=m.rope_dim, theta=m.rope_theta) if m.positions == "rope" else None,
         blocks=blocks,
         final_norm=make_norm(m.norm, m.d_model, eps=m.norm_eps, bias=m.norm_bias),
         lm_head=None if m.tied_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=m.lm_head_bias),

@@ -84,6 +84,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` on the first cos.shape[-1] channels of x [..., Hd]; the rest pass through."""
+    rotated = cos.shape[-1]
+    if rotated == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat((apply_rope(x[..., :rotated], cos, sin), x[..., rotated:]), dim=-1)
+
+
 # --- attention ------------------------------------------------------------------------------
 
 
@@ -166,8 +174,8 @@ class CausalSelfAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Hd], [B, G, S, Hd]
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Hd]
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cos, sin = rope  # [S, R]: R < Hd rotates the first R channels only (partial RoPE, GLM)
+            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         y = self.core(q, k, v)  # [B, H, S, Hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*Hd]
         return self.o_proj(y)  # [B, S, D]

@@ -97,6 +97,9 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     attn_inputs = np.where(half, 3 * td * 2, td * F32)
     core = (2 * t * hq + 2 * t * hkv) * c + b.micro_batch * b.n_heads * b.seq_len * F32
     core = np.where(b.recompute == SELECTIVE, core - b.micro_batch * b.n_heads * b.seq_len * F32, core)
+    # Partial RoPE concatenates q and k in [B, H, S] order, so SDPA's output comes out in that
+    # layout too and o_proj's input is a copy of it (full RoPE keeps q's [B, S, H] layout).
+    core = core + np.where((b.rope_dim > 0) & (b.rope_dim < b.head_dim), t * hq * c, 0.0)
     # QK-norm (in float32): each of q and k keeps its input and, RMSNorm, the normalised
     # product, with one statistic per row (per token, or per token and head).
     qk_width = t * (hq + hkv)
@@ -140,7 +143,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
         blocks = blocks + np.where(b.dropout > 0, (1 + 2 * b.n_layers) * td, 0.0)
 
     v = b.vocab.astype(np.float64)
-    rope = np.where(b.learned_positions, 0.0, 2 * b.seq_len * np.where(b.mla, b.qk_rope_dim, b.head_dim) * F32)
+    rope = 2 * b.seq_len * b.rope_dim * F32  # the cos and sin tables
     head = norm + np.where(half, td * 2, td * F32) + t * v * F32 + 2 * t * I64 + rope
     logits = t * v * c  # alive in the training loop
     # autocast's bf16 copies of the matmuls' weights, kept for backward; an untied embedding

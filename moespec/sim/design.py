@@ -124,6 +124,7 @@ class DesignBatch:
     kv_lora_rank: np.ndarray
     qk_rope_dim: np.ndarray  # rotary channels per head (MLA; 0 otherwise)
     v_head_dim: np.ndarray  # value width per head (head_dim for standard attention)
+    rope_dim: np.ndarray  # channels per head RoPE rotates (0 with learned positions)
     seq_len: np.ndarray
     dropout: np.ndarray  # residual, embedding and attention-probability dropout
     n_moe_layers: np.ndarray  # MoE blocks; the other n_layers - n_moe_layers are dense
@@ -293,7 +294,8 @@ def _row(plan: SpecPlan) -> dict:
         "qkv_bias": m.qkv_bias, "out_bias": m.out_bias, "qk_norm": QK_NORMS.index(m.qk_norm),
         "norm_bias": m.norm == "layernorm" and m.norm_bias, "lm_head_bias": m.lm_head_bias, "mla": m.mla is not None,
         "q_lora_rank": (m.mla.q_lora_rank or 0) if m.mla else 0, "kv_lora_rank": m.mla.kv_lora_rank if m.mla else 0,
-        "qk_rope_dim": m.mla.qk_rope_head_dim if m.mla else 0, "v_head_dim": m.mla.v_head_dim if m.mla else m.head_dim, "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
+        "qk_rope_dim": m.mla.qk_rope_head_dim if m.mla else 0, "v_head_dim": m.mla.v_head_dim if m.mla else m.head_dim,
+        "rope_dim": m.rope_dim if m.positions == "rope" else 0, "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
     }  # fmt: skip

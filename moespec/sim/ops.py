@@ -40,6 +40,7 @@ QK_NORM_OPS = 50  # per block, q and k RMSNorms (LayerNorm: QK_NORM_OPS_LAYERNOR
 QK_NORM_OPS_LAYERNORM = 2
 QK_NORM_AUTOCAST_OPS = 8
 NORM_BIAS_OPS = 1  # per LayerNorm with its bias
+PARTIAL_ROPE_OPS = 17  # per block, RoPE on part of each head: slices and a concatenation for q and k
 MLA_OPS = 40  # per block, latent attention over standard attention (its norm, splits, the shared rotary key)
 MLA_Q_LORA_OPS = 35  # per block, the query bottleneck (q_a, its norm, q_b)
 MLA_PAD_OPS = 3  # per block, values padded to the query width and the output sliced back
@@ -104,7 +105,7 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     autocast = b.precision != FP32
     block = (DENSE_BLOCK_OPS + np.where(b.layernorm, 2 * NORM_OPS_LAYERNORM, 0) + np.where(b.learned_positions, 0, ROPE_OPS) - ROPE_OPS
              + np.where(b.qkv_bias, QKV_BIAS_OPS, 0) + np.where(autocast, AUTOCAST_OPS, 0) + np.where(b.dropout > 0, DROPOUT_OPS, 0)
-             + np.where(b.out_bias, BIAS_OPS, 0) + np.where(b.layernorm & ~b.norm_bias, -2 * NORM_BIAS_OPS, 0)
+             + np.where(b.out_bias, BIAS_OPS, 0) + np.where(~b.mla & (b.rope_dim > 0) & (b.rope_dim < b.head_dim), PARTIAL_ROPE_OPS, 0) + np.where(b.layernorm & ~b.norm_bias, -2 * NORM_BIAS_OPS, 0)
              + np.where(b.qk_norm > 0, np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0)
              + np.where(b.mla, MLA_OPS + np.where(b.q_lora_rank > 0, MLA_Q_LORA_OPS + np.where(autocast, MLA_Q_LORA_AUTOCAST_OPS, 0), 0)
                         + np.where(b.v_head_dim != b.head_dim, MLA_PAD_OPS, 0), 0))  # fmt: skip

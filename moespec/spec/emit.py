@@ -43,7 +43,7 @@ def _model_dict(plan: SpecPlan) -> dict:
     if plan.model.norm != "layernorm":  # RMSNorm has no bias: the key is refused there
         del model["norm_bias"]
     if plan.model.mla is not None:  # latent attention sets these itself; the keys are refused beside it
-        del model["head_dim"], model["n_kv_heads"]
+        del model["head_dim"], model["n_kv_heads"], model["rope_fraction"]
     else:
         del model["mla"]
     return model

@@ -61,6 +61,12 @@ class ModelPlan:
     norm_bias: bool = True  # LayerNorm's bias (false: DBRX); resolved False for rmsnorm, which has none
     lm_head_bias: bool = False  # bias on the LM head (Phi-3.5-MoE)
     mla: MLAPlan | None = None  # latent attention; then head_dim = qk_nope + qk_rope, n_kv_heads = n_heads
+    rope_fraction: float = 1.0  # share of head_dim RoPE rotates (the first channels; GLM-4.5: 0.5)
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels per head RoPE rotates: MLA's rotary part, else head_dim * rope_fraction."""
+        return self.mla.qk_rope_head_dim if self.mla else int(round(self.head_dim * self.rope_fraction))
 
 
 # --- routers: a tagged union, one frozen dataclass per `router.type` -----------------------

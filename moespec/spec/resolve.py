@@ -85,6 +85,15 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
     if mla is None and m["positions"] == "rope" and head_dim % 2:
         where = ("model", "head_dim") if m["head_dim"] is not None else ("model", "n_heads")
         errors.add(where, f"RoPE rotates pairs of channels, so head_dim ({head_dim}) must be even; change head_dim or use positions: learned")
+    fraction = float(m["rope_fraction"])
+    if fraction != 1.0:
+        rotated = head_dim * fraction
+        if mla is not None:
+            errors.add(("model", "rope_fraction"), "rope_fraction does not apply under mla (its qk_rope_head_dim says which channels rotate); remove it")
+        elif m["positions"] != "rope":
+            errors.add(("model", "rope_fraction"), "rope_fraction applies to positions: rope; remove it or use rope")
+        elif rotated != int(rotated) or int(rotated) % 2 or int(rotated) == 0:
+            errors.add(("model", "rope_fraction"), f"head_dim ({head_dim}) * rope_fraction ({fraction:g}) = {rotated:g} must be a positive even integer of channels")
     if m["norm_bias"] is not None and m["norm"] == "rmsnorm":
         errors.add(("model", "norm_bias"), "norm_bias applies to LayerNorm; rmsnorm has no bias: remove norm_bias or use norm: layernorm")
     return ModelPlan(
@@ -110,6 +119,7 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
         norm_bias=m["norm"] == "layernorm" and m["norm_bias"] is not False,
         lm_head_bias=m["lm_head_bias"],
         mla=mla,
+        rope_fraction=fraction,
     )
 
 
