@@ -82,8 +82,11 @@ def test_switch_jitter_is_the_one_known_gap():
     lambda s: (s["model"].update(qk_norm="per_head"), s["parallelism"].update(precision="bf16")),  # norms in fp32 under autocast
     lambda s: s["model"].update(norm="layernorm", norm_bias=False, qk_norm="full"),  # DBRX's LayerNorm
     lambda s: s["model"].update(rope_fraction=0.5),  # GLM's partial RoPE
+    lambda s: s["model"].update(attention_sinks=True, n_kv_heads=2),  # gpt-oss: sinks on grouped heads
+    lambda s: (s["model"].update(attention_sinks=True, sliding_window={"size": 16, "layers": [1]}), s["parallelism"].update(precision="bf16")),
+    lambda s: s["model"].update(sliding_window={"size": 16}),  # every layer windowed
 ], ids=["bf16", "layernorm-learned-gelu", "gqa", "shared-expert", "qk-full-biases", "qk-per-head-gqa", "qk-per-head-bf16",
-        "layernorm-no-bias", "partial-rope"])  # fmt: skip
+        "layernorm-no-bias", "partial-rope", "sinks-gqa", "sinks-window-bf16", "window"])  # fmt: skip
 def test_model_variants(tmp_path, edit):
     plan = variant(tmp_path, "tiny-topk", edit)
     assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.01)

@@ -25,6 +25,8 @@ CASES = {
     "dense-gelu-layernorm": dict(layers=2, model=", activation: gelu, norm: layernorm"),
     "dense-bias-learned": dict(layers=3, model=", qkv_bias: true, positions: learned, tied_embeddings: true"),
     "dense-bf16-accum": dict(layers=2, parallel=", precision: bf16, global_batch: 4"),
+    "sinks-window-bf16": dict(layers=2, model=", attention_sinks: true, sliding_window: {size: 4, layers: [1]}", parallel=", precision: bf16"),
+    "window-gqa": dict(layers=3, model=", n_kv_heads: 1, sliding_window: {size: 5, layers: [0, 2]}"),
     "partial-rope-bf16": dict(layers=2, model=", rope_fraction: 0.5", parallel=", precision: bf16"),
     "qk-norm-biases": dict(layers=2, model=", qk_norm: full, out_bias: true, lm_head_bias: true"),
     "qk-per-head-bf16": dict(layers=2, model=", qk_norm: per_head", parallel=", precision: bf16"),

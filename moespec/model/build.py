@@ -125,7 +125,7 @@ def _assemble(plan: SpecPlan) -> MoETransformer:
 
 def _block(plan: SpecPlan, layer) -> DecoderBlock:
     m = plan.model
-    attention = _attention(m)
+    attention = _attention(m, window=m.window if layer.index in m.window_layers else None)
     if layer.kind == "moe":
         from moespec.model.moe_layer import build_moe_layer  # the MoE layer imports routers, experts
 
@@ -151,7 +151,7 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
     )
 
 
-def _attention(m) -> nn.Module:
+def _attention(m, *, window: int | None = None) -> nn.Module:
     if m.mla is not None:
         from moespec.model.latent_attention import LatentAttention
 
@@ -172,6 +172,8 @@ def _attention(m) -> nn.Module:
         norm_eps=m.norm_eps,
         norm_bias=m.norm_bias,
         dropout=m.dropout,
+        sinks=m.attention_sinks,
+        window=window,
     )
 
 

@@ -104,23 +104,48 @@ class AttentionCore(nn.Module):
     materialising the repeated keys and values.
     """
 
-    def __init__(self, *, dropout: float = 0.0, enable_gqa: bool = False):
+    def __init__(self, *, dropout: float = 0.0, enable_gqa: bool = False, window: int | None = None):
         super().__init__()
         self.dropout = dropout
         self.enable_gqa = enable_gqa
+        self.window = window
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """q [B, H, S, Hd], k and v [B, G, S, Hd] -> [B, H, S, Hd]; `scale`: of the scores
-        (default 1/sqrt(Hd); MLA passes its unpadded width)."""
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.enable_gqa,
-            scale=scale,
-        )
+        (default 1/sqrt(Hd); MLA passes its unpadded width); `sinks` [H]: one logit per head
+        that joins each softmax as a key with a zero value (attention sinks)."""
+        S, Hd = q.shape[-2], q.shape[-1]
+        window = self.window if self.window is not None and self.window < S else None
+        dropout = self.dropout if self.training else 0.0
+        if sinks is None and window is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=self.enable_gqa, scale=scale)
+        mask = attention_mask(S, window, sink=sinks is not None, device=q.device)  # [S, S] or [S, 1+S] bool
+        if sinks is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=self.enable_gqa, scale=scale)
+        # The sink as a key, kept on SDPA's fused kernel (a float mask carrying the logits would
+        # need its gradient, which only the math path gives, with S x S probabilities kept):
+        # one more channel, 1/scale * sink_h in every query of head h and 1 in a key
+        # prepended at position 0 (0 in the real keys), so that key scores exactly sink_h; its
+        # value is zero. Keys and values stay per kv-head.
+        scale = Hd**-0.5 if scale is None else scale
+        B, H, G = q.shape[0], q.shape[1], k.shape[1]
+        q = torch.cat((q, (sinks.to(q.dtype) / scale)[None, :, None, None].expand(B, H, S, 1)), dim=-1)  # [B, H, S, Hd+1]
+        sink_key = F.pad(k.new_ones(B, G, 1, 1), (Hd, 0))  # [B, G, 1, Hd+1]: 0...0 1
+        k = torch.cat((sink_key, F.pad(k, (0, 1))), dim=-2)  # [B, G, 1+S, Hd+1]
+        v = F.pad(v, (0, 1, 1, 0))  # [B, G, 1+S, Hd+1]: a zero value for the sink
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=self.enable_gqa, scale=scale)
+        return out[..., :Hd]
+
+
+def attention_mask(S: int, window: int | None, *, sink: bool, device) -> torch.Tensor:
+    """Which keys each query sees: the causal prefix, cut to the last `window` positions, and
+    (sink) a leading column that every query sees. [S, S] or [S, 1 + S] bool."""
+    i = torch.arange(S, device=device)
+    seen = i[None, :] <= i[:, None]  # [S, S]: key j <= query i
+    if window is not None:
+        seen &= i[None, :] > i[:, None] - window
+    return torch.cat((seen.new_ones(S, 1), seen), dim=1) if sink else seen
 
 
 class CausalSelfAttention(nn.Module):
@@ -141,6 +166,8 @@ class CausalSelfAttention(nn.Module):
         norm_eps: float = 1e-5,
         norm_bias: bool = True,
         dropout: float = 0.0,
+        sinks: bool = False,
+        window: int | None = None,
     ):
         super().__init__()
         if n_heads % n_kv_heads:
@@ -152,8 +179,9 @@ class CausalSelfAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.core = AttentionCore(dropout=dropout, enable_gqa=n_kv_heads != n_heads)
+        self.core = AttentionCore(dropout=dropout, enable_gqa=n_kv_heads != n_heads, window=window)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None  # [H] logits
         if qk_norm not in ("none", "full", "per_head"):
             raise ValueError(f"unknown qk_norm {qk_norm!r} (expected none, full or per_head)")
         self.qk_norm = qk_norm
@@ -176,7 +204,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope  # [S, R]: R < Hd rotates the first R channels only (partial RoPE, GLM)
             q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        y = self.core(q, k, v)  # [B, H, S, Hd]
+        y = self.core(q, k, v) if self.sinks is None else self.core(q, k, v, sinks=self.sinks)  # [B, H, S, Hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*Hd]
         return self.o_proj(y)  # [B, S, D]
 

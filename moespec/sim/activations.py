@@ -105,6 +105,15 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     qk_width = t * (hq + hkv)
     qk_rows = np.where(b.qk_norm == QK_PER_HEAD, t * (b.n_heads + b.n_kv_heads), 2 * t)
     qk = np.where(b.layernorm, qk_width * F32 + 2 * qk_rows * F32, 2 * qk_width * F32 + qk_rows * F32)
+    # Attention sinks (layers.py AttentionCore): SDPA keeps q and k, v with a channel and
+    # (k, v) a key more, its output a channel wider, the mask as floats [S, 1+S] (the compute
+    # dtype's); o_proj's
+    # input is a copy of the output's first head_dim channels.
+    s = b.seq_len.astype(np.float64)
+    kv_rows = b.micro_batch * (s + 1) * b.n_kv_heads
+    sink_core = (2 * t * b.n_heads * (b.head_dim + 1) + 2 * kv_rows * (b.head_dim + 1) + t * hq) * c \
+        + b.micro_batch * b.n_heads * s * F32 + s * (s + 1) * c  # fmt: skip
+    core = np.where(b.sinks, sink_core, core)
     attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(b.qk_norm > 0, qk, 0.0)  # both norms of the block
     inputs = np.where(b.gated, 2, 1)
     hidden = np.where(b.gated, 4, 2)
@@ -136,6 +145,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     dense_group = np.where(layers.d_ff > 0, ffn_in(hl, il, tl * dl) + kl * tl * layers.d_ff * cl, 0.0)
     per_group = np.where(layers.moe, moe_ffn, dense_group)
     blocks = b.n_layers * attention + b.dense_blocks * dense + layers.per_design(layers.count * per_group, n)
+    blocks = blocks + np.where(b.sinks, 0.0, b.window_layers * s * s * c)  # each windowed layer's mask, as floats of the compute dtype
     block_input = b.n_layers * td * F32  # what full recomputation keeps per block
     biggest_block = attention + np.maximum(np.where(b.dense_blocks > 0, dense, 0.0), layers.max_per_design(np.where(layers.count > 0, per_group, 0.0), n))
     blocks = np.where(b.recompute == FULL, block_input + biggest_block, blocks)

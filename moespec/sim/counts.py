@@ -10,8 +10,9 @@ int64 (exact) or float64 (`dtype`, the overflow-safe twin); no torch.
 Conventions they mirror (the compiled model's, see moespec/model and moespec/distributed):
 - a Linear of `i` inputs and `o` outputs on N rows: 2*N*i*o forward, 4*N*i*o backward (every
   matmul input requires grad: the embedding is trainable), 6*N*i*o per step;
-- attention scores and values: 4*B*H*S^2*hd forward, 8*B*H*S^2*hd backward (causal masking
-  does not discount them); under MLA hd is the wider of the query/key and value widths, to
+- attention scores and values: 4*B*H*S^2*hd forward, 8*B*H*S^2*hd backward (causal masking,
+  and a sliding window's, does not discount them; attention sinks add a key and a channel:
+  S*(S+1)*(hd+1)); under MLA hd is the wider of the query/key and value widths, to
   which the model pads them (model/latent_attention.py);
 - experts with capacity run on the fixed [E, C, D] buffer (E*C rows, padding included);
   dropless experts on the T*k routed rows;
@@ -132,7 +133,8 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # FFNs (per design in a uniform batch, groups otherwise), routers, shared and routed experts.
     latent_norms = per_norm * np.where(b.mla, c(b.kv_lora_rank) + c(b.q_lora_rank), 0)  # MLA's q_a and kv_a norms
     attn_matmul = attention_matmul_elements(b, dtype)
-    attention = attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) + np.where(b.out_bias, d, 0) + qk_norm + latent_norms
+    attention = attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) + np.where(b.out_bias, d, 0) + qk_norm + latent_norms \
+        + np.where(b.sinks, heads, 0)  # fmt: skip
     dense_ffn_n = matrices_n * d * c(b.d_ff)  # one dense block's FFN (uniform batches)
     one_expert = matrices * dl * f
     dense_ffn = matrices * dl * c(layers.d_ff)
@@ -151,6 +153,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     t = batch * s
     tl = lift(t)
     core = 12 * batch * heads * s**2 * np.maximum(hd, c(b.v_head_dim))  # scores and values, fwd + bwd (MLA: padded to one width)
+    core = np.where(b.sinks, 12 * batch * heads * s * (s + 1) * (hd + 1), core)  # the sink: one more key and channel
     rows_int = expert_rows(b, layers)
     expert_flops = 6 * c(rows_int) * one_expert
     dropless = layers.dropless
@@ -226,7 +229,7 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
                                   np.where(b.qk_norm == QK_PER_HEAD, 2 * _chunk(b.head_dim, 1, ranks), 0))  # fmt: skip
     weights = sum(np.where(present, _chunk(o, i, ranks), 0) for i, o, present in attention_linears(b))  # [out, in] Linears
     latent_norms = per_norm * np.where(b.mla, _chunk(b.kv_lora_rank, 1, ranks) + np.where(b.q_lora_rank > 0, _chunk(b.q_lora_rank, 1, ranks), 0), 0)
-    block = 2 * norm + weights + bias + qk_norm + latent_norms
+    block = 2 * norm + weights + bias + qk_norm + latent_norms + np.where(b.sinks, _chunk(b.n_heads, 1, ranks), 0)
     dense_ffn = inputs * _chunk(b.d_ff, d, ranks) + _chunk(d, b.d_ff, ranks)
     outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0) + np.where(b.tied, 0, _chunk(v, d, ranks)) \
         + np.where(b.lm_head_bias, _chunk(v, 1, ranks), 0)  # fmt: skip

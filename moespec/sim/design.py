@@ -32,7 +32,7 @@ RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
 QK_NORMS = ("none", "full", "per_head")  # DesignBatch.qk_norm codes
 ROUTER_NAMES = tuple(ROUTER_TYPES)  # DesignBatch.router / LayerTable.router codes
 
-_BOOL_FIELDS = ("gated", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla",
+_BOOL_FIELDS = ("gated", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
                 "shared_gate", "router_bias",
                 "dropless", "balanced", "shuffle", "moe")  # fmt: skip
 _FLOAT_FIELDS = ("capacity_factor", "dropout")
@@ -125,6 +125,8 @@ class DesignBatch:
     qk_rope_dim: np.ndarray  # rotary channels per head (MLA; 0 otherwise)
     v_head_dim: np.ndarray  # value width per head (head_dim for standard attention)
     rope_dim: np.ndarray  # channels per head RoPE rotates (0 with learned positions)
+    sinks: np.ndarray  # attention sinks: a learned logit per head and layer
+    window_layers: np.ndarray  # layers whose sliding window is shorter than seq_len (masked attention)
     seq_len: np.ndarray
     dropout: np.ndarray  # residual, embedding and attention-probability dropout
     n_moe_layers: np.ndarray  # MoE blocks; the other n_layers - n_moe_layers are dense
@@ -295,7 +297,8 @@ def _row(plan: SpecPlan) -> dict:
         "norm_bias": m.norm == "layernorm" and m.norm_bias, "lm_head_bias": m.lm_head_bias, "mla": m.mla is not None,
         "q_lora_rank": (m.mla.q_lora_rank or 0) if m.mla else 0, "kv_lora_rank": m.mla.kv_lora_rank if m.mla else 0,
         "qk_rope_dim": m.mla.qk_rope_head_dim if m.mla else 0, "v_head_dim": m.mla.v_head_dim if m.mla else m.head_dim,
-        "rope_dim": m.rope_dim if m.positions == "rope" else 0, "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
+        "rope_dim": m.rope_dim if m.positions == "rope" else 0, "sinks": m.attention_sinks,
+        "window_layers": sum(m.window_of(i) is not None for i in range(m.n_layers)), "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
     }  # fmt: skip

@@ -40,6 +40,8 @@ QK_NORM_OPS = 50  # per block, q and k RMSNorms (LayerNorm: QK_NORM_OPS_LAYERNOR
 QK_NORM_OPS_LAYERNORM = 2
 QK_NORM_AUTOCAST_OPS = 8
 NORM_BIAS_OPS = 1  # per LayerNorm with its bias
+SINK_OPS = 35  # per block, attention sinks: the extra channel and key, their mask, the slice back (+2 under autocast)
+WINDOW_OPS = 12  # per layer with a sliding window shorter than the sequence: its mask (5 when sinks already build one)
 PARTIAL_ROPE_OPS = 17  # per block, RoPE on part of each head: slices and a concatenation for q and k
 MLA_OPS = 40  # per block, latent attention over standard attention (its norm, splits, the shared rotary key)
 MLA_Q_LORA_OPS = 35  # per block, the query bottleneck (q_a, its norm, q_b)
@@ -70,7 +72,7 @@ def param_tensors(b: DesignBatch) -> np.ndarray:
     matrices = np.where(b.gated, 3, 2)
     # attention Linears: q, k, v, o; MLA: q (or q_a, its norm, q_b), kv_a, its norm, kv_b, o
     attention = np.where(b.mla, 3 + norm + np.where(b.q_lora_rank > 0, 2 + norm, 1), 4)
-    block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + 2 * norm + np.where(b.qk_norm > 0, 2 * norm, 0)
+    block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + b.sinks + 2 * norm + np.where(b.qk_norm > 0, 2 * norm, 0)
     moe = layers.lift(matrices) * (1 + (layers.shared_count > 0)) + layers.router_matrices + layers.router_bias \
         + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
     groups = np.where(layers.moe, moe, layers.lift(matrices))
@@ -105,7 +107,7 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     autocast = b.precision != FP32
     block = (DENSE_BLOCK_OPS + np.where(b.layernorm, 2 * NORM_OPS_LAYERNORM, 0) + np.where(b.learned_positions, 0, ROPE_OPS) - ROPE_OPS
              + np.where(b.qkv_bias, QKV_BIAS_OPS, 0) + np.where(autocast, AUTOCAST_OPS, 0) + np.where(b.dropout > 0, DROPOUT_OPS, 0)
-             + np.where(b.out_bias, BIAS_OPS, 0) + np.where(~b.mla & (b.rope_dim > 0) & (b.rope_dim < b.head_dim), PARTIAL_ROPE_OPS, 0) + np.where(b.layernorm & ~b.norm_bias, -2 * NORM_BIAS_OPS, 0)
+             + np.where(b.out_bias, BIAS_OPS, 0) + np.where(b.sinks, SINK_OPS + 2 * autocast, 0) + np.where(~b.mla & (b.rope_dim > 0) & (b.rope_dim < b.head_dim), PARTIAL_ROPE_OPS, 0) + np.where(b.layernorm & ~b.norm_bias, -2 * NORM_BIAS_OPS, 0)
              + np.where(b.qk_norm > 0, np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0)
              + np.where(b.mla, MLA_OPS + np.where(b.q_lora_rank > 0, MLA_Q_LORA_OPS + np.where(autocast, MLA_Q_LORA_AUTOCAST_OPS, 0), 0)
                         + np.where(b.v_head_dim != b.head_dim, MLA_PAD_OPS, 0), 0))  # fmt: skip
@@ -115,7 +117,7 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     moe = (MOE_BLOCK_OPS - DENSE_BLOCK_OPS + router + np.where(lift(b.gated), 0, UNGATED_EXPERT_OPS)
            + np.where(layers.dropless, DROPLESS_OPS, 0) + np.where(layers.shared_count > 0, SHARED_OPS, 0))  # fmt: skip
     groups = np.where(layers.moe, moe, lift(dense_extra))
-    host = STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) + np.where(b.layernorm & ~b.norm_bias, -NORM_BIAS_OPS, 0) \
+    host = b.window_layers * np.where(b.sinks, 5, WINDOW_OPS) + STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) + np.where(b.layernorm & ~b.norm_bias, -NORM_BIAS_OPS, 0) \
         + np.where(b.lm_head_bias, BIAS_OPS, 0) + b.n_layers * block + b.dense_blocks * dense_extra  # fmt: skip
     host = host + layers.per_design(layers.count * groups, len(b))
     loop = layers.moe & layers.dropless & ~grouped_gemm(b, layers)
@@ -159,7 +161,7 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
         return inputs * db.linear_s(code, m, d_model, width) + db.linear_s(code, m, width, d_model)
 
     attention = sum(np.where(present, db.linear_s(dtype, t, np.maximum(i, 1), np.maximum(o, 1)), 0.0) for i, o, present in attention_linears(b))
-    core = db.attention_s(dtype, b.micro_batch * b.n_heads, b.seq_len, np.maximum(hd, b.v_head_dim))  # MLA: padded to one width
+    core = db.attention_s(dtype, b.micro_batch * b.n_heads, b.seq_len, np.maximum(hd, b.v_head_dim) + b.sinks)  # MLA: padded; sinks: a channel more
     dense = ffn(dtype, t, d, b.d_ff, matrices)
     tl, dl, code, inputs = lift(t), lift(d), lift(dtype), lift(matrices)
     router = db.linear_s(np.full(len(layers.count), FP32), tl, dl, layers.experts * layers.router_matrices)

@@ -42,6 +42,8 @@ def _model_dict(plan: SpecPlan) -> dict:
     model = dataclasses.asdict(plan.model)
     if plan.model.norm != "layernorm":  # RMSNorm has no bias: the key is refused there
         del model["norm_bias"]
+    window, layers = model.pop("window"), model.pop("window_layers")
+    model["sliding_window"] = None if window is None else {"size": window, "layers": list(layers)}
     if plan.model.mla is not None:  # latent attention sets these itself; the keys are refused beside it
         del model["head_dim"], model["n_kv_heads"], model["rope_fraction"]
     else:

@@ -62,6 +62,14 @@ class ModelPlan:
     lm_head_bias: bool = False  # bias on the LM head (Phi-3.5-MoE)
     mla: MLAPlan | None = None  # latent attention; then head_dim = qk_nope + qk_rope, n_kv_heads = n_heads
     rope_fraction: float = 1.0  # share of head_dim RoPE rotates (the first channels; GLM-4.5: 0.5)
+    attention_sinks: bool = False  # a learned logit per head joins each softmax (gpt-oss)
+    window: int | None = None  # sliding-window size in `window_layers`; None: no window anywhere
+    window_layers: tuple[int, ...] = ()  # the windowed layers (resolved: explicit)
+
+    def window_of(self, layer: int) -> int | None:
+        """The window of a layer, or None when it sees the whole prefix (a window covering
+        seq_len is no window)."""
+        return self.window if self.window is not None and self.window < self.seq_len and layer in self.window_layers else None
 
     @property
     def rope_dim(self) -> int:

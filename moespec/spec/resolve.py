@@ -94,6 +94,17 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
             errors.add(("model", "rope_fraction"), "rope_fraction applies to positions: rope; remove it or use rope")
         elif rotated != int(rotated) or int(rotated) % 2 or int(rotated) == 0:
             errors.add(("model", "rope_fraction"), f"head_dim ({head_dim}) * rope_fraction ({fraction:g}) = {rotated:g} must be a positive even integer of channels")
+    window, window_layers = None, ()
+    if m["sliding_window"] is not None:
+        window = m["sliding_window"]["size"]
+        listed = m["sliding_window"].get("layers")
+        window_layers = tuple(range(m["n_layers"])) if listed is None else tuple(sorted(set(listed)))
+        for position, index in enumerate(listed or []):
+            if index >= m["n_layers"]:
+                errors.add(("model", "sliding_window", "layers", position), f"layer {index} is out of range for n_layers {m['n_layers']}; use 0..{m['n_layers'] - 1}")
+    if mla is not None and (m["attention_sinks"] or window is not None):
+        key = "attention_sinks" if m["attention_sinks"] else "sliding_window"
+        errors.add(("model", key), f"{key} is not defined for latent attention (mla) yet; remove it")
     if m["norm_bias"] is not None and m["norm"] == "rmsnorm":
         errors.add(("model", "norm_bias"), "norm_bias applies to LayerNorm; rmsnorm has no bias: remove norm_bias or use norm: layernorm")
     return ModelPlan(
@@ -120,6 +131,9 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
         lm_head_bias=m["lm_head_bias"],
         mla=mla,
         rope_fraction=fraction,
+        attention_sinks=m["attention_sinks"],
+        window=window,
+        window_layers=window_layers,
     )
 
 
