@@ -75,3 +75,50 @@ def test_where_the_grouped_gemm_runs():
     assert not grouped_gemm_available(torch.empty(2, 16, 18))  # 72-byte rows: the kernel's stride rule
     assert not grouped_gemm_available(torch.empty(2, 16, 24, dtype=torch.float64))  # gradcheck runs the loop
     assert not grouped_gemm_available(torch.empty(2, 16, 24, device="meta"))  # meta demands bf16: the loop shapes it
+
+
+@pytest.mark.parametrize("activation", ["swiglu_clamped", "swiglu", "gelu"])
+def test_expert_biases_and_clamped_swiglu_match_autograd_of_the_textbook_formula(activation):
+    """gpt-oss's experts: per-expert biases (the down one scaled by the gate, like the rest of
+    the expert's output) and the clamped SwiGLU, in the hand-written backward, against autograd
+    of `reference_forward` (one expert at a time) in float64; weights wide enough that many
+    pre-activations pass the clamp at 7, so both sides of every clamp are exercised."""
+    torch.manual_seed(0)
+    counts = [5, 0, 9, 3, 7]
+    bank = ExpertBank(n_experts=len(counts), d_model=16, d_ff=24, activation=activation, init_std=1.0, bias=True).double()
+    with torch.no_grad():
+        for b in (bank.b_gate, bank.b_up, bank.b_down):
+            if b is not None:
+                b.normal_()
+    token_A = torch.cat([torch.randperm(24)[:n] for n in counts])
+    expert_A = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    gate_A = torch.rand(token_A.numel(), dtype=torch.float64, requires_grad=True)
+    x_TD = torch.randn(24, 16, dtype=torch.float64, requires_grad=True)
+    weights = torch.linspace(-1, 1, 24 * 16, dtype=torch.float64).view(24, 16)
+
+    def grads(forward):
+        for p in [*bank.parameters(), x_TD, gate_A]:
+            p.grad = None
+        y = forward()
+        (y * weights).sum().backward()
+        return [y.detach(), x_TD.grad, gate_A.grad] + [p.grad for p in bank.parameters()]
+
+    kernel = grads(lambda: bank.forward_dropless(x_TD, token_A, gate_A, counts))
+    textbook = grads(lambda: bank.reference_forward(x_TD, token_A, expert_A, gate_A))
+    assert len(kernel) == len(textbook) == 3 + (6 if bank.gated else 4)
+    for a, b in zip(kernel, textbook, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_grouped_gemm_equals_the_loop_with_biases_and_clamp():
+    counts = [5, 0, 9, 3, 7]
+    torch.manual_seed(0)
+    bank = ExpertBank(n_experts=len(counts), d_model=16, d_ff=24, activation="swiglu_clamped", init_std=1.0, bias=True)
+    with torch.no_grad():
+        for b in (bank.b_gate, bank.b_up, bank.b_down):
+            b.normal_()
+    _, x_TD, token_A, gate_A = _problem("swiglu", 16, 24, counts)
+    grouped = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+    loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
+    for a, b in zip(grouped, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

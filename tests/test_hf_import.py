@@ -17,8 +17,8 @@ from moespec.spec import plan_from_text
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests/data/hf_configs"
 # sum(p.numel()) of the HF model built from each config on the meta device (transformers
-# 5.24); the published figures for DeepSeek-V2-Lite/V3, OLMoE, Qwen3, Phi-3.5-MoE and
-# dots.llm1 among them.
+# 5.24); the published figures for DeepSeek-V2-Lite/V3, gpt-oss-20b, OLMoE, Qwen3,
+# Phi-3.5-MoE and dots.llm1 among them.
 HF_COUNTS = {
     "mixtral-8x7b": 46_702_792_704, "mixtral-8x22b": 140_630_071_296, "qwen1.5-moe-a2.7b": 14_315_784_192,
     "qwen2-57b-a14b": 57_408_658_944, "qwen3-30b-a3b": 30_532_122_624, "qwen3-235b-a22b": 235_093_634_560,
@@ -26,8 +26,9 @@ HF_COUNTS = {
     "granite-3.0-3b-a800m": 3_298_793_472, "dbrx": 131_596_523_520, "llama-4-scout": 107_769_861_120,
     "llama-4-maverick": 400_711_848_960, "glm-4.5-air": 106_852_245_504, "glm-4.5": 352_797_814_784,
     "dots.llm1": 142_774_373_888, "deepseek-v3": 671_026_404_352, "deepseek-v2-lite": 15_706_484_224,
+    "gpt-oss-20b": 20_914_757_184,
 }  # fmt: skip
-REFUSED = {"gpt-oss-20b": "layer_types",
+REFUSED = {
            "ernie-4.5-21b-a3b": "moe_num_experts", "switch-base-8": "num_decoder_layers"}  # fmt: skip
 
 
@@ -81,11 +82,16 @@ def test_fields_that_change_nothing_countable_are_listed_not_dropped(tmp_path):
     assert not any(note.startswith("vocab_size") for note in imported.notes)  # mapped fields are not notes
 
 
-def test_windowed_attention_shorter_than_training_is_refused():
-    config = json.loads((CONFIGS / "mixtral-8x7b.json").read_text()) | {"sliding_window": 1024}
-    with pytest.raises(UnsupportedConfig, match=r"^sliding_window: 1024 is shorter than the training length 4096"):
-        import_config(config)
-    assert import_config(config, seq_len=1024).spec["model"]["seq_len"] == 1024  # a window covering the length is a no-op
+def test_sliding_windows_are_mapped_per_layer():
+    mixtral = import_config(json.loads((CONFIGS / "mixtral-8x7b.json").read_text()) | {"sliding_window": 1024})
+    assert mixtral.spec["model"]["sliding_window"] == {"size": 1024}  # Mistral-style: every layer
+    oss = import_config(json.loads((CONFIGS / "gpt-oss-20b.json").read_text()))
+    assert oss.spec["model"]["sliding_window"] == {"size": 128, "layers": list(range(0, 24, 2))}
+    qwen = json.loads((CONFIGS / "qwen2-57b-a14b.json").read_text()) | {"use_sliding_window": True, "max_window_layers": 20, "sliding_window": 4096}
+    assert import_config(qwen).spec["model"]["sliding_window"] == {"size": 4096, "layers": list(range(20, 28))}
+    assert "sliding_window" not in import_config(json.loads((CONFIGS / "qwen2-57b-a14b.json").read_text())).spec["model"]
+    with pytest.raises(UnsupportedConfig, match=r"^layer_types: attention kinds \['chunked_attention'\]"):
+        import_config(json.loads((CONFIGS / "gpt-oss-20b.json").read_text()) | {"layer_types": ["chunked_attention"] * 24})
 
 
 def test_cli_writes_a_spec_that_validates_and_simulates_to_the_same_count(tmp_path):

@@ -37,6 +37,9 @@ FAMILIES = {
     # GLM-4.5: RoPE on half of each head, q/k/v biases, DeepSeek-style routing
     "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
                      head_dim=16, partial_rotary_factor=0.5, attention_bias=True, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    # gpt-oss: sinks, alternating 8-token windows (seq 32), biases everywhere, the clamped SwiGLU; RoPE unscaled
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, intermediate_size=32, sliding_window=8,
+                    rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
     # muP multipliers at 1 (moespec lists them, does not apply them); attention_multiplier = 1/sqrt(head_dim)
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=1.0, logits_scaling=1.0,
                        residual_multiplier=1.0, attention_multiplier=0.25),

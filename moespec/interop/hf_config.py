@@ -120,20 +120,27 @@ def _seq_len(r: _Reader, seq_len: int | None, *, max_key: str = "max_position_em
     return int(seq_len) if seq_len else min(int(top), DEFAULT_SEQ_LEN)
 
 
-def _window(r: _Reader, seq: int, *, on: bool = True) -> None:
-    """Sliding-window attention as HF runs it: a no-op when the window covers the training
-    length, refused otherwise (moespec attends to the whole causal prefix). transformers 5
-    writes `layer_types`; only "sliding_attention" layers use the window."""
+def _window(r: _Reader, n_layers: int, *, on: bool = True) -> dict | None:
+    """Sliding-window attention as HF runs it, as `model.sliding_window` (None: none).
+    transformers 5 writes `layer_types` (the "sliding_attention" layers use the window);
+    without it, `on` says whether the family windows every layer (Mixtral, Phi-3.5-MoE) and
+    Qwen windows the layers from `max_window_layers` on when `use_sliding_window` is set."""
     window = r.take("sliding_window")
-    r.take("use_sliding_window")
-    r.take("max_window_layers")
-    kinds = set(r.take("layer_types") or [])
-    if kinds - {"full_attention", "sliding_attention"}:
-        r.refuse("layer_types", f"attention kinds {sorted(kinds - {'full_attention', 'sliding_attention'})} are not expressible")
-    if "layer_types" in r.config:
-        on = "sliding_attention" in kinds
-    if on and window and int(window) < seq:
-        r.refuse("sliding_window", f"{window} is shorter than the training length {seq}; moespec attends to the whole prefix (import with --seq-len {window} or less)")
+    use = r.take("use_sliding_window")
+    first = r.take("max_window_layers")
+    kinds = r.take("layer_types")
+    if kinds is not None:
+        unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+        if unknown:
+            r.refuse("layer_types", f"attention kinds {unknown} are not expressible")
+        layers = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+    elif use is not None:  # Qwen
+        layers = list(range(int(first or 0), n_layers)) if use else []
+    else:
+        layers = list(range(n_layers)) if on else []
+    if not window or not layers:
+        return None
+    return {"size": int(window)} if layers == list(range(n_layers)) else {"size": int(window), "layers": layers}
 
 
 def _placement(n_layers: int, moe: list[int]) -> dict:
@@ -154,8 +161,8 @@ def _placement(n_layers: int, moe: list[int]) -> dict:
 def _model(r: _Reader, seq: int, *, window: bool = False, **extra) -> dict:
     """The `model` section shared by the Llama-like families; `window`: whether the family
     applies `sliding_window` to every layer when `layer_types` does not say."""
-    _window(r, seq, on=window)
     d, heads = r.take("hidden_size", required=True), r.take("num_attention_heads", required=True)
+    sliding = _window(r, int(r.config.get("num_hidden_layers") or 0), on=window)
     model = {
         "vocab_size": r.take("vocab_size", required=True), "d_model": d, "n_layers": r.take("num_hidden_layers", required=True),
         "n_heads": heads, "n_kv_heads": r.take("num_key_value_heads") or heads,
@@ -168,6 +175,8 @@ def _model(r: _Reader, seq: int, *, window: bool = False, **extra) -> dict:
         model["head_dim"] = head_dim
     if r.take("mlp_bias"):
         r.refuse("mlp_bias", "biases on the FFN projections are not expressible yet")
+    if sliding is not None:
+        model["sliding_window"] = sliding
     return model | extra
 
 
@@ -282,6 +291,19 @@ def _llama4(r, seq):
     return model, moe
 
 
+def _gpt_oss(r, seq):
+    """gpt-oss: attention sinks, alternating sliding windows, biases everywhere, the clamped
+    SwiGLU, softmax over the top-k router logits (= renormalised top-k softmax)."""
+    limit, alpha = float(r.take("swiglu_limit", 7.0)), float(r.take("swiglu_alpha", 1.702))
+    if (limit, alpha) != (7.0, 1.702):
+        r.refuse("swiglu_limit", f"swiglu_clamped is gpt-oss's (limit 7, alpha 1.702); ({limit:g}, {alpha:g}) is not expressible")
+    bias = bool(r.take("attention_bias", True))
+    model = _model(r, seq, qkv_bias=bias, out_bias=bias, attention_sinks=True)
+    model["activation"] = "swiglu_clamped"
+    router = _topk(r, r.take("num_experts_per_tok", 4), normalize=True) | {"bias": True}
+    return model, _moe({"type": "all"}, r.take("num_local_experts", required=True), model["d_ff"], router, bias=True)
+
+
 def _deepseek_style(r, seq, *, qk_norm: str = "none", bias: bool = False, out_bias: bool = False, router: dict | None = None, **model_extra):
     """DeepSeek's MoE (sigmoid scores with a selection bias, expert groups, shared experts,
     the first layers dense): on standard attention in GLM-4.5 and dots.llm1, on MLA in
@@ -354,7 +376,6 @@ def _dots1(r, seq):
 
 
 REFUSED = {  # families whose architecture the spec language cannot express yet: the field that says so
-    "gpt_oss": ("layer_types", "attention sinks, per-expert biases and clamped SwiGLU (gpt-oss) are not expressible yet"),
     "ernie4_5_moe": ("moe_num_experts", "ERNIE-4.5's learned score-correction parameter and layer interval are not expressible yet"),
     "switch_transformers": ("num_decoder_layers", "encoder-decoder models (T5-style) are not expressible yet"),
 }
@@ -372,6 +393,7 @@ FAMILIES = {
     "dots1": _dots1,
     "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
+    "gpt_oss": _gpt_oss,
 }
 
 

@@ -65,13 +65,37 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def to_moespec(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """HF names and layouts -> the model's state-dict names and layouts. Raises ValueError
-    for a tensor with no place in the model."""
+# gpt-oss keeps its banks input-first, gate and up interleaved column by column (gate_up_proj
+# [E, D, 2F], its bias [E, 2F], down_proj [E, F, D]), names its router `router`, and has sinks.
+_GPT_OSS = re.compile(_LAYER + r"(?:mlp\.experts\.(gate_up_proj|gate_up_proj_bias|down_proj|down_proj_bias)|mlp\.router\.(weight|bias)|self_attn\.(sinks))$")
+
+
+def _gpt_oss(m: re.Match, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    layer, bank, router, sinks = m.groups()
+    block = f"blocks.{layer}."
+    if sinks:
+        return {block + "attention.sinks": tensor}
+    if router:
+        return {block + f"moe.router.gate.{router}": tensor}
+    experts = block + "moe.experts."
+    if bank == "gate_up_proj":
+        return {experts + "w_gate": tensor[..., ::2], experts + "w_up": tensor[..., 1::2]}
+    if bank == "gate_up_proj_bias":
+        return {experts + "b_gate": tensor[..., ::2], experts + "b_up": tensor[..., 1::2]}
+    return {experts + ("w_down" if bank == "down_proj" else "b_down"): tensor}
+
+
+def to_moespec(tensors: dict[str, torch.Tensor], model: nn.Module, family: str | None = None) -> dict[str, torch.Tensor]:
+    """HF names and layouts -> the model's state-dict names and layouts (`family`: the
+    checkpoint's model_type, for the layouts only it uses). Raises ValueError for a tensor
+    with no place in the model."""
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, tensor in tensors.items():
+        if family == "gpt_oss" and (m := _GPT_OSS.fullmatch(name)):
+            out.update(_gpt_oss(m, tensor))
+            continue
         if m := _EXPERT.fullmatch(name):
             layer, e, proj = m.group(1), int(m.group(2)), _PROJ[m.group(3)]
             experts.setdefault((f"blocks.{layer}.moe.experts.w_{proj}", name), {})[e] = tensor.t()  # [F, D] -> [D, F]
@@ -101,16 +125,18 @@ def to_moespec(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
     return out
 
 
-def interleaved_rope(directory: Path) -> bool:
-    """Whether a checkpoint's MLA weights lay RoPE channels out in interleaved pairs
-    (DeepSeek-V2 always, V3 unless `rope_interleave: false`), from its config.json."""
+def checkpoint_config(directory: Path) -> dict:
+    """The checkpoint's config.json ({} when absent or unreadable): the family decides some layouts."""
     file = Path(directory) / "config.json"
-    if not file.is_file():
-        return False
     try:
-        config = json.loads(file.read_text())
+        return json.loads(file.read_text()) if file.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        return {}
+
+
+def interleaved_rope(config: dict) -> bool:
+    """Whether a checkpoint's MLA weights lay RoPE channels out in interleaved pairs
+    (DeepSeek-V2 always, V3 unless `rope_interleave: false`)."""
     kind = config.get("model_type")
     return kind == "deepseek_v2" or (kind == "deepseek_v3" and config.get("rope_interleave", True))
 
@@ -151,7 +177,8 @@ def load_hf_weights(model: nn.Module, directory: Path) -> int:
     moespec's layout (`permute_latent_rope`)."""
     tensors = read_safetensors(directory)
     hf = "tok_embeddings.weight" not in tensors
-    mapped = to_moespec(tensors, model) if hf else tensors
+    config = checkpoint_config(directory)
+    mapped = to_moespec(tensors, model, config.get("model_type")) if hf else tensors
     state = model.state_dict()
     if missing := sorted(set(state) - set(mapped)):
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -161,7 +188,7 @@ def load_hf_weights(model: nn.Module, directory: Path) -> int:
             raise ValueError(f"weights: {key} (from {directory}) has no place in this spec's model")
         if tuple(tensor.shape) != tuple(state[key].shape):
             raise ValueError(f"weights: {key} is {tuple(tensor.shape)} in {directory}, the spec's model has {tuple(state[key].shape)}")
-    if hf and interleaved_rope(directory):
+    if hf and interleaved_rope(config):
         permute_latent_rope(mapped, model)
     model.load_state_dict({k: v.to(state[k].dtype) for k, v in mapped.items()}, strict=True)
     return len(mapped)

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
 
-from moespec.model.layers import GATED_ACTIVATIONS, DenseFFN, activation_fn
+from moespec.model.layers import GATED_ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, DenseFFN, activation_fn, gated_activation
 
 
 def _relu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -58,6 +58,7 @@ def _gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 
 # The derivative of each nonlinearity of layers.activation_fn, for the hand-written backward.
 _ACTIVATION_BACKWARD = {"relu": _relu_backward, "gelu": _gelu_backward, "geglu": _gelu_backward, "swiglu": _silu_backward}
+# swiglu_clamped (gpt-oss) has its own two-input derivative in `_activate_backward`.
 
 
 def gate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -185,31 +186,37 @@ class GroupedExpertsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, activation, grouped):
-        act = activation_fn(activation)
+    def forward(ctx, x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, activation, grouped,
+                b_gate_EF=None, b_up_EF=None, b_down_ED=None):  # fmt: skip
         gated = w_gate_EDF is not None
         dtype = w_up_EDF.dtype  # the compute dtype; the weights arrive already cast
         offs = _offsets(counts_E, x_TD.device) if grouped and token_A.numel() else None
+        expert_A = _expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None  # per-expert biases
         x_AD = x_TD.index_select(0, token_A).to(dtype)  # the one gather
         h_up_AF = _rows_times_weights(x_AD, w_up_EDF, counts_E, offs)
         h_gate_AF = _rows_times_weights(x_AD, w_gate_EDF, counts_E, offs) if gated else None
         del x_AD
-        a_AF = act(h_gate_AF).mul_(h_up_AF) if gated else act(h_up_AF)
+        if expert_A is not None:
+            h_up_AF += b_up_EF.index_select(0, expert_A)
+            if gated:
+                h_gate_AF += b_gate_EF.index_select(0, expert_A)
+        a_AF = _activate(activation, h_gate_AF, h_up_AF)
         if gate_A is not None:
             a_AF = _scale_rows(a_AF, gate_A)
         out_AD = _rows_times_weights(a_AF, w_down_EFD, counts_E, offs)
+        if expert_A is not None:  # the down bias is gated with the rest of the expert's output
+            bias_AD = b_down_ED.index_select(0, expert_A)
+            out_AD += bias_AD if gate_A is None else _scale_rows(bias_AD, gate_A)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, out_AD.to(x_TD.dtype))  # the one scatter
-        ctx.save_for_backward(x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF)
+        ctx.save_for_backward(x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF, expert_A, b_down_ED)
         ctx.counts_E, ctx.activation, ctx.grouped = counts_E, activation, grouped
         return y_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y_TD):
-        x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF = ctx.saved_tensors
+        x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF, expert_A, b_down_ED = ctx.saved_tensors
         counts_E, n_experts = ctx.counts_E, w_up_EDF.shape[0]
-        act = activation_fn(ctx.activation)
-        act_backward = _ACTIVATION_BACKWARD[ctx.activation]
         gated = w_gate_EDF is not None
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         dtype = w_up_EDF.dtype
@@ -217,22 +224,22 @@ class GroupedExpertsFn(torch.autograd.Function):
 
         grad_y_AD = grad_y_TD.index_select(0, token_A).to(dtype)  # gather of the output gradient
         grad_ga_AF = _rows_times_weights(grad_y_AD, w_down_EFD.transpose(1, 2), counts_E, offs)  # d(loss)/d(gate * a)
-        act_gate_AF = act(h_gate_AF) if gated else None
-        a_AF = act_gate_AF * h_up_AF if gated else act(h_up_AF)
-        grad_gate_A = None
+        a_AF = _activate(ctx.activation, h_gate_AF, h_up_AF)
+        grad_gate_A = grad_b_down = None
+        if expert_A is not None:  # the down bias: its gradient, and its share of the gate's
+            scaled_AD = grad_y_AD if gate_A is None else _scale_rows(grad_y_AD.clone(), gate_A)  # _scale_rows works in place
+            grad_b_down = torch.zeros_like(b_down_ED).index_add_(0, expert_A, scaled_AD.to(b_down_ED.dtype))
         if gate_A is not None:
             if need_gate:  # vecdot: one fused pass, no [A, F] product
                 grad_gate_A = torch.linalg.vecdot(grad_ga_AF.to(gate_A.dtype), a_AF.to(gate_A.dtype), dim=1)
+                if expert_A is not None:
+                    grad_gate_A += torch.linalg.vecdot(grad_y_AD.to(gate_A.dtype), b_down_ED.index_select(0, expert_A).to(gate_A.dtype), dim=1)
             a_AF = _scale_rows(a_AF, gate_A)  # what the down projection saw
             grad_a_AF = _scale_rows(grad_ga_AF, gate_A)
         else:
             grad_a_AF = grad_ga_AF
-        if gated:
-            grad_up_AF = act_gate_AF.mul_(grad_a_AF)  # act_gate is dead after this
-            grad_gate_AF = act_backward(grad_a_AF.mul_(h_up_AF), h_gate_AF)
-        else:
-            grad_up_AF = act_backward(grad_a_AF, h_up_AF)
-        del grad_ga_AF, grad_a_AF, act_gate_AF
+        grad_gate_AF, grad_up_AF = _activate_backward(ctx.activation, grad_a_AF, h_gate_AF, h_up_AF)
+        del grad_ga_AF, grad_a_AF
 
         grad_down_EFD = _weight_grad(a_AF, grad_y_AD, counts_E, offs, n_experts)
         del a_AF, grad_y_AD
@@ -240,13 +247,51 @@ class GroupedExpertsFn(torch.autograd.Function):
         grad_up_EDF = _weight_grad(x_AD, grad_up_AF, counts_E, offs, n_experts)
         grad_gate_EDF = _weight_grad(x_AD, grad_gate_AF, counts_E, offs, n_experts) if gated else None
         del x_AD
+        grad_b_gate = grad_b_up = None
+        if expert_A is not None:
+            grad_b_up = grad_up_AF.new_zeros(n_experts, grad_up_AF.shape[1]).index_add_(0, expert_A, grad_up_AF)
+            if gated:
+                grad_b_gate = grad_gate_AF.new_zeros(n_experts, grad_gate_AF.shape[1]).index_add_(0, expert_A, grad_gate_AF)
         grad_x_TD = None
         if need_x:
             grad_x_AD = _rows_times_weights(grad_up_AF, w_up_EDF.transpose(1, 2), counts_E, offs)
             if gated:
                 grad_x_AD += _rows_times_weights(grad_gate_AF, w_gate_EDF.transpose(1, 2), counts_E, offs)
             grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_A, grad_x_AD.to(x_TD.dtype))  # the one scatter
-        return grad_x_TD, None, grad_gate_A, grad_gate_EDF, grad_up_EDF, grad_down_EFD, None, None, None
+        return (grad_x_TD, None, grad_gate_A, grad_gate_EDF, grad_up_EDF, grad_down_EFD, None, None, None,
+                grad_b_gate, grad_b_up, grad_b_down)  # fmt: skip
+
+
+def _expert_of_rows(counts_E: list[int], device) -> torch.Tensor:
+    """The expert of each sorted row [A] (int64), for per-expert biases."""
+    return torch.repeat_interleave(torch.arange(len(counts_E), device=device), torch.tensor(counts_E, device=device))
+
+
+def _activate(activation: str, h_gate_AF: torch.Tensor | None, h_up_AF: torch.Tensor) -> torch.Tensor:
+    """The FFN's hidden activation from its pre-activations (a new tensor)."""
+    if h_gate_AF is None:
+        return activation_fn(activation)(h_up_AF)
+    if activation == "swiglu_clamped":
+        return gated_activation(activation, h_gate_AF, h_up_AF)
+    return activation_fn(activation)(h_gate_AF).mul_(h_up_AF)
+
+
+def _activate_backward(activation: str, grad_a_AF: torch.Tensor, h_gate_AF: torch.Tensor | None, h_up_AF: torch.Tensor):
+    """(d/d h_gate, d/d h_up) of `_activate` given d/d a; may overwrite grad_a_AF."""
+    if h_gate_AF is None:
+        return None, _ACTIVATION_BACKWARD[activation](grad_a_AF, h_up_AF)
+    if activation == "swiglu_clamped":  # a = (clamp(u, -L, L) + 1) * g * sigmoid(alpha g), g = min(gate, L)
+        g = h_gate_AF.clamp(max=SWIGLU_LIMIT)
+        s = torch.sigmoid(SWIGLU_ALPHA * g)
+        glu = g * s
+        grad_up = (grad_a_AF * glu).masked_fill_(h_up_AF.abs() > SWIGLU_LIMIT, 0.0)
+        dglu = s * (1 + SWIGLU_ALPHA * g * (1 - s))
+        grad_gate = (grad_a_AF * (h_up_AF.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT) + 1) * dglu).masked_fill_(h_gate_AF > SWIGLU_LIMIT, 0.0)
+        return grad_gate, grad_up
+    act_gate_AF = activation_fn(activation)(h_gate_AF)
+    grad_up = act_gate_AF.mul_(grad_a_AF)  # act_gate is dead after this
+    grad_gate = _ACTIVATION_BACKWARD[activation](grad_a_AF.mul_(h_up_AF), h_gate_AF)
+    return grad_gate, grad_up
 
 
 class ExpertBank(nn.Module):
@@ -269,15 +314,21 @@ class ExpertBank(nn.Module):
         activation: str,
         init_std: float = 0.02,
         down_init_std: float | None = None,
+        bias: bool = False,
     ):
         super().__init__()
         activation_fn(activation)  # reject an unknown name here, not at the first forward
         self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
         self.activation = activation
         self.gated = activation in GATED_ACTIVATIONS
+        self.bias = bias
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_ff)) if self.gated else None  # [E, D, F]
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # [E, D, F]
         self.w_down = nn.Parameter(torch.empty(n_experts, d_ff, d_model))  # [E, F, D]
+        # gpt-oss's per-expert biases, zero at init: [E, F], [E, F], [E, D]
+        self.b_gate = nn.Parameter(torch.zeros(n_experts, d_ff)) if bias and self.gated else None
+        self.b_up = nn.Parameter(torch.zeros(n_experts, d_ff)) if bias else None
+        self.b_down = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
         self.init_std = init_std
         self.down_init_std = init_std if down_init_std is None else down_init_std
         self.reset_parameters()
@@ -293,15 +344,24 @@ class ExpertBank(nn.Module):
         gate = None if self.w_gate is None else self.w_gate.to(dtype)
         return gate, self.w_up.to(dtype), self.w_down.to(dtype)
 
+    def _biases(self, dtype: torch.dtype):
+        """(b_gate, b_up, b_down) in the compute dtype, or Nones."""
+        return tuple(None if b is None else b.to(dtype) for b in (self.b_gate, self.b_up, self.b_down))
+
     def forward_capacity(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Capacity mode: every expert runs on its full [C, D] buffer, padding included."""
         dtype = compute_dtype(x_ECD)
         w_gate, w_up, w_down = self._weights(dtype)
+        b_gate, b_up, b_down = self._biases(dtype)
         x_ECD = x_ECD.to(dtype)
         act = activation_fn(self.activation)
-        h_ECF = torch.bmm(x_ECD, w_up)
-        h_ECF = act(torch.bmm(x_ECD, w_gate)) * h_ECF if self.gated else act(h_ECF)
-        return torch.bmm(h_ECF, w_down)  # [E, C, D]
+        h_ECF = torch.bmm(x_ECD, w_up) if b_up is None else torch.baddbmm(b_up[:, None, :], x_ECD, w_up)
+        if self.gated:
+            g_ECF = torch.bmm(x_ECD, w_gate) if b_gate is None else torch.baddbmm(b_gate[:, None, :], x_ECD, w_gate)
+            h_ECF = gated_activation(self.activation, g_ECF, h_ECF)
+        else:
+            h_ECF = act(h_ECF)
+        return torch.bmm(h_ECF, w_down) if b_down is None else torch.baddbmm(b_down[:, None, :], h_ECF, w_down)  # [E, C, D]
 
     def forward_dropless(
         self, x_TD: torch.Tensor, token_A: torch.Tensor, gate_A: torch.Tensor | None, counts_E: list[int]
@@ -329,7 +389,8 @@ class ExpertBank(nn.Module):
         grouped = grouped_gemm_available(w_up)
         with no_autocast:
             return GroupedExpertsFn.apply(
-                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation, grouped
+                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation, grouped,
+                *self._biases(compute_dtype(x_TD)),
             )
 
     def forward_grouped(self, x_AD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
@@ -342,9 +403,12 @@ class ExpertBank(nn.Module):
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """One expert on its rows, the textbook formula: the oracle's building block."""
         act = activation_fn(self.activation)
-        h_NF = x_ND @ self.w_up[e]
-        h_NF = act(x_ND @ self.w_gate[e]) * h_NF if self.gated else act(h_NF)
-        return h_NF @ self.w_down[e]
+        h_NF = x_ND @ self.w_up[e] + (0 if self.b_up is None else self.b_up[e])
+        if self.gated:
+            h_NF = gated_activation(self.activation, x_ND @ self.w_gate[e] + (0 if self.b_gate is None else self.b_gate[e]), h_NF)
+        else:
+            h_NF = act(h_NF)
+        return h_NF @ self.w_down[e] + (0 if self.b_down is None else self.b_down[e])
 
     def reference_forward(
         self, x_TD: torch.Tensor, token_index_A: torch.Tensor, expert_index_A: torch.Tensor, gate_A: torch.Tensor

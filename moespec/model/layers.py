@@ -24,7 +24,8 @@ from torch import nn
 
 from moespec.model.regions import region
 
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
+SWIGLU_LIMIT, SWIGLU_ALPHA = 7.0, 1.702  # gpt-oss's clamped SwiGLU
 
 
 def make_norm(kind: str, dim: int, *, eps: float, bias: bool = True) -> nn.Module:
@@ -43,9 +44,19 @@ def activation_fn(name: str):
         return F.relu
     if name in ("gelu", "geglu"):
         return F.gelu
-    if name == "swiglu":
-        return F.silu
-    raise ValueError(f"unknown activation {name!r} (expected relu, gelu, swiglu or geglu)")
+    if name in ("swiglu", "swiglu_clamped"):
+        return F.silu  # swiglu_clamped goes through `gated_activation`, which clamps
+    raise ValueError(f"unknown activation {name!r} (expected relu, gelu, swiglu, geglu or swiglu_clamped)")
+
+
+def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor, *, limit: float = SWIGLU_LIMIT,
+                     alpha: float = SWIGLU_ALPHA) -> torch.Tensor:  # fmt: skip
+    """act(gate) * up; swiglu_clamped (gpt-oss): gate clamped above at `limit`, up to
+    [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate)."""
+    if name != "swiglu_clamped":
+        return activation_fn(name)(gate) * up
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(alpha * gate))
 
 
 # --- rotary position embedding -------------------------------------------------------------
@@ -226,6 +237,7 @@ class DenseFFN(nn.Module):
     def __init__(self, *, d_model: int, d_ff: int, activation: str):
         super().__init__()
         self.act = activation_fn(activation)
+        self.activation = activation
         self.gated = activation in GATED_ACTIVATIONS
         self.w_gate = nn.Linear(d_model, d_ff, bias=False) if self.gated else None
         self.w_up = nn.Linear(d_model, d_ff, bias=False)
@@ -233,7 +245,7 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w_up(x)  # [B, S, F]
-        h = self.act(self.w_gate(x)) * h if self.gated else self.act(h)  # [B, S, F]
+        h = gated_activation(self.activation, self.w_gate(x), h) if self.gated else self.act(h)  # [B, S, F]
         return self.w_down(h)  # [B, S, D]
 
 

@@ -162,7 +162,7 @@ class MoELayer(nn.Module):
         n_local = self.n_experts_total // ep.size
         local = ExpertBank(
             n_experts=n_local, d_model=full.d_model, d_ff=full.d_ff, activation=full.activation,
-            init_std=full.init_std, down_init_std=full.down_init_std,
+            init_std=full.init_std, down_init_std=full.down_init_std, bias=full.bias,
         )  # fmt: skip
         keep = slice(ep.rank * n_local, (ep.rank + 1) * n_local)
         with torch.no_grad():
@@ -281,6 +281,7 @@ def build_moe_layer(
         activation=activation,
         init_std=init_std,
         down_init_std=down_init_std,
+        bias=e.bias,
     )
     shared = build_shared_experts(
         d_model=d_model, count=e.shared_count, d_ff=e.shared_d_ff, activation=activation, gated_output=e.shared_gate

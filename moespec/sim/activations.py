@@ -116,7 +116,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     core = np.where(b.sinks, sink_core, core)
     attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(b.qk_norm > 0, qk, 0.0)  # both norms of the block
     inputs = np.where(b.gated, 2, 1)
-    hidden = np.where(b.gated, 4, 2)
+    hidden = np.where(b.gated, np.where(b.clamped, 7, 4), 2)  # autograd's hidden-wide tensors (clamped SwiGLU: its clamps and sigmoid too)
 
     def ffn_in(code_half, count_inputs, tdl):  # what a FFN keeps of its input
         return np.where(code_half, count_inputs * tdl * 2, tdl * F32)
@@ -135,7 +135,8 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     ep = layers.lift(b.ep)
     f = layers.expert_d_ff.astype(np.float64)
     capacity = tl * k * I64 + (rows + 1) * (I64 + F32) + rows * dl * cl + kl * rows * f * cl + 2 * rows * dl * F32
-    dropless = 2 * rows * I64 + rows * F32 + (kl // 2) * rows * f * cl
+    dropless = 2 * rows * I64 + rows * F32 + np.where(layers.lift(b.gated), 2, 1) * rows * f * cl  # the kernel's pre-activations
+    dropless = dropless + np.where(layers.expert_bias, rows * I64, 0.0)  # the expert of each row, for the biases
     dropless = dropless + np.where(layers.router_matrices > 0, 0.0, tl * dl * F32)  # hash: the kernel keeps x itself
     dropless = dropless + np.where(ep > 1, rows * dl * cl + 2 * rows * dl * F32, 0.0)  # received rows, the combine
     experts = np.where(layers.dropless, dropless, capacity)

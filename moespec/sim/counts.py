@@ -136,7 +136,8 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     attention = attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) + np.where(b.out_bias, d, 0) + qk_norm + latent_norms \
         + np.where(b.sinks, heads, 0)  # fmt: skip
     dense_ffn_n = matrices_n * d * c(b.d_ff)  # one dense block's FFN (uniform batches)
-    one_expert = matrices * dl * f
+    one_expert = matrices * dl * f  # its weights (matmul FLOPs follow these)
+    expert_bias = np.where(layers.expert_bias, (matrices - 1) * f + dl, 0)  # gpt-oss: [F] per input projection, [D] down
     dense_ffn = matrices * dl * c(layers.d_ff)
     shared = c(layers.shared_count) * matrices * dl * c(layers.shared_d_ff) + np.where((layers.shared_count > 0) & layers.shared_gate, dl, 0)
     router = dl * e * c(layers.router_matrices) + np.where(layers.router_bias, e, 0)
@@ -144,9 +145,9 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     embedding = v * d + np.where(b.learned_positions, s * d, 0)
     outer = embedding + np.where(b.tied, 0, v * d) + np.where(b.lm_head_bias, v, 0) + norm + per_design
     non_routed = dense_ffn + shared + router
-    expert_params = total(e * one_expert)
+    expert_params = total(e * (one_expert + expert_bias))
     params_total = outer + total(non_routed) + expert_params
-    params_active = outer + total(non_routed + k * one_expert)
+    params_active = outer + total(non_routed + k * (one_expert + expert_bias))
 
     # Matmul FLOPs of one micro-step on one rank, by part: 6 per weight per row of a Linear.
     batch = c(b.micro_batch)
@@ -245,6 +246,9 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
     local, f = e // lift(b.ep), layers.expert_d_ff
     by_row = (gated + 1) * _chunk(local, dl * f, er)
     by_col = local * (gated * _chunk(dl, f, er) + _chunk(f, dl, er))
+    # gpt-oss's expert biases, [e, F] per input projection and [e, D]: by expert, or by their second dim
+    by_row = by_row + np.where(layers.expert_bias, gated * _chunk(local, f, er) + _chunk(local, dl, er), 0)
+    by_col = by_col + np.where(layers.expert_bias, local * (gated * _chunk(f, 1, er) + _chunk(dl, 1, er)), 0)
     bank = np.where(layers.moe, np.where(er > local, by_col, by_row), 0)
     return outer + layers.per_design((group_ffn + router + shared + bank) * layers.count, n)
 

@@ -32,15 +32,15 @@ RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
 QK_NORMS = ("none", "full", "per_head")  # DesignBatch.qk_norm codes
 ROUTER_NAMES = tuple(ROUTER_TYPES)  # DesignBatch.router / LayerTable.router codes
 
-_BOOL_FIELDS = ("gated", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
+_BOOL_FIELDS = ("gated", "clamped", "expert_bias", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
                 "shared_gate", "router_bias",
                 "dropless", "balanced", "shuffle", "moe")  # fmt: skip
 _FLOAT_FIELDS = ("capacity_factor", "dropout")
 # Per-layer fields: the flat MoE columns of a DesignBatch and the columns of a LayerTable.
-LAYER_FIELDS = ("d_ff", "experts", "expert_d_ff", "k", "shared_count", "shared_d_ff", "shared_gate", "router",
+LAYER_FIELDS = ("d_ff", "experts", "expert_d_ff", "expert_bias", "k", "shared_count", "shared_d_ff", "shared_gate", "router",
                 "router_matrices", "router_bias", "capacity_factor", "min_capacity", "dropless", "balanced",
                 "shuffle", "sinkhorn_iterations")  # fmt: skip
-_MOE_PLACEHOLDER = {"experts": 1, "expert_d_ff": 0, "k": 1, "shared_count": 0, "shared_d_ff": 0, "shared_gate": False,
+_MOE_PLACEHOLDER = {"experts": 1, "expert_d_ff": 0, "expert_bias": False, "k": 1, "shared_count": 0, "shared_d_ff": 0, "shared_gate": False,
                     "router": 0, "router_matrices": 0, "router_bias": False, "capacity_factor": 0.0, "min_capacity": 0,
                     "dropless": True, "balanced": False, "shuffle": False, "sinkhorn_iterations": 0}  # fmt: skip
 
@@ -62,6 +62,7 @@ class LayerTable:
     d_ff: np.ndarray  # dense FFN width (dense groups)
     experts: np.ndarray  # E routed experts
     expert_d_ff: np.ndarray
+    expert_bias: np.ndarray  # a bias per routed expert on each projection (gpt-oss)
     k: np.ndarray  # experts per token (router.experts_per_token)
     shared_count: np.ndarray
     shared_d_ff: np.ndarray
@@ -110,7 +111,8 @@ class DesignBatch:
     n_kv_heads: np.ndarray
     head_dim: np.ndarray
     d_ff: np.ndarray  # dense FFN width (every dense layer)
-    gated: np.ndarray  # swiglu / geglu: 3 FFN matrices, else 2
+    gated: np.ndarray  # swiglu / geglu / swiglu_clamped: 3 FFN matrices, else 2
+    clamped: np.ndarray  # swiglu_clamped (gpt-oss): more elementwise ops and saved tensors
     layernorm: np.ndarray  # 2*D parameters per norm, else (rmsnorm) D
     learned_positions: np.ndarray
     tied: np.ndarray
@@ -132,6 +134,7 @@ class DesignBatch:
     n_moe_layers: np.ndarray  # MoE blocks; the other n_layers - n_moe_layers are dense
     experts: np.ndarray
     expert_d_ff: np.ndarray
+    expert_bias: np.ndarray
     k: np.ndarray
     shared_count: np.ndarray
     shared_d_ff: np.ndarray
@@ -273,7 +276,7 @@ def _layer_row(plan: SpecPlan, layer: LayerPlan) -> dict:
     dropless = capacity is None or capacity.dropless or capacity.factor is None
     return {
         "d_ff": 0, "moe": True, "router": ROUTER_NAMES.index(router.type), "experts": experts.count,
-        "expert_d_ff": experts.d_ff, "k": router.experts_per_token, "shared_count": experts.shared_count,
+        "expert_d_ff": experts.d_ff, "expert_bias": experts.bias, "k": router.experts_per_token, "shared_count": experts.shared_count,
         "shared_d_ff": experts.shared_d_ff, "shared_gate": experts.shared_gate, "router_matrices": matrices,
         "router_bias": matrices > 0 and bool(getattr(router, "bias", False)),
         "capacity_factor": 0.0 if dropless else capacity.factor, "min_capacity": 0 if capacity is None else capacity.min_capacity,
@@ -291,7 +294,7 @@ def _row(plan: SpecPlan) -> dict:
     first.pop("moe", None)
     return first | {
         "vocab": m.vocab_size, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
-        "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "gated": m.activation in ("swiglu", "geglu"),
+        "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "gated": m.activation in ("swiglu", "geglu", "swiglu_clamped"), "clamped": m.activation == "swiglu_clamped",
         "layernorm": m.norm == "layernorm", "learned_positions": m.positions == "learned", "tied": m.tied_embeddings,
         "qkv_bias": m.qkv_bias, "out_bias": m.out_bias, "qk_norm": QK_NORMS.index(m.qk_norm),
         "norm_bias": m.norm == "layernorm" and m.norm_bias, "lm_head_bias": m.lm_head_bias, "mla": m.mla is not None,

@@ -40,6 +40,9 @@ QK_NORM_OPS = 50  # per block, q and k RMSNorms (LayerNorm: QK_NORM_OPS_LAYERNOR
 QK_NORM_OPS_LAYERNORM = 2
 QK_NORM_AUTOCAST_OPS = 8
 NORM_BIAS_OPS = 1  # per LayerNorm with its bias
+CLAMPED_FFN_OPS = 19  # per autograd FFN (dense, shared, a capacity bank) with the clamped SwiGLU: clamps, sigmoid, the +1
+CLAMPED_KERNEL_OPS = 25  # the same inside the dropless kernel (its hand-written derivative)
+EXPERT_BIAS_OPS = {"dropless": 27, "capacity": 15}  # per MoE layer with expert biases: gathers and index_adds, or broadcasts
 SINK_OPS = 35  # per block, attention sinks: the extra channel and key, their mask, the slice back (+2 under autocast)
 WINDOW_OPS = 12  # per layer with a sliding window shorter than the sequence: its mask (5 when sinks already build one)
 PARTIAL_ROPE_OPS = 17  # per block, RoPE on part of each head: slices and a concatenation for q and k
@@ -73,7 +76,7 @@ def param_tensors(b: DesignBatch) -> np.ndarray:
     # attention Linears: q, k, v, o; MLA: q (or q_a, its norm, q_b), kv_a, its norm, kv_b, o
     attention = np.where(b.mla, 3 + norm + np.where(b.q_lora_rank > 0, 2 + norm, 1), 4)
     block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + b.sinks + 2 * norm + np.where(b.qk_norm > 0, 2 * norm, 0)
-    moe = layers.lift(matrices) * (1 + (layers.shared_count > 0)) + layers.router_matrices + layers.router_bias \
+    moe = layers.lift(matrices) * (1 + (layers.shared_count > 0) + layers.expert_bias) + layers.router_matrices + layers.router_bias \
         + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
     groups = np.where(layers.moe, moe, layers.lift(matrices))
     root = 1 + b.learned_positions + (1 - b.tied) + b.lm_head_bias + norm
@@ -111,11 +114,14 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
              + np.where(b.qk_norm > 0, np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0)
              + np.where(b.mla, MLA_OPS + np.where(b.q_lora_rank > 0, MLA_Q_LORA_OPS + np.where(autocast, MLA_Q_LORA_AUTOCAST_OPS, 0), 0)
                         + np.where(b.v_head_dim != b.head_dim, MLA_PAD_OPS, 0), 0))  # fmt: skip
-    dense_extra = np.where(b.gated, 0, UNGATED_FFN_OPS)
+    dense_extra = np.where(b.gated, np.where(b.clamped, CLAMPED_FFN_OPS, 0), UNGATED_FFN_OPS)
     router = np.array([ROUTER_OPS[name] for name in ROUTER_NAMES])[layers.router]
     local = layers.experts // lift(b.ep)
     moe = (MOE_BLOCK_OPS - DENSE_BLOCK_OPS + router + np.where(lift(b.gated), 0, UNGATED_EXPERT_OPS)
            + np.where(layers.dropless, DROPLESS_OPS, 0) + np.where(layers.shared_count > 0, SHARED_OPS, 0))  # fmt: skip
+    clamped = lift(b.clamped)
+    moe = moe + np.where(layers.expert_bias, np.where(layers.dropless, EXPERT_BIAS_OPS["dropless"], EXPERT_BIAS_OPS["capacity"]), 0) \
+        + np.where(clamped, np.where(layers.dropless, CLAMPED_KERNEL_OPS, CLAMPED_FFN_OPS) + np.where(layers.shared_count > 0, CLAMPED_FFN_OPS, 0), 0)  # fmt: skip
     groups = np.where(layers.moe, moe, lift(dense_extra))
     host = b.window_layers * np.where(b.sinks, 5, WINDOW_OPS) + STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) + np.where(b.layernorm & ~b.norm_bias, -NORM_BIAS_OPS, 0) \
         + np.where(b.lm_head_bias, BIAS_OPS, 0) + b.n_layers * block + b.dense_blocks * dense_extra  # fmt: skip

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Union
 
-Activation = Literal["relu", "gelu", "swiglu", "geglu"]
+Activation = Literal["relu", "gelu", "swiglu", "geglu", "swiglu_clamped"]
 Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rope"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -231,6 +231,7 @@ class ExpertsPlan:
     shared_count: int  # experts every token passes through (DeepSeek-MoE, Qwen-MoE)
     shared_d_ff: int  # hidden width of one shared expert
     shared_gate: bool  # Qwen-style sigmoid gate Linear(D, 1) on the shared experts' output
+    bias: bool = False  # gpt-oss: a bias per routed expert on every projection
 
 
 @dataclass(frozen=True)

@@ -274,7 +274,7 @@ def _moe_layer(src: _LayerSources, model: ModelPlan, parallel: ParallelPlan, err
     d_ff = ex["d_ff"] or model.d_ff
     experts = ExpertsPlan(
         count=count, d_ff=d_ff, shared_count=ex["shared_count"],
-        shared_d_ff=ex["shared_d_ff"] or d_ff, shared_gate=ex["shared_gate"],
+        shared_d_ff=ex["shared_d_ff"] or d_ff, shared_gate=ex["shared_gate"], bias=ex["bias"],
     )  # fmt: skip
 
     router_raw = src.router
