@@ -55,26 +55,39 @@ def tiny_plan(*, moe_layers: tuple[int, ...] = (), router=None, experts=None, ca
 
 
 def attention_params(m: ModelPlan) -> int:
+    per_norm = 2 if m.norm == "layernorm" and m.norm_bias else 1
+    extra = (m.d_model if m.out_bias else 0) + (m.n_heads if m.attention_sinks else 0)
+    if m.mla is not None:  # DeepSeek's latent attention, as HF's DeepseekV3Attention lays it out
+        a, qk = m.mla, m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim
+        q = m.d_model * m.n_heads * qk if a.q_lora_rank is None else m.d_model * a.q_lora_rank + per_norm * a.q_lora_rank + a.q_lora_rank * m.n_heads * qk
+        kv = m.d_model * (a.kv_lora_rank + a.qk_rope_head_dim) + per_norm * a.kv_lora_rank + a.kv_lora_rank * m.n_heads * (a.qk_nope_head_dim + a.v_head_dim)
+        return q + kv + m.n_heads * a.v_head_dim * m.d_model + extra
     q = m.d_model * m.n_heads * m.head_dim
     kv = 2 * m.d_model * m.n_kv_heads * m.head_dim
     o = m.n_heads * m.head_dim * m.d_model
     bias = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim if m.qkv_bias else 0
-    return q + kv + o + bias
+    qk_norm = {"none": 0, "full": (m.n_heads + m.n_kv_heads) * m.head_dim, "per_head": 2 * m.head_dim}[m.qk_norm] * per_norm
+    return q + kv + o + bias + qk_norm + extra
 
 
 def ffn_params(d_model: int, d_ff: int, activation: str) -> int:
-    return (3 if activation in ("swiglu", "geglu") else 2) * d_model * d_ff
+    return (3 if activation in ("swiglu", "geglu", "swiglu_clamped") else 2) * d_model * d_ff
+
+
+def expert_bias_params(d_model: int, d_ff: int, activation: str) -> int:
+    """gpt-oss: a bias on each projection of each expert."""
+    return (2 if activation in ("swiglu", "geglu", "swiglu_clamped") else 1) * d_ff + d_model
 
 
 def norm_params(m: ModelPlan) -> int:
-    return m.d_model * (2 if m.norm == "layernorm" else 1)
+    return m.d_model * (2 if m.norm == "layernorm" and m.norm_bias else 1)
 
 
 def expected_params(plan: SpecPlan) -> tuple[int, int]:
     """(total, active per token) from the formulas, independent of the module tree."""
     m = plan.model
     embed = m.vocab_size * m.d_model + (m.seq_len * m.d_model if m.positions == "learned" else 0)
-    head = 0 if m.tied_embeddings else m.vocab_size * m.d_model
+    head = (0 if m.tied_embeddings else m.vocab_size * m.d_model) + (m.vocab_size if m.lm_head_bias else 0)
     total = active = embed + head + norm_params(m)
     for layer in plan.layers:
         block = attention_params(m) + 2 * norm_params(m)
@@ -85,7 +98,7 @@ def expected_params(plan: SpecPlan) -> tuple[int, int]:
         e, r = layer.moe.experts, layer.moe.router
         # A hash router has no weights (a fixed hash of the token id picks the expert).
         router = 0 if r.type == "hash" else m.d_model * e.count * (2 if r.type == "noisy_topk" else 1) + (e.count if getattr(r, "bias", False) else 0)
-        one_expert = ffn_params(m.d_model, e.d_ff, m.activation)
+        one_expert = ffn_params(m.d_model, e.d_ff, m.activation) + (expert_bias_params(m.d_model, e.d_ff, m.activation) if e.bias else 0)
         shared = e.shared_count * ffn_params(m.d_model, e.shared_d_ff, m.activation) + (m.d_model if e.shared_gate else 0)
         total += block + router + shared + e.count * one_expert
         active += block + router + shared + r.experts_per_token * one_expert

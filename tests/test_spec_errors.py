@@ -127,7 +127,7 @@ CASES = [
     bad("unknown-key-with-space", edit(MODEL_END, MODEL_END + '  "n layers": 4\n'), 9, 3, "model['n layers']", "unknown key 'n layers'", "did you mean 'n_layers'?"),
     bad("unknown-key-with-newline", edit(MODEL_END, MODEL_END + '  "seq\\nlen": 4\n'), 9, 3, "model['seq\\nlen']", "unknown key 'seq\\nlen'", "did you mean 'seq_len'?"),
     bad("unknown-key-list-type", BASE + "type: []\n", 18, 1, "type", "unknown key 'type'", "allowed here: $schema, description"),
-    bad("unknown-no-suggestion", edit("{count: 4}", "{num_experts: 4}"), 11, 13, "moe.experts.num_experts", "unknown key 'num_experts'", "allowed here: count, d_ff"),
+    bad("unknown-no-suggestion", edit("{count: 4}", "{num_experts: 4}"), 11, 13, "moe.experts.num_experts", "unknown key 'num_experts'", "allowed here: bias, count, d_ff"),
     bad("unknown-in-override", overrides("    - layers: [1]\n      expert: {count: 2}\n"), 16, 7, "moe.overrides[0].expert", "unknown key 'expert'", "did you mean 'experts'?"),
     bad("bad-activation", edit(MODEL_END, MODEL_END + "  activation: swiglo\n"), 9, 15, "model.activation", "str 'swiglo' is not one of relu, gelu, swiglu, geglu", "did you mean 'swiglu'?"),
     bad("bad-norm", edit(MODEL_END, MODEL_END + "  norm: rms_norm\n"), 9, 9, "model.norm", "'rms_norm' is not one of layernorm, rmsnorm", "did you mean 'rmsnorm'?"),

@@ -318,6 +318,7 @@ class SpecPlan:
         """JSON-ready form (router and layer kinds explicit, derived figures included)."""
         data = dataclasses.asdict(self)
         data["layers"] = list(data["layers"])
+        data["model"]["window_layers"] = list(data["model"]["window_layers"])
         data["parallel"].update(
             world=self.parallel.world,
             expert_dp=self.parallel.expert_dp,
