@@ -109,7 +109,7 @@ def test_a_checkpoint_of_another_shape_is_one_line(tmp_path):
     assert done.returncode == 2 and "no .safetensors files" in done.stderr
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
 def test_export_loads_in_transformers_as_the_same_model(family, tmp_path):
     tiny_hf_model(family, tmp_path / "hf")  # only for its config: export writes our own seeded weights
     spec = tmp_path / "spec.yaml"
@@ -124,7 +124,9 @@ def test_export_loads_in_transformers_as_the_same_model(family, tmp_path):
         assert (ours(x)[0] - theirs(x).logits).abs().max().item() < 1e-5
 
 
-def test_export_refuses_a_key_the_family_cannot_hold(tmp_path):
-    done = moespec_cli("export", str(Path(__file__).resolve().parents[1] / "specs/tiny-switch.yaml"), "--family", "mixtral", "-o", str(tmp_path / "out"))
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "moe.router.type" in done.stderr, done.stderr
+@pytest.mark.parametrize("spec,family,key", [("tiny-switch", "mixtral", "moe.router.type"), ("tiny-oss", "mixtral", "model.activation"),
+                                              ("tiny-mla", "qwen3_moe", "model.mla"), ("tiny-oss", "deepseek_v3", "model.activation")])  # fmt: skip
+def test_export_refuses_a_key_the_family_cannot_hold(tmp_path, spec, family, key):
+    done = moespec_cli("export", str(Path(__file__).resolve().parents[1] / f"specs/{spec}.yaml"), "--family", family, "-o", str(tmp_path / "out"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and f"{key}:" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()

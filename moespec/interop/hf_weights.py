@@ -199,29 +199,27 @@ def from_moespec(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     one tensor per expert."""
     out: dict[str, torch.Tensor] = {}
     mixtral = family == "mixtral"
+    if family == "gpt_oss":
+        return _to_gpt_oss(model)
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().contiguous()
-        if key == "tok_embeddings.weight":
-            out["model.embed_tokens.weight"] = tensor
-        elif key.startswith("final_norm."):
-            out["model." + key.replace("final_norm", "norm")] = tensor
-        elif key.startswith("lm_head.") or key == "head_bias":
-            out["lm_head.bias" if key == "head_bias" else key] = tensor
-        elif m := re.fullmatch(r"blocks\.(\d+)\.(.*)", key):
-            out.update(_block_to_hf(int(m.group(1)), m.group(2), tensor, mixtral=mixtral))
+        if m := re.fullmatch(r"blocks\.(\d+)\.(.*)", key):
+            out.update(_block_to_hf(int(m.group(1)), m.group(2), tensor, mixtral=mixtral, family=family))
         else:
-            raise ValueError(f"export: {key} has no Hugging Face name")
+            out.update(from_moespec_single(key, tensor))
     return out
 
 
-def _block_to_hf(layer: int, rest: str, tensor: torch.Tensor, *, mixtral: bool) -> dict[str, torch.Tensor]:
+def _block_to_hf(layer: int, rest: str, tensor: torch.Tensor, *, mixtral: bool, family: str = "") -> dict[str, torch.Tensor]:
     prefix = f"model.layers.{layer}."
     moe = "block_sparse_moe." if mixtral else "mlp."
+    shared = "shared_experts" if family == "deepseek_v3" else "shared_expert"
     simple = {
+        r"attention\.(q_a|kv_a)_norm\.(weight|bias)": "self_attn.{0}_layernorm.{1}",  # MLA
         r"attn_norm\.(weight|bias)": "input_layernorm.{0}", r"ffn_norm\.(weight|bias)": "post_attention_layernorm.{0}",
         r"attention\.(\w+)\.(weight|bias)": "self_attn.{0}.{1}", r"ffn\.w_(gate|up|down)\.weight": "mlp.{0}_proj.weight",
         r"moe\.router\.gate\.weight": moe + "gate.weight", r"moe\.router\.expert_bias_E": "mlp.gate.e_score_correction_bias",
-        r"moe\.shared\.ffn\.w_(gate|up|down)\.weight": "mlp.shared_expert.{0}_proj.weight", r"moe\.shared\.gate\.weight": "mlp.shared_expert_gate.weight",
+        r"moe\.shared\.ffn\.w_(gate|up|down)\.weight": "mlp." + shared + ".{0}_proj.weight", r"moe\.shared\.gate\.weight": "mlp.shared_expert_gate.weight",
     }  # fmt: skip
     for pattern, target in simple.items():
         if m := re.fullmatch(pattern, rest):
@@ -230,6 +228,46 @@ def _block_to_hf(layer: int, rest: str, tensor: torch.Tensor, *, mixtral: bool) 
         names = {"gate": "w1", "up": "w3", "down": "w2"} if mixtral else {p: f"{p}_proj" for p in ("gate", "up", "down")}
         return {f"{prefix}{moe}experts.{e}.{names[m.group(1)]}.weight": tensor[e].t().contiguous() for e in range(tensor.shape[0])}
     raise ValueError(f"export: blocks.{layer}.{rest} has no Hugging Face name")
+
+
+def _to_gpt_oss(model: nn.Module) -> dict[str, torch.Tensor]:
+    """gpt-oss's layout (see `_gpt_oss`): banks input-first, gate and up interleaved by column."""
+    out: dict[str, torch.Tensor] = {}
+    state = model.state_dict()
+    for key, tensor in state.items():
+        tensor = tensor.detach()
+        m = re.fullmatch(r"blocks\.(\d+)\.(.*)", key)
+        if m is None:
+            out.update(from_moespec_single(key, tensor))
+            continue
+        prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
+        if rest == "attention.sinks":
+            out[prefix + "self_attn.sinks"] = tensor.contiguous()
+        elif rest.startswith("moe.router.gate."):
+            out[prefix + "mlp.router." + rest.rsplit(".", 1)[1]] = tensor.contiguous()
+        elif rest in ("moe.experts.w_gate", "moe.experts.b_gate"):
+            up = state[key.replace("_gate", "_up")].detach()
+            name = "gate_up_proj" if rest.endswith("w_gate") else "gate_up_proj_bias"
+            out[prefix + "mlp.experts." + name] = torch.stack((tensor, up), dim=-1).flatten(-2).contiguous()  # gate, up, gate, up...
+        elif rest in ("moe.experts.w_up", "moe.experts.b_up"):
+            continue  # interleaved with the gate above
+        elif rest in ("moe.experts.w_down", "moe.experts.b_down"):
+            out[prefix + "mlp.experts." + ("down_proj" if rest.endswith("w_down") else "down_proj_bias")] = tensor.contiguous()
+        else:
+            out.update(_block_to_hf(int(m.group(1)), rest, tensor.contiguous(), mixtral=False))
+    return out
+
+
+def from_moespec_single(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A tensor outside the blocks under its HF name (embedding, final norm, LM head)."""
+    tensor = tensor.contiguous()
+    if key == "tok_embeddings.weight":
+        return {"model.embed_tokens.weight": tensor}
+    if key.startswith("final_norm."):
+        return {"model." + key.replace("final_norm", "norm"): tensor}
+    if key.startswith("lm_head.") or key == "head_bias":
+        return {"lm_head.bias" if key == "head_bias" else key: tensor}
+    raise ValueError(f"export: {key} has no Hugging Face name")
 
 
 def save_hf_checkpoint(model: nn.Module, directory: Path, config: dict) -> list[Path]:
