@@ -81,6 +81,19 @@ def test_show_table_names_every_layer_kind():
     assert "cf 1.25/2 C=" in result.stdout and "(probability)" in result.stdout
 
 
+@pytest.mark.parametrize("spec,words", [
+    ("tiny-oss", ["attention sinks", "sliding window 32 in layers [0, 2]", "biases on q/k/v, o_proj"]),
+    ("tiny-mla", ["MLA (q_lora_rank 32, kv_lora_rank 24, qk 16+8 rope, v 16)"]),
+    ("olmoe-1b-7b", ["QK-norm full"]),
+])  # fmt: skip
+def test_show_names_the_attention_features(spec, words):
+    result = moespec("show", f"specs/{spec}.yaml")
+    assert result.returncode == 0, result.stderr
+    flat = " ".join(result.stdout.split())
+    assert all(word in flat for word in words), result.stdout
+    assert "attention:" not in moespec("show", "specs/tiny-topk.yaml").stdout  # a plain block says nothing more
+
+
 def test_schema_command_prints_the_schema():
     result = moespec("schema")
     assert result.returncode == 0

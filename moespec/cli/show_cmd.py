@@ -30,6 +30,9 @@ def show_command(
         f"d_ff {m.d_ff}, {m.activation}, {m.norm}, {m.positions}, vocab {m.vocab_size}, seq {m.seq_len}, "
         f"{'tied' if m.tied_embeddings else 'untied'} embeddings"
     )
+    extras = attention_features(m)
+    if extras:
+        console.print("attention: " + ", ".join(extras))
     console.print(
         f"parallel: world {p.world} = pp {p.pp} x tp {p.tp} x dp {p.dp} (ep {p.ep}), micro_batch {p.micro_batch}, "
         f"global_batch {p.global_batch} (accum {p.grad_accum}), {p.precision}, ZeRO-{p.zero_stage}, recompute {p.recompute}; "
@@ -42,3 +45,26 @@ def show_command(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def attention_features(m) -> list[str]:
+    """The model keys beyond a plain Llama block, in words (empty for one)."""
+    out = []
+    if m.mla is not None:
+        a = m.mla
+        out.append(f"MLA (q_lora_rank {a.q_lora_rank}, kv_lora_rank {a.kv_lora_rank}, qk {a.qk_nope_head_dim}+{a.qk_rope_head_dim} rope, v {a.v_head_dim})")
+    if m.qk_norm != "none":
+        out.append(f"QK-norm {m.qk_norm.replace('_', '-')}")
+    if m.rope_fraction != 1.0:
+        out.append(f"RoPE on {m.rope_dim} of {m.head_dim} channels")
+    if m.attention_sinks:
+        out.append("attention sinks")
+    if m.window is not None:
+        layers = "every layer" if len(m.window_layers) == m.n_layers else f"layers {list(m.window_layers)}"
+        out.append(f"sliding window {m.window} in {layers}")
+    biases = [name for name, on in (("q/k/v", m.qkv_bias), ("o_proj", m.out_bias), ("LM head", m.lm_head_bias)) if on]
+    if biases:
+        out.append("biases on " + ", ".join(biases))
+    if m.norm == "layernorm" and not m.norm_bias:
+        out.append("LayerNorm without bias")
+    return out
