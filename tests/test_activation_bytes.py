@@ -57,7 +57,7 @@ def variant(tmp_path, base: str, edit) -> object:
 
 
 @pytest.mark.parametrize("name", ["tiny-topk", "tiny-base", "tiny-dropless", "tiny-expert-choice", "tiny-hash", "tiny-mixed",
-                                  "tiny-noisy-topk", "tiny-sigmoid-bias", "tiny-sinkhorn", "tiny-mla"])  # fmt: skip
+                                  "tiny-noisy-topk", "tiny-sigmoid-bias", "tiny-sinkhorn", "tiny-mla", "tiny-oss", "tiny-llama4"])  # fmt: skip
 def test_every_router_and_path(name):
     plan = load_plan(f"{SPECS}/{name}.yaml")
     assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)
@@ -100,4 +100,9 @@ def test_model_variants(tmp_path, edit):
 ], ids=["no-query-bottleneck", "bf16", "unpadded-values", "layernorm"])  # fmt: skip
 def test_latent_attention_variants(tmp_path, edit):
     plan = variant(tmp_path, "tiny-mla", edit)
+    assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)
+
+
+def test_llama4_input_gating_under_autocast(tmp_path):
+    plan = variant(tmp_path, "tiny-llama4", lambda s: s["parallelism"].update(precision="bf16"))
     assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)

@@ -66,7 +66,7 @@ def attention_params(m: ModelPlan) -> int:
     kv = 2 * m.d_model * m.n_kv_heads * m.head_dim
     o = m.n_heads * m.head_dim * m.d_model
     bias = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim if m.qkv_bias else 0
-    qk_norm = {"none": 0, "full": (m.n_heads + m.n_kv_heads) * m.head_dim, "per_head": 2 * m.head_dim}[m.qk_norm] * per_norm
+    qk_norm = {"none": 0, "full": (m.n_heads + m.n_kv_heads) * m.head_dim, "per_head": 2 * m.head_dim, "l2": 0}[m.qk_norm] * per_norm
     return q + kv + o + bias + qk_norm + extra
 
 

@@ -177,3 +177,16 @@ def test_keys_latent_attention_replaces_are_refused_by_name(extra, key):
     assert any(key in e.format() for e in raised.value.errors), [e.format() for e in raised.value.errors]
     plan = plan_from_text(text.replace(extra, ""), "mla.yaml")
     assert (plan.model.head_dim, plan.model.n_kv_heads) == (12, 4)
+
+
+def test_gate_input_needs_one_expert_per_token_and_nope_layers_need_rope():
+    base = ("version: 1\nname: gi\nmodel: {vocab_size: 64, d_model: 16, n_layers: 2, n_heads: 2, nope_layers: [1]}\n"
+            "moe: {experts: {count: 4, gate_input: true}, router: {type: topk, k: 2}}\n")  # fmt: skip
+    with pytest.raises(SpecErrors) as raised:
+        plan_from_text(base, "gi.yaml")
+    assert any("moe.experts.gate_input" in e.format() and "top-1" in e.format() for e in raised.value.errors)
+    plan = plan_from_text(base.replace("type: topk, k: 2", "type: switch"), "gi.yaml")
+    assert plan.layers[0].moe.experts.gate_input and plan.model.nope_layers == (1,)
+    with pytest.raises(SpecErrors) as raised:
+        plan_from_text(base.replace("type: topk, k: 2", "type: switch").replace("n_heads: 2,", "n_heads: 2, positions: learned,"), "gi.yaml")
+    assert any("model.nope_layers" in e.format() for e in raised.value.errors)

@@ -120,7 +120,7 @@ def _seq_len(r: _Reader, seq_len: int | None, *, max_key: str = "max_position_em
     return int(seq_len) if seq_len else min(int(top), DEFAULT_SEQ_LEN)
 
 
-def _window(r: _Reader, n_layers: int, *, on: bool = True) -> dict | None:
+def _window(r: _Reader, n_layers: int, *, on: bool = True, also: tuple[str, ...] = ()) -> dict | None:
     """Sliding-window attention as HF runs it, as `model.sliding_window` (None: none).
     transformers 5 writes `layer_types` (the "sliding_attention" layers use the window);
     without it, `on` says whether the family windows every layer (Mixtral, Phi-3.5-MoE) and
@@ -130,7 +130,7 @@ def _window(r: _Reader, n_layers: int, *, on: bool = True) -> dict | None:
     first = r.take("max_window_layers")
     kinds = r.take("layer_types")
     if kinds is not None:
-        unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+        unknown = sorted(set(kinds) - {"full_attention", "sliding_attention", *also})  # `also`: kinds the family's reader handled
         if unknown:
             r.refuse("layer_types", f"attention kinds {unknown} are not expressible")
         layers = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
@@ -158,11 +158,11 @@ def _placement(n_layers: int, moe: list[int]) -> dict:
     return {"type": "layers", "layers": moe}
 
 
-def _model(r: _Reader, seq: int, *, window: bool = False, **extra) -> dict:
+def _model(r: _Reader, seq: int, *, window: bool = False, also: tuple[str, ...] = (), **extra) -> dict:
     """The `model` section shared by the Llama-like families; `window`: whether the family
     applies `sliding_window` to every layer when `layer_types` does not say."""
     d, heads = r.take("hidden_size", required=True), r.take("num_attention_heads", required=True)
-    sliding = _window(r, int(r.config.get("num_hidden_layers") or 0), on=window)
+    sliding = _window(r, int(r.config.get("num_hidden_layers") or 0), on=window, also=also)
     model = {
         "vocab_size": r.take("vocab_size", required=True), "d_model": d, "n_layers": r.take("num_hidden_layers", required=True),
         "n_heads": heads, "n_kv_heads": r.take("num_key_value_heads") or heads,
@@ -273,21 +273,38 @@ def _dbrx(r, seq):
 
 
 def _llama4(r, seq):
+    """Llama-4 text: MoE every `interleave_moe_layer_step` layers with a shared expert, top-1
+    sigmoid routing that scales the expert's input, a weightless QK-norm after RoPE in the
+    RoPE layers, and NoPE layers (`no_rope_layers` flags 0). Chunked attention and the NoPE
+    layers' temperature tuning change nothing below their lengths and are refused above."""
     bias = bool(r.take("attention_bias", False))
-    model = _model(r, seq, qkv_bias=bias, out_bias=bias)
+    kinds = r.take("layer_types") or []
+    chunk = r.take("attention_chunk_size")
+    if set(kinds) - {"chunked_attention", "full_attention"}:
+        r.refuse("layer_types", f"attention kinds {sorted(set(kinds) - {'chunked_attention', 'full_attention'})} are not expressible")
+    if chunk and int(chunk) < seq and (not kinds or "chunked_attention" in kinds):
+        r.refuse("attention_chunk_size", f"{chunk}: chunked attention shorter than the training length {seq} is not expressible (import with --seq-len {chunk} or less)")
+    floor = int(r.take("floor_scale", 8192) or 8192)
+    r.take("attn_scale")
+    if r.take("attn_temperature_tuning") and seq >= floor:
+        r.refuse("attn_temperature_tuning", f"the NoPE layers' temperature grows from position {floor} on, within the training length {seq}; import with --seq-len {floor - 1} or less")
+    qk_norm = "l2" if r.take("use_qk_norm") else "none"
+    model = _model(r, seq, qkv_bias=bias, out_bias=bias, qk_norm=qk_norm, also=("chunked_attention",))
     model["d_ff"] = r.take("intermediate_size_mlp", required=True)  # the dense layers' width
     n = model["n_layers"]
+    flags = r.take("no_rope_layers")
+    interval = int(r.take("no_rope_layer_interval", 4) or 4)
+    flags = flags if flags else [int((i + 1) % interval != 0) for i in range(n)]  # transformers' default
+    nope = [i for i, use in enumerate(flags) if not use]
+    if nope:
+        model["nope_layers"] = nope
     step = int(r.take("interleave_moe_layer_step", 1) or 1)
     layers = r.take("moe_layers") or list(range(step - 1, n, step))
-    r.note("use_qk_norm", "Llama-4's QK-norm is an L2 norm without weights; not applied (no parameter)")
-    r.note("no_rope_layers", "layers without RoPE (NoPE); every layer uses RoPE here (no parameter)")
-    for key in ("attention_chunk_size", "attn_temperature_tuning", "floor_scale", "attn_scale"):
-        r.note(key, "long-context attention setting; not applied (no parameter)")
-    r.notes.append("router: Llama-4 scales the chosen expert's input by sigmoid(logit); moespec scales its output (same parameters)")
+    r.note("rope_scaling", "Llama-4's llama3 RoPE scaling: not applied (changes positions beyond the pretraining length, no parameter)")
     router = {"type": "sigmoid_bias", "k": int(r.take("num_experts_per_tok", 1)), "normalize": False, "bias_update_rate": 0.0}
     r.take("router_aux_loss_coef")
     moe = _moe(_placement(n, layers), r.take("num_local_experts", required=True), r.take("intermediate_size"), router,
-               shared_count=1, shared_d_ff=int(r.config["intermediate_size"]))  # fmt: skip
+               shared_count=1, shared_d_ff=int(r.config["intermediate_size"]), gate_input=True)  # fmt: skip
     return model, moe
 
 

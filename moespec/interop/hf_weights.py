@@ -70,6 +70,25 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 _GPT_OSS = re.compile(_LAYER + r"(?:mlp\.experts\.(gate_up_proj|gate_up_proj_bias|down_proj|down_proj_bias)|mlp\.router\.(weight|bias)|self_attn\.(sinks))$")
 
 
+# Llama-4: `feed_forward` for both kinds of layer; its bank is input-first, gate then up halves.
+_LLAMA4 = re.compile(_LAYER + r"feed_forward\.(?:experts\.(gate_up_proj|down_proj)|router\.(weight)|shared_expert\.(gate|up|down)_proj\.weight|(gate|up|down)_proj\.weight)$")
+
+
+def _llama4(m: re.Match, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    layer, bank, router, shared, dense = m.groups()
+    block = f"blocks.{layer}."
+    if bank == "gate_up_proj":
+        gate, up = tensor.chunk(2, dim=-1)  # [E, D, F] each
+        return {block + "moe.experts.w_gate": gate, block + "moe.experts.w_up": up}
+    if bank == "down_proj":
+        return {block + "moe.experts.w_down": tensor}
+    if router:
+        return {block + "moe.router.gate.weight": tensor}
+    if shared:
+        return {block + f"moe.shared.ffn.w_{shared}.weight": tensor}
+    return {block + f"ffn.w_{dense}.weight": tensor}
+
+
 def _gpt_oss(m: re.Match, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     layer, bank, router, sinks = m.groups()
     block = f"blocks.{layer}."
@@ -95,6 +114,9 @@ def to_moespec(tensors: dict[str, torch.Tensor], model: nn.Module, family: str |
     for name, tensor in tensors.items():
         if family == "gpt_oss" and (m := _GPT_OSS.fullmatch(name)):
             out.update(_gpt_oss(m, tensor))
+            continue
+        if family in ("llama4", "llama4_text") and (m := _LLAMA4.fullmatch(name)):
+            out.update(_llama4(m, tensor))
             continue
         if m := _EXPERT.fullmatch(name):
             layer, e, proj = m.group(1), int(m.group(2)), _PROJ[m.group(3)]
@@ -135,10 +157,10 @@ def checkpoint_config(directory: Path) -> dict:
 
 
 def interleaved_rope(config: dict) -> bool:
-    """Whether a checkpoint's MLA weights lay RoPE channels out in interleaved pairs
-    (DeepSeek-V2 always, V3 unless `rope_interleave: false`)."""
-    kind = config.get("model_type")
-    return kind == "deepseek_v2" or (kind == "deepseek_v3" and config.get("rope_interleave", True))
+    """Whether a checkpoint lays RoPE channels out in interleaved pairs: DeepSeek-V2 always,
+    V3 unless `rope_interleave: false` (its MLA rows), Llama-4 (complex RoPE on q and k)."""
+    kind = (config.get("text_config") or {}).get("model_type") or config.get("model_type")
+    return kind in ("deepseek_v2", "llama4", "llama4_text") or (kind == "deepseek_v3" and config.get("rope_interleave", True))
 
 
 def rope_permutation(rope_dim: int) -> torch.Tensor:
@@ -151,8 +173,19 @@ def permute_latent_rope(mapped: dict[str, torch.Tensor], model: nn.Module, *, in
     """Reorder the RoPE rows of every MLA block's query and latent projections, in place in
     `mapped` (moespec names): interleaved -> halves on load, halves -> interleaved on export."""
     from moespec.model.latent_attention import LatentAttention
+    from moespec.model.layers import CausalSelfAttention
 
     for name, module in model.named_modules():
+        if isinstance(module, CausalSelfAttention):  # every channel of q and k rotates (Llama-4)
+            perm = rope_permutation(module.head_dim)
+            perm = torch.argsort(perm) if inverse else perm
+            for proj, heads in (("q_proj", module.n_heads), ("k_proj", module.n_kv_heads)):
+                for suffix in ("weight", "bias"):
+                    key = f"{name}.{proj}.{suffix}"
+                    if key in mapped:
+                        w = mapped[key]
+                        mapped[key] = w.reshape(heads, module.head_dim, -1)[:, perm].reshape(w.shape)
+            continue
         if not isinstance(module, LatentAttention):
             continue
         perm = rope_permutation(module.rope_dim)
@@ -180,7 +213,9 @@ def load_hf_weights(model: nn.Module, directory: Path) -> int:
     config = checkpoint_config(directory)
     mapped = to_moespec(tensors, model, config.get("model_type")) if hf else tensors
     state = model.state_dict()
-    if missing := sorted(set(state) - set(mapped)):
+    # A sigmoid_bias router's selection bias is state moespec adds; a checkpoint without it
+    # (Llama-4: no selection bias) keeps the initial zeros, which is what that model computes.
+    if missing := sorted(key for key in set(state) - set(mapped) if not key.endswith("router.expert_bias_E")):
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"weights: {directory} lacks {missing[0]}{more}; is it the checkpoint of this spec's model?")
     for key, tensor in mapped.items():
@@ -190,7 +225,7 @@ def load_hf_weights(model: nn.Module, directory: Path) -> int:
             raise ValueError(f"weights: {key} is {tuple(tensor.shape)} in {directory}, the spec's model has {tuple(state[key].shape)}")
     if hf and interleaved_rope(config):
         permute_latent_rope(mapped, model)
-    model.load_state_dict({k: v.to(state[k].dtype) for k, v in mapped.items()}, strict=True)
+    model.load_state_dict({k: v.to(state[k].dtype) for k, v in mapped.items()}, strict=False)  # every key checked above
     return len(mapped)
 
 

@@ -148,6 +148,7 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
         ffn=ffn,
         moe=moe,
         dropout=m.dropout,
+        use_rope=layer.index not in m.nope_layers,
     )
 
 

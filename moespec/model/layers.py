@@ -193,11 +193,11 @@ class CausalSelfAttention(nn.Module):
         self.core = AttentionCore(dropout=dropout, enable_gqa=n_kv_heads != n_heads, window=window)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
         self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None  # [H] logits
-        if qk_norm not in ("none", "full", "per_head"):
-            raise ValueError(f"unknown qk_norm {qk_norm!r} (expected none, full or per_head)")
-        self.qk_norm = qk_norm
+        if qk_norm not in ("none", "full", "per_head", "l2"):
+            raise ValueError(f"unknown qk_norm {qk_norm!r} (expected none, full, per_head or l2)")
+        self.qk_norm, self.norm_eps = qk_norm, norm_eps
         q_width, k_width = (head_dim, head_dim) if qk_norm == "per_head" else (n_heads * head_dim, n_kv_heads * head_dim)
-        on = qk_norm != "none"
+        on = qk_norm in ("full", "per_head")  # l2 has no weights
         self.q_norm = make_norm(norm, q_width, eps=norm_eps, bias=norm_bias) if on else None
         self.k_norm = make_norm(norm, k_width, eps=norm_eps, bias=norm_bias) if on else None
 
@@ -215,9 +215,17 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope  # [S, R]: R < Hd rotates the first R channels only (partial RoPE, GLM)
             q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+            if self.qk_norm == "l2":  # Llama-4: weightless, per head, after RoPE, in RoPE layers only
+                q, k = _l2_norm(q, self.norm_eps), _l2_norm(k, self.norm_eps)
         y = self.core(q, k, v) if self.sinks is None else self.core(q, k, v, sinks=self.sinks)  # [B, H, S, Hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*Hd]
         return self.o_proj(y)  # [B, S, D]
+
+
+def _l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim (Llama-4's L2Norm: an RMSNorm without weight), in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def norm_in_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -270,8 +278,10 @@ class DecoderBlock(nn.Module):
         ffn: nn.Module | None = None,
         moe: nn.Module | None = None,
         dropout: float = 0.0,
+        use_rope: bool = True,
     ):
         super().__init__()
+        self.use_rope = use_rope  # False: a NoPE layer (Llama-4) ignores the rotary tables
         if (ffn is None) == (moe is None):
             raise ValueError("a decoder block takes exactly one of ffn= or moe=")
         self.attn_norm = attn_norm
@@ -294,7 +304,7 @@ class DecoderBlock(nn.Module):
     ):
         """Returns (x [B, S, D], MoEStats or None, aux_loss [] float32 or None)."""
         with region("attention"):
-            x = x + self.resid_dropout(self.attention(self.attn_norm(x), rope))
+            x = x + self.resid_dropout(self.attention(self.attn_norm(x), rope if self.use_rope else None))
         h = self.ffn_norm(x)  # [B, S, D]
         if self.moe is None:
             with region("dense_ffn"):

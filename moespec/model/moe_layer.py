@@ -28,6 +28,8 @@ casts each group as it gathers it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -136,8 +138,10 @@ class MoELayer(nn.Module):
         layer_index: int,
         router_name: str | None = None,
         shuffle_tokens: bool = False,
+        gate_input: bool = False,
     ):
         super().__init__()
+        self.gate_input = gate_input  # Llama-4: the (top-1) gate scales the expert's input
         self.router = router
         self.experts = experts
         self.n_experts_total = experts.n_experts  # E; the local bank shrinks to E/P under EP
@@ -220,13 +224,18 @@ class MoELayer(nn.Module):
             route = self.router(x_TD, token_ids_T=token_ids_T)
         capacity = self.capacity(n_tokens)
         priority_A = self._priority(route)
+        x_routed_TD = x_TD
+        if self.gate_input:  # one assignment per token: scale the token itself, then combine with weight 1
+            gate_T = route.gate_A.new_zeros(n_tokens).index_put((route.token_index_A,), route.gate_A)  # [T]
+            x_routed_TD = (x_TD.to(gate_T.dtype) * gate_T[:, None]).to(x_TD.dtype)
+            route = dataclasses.replace(route, gate_A=torch.ones_like(route.gate_A))
         n_assign = route.expert_index_A.shape[0]
 
         if reference:
             kept = reference_keep(route, priority_A, n_experts=self.n_experts, capacity=capacity)
             kept_A = torch.tensor(kept, dtype=torch.long, device=x.device)
             y_TD = self.experts.reference_forward(
-                x_TD, route.token_index_A[kept_A], route.expert_index_A[kept_A], route.gate_A[kept_A]
+                x_routed_TD, route.token_index_A[kept_A], route.expert_index_A[kept_A], route.gate_A[kept_A]
             )
             dropped = torch.tensor(n_assign - len(kept), device=x.device)
             routed_E = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
@@ -237,7 +246,7 @@ class MoELayer(nn.Module):
                     route.expert_index_A, route.token_index_A, priority_A, n_experts=self.n_experts, capacity=capacity
                 )
             moe = moe_dropless if capacity is None else moe_capacity
-            y_TD = moe(x_TD, route, plan, self.experts, ep)
+            y_TD = moe(x_routed_TD, route, plan, self.experts, ep)
             dropped, routed_E = plan.dropped, plan.tokens_per_expert_E
 
         if routes is not None:
@@ -300,4 +309,5 @@ def build_moe_layer(
         layer_index=layer_index,
         router_name=plan.router.type,
         shuffle_tokens=plan.router.type == "base" and plan.router.shuffle,
+        gate_input=e.gate_input,
     )

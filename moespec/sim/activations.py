@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, QK_PER_HEAD, SELECTIVE, compute_bytes, expert_rows
+from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, compute_bytes, expert_rows
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 
 F32, I64 = 4.0, 8.0
@@ -114,7 +114,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     sink_core = (2 * t * b.n_heads * (b.head_dim + 1) + 2 * kv_rows * (b.head_dim + 1) + t * hq) * c \
         + b.micro_batch * b.n_heads * s * F32 + s * (s + 1) * c  # fmt: skip
     core = np.where(b.sinks, sink_core, core)
-    attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(b.qk_norm > 0, qk, 0.0)  # both norms of the block
+    attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where((b.qk_norm == 1) | (b.qk_norm == 2), qk, 0.0)  # both norms of the block
     inputs = np.where(b.gated, 2, 1)
     hidden = np.where(b.gated, np.where(b.clamped, 7, 4), 2)  # autograd's hidden-wide tensors (clamped SwiGLU: its clamps and sigmoid too)
 
@@ -142,11 +142,16 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     experts = np.where(layers.dropless, dropless, capacity)
     fs = (layers.shared_count * layers.shared_d_ff).astype(np.float64)
     shared = np.where(fs > 0, np.where(hl, il * tl * dl * 2, 0.0) + kl * tl * fs * cl + np.where(layers.shared_gate, 2 * tl * F32, 0.0), 0.0)
-    moe_ffn = router + experts + shared
+    # gate_input (Llama-4): the tokens scaled by their gate, in float32 (the norm's output is float32 under autocast too)
+    gated_in = tl * dl * F32 + tl * F32
+    moe_ffn = router + experts + shared + np.where(layers.gate_input, gated_in, 0.0)
     dense_group = np.where(layers.d_ff > 0, ffn_in(hl, il, tl * dl) + kl * tl * layers.d_ff * cl, 0.0)
     per_group = np.where(layers.moe, moe_ffn, dense_group)
     blocks = b.n_layers * attention + b.dense_blocks * dense + layers.per_design(layers.count * per_group, n)
     blocks = blocks + np.where(b.sinks, 0.0, b.window_layers * s * s * c)  # each windowed layer's mask, as floats of the compute dtype
+    # Llama-4's weightless QK-norm, in the layers with RoPE: q and k in float32 and 1/rms per head
+    l2 = (t * (hq + hkv) + t * (b.n_heads + b.n_kv_heads)) * F32
+    blocks = blocks + np.where(b.qk_norm == QK_L2, (b.n_layers - b.nope_layers) * l2, 0.0)
     block_input = b.n_layers * td * F32  # what full recomputation keeps per block
     biggest_block = attention + np.maximum(np.where(b.dense_blocks > 0, dense, 0.0), layers.max_per_design(np.where(layers.count > 0, per_group, 0.0), n))
     blocks = np.where(b.recompute == FULL, block_input + biggest_block, blocks)

@@ -43,7 +43,7 @@ from moespec.sim.design import PRECISIONS, QK_NORMS, RECOMPUTE, DesignBatch, Lay
 from moespec.spec.plan import SpecPlan
 
 FULL, SELECTIVE = RECOMPUTE.index("full"), RECOMPUTE.index("selective")
-QK_FULL, QK_PER_HEAD = QK_NORMS.index("full"), QK_NORMS.index("per_head")
+QK_FULL, QK_PER_HEAD, QK_L2 = QK_NORMS.index("full"), QK_NORMS.index("per_head"), QK_NORMS.index("l2")
 EXACT_LIMIT = 2.0**62  # int64 counts at or above this are returned as float64
 
 

@@ -29,18 +29,18 @@ from moespec.spec.plan import ROUTER_TYPES, LayerPlan, SpecPlan
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # DesignBatch.precision codes
 RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
-QK_NORMS = ("none", "full", "per_head")  # DesignBatch.qk_norm codes
+QK_NORMS = ("none", "full", "per_head", "l2")  # DesignBatch.qk_norm codes (l2: weightless, Llama-4)
 ROUTER_NAMES = tuple(ROUTER_TYPES)  # DesignBatch.router / LayerTable.router codes
 
-_BOOL_FIELDS = ("gated", "clamped", "expert_bias", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
+_BOOL_FIELDS = ("gated", "clamped", "expert_bias", "gate_input", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
                 "shared_gate", "router_bias",
                 "dropless", "balanced", "shuffle", "moe")  # fmt: skip
 _FLOAT_FIELDS = ("capacity_factor", "dropout")
 # Per-layer fields: the flat MoE columns of a DesignBatch and the columns of a LayerTable.
-LAYER_FIELDS = ("d_ff", "experts", "expert_d_ff", "expert_bias", "k", "shared_count", "shared_d_ff", "shared_gate", "router",
+LAYER_FIELDS = ("d_ff", "experts", "expert_d_ff", "expert_bias", "gate_input", "k", "shared_count", "shared_d_ff", "shared_gate", "router",
                 "router_matrices", "router_bias", "capacity_factor", "min_capacity", "dropless", "balanced",
                 "shuffle", "sinkhorn_iterations")  # fmt: skip
-_MOE_PLACEHOLDER = {"experts": 1, "expert_d_ff": 0, "expert_bias": False, "k": 1, "shared_count": 0, "shared_d_ff": 0, "shared_gate": False,
+_MOE_PLACEHOLDER = {"experts": 1, "expert_d_ff": 0, "expert_bias": False, "gate_input": False, "k": 1, "shared_count": 0, "shared_d_ff": 0, "shared_gate": False,
                     "router": 0, "router_matrices": 0, "router_bias": False, "capacity_factor": 0.0, "min_capacity": 0,
                     "dropless": True, "balanced": False, "shuffle": False, "sinkhorn_iterations": 0}  # fmt: skip
 
@@ -63,6 +63,7 @@ class LayerTable:
     experts: np.ndarray  # E routed experts
     expert_d_ff: np.ndarray
     expert_bias: np.ndarray  # a bias per routed expert on each projection (gpt-oss)
+    gate_input: np.ndarray  # the gate scales the expert's input (Llama-4, top-1)
     k: np.ndarray  # experts per token (router.experts_per_token)
     shared_count: np.ndarray
     shared_d_ff: np.ndarray
@@ -127,6 +128,7 @@ class DesignBatch:
     qk_rope_dim: np.ndarray  # rotary channels per head (MLA; 0 otherwise)
     v_head_dim: np.ndarray  # value width per head (head_dim for standard attention)
     rope_dim: np.ndarray  # channels per head RoPE rotates (0 with learned positions)
+    nope_layers: np.ndarray  # layers without RoPE (Llama-4), of n_layers
     sinks: np.ndarray  # attention sinks: a learned logit per head and layer
     window_layers: np.ndarray  # layers whose sliding window is shorter than seq_len (masked attention)
     seq_len: np.ndarray
@@ -135,6 +137,7 @@ class DesignBatch:
     experts: np.ndarray
     expert_d_ff: np.ndarray
     expert_bias: np.ndarray
+    gate_input: np.ndarray
     k: np.ndarray
     shared_count: np.ndarray
     shared_d_ff: np.ndarray
@@ -276,7 +279,7 @@ def _layer_row(plan: SpecPlan, layer: LayerPlan) -> dict:
     dropless = capacity is None or capacity.dropless or capacity.factor is None
     return {
         "d_ff": 0, "moe": True, "router": ROUTER_NAMES.index(router.type), "experts": experts.count,
-        "expert_d_ff": experts.d_ff, "expert_bias": experts.bias, "k": router.experts_per_token, "shared_count": experts.shared_count,
+        "expert_d_ff": experts.d_ff, "expert_bias": experts.bias, "gate_input": experts.gate_input, "k": router.experts_per_token, "shared_count": experts.shared_count,
         "shared_d_ff": experts.shared_d_ff, "shared_gate": experts.shared_gate, "router_matrices": matrices,
         "router_bias": matrices > 0 and bool(getattr(router, "bias", False)),
         "capacity_factor": 0.0 if dropless else capacity.factor, "min_capacity": 0 if capacity is None else capacity.min_capacity,
@@ -300,7 +303,7 @@ def _row(plan: SpecPlan) -> dict:
         "norm_bias": m.norm == "layernorm" and m.norm_bias, "lm_head_bias": m.lm_head_bias, "mla": m.mla is not None,
         "q_lora_rank": (m.mla.q_lora_rank or 0) if m.mla else 0, "kv_lora_rank": m.mla.kv_lora_rank if m.mla else 0,
         "qk_rope_dim": m.mla.qk_rope_head_dim if m.mla else 0, "v_head_dim": m.mla.v_head_dim if m.mla else m.head_dim,
-        "rope_dim": m.rope_dim if m.positions == "rope" else 0, "sinks": m.attention_sinks,
+        "rope_dim": m.rope_dim if m.positions == "rope" else 0, "sinks": m.attention_sinks, "nope_layers": len(m.nope_layers),
         "window_layers": sum(m.window_of(i) is not None for i in range(m.n_layers)), "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),

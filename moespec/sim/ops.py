@@ -45,6 +45,8 @@ CLAMPED_KERNEL_OPS = 25  # the same inside the dropless kernel (its hand-written
 EXPERT_BIAS_OPS = {"dropless": 27, "capacity": 15}  # per MoE layer with expert biases: gathers and index_adds, or broadcasts
 SINK_OPS = 35  # per block, attention sinks: the extra channel and key, their mask, the slice back (+2 under autocast)
 WINDOW_OPS = 12  # per layer with a sliding window shorter than the sequence: its mask (5 when sinks already build one)
+L2_QK_OPS = 38  # per layer with RoPE, Llama-4's weightless QK-norm
+GATE_INPUT_OPS = 6  # per MoE layer whose gate scales the expert input
 PARTIAL_ROPE_OPS = 17  # per block, RoPE on part of each head: slices and a concatenation for q and k
 MLA_OPS = 40  # per block, latent attention over standard attention (its norm, splits, the shared rotary key)
 MLA_Q_LORA_OPS = 35  # per block, the query bottleneck (q_a, its norm, q_b)
@@ -75,7 +77,7 @@ def param_tensors(b: DesignBatch) -> np.ndarray:
     matrices = np.where(b.gated, 3, 2)
     # attention Linears: q, k, v, o; MLA: q (or q_a, its norm, q_b), kv_a, its norm, kv_b, o
     attention = np.where(b.mla, 3 + norm + np.where(b.q_lora_rank > 0, 2 + norm, 1), 4)
-    block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + b.sinks + 2 * norm + np.where(b.qk_norm > 0, 2 * norm, 0)
+    block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + b.sinks + 2 * norm + np.where((b.qk_norm == 1) | (b.qk_norm == 2), 2 * norm, 0)
     moe = layers.lift(matrices) * (1 + (layers.shared_count > 0) + layers.expert_bias) + layers.router_matrices + layers.router_bias \
         + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
     groups = np.where(layers.moe, moe, layers.lift(matrices))
@@ -111,7 +113,7 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     block = (DENSE_BLOCK_OPS + np.where(b.layernorm, 2 * NORM_OPS_LAYERNORM, 0) + np.where(b.learned_positions, 0, ROPE_OPS) - ROPE_OPS
              + np.where(b.qkv_bias, QKV_BIAS_OPS, 0) + np.where(autocast, AUTOCAST_OPS, 0) + np.where(b.dropout > 0, DROPOUT_OPS, 0)
              + np.where(b.out_bias, BIAS_OPS, 0) + np.where(b.sinks, SINK_OPS + 2 * autocast, 0) + np.where(~b.mla & (b.rope_dim > 0) & (b.rope_dim < b.head_dim), PARTIAL_ROPE_OPS, 0) + np.where(b.layernorm & ~b.norm_bias, -2 * NORM_BIAS_OPS, 0)
-             + np.where(b.qk_norm > 0, np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0)
+             + np.where((b.qk_norm == 1) | (b.qk_norm == 2), np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0)
              + np.where(b.mla, MLA_OPS + np.where(b.q_lora_rank > 0, MLA_Q_LORA_OPS + np.where(autocast, MLA_Q_LORA_AUTOCAST_OPS, 0), 0)
                         + np.where(b.v_head_dim != b.head_dim, MLA_PAD_OPS, 0), 0))  # fmt: skip
     dense_extra = np.where(b.gated, np.where(b.clamped, CLAMPED_FFN_OPS, 0), UNGATED_FFN_OPS)
@@ -120,11 +122,14 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     moe = (MOE_BLOCK_OPS - DENSE_BLOCK_OPS + router + np.where(lift(b.gated), 0, UNGATED_EXPERT_OPS)
            + np.where(layers.dropless, DROPLESS_OPS, 0) + np.where(layers.shared_count > 0, SHARED_OPS, 0))  # fmt: skip
     clamped = lift(b.clamped)
-    moe = moe + np.where(layers.expert_bias, np.where(layers.dropless, EXPERT_BIAS_OPS["dropless"], EXPERT_BIAS_OPS["capacity"]), 0) \
+    moe = moe + np.where(layers.gate_input, GATE_INPUT_OPS, 0) + np.where(layers.expert_bias, np.where(layers.dropless, EXPERT_BIAS_OPS["dropless"], EXPERT_BIAS_OPS["capacity"]), 0) \
         + np.where(clamped, np.where(layers.dropless, CLAMPED_KERNEL_OPS, CLAMPED_FFN_OPS) + np.where(layers.shared_count > 0, CLAMPED_FFN_OPS, 0), 0)  # fmt: skip
     groups = np.where(layers.moe, moe, lift(dense_extra))
-    host = b.window_layers * np.where(b.sinks, 5, WINDOW_OPS) + STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) + np.where(b.layernorm & ~b.norm_bias, -NORM_BIAS_OPS, 0) \
-        + np.where(b.lm_head_bias, BIAS_OPS, 0) + b.n_layers * block + b.dense_blocks * dense_extra  # fmt: skip
+    rope_layers = np.where(b.learned_positions | (b.rope_dim == 0), 0, b.n_layers - b.nope_layers)
+    host = np.where(b.qk_norm == 3, L2_QK_OPS * rope_layers, 0) - np.where(b.learned_positions, 0, ROPE_OPS * b.nope_layers) \
+        + b.window_layers * np.where(b.sinks, 5, WINDOW_OPS) + STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) \
+        + np.where(b.layernorm & ~b.norm_bias, -NORM_BIAS_OPS, 0) + np.where(b.lm_head_bias, BIAS_OPS, 0) \
+        + b.n_layers * block + b.dense_blocks * dense_extra  # fmt: skip
     host = host + layers.per_design(layers.count * groups, len(b))
     loop = layers.moe & layers.dropless & ~grouped_gemm(b, layers)
     host = host + layers.per_design(layers.count * np.where(loop, LOOP_LAYER_OPS, 0), len(b))

@@ -42,6 +42,7 @@ def _model_dict(plan: SpecPlan) -> dict:
     model = dataclasses.asdict(plan.model)
     if plan.model.norm != "layernorm":  # RMSNorm has no bias: the key is refused there
         del model["norm_bias"]
+    model["nope_layers"] = list(model["nope_layers"]) or None
     window, layers = model.pop("window"), model.pop("window_layers")
     model["sliding_window"] = None if window is None else {"size": window, "layers": list(layers)}
     if plan.model.mla is not None:  # latent attention sets these itself; the keys are refused beside it

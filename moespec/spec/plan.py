@@ -20,7 +20,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rope"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Recompute = Literal["none", "selective", "full"]
-QKNorm = Literal["none", "full", "per_head"]
+QKNorm = Literal["none", "full", "per_head", "l2"]
 DropPolicy = Literal["position", "probability"]
 
 
@@ -62,6 +62,7 @@ class ModelPlan:
     lm_head_bias: bool = False  # bias on the LM head (Phi-3.5-MoE)
     mla: MLAPlan | None = None  # latent attention; then head_dim = qk_nope + qk_rope, n_kv_heads = n_heads
     rope_fraction: float = 1.0  # share of head_dim RoPE rotates (the first channels; GLM-4.5: 0.5)
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (Llama-4's NoPE layers)
     attention_sinks: bool = False  # a learned logit per head joins each softmax (gpt-oss)
     window: int | None = None  # sliding-window size in `window_layers`; None: no window anywhere
     window_layers: tuple[int, ...] = ()  # the windowed layers (resolved: explicit)
@@ -232,6 +233,7 @@ class ExpertsPlan:
     shared_d_ff: int  # hidden width of one shared expert
     shared_gate: bool  # Qwen-style sigmoid gate Linear(D, 1) on the shared experts' output
     bias: bool = False  # gpt-oss: a bias per routed expert on every projection
+    gate_input: bool = False  # Llama-4: the gate scales the expert's input, not its output (top-1)
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,7 @@ class SpecPlan:
         data = dataclasses.asdict(self)
         data["layers"] = list(data["layers"])
         data["model"]["window_layers"] = list(data["model"]["window_layers"])
+        data["model"]["nope_layers"] = list(data["model"]["nope_layers"])
         data["parallel"].update(
             world=self.parallel.world,
             expert_dp=self.parallel.expert_dp,

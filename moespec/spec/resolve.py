@@ -102,6 +102,14 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
         for position, index in enumerate(listed or []):
             if index >= m["n_layers"]:
                 errors.add(("model", "sliding_window", "layers", position), f"layer {index} is out of range for n_layers {m['n_layers']}; use 0..{m['n_layers'] - 1}")
+    nope = tuple(sorted(set(m["nope_layers"] or ())))
+    for position, index in enumerate(m["nope_layers"] or []):
+        if index >= m["n_layers"]:
+            errors.add(("model", "nope_layers", position), f"layer {index} is out of range for n_layers {m['n_layers']}; use 0..{m['n_layers'] - 1}")
+    if nope and m["positions"] != "rope":
+        errors.add(("model", "nope_layers"), "nope_layers removes RoPE from layers; it needs positions: rope")
+    if nope and mla is not None:
+        errors.add(("model", "nope_layers"), "nope_layers is not defined for latent attention (mla); remove it")
     if mla is not None and (m["attention_sinks"] or window is not None):
         key = "attention_sinks" if m["attention_sinks"] else "sliding_window"
         errors.add(("model", key), f"{key} is not defined for latent attention (mla) yet; remove it")
@@ -131,6 +139,7 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
         lm_head_bias=m["lm_head_bias"],
         mla=mla,
         rope_fraction=fraction,
+        nope_layers=nope,
         attention_sinks=m["attention_sinks"],
         window=window,
         window_layers=window_layers,
@@ -274,12 +283,15 @@ def _moe_layer(src: _LayerSources, model: ModelPlan, parallel: ParallelPlan, err
     d_ff = ex["d_ff"] or model.d_ff
     experts = ExpertsPlan(
         count=count, d_ff=d_ff, shared_count=ex["shared_count"],
-        shared_d_ff=ex["shared_d_ff"] or d_ff, shared_gate=ex["shared_gate"], bias=ex["bias"],
+        shared_d_ff=ex["shared_d_ff"] or d_ff, shared_gate=ex["shared_gate"], bias=ex["bias"], gate_input=ex["gate_input"],
     )  # fmt: skip
 
     router_raw = src.router
     router_type = router_raw["type"]
     router = ROUTER_TYPES[router_type](**_with_defaults(f"router_{router_type}", router_raw))
+    if experts.gate_input and (router.experts_per_token != 1 or router_type in ("base", "expert_choice")):
+        where = src.experts_paths.get("gate_input", ("moe", "experts", "gate_input"))
+        errors.add(where, f"gate_input scales a token's one expert input; the {router_type} router gives {router.experts_per_token} per token or chooses by expert: use a top-1 token-choice router")
     k_path = src.router_path + ("k",) if "k" in router_raw else src.router_path
     values = {"experts": count, "k": router.experts_per_token, "ep": parallel.ep, "micro_batch": parallel.micro_batch,
               "seq_len": model.seq_len, "n_groups": getattr(router, "n_groups", 1), "topk_groups": getattr(router, "topk_groups", 1)}  # fmt: skip
