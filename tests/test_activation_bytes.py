@@ -85,8 +85,9 @@ def test_switch_jitter_is_the_one_known_gap():
     lambda s: s["model"].update(attention_sinks=True, n_kv_heads=2),  # gpt-oss: sinks on grouped heads
     lambda s: (s["model"].update(attention_sinks=True, sliding_window={"size": 16, "layers": [1]}), s["parallelism"].update(precision="bf16")),
     lambda s: s["model"].update(sliding_window={"size": 16}),  # every layer windowed
+    lambda s: s["moe"]["router"].update(selection_bias=True),  # ERNIE's frozen score correction
 ], ids=["bf16", "layernorm-learned-gelu", "gqa", "shared-expert", "qk-full-biases", "qk-per-head-gqa", "qk-per-head-bf16",
-        "layernorm-no-bias", "partial-rope", "sinks-gqa", "sinks-window-bf16", "window"])  # fmt: skip
+        "layernorm-no-bias", "partial-rope", "sinks-gqa", "sinks-window-bf16", "window", "selection-bias"])  # fmt: skip
 def test_model_variants(tmp_path, edit):
     plan = variant(tmp_path, "tiny-topk", edit)
     assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.01)

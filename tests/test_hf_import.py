@@ -26,10 +26,9 @@ HF_COUNTS = {
     "granite-3.0-3b-a800m": 3_298_793_472, "dbrx": 131_596_523_520, "llama-4-scout": 107_769_861_120,
     "llama-4-maverick": 400_711_848_960, "glm-4.5-air": 106_852_245_504, "glm-4.5": 352_797_814_784,
     "dots.llm1": 142_774_373_888, "deepseek-v3": 671_026_404_352, "deepseek-v2-lite": 15_706_484_224,
-    "gpt-oss-20b": 20_914_757_184,
+    "gpt-oss-20b": 20_914_757_184, "ernie-4.5-21b-a3b": 21_825_437_888,
 }  # fmt: skip
-REFUSED = {
-           "ernie-4.5-21b-a3b": "moe_num_experts", "switch-base-8": "num_decoder_layers"}  # fmt: skip
+REFUSED = {"switch-base-8": "num_decoder_layers"}
 
 
 def imported_plan(name: str):

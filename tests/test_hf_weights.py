@@ -43,6 +43,9 @@ FAMILIES = {
     # Llama-4: MoE every other layer, input-gated top-1 with a shared expert, L2 QK-norm, a NoPE layer, interleaved RoPE
     "llama4_text": dict(intermediate_size=32, intermediate_size_mlp=96, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
                         interleave_moe_layer_step=2, rope_scaling=None, no_rope_layers=[1, 0]),
+    # ERNIE-4.5: top-k chosen with a frozen score correction, shared experts, the first layer dense, interleaved RoPE
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=2, moe_layer_start_index=1,
+                         head_dim=16, tie_word_embeddings=True),
     # muP multipliers at 1 (moespec lists them, does not apply them); attention_multiplier = 1/sqrt(head_dim)
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=1.0, logits_scaling=1.0,
                        residual_multiplier=1.0, attention_multiplier=0.25),
@@ -129,7 +132,8 @@ def test_export_loads_in_transformers_as_the_same_model(family, tmp_path):
 
 
 @pytest.mark.parametrize("spec,family,key", [("tiny-switch", "mixtral", "moe.router.type"), ("tiny-oss", "mixtral", "model.activation"),
-                                              ("tiny-mla", "qwen3_moe", "model.mla"), ("tiny-oss", "deepseek_v3", "model.activation")])  # fmt: skip
+                                              ("tiny-mla", "qwen3_moe", "model.mla"), ("tiny-oss", "deepseek_v3", "model.activation"),
+                                              ("tiny-llama4", "mixtral", "model.qk_norm")])  # fmt: skip
 def test_export_refuses_a_key_the_family_cannot_hold(tmp_path, spec, family, key):
     done = moespec_cli("export", str(Path(__file__).resolve().parents[1] / f"specs/{spec}.yaml"), "--family", family, "-o", str(tmp_path / "out"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and f"{key}:" in done.stderr, done.stderr

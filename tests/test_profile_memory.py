@@ -139,3 +139,29 @@ def test_memtracker_sees_the_exact_state_and_activations_on_tiny_topk():
     assert peak["activations"] > 0
     assert peak["total"] >= held["params"] + held["grads"] + held["optimizer"]
     assert peak["total"] == sum(v for k, v in peak.items() if k != "total")
+
+
+def test_a_frozen_score_correction_holds_no_gradient_and_no_adam_state():
+    """ERNIE's selection bias is a parameter nothing trains: after a real step the model holds
+    it, but no gradient and no AdamW state for it, and the simulator says the same bytes."""
+    import torch
+
+    from moespec.distributed.state import state_bytes
+    from moespec.model.build import build_model
+    from moespec.profiling.measure import TrainingBatches
+    from moespec.spec import plan_from_text
+    from moespec.train import prepare_training, train_step
+
+    text = TINY_TOPK.read_text().replace("type: topk", "type: topk, selection_bias: true")
+    plan = plan_from_text(text, "tiny-topk-selection-bias.yaml")
+    assert plan.moe_layers[0].moe.router.selection_bias
+    torch.manual_seed(0)
+    setup = prepare_training(build_model(plan, seed=0, device=torch.device("cpu")), plan)
+    batches = TrainingBatches(plan, torch.device("cpu"), seed=0, rank=0)
+    train_step(setup, plan, batches.step())
+    held = state_bytes(setup.bare_model, setup.optimizers)
+    predicted = simulate(plan, load_backend("cpu-local"))["memory_per_device"]
+    frozen = 4 * sum(layer.moe.experts.count for layer in plan.moe_layers)
+    assert held["params"] == predicted["weights_bytes"]
+    assert held["grads"] == predicted["grads_bytes"] == held["params"] - frozen
+    assert held["optimizer"] == predicted["optimizer_bytes"] == 2 * (held["params"] - frozen)

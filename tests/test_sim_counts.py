@@ -66,6 +66,10 @@ def _variants():
     yield "learned-tied-gelu", dataclasses.replace(base, model=dataclasses.replace(m, positions="learned", tied_embeddings=True, activation="gelu"))
     yield "head-dim-apart", dataclasses.replace(base, model=dataclasses.replace(m, head_dim=24, norm="layernorm"))
     yield "sinks-window-gqa", dataclasses.replace(base, model=dataclasses.replace(m, attention_sinks=True, n_kv_heads=2, window=8, window_layers=(1, 3)))
+    topk = load_plan(Path(__file__).resolve().parents[1] / "specs/tiny-topk.yaml")
+    yield "selection-bias", dataclasses.replace(topk, layers=tuple(
+        dataclasses.replace(l, moe=dataclasses.replace(l.moe, router=dataclasses.replace(l.moe.router, selection_bias=True))) if l.moe else l
+        for l in topk.layers))  # fmt: skip
     yield "partial-rope", dataclasses.replace(base, model=dataclasses.replace(m, rope_fraction=0.5))
     yield "qk-norm-full-biases", dataclasses.replace(base, model=dataclasses.replace(m, qk_norm="full", out_bias=True, lm_head_bias=True))
     yield "qk-norm-per-head-gqa", dataclasses.replace(base, model=dataclasses.replace(m, qk_norm="per_head", n_kv_heads=2, head_dim=24))
@@ -122,7 +126,7 @@ def test_switch_c_style_reproduces_1571b_within_1_percent():
 
 
 @pytest.mark.parametrize("name,plan", [v for v in _variants() if v[0] in ("qk-norm-full-biases", "qk-norm-per-head-gqa", "layernorm-no-bias-qk", "tied-head-bias",
-                                                                        "mla-no-bottleneck-layernorm", "sinks-window-gqa")],
+                                                                        "mla-no-bottleneck-layernorm", "sinks-window-gqa", "selection-bias")],
                          ids=lambda v: v if isinstance(v, str) else "")  # fmt: skip
 def test_zero3_share_counts_every_parameter_of_the_new_model_keys(name, plan):
     """ZeRO-3's largest share (sim) equals rank 0's Shard(0) chunks of every parameter the

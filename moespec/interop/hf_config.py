@@ -308,6 +308,27 @@ def _llama4(r, seq):
     return model, moe
 
 
+def _ernie(r, seq):
+    """ERNIE-4.5-MoE: softmax top-k chosen with a frozen per-expert correction
+    (`moe_statics.e_score_correction_bias`) and renormalised, shared experts, MoE layers
+    from `moe_layer_start_index` to `moe_layer_end_index` every `moe_layer_interval`."""
+    if r.take("use_bias"):
+        r.refuse("use_bias", "biases on ERNIE's MLP projections are not expressible yet")
+    model = _model(r, seq)
+    n = model["n_layers"]
+    start, end = int(r.take("moe_layer_start_index", 0) or 0), r.take("moe_layer_end_index", -1)
+    end = n - 1 if end in (None, -1) else int(end)
+    interval = int(r.take("moe_layer_interval", 1) or 1)
+    layers = [i for i in range(n) if (i + 1) % interval == 0 and start <= i <= end]
+    r.note("moe_norm_min", "a floor on the renormalising sum of the top-k probabilities; moespec divides by the sum (it is never near 0)")
+    count = r.take("moe_num_experts") or r.take("num_experts", required=True)
+    k = r.take("moe_k") or r.take("num_experts_per_tok", 6)
+    router = _topk(r, k, normalize=True) | {"selection_bias": True}
+    shared = int(r.take("moe_num_shared_experts", 0) or 0)
+    experts = {"shared_count": shared, "shared_d_ff": int(r.config["moe_intermediate_size"])} if shared else {}
+    return model, _moe(_placement(n, layers), count, r.take("moe_intermediate_size", required=True), router, **experts)
+
+
 def _gpt_oss(r, seq):
     """gpt-oss: attention sinks, alternating sliding windows, biases everywhere, the clamped
     SwiGLU, softmax over the top-k router logits (= renormalised top-k softmax)."""
@@ -393,7 +414,6 @@ def _dots1(r, seq):
 
 
 REFUSED = {  # families whose architecture the spec language cannot express yet: the field that says so
-    "ernie4_5_moe": ("moe_num_experts", "ERNIE-4.5's learned score-correction parameter and layer interval are not expressible yet"),
     "switch_transformers": ("num_decoder_layers", "encoder-decoder models (T5-style) are not expressible yet"),
 }
 FAMILIES = {
@@ -411,6 +431,7 @@ FAMILIES = {
     "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
     "gpt_oss": _gpt_oss,
+    "ernie4_5_moe": _ernie,
 }
 
 

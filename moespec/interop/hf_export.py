@@ -30,6 +30,8 @@ def export_config(plan, family: str) -> dict:
         "model.rope_fraction": m.rope_fraction == 1.0, "model.mla": (m.mla is not None) == deepseek,
         "model.attention_sinks": m.attention_sinks == oss, "model.sliding_window": oss or m.window is None,
         "moe.overrides": all(layer.moe == first for layer in moe_layers), "moe.experts.bias": first.experts.bias == oss,
+        "moe.experts.gate_input": not first.experts.gate_input, "model.nope_layers": not m.nope_layers,
+        "moe.router.selection_bias": not getattr(router, "selection_bias", False),
         "moe.router.type": router.type == ("sigmoid_bias" if deepseek else "topk"),
         "moe.router.bias": bool(getattr(router, "bias", False)) == oss, "moe.capacity": first.capacity is None or first.capacity.dropless,
         "model.qk_norm": m.qk_norm == {"qwen3_moe": "per_head", "olmoe": "full"}.get(family, "none"),

@@ -38,6 +38,7 @@ _RULES = [
     (_LAYER + r"(?:mlp|block_sparse_moe)\.gate\.weight", "blocks.{0}.moe.router.gate.weight"),
     (_LAYER + r"block_sparse_moe\.router\.layer\.weight", "blocks.{0}.moe.router.gate.weight"),  # Granite
     (_LAYER + r"mlp\.gate\.e_score_correction_bias", "blocks.{0}.moe.router.expert_bias_E"),
+    (_LAYER + r"mlp\.(?:gate\.)?moe_statics\.e_score_correction_bias", "blocks.{0}.moe.router.selection_bias_E"),  # ERNIE, [1, E]
     (_LAYER + r"mlp\.shared_experts?\.(gate|up|down)_proj\.weight", "blocks.{0}.moe.shared.ffn.w_{1}.weight"),
     (_LAYER + r"mlp\.shared_expert_gate\.weight", "blocks.{0}.moe.shared.gate.weight"),
 ]
@@ -160,7 +161,7 @@ def interleaved_rope(config: dict) -> bool:
     """Whether a checkpoint lays RoPE channels out in interleaved pairs: DeepSeek-V2 always,
     V3 unless `rope_interleave: false` (its MLA rows), Llama-4 (complex RoPE on q and k)."""
     kind = (config.get("text_config") or {}).get("model_type") or config.get("model_type")
-    return kind in ("deepseek_v2", "llama4", "llama4_text") or (kind == "deepseek_v3" and config.get("rope_interleave", True))
+    return kind in ("deepseek_v2", "llama4", "llama4_text", "ernie4_5_moe") or (kind == "deepseek_v3" and config.get("rope_interleave", True))
 
 
 def rope_permutation(rope_dim: int) -> torch.Tensor:
@@ -221,6 +222,8 @@ def load_hf_weights(model: nn.Module, directory: Path) -> int:
     for key, tensor in mapped.items():
         if key not in state:
             raise ValueError(f"weights: {key} (from {directory}) has no place in this spec's model")
+        if key.endswith("selection_bias_E") and tensor.numel() == state[key].numel():
+            tensor = mapped[key] = tensor.reshape(state[key].shape)  # ERNIE keeps it [1, E]
         if tuple(tensor.shape) != tuple(state[key].shape):
             raise ValueError(f"weights: {key} is {tuple(tensor.shape)} in {directory}, the spec's model has {tuple(state[key].shape)}")
     if hf and interleaved_rope(config):

@@ -54,11 +54,18 @@ def _token_choice_output(
 
 
 def _softmax_top_k(
-    logits_TE: torch.Tensor, k: int, normalize: bool, aux_loss_coef: float, z_loss_coef: float
-) -> RouterOutput:
-    """Top-k of softmax(logits) with the Switch load balancing loss and the z-loss (topk, switch)."""
+    logits_TE: torch.Tensor, k: int, normalize: bool, aux_loss_coef: float, z_loss_coef: float,
+    selection_bias_E: torch.Tensor | None = None,
+) -> RouterOutput:  # fmt: skip
+    """Top-k of softmax(logits) with the Switch load balancing loss and the z-loss (topk,
+    switch); with `selection_bias_E` (ERNIE-4.5) the k are chosen by probs + bias and weighed
+    by the probs alone."""
     probs_TE = logits_TE.softmax(dim=-1)
-    top_probs_TK, expert_index_TK = probs_TE.topk(k, dim=-1)  # sorted, best first
+    if selection_bias_E is None:
+        top_probs_TK, expert_index_TK = probs_TE.topk(k, dim=-1)  # sorted, best first
+    else:
+        expert_index_TK = (probs_TE.detach() + selection_bias_E).topk(k, dim=-1).indices
+        top_probs_TK = probs_TE.gather(1, expert_index_TK)
     gate_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True) if normalize else top_probs_TK
     losses = {
         "load_balancing": router_losses.load_balancing_loss(probs_TE, expert_index_TK.reshape(-1)),

@@ -47,16 +47,20 @@ class TopKRouting(nn.Module):
     """GShard / Mixtral: top-k of softmax(x @ W_r)."""
 
     def __init__(self, *, d_model: int, n_experts: int, k: int, normalize: bool, bias: bool,
-                 aux_loss_coef: float, z_loss_coef: float) -> None:
+                 aux_loss_coef: float, z_loss_coef: float, selection_bias: bool = False) -> None:
         super().__init__()
         self.gate = nn.Linear(d_model, n_experts, bias=bias)
         self.k, self.normalize = k, normalize
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        # ERNIE-4.5's score correction: a parameter (checkpoints carry it, counts include it)
+        # that no gradient reaches, so it is frozen here.
+        self.selection_bias_E = nn.Parameter(torch.zeros(n_experts), requires_grad=False) if selection_bias else None
 
     def forward(self, x_TD: torch.Tensor, *, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
         with _full_precision(x_TD):
             logits_TE = router_logits(self.gate, x_TD)
-            return _softmax_top_k(logits_TE, self.k, self.normalize, self.aux_loss_coef, self.z_loss_coef)
+            return _softmax_top_k(logits_TE, self.k, self.normalize, self.aux_loss_coef, self.z_loss_coef,
+                                  selection_bias_E=self.selection_bias_E)  # fmt: skip
 
 
 class SwitchRouting(nn.Module):
@@ -268,7 +272,7 @@ def build_router(plan: RouterPlan, *, d_model: int, n_experts: int, capacity: Ca
         raise ValueError(f"router.k ({k}) must be between 1 and experts.count ({n_experts})")
     if isinstance(plan, TopKRouter):
         return TopKRouting(d_model=d_model, n_experts=n_experts, k=plan.k, normalize=plan.normalize, bias=plan.bias,
-                           aux_loss_coef=plan.aux_loss_coef, z_loss_coef=plan.z_loss_coef)
+                           aux_loss_coef=plan.aux_loss_coef, z_loss_coef=plan.z_loss_coef, selection_bias=plan.selection_bias)
     if isinstance(plan, NoisyTopKRouter):
         return NoisyTopKRouting(d_model=d_model, n_experts=n_experts, k=plan.k, bias=plan.bias,
                                 noise_epsilon=plan.noise_epsilon, importance_coef=plan.importance_coef,

@@ -140,7 +140,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     expert_bias = np.where(layers.expert_bias, (matrices - 1) * f + dl, 0)  # gpt-oss: [F] per input projection, [D] down
     dense_ffn = matrices * dl * c(layers.d_ff)
     shared = c(layers.shared_count) * matrices * dl * c(layers.shared_d_ff) + np.where((layers.shared_count > 0) & layers.shared_gate, dl, 0)
-    router = dl * e * c(layers.router_matrices) + np.where(layers.router_bias, e, 0)
+    router = dl * e * c(layers.router_matrices) + np.where(layers.router_bias, e, 0) + np.where(layers.selection_bias, e, 0)
     per_design = n_layers * (attention + 2 * norm) + n_dense * dense_ffn_n
     embedding = v * d + np.where(b.learned_positions, s * d, 0)
     outer = embedding + np.where(b.tied, 0, v * d) + np.where(b.lm_head_bias, v, 0) + norm + per_design
@@ -206,7 +206,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
         "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
-        "model_flops_per_token": model_flops_per_token,
+        "model_flops_per_token": model_flops_per_token, "frozen_params": total(np.where(layers.selection_bias, e, 0)),
         **{f"flops_{name}": value for name, value in parts.items()},
     }  # fmt: skip
 
@@ -238,7 +238,8 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
     r, er, dl, gated = lift(ranks), lift(expert_ranks), lift(d), lift(inputs)
     width, e, sw = layers.d_ff, layers.experts, layers.shared_count * layers.shared_d_ff
     group_ffn = np.where(width > 0, gated * _chunk(width, dl, r) + _chunk(dl, width, r), 0)  # dense groups of an explicit table
-    router = layers.router_matrices * _chunk(e, dl, r) + np.where(layers.router_bias, _chunk(e, 1, r), 0)
+    router = layers.router_matrices * _chunk(e, dl, r) + np.where(layers.router_bias, _chunk(e, 1, r), 0) \
+        + np.where(layers.selection_bias, _chunk(e, 1, r), 0)  # fmt: skip
     shared = np.where(sw > 0, gated * _chunk(sw, dl, r) + _chunk(dl, sw, r), 0)
     shared = shared + np.where((sw > 0) & layers.shared_gate, _chunk(1, dl, r), 0)
     # Expert banks shard by expert (dim 0) unless there are fewer local experts than ranks,
@@ -260,12 +261,23 @@ def state_bytes(b: DesignBatch, counts: dict) -> dict[str, np.ndarray]:
     dense = (counts["params_total"] - counts["expert_params"]) / shard
     expert = counts["expert_params"] / b.ep / shard  # E is a multiple of ep: exact
     full, sharded = dense + expert, sharded_elements(b) / shard
+    # Frozen parameters (ERNIE's score correction) get no gradient and no AdamW state.
+    frozen_full = counts.get("frozen_params", 0) / shard
+    frozen_sharded = frozen_sharded_elements(b) / shard if np.any(frozen_full) else 0.0
     return {
         "params": 4 * np.where(b.zero_stage >= 2, sharded, full),
-        "grads": 4 * np.where(b.zero_stage >= 2, sharded, full),
-        "optimizer": 8 * np.where(b.zero_stage >= 1, sharded, full),
+        "grads": 4 * np.where(b.zero_stage >= 2, sharded - frozen_sharded, full - frozen_full),
+        "optimizer": 8 * np.where(b.zero_stage >= 1, sharded - frozen_sharded, full - frozen_full),
         "full_dense": dense, "full_expert": expert,
     }
+
+
+def frozen_sharded_elements(b: DesignBatch) -> np.ndarray:
+    """The frozen parameters' share of `sharded_elements` (ERNIE's [E] correction per MoE
+    layer, sharded by rows over dp like any dense parameter)."""
+    layers = b.table
+    chunk = np.where(layers.selection_bias, _chunk(layers.experts, 1, layers.lift(b.dp.astype(np.float64))), 0.0)
+    return layers.per_design(layers.count * chunk, len(b))
 
 
 def exact_counts(b: DesignBatch) -> dict[str, np.ndarray]:

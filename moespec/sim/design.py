@@ -32,15 +32,15 @@ RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
 QK_NORMS = ("none", "full", "per_head", "l2")  # DesignBatch.qk_norm codes (l2: weightless, Llama-4)
 ROUTER_NAMES = tuple(ROUTER_TYPES)  # DesignBatch.router / LayerTable.router codes
 
-_BOOL_FIELDS = ("gated", "clamped", "expert_bias", "gate_input", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
+_BOOL_FIELDS = ("gated", "clamped", "expert_bias", "gate_input", "selection_bias", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
                 "shared_gate", "router_bias",
                 "dropless", "balanced", "shuffle", "moe")  # fmt: skip
 _FLOAT_FIELDS = ("capacity_factor", "dropout")
 # Per-layer fields: the flat MoE columns of a DesignBatch and the columns of a LayerTable.
-LAYER_FIELDS = ("d_ff", "experts", "expert_d_ff", "expert_bias", "gate_input", "k", "shared_count", "shared_d_ff", "shared_gate", "router",
+LAYER_FIELDS = ("d_ff", "experts", "expert_d_ff", "expert_bias", "gate_input", "selection_bias", "k", "shared_count", "shared_d_ff", "shared_gate", "router",
                 "router_matrices", "router_bias", "capacity_factor", "min_capacity", "dropless", "balanced",
                 "shuffle", "sinkhorn_iterations")  # fmt: skip
-_MOE_PLACEHOLDER = {"experts": 1, "expert_d_ff": 0, "expert_bias": False, "gate_input": False, "k": 1, "shared_count": 0, "shared_d_ff": 0, "shared_gate": False,
+_MOE_PLACEHOLDER = {"experts": 1, "expert_d_ff": 0, "expert_bias": False, "gate_input": False, "selection_bias": False, "k": 1, "shared_count": 0, "shared_d_ff": 0, "shared_gate": False,
                     "router": 0, "router_matrices": 0, "router_bias": False, "capacity_factor": 0.0, "min_capacity": 0,
                     "dropless": True, "balanced": False, "shuffle": False, "sinkhorn_iterations": 0}  # fmt: skip
 
@@ -64,6 +64,7 @@ class LayerTable:
     expert_d_ff: np.ndarray
     expert_bias: np.ndarray  # a bias per routed expert on each projection (gpt-oss)
     gate_input: np.ndarray  # the gate scales the expert's input (Llama-4, top-1)
+    selection_bias: np.ndarray  # ERNIE-4.5's frozen per-expert score correction (E parameters, no gradient)
     k: np.ndarray  # experts per token (router.experts_per_token)
     shared_count: np.ndarray
     shared_d_ff: np.ndarray
@@ -138,6 +139,7 @@ class DesignBatch:
     expert_d_ff: np.ndarray
     expert_bias: np.ndarray
     gate_input: np.ndarray
+    selection_bias: np.ndarray
     k: np.ndarray
     shared_count: np.ndarray
     shared_d_ff: np.ndarray
@@ -279,7 +281,8 @@ def _layer_row(plan: SpecPlan, layer: LayerPlan) -> dict:
     dropless = capacity is None or capacity.dropless or capacity.factor is None
     return {
         "d_ff": 0, "moe": True, "router": ROUTER_NAMES.index(router.type), "experts": experts.count,
-        "expert_d_ff": experts.d_ff, "expert_bias": experts.bias, "gate_input": experts.gate_input, "k": router.experts_per_token, "shared_count": experts.shared_count,
+        "expert_d_ff": experts.d_ff, "expert_bias": experts.bias, "gate_input": experts.gate_input,
+        "selection_bias": bool(getattr(router, "selection_bias", False)), "k": router.experts_per_token, "shared_count": experts.shared_count,
         "shared_d_ff": experts.shared_d_ff, "shared_gate": experts.shared_gate, "router_matrices": matrices,
         "router_bias": matrices > 0 and bool(getattr(router, "bias", False)),
         "capacity_factor": 0.0 if dropless else capacity.factor, "min_capacity": 0 if capacity is None else capacity.min_capacity,

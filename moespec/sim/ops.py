@@ -78,11 +78,17 @@ def param_tensors(b: DesignBatch) -> np.ndarray:
     # attention Linears: q, k, v, o; MLA: q (or q_a, its norm, q_b), kv_a, its norm, kv_b, o
     attention = np.where(b.mla, 3 + norm + np.where(b.q_lora_rank > 0, 2 + norm, 1), 4)
     block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + b.sinks + 2 * norm + np.where((b.qk_norm == 1) | (b.qk_norm == 2), 2 * norm, 0)
-    moe = layers.lift(matrices) * (1 + (layers.shared_count > 0) + layers.expert_bias) + layers.router_matrices + layers.router_bias \
+    moe = layers.lift(matrices) * (1 + (layers.shared_count > 0) + layers.expert_bias) + layers.router_matrices + layers.router_bias + layers.selection_bias \
         + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
     groups = np.where(layers.moe, moe, layers.lift(matrices))
     root = 1 + b.learned_positions + (1 - b.tied) + b.lm_head_bias + norm
     return root + b.n_layers * block + b.dense_blocks * matrices + layers.per_design(layers.count * groups, len(b))
+
+
+def trained_tensors(b: DesignBatch) -> np.ndarray:
+    """`param_tensors` less the frozen ones (ERNIE's score correction): what clipping and AdamW touch."""
+    layers = b.table
+    return param_tensors(b) - layers.per_design(layers.count * layers.selection_bias, len(b))
 
 
 def optimizer_s(b: DesignBatch, db: OpDatabase, params_held: np.ndarray) -> np.ndarray:
@@ -90,7 +96,7 @@ def optimizer_s(b: DesignBatch, db: OpDatabase, params_held: np.ndarray) -> np.n
     size: the expert banks (matrices per MoE block, each E_local x D x F: the largest tensors)
     apart from the mean of the others. `params_held`: parameters on this rank."""
     layers = b.table
-    tensors = param_tensors(b)
+    tensors = trained_tensors(b)
     matrices = layers.lift(np.where(b.gated, 3, 2))
     local = layers.experts // layers.lift(b.ep)
     bank_size = np.where(layers.moe, local * layers.lift(b.d_model) * layers.expert_d_ff, 0).astype(np.float64)

@@ -91,6 +91,7 @@ class TopKRouter:
     bias: bool = False
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
+    selection_bias: bool = False  # ERNIE-4.5: a frozen per-expert correction that only selects
 
     @property
     def experts_per_token(self) -> int:
