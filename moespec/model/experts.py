@@ -41,24 +41,8 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
 
-from moespec.model.layers import GATED_ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, DenseFFN, activation_fn, gated_activation
-
-
-def _relu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.threshold_backward(grad, pre, 0)
-
-
-def _silu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.silu_backward(grad, pre)
-
-
-def _gelu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.gelu_backward(grad, pre, approximate="none")
-
-
-# The derivative of each nonlinearity of layers.activation_fn, for the hand-written backward.
-_ACTIVATION_BACKWARD = {"relu": _relu_backward, "gelu": _gelu_backward, "geglu": _gelu_backward, "swiglu": _silu_backward}
-# swiglu_clamped (gpt-oss) has its own two-input derivative in `_activate_backward`.
+from moespec.model.expert_math import activate, activate_backward, expert_of_rows
+from moespec.model.layers import GATED_ACTIVATIONS, DenseFFN, activation_fn, gated_activation
 
 
 def gate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -191,7 +175,7 @@ class GroupedExpertsFn(torch.autograd.Function):
         gated = w_gate_EDF is not None
         dtype = w_up_EDF.dtype  # the compute dtype; the weights arrive already cast
         offs = _offsets(counts_E, x_TD.device) if grouped and token_A.numel() else None
-        expert_A = _expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None  # per-expert biases
+        expert_A = expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None  # per-expert biases
         x_AD = x_TD.index_select(0, token_A).to(dtype)  # the one gather
         h_up_AF = _rows_times_weights(x_AD, w_up_EDF, counts_E, offs)
         h_gate_AF = _rows_times_weights(x_AD, w_gate_EDF, counts_E, offs) if gated else None
@@ -200,7 +184,7 @@ class GroupedExpertsFn(torch.autograd.Function):
             h_up_AF += b_up_EF.index_select(0, expert_A)
             if gated:
                 h_gate_AF += b_gate_EF.index_select(0, expert_A)
-        a_AF = _activate(activation, h_gate_AF, h_up_AF)
+        a_AF = activate(activation, h_gate_AF, h_up_AF)
         if gate_A is not None:
             a_AF = _scale_rows(a_AF, gate_A)
         out_AD = _rows_times_weights(a_AF, w_down_EFD, counts_E, offs)
@@ -224,7 +208,7 @@ class GroupedExpertsFn(torch.autograd.Function):
 
         grad_y_AD = grad_y_TD.index_select(0, token_A).to(dtype)  # gather of the output gradient
         grad_ga_AF = _rows_times_weights(grad_y_AD, w_down_EFD.transpose(1, 2), counts_E, offs)  # d(loss)/d(gate * a)
-        a_AF = _activate(ctx.activation, h_gate_AF, h_up_AF)
+        a_AF = activate(ctx.activation, h_gate_AF, h_up_AF)
         grad_gate_A = grad_b_down = None
         if expert_A is not None:  # the down bias: its gradient, and its share of the gate's
             scaled_AD = grad_y_AD if gate_A is None else _scale_rows(grad_y_AD.clone(), gate_A)  # _scale_rows works in place
@@ -238,7 +222,7 @@ class GroupedExpertsFn(torch.autograd.Function):
             grad_a_AF = _scale_rows(grad_ga_AF, gate_A)
         else:
             grad_a_AF = grad_ga_AF
-        grad_gate_AF, grad_up_AF = _activate_backward(ctx.activation, grad_a_AF, h_gate_AF, h_up_AF)
+        grad_gate_AF, grad_up_AF = activate_backward(ctx.activation, grad_a_AF, h_gate_AF, h_up_AF)
         del grad_ga_AF, grad_a_AF
 
         grad_down_EFD = _weight_grad(a_AF, grad_y_AD, counts_E, offs, n_experts)
@@ -260,38 +244,6 @@ class GroupedExpertsFn(torch.autograd.Function):
             grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_A, grad_x_AD.to(x_TD.dtype))  # the one scatter
         return (grad_x_TD, None, grad_gate_A, grad_gate_EDF, grad_up_EDF, grad_down_EFD, None, None, None,
                 grad_b_gate, grad_b_up, grad_b_down)  # fmt: skip
-
-
-def _expert_of_rows(counts_E: list[int], device) -> torch.Tensor:
-    """The expert of each sorted row [A] (int64), for per-expert biases."""
-    return torch.repeat_interleave(torch.arange(len(counts_E), device=device), torch.tensor(counts_E, device=device))
-
-
-def _activate(activation: str, h_gate_AF: torch.Tensor | None, h_up_AF: torch.Tensor) -> torch.Tensor:
-    """The FFN's hidden activation from its pre-activations (a new tensor)."""
-    if h_gate_AF is None:
-        return activation_fn(activation)(h_up_AF)
-    if activation == "swiglu_clamped":
-        return gated_activation(activation, h_gate_AF, h_up_AF)
-    return activation_fn(activation)(h_gate_AF).mul_(h_up_AF)
-
-
-def _activate_backward(activation: str, grad_a_AF: torch.Tensor, h_gate_AF: torch.Tensor | None, h_up_AF: torch.Tensor):
-    """(d/d h_gate, d/d h_up) of `_activate` given d/d a; may overwrite grad_a_AF."""
-    if h_gate_AF is None:
-        return None, _ACTIVATION_BACKWARD[activation](grad_a_AF, h_up_AF)
-    if activation == "swiglu_clamped":  # a = (clamp(u, -L, L) + 1) * g * sigmoid(alpha g), g = min(gate, L)
-        g = h_gate_AF.clamp(max=SWIGLU_LIMIT)
-        s = torch.sigmoid(SWIGLU_ALPHA * g)
-        glu = g * s
-        grad_up = (grad_a_AF * glu).masked_fill_(h_up_AF.abs() > SWIGLU_LIMIT, 0.0)
-        dglu = s * (1 + SWIGLU_ALPHA * g * (1 - s))
-        grad_gate = (grad_a_AF * (h_up_AF.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT) + 1) * dglu).masked_fill_(h_gate_AF > SWIGLU_LIMIT, 0.0)
-        return grad_gate, grad_up
-    act_gate_AF = activation_fn(activation)(h_gate_AF)
-    grad_up = act_gate_AF.mul_(grad_a_AF)  # act_gate is dead after this
-    grad_gate = _ACTIVATION_BACKWARD[activation](grad_a_AF.mul_(h_up_AF), h_gate_AF)
-    return grad_gate, grad_up
 
 
 class ExpertBank(nn.Module):
