@@ -314,11 +314,7 @@ def import_config(config: dict, *, name: str | None = None, seq_len: int | None 
     r = _Reader(config)
     seq = _seq_len(r, seq_len, max_key="max_seq_len" if family == "dbrx" else "max_position_embeddings")
     model, moe = families[family](r, seq)
-    if family != "dbrx":
-        r.leftovers()
-    else:
-        r.used |= {"attn_config", "ffn_config", "d_model", "n_heads", "n_layers"}
-        r.leftovers()
+    r.leftovers()
     spec = {
         "version": 1,
         "name": name or f"{family.replace('_', '-')}-import",

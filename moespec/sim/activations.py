@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, compute_bytes, expert_rows
+from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, compute_bytes, expert_rows, weighted_qk_norm
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 
 F32, I64 = 4.0, 8.0
@@ -114,7 +114,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     sink_core = (2 * t * b.n_heads * (b.head_dim + 1) + 2 * kv_rows * (b.head_dim + 1) + t * hq) * c \
         + b.micro_batch * b.n_heads * s * F32 + s * (s + 1) * c  # fmt: skip
     core = np.where(b.sinks, sink_core, core)
-    attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where((b.qk_norm == 1) | (b.qk_norm == 2), qk, 0.0)  # both norms of the block
+    attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(weighted_qk_norm(b), qk, 0.0)  # both norms of the block
     inputs = np.where(b.gated, 2, 1)
     hidden = np.where(b.gated, np.where(b.clamped, 7, 4), 2)  # autograd's hidden-wide tensors (clamped SwiGLU: its clamps and sigmoid too)
 

@@ -47,6 +47,11 @@ QK_FULL, QK_PER_HEAD, QK_L2 = QK_NORMS.index("full"), QK_NORMS.index("per_head")
 EXACT_LIMIT = 2.0**62  # int64 counts at or above this are returned as float64
 
 
+def weighted_qk_norm(b: DesignBatch) -> np.ndarray:
+    """Designs whose QK-norm has weights (full or per head; Llama-4's l2 has none)."""
+    return (b.qk_norm == QK_FULL) | (b.qk_norm == QK_PER_HEAD)
+
+
 def compute_bytes(b: DesignBatch) -> np.ndarray:
     """Bytes per element of activations and dispatched rows: 4 in fp32, 2 under autocast."""
     return np.where(b.precision == PRECISIONS.index("fp32"), 4, 2)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, SELECTIVE, attention_linears, compute_bytes, expert_rows
+from moespec.sim.counts import FULL, QK_L2, SELECTIVE, attention_linears, compute_bytes, expert_rows, weighted_qk_norm
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.opdb import OpDatabase
 
@@ -77,7 +77,7 @@ def param_tensors(b: DesignBatch) -> np.ndarray:
     matrices = np.where(b.gated, 3, 2)
     # attention Linears: q, k, v, o; MLA: q (or q_a, its norm, q_b), kv_a, its norm, kv_b, o
     attention = np.where(b.mla, 3 + norm + np.where(b.q_lora_rank > 0, 2 + norm, 1), 4)
-    block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + b.sinks + 2 * norm + np.where((b.qk_norm == 1) | (b.qk_norm == 2), 2 * norm, 0)
+    block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + b.sinks + 2 * norm + np.where(weighted_qk_norm(b), 2 * norm, 0)
     moe = layers.lift(matrices) * (1 + (layers.shared_count > 0) + layers.expert_bias) + layers.router_matrices + layers.router_bias + layers.selection_bias \
         + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
     groups = np.where(layers.moe, moe, layers.lift(matrices))
@@ -119,7 +119,7 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     block = (DENSE_BLOCK_OPS + np.where(b.layernorm, 2 * NORM_OPS_LAYERNORM, 0) + np.where(b.learned_positions, 0, ROPE_OPS) - ROPE_OPS
              + np.where(b.qkv_bias, QKV_BIAS_OPS, 0) + np.where(autocast, AUTOCAST_OPS, 0) + np.where(b.dropout > 0, DROPOUT_OPS, 0)
              + np.where(b.out_bias, BIAS_OPS, 0) + np.where(b.sinks, SINK_OPS + 2 * autocast, 0) + np.where(~b.mla & (b.rope_dim > 0) & (b.rope_dim < b.head_dim), PARTIAL_ROPE_OPS, 0) + np.where(b.layernorm & ~b.norm_bias, -2 * NORM_BIAS_OPS, 0)
-             + np.where((b.qk_norm == 1) | (b.qk_norm == 2), np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0)
+             + np.where(weighted_qk_norm(b), np.where(b.layernorm, QK_NORM_OPS_LAYERNORM, QK_NORM_OPS + np.where(autocast, QK_NORM_AUTOCAST_OPS, 0)), 0)
              + np.where(b.mla, MLA_OPS + np.where(b.q_lora_rank > 0, MLA_Q_LORA_OPS + np.where(autocast, MLA_Q_LORA_AUTOCAST_OPS, 0), 0)
                         + np.where(b.v_head_dim != b.head_dim, MLA_PAD_OPS, 0), 0))  # fmt: skip
     dense_extra = np.where(b.gated, np.where(b.clamped, CLAMPED_FFN_OPS, 0), UNGATED_FFN_OPS)
@@ -132,7 +132,7 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
         + np.where(clamped, np.where(layers.dropless, CLAMPED_KERNEL_OPS, CLAMPED_FFN_OPS) + np.where(layers.shared_count > 0, CLAMPED_FFN_OPS, 0), 0)  # fmt: skip
     groups = np.where(layers.moe, moe, lift(dense_extra))
     rope_layers = np.where(b.learned_positions | (b.rope_dim == 0), 0, b.n_layers - b.nope_layers)
-    host = np.where(b.qk_norm == 3, L2_QK_OPS * rope_layers, 0) - np.where(b.learned_positions, 0, ROPE_OPS * b.nope_layers) \
+    host = np.where(b.qk_norm == QK_L2, L2_QK_OPS * rope_layers, 0) - np.where(b.learned_positions, 0, ROPE_OPS * b.nope_layers) \
         + b.window_layers * np.where(b.sinks, 5, WINDOW_OPS) + STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) \
         + np.where(b.layernorm & ~b.norm_bias, -NORM_BIAS_OPS, 0) + np.where(b.lm_head_bias, BIAS_OPS, 0) \
         + b.n_layers * block + b.dense_blocks * dense_extra  # fmt: skip
