@@ -62,7 +62,37 @@ class TrainResult:
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy in float32 (also under bf16 autocast). logits [B, S, V], targets [B, S]."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def draw_batch(plan: SpecPlan, ids: torch.Tensor, *, batch: int, seq_len: int, generator: torch.Generator, device=None):
+    """One micro-batch of the plan's objective: next-token windows [B, S+1] for a decoder, T5's
+    span corruption (inputs [B, S_enc], decoder inputs and targets [B, S]) for an
+    encoder-decoder, whose lengths are the spec's."""
+    if plan.model.encoder is None:
+        window = get_batch(ids, batch=batch, seq_len=seq_len, generator=generator)  # [B, S+1]
+        return window if device is None else window.to(device)
+    from moespec.data.span_corruption import SpanBatch, get_span_batch
+
+    enc = plan.model.encoder
+    spans = get_span_batch(ids, batch=batch, inputs_length=enc.seq_len, targets_length=plan.model.seq_len, vocab_size=plan.model.vocab_size,
+                           generator=generator, noise_density=enc.noise_density, mean_span=enc.mean_span)  # fmt: skip
+    if device is None:
+        return spans
+    return SpanBatch(*(t.to(device) for t in (spans.inputs_BS, spans.decoder_inputs_BT, spans.targets_BT)))
+
+
+def batch_loss(model: torch.nn.Module, batch, precision: str = "fp32"):
+    """(logits, cross-entropy, ModelAux) of one micro-batch from `draw_batch` (the forward under
+    the precision's autocast, the loss in float32)."""
+    device = next(iter(model.parameters())).device
+    with autocast_for(precision, device):
+        if isinstance(batch, torch.Tensor):
+            logits, aux = model(batch[:, :-1])  # [B, S, V]
+        else:
+            logits, aux = model(batch.inputs_BS, batch.decoder_inputs_BT)  # [B, T, V]
+    targets = batch[:, 1:] if isinstance(batch, torch.Tensor) else batch.targets_BT  # padded targets are -100
+    return logits, lm_loss(logits, targets), aux
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -114,8 +144,9 @@ def train(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     check_executable(plan)
-    if plan.model.vocab_size < BYTE_VOCAB:
-        raise ValueError(f"model.vocab_size ({plan.model.vocab_size}) must be >= {BYTE_VOCAB} to train on byte tokens")
+    check_vocab(plan)
+    if seq_len and plan.model.encoder is not None and seq_len != plan.model.seq_len:
+        raise ValueError("an encoder-decoder trains at the spec's lengths (model.encoder.seq_len, model.seq_len); drop the sequence-length override")
     batch = batch or plan.parallel.micro_batch
     seq_len = seq_len or plan.model.seq_len
     split = split or load_split()
@@ -135,7 +166,7 @@ def train(
     totals: dict[int, torch.Tensor] = {}
     model.train()
     for step in range(1, steps + 1):
-        windows = [get_batch(split.train, batch=batch, seq_len=seq_len, generator=generator).to(device)  # [B, S+1]
+        windows = [draw_batch(plan, split.train, batch=batch, seq_len=seq_len, generator=generator, device=device)
                    for _ in range(n_micro)]  # fmt: skip
         loss, ce, aux = train_step(setup, plan, windows, grad_clip=grad_clip)
         if dist_ctx is not None:
@@ -190,7 +221,7 @@ def prepare_training(model: torch.nn.Module, plan: SpecPlan, *, dist_ctx=None, l
 
 def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor], *, grad_clip: float = 1.0):
     """One optimizer step over len(windows) micro-batches (gradient accumulation; DDP syncs on
-    the last only). windows: each [B, S+1] tokens. Returns (loss, ce, aux) of the whole step
+    the last only). windows: each a `draw_batch` micro-batch. Returns (loss, ce, aux) of the whole step
     on this rank: losses averaged over the micro-batches (what the gradient is of), expert
     loads summed, dropped fractions averaged (`merge_step_aux`)."""
     from moespec.distributed import data_parallel as dp_utils
@@ -198,7 +229,6 @@ def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor]
     from moespec.model.routers import update_router_biases
 
     model, bare, ctx = setup.model, setup.bare_model, setup.dist_ctx
-    device = windows[0].device
     for optimizer in setup.optimizers:
         optimizer.zero_grad(set_to_none=True)
     per_micro = []
@@ -206,9 +236,7 @@ def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor]
         last = i == len(windows) - 1
         no_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
         with no_sync:
-            with autocast_for(plan.parallel.precision, device):
-                logits, aux = model(window[:, :-1])  # [B, S, V]
-            ce = lm_loss(logits, window[:, 1:])
+            logits, ce, aux = batch_loss(model, window, plan.parallel.precision)
             loss = ce + aux.aux_loss
             setup.scaler.scale(loss / len(windows)).backward()
         per_micro.append((loss.detach(), ce.detach(), aux))
@@ -265,14 +293,27 @@ def evaluate_loss(
     generator = torch.Generator().manual_seed(seed + 1)
     total = 0.0
     for _ in range(n_batches):
-        window = get_batch(ids, batch=batch, seq_len=seq_len, generator=generator).to(device)  # [B, S+1]
-        with autocast_for(plan.parallel.precision, device):
-            logits, _ = model(window[:, :-1])
-        total += float(lm_loss(logits, window[:, 1:]))
+        window = draw_batch(plan, ids, batch=batch, seq_len=seq_len, generator=generator, device=device)
+        total += float(batch_loss(model, window, plan.parallel.precision)[1])
     return total / n_batches
 
 
-def check_step(model: torch.nn.Module, *, batch: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+def check_vocab(plan: SpecPlan) -> None:
+    """The vocabulary the byte corpus (and, for an encoder-decoder, its sentinels) needs."""
+    if plan.model.encoder is not None:
+        from moespec.data.span_corruption import min_vocab_size
+
+        enc = plan.model.encoder
+        need = min_vocab_size(enc.seq_len, plan.model.seq_len, enc.noise_density, enc.mean_span)
+        if plan.model.vocab_size < need:
+            raise ValueError(f"model.vocab_size ({plan.model.vocab_size}) must be >= {need} for span corruption on bytes "
+                             f"(256 bytes, pad, EOS and one sentinel per span)")  # fmt: skip
+    elif plan.model.vocab_size < BYTE_VOCAB:
+        raise ValueError(f"model.vocab_size ({plan.model.vocab_size}) must be >= {BYTE_VOCAB} to train on byte tokens")
+
+
+def check_step(model: torch.nn.Module, *, batch: int, seq_len: int, vocab_size: int, seed: int = 0,
+               encoder_seq_len: int | None = None) -> dict:  # fmt: skip
     """One forward and backward on random tokens: the compiled model runs and has gradients.
 
     On the meta device nothing is computed, only shapes propagate, so the losses are None and
@@ -285,7 +326,12 @@ def check_step(model: torch.nn.Module, *, batch: int, seq_len: int, vocab_size: 
     else:
         generator = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=generator).to(device)  # [B, S+1]
-    logits, aux = model(tokens[:, :-1])  # [B, S, V]
+    if encoder_seq_len is None:
+        logits, aux = model(tokens[:, :-1])  # [B, S, V]
+    else:  # an encoder-decoder: random inputs [B, S_enc] too, the window as decoder inputs and targets
+        inputs = torch.randint(0, vocab_size, (batch, encoder_seq_len)).to(device) if device.type != "meta" else \
+            torch.empty(batch, encoder_seq_len, dtype=torch.long, device=device)  # fmt: skip
+        logits, aux = model(inputs, tokens[:, :-1])  # [B, S, V]
     ce = lm_loss(logits, tokens[:, 1:])
     loss = ce + aux.aux_loss
     loss.backward()

@@ -30,8 +30,13 @@ def measured_step_flops(plan, device: str = "cpu") -> int:
         tokens = torch.empty(shape, dtype=torch.long, device="meta")
     else:
         tokens = torch.randint(0, plan.model.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    inputs = ()
+    if plan.model.encoder is not None:  # an encoder-decoder: its inputs [B, S_enc] too
+        enc_shape = (plan.parallel.micro_batch, plan.model.encoder.seq_len)
+        inputs = (torch.empty(enc_shape, dtype=torch.long, device="meta") if device == "meta"
+                  else torch.randint(0, 256, enc_shape, generator=torch.Generator().manual_seed(1)),)  # fmt: skip
     with FlopCounterMode(display=False) as counter:
-        logits, aux = model(tokens[:, :-1])
+        logits, aux = model(*inputs, tokens[:, :-1])
         (lm_loss(logits, tokens[:, 1:]) + aux.aux_loss).backward()
     return counter.get_total_flops()
 
@@ -50,8 +55,9 @@ def test_step_flops_equal_flop_counter_on_cpu(path):
     assert predict_step_flops(plan) == measured_step_flops(plan)
 
 
-@pytest.mark.parametrize("recompute", ["selective", "full"])
-@pytest.mark.parametrize("path", [p for p in SPECS if p.stem.startswith("tiny-")], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path,recompute", [(p, r) for p in SPECS if p.stem.startswith("tiny-") for r in ("selective", "full")
+                                             if not (r == "selective" and p.stem == "tiny-t5-switch")],  # refused: T5's attention is not fused
+                         ids=lambda v: getattr(v, "stem", v))  # fmt: skip
 def test_recomputed_step_flops_equal_flop_counter(path, recompute):
     """Every router, capacity and dropless, with the forward replayed as the spec says."""
     plan = load_plan(path)

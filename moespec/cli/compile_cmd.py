@@ -65,7 +65,8 @@ def compile_command(
         apply_recompute(model, plan.parallel.recompute)  # the check's backward replays what training would
         try:
             check_result = check_step(
-                model, batch=plan.parallel.micro_batch, seq_len=plan.model.seq_len, vocab_size=plan.model.vocab_size, seed=seed
+                model, batch=plan.parallel.micro_batch, seq_len=plan.model.seq_len, vocab_size=plan.model.vocab_size, seed=seed,
+                encoder_seq_len=plan.model.encoder.seq_len if plan.model.encoder else None,
             )
         except (ValueError, NotImplementedError, RuntimeError) as exc:
             hint = (

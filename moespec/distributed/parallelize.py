@@ -27,6 +27,7 @@ import types
 import torch.utils.checkpoint
 from torch import nn
 
+from moespec.model.encoder_decoder import EncDecBlock
 from moespec.model.layers import AttentionCore, DecoderBlock
 from moespec.model.recompute import checkpoint
 
@@ -39,7 +40,7 @@ def apply_recompute(model: nn.Module, mode: str) -> nn.Module:
     modules are not wrapped in new ones, their forward is). Applying twice is a no-op."""
     if mode not in RECOMPUTE_MODES:
         raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
-    kind = {"none": None, "selective": AttentionCore, "full": DecoderBlock}[mode]
+    kind = {"none": None, "selective": AttentionCore, "full": (DecoderBlock, EncDecBlock)}[mode]
     if kind is None:
         return model
     for module in model.modules():
@@ -52,7 +53,7 @@ def recompute_mode(model: nn.Module) -> str:
     """Which mode `apply_recompute` left on `model` ("none" if it never ran)."""
     for module in model.modules():
         if getattr(module, "_moespec_recompute", False):
-            return "full" if isinstance(module, DecoderBlock) else "selective"
+            return "full" if isinstance(module, (DecoderBlock, EncDecBlock)) else "selective"
     return "none"
 
 

@@ -104,12 +104,16 @@ def build_model(plan: SpecPlan, *, seed: int = 0, device: torch.device | str | N
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = _assemble(plan)
-        _init_dense_weights(model, std=plan.model.init_std, n_layers=plan.model.n_layers)
+        _init_dense_weights(model, std=plan.model.init_std, n_layers=plan.model.total_blocks)
     return model
 
 
 def _assemble(plan: SpecPlan) -> MoETransformer:
     m = plan.model
+    if m.encoder is not None:
+        from moespec.model.encoder_decoder import assemble_encoder_decoder
+
+        return assemble_encoder_decoder(plan, lambda layer: _moe(plan, layer))
     blocks = [_block(plan, layer) for layer in plan.layers]
     return MoETransformer(
         tok_embeddings=nn.Embedding(m.vocab_size, m.d_model),
@@ -127,17 +131,7 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
     m = plan.model
     attention = _attention(m, window=m.window if layer.index in m.window_layers else None)
     if layer.kind == "moe":
-        from moespec.model.moe_layer import build_moe_layer  # the MoE layer imports routers, experts
-
-        ffn = None
-        moe = build_moe_layer(
-            layer.moe,
-            d_model=m.d_model,
-            activation=m.activation,
-            layer_index=layer.index,
-            init_std=m.init_std,
-            down_init_std=residual_init_std(m.init_std, m.n_layers),
-        )
+        ffn, moe = None, _moe(plan, layer)
     else:
         ffn = DenseFFN(d_model=m.d_model, d_ff=layer.d_ff, activation=m.activation)
         moe = None
@@ -150,6 +144,14 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
         dropout=m.dropout,
         use_rope=layer.index not in m.nope_layers,
     )
+
+
+def _moe(plan: SpecPlan, layer) -> nn.Module:
+    from moespec.model.moe_layer import build_moe_layer  # the MoE layer imports routers, experts
+
+    m = plan.model
+    return build_moe_layer(layer.moe, d_model=m.d_model, activation=m.activation, layer_index=layer.index, init_std=m.init_std,
+                           down_init_std=residual_init_std(m.init_std, m.total_blocks))  # fmt: skip
 
 
 def _attention(m, *, window: int | None = None) -> nn.Module:
@@ -192,10 +194,11 @@ def _init_dense_weights(model: MoETransformer, *, std: float, n_layers: int) -> 
     residual_std = residual_init_std(std, n_layers)
     dense_linears: list[tuple[nn.Linear, float]] = []
     for block in model.blocks:
-        att = block.attention
         inputs = ("q_proj", "k_proj", "v_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
-        dense_linears += [(getattr(att, name), std) for name in inputs if getattr(att, name, None) is not None]
-        dense_linears.append((att.o_proj, residual_std))
+        for att in (block.attention, getattr(block, "cross_attention", None)):  # cross: encoder-decoder blocks
+            if att is not None:
+                dense_linears += [(getattr(att, name), std) for name in inputs if getattr(att, name, None) is not None]
+                dense_linears.append((att.o_proj, residual_std))
         if block.ffn is not None:
             ffn = block.ffn
             dense_linears += [(lin, std) for lin in (ffn.w_gate, ffn.w_up) if lin is not None]
@@ -209,3 +212,6 @@ def _init_dense_weights(model: MoETransformer, *, std: float, n_layers: int) -> 
     nn.init.normal_(model.tok_embeddings.weight, mean=0.0, std=std)
     if model.pos_embeddings is not None:
         nn.init.normal_(model.pos_embeddings.weight, mean=0.0, std=std)
+    for table in (getattr(model, "encoder_bias", None), getattr(model, "decoder_bias", None)):  # T5's relative positions
+        if table is not None:
+            nn.init.normal_(table.table.weight, mean=0.0, std=std)

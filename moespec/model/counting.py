@@ -39,9 +39,9 @@ class LayerCounts:
 class ParamCounts:
     total: int  # sum(p.numel()), tied embeddings once
     active: int  # per token, embeddings included
-    embedding: int  # token embedding + learned positions (in total and in active)
+    embedding: int  # token embedding + learned positions or relative-bias tables (in total and in active)
     lm_head: int  # untied output projection; 0 when tied to the token embedding
-    final_norm: int
+    final_norm: int  # an encoder-decoder's two (encoder's and decoder's)
     layers: tuple[LayerCounts, ...]
     tied_embeddings: bool
     embeddings_in_active: bool = True  # stated so readers can compare with counts that leave them out
@@ -68,9 +68,11 @@ def routed_expert_module(moe: nn.Module) -> nn.Module:
 def count_parameters(model: nn.Module, plan: SpecPlan) -> ParamCounts:
     """Count a model built by `build_model(plan)`; works on the meta device."""
     layers = tuple(_count_block(block, layer) for block, layer in zip(model.blocks, plan.layers))
-    embedding = _numel(model.tok_embeddings) + _numel(model.pos_embeddings)
+    # positions: learned table, or T5's relative-bias tables (one per stack of an encoder-decoder)
+    positions = _numel(model.pos_embeddings) + _numel(getattr(model, "encoder_bias", None)) + _numel(getattr(model, "decoder_bias", None))
+    embedding = _numel(model.tok_embeddings) + positions
     lm_head = _numel(model.lm_head) + (0 if model.head_bias is None else model.head_bias.numel())
-    final_norm = _numel(model.final_norm)
+    final_norm = _numel(model.final_norm) + _numel(getattr(model, "encoder_norm", None))  # and the encoder's
     total = sum(p.numel() for p in model.parameters())
     accounted = embedding + lm_head + final_norm + sum(layer.total for layer in layers)
     if accounted != total:
@@ -88,8 +90,8 @@ def count_parameters(model: nn.Module, plan: SpecPlan) -> ParamCounts:
 
 
 def _count_block(block: nn.Module, layer) -> LayerCounts:
-    attention = _numel(block.attention)
-    norms = _numel(block.attn_norm) + _numel(block.ffn_norm)
+    attention = _numel(block.attention) + _numel(getattr(block, "cross_attention", None))  # cross: decoder of an encoder-decoder
+    norms = _numel(block.attn_norm) + _numel(block.ffn_norm) + _numel(getattr(block, "cross_norm", None))
     if block.moe is None:
         ffn = _numel(block.ffn)
         total = attention + norms + ffn

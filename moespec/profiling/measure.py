@@ -81,17 +81,19 @@ class TrainingBatches:
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
         self.ids = load_split().train if plan.model.vocab_size >= BYTE_VOCAB else None
 
-    def step(self) -> list[torch.Tensor]:
-        from moespec.data.corpus import get_batch
+    def step(self) -> list:
+        """One optimizer step's micro-batches (train.draw_batch's: windows [B, S+1], or an
+        encoder-decoder's span-corruption batches)."""
+        from moespec.train import draw_batch
 
         b, s = self.plan.parallel.micro_batch, self.plan.model.seq_len
         windows = []
         for _ in range(self.plan.parallel.grad_accum):
             if self.ids is None:
-                window = torch.randint(0, self.plan.model.vocab_size, (b, s + 1), generator=self.generator)
+                window = torch.randint(0, self.plan.model.vocab_size, (b, s + 1), generator=self.generator).to(self.device)
             else:
-                window = get_batch(self.ids, batch=b, seq_len=s, generator=self.generator)
-            windows.append(window.to(self.device))  # [B, S+1]
+                window = draw_batch(self.plan, self.ids, batch=b, seq_len=s, generator=self.generator, device=self.device)
+            windows.append(window)
         return windows
 
 
@@ -104,7 +106,7 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     from moespec.distributed.parallelize import apply_recompute
     from moespec.distributed.state import state_bytes
     from moespec.model.build import build_model
-    from moespec.train import lm_loss, prepare_training, train_step
+    from moespec.train import batch_loss, prepare_training, train_step
 
     # The plan must be what runs: one process runs a world-1 plan (context.single_process_plan).
     check_world(plan, 1 if dist_ctx is None else dist_ctx.world)
@@ -121,8 +123,8 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     # 1. FLOPs of one micro-step (forward + backward), gradients thrown away.
     window = batches.step()[0]
     with FlopCounterMode(display=False) as flop_counter:
-        logits, aux = setup.model(window[:, :-1])
-        (lm_loss(logits, window[:, 1:]) + aux.aux_loss).backward()
+        _, ce, aux = batch_loss(setup.model, window)
+        (ce + aux.aux_loss).backward()
     flops = int(flop_counter.get_total_flops())
     setup.bare_model.zero_grad(set_to_none=True)
 

@@ -51,7 +51,7 @@ def trace_step_ops(plan, *, seed: int = 0) -> dict[str, int]:
     gradient clipping and AdamW step as `moespec.train.train_step` runs them."""
     from moespec.model.build import build_model
     from moespec.profiling.measure import TrainingBatches
-    from moespec.train import autocast_for, lm_loss, prepare_training, train_step
+    from moespec.train import batch_loss, prepare_training, train_step
 
     device = torch.device("cpu")
     model = build_model(plan, seed=seed, device=device)
@@ -64,10 +64,8 @@ def trace_step_ops(plan, *, seed: int = 0) -> dict[str, int]:
         for optimizer in setup.optimizers:
             optimizer.zero_grad(set_to_none=True)
         for window in windows:
-            with autocast_for(plan.parallel.precision, device):
-                logits, aux = setup.model(window[:, :-1])
-            loss = lm_loss(logits, window[:, 1:]) + aux.aux_loss
-            (loss / len(windows)).backward()
+            _, ce, aux = batch_loss(setup.model, window, plan.parallel.precision)
+            ((ce + aux.aux_loss) / len(windows)).backward()
         counter.phase = "optimizer"
         torch.nn.utils.clip_grad_norm_(setup.model.parameters(), 1.0)
         for optimizer in setup.optimizers:

@@ -68,7 +68,7 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
     per_step = [max(values) for values in zip(*(r["step_s"] for r in ranks))]  # slowest rank per step
     median_s = statistics.median(per_step)
     spread = step_spread(per_step)
-    tokens = p.global_batch * plan.model.seq_len
+    tokens = p.global_batch * (plan.model.seq_len + (plan.model.encoder.seq_len if plan.model.encoder else 0))  # an encoder-decoder: inputs and targets
     peak = backend.device.peak_flops_per_s["fp32" if p.precision == "fp32" else p.precision]
     # A rank computes the rows routed to its experts; their mean over the ranks is exact.
     flops_rank = statistics.mean(r["flops_per_microstep"] for r in ranks)

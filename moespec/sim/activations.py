@@ -100,6 +100,17 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     # Partial RoPE concatenates q and k in [B, H, S] order, so SDPA's output comes out in that
     # layout too and o_proj's input is a copy of it (full RoPE keeps q's [B, S, H] layout).
     core = core + np.where((b.rope_dim > 0) & (b.rope_dim < b.head_dim), t * hq * c, 0.0)
+    # T5's relative bias (model/encoder_decoder.py) sends SDPA down its math path: no
+    # logsumexp, the probabilities [B, H, S, S] instead (float32 from autocast's softmax, and
+    # their copy in the compute dtype for the values' matmul), o_proj's input a copy.
+    # Dropout sends it there too (the fused CPU kernel has none): then the float32 mask and
+    # the dropped probabilities (in the compute dtype, for the values' matmul) besides.
+    drop = b.dropout > 0
+    s2 = b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) ** 2
+    probabilities = np.where(drop, 3 * F32, F32)  # bytes per score (the math path computes in float32)
+    # Under autocast the math path upcasts: q, k and v kept in float32, o_proj's input in the compute dtype.
+    math_core = np.where(half, (t * hq + 2 * t * hkv) * F32 + t * hq * c, (2 * t * hq + 2 * t * hkv) * c) + s2 * probabilities
+    core = np.where(((b.rel_buckets > 0) | drop) & ~b.sinks & ~b.mla, math_core, core)
     # QK-norm (in float32): each of q and k keeps its input and, RMSNorm, the normalised
     # product, with one statistic per row (per token, or per token and head).
     qk_width = t * (hq + hkv)
@@ -116,7 +127,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     core = np.where(b.sinks, sink_core, core)
     attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(weighted_qk_norm(b), qk, 0.0)  # both norms of the block
     inputs = np.where(b.gated, 2, 1)
-    hidden = np.where(b.gated, np.where(b.clamped, 7, 4), 2)  # autograd's hidden-wide tensors (clamped SwiGLU: its clamps and sigmoid too)
+    hidden = np.where(b.gated, np.where(b.clamped, 7, 4), np.where(b.relu, 1, 2))  # autograd's hidden-wide tensors (clamped SwiGLU: its clamps and sigmoid too; relu: its output alone)
 
     def ffn_in(code_half, count_inputs, tdl):  # what a FFN keeps of its input
         return np.where(code_half, count_inputs * tdl * 2, tdl * F32)
@@ -147,6 +158,14 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     moe_ffn = router + experts + shared + np.where(layers.gate_input, gated_in, 0.0)
     dense_group = np.where(layers.d_ff > 0, ffn_in(hl, il, tl * dl) + kl * tl * layers.d_ff * cl, 0.0)
     per_group = np.where(layers.moe, moe_ffn, dense_group)
+    # Cross-attention (decoder blocks of an encoder-decoder): its norm; q's input (fp32: the
+    # encoder's output, k and v's input, is one tensor all blocks share; autocast casts it per
+    # Linear); fused SDPA's q, k, v, output and logsumexp.
+    t_enc = (b.micro_batch * b.cross_len).astype(np.float64)
+    cross_scores = b.micro_batch * b.n_heads * b.seq_len * t_enc / np.maximum(b.micro_batch, 1)
+    cross = norm + np.where(half, td * 2 + 2 * t_enc * d * 2, td * F32) + (2 * t * hq + 2 * t_enc * hq) * c \
+        + np.where(drop, cross_scores * probabilities, b.micro_batch * b.n_heads * b.seq_len * F32)  # dropout: the math path  # fmt: skip
+    attention = attention + np.where(b.cross_len > 0, cross, 0.0)
     blocks = b.n_layers * attention + b.dense_blocks * dense + layers.per_design(layers.count * per_group, n)
     blocks = blocks + np.where(b.sinks, 0.0, b.window_layers * s * s * c)  # each windowed layer's mask, as floats of the compute dtype
     # Llama-4's weightless QK-norm, in the layers with RoPE: q and k in float32 and 1/rms per head
@@ -155,20 +174,28 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     block_input = b.n_layers * td * F32  # what full recomputation keeps per block
     biggest_block = attention + np.maximum(np.where(b.dense_blocks > 0, dense, 0.0), layers.max_per_design(np.where(layers.count > 0, per_group, 0.0), n))
     blocks = np.where(b.recompute == FULL, block_input + biggest_block, blocks)
-    if (b.dropout > 0).any():  # dropout masks (bool): embedding and two per block
-        blocks = blocks + np.where(b.dropout > 0, (1 + 2 * b.n_layers) * td, 0.0)
+    if drop.any():  # dropout's masks: the embedding's and a T5 stack's final one in float32, two per block (three with cross-attention) in the compute dtype
+        masks = (1 + (b.rel_buckets > 0)) * F32 + b.n_layers * np.where(b.cross_len > 0, 3, 2) * c
+        blocks = blocks + np.where(drop, masks * td, 0.0)
 
     v = b.vocab.astype(np.float64)
     rope = 2 * b.seq_len * b.rope_dim * F32  # the cos and sin tables
     head = norm + np.where(half, td * 2, td * F32) + t * v * F32 + 2 * t * I64 + rope
-    logits = t * v * c  # alive in the training loop
+    # Relative positions: the bucket of each (query, key) pair, int64, for the bias table's
+    # gradient; a decoder's causal mask (bool). The encoder's output once, k and v's input.
+    relative = s * s * I64 + np.where(b.headless, 0.0, s * s)
+    context = (b.cross_len > 0) & (~half | (b.recompute == FULL))  # full recomputation keeps it as every block's input
+    head = head + np.where(b.rel_buckets > 0, relative, 0.0) + np.where(context, t_enc * d * F32, 0.0)
+    head = np.where(b.headless, norm + t * I64 + np.where(b.rel_buckets > 0, relative, 0.0), head)  # an encoder: its final norm, its tokens
+    logits = np.where(b.headless, 0.0, t * v * c)  # alive in the training loop
     # autocast's bf16 copies of the matmuls' weights, kept for backward; an untied embedding
     # table is looked up, not cast. Full recomputation keeps a block's only while it replays.
     embedding = np.where(b.tied, 0.0, v * d * F32)
     head_copy = v * d * 2
     block_copies = np.maximum(weights_bytes - embedding - head_copy * 2, 0.0) / 2
-    block_copies = np.where(b.recompute == FULL, block_copies / np.maximum(b.n_layers / b.pp, 1), block_copies)
-    copies = np.where(half, head_copy + block_copies, 0.0)
+    all_blocks = b.n_layers + (0 if b.encoder is None else b.encoder.n_layers)
+    block_copies = np.where(b.recompute == FULL, block_copies / np.maximum(all_blocks / b.pp, 1), block_copies)
+    copies = np.where(half & ~b.headless, head_copy + block_copies, 0.0)  # a headless part's weights: the main part's copies
     activations = blocks / (b.tp * b.pp) + head + logits + copies
 
     # The top dropless layer's backward: its kernel's temporaries (the gathered output
@@ -177,5 +204,13 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     # tensors as it makes gradients: their peak stays the start of backward (MemTracker).
     temp = rows * dl * cl + 3 * rows * f * cl + tl * dl * F32
     moe_temp = layers.max_per_design(np.where(layers.moe & layers.dropless & (layers.count > 0), temp, 0.0), n) / (b.tp * b.pp)
-    loss_temporaries = 2 * t * v * F32 + np.where(half, t * v * 2, 0.0)
-    return {"activations": activations, "saved": activations - logits, "loss_temporaries": loss_temporaries, "moe_temporaries": moe_temp}
+    loss_temporaries = np.where(b.headless, 0.0, 2 * t * v * F32 + np.where(half, t * v * 2, 0.0))
+    replay = np.where(b.recompute == FULL, biggest_block, 0.0) / (b.tp * b.pp)  # the one block being replayed
+    out = {"activations": activations, "saved": activations - logits, "loss_temporaries": loss_temporaries, "moe_temporaries": moe_temp,
+           "replay": replay}  # fmt: skip
+    if b.encoder is not None:  # an encoder-decoder: the encoder stack's part is held too; one block replays at a time
+        encoder = activation_memory(b.encoder, np.zeros(n))
+        once = np.minimum(replay, encoder["replay"])
+        out = {name: (np.maximum if name in ("moe_temporaries", "replay") else np.add)(value, encoder[name]) for name, value in out.items()}
+        out["activations"], out["saved"] = out["activations"] - once, out["saved"] - once
+    return out

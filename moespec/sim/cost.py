@@ -145,6 +145,12 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
     return out
 
 
+def parts(b: DesignBatch) -> list[DesignBatch]:
+    """The parts costed per micro-step: a decoder-only design's one, an encoder-decoder's
+    decoder (with the head) and its headless encoder stack (design.py)."""
+    return [b] if b.encoder is None else [b, b.encoder]
+
+
 # --- memory ------------------------------------------------------------------------------------
 
 
@@ -155,23 +161,25 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     largest block at a time), and the peak of a step: the start of backward, a dropless
     layer's backward (sim/activations.py), the gradient sync (every gradient, and the flat
     copy of replicated expert gradients); `fits` adds a 10% allowance for the allocator's slack."""
-    layers = b.table
     full = state["full_dense"] + state["full_expert"]  # elements this rank computes with
     gathered = np.where(b.zero_stage == 2, 4 * full - state["params"], 0.0)
-    gathered = np.where(b.zero_stage == 3, 4 * _block_elements(b, layers) / (b.tp * b.pp), gathered)
-    rows = expert_rows(b, layers)
+    biggest = np.maximum.reduce([_block_elements(part, part.table) for part in parts(b)])
+    gathered = np.where(b.zero_stage == 3, 4 * biggest / (b.tp * b.pp), gathered)
     bpe = compute_bytes(b)
-    has_a2a = layers.moe & (layers.count > 0) & layers.lift(b.ep > 1)
-    a2a = 2.0 * layers.max_per_design(np.where(has_a2a, rows, 0), len(b)) * b.d_model * bpe
+    a2a, top_dropless_grads = np.zeros(len(b)), np.zeros(len(b))
+    for part in parts(b):
+        layers = part.table
+        has_a2a = layers.moe & (layers.count > 0) & layers.lift(b.ep > 1)
+        a2a = np.maximum(a2a, 2.0 * layers.max_per_design(np.where(has_a2a, expert_rows(part, layers), 0), len(b)) * b.d_model * bpe)
+        matrices = layers.lift(np.where(b.gated, 3, 2))
+        layer_grads = np.where(layers.moe & layers.dropless & (layers.count > 0), (layers.experts // layers.lift(b.ep)) * matrices * layers.lift(b.d_model)
+                               * layers.expert_d_ff * 4.0, 0.0)  # fmt: skip
+        top_dropless_grads = np.maximum(top_dropless_grads, layers.max_per_design(layer_grads, len(b)) / (b.tp * b.pp))
     held = state["params"] + gathered + state["optimizer"]
     kept = activation_memory(b, state["params"])
     activations = kept["activations"]
     micro_steps = b.global_batch // (b.micro_batch * b.dp)
     earlier_grads = np.where(micro_steps > 1, state["grads"], 0.0)  # accumulated over the step's earlier micro-steps
-    matrices = layers.lift(np.where(b.gated, 3, 2))
-    layer_grads = np.where(layers.moe & layers.dropless & (layers.count > 0), (layers.experts // layers.lift(b.ep)) * matrices * layers.lift(b.d_model)
-                           * layers.expert_d_ff * 4.0, 0.0)  # fmt: skip
-    top_dropless_grads = layers.max_per_design(layer_grads, len(b)) / (b.tp * b.pp)
     start_of_backward = held + earlier_grads + activations + kept["loss_temporaries"]
     top_dropless_backward = held + np.maximum(earlier_grads, top_dropless_grads) + activations + kept["moe_temporaries"]
     # After backward, expert gradients replicated over the edp group (dp / ep > 1, ZeRO 0/1)
@@ -212,7 +220,9 @@ def elementwise_activation_bytes(b: DesignBatch) -> np.ndarray:
     rows_per_token = expert_rows(b, layers) / layers.lift(s * bsz)
     width = rows_per_token * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff + layers.d_ff  # placeholders zero the rest
     widths = layers.per_design(layers.count * width, len(b)) + b.dense_blocks * b.d_ff
-    return (b.n_layers * 15 * sbh + 19 * sbh / (4 * h) * widths) * scale
+    cross = np.where(b.cross_len > 0, 4 * sbh + 2 * bsz * b.cross_len * h, 0.0)  # cross-attention: its norm, q, output; k, v over the encoder's rows
+    own = (b.n_layers * (15 * sbh + cross) + 19 * sbh / (4 * h) * widths) * scale
+    return own + (0.0 if b.encoder is None else elementwise_activation_bytes(b.encoder))
 
 
 def elementwise_bytes(b: DesignBatch, passed: np.ndarray) -> np.ndarray:
@@ -231,8 +241,9 @@ def elementwise_bytes(b: DesignBatch, passed: np.ndarray) -> np.ndarray:
     sinkhorn = sinkhorn * np.where(full, 2, 1)
     per_element = 4 * compute_bytes(b) + 2
     dropout = (2 * b.n_layers + 1) * tokens * b.d_model * per_element
-    dropout = dropout + b.n_layers * b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) ** 2 * per_element
-    return stored + (sinkhorn + np.where(b.dropout > 0, dropout, 0.0)) / (b.pp * b.tp)
+    dropout = dropout + b.n_layers * b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) * (b.seq_len + b.cross_len) * per_element
+    encoder = 0.0 if b.encoder is None else elementwise_bytes(b.encoder, 0.0)  # its activations are in `passed` already
+    return stored + (sinkhorn + np.where(b.dropout > 0, dropout, 0.0)) / (b.pp * b.tp) + encoder
 
 
 # --- time --------------------------------------------------------------------------------------
@@ -245,11 +256,14 @@ def _op_times(b: DesignBatch, db, state: dict, *, imbalance: float) -> tuple[np.
     elementwise bandwidth plus dispatch/combine rows at the gather bandwidth."""
     from moespec.sim import ops
 
-    linear_s, attention_s = ops.linear_and_attention_s(b, db, imbalance=imbalance)
-    host_ops, _ = ops.other_ops(b)
+    linear_s, attention_s, host_ops, gathered, auction = 0.0, 0.0, 0.0, 0.0, 0.0
+    for part in parts(b):  # an encoder-decoder's encoder stack runs its own ops
+        part_linear_s, part_attention_s = ops.linear_and_attention_s(part, db, imbalance=imbalance)
+        linear_s, attention_s = linear_s + part_linear_s, attention_s + part_attention_s
+        host_ops, gathered, auction = host_ops + ops.other_ops(part)[0], gathered + ops.gather_bytes(part), auction + ops.auction_s(part, db)
     replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
-    elementwise_s = elementwise_bytes(b, state["elementwise_activations"]) / db.bandwidth_Bps + ops.gather_bytes(b) * replay / db.gather_Bps
-    host_s = host_ops * db.op_s * replay + ops.auction_s(b, db)
+    elementwise_s = elementwise_bytes(b, state["elementwise_activations"]) / db.bandwidth_Bps + gathered * replay / db.gather_Bps
+    host_s = host_ops * db.op_s * replay + auction
     optimizer_s = ops.optimizer_s(b, db, state["params"] / 4) + db.step_s  # the training loop's own host time, once per optimizer step
     return linear_s + attention_s, elementwise_s, host_s, optimizer_s
 
@@ -257,8 +271,7 @@ def _op_times(b: DesignBatch, db, state: dict, *, imbalance: float) -> tuple[np.
 @np.errstate(divide="ignore", invalid="ignore")
 def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectives: CollectiveCosts, *,
           overlap: float, imbalance: float, a2a_imbalance: float) -> dict[str, np.ndarray]:  # fmt: skip
-    layers = b.table
-    lift, n = layers.lift, len(b)
+    n = len(b)
     world = b.dp * b.tp * b.pp
     valid = (world <= backend.num_devices) & (b.dp % b.ep == 0)
     peak = np.array([backend.device.peak_flops_per_s.get(name, np.nan) for name in PRECISIONS])[b.precision]
@@ -280,26 +293,31 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
         elementwise_s = elementwise_bytes(b, state["elementwise_activations"]) / memory_Bps * micro_steps
         optimizer_s = 2 * 16 * (state["optimizer"] / 8) / memory_Bps  # AdamW reads and writes p, g, m, v
         overhead_s = np.zeros(n)
-    ep = lift(b.ep)
-    transfers = lift(a2a_transfers(b))
     if backend.ops is None:  # fixed host time (sim/overhead.py): per micro-step and stage, plus the optimizer step's
         ov = backend.overheads
-        a2a_calls = np.where(ep > 1, transfers * np.where(layers.shuffle, 2, 1), 0)
-        moe_s = np.array([ov.moe_layer(name) for name in ROUTER_NAMES])[layers.router] + ov.local_expert_s * layers.experts / ep
-        per_block_s = np.where(layers.moe, moe_s + ov.a2a_call_s * a2a_calls, ov.dense_layer_s)
-        fixed_s = ov.step_s + layers.per_design(layers.count * per_block_s, n) + b.dense_blocks * ov.dense_layer_s
+        fixed_s = ov.step_s
+        for part in parts(b):
+            layers, ep = part.table, part.table.lift(b.ep)
+            a2a_calls = np.where(ep > 1, layers.lift(a2a_transfers(b)) * np.where(layers.shuffle, 2, 1), 0)
+            moe_s = np.array([ov.moe_layer(name) for name in ROUTER_NAMES])[layers.router] + ov.local_expert_s * layers.experts / ep
+            per_block_s = np.where(layers.moe, moe_s + ov.a2a_call_s * a2a_calls, ov.dense_layer_s)
+            fixed_s = fixed_s + layers.per_design(layers.count * per_block_s, n) + part.dense_blocks * ov.dense_layer_s
         overhead_s = fixed_s / b.pp * micro_steps + ov.optimizer_step_s
 
     # All-to-all: each rank sends rows*D*b/ep to every other rank of its group per transfer;
     # BASE's shuffle T/ep tokens of D*b bytes. Per layer, per micro-step of its stage.
-    ep_sets = collectives.rank_sets(1, ep)  # an expert-parallel group: ep consecutive ranks
-    on = lift(valid) & layers.moe & (ep > 1)
-    skew = np.where(layers.dropless & ~layers.balanced, a2a_imbalance, 1.0)
-    row_bytes = lift(b.d_model * bpe)
-    tokens = lift(b.micro_batch * b.seq_len)
-    dispatch = collectives.time_s("a2a", ep_sets, np.where(on, expert_rows(b, layers) * skew * row_bytes / ep, 0.0))
-    shuffle = collectives.time_s("a2a", ep_sets, np.where(on & layers.shuffle, tokens / ep * row_bytes, 0.0))
-    a2a_s = layers.per_design(layers.count * transfers * (dispatch + shuffle), n) * micro_steps / b.pp
+    a2a_s = np.zeros(n)
+    for part in parts(b):
+        layers = part.table
+        lift, ep = layers.lift, layers.lift(b.ep)
+        ep_sets = collectives.rank_sets(1, ep)  # an expert-parallel group: ep consecutive ranks
+        on = lift(valid) & layers.moe & (ep > 1)
+        skew = np.where(layers.dropless & ~layers.balanced, a2a_imbalance, 1.0)
+        row_bytes = lift(b.d_model * bpe)
+        tokens = lift(part.micro_batch * part.seq_len)
+        dispatch = collectives.time_s("a2a", ep_sets, np.where(on, expert_rows(part, layers) * skew * row_bytes / ep, 0.0))
+        shuffle = collectives.time_s("a2a", ep_sets, np.where(on & layers.shuffle, tokens / ep * row_bytes, 0.0))
+        a2a_s = a2a_s + layers.per_design(layers.count * lift(a2a_transfers(b)) * (dispatch + shuffle), n) * micro_steps / b.pp
     if backend.ops is not None:  # each call's wait for the slowest rank (operator database)
         a2a_s = a2a_s + counts["a2a_calls"] * backend.ops.a2a_call_s * micro_steps / b.pp
 
@@ -308,8 +326,9 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     activations = b.micro_batch * b.seq_len * b.d_model * bpe
     tp_comm_s, pp_comm_s = np.zeros(n), np.zeros(n)  # most sweeps have neither: skip the lookups
     if (b.tp > 1).any():
-        tp_comm_s = 4 * b.n_layers / b.pp * micro_steps * collectives.time_s(
-            "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), activations, 0.0))
+        for part in parts(b):  # cross-attention's two more all-reduces are not costed (TP does not run yet: issue 15)
+            tp_comm_s = tp_comm_s + 4 * part.n_layers / b.pp * micro_steps * collectives.time_s(
+                "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), part.micro_batch * part.seq_len * b.d_model * bpe, 0.0))
     if (b.pp > 1).any():
         pp_comm_s = 2 * micro_steps * collectives.time_s(
             "a2a", collectives.rank_sets(b.tp, 2), np.where(valid & (b.pp > 1), activations / b.tp, 0.0))
@@ -334,8 +353,8 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     # so the latency is paid per unit and the bytes once: units * t(bytes / units); a
     # reduce-scatter and one all-gather (two at stage 3) per micro-step.
     passes = np.where(b.zero_stage == 3, 3, 2)
-    units = np.maximum(b.n_layers + 1, 1)
-    banks = np.maximum(b.n_moe_layers, 1)
+    units = np.maximum(sum(part.n_layers for part in parts(b)) + 1, 1)
+    banks = np.maximum(sum(part.n_moe_layers for part in parts(b)), 1)
     fsdp_s = passes * micro_steps * (units * ring(fsdp, dp_sets, dense_bytes / units) + banks * ring(fsdp, edp_sets, expert_bytes / banks))
     zero_s = gather + fsdp_s
     exposed_s = (1 - overlap) * (dense_ar + fsdp_s) + expert_ar + gather
@@ -343,7 +362,7 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s
     bubble_s = np.where(b.pp > 1, (b.pp - 1) / (micro_steps + b.pp - 1) * pipelined_s, 0.0)
     step_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s + pp_comm_s + exposed_s + bubble_s + optimizer_s
-    tokens_per_s = b.global_batch * b.seq_len / step_s
+    tokens_per_s = b.global_batch * (b.seq_len + b.cross_len) / step_s  # an encoder-decoder's: inputs and targets
     mfu = counts["model_flops_per_token"] * tokens_per_s / (world * peak)
     times = dict(zip(_TIMES, (compute_s, elementwise_s, overhead_s, a2a_s, tp_comm_s, pp_comm_s, allreduce_s, exposed_s,
                               zero_s, bubble_s, optimizer_s, step_s, tokens_per_s, mfu)))  # fmt: skip

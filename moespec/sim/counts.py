@@ -146,9 +146,12 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     dense_ffn = matrices * dl * c(layers.d_ff)
     shared = c(layers.shared_count) * matrices * dl * c(layers.shared_d_ff) + np.where((layers.shared_count > 0) & layers.shared_gate, dl, 0)
     router = dl * e * c(layers.router_matrices) + np.where(layers.router_bias, e, 0) + np.where(layers.selection_bias, e, 0)
-    per_design = n_layers * (attention + 2 * norm) + n_dense * dense_ffn_n
-    embedding = v * d + np.where(b.learned_positions, s * d, 0)
-    outer = embedding + np.where(b.tied, 0, v * d) + np.where(b.lm_head_bias, v, 0) + norm + per_design
+    # cross-attention (decoder blocks of an encoder-decoder): its norm and q, k, v, o of width H*hd
+    cross = np.where(b.cross_len > 0, 4 * d * q_width + norm, 0)
+    per_design = n_layers * (attention + 2 * norm + cross) + n_dense * dense_ffn_n
+    positions = np.where(b.learned_positions, s * d, 0) + c(b.rel_buckets) * heads  # a learned table, or T5's bias table
+    embedding = np.where(b.headless, 0, v * d) + positions  # an encoder part looks up the decoder's table
+    outer = embedding + np.where(b.tied | b.headless, 0, v * d) + np.where(b.lm_head_bias, v, 0) + norm + per_design
     non_routed = dense_ffn + shared + router
     expert_params = total(e * (one_expert + expert_bias))
     params_total = outer + total(non_routed) + expert_params
@@ -163,14 +166,18 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     rows_int = expert_rows(b, layers)
     expert_flops = 6 * c(rows_int) * one_expert
     dropless = layers.dropless
+    s_enc = c(b.cross_len)
+    cross_core = 12 * batch * heads * s * s_enc * hd  # queries of the decoder over the encoder's keys
+    cross_flops = 6 * (t + batch * s_enc) * 2 * d * q_width + cross_core  # q, o on decoder rows; k, v on encoder rows
     parts = {
         "attention": n_layers * (6 * t * attn_matmul + core),
+        "cross_attention": n_layers * np.where(b.cross_len > 0, cross_flops, 0),
         "dense_ffn": n_dense * 6 * t * dense_ffn_n + total(6 * tl * dense_ffn),
         "router": total(6 * tl * dl * e * c(layers.router_matrices)),
         "experts_capacity": total(np.where(dropless, 0, expert_flops)),
         "experts_dropless": total(np.where(dropless, expert_flops, 0)),
         "shared_experts": total(6 * tl * shared),
-        "lm_head": 6 * t * d * v,
+        "lm_head": np.where(b.headless, 0, 6 * t * d * v),
     }
     blocks = sum(value for name, value in parts.items() if name != "lm_head")
     parts["recompute"] = np.where(b.recompute == FULL, _exact_div(blocks, 3),
@@ -197,7 +204,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # when dp/ep > 1.
     micro = c(b.global_batch // (b.micro_batch * b.dp))
     dp_on, edp_on = b.dp > 1, (b.dp // b.ep > 1) & (b.n_moe_layers > 0)
-    units = n_layers + 1 + np.where(edp_on, c(b.n_moe_layers), 0)
+    units = n_layers + np.where(b.headless, 0, 1) + np.where(edp_on, c(b.n_moe_layers), 0)  # the root is the decoder part's
     fsdp = (b.zero_stage >= 2) & dp_on
     zero_gathers = np.where((b.zero_stage == 1) & dp_on, 1 + edp_on, np.where(fsdp, units * micro * np.where(b.zero_stage == 3, 2, 1), 0))
     zero_reduce_scatters = np.where(fsdp, units * micro, 0)
@@ -205,15 +212,25 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # Model FLOPs per token, for MFU: 6 per active matmul parameter (the embedding lookup is no
     # matmul; a tied table still does the LM head's) plus attention, 6 * L * H * (hd + v) * S
     # (the useful widths: MLA's value padding is not model work).
-    active_matmul = params_active - embedding + np.where(b.tied, embedding, 0)
-    model_flops_per_token = 6 * active_matmul + 6 * n_layers * heads * (hd + c(b.v_head_dim)) * s
-    return {
+    active_matmul = params_active - embedding + np.where(b.tied & ~b.headless, v * d, 0)  # a tied table is the head's matmul
+    per_token = 6 * active_matmul + 6 * n_layers * heads * (hd + c(b.v_head_dim)) * s
+    # Encoder-decoder: per sequence, cross-attention's k and v weights work on the encoder's
+    # rows, its scores and values over the encoder's length; the encoder part adds its own.
+    cross_kv = n_layers * np.where(b.cross_len > 0, 2 * d * q_width, 0)
+    model_flops_per_seq = (per_token - 6 * cross_kv + 6 * n_layers * heads * 2 * hd * s_enc) * s + 6 * cross_kv * s_enc
+    result = {
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
         "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
-        "model_flops_per_token": model_flops_per_token, "frozen_params": total(np.where(layers.selection_bias, e, 0)),
+        "model_flops_per_seq": model_flops_per_seq, "frozen_params": total(np.where(layers.selection_bias, e, 0)),
         **{f"flops_{name}": value for name, value in parts.items()},
     }  # fmt: skip
+    if b.encoder is not None:  # the encoder stack's figures add up (its root: none; its final norm: counted)
+        encoder = counts(b.encoder, dtype)
+        result = {name: value + encoder[name] for name, value in result.items()}
+    tokens_per_seq = s + s_enc  # an encoder-decoder's tokens: inputs and targets
+    result["model_flops_per_token"] = _exact_div(result["model_flops_per_seq"] - result["model_flops_per_seq"] % tokens_per_seq, tokens_per_seq)
+    return result
 
 
 def sharded_elements(b: DesignBatch) -> np.ndarray:
@@ -236,9 +253,11 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
     weights = sum(np.where(present, _chunk(o, i, ranks), 0) for i, o, present in attention_linears(b))  # [out, in] Linears
     latent_norms = per_norm * np.where(b.mla, _chunk(b.kv_lora_rank, 1, ranks) + np.where(b.q_lora_rank > 0, _chunk(b.q_lora_rank, 1, ranks), 0), 0)
     block = 2 * norm + weights + bias + qk_norm + latent_norms + np.where(b.sinks, _chunk(b.n_heads, 1, ranks), 0)
+    block = block + np.where(b.cross_len > 0, norm + 3 * _chunk(q_width, d, ranks) + _chunk(d, q_width, ranks), 0)  # cross: q, k, v [Hhd, D], o [D, Hhd]
     dense_ffn = inputs * _chunk(b.d_ff, d, ranks) + _chunk(d, b.d_ff, ranks)
-    outer = _chunk(v, d, ranks) + np.where(b.learned_positions, _chunk(s, d, ranks), 0) + np.where(b.tied, 0, _chunk(v, d, ranks)) \
-        + np.where(b.lm_head_bias, _chunk(v, 1, ranks), 0)  # fmt: skip
+    outer = np.where(b.headless, 0, _chunk(v, d, ranks)) + np.where(b.learned_positions, _chunk(s, d, ranks), 0) \
+        + np.where(b.tied | b.headless, 0, _chunk(v, d, ranks)) + np.where(b.lm_head_bias, _chunk(v, 1, ranks), 0) \
+        + np.where(b.rel_buckets > 0, _chunk(b.rel_buckets, b.n_heads, ranks), 0)  # fmt: skip
     outer = outer + norm + b.n_layers * block + b.dense_blocks * dense_ffn
     r, er, dl, gated = lift(ranks), lift(expert_ranks), lift(d), lift(inputs)
     width, e, sw = layers.d_ff, layers.experts, layers.shared_count * layers.shared_d_ff
@@ -256,7 +275,8 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
     by_row = by_row + np.where(layers.expert_bias, gated * _chunk(local, f, er) + _chunk(local, dl, er), 0)
     by_col = by_col + np.where(layers.expert_bias, local * (gated * _chunk(f, 1, er) + _chunk(dl, 1, er)), 0)
     bank = np.where(layers.moe, np.where(er > local, by_col, by_row), 0)
-    return outer + layers.per_design((group_ffn + router + shared + bank) * layers.count, n)
+    encoder = 0 if b.encoder is None else sharded_elements(b.encoder)
+    return outer + layers.per_design((group_ffn + router + shared + bank) * layers.count, n) + encoder
 
 
 def state_bytes(b: DesignBatch, counts: dict) -> dict[str, np.ndarray]:
@@ -282,7 +302,7 @@ def frozen_sharded_elements(b: DesignBatch) -> np.ndarray:
     layer, sharded by rows over dp like any dense parameter)."""
     layers = b.table
     chunk = np.where(layers.selection_bias, _chunk(layers.experts, 1, layers.lift(b.dp.astype(np.float64))), 0.0)
-    return layers.per_design(layers.count * chunk, len(b))
+    return layers.per_design(layers.count * chunk, len(b)) + (0 if b.encoder is None else frozen_sharded_elements(b.encoder))
 
 
 def exact_counts(b: DesignBatch) -> dict[str, np.ndarray]:

@@ -32,7 +32,7 @@ RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
 QK_NORMS = ("none", "full", "per_head", "l2")  # DesignBatch.qk_norm codes (l2: weightless, Llama-4)
 ROUTER_NAMES = tuple(ROUTER_TYPES)  # DesignBatch.router / LayerTable.router codes
 
-_BOOL_FIELDS = ("gated", "clamped", "expert_bias", "gate_input", "selection_bias", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
+_BOOL_FIELDS = ("headless", "relu", "gated", "clamped", "expert_bias", "gate_input", "selection_bias", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
                 "shared_gate", "router_bias",
                 "dropless", "balanced", "shuffle", "moe")  # fmt: skip
 _FLOAT_FIELDS = ("capacity_factor", "dropout")
@@ -115,6 +115,7 @@ class DesignBatch:
     d_ff: np.ndarray  # dense FFN width (every dense layer)
     gated: np.ndarray  # swiglu / geglu / swiglu_clamped: 3 FFN matrices, else 2
     clamped: np.ndarray  # swiglu_clamped (gpt-oss): more elementwise ops and saved tensors
+    relu: np.ndarray  # relu FFNs keep one hidden-wide tensor (relu's output), gelu two
     layernorm: np.ndarray  # 2*D parameters per norm, else (rmsnorm) D
     learned_positions: np.ndarray
     tied: np.ndarray
@@ -162,10 +163,14 @@ class DesignBatch:
     precision: np.ndarray  # index into PRECISIONS
     zero_stage: np.ndarray
     recompute: np.ndarray  # index into RECOMPUTE
+    cross_len: np.ndarray  # encoder tokens per sequence each block cross-attends to (0: decoder-only)
+    rel_buckets: np.ndarray  # T5's relative-bias rows (0: none); the attention then takes SDPA's math path
+    headless: np.ndarray  # an encoder stack's part: no embedding, LM head or loss of its own
     layers: LayerTable | None = None  # explicit groups (plans with unlike layers); else derived
+    encoder: DesignBatch | None = None  # an encoder-decoder's encoder stack, costed as a headless part
 
     def __post_init__(self) -> None:
-        lengths = {f.name: np.shape(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "layers"}  # fmt: skip
+        lengths = {f.name: np.shape(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("layers", "encoder")}  # fmt: skip
         if len(set(lengths.values())) != 1 or len(next(iter(lengths.values()))) != 1:
             raise ValueError(f"every DesignBatch field is one (N,) array; got shapes {lengths}")
 
@@ -201,7 +206,7 @@ class DesignBatch:
 
     def take(self, index) -> DesignBatch:
         """The designs at `index` (integer array, slice or boolean mask), as a new batch."""
-        picked = {f.name: np.atleast_1d(getattr(self, f.name)[index]) for f in dataclasses.fields(self) if f.name != "layers"}
+        picked = {f.name: np.atleast_1d(getattr(self, f.name)[index]) for f in dataclasses.fields(self) if f.name not in ("layers", "encoder")}
         layers = None
         if self.layers is not None:
             chosen = np.arange(len(self))[index]
@@ -210,12 +215,14 @@ class DesignBatch:
             renumber = np.repeat(np.arange(len(chosen)), [np.count_nonzero(self.layers.design == d) for d in chosen])
             fields = {f.name: getattr(self.layers, f.name)[rows] for f in dataclasses.fields(LayerTable) if f.name != "uniform"}
             layers = LayerTable(**(fields | {"design": renumber}))
-        return DesignBatch(**picked, layers=layers)
+        return DesignBatch(**picked, layers=layers, encoder=None if self.encoder is None else self.encoder.take(index))
 
     def replace(self, **arrays) -> DesignBatch:
         """A batch with some fields swapped; scalars broadcast to N, arrays must be (N,)."""
         if self.layers is not None and set(arrays) & set(LAYER_FIELDS + ("n_moe_layers", "n_layers")):
             raise ValueError("this batch has unlike layers (an explicit LayerTable): its layer fields cannot be swapped")
+        if self.encoder is not None:
+            raise ValueError("an encoder-decoder batch cannot be swept (its encoder stack is a second part); simulate its designs one by one")
         n = len(self)
         cast = {name: _column(name, np.broadcast_to(value, (n,))) for name, value in arrays.items()}
         return dataclasses.replace(self, **cast)
@@ -226,11 +233,23 @@ class DesignBatch:
         plans = list(plans)
         if not plans:
             raise ValueError("from_plans needs at least one plan")
-        rows = [_row(plan) for plan in plans]
+        with_encoder = {plan.model.encoder is not None for plan in plans}
+        if len(with_encoder) > 1:
+            raise ValueError("a batch holds encoder-decoder plans or decoder-only plans, not both")
+        if with_encoder == {True}:  # the decoder stack with its head, and the encoder stack as a headless part
+            decoder = cls._pack(plans, [plan.decoder_layers for plan in plans], headless=False)
+            encoder = cls._pack(plans, [plan.encoder_layers for plan in plans], headless=True)
+            return dataclasses.replace(decoder, encoder=encoder)
+        return cls._pack(plans, [plan.layers for plan in plans], headless=False)
+
+    @classmethod
+    def _pack(cls, plans, stacks, *, headless: bool) -> DesignBatch:
+        """One part per plan: the blocks of `stacks[i]` (all of a decoder-only plan's)."""
+        rows = [_row(plan, stack, headless=headless) for plan, stack in zip(plans, stacks)]
         batch = cls(**{name: _column(name, [row[name] for row in rows]) for name in rows[0]})
-        if all(_uniform(plan) for plan in plans):
+        if all(_uniform(stack) for stack in stacks):
             return batch
-        groups = [(i, _layer_row(plan, layer), n) for i, plan in enumerate(plans) for layer, n in _groups(plan)]
+        groups = [(i, _layer_row(plan, layer), n) for i, (plan, stack) in enumerate(zip(plans, stacks)) for layer, n in _groups(stack)]
         table = {name: _column(name, [g[1][name] for g in groups]) for name in LAYER_FIELDS + ("moe",)}
         table |= {"design": np.array([g[0] for g in groups], dtype=np.int64), "count": np.array([g[2] for g in groups], dtype=np.int64)}
         return dataclasses.replace(batch, layers=LayerTable(**table))
@@ -242,31 +261,35 @@ class DesignBatch:
         return cls.from_plans([plan]).take(np.zeros(n, dtype=np.int64)).replace(**arrays)
 
 
-def _unlike_layers(plan: SpecPlan) -> str:
-    """Why flat per-design columns cannot describe the plan's layers ('' when they can)."""
-    moe_configs = {layer.moe for layer in plan.moe_layers}
+def _unlike_layers(layers, name: str = "") -> str:
+    """Why flat per-design columns cannot describe these layers ('' when they can)."""
+    moe_layers = [layer for layer in layers if layer.moe is not None]
+    moe_configs = {layer.moe for layer in moe_layers}
     if len(moe_configs) > 1:
-        indices = [layer.index for layer in plan.moe_layers]
-        return f"{plan.name}: layers {indices} hold {len(moe_configs)} different MoE configurations; a sweep needs every MoE layer alike"
-    widths = sorted({layer.d_ff for layer in plan.layers if layer.moe is None})
-    return f"{plan.name}: dense layers have widths {widths}; a sweep needs one" if len(widths) > 1 else ""
+        indices = [layer.index for layer in moe_layers]
+        return f"{name}: layers {indices} hold {len(moe_configs)} different MoE configurations; a sweep needs every MoE layer alike"
+    widths = sorted({layer.d_ff for layer in layers if layer.moe is None})
+    return f"{name}: dense layers have widths {widths}; a sweep needs one" if len(widths) > 1 else ""
 
 
 def require_uniform(plan: SpecPlan) -> None:
     """ValueError unless every MoE layer is alike and every dense layer has one width: what a
-    sweep's fast axes (one value per design for `experts`, `k`, ...) can describe."""
-    if reason := _unlike_layers(plan):
+    sweep's fast axes (one value per design for `experts`, `k`, ...) can describe; and the
+    model is decoder-only (an encoder stack is a second part a sweep does not vary)."""
+    if plan.model.encoder is not None:
+        raise ValueError(f"{plan.name}: explore sweeps decoder-only specs; simulate an encoder-decoder spec one design at a time")
+    if reason := _unlike_layers(plan.layers, plan.name):
         raise ValueError(reason)
 
 
-def _uniform(plan: SpecPlan) -> bool:
-    return not _unlike_layers(plan)
+def _uniform(layers) -> bool:
+    return not _unlike_layers(layers)
 
 
-def _groups(plan: SpecPlan) -> list[tuple[LayerPlan, int]]:
-    """Identical blocks of a plan once each, with how many there are (first-seen order)."""
+def _groups(layers) -> list[tuple[LayerPlan, int]]:
+    """Identical blocks once each, with how many there are (first-seen order)."""
     seen: dict[tuple, list] = {}
-    for layer in plan.layers:
+    for layer in layers:
         key = (layer.moe, None if layer.moe is not None else layer.d_ff)
         seen.setdefault(key, [layer, 0])[1] += 1
     return [(layer, n) for layer, n in seen.values()]
@@ -292,22 +315,26 @@ def _layer_row(plan: SpecPlan, layer: LayerPlan) -> dict:
     }  # fmt: skip
 
 
-def _row(plan: SpecPlan) -> dict:
+def _row(plan: SpecPlan, layers, *, headless: bool) -> dict:
+    """One design's columns for one part: `layers` (a stack's blocks), headless for an encoder."""
     m, p = plan.model, plan.parallel
-    dense = [layer for layer in plan.layers if layer.moe is None]
-    first = _layer_row(plan, plan.moe_layers[0]) if plan.moe_layers else dict(_MOE_PLACEHOLDER)
+    dense = [layer for layer in layers if layer.moe is None]
+    moe_layers = [layer for layer in layers if layer.moe is not None]
+    first = _layer_row(plan, moe_layers[0]) if moe_layers else dict(_MOE_PLACEHOLDER)
     first["d_ff"] = dense[0].d_ff if dense else m.d_ff
     first.pop("moe", None)
     return first | {
-        "vocab": m.vocab_size, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
-        "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "gated": m.activation in ("swiglu", "geglu", "swiglu_clamped"), "clamped": m.activation == "swiglu_clamped",
+        "vocab": m.vocab_size, "d_model": m.d_model, "n_layers": len(layers), "n_heads": m.n_heads,
+        "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "gated": m.activation in ("swiglu", "geglu", "swiglu_clamped"), "clamped": m.activation == "swiglu_clamped", "relu": m.activation == "relu",
         "layernorm": m.norm == "layernorm", "learned_positions": m.positions == "learned", "tied": m.tied_embeddings,
         "qkv_bias": m.qkv_bias, "out_bias": m.out_bias, "qk_norm": QK_NORMS.index(m.qk_norm),
         "norm_bias": m.norm == "layernorm" and m.norm_bias, "lm_head_bias": m.lm_head_bias, "mla": m.mla is not None,
         "q_lora_rank": (m.mla.q_lora_rank or 0) if m.mla else 0, "kv_lora_rank": m.mla.kv_lora_rank if m.mla else 0,
         "qk_rope_dim": m.mla.qk_rope_head_dim if m.mla else 0, "v_head_dim": m.mla.v_head_dim if m.mla else m.head_dim,
         "rope_dim": m.rope_dim if m.positions == "rope" else 0, "sinks": m.attention_sinks, "nope_layers": len(m.nope_layers),
-        "window_layers": sum(m.window_of(i) is not None for i in range(m.n_layers)), "seq_len": m.seq_len, "dropout": m.dropout, "n_moe_layers": len(plan.moe_layers),
+        "window_layers": sum(m.window_of(i) is not None for i in range(m.n_layers)), "dropout": m.dropout, "n_moe_layers": len(moe_layers),
+        "seq_len": m.encoder.seq_len if headless else m.seq_len, "cross_len": m.encoder.seq_len if m.encoder and not headless else 0,
+        "rel_buckets": m.relative_buckets if m.positions == "relative" else 0, "headless": headless,
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
     }  # fmt: skip

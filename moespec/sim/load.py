@@ -41,7 +41,7 @@ class Load:
 
 def _assignments(plan: SpecPlan, layer) -> int:
     """Rows one rank routes per micro-step in a layer: T * k."""
-    return plan.tokens_per_group * layer.moe.router.experts_per_token
+    return plan.tokens_of(layer) * layer.moe.router.experts_per_token
 
 
 def balanced_load(plan: SpecPlan) -> Load:
@@ -152,7 +152,7 @@ def a2a_bytes_per_rank(plan: SpecPlan, load: Load, bytes_per_element: int) -> li
         capacity = layer.moe.capacity
         row_bytes = plan.model.d_model * bytes_per_element
         if capacity is not None and not capacity.dropless:
-            slots = layer.moe.experts.count * capacity.capacity(plan.tokens_per_group, layer.moe.router.experts_per_token, layer.moe.experts.count)
+            slots = layer.moe.experts.count * capacity.capacity(plan.tokens_of(layer), layer.moe.router.experts_per_token, layer.moe.experts.count)
             per_rank += 2 * passes * (slots * (p.ep - 1) // p.ep) * row_bytes
             continue
         ll = layer_load(plan, load, layer, per_micro_step=False)  # whole counts, divided once below

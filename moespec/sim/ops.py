@@ -64,6 +64,10 @@ GROUPED_GEMM_CALLS = 9  # a gated dropless layer's grouped GEMMs, forward + back
 GROUP_LOOP_OPS = 39  # per group, gated: its 9 mm and the slices they write into (plain: 26 with 6 mm)
 LOOP_LAYER_OPS = 4  # per layer, the loop's extra ops
 SHARED_OPS = 26
+# T5 encoder-decoders (model/encoder_decoder.py), traced like the rest:
+ENCODER_STACK_OPS = 78  # per model, booked to its encoder part: its embedding lookup and final norm, both stacks' buckets and bias lookups, the causal mask
+RELATIVE_BLOCK_OPS = 13  # per block: T5 attention (no RoPE, the bias cast, SDPA's math path) over a RoPE block
+CROSS_ATTENTION_OPS = 87  # per decoder block: its norm, q, k, v, o, fused SDPA, residual
 UNGATED_EXPERT_OPS = -7
 GATHER_PASSES = 8  # dispatch + combine, forward and backward: each [rows, D] read or written 8 times
 OPTIMIZER_OPS_PER_TENSOR = 10  # clip's norm and scale, AdamW's lerp, mul, addcmul, sqrt, div, addcdiv...
@@ -81,27 +85,31 @@ def param_tensors(b: DesignBatch) -> np.ndarray:
     moe = layers.lift(matrices) * (1 + (layers.shared_count > 0) + layers.expert_bias) + layers.router_matrices + layers.router_bias + layers.selection_bias \
         + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
     groups = np.where(layers.moe, moe, layers.lift(matrices))
-    root = 1 + b.learned_positions + (1 - b.tied) + b.lm_head_bias + norm
-    return root + b.n_layers * block + b.dense_blocks * matrices + layers.per_design(layers.count * groups, len(b))
+    block = block + np.where(b.cross_len > 0, 4 + norm, 0)  # cross-attention's q, k, v, o and norm
+    root = np.where(b.headless, 0, 1 + (1 - b.tied) + b.lm_head_bias) + b.learned_positions + (b.rel_buckets > 0) + norm
+    encoder = 0 if b.encoder is None else param_tensors(b.encoder)
+    return root + b.n_layers * block + b.dense_blocks * matrices + layers.per_design(layers.count * groups, len(b)) + encoder
 
 
 def trained_tensors(b: DesignBatch) -> np.ndarray:
     """`param_tensors` less the frozen ones (ERNIE's score correction): what clipping and AdamW touch."""
-    layers = b.table
-    return param_tensors(b) - layers.per_design(layers.count * layers.selection_bias, len(b))
+    frozen = sum(part.table.per_design(part.table.count * part.table.selection_bias, len(b)) for part in ([b] if b.encoder is None else [b, b.encoder]))
+    return param_tensors(b) - frozen
 
 
 def optimizer_s(b: DesignBatch, db: OpDatabase, params_held: np.ndarray) -> np.ndarray:
     """Clipping + AdamW of one optimizer step: its ops' dispatch, and its arithmetic by tensor
     size: the expert banks (matrices per MoE block, each E_local x D x F: the largest tensors)
     apart from the mean of the others. `params_held`: parameters on this rank."""
-    layers = b.table
     tensors = trained_tensors(b)
-    matrices = layers.lift(np.where(b.gated, 3, 2))
-    local = layers.experts // layers.lift(b.ep)
-    bank_size = np.where(layers.moe, local * layers.lift(b.d_model) * layers.expert_d_ff, 0).astype(np.float64)
-    bank_count = layers.per_design(layers.count * np.where(layers.moe, matrices, 0), len(b))
-    bank_params = layers.per_design(layers.count * np.where(layers.moe, matrices * bank_size, 0.0), len(b))
+    bank_count, bank_params = 0, 0.0
+    for part in [b] if b.encoder is None else [b, b.encoder]:
+        layers = part.table
+        matrices = layers.lift(np.where(b.gated, 3, 2))
+        local = layers.experts // layers.lift(b.ep)
+        bank_size = np.where(layers.moe, local * layers.lift(b.d_model) * layers.expert_d_ff, 0).astype(np.float64)
+        bank_count = bank_count + layers.per_design(layers.count * np.where(layers.moe, matrices, 0), len(b))
+        bank_params = bank_params + layers.per_design(layers.count * np.where(layers.moe, matrices * bank_size, 0.0), len(b))
     bank_size = np.where(bank_count > 0, bank_params / np.maximum(bank_count, 1), 0.0)
     shard = np.maximum(b.tp * b.pp, 1)
     rest_params = np.maximum(params_held - bank_params / shard, 0.0)
@@ -133,10 +141,11 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     groups = np.where(layers.moe, moe, lift(dense_extra))
     rope_layers = np.where(b.learned_positions | (b.rope_dim == 0), 0, b.n_layers - b.nope_layers)
     host = np.where(b.qk_norm == QK_L2, L2_QK_OPS * rope_layers, 0) - np.where(b.learned_positions, 0, ROPE_OPS * b.nope_layers) \
-        + b.window_layers * np.where(b.sinks, 5, WINDOW_OPS) + STEP_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) \
+        + b.window_layers * np.where(b.sinks, 5, WINDOW_OPS) + np.where(b.headless, ENCODER_STACK_OPS, STEP_OPS) + np.where(b.layernorm, NORM_OPS_LAYERNORM, 0) \
         + np.where(b.layernorm & ~b.norm_bias, -NORM_BIAS_OPS, 0) + np.where(b.lm_head_bias, BIAS_OPS, 0) \
         + b.n_layers * block + b.dense_blocks * dense_extra  # fmt: skip
     host = host + layers.per_design(layers.count * groups, len(b))
+    host = host + np.where(b.rel_buckets > 0, b.n_layers * RELATIVE_BLOCK_OPS, 0) + np.where(b.cross_len > 0, b.n_layers * (CROSS_ATTENTION_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM - np.where(b.norm_bias, 0, NORM_BIAS_OPS), 0)), 0)
     loop = layers.moe & layers.dropless & ~grouped_gemm(b, layers)
     host = host + layers.per_design(layers.count * np.where(loop, LOOP_LAYER_OPS, 0), len(b))
     kernel, matmuls = dropless_kernel_ops(b, layers)
@@ -195,7 +204,12 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     dense_groups = np.where(layers.d_ff > 0, ffn(code, tl, dl, layers.d_ff, inputs), 0.0)
     per_group = np.where(layers.moe, router + shared + experts, dense_groups)
     blocks = b.n_layers * attention + b.dense_blocks * dense + layers.per_design(layers.count * per_group, n)
-    head = db.linear_s(dtype, t, d, b.vocab)
+    t_enc = (b.micro_batch * b.cross_len).astype(np.float64)
+    q_width = b.n_heads * b.head_dim
+    cross = 2 * db.linear_s(dtype, t, d, q_width) + 2 * db.linear_s(dtype, np.maximum(t_enc, 1), d, q_width) \
+        + db.attention_s(dtype, b.micro_batch * b.n_heads, np.sqrt(b.seq_len * np.maximum(b.cross_len, 1)), hd)  # S x S_enc scores as a square of their geometric mean  # fmt: skip
+    blocks = blocks + np.where(b.cross_len > 0, b.n_layers * cross, 0.0)
+    head = np.where(b.headless, 0.0, db.linear_s(dtype, t, d, b.vocab))
     cores = b.n_layers * core
     replay = np.where(b.recompute == FULL, 1 / 3, 0.0)
     linear_s = (blocks * (1 + replay) + head) / (b.tp * b.pp)

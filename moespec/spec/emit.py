@@ -49,7 +49,25 @@ def _model_dict(plan: SpecPlan) -> dict:
         del model["head_dim"], model["n_kv_heads"], model["rope_fraction"]
     else:
         del model["mla"]
+    buckets, distance = model.pop("relative_buckets"), model.pop("relative_max_distance")
+    model["relative_attention"] = {"buckets": buckets, "max_distance": distance} if plan.model.positions == "relative" else None
     return model
+
+
+def _placement(plan: SpecPlan) -> dict:
+    """The blocks that are MoE: listed, or for an encoder-decoder (whose placement applies to
+    each stack's blocks, numbered from 0 in each) the rule both stacks follow."""
+    if plan.model.encoder is None:
+        return {"type": "layers", "layers": [layer.index for layer in plan.moe_layers]}
+    stacks = [plan.encoder_layers, plan.decoder_layers]
+    local = [[i for i, layer in enumerate(stack) if layer.moe is not None] for stack in stacks]
+    if local[0] == local[1]:
+        return {"type": "layers", "layers": local[0]}
+    for every in range(1, max(len(stack) for stack in stacks) + 1):
+        for offset in range(every):
+            if all(indices == [i for i in range(offset, len(stack)) if (i - offset) % every == 0] for indices, stack in zip(local, stacks)):
+                return {"type": "every", "every": every, "offset": offset}
+    raise ValueError(f"{plan.name}: the encoder's MoE blocks {local[0]} and the decoder's {local[1]} follow no one placement")
 
 
 def plan_to_spec(plan: SpecPlan) -> dict:
@@ -72,7 +90,7 @@ def plan_to_spec(plan: SpecPlan) -> dict:
     non_base = [moe for moe in counts if moe.capacity is not None]
     common = max(non_base or counts, key=lambda moe: counts[moe])
     moe: dict = {
-        "placement": {"type": "layers", "layers": [layer.index for layer in moe_layers]},
+        "placement": _placement(plan),
         "experts": _experts_dict(common),
         "router": _router_dict(common),
     }

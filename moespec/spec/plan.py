@@ -17,7 +17,7 @@ from typing import Literal, Union
 
 Activation = Literal["relu", "gelu", "swiglu", "geglu", "swiglu_clamped"]
 Norm = Literal["layernorm", "rmsnorm"]
-Positions = Literal["learned", "rope"]
+Positions = Literal["learned", "rope", "relative"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Recompute = Literal["none", "selective", "full"]
 QKNorm = Literal["none", "full", "per_head", "l2"]
@@ -35,6 +35,20 @@ class MLAPlan:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+
+
+@dataclass(frozen=True)
+class EncoderPlan:
+    """The encoder stack of a T5-style encoder-decoder (Switch, ST-MoE): `n_layers` bidirectional
+    blocks over `seq_len` input tokens; the decoder (model.n_layers, model.seq_len) adds
+    cross-attention to the encoder's output in every block. Training corrupts spans of the
+    input (`noise_density` of the tokens in spans of mean length `mean_span`) and the decoder
+    predicts them (Raffel et al. 2020)."""
+
+    n_layers: int
+    seq_len: int
+    noise_density: float = 0.15
+    mean_span: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,14 @@ class ModelPlan:
     attention_sinks: bool = False  # a learned logit per head joins each softmax (gpt-oss)
     window: int | None = None  # sliding-window size in `window_layers`; None: no window anywhere
     window_layers: tuple[int, ...] = ()  # the windowed layers (resolved: explicit)
+    encoder: EncoderPlan | None = None  # encoder-decoder (T5); then n_layers, seq_len are the decoder's
+    relative_buckets: int = 32  # positions: relative (T5's bucketed bias, one table per stack)
+    relative_max_distance: int = 128
+
+    @property
+    def total_blocks(self) -> int:
+        """Blocks of the whole model: the decoder's, and the encoder's before them."""
+        return self.n_layers + (self.encoder.n_layers if self.encoder else 0)
 
     def window_of(self, layer: int) -> int | None:
         """The window of a layer, or None when it sees the whole prefix (a window covering
@@ -264,10 +286,11 @@ class MoELayerPlan:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    index: int
+    index: int  # block number through the whole model: an encoder's blocks come first
     kind: Literal["dense", "moe"]
     d_ff: int  # dense FFN width (used when kind == "dense")
     moe: MoELayerPlan | None
+    stack: Literal["decoder", "encoder"] = "decoder"
 
 
 @dataclass(frozen=True)
@@ -313,6 +336,19 @@ class SpecPlan:
         return tuple(layer for layer in self.layers if layer.kind == "moe")
 
     @property
+    def encoder_layers(self) -> tuple[LayerPlan, ...]:
+        return tuple(layer for layer in self.layers if layer.stack == "encoder")
+
+    @property
+    def decoder_layers(self) -> tuple[LayerPlan, ...]:
+        return tuple(layer for layer in self.layers if layer.stack == "decoder")
+
+    def tokens_of(self, layer: LayerPlan) -> int:
+        """T of one block: micro_batch times its stack's sequence length."""
+        seq = self.model.encoder.seq_len if layer.stack == "encoder" else self.model.seq_len
+        return self.parallel.micro_batch * seq
+
+    @property
     def tokens_per_group(self) -> int:
         """T: tokens one rank routes at once (one micro-batch)."""
         return self.parallel.micro_batch * self.model.seq_len
@@ -333,6 +369,6 @@ class SpecPlan:
                 cap = layer.moe.capacity
                 k = layer.moe.router.experts_per_token
                 layer_dict["moe"]["capacity_slots"] = (
-                    None if cap is None else cap.capacity(self.tokens_per_group, k, layer.moe.experts.count)
+                    None if cap is None else cap.capacity(self.tokens_of(layer), k, layer.moe.experts.count)
                 )
         return data

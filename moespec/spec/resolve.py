@@ -7,11 +7,13 @@ values involved, and the fix; errors are collected, never asserted.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from moespec.spec.errors import PathT, SpecError, SpecErrors
 from moespec.spec import rules
 from moespec.spec.plan import (
+    EncoderPlan,
     MLAPlan,
     ROUTER_TYPES,
     CapacityPlan,
@@ -52,10 +54,13 @@ def resolve(data: dict, locations: Locations) -> SpecPlan:
     errors = _Errors(locations)
     model = _model(data["model"], errors)
     parallel = _parallel(data.get("parallelism") or {}, model, errors)
-    if data.get("moe") is None:
-        layers = tuple(LayerPlan(index=i, kind="dense", d_ff=model.d_ff, moe=None) for i in range(model.n_layers))
-    else:
-        layers = _layers(data["moe"], model, parallel, errors)
+    layers = _stack_layers(data.get("moe"), model, parallel, errors, model.n_layers)
+    if model.encoder is not None and parallel.recompute == "selective":
+        errors.add(("parallelism", "recompute"), "selective recomputation replays the fused attention kernel, which T5's biased attention does not use; use none or full")
+    if model.encoder is not None:  # the encoder's blocks first, numbered through the model
+        encoder = _stack_layers(data.get("moe"), model, parallel, errors, model.encoder.n_layers, stack="encoder")
+        offset = model.encoder.n_layers
+        layers = encoder + tuple(dataclasses.replace(layer, index=layer.index + offset) for layer in layers)
     if errors.found:
         raise SpecErrors(errors.found.values())
     return SpecPlan(
@@ -66,6 +71,41 @@ def resolve(data: dict, locations: Locations) -> SpecPlan:
         layers=layers,
         parallel=parallel,
     )
+
+
+def _stack_layers(moe: dict | None, model: ModelPlan, parallel: ParallelPlan, errors: _Errors, n_layers: int,
+                  stack: str = "decoder") -> tuple[LayerPlan, ...]:  # fmt: skip
+    """One stack's blocks, numbered from 0; moe.placement applies to each stack alike."""
+    if moe is None:
+        return tuple(LayerPlan(index=i, kind="dense", d_ff=model.d_ff, moe=None, stack=stack) for i in range(n_layers))
+    if stack == "encoder" and moe.get("overrides"):
+        errors.add(("moe", "overrides"), "moe.overrides is not defined for encoder-decoder models (its layer numbers would name blocks of both stacks); remove it")
+    shape = dataclasses.replace(model, n_layers=n_layers)
+    return tuple(dataclasses.replace(layer, stack=stack) for layer in _layers(moe, shape, parallel, errors))
+
+
+def _encoder(m: dict, errors: _Errors) -> EncoderPlan | None:
+    """The encoder of an encoder-decoder, and the keys it excludes or needs."""
+    relative = m["positions"] == "relative"
+    if m["encoder"] is None:
+        if relative:
+            errors.add(("model", "positions"), "positions: relative (T5's bias) is defined for encoder-decoder models; add model.encoder or use rope")
+        if m["relative_attention"] is not None:
+            errors.add(("model", "relative_attention"), "relative_attention applies to positions: relative; remove it")
+        return None
+    raw = m["encoder"]
+    if not relative:
+        errors.add(("model", "positions"), f"an encoder-decoder uses T5's relative position bias; set positions: relative (got {m['positions']})")
+    excluded = {
+        "mla": m["mla"] is not None, "sliding_window": m["sliding_window"] is not None, "nope_layers": bool(m["nope_layers"]),
+        "attention_sinks": m["attention_sinks"], "qk_norm": m["qk_norm"] != "none", "qkv_bias": m["qkv_bias"], "out_bias": m["out_bias"],
+        "lm_head_bias": m["lm_head_bias"], "n_kv_heads": m["n_kv_heads"] not in (None, m["n_heads"]),
+    }  # fmt: skip
+    for key, present in excluded.items():
+        if present:
+            errors.add(("model", key), f"{key} is not defined for encoder-decoder models (T5 attention: q, k, v, o without biases, every head its own keys); remove it")
+    return EncoderPlan(n_layers=raw["n_layers"], seq_len=raw["seq_len"], noise_density=float(raw.get("noise_density", 0.15)),
+                       mean_span=float(raw.get("mean_span", 3.0)))  # fmt: skip
 
 
 def _model(raw: dict, errors: _Errors) -> ModelPlan:
@@ -143,6 +183,9 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
         attention_sinks=m["attention_sinks"],
         window=window,
         window_layers=window_layers,
+        encoder=_encoder(m, errors),
+        relative_buckets=int((m["relative_attention"] or {}).get("buckets", 32)),
+        relative_max_distance=int((m["relative_attention"] or {}).get("max_distance", 128)),
     )
 
 
