@@ -78,7 +78,15 @@ def cases(dp: int, ep: int) -> list[tuple[str, dict]]:
         for mode, capacity in modes:
             out.append((f"{name}-{mode}", plan_fields(variant(dp=dp, ep=ep, router=router, capacity=capacity))))
     out.append(("topk-tight-probability", plan_fields(variant(dp=dp, ep=ep, router=ROUTERS["topk"], capacity=TIGHT))))
+    out.append(("t5-switch-capacity", plan_fields(encoder_decoder(dp=dp, ep=ep))))
     return out
+
+
+def encoder_decoder(*, dp: int, ep: int):
+    """tiny-t5-switch (experts in both stacks, T5's relative bias, cross-attention) at dp x ep."""
+    plan = load_plan(ROOT / "specs/tiny-t5-switch.yaml")
+    model = dataclasses.replace(plan.model, seq_len=16, encoder=dataclasses.replace(plan.model.encoder, seq_len=24))
+    return dataclasses.replace(plan, model=model, parallel=dataclasses.replace(plan.parallel, dp=dp, ep=ep, micro_batch=2, global_batch=2 * dp))
 
 
 def run_parity(world: int, dp: int, ep: int, tmp_path: Path, device: str = "cpu") -> list[list[dict]]:

@@ -86,7 +86,7 @@ def test_a_design_evaluates_the_same_alone_and_in_any_batch():
     an explicit LayerTable) side by side: the per-design sums must not mix designs up."""
     backend = load_backend("h100-cluster-4n")
     plans = random_designs(load_plan(ROOT / "specs/olmoe-1b-7b.yaml"), 12, seed=0)
-    plans += [fitted(load_plan(path)) for path in SPECS]
+    plans += [fitted(plan) for plan in map(load_plan, SPECS) if plan.model.encoder is None]  # a batch is decoder-only or encoder-decoder
     plans.insert(3, with_parallel(load_plan(ROOT / "specs/tiny-mixed.yaml"), recompute="full"))
     costs = CollectiveCosts(backend)
     together = evaluate(DesignBatch.from_plans(plans), backend, collectives=costs, imbalance=1.25)
@@ -98,6 +98,24 @@ def test_a_design_evaluates_the_same_alone_and_in_any_batch():
     again = evaluate(picked, backend, collectives=costs, imbalance=1.25)
     assert again["params_total"].tolist() == [together["params_total"][3], together["params_total"][0]]
     assert again["step_s"].tolist() == [together["step_s"][3], together["step_s"][0]]
+
+
+def test_an_encoder_decoder_evaluates_the_same_alone_and_in_a_batch():
+    """Encoder-decoders pack their encoder stacks as a second part (design.py): taking designs
+    out of a batch takes their encoder parts with them."""
+    backend = load_backend("h100-cluster-4n")
+    base = load_plan(ROOT / "specs/tiny-t5-switch.yaml")
+    plans = [with_parallel(base, dp=dp, ep=ep, micro_batch=mb, global_batch=gb, recompute=rc)
+             for dp, ep, mb, gb, rc in [(1, 1, 8, 8, "none"), (2, 2, 4, 16, "full"), (4, 2, 2, 8, "none")]]  # fmt: skip
+    plans.append(load_plan(ROOT / "specs/switch-base-8.yaml"))
+    costs = CollectiveCosts(backend)
+    together = evaluate(DesignBatch.from_plans(plans), backend, collectives=costs)
+    for i, plan in enumerate(plans):
+        assert_same(together, i, evaluate(DesignBatch.from_plans([plan]), backend, collectives=costs), plan.name)
+    picked = evaluate(DesignBatch.from_plans(plans).take(np.array([3, 1])), backend, collectives=costs)
+    assert picked["step_s"].tolist() == [together["step_s"][3], together["step_s"][1]]
+    with pytest.raises(ValueError, match="not both"):
+        DesignBatch.from_plans([base, load_plan(ROOT / "specs/tiny-topk.yaml")])
 
 
 def test_sweep_equals_packing_the_same_plans():
@@ -114,7 +132,7 @@ def test_sweep_equals_packing_the_same_plans():
     }
     swept, packed = DesignBatch.sweep(base, **{name: np.array(v) for name, v in columns.items()}), DesignBatch.from_plans(plans)
     for field in dataclasses.fields(DesignBatch):
-        if field.name != "layers":
+        if field.name not in ("layers", "encoder"):  # decoder-only: no encoder part
             np.testing.assert_array_equal(getattr(swept, field.name), getattr(packed, field.name), err_msg=field.name)
     assert swept.layers is None and packed.layers is None
     assert len(swept) == 30 and len(swept.take(slice(5, 9))) == 4

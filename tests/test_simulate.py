@@ -121,15 +121,15 @@ def test_flops_by_part_name_the_parts_a_model_has():
 
 
 def test_recomputation_adds_the_forward_it_repeats():
-    plan = with_parallel(load_plan(ROOT / "specs/switch-base-8.yaml"), recompute="none")
+    plan = with_parallel(load_plan(ROOT / "specs/gshard-top2.yaml"), recompute="none", dp=8, ep=8, global_batch=64)
     backend = load_backend("dgx-h100")
     none, full, selective = (simulate(with_parallel(plan, recompute=mode), backend) for mode in ("none", "full", "selective"))
     # Full replays every block's forward (a third of its FLOPs), not the LM head's.
     head = none["step_flops_by_part"]["lm_head"]
     blocks = none["step_flops_per_rank_microstep"] - head
     assert full["step_flops_by_part"]["recompute"] * 3 == blocks
-    # Selective replays only attention's core: 4 * B * H * S^2 * hd per block (12 blocks, 12 heads of 64, S 512, B 32).
-    assert selective["step_flops_by_part"]["recompute"] == 12 * 4 * 32 * 12 * 512**2 * 64
+    # Selective replays only attention's core: 4 * B * H * S^2 * hd per block (36 blocks, 16 heads of 64, S 1024, B 4).
+    assert selective["step_flops_by_part"]["recompute"] == 36 * 4 * 4 * 16 * 1024**2 * 64
     assert none["time"]["compute_s"] < selective["time"]["compute_s"] < full["time"]["compute_s"]
     # Full replays the MoE layer too, all-to-alls included: 6 transfers per layer instead of 4.
     ep = with_parallel(plan, dp=8, ep=8)

@@ -39,7 +39,9 @@ def test_layer_kinds_follow_the_placement():
     deepseek = load_plan(Path("specs/deepseek-moe-16b.yaml"))
     assert deepseek.layers[0].kind == "dense" and all(layer.kind == "moe" for layer in deepseek.layers[1:])
     switch = load_plan(Path("specs/switch-base-8.yaml"))
-    assert [layer.index for layer in switch.moe_layers] == [1, 3, 5, 7, 9, 11]
+    # every other block of each stack, numbered through the model (the encoder's 12 first)
+    assert [layer.index for layer in switch.moe_layers] == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23]
+    assert [layer.stack for layer in switch.moe_layers] == ["encoder"] * 6 + ["decoder"] * 6
     mixed = load_plan(Path("specs/tiny-mixed.yaml"))
     assert [layer.moe.router.type for layer in mixed.moe_layers] == ["switch", "topk", "base"]
     assert mixed.layers[2].moe.capacity.drop_policy == "probability"

@@ -42,15 +42,27 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def parity_tokens(plan: SpecPlan, seed: int) -> torch.Tensor:
-    """Token batches for every dp rank, [dp, B, S+1], identical in every process."""
+def parity_tokens(plan: SpecPlan, seed: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Token batches for every dp rank, [dp, B, S+1], identical in every process; an
+    encoder-decoder's inputs [dp, B, S_enc] besides."""
     generator = torch.Generator().manual_seed(seed)
     shape = (plan.parallel.dp, plan.parallel.micro_batch, plan.model.seq_len + 1)
-    return torch.randint(0, plan.model.vocab_size, shape, generator=generator)
+    tokens = torch.randint(0, plan.model.vocab_size, shape, generator=generator)
+    if plan.model.encoder is None:
+        return tokens
+    inputs = torch.randint(0, plan.model.vocab_size, (*shape[:2], plan.model.encoder.seq_len), generator=generator)
+    return inputs, tokens
 
 
-def _step_loss(model, tokens_BS1: torch.Tensor) -> torch.Tensor:
-    logits, aux = model(tokens_BS1[:, :-1])
+def _rank_batch(tokens, rank: int, device=None):
+    picked = tuple(t[rank] for t in tokens) if isinstance(tokens, tuple) else (tokens[rank],)
+    return tuple(t.to(device) for t in picked) if device is not None else picked
+
+
+def _step_loss(model, batch: tuple) -> torch.Tensor:
+    """batch: (tokens [B, S+1],) or, for an encoder-decoder, (inputs [B, S_enc], tokens)."""
+    *inputs, tokens_BS1 = batch
+    logits, aux = model(*inputs, tokens_BS1[:, :-1])
     ce = F.cross_entropy(logits.float().flatten(0, 1), tokens_BS1[:, 1:].flatten())
     return ce + aux.aux_loss
 
@@ -65,7 +77,7 @@ def reference_step(plan: SpecPlan, seed: int) -> tuple[float, dict[str, torch.Te
     total = torch.zeros(())
     for rank in range(plan.parallel.dp):
         torch.manual_seed(seed + rank)
-        total = total + _step_loss(model, tokens[rank]) / plan.parallel.dp
+        total = total + _step_loss(model, _rank_batch(tokens, rank)) / plan.parallel.dp
     total.backward()
     return float(total.detach()), {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -90,7 +102,7 @@ def distributed_step(plan: SpecPlan, ctx, seed: int) -> tuple[float, dict[str, t
     tokens = parity_tokens(plan, seed)
     torch.manual_seed(seed + ctx.rank)
     with CollectiveCounter() as comm:  # counts at the dispatcher, independent of our counter
-        loss = _step_loss(wrapped, tokens[ctx.rank].to(ctx.device))
+        loss = _step_loss(wrapped, _rank_batch(tokens, ctx.rank, ctx.device))
         loss.backward()
     all_to_alls = comm.counts.get(torch.ops.c10d.alltoall_base_, 0)
     reduce_expert_gradients(wrapped, ctx)

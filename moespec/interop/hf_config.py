@@ -272,13 +272,15 @@ def _dbrx(r, seq):
     return model, _moe({"type": "all"}, ffn["moe_num_experts"], ffn["ffn_hidden_size"], router)
 
 
-REFUSED = {  # families whose architecture the spec language cannot express yet: the field that says so
-    "switch_transformers": ("num_decoder_layers", "encoder-decoder models (T5-style) are not expressible yet"),
-}
+REFUSED: dict[str, tuple[str, str]] = {}  # families whose architecture the spec language cannot express yet: the field that says so
+
+
+
 def _families() -> dict:
     """model_type -> reader. The readers of the families with their own attention or routing
     (DeepSeek's MLA, gpt-oss, Llama-4, ERNIE, GLM, dots) live in hf_families.py."""
     from moespec.interop import hf_families as f
+    from moespec.interop.hf_switch import switch
 
     return {
         "mixtral": _mixtral,
@@ -296,6 +298,7 @@ def _families() -> dict:
         "deepseek_v3": f.deepseek_v3,
         "gpt_oss": f.gpt_oss,
         "ernie4_5_moe": f.ernie,
+        "switch_transformers": switch,
     }
 
 
@@ -313,6 +316,8 @@ def import_config(config: dict, *, name: str | None = None, seq_len: int | None 
         raise UnsupportedConfig(f"model_type: {family!r} is not a family moespec imports (it reads {known})")
     r = _Reader(config)
     seq = _seq_len(r, seq_len, max_key="max_seq_len" if family == "dbrx" else "max_position_embeddings")
+    if family == "switch_transformers":
+        seq = int(seq_len) if seq_len else 512  # the encoder's length: Switch pre-trained on 512 input tokens
     model, moe = families[family](r, seq)
     r.leftovers()
     spec = {

@@ -7,7 +7,7 @@ transformers as the same model it was in moespec (tests/test_hf_weights.py check
 
 from __future__ import annotations
 
-EXPORT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+EXPORT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch_transformers")
 _ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                   "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}  # fmt: skip
 
@@ -17,6 +17,10 @@ def export_config(plan, family: str) -> dict:
     key that family cannot hold (so an exported checkpoint always loads into the same model)."""
     if family not in EXPORT_FAMILIES:
         raise ValueError(f"--family: {family!r} is not exported (choose one of {', '.join(EXPORT_FAMILIES)})")
+    if family == "switch_transformers":
+        from moespec.interop.hf_switch import export_config as switch_config
+
+        return switch_config(plan)
     m = plan.model
     moe_layers = plan.moe_layers
     if not moe_layers:

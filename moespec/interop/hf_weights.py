@@ -109,6 +109,10 @@ def to_moespec(tensors: dict[str, torch.Tensor], model: nn.Module, family: str |
     """HF names and layouts -> the model's state-dict names and layouts (`family`: the
     checkpoint's model_type, for the layouts only it uses). Raises ValueError for a tensor
     with no place in the model."""
+    if family == "switch_transformers" or getattr(model, "n_encoder_blocks", None) is not None:  # T5's names (hf_switch.py)
+        from moespec.interop import hf_switch
+
+        return hf_switch.to_moespec(tensors, model)
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
@@ -237,6 +241,10 @@ def from_moespec(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     one tensor per expert."""
     out: dict[str, torch.Tensor] = {}
     mixtral = family == "mixtral"
+    if family == "switch_transformers":
+        from moespec.interop import hf_switch
+
+        return hf_switch.from_moespec(model)
     if family == "gpt_oss":
         return _to_gpt_oss(model)
     for key, tensor in model.state_dict().items():

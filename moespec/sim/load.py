@@ -110,7 +110,7 @@ def layer_load(plan: SpecPlan, load: Load, layer, *, per_micro_step: bool = True
     into_P = np.array([rows_PE[:, owner_E == r].sum() for r in range(p)])  # every source's rows for rank r's experts
     recv_P = into_P - (rows_PE * own_PE).sum(axis=1)
     capacity = None if layer.moe.capacity is None else layer.moe.capacity.capacity(
-        plan.tokens_per_group, layer.moe.router.experts_per_token, n_experts)  # fmt: skip
+        plan.tokens_of(layer), layer.moe.router.experts_per_token, n_experts)  # fmt: skip
     dropped = 0.0
     if capacity is not None:  # each source rank's group fills C slots per expert
         dropped = float(np.maximum(rows_PE - capacity, 0).sum() / rows_PE.sum())
