@@ -30,13 +30,18 @@ def show_command(
         f"d_ff {m.d_ff}, {m.activation}, {m.norm}, {m.positions}, vocab {m.vocab_size}, seq {m.seq_len}, "
         f"{'tied' if m.tied_embeddings else 'untied'} embeddings"
     )
+    if m.encoder is not None:
+        e = m.encoder
+        console.print(f"encoder-decoder: encoder {e.n_layers} blocks over {e.seq_len} input tokens, decoder {m.n_layers} blocks over "
+                      f"{m.seq_len} target tokens with cross-attention; span corruption (noise {e.noise_density:g}, mean span {e.mean_span:g}); "
+                      f"T5 relative bias ({m.relative_buckets} buckets, max distance {m.relative_max_distance})")  # fmt: skip
     extras = attention_features(m)
     if extras:
         console.print("attention: " + ", ".join(extras))
     console.print(
         f"parallel: world {p.world} = pp {p.pp} x tp {p.tp} x dp {p.dp} (ep {p.ep}), micro_batch {p.micro_batch}, "
         f"global_batch {p.global_batch} (accum {p.grad_accum}), {p.precision}, ZeRO-{p.zero_stage}, recompute {p.recompute}; "
-        f"T = {plan.tokens_per_group} tokens per routing group"
+        f"T = {plan.tokens_per_group} tokens per routing group" + (f" (encoder: {plan.parallel.micro_batch * m.encoder.seq_len})" if m.encoder else "")
     )
     table = Table(show_lines=False)
     for column in ("layer", "kind", "router", "experts / ffn", "capacity"):
