@@ -114,6 +114,10 @@ def _assemble(plan: SpecPlan) -> MoETransformer:
         from moespec.model.encoder_decoder import assemble_encoder_decoder
 
         return assemble_encoder_decoder(plan, lambda layer: _moe(plan, layer))
+    if m.host == "lstm":
+        from moespec.model.lstm_host import assemble_lstm
+
+        return assemble_lstm(plan, lambda layer: _moe(plan, layer))
     blocks = [_block(plan, layer) for layer in plan.layers]
     return MoETransformer(
         tok_embeddings=nn.Embedding(m.vocab_size, m.d_model),
@@ -194,6 +198,9 @@ def _init_dense_weights(model: MoETransformer, *, std: float, n_layers: int) -> 
     residual_std = residual_init_std(std, n_layers)
     dense_linears: list[tuple[nn.Linear, float]] = []
     for block in model.blocks:
+        if getattr(block, "lstm", None) is not None:  # an LSTM host: both projections as input-side weights
+            dense_linears += [(block.lstm.ih, std), (block.lstm.hh, std)]
+            continue
         inputs = ("q_proj", "k_proj", "v_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
         for att in (block.attention, getattr(block, "cross_attention", None)):  # cross: encoder-decoder blocks
             if att is not None:

@@ -90,10 +90,11 @@ def count_parameters(model: nn.Module, plan: SpecPlan) -> ParamCounts:
 
 
 def _count_block(block: nn.Module, layer) -> LayerCounts:
-    attention = _numel(block.attention) + _numel(getattr(block, "cross_attention", None))  # cross: decoder of an encoder-decoder
-    norms = _numel(block.attn_norm) + _numel(block.ffn_norm) + _numel(getattr(block, "cross_norm", None))
+    # attention: self (and cross, in an encoder-decoder's decoder), or an LSTM host's recurrence
+    attention = sum(_numel(getattr(block, name, None)) for name in ("attention", "cross_attention", "lstm"))
+    norms = sum(_numel(getattr(block, name, None)) for name in ("attn_norm", "ffn_norm", "cross_norm"))
     if block.moe is None:
-        ffn = _numel(block.ffn)
+        ffn = _numel(getattr(block, "ffn", None))
         total = attention + norms + ffn
         return LayerCounts(
             index=layer.index, kind="dense", router=None, n_experts=0, experts_per_token=0,

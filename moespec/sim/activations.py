@@ -93,7 +93,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     hq, hkv = (b.n_heads * b.head_dim).astype(np.float64), (b.n_kv_heads * b.head_dim).astype(np.float64)
     td = t * d
 
-    norm = np.where(b.layernorm, td * F32 + 2 * t * F32, 2 * td * F32 + t * F32)
+    norm = np.where(b.lstm, 0.0, np.where(b.layernorm, td * F32 + 2 * t * F32, 2 * td * F32 + t * F32))  # an LSTM host has no norms
     attn_inputs = np.where(half, 3 * td * 2, td * F32)
     core = (2 * t * hq + 2 * t * hkv) * c + b.micro_batch * b.n_heads * b.seq_len * F32
     core = np.where(b.recompute == SELECTIVE, core - b.micro_batch * b.n_heads * b.seq_len * F32, core)
@@ -126,13 +126,18 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
         + b.micro_batch * b.n_heads * s * F32 + s * (s + 1) * c  # fmt: skip
     core = np.where(b.sinks, sink_core, core)
     attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(weighted_qk_norm(b), qk, 0.0)  # both norms of the block
+    # An LSTM layer (model/lstm_host.py) keeps per step its four gate activations, the cell
+    # state and tanh of it in float32, and the output as the next step's recurrent input (in
+    # the compute dtype); and its input for the input projection.
+    recurrence = 6 * t * d * F32 + (b.seq_len - 1) * b.micro_batch * d * c + td * c
+    attention = np.where(b.lstm, recurrence, attention)
     inputs = np.where(b.gated, 2, 1)
     hidden = np.where(b.gated, np.where(b.clamped, 7, 4), np.where(b.relu, 1, 2))  # autograd's hidden-wide tensors (clamped SwiGLU: its clamps and sigmoid too; relu: its output alone)
 
     def ffn_in(code_half, count_inputs, tdl):  # what a FFN keeps of its input
         return np.where(code_half, count_inputs * tdl * 2, tdl * F32)
 
-    dense = ffn_in(half, inputs, td) + hidden * t * b.d_ff * c
+    dense = np.where(b.d_ff > 0, ffn_in(half, inputs, td) + hidden * t * b.d_ff * c, 0.0)  # an LSTM host's blocks have no FFN
 
     # MoE groups
     tl, dl, cl, hl = layers.lift(t), layers.lift(d), layers.lift(c), layers.lift(half)
@@ -175,7 +180,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     biggest_block = attention + np.maximum(np.where(b.dense_blocks > 0, dense, 0.0), layers.max_per_design(np.where(layers.count > 0, per_group, 0.0), n))
     blocks = np.where(b.recompute == FULL, block_input + biggest_block, blocks)
     if drop.any():  # dropout's masks: the embedding's and a T5 stack's final one in float32, two per block (three with cross-attention) in the compute dtype
-        masks = (1 + (b.rel_buckets > 0)) * F32 + b.n_layers * np.where(b.cross_len > 0, 3, 2) * c
+        masks = (1 + (b.rel_buckets > 0)) * F32 + b.n_layers * np.where(b.cross_len > 0, 3, np.where(b.lstm, 1, 2)) * c + np.where(b.lstm, b.n_moe_layers * c, 0.0)
         blocks = blocks + np.where(drop, masks * td, 0.0)
 
     v = b.vocab.astype(np.float64)

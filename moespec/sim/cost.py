@@ -221,7 +221,9 @@ def elementwise_activation_bytes(b: DesignBatch) -> np.ndarray:
     width = rows_per_token * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff + layers.d_ff  # placeholders zero the rest
     widths = layers.per_design(layers.count * width, len(b)) + b.dense_blocks * b.d_ff
     cross = np.where(b.cross_len > 0, 4 * sbh + 2 * bsz * b.cross_len * h, 0.0)  # cross-attention: its norm, q, output; k, v over the encoder's rows
-    own = (b.n_layers * (15 * sbh + cross) + 19 * sbh / (4 * h) * widths) * scale
+    # an LSTM layer: its gates' add and four activations over 4D, the cell's products, sum and tanh, the output product
+    block = np.where(b.lstm, 20 * sbh, 15 * sbh + cross)
+    own = (b.n_layers * block + 19 * sbh / (4 * h) * widths) * scale
     return own + (0.0 if b.encoder is None else elementwise_activation_bytes(b.encoder))
 
 
@@ -241,7 +243,8 @@ def elementwise_bytes(b: DesignBatch, passed: np.ndarray) -> np.ndarray:
     sinkhorn = sinkhorn * np.where(full, 2, 1)
     per_element = 4 * compute_bytes(b) + 2
     dropout = (2 * b.n_layers + 1) * tokens * b.d_model * per_element
-    dropout = dropout + b.n_layers * b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) * (b.seq_len + b.cross_len) * per_element
+    scores = np.where(b.lstm, 0.0, b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) * (b.seq_len + b.cross_len))  # attention probabilities
+    dropout = dropout + b.n_layers * scores * per_element
     encoder = 0.0 if b.encoder is None else elementwise_bytes(b.encoder, 0.0)  # its activations are in `passed` already
     return stored + (sinkhorn + np.where(b.dropout > 0, dropout, 0.0)) / (b.pp * b.tp) + encoder
 

@@ -127,7 +127,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     d, v, s, hd, heads = c(b.d_model), c(b.vocab), c(b.seq_len), c(b.head_dim), c(b.n_heads)
     n_layers, n_dense = c(b.n_layers), c(b.dense_blocks)
     q_width, kv_width = heads * hd, c(b.n_kv_heads) * hd
-    per_norm = np.where(b.norm_bias, 2, 1).astype(dtype)  # weight, and LayerNorm's bias unless dropped
+    per_norm = np.where(b.lstm, 0, np.where(b.norm_bias, 2, 1)).astype(dtype)  # weight, and LayerNorm's bias unless dropped; an LSTM host has none
     norm = per_norm * d
     qk_norm = per_norm * np.where(b.qk_norm == QK_FULL, q_width + kv_width, np.where(b.qk_norm == QK_PER_HEAD, 2 * hd, 0))
     matrices_n = np.where(b.gated, 3, 2).astype(dtype)
@@ -137,8 +137,9 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # Parameters (the built module's, REFERENCE sec. 4): blocks' attention and norms, dense
     # FFNs (per design in a uniform batch, groups otherwise), routers, shared and routed experts.
     latent_norms = per_norm * np.where(b.mla, c(b.kv_lora_rank) + c(b.q_lora_rank), 0)  # MLA's q_a and kv_a norms
-    attn_matmul = attention_matmul_elements(b, dtype)
-    attention = attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) + np.where(b.out_bias, d, 0) + qk_norm + latent_norms \
+    attn_matmul = np.where(b.lstm, 0, attention_matmul_elements(b, dtype))
+    lstm = 8 * d * d + 8 * d  # an LSTM layer: weight_ih, weight_hh [4D, D] and their biases
+    attention = np.where(b.lstm, lstm, 0) + attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) + np.where(b.out_bias, d, 0) + qk_norm + latent_norms \
         + np.where(b.sinks, heads, 0)  # fmt: skip
     dense_ffn_n = matrices_n * d * c(b.d_ff)  # one dense block's FFN (uniform batches)
     one_expert = matrices * dl * f  # its weights (matmul FLOPs follow these)
@@ -163,6 +164,9 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     tl = lift(t)
     core = 12 * batch * heads * s**2 * np.maximum(hd, c(b.v_head_dim))  # scores and values, fwd + bwd (MLA: padded to one width)
     core = np.where(b.sinks, 12 * batch * heads * s * (s + 1) * (hd + 1), core)  # the sink: one more key and channel
+    core = np.where(b.lstm, 0, core)
+    # an LSTM layer: every step's input projection, and the recurrent one from the second step on (h_0 = 0)
+    recurrence = np.where(b.lstm, 6 * t * d * 4 * d + 6 * (s - 1) * batch * d * 4 * d, 0)
     rows_int = expert_rows(b, layers)
     expert_flops = 6 * c(rows_int) * one_expert
     dropless = layers.dropless
@@ -171,6 +175,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     cross_flops = 6 * (t + batch * s_enc) * 2 * d * q_width + cross_core  # q, o on decoder rows; k, v on encoder rows
     parts = {
         "attention": n_layers * (6 * t * attn_matmul + core),
+        "lstm": n_layers * recurrence,
         "cross_attention": n_layers * np.where(b.cross_len > 0, cross_flops, 0),
         "dense_ffn": n_dense * 6 * t * dense_ffn_n + total(6 * tl * dense_ffn),
         "router": total(6 * tl * dl * e * c(layers.router_matrices)),
@@ -213,7 +218,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # matmul; a tied table still does the LM head's) plus attention, 6 * L * H * (hd + v) * S
     # (the useful widths: MLA's value padding is not model work).
     active_matmul = params_active - embedding + np.where(b.tied & ~b.headless, v * d, 0)  # a tied table is the head's matmul
-    per_token = 6 * active_matmul + 6 * n_layers * heads * (hd + c(b.v_head_dim)) * s
+    per_token = 6 * active_matmul + np.where(b.lstm, 0, 6 * n_layers * heads * (hd + c(b.v_head_dim)) * s)
     # Encoder-decoder: per sequence, cross-attention's k and v weights work on the encoder's
     # rows, its scores and values over the encoder's length; the encoder part adds its own.
     cross_kv = n_layers * np.where(b.cross_len > 0, 2 * d * q_width, 0)
@@ -245,12 +250,13 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
     d, v, s = b.d_model, b.vocab, b.seq_len
     inputs = np.where(b.gated, 2, 1)  # input projections of an FFN: w_gate and w_up, or w_up alone
     q_width, kv_width = b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim
-    per_norm = np.where(b.norm_bias, 2, 1)
+    per_norm = np.where(b.lstm, 0, np.where(b.norm_bias, 2, 1))
     norm = _chunk(d, 1, ranks) * per_norm
     bias = np.where(b.qkv_bias, _chunk(q_width, 1, ranks) + 2 * _chunk(kv_width, 1, ranks), 0) + np.where(b.out_bias, _chunk(d, 1, ranks), 0)
     qk_norm = per_norm * np.where(b.qk_norm == QK_FULL, _chunk(q_width, 1, ranks) + _chunk(kv_width, 1, ranks),
                                   np.where(b.qk_norm == QK_PER_HEAD, 2 * _chunk(b.head_dim, 1, ranks), 0))  # fmt: skip
-    weights = sum(np.where(present, _chunk(o, i, ranks), 0) for i, o, present in attention_linears(b))  # [out, in] Linears
+    weights = sum(np.where(present & ~b.lstm, _chunk(o, i, ranks), 0) for i, o, present in attention_linears(b))  # [out, in] Linears
+    weights = weights + np.where(b.lstm, 2 * (_chunk(4 * d, d, ranks) + _chunk(4 * d, 1, ranks)), 0)  # LSTM: ih, hh and biases
     latent_norms = per_norm * np.where(b.mla, _chunk(b.kv_lora_rank, 1, ranks) + np.where(b.q_lora_rank > 0, _chunk(b.q_lora_rank, 1, ranks), 0), 0)
     block = 2 * norm + weights + bias + qk_norm + latent_norms + np.where(b.sinks, _chunk(b.n_heads, 1, ranks), 0)
     block = block + np.where(b.cross_len > 0, norm + 3 * _chunk(q_width, d, ranks) + _chunk(d, q_width, ranks), 0)  # cross: q, k, v [Hhd, D], o [D, Hhd]

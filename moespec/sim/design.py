@@ -32,7 +32,7 @@ RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
 QK_NORMS = ("none", "full", "per_head", "l2")  # DesignBatch.qk_norm codes (l2: weightless, Llama-4)
 ROUTER_NAMES = tuple(ROUTER_TYPES)  # DesignBatch.router / LayerTable.router codes
 
-_BOOL_FIELDS = ("headless", "relu", "gated", "clamped", "expert_bias", "gate_input", "selection_bias", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
+_BOOL_FIELDS = ("headless", "lstm", "relu", "gated", "clamped", "expert_bias", "gate_input", "selection_bias", "layernorm", "learned_positions", "tied", "qkv_bias", "out_bias", "norm_bias", "lm_head_bias", "mla", "sinks",
                 "shared_gate", "router_bias",
                 "dropless", "balanced", "shuffle", "moe")  # fmt: skip
 _FLOAT_FIELDS = ("capacity_factor", "dropout")
@@ -166,6 +166,7 @@ class DesignBatch:
     cross_len: np.ndarray  # encoder tokens per sequence each block cross-attends to (0: decoder-only)
     rel_buckets: np.ndarray  # T5's relative-bias rows (0: none); the attention then takes SDPA's math path
     headless: np.ndarray  # an encoder stack's part: no embedding, LM head or loss of its own
+    lstm: np.ndarray  # Shazeer et al. 2017's host: LSTM layers of d_model units instead of attention; no norms
     layers: LayerTable | None = None  # explicit groups (plans with unlike layers); else derived
     encoder: DesignBatch | None = None  # an encoder-decoder's encoder stack, costed as a headless part
 
@@ -334,7 +335,7 @@ def _row(plan: SpecPlan, layers, *, headless: bool) -> dict:
         "rope_dim": m.rope_dim if m.positions == "rope" else 0, "sinks": m.attention_sinks, "nope_layers": len(m.nope_layers),
         "window_layers": sum(m.window_of(i) is not None for i in range(m.n_layers)), "dropout": m.dropout, "n_moe_layers": len(moe_layers),
         "seq_len": m.encoder.seq_len if headless else m.seq_len, "cross_len": m.encoder.seq_len if m.encoder and not headless else 0,
-        "rel_buckets": m.relative_buckets if m.positions == "relative" else 0, "headless": headless,
+        "rel_buckets": m.relative_buckets if m.positions == "relative" else 0, "headless": headless, "lstm": m.host == "lstm",
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
     }  # fmt: skip

@@ -67,7 +67,14 @@ SHARED_OPS = 26
 # T5 encoder-decoders (model/encoder_decoder.py), traced like the rest:
 ENCODER_STACK_OPS = 78  # per model, booked to its encoder part: its embedding lookup and final norm, both stacks' buckets and bias lookups, the causal mask
 RELATIVE_BLOCK_OPS = 13  # per block: T5 attention (no RoPE, the bias cast, SDPA's math path) over a RoPE block
-CROSS_ATTENTION_OPS = 87  # per decoder block: its norm, q, k, v, o, fused SDPA, residual
+CROSS_ATTENTION_OPS = 87
+# Shazeer et al. 2017's LSTM host (model/lstm_host.py), traced the same way:
+LSTM_HOST_OPS = 30  # per model: embedding, head, loss
+LSTM_LAYER_OPS = 5  # per layer: the input projection, the stack of the outputs
+LSTM_STEP_OPS = 48  # per layer and time step: the recurrent product, gates, cell and output
+LSTM_MOE_OPS = 38  # per MoE layer, over MOE_BLOCK_OPS - DENSE_BLOCK_OPS: the residual, no dense FFN to replace
+LSTM_AUTOCAST_OPS = {"model": 6, "layer": 8, "step": 4}  # under autocast: the casts
+LSTM_DROPOUT_OPS = {"model": 5, "layer": 5}  # with dropout  # per decoder block: its norm, q, k, v, o, fused SDPA, residual
 UNGATED_EXPERT_OPS = -7
 GATHER_PASSES = 8  # dispatch + combine, forward and backward: each [rows, D] read or written 8 times
 OPTIMIZER_OPS_PER_TENSOR = 10  # clip's norm and scale, AdamW's lerp, mul, addcmul, sqrt, div, addcdiv...
@@ -86,9 +93,12 @@ def param_tensors(b: DesignBatch) -> np.ndarray:
         + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
     groups = np.where(layers.moe, moe, layers.lift(matrices))
     block = block + np.where(b.cross_len > 0, 4 + norm, 0)  # cross-attention's q, k, v, o and norm
-    root = np.where(b.headless, 0, 1 + (1 - b.tied) + b.lm_head_bias) + b.learned_positions + (b.rel_buckets > 0) + norm
+    block = np.where(b.lstm, 4, block)  # an LSTM layer: weight_ih, weight_hh, their biases; no norms
+    root = np.where(b.headless, 0, 1 + (1 - b.tied) + b.lm_head_bias) + b.learned_positions + (b.rel_buckets > 0) + np.where(b.lstm, 0, norm)
     encoder = 0 if b.encoder is None else param_tensors(b.encoder)
-    return root + b.n_layers * block + b.dense_blocks * matrices + layers.per_design(layers.count * groups, len(b)) + encoder
+    dense_ffn = np.where(b.d_ff > 0, matrices, 0)  # an LSTM host's plain blocks have no FFN
+    groups = np.where(layers.moe | (layers.d_ff > 0), groups, 0)
+    return root + b.n_layers * block + b.dense_blocks * dense_ffn + layers.per_design(layers.count * groups, len(b)) + encoder
 
 
 def trained_tensors(b: DesignBatch) -> np.ndarray:
@@ -145,6 +155,14 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
         + np.where(b.layernorm & ~b.norm_bias, -NORM_BIAS_OPS, 0) + np.where(b.lm_head_bias, BIAS_OPS, 0) \
         + b.n_layers * block + b.dense_blocks * dense_extra  # fmt: skip
     host = host + layers.per_design(layers.count * groups, len(b))
+    # An LSTM host: its own ops per layer and per time step instead of a transformer's blocks
+    # and final norm; a MoE layer's ops as in a transformer, less the dense FFN it replaces there.
+    moe_ops = layers.per_design(layers.count * np.where(layers.moe, groups + LSTM_MOE_OPS, 0), len(b))
+    cast, drop = LSTM_AUTOCAST_OPS, LSTM_DROPOUT_OPS
+    per_layer = LSTM_LAYER_OPS + LSTM_STEP_OPS * b.seq_len + np.where(autocast, cast["layer"] + cast["step"] * b.seq_len, 0) \
+        + np.where(b.dropout > 0, drop["layer"], 0)  # fmt: skip
+    lstm = LSTM_HOST_OPS + np.where(autocast, cast["model"], 0) + np.where(b.dropout > 0, drop["model"], 0) + b.n_layers * per_layer + moe_ops
+    host = np.where(b.lstm, lstm, host)
     host = host + np.where(b.rel_buckets > 0, b.n_layers * RELATIVE_BLOCK_OPS, 0) + np.where(b.cross_len > 0, b.n_layers * (CROSS_ATTENTION_OPS + np.where(b.layernorm, NORM_OPS_LAYERNORM - np.where(b.norm_bias, 0, NORM_BIAS_OPS), 0)), 0)
     loop = layers.moe & layers.dropless & ~grouped_gemm(b, layers)
     host = host + layers.per_design(layers.count * np.where(loop, LOOP_LAYER_OPS, 0), len(b))
@@ -204,6 +222,10 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     dense_groups = np.where(layers.d_ff > 0, ffn(code, tl, dl, layers.d_ff, inputs), 0.0)
     per_group = np.where(layers.moe, router + shared + experts, dense_groups)
     blocks = b.n_layers * attention + b.dense_blocks * dense + layers.per_design(layers.count * per_group, n)
+    # An LSTM layer: the input projection on every row, the recurrent one per step on B rows
+    lstm = db.linear_s(dtype, t, d, 4 * d) + (b.seq_len - 1) * db.linear_s(dtype, np.maximum(b.micro_batch, 1).astype(np.float64), d, 4 * d)
+    blocks = blocks + np.where(b.lstm, b.n_layers * (lstm - attention) - b.dense_blocks * dense, 0.0)
+    core = np.where(b.lstm, 0.0, core)
     t_enc = (b.micro_batch * b.cross_len).astype(np.float64)
     q_width = b.n_heads * b.head_dim
     cross = 2 * db.linear_s(dtype, t, d, q_width) + 2 * db.linear_s(dtype, np.maximum(t_enc, 1), d, q_width) \

@@ -17,7 +17,7 @@ from typing import Literal, Union
 
 Activation = Literal["relu", "gelu", "swiglu", "geglu", "swiglu_clamped"]
 Norm = Literal["layernorm", "rmsnorm"]
-Positions = Literal["learned", "rope", "relative"]
+Positions = Literal["learned", "rope", "relative", "none"]  # none: an LSTM host (order is in the recurrence)
 Precision = Literal["fp32", "bf16", "fp16"]
 Recompute = Literal["none", "selective", "full"]
 QKNorm = Literal["none", "full", "per_head", "l2"]
@@ -83,6 +83,7 @@ class ModelPlan:
     encoder: EncoderPlan | None = None  # encoder-decoder (T5); then n_layers, seq_len are the decoder's
     relative_buckets: int = 32  # positions: relative (T5's bucketed bias, one table per stack)
     relative_max_distance: int = 128
+    host: Literal["transformer", "lstm"] = "transformer"  # lstm: Shazeer et al. 2017's stacked LSTMs around the MoE layers
 
     @property
     def total_blocks(self) -> int:

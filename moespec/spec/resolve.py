@@ -55,6 +55,11 @@ def resolve(data: dict, locations: Locations) -> SpecPlan:
     model = _model(data["model"], errors)
     parallel = _parallel(data.get("parallelism") or {}, model, errors)
     layers = _stack_layers(data.get("moe"), model, parallel, errors, model.n_layers)
+    if model.host == "lstm":
+        layers = tuple(dataclasses.replace(layer, d_ff=0) if layer.moe is None else layer for layer in layers)  # no dense FFN
+        for key, value in (("recompute", parallel.recompute != "none"), ("tp", parallel.tp > 1), ("pp", parallel.pp > 1)):
+            if value:
+                errors.add(("parallelism", key), f"{key} is not defined for an LSTM host (its layers are recurrences, not attention blocks); remove it")
     if model.encoder is not None and parallel.recompute == "selective":
         errors.add(("parallelism", "recompute"), "selective recomputation replays the fused attention kernel, which T5's biased attention does not use; use none or full")
     if model.encoder is not None:  # the encoder's blocks first, numbered through the model
@@ -108,7 +113,29 @@ def _encoder(m: dict, errors: _Errors) -> EncoderPlan | None:
                        mean_span=float(raw.get("mean_span", 3.0)))  # fmt: skip
 
 
+# What an LSTM host has no use for (an attention's shape, positions, norms): refused when written.
+LSTM_REFUSED = ("n_heads", "n_kv_heads", "head_dim", "positions", "rope_theta", "rope_fraction", "nope_layers", "attention_sinks",
+                "sliding_window", "qk_norm", "qkv_bias", "out_bias", "norm", "norm_eps", "norm_bias", "mla", "encoder",
+                "relative_attention", "lm_head_bias")  # fmt: skip
+
+
+def _lstm_model(raw: dict, errors: _Errors) -> ModelPlan:
+    """Shazeer et al. 2017's host: LSTM layers of d_model units, no attention, norms or positions."""
+    for key in LSTM_REFUSED:
+        if key in raw:
+            errors.add(("model", key), f"{key} has no meaning in an LSTM host (no attention, positions or norms); remove it")
+    m = _with_defaults("model", raw)
+    d = m["d_model"]
+    return ModelPlan(
+        vocab_size=m["vocab_size"], d_model=d, n_layers=m["n_layers"], n_heads=1, n_kv_heads=1, head_dim=d, d_ff=m["d_ff"] or 4 * d,
+        activation=m["activation"], norm="rmsnorm", norm_eps=1e-5, positions="none", rope_theta=10000.0, tied_embeddings=m["tied_embeddings"],
+        seq_len=m["seq_len"], dropout=float(m["dropout"]), qkv_bias=False, init_std=float(m["init_std"]), norm_bias=False, host="lstm",
+    )  # fmt: skip
+
+
 def _model(raw: dict, errors: _Errors) -> ModelPlan:
+    if raw.get("host") == "lstm":
+        return _lstm_model(raw, errors)
     m = _with_defaults("model", raw)
     n_heads, d_model = m["n_heads"], m["d_model"]
     n_kv_heads = m["n_kv_heads"] or n_heads
