@@ -79,7 +79,15 @@ def cases(dp: int, ep: int) -> list[tuple[str, dict]]:
             out.append((f"{name}-{mode}", plan_fields(variant(dp=dp, ep=ep, router=router, capacity=capacity))))
     out.append(("topk-tight-probability", plan_fields(variant(dp=dp, ep=ep, router=ROUTERS["topk"], capacity=TIGHT))))
     out.append(("t5-switch-capacity", plan_fields(encoder_decoder(dp=dp, ep=ep))))
+    out.append(("lstm-noisy-capacity", plan_fields(lstm_host(dp=dp, ep=ep))))
     return out
+
+
+def lstm_host(*, dp: int, ep: int):
+    """tiny-lstm-moe (noisy top-2 of 8 between two LSTM layers) at dp x ep."""
+    plan = load_plan(ROOT / "specs/tiny-lstm-moe.yaml")
+    return dataclasses.replace(plan, model=dataclasses.replace(plan.model, seq_len=16),
+                               parallel=dataclasses.replace(plan.parallel, dp=dp, ep=ep, micro_batch=2, global_batch=2 * dp))  # fmt: skip
 
 
 def encoder_decoder(*, dp: int, ep: int):

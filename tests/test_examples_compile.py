@@ -22,7 +22,8 @@ FULL = [p for p in SPECS if not p.stem.startswith("tiny-")]
 def test_full_size_spec_runs_forward_and_backward_on_meta(path):
     plan = load_plan(path)
     model = build_model(plan, device="meta")
-    result = check_step(model, batch=1, seq_len=min(plan.model.seq_len, 256), vocab_size=plan.model.vocab_size)
+    encoder = min(plan.model.encoder.seq_len, 256) if plan.model.encoder else None  # an encoder-decoder's inputs too
+    result = check_step(model, batch=1, seq_len=min(plan.model.seq_len, 256), vocab_size=plan.model.vocab_size, encoder_seq_len=encoder)
     assert result["logits_shape"] == [1, min(plan.model.seq_len, 256), plan.model.vocab_size]
     assert result["params_with_grad"] == sum(p.numel() for p in model.parameters())
     assert result["moe_layers"] == len(plan.moe_layers)

@@ -56,7 +56,7 @@ def test_step_flops_equal_flop_counter_on_cpu(path):
 
 
 @pytest.mark.parametrize("path,recompute", [(p, r) for p in SPECS if p.stem.startswith("tiny-") for r in ("selective", "full")
-                                             if not (r == "selective" and p.stem == "tiny-t5-switch")],  # refused: T5's attention is not fused
+                                             if not (r == "selective" and p.stem == "tiny-t5-switch") and p.stem != "tiny-lstm-moe"],  # refused: T5's attention is not fused; an LSTM host recomputes nothing
                          ids=lambda v: getattr(v, "stem", v))  # fmt: skip
 def test_recomputed_step_flops_equal_flop_counter(path, recompute):
     """Every router, capacity and dropless, with the forward replayed as the spec says."""

@@ -51,6 +51,10 @@ def _model_dict(plan: SpecPlan) -> dict:
         del model["mla"]
     buckets, distance = model.pop("relative_buckets"), model.pop("relative_max_distance")
     model["relative_attention"] = {"buckets": buckets, "max_distance": distance} if plan.model.positions == "relative" else None
+    if plan.model.host == "lstm":  # no attention, positions or norms: those keys are refused beside it
+        from moespec.spec.resolve import LSTM_REFUSED
+
+        model = {key: value for key, value in model.items() if key not in LSTM_REFUSED}
     return model
 
 
