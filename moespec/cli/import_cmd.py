@@ -51,7 +51,8 @@ def import_command(
         sys.stdout.write(text)
         return
     console.print(f"[bold]{plan.name}[/bold] ({imported.family}): {params.total:,} parameters, {params.active:,} active; "
-                  f"{len(plan.moe_layers)} of {plan.model.n_layers} layers MoE -> {out}", soft_wrap=True)  # fmt: skip
+                  f"{len(plan.moe_layers)} of {len(plan.layers)} {'blocks (encoder and decoder)' if plan.model.encoder else 'layers'} MoE -> {out}",
+                  soft_wrap=True)  # fmt: skip
     for line in imported.notes:
         console.print(f"  note: {line}", markup=False, soft_wrap=True)
 
