@@ -49,7 +49,12 @@ FAMILIES = {
     # muP multipliers at 1 (moespec lists them, does not apply them); attention_multiplier = 1/sqrt(head_dim)
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=1.0, logits_scaling=1.0,
                        residual_multiplier=1.0, attention_multiplier=0.25),
+    # DBRX: its own names, a fused Wqkv, expert banks [E*F, D], LayerNorm without bias, top-k renormalised (p = 1);
+    # clip_qkv far above the activations (listed on import, not applied; transformers 5 fails without one)
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=128,
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 1000.0}, ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}),
 }  # fmt: skip
+OWN_CONFIG = {"dbrx"}  # families whose config takes its own field names, not TINY's
 
 
 def moespec_cli(*args: str) -> subprocess.CompletedProcess:
@@ -59,7 +64,7 @@ def moespec_cli(*args: str) -> subprocess.CompletedProcess:
 def tiny_hf_model(family: str, folder: Path):
     """A random HF model of `family`, weights drawn wide enough that routing is not a tie."""
     torch.manual_seed(0)
-    config = transformers.CONFIG_MAPPING[family](**(TINY | FAMILIES[family]))
+    config = transformers.CONFIG_MAPPING[family](**(FAMILIES[family] if family in OWN_CONFIG else TINY | FAMILIES[family]))
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():

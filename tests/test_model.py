@@ -86,11 +86,19 @@ def norm_params(m: ModelPlan) -> int:
 def expected_params(plan: SpecPlan) -> tuple[int, int]:
     """(total, active per token) from the formulas, independent of the module tree."""
     m = plan.model
+    lstm = m.host == "lstm"  # Shazeer et al. 2017: torch's LSTM parameters per layer, no norms, no positions
     embed = m.vocab_size * m.d_model + (m.seq_len * m.d_model if m.positions == "learned" else 0)
+    embed += 2 * m.relative_buckets * m.n_heads if m.positions == "relative" else 0  # T5: a bias table per stack
     head = (0 if m.tied_embeddings else m.vocab_size * m.d_model) + (m.vocab_size if m.lm_head_bias else 0)
-    total = active = embed + head + norm_params(m)
+    final_norms = 0 if lstm else norm_params(m) * (2 if m.encoder else 1)  # an encoder-decoder: the encoder's too
+    total = active = embed + head + final_norms
     for layer in plan.layers:
-        block = attention_params(m) + 2 * norm_params(m)
+        block = 4 * m.d_model * (m.d_model + 1) * 2 if lstm else attention_params(m) + 2 * norm_params(m)
+        if layer.stack == "decoder" and m.encoder:  # cross-attention: its norm, q, k, v, o
+            block += 4 * m.d_model * m.n_heads * m.head_dim + norm_params(m)
+        if layer.kind == "dense" and lstm:
+            total, active = total + block, active + block
+            continue
         if layer.kind == "dense":
             total += block + ffn_params(m.d_model, layer.d_ff, m.activation)
             active += block + ffn_params(m.d_model, layer.d_ff, m.activation)

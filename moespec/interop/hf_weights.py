@@ -105,6 +105,34 @@ def _gpt_oss(m: re.Match, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     return {experts + ("w_down" if bank == "down_proj" else "b_down"): tensor}
 
 
+# DBRX: its own names, a fused Wqkv [D + 2*KV*hd, D], expert banks as [E*F, D] (w1 gate, v1 up, w2 down).
+_DBRX = re.compile(r"transformer\.(?:wte\.weight|norm_f\.weight|blocks\.(\d+)\.(norm_attn_norm\.(?:norm_1|norm_2|attn\.Wqkv|attn\.out_proj)|"
+                   r"ffn\.router\.layer|ffn\.experts\.mlp\.(?:w1|v1|w2))(?:\.weight)?)$")  # fmt: skip
+
+
+def _dbrx(name: str, tensor: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
+    m = _DBRX.fullmatch(name)
+    if name == "transformer.wte.weight":
+        return {"tok_embeddings.weight": tensor}
+    if name == "transformer.norm_f.weight":
+        return {"final_norm.weight": tensor}
+    layer, part = m.group(1), m.group(2)
+    block = f"blocks.{layer}."
+    if part.endswith("Wqkv"):
+        attention = model.blocks[int(layer)].attention
+        q, kv = attention.n_heads * attention.head_dim, attention.n_kv_heads * attention.head_dim
+        wq, wk, wv = tensor.split([q, kv, kv], dim=0)
+        return {block + "attention.q_proj.weight": wq, block + "attention.k_proj.weight": wk, block + "attention.v_proj.weight": wv}
+    simple = {"norm_attn_norm.norm_1": "attn_norm.weight", "norm_attn_norm.norm_2": "ffn_norm.weight",
+              "norm_attn_norm.attn.out_proj": "attention.o_proj.weight", "ffn.router.layer": "moe.router.gate.weight"}  # fmt: skip
+    if part in simple:
+        return {block + simple[part]: tensor}
+    experts = model.blocks[int(layer)].moe.experts
+    bank_EFD = tensor.reshape(-1, experts.w_down.shape[1], tensor.shape[-1])  # [E, F, D]
+    return {block + "moe.experts." + {"mlp.w1": "w_gate", "mlp.v1": "w_up"}[part[len("ffn.experts."):]]: bank_EFD.transpose(1, 2)} \
+        if not part.endswith("w2") else {block + "moe.experts.w_down": bank_EFD}  # fmt: skip
+
+
 def to_moespec(tensors: dict[str, torch.Tensor], model: nn.Module, family: str | None = None) -> dict[str, torch.Tensor]:
     """HF names and layouts -> the model's state-dict names and layouts (`family`: the
     checkpoint's model_type, for the layouts only it uses). Raises ValueError for a tensor
@@ -119,6 +147,9 @@ def to_moespec(tensors: dict[str, torch.Tensor], model: nn.Module, family: str |
     for name, tensor in tensors.items():
         if family == "gpt_oss" and (m := _GPT_OSS.fullmatch(name)):
             out.update(_gpt_oss(m, tensor))
+            continue
+        if family == "dbrx" and _DBRX.fullmatch(name):
+            out.update(_dbrx(name, tensor, model))
             continue
         if family in ("llama4", "llama4_text") and (m := _LLAMA4.fullmatch(name)):
             out.update(_llama4(m, tensor))
