@@ -57,7 +57,7 @@ def variant(tmp_path, base: str, edit) -> object:
 
 
 @pytest.mark.parametrize("name", ["tiny-topk", "tiny-base", "tiny-dropless", "tiny-expert-choice", "tiny-hash", "tiny-mixed",
-                                  "tiny-noisy-topk", "tiny-sigmoid-bias", "tiny-sinkhorn", "tiny-mla", "tiny-oss", "tiny-llama4"])  # fmt: skip
+                                  "tiny-noisy-topk", "tiny-sigmoid-bias", "tiny-sinkhorn", "tiny-mla", "tiny-oss", "tiny-llama4", "tiny-sparsemixer"])  # fmt: skip
 def test_every_router_and_path(name):
     plan = load_plan(f"{SPECS}/{name}.yaml")
     assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)

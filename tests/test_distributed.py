@@ -27,6 +27,7 @@ from moespec.spec.plan import (
     NoisyTopKRouter,
     SigmoidBiasRouter,
     SinkhornRouter,
+    SparseMixerRouter,
     SwitchRouter,
     TopKRouter,
 )
@@ -68,6 +69,7 @@ ROUTERS = {
     "expert_choice": ExpertChoiceRouter(),
     "hash": HashRouter(),
     "sigmoid_bias": SigmoidBiasRouter(k=2, n_groups=2, topk_groups=1),
+    "sparsemixer": SparseMixerRouter(k=2, jitter_eps=0.2),  # sampled in training: the same stream on both sides
 }
 
 

@@ -49,6 +49,8 @@ FAMILIES = {
     # muP multipliers at 1 (moespec lists them, does not apply them); attention_multiplier = 1/sqrt(head_dim)
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=1.0, logits_scaling=1.0,
                        residual_multiplier=1.0, attention_multiplier=0.25),
+    # Phi-3.5-MoE: SparseMixer-v2 routing, LayerNorm, biases on q, k, v, o and the LM head (its jitter sets the mask's width)
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3),
     # DBRX: its own names, a fused Wqkv, expert banks [E*F, D], LayerNorm without bias, top-k renormalised (p = 1);
     # clip_qkv far above the activations (listed on import, not applied; transformers 5 fails without one)
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=128,

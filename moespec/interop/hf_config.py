@@ -242,11 +242,11 @@ def _granite(r, seq):
 def _phimoe(r, seq):
     bias = bool(r.take("attention_bias", False))
     model = _model(r, seq, window=True, norm="layernorm", qkv_bias=bias, out_bias=bias, lm_head_bias=bool(r.take("lm_head_bias", False)))
-    r.note("router_jitter_noise", "SparseMixer's training jitter; not applied (no parameter)")
     r.note("input_jitter_noise", "training-time input jitter; not applied (no parameter)")
     r.note("original_max_position_embeddings", "LongRoPE's base length; not applied (no parameter)")
-    r.notes.append("router: SparseMixer-v2 gating is run as softmax top-k without renormalisation (same parameters, different gate values)")
-    return model, _moe({"type": "all"}, r.take("num_local_experts", required=True), model["d_ff"], _topk(r, r.take("num_experts_per_tok", 2), normalize=False))
+    router = {"type": "sparsemixer", "k": int(r.take("num_experts_per_tok", 2)), "jitter_eps": float(r.take("router_jitter_noise", 0.01)),
+              "aux_loss_coef": float(r.take("router_aux_loss_coef", 0.0) or 0.0)}  # SparseMixer-v2, its mask width from the jitter  # fmt: skip
+    return model, _moe({"type": "all"}, r.take("num_local_experts", required=True), model["d_ff"], router)
 
 
 def _dbrx(r, seq):

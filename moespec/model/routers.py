@@ -38,6 +38,7 @@ from moespec.spec.plan import (
     RouterPlan,
     SigmoidBiasRouter,
     SinkhornRouter,
+    SparseMixerRouter,
     SwitchRouter,
     TopKRouter,
 )
@@ -307,4 +308,9 @@ def build_router(plan: RouterPlan, *, d_model: int, n_experts: int, capacity: Ca
         return SigmoidBiasRouting(d_model=d_model, n_experts=n_experts, k=plan.k, n_groups=plan.n_groups,
                                   topk_groups=plan.topk_groups, bias_update_rate=plan.bias_update_rate,
                                   normalize=plan.normalize, scaling_factor=plan.scaling_factor)
+    if isinstance(plan, SparseMixerRouter):
+        from moespec.model.sparsemixer import SparseMixerRouting
+
+        return SparseMixerRouting(d_model=d_model, n_experts=n_experts, k=plan.k, bias=plan.bias, jitter_eps=plan.jitter_eps,
+                                  aux_loss_coef=plan.aux_loss_coef, z_loss_coef=plan.z_loss_coef)  # fmt: skip
     raise TypeError(f"unknown router plan {type(plan).__name__}")

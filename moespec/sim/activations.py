@@ -37,16 +37,18 @@ from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 
 F32, I64 = 4.0, 8.0
 # Per router, what it saves per token (traced: tests/test_activation_bytes.py):
-# ([T, E] float32 tensors, [T, k] int64, [T, k] float32, [T] float32, [T, k+1] int64).
+# ([T, E] float32 tensors, [T, k] int64, [T, k] float32, [T] float32, [T, k+1] int64,
+#  [T, E] float32 per choice: SparseMixer's softmax and its bool mask for each of the k).
 ROUTER_SAVED = {
-    "topk": (2, 1, 1, 2, 0),
-    "switch": (2, 1, 0, 1, 0),
-    "noisy_topk": (8.25, 1, 1, 1, 1),  # 8 [T, E] float32 and a [T, E] bool mask
-    "sinkhorn": (2, 1, 0, 1, 0),
-    "expert_choice": (2, 0, 0, 1, 0),  # plus its [E, C] indices: counted with the dispatch
-    "sigmoid_bias": (1, 1, 1, 1, 0),
-    "hash": (0, 1, 0, 1, 0),
-    "base": (1, 1, 0, 1, 0),
+    "topk": (2, 1, 1, 2, 0, 0),
+    "switch": (2, 1, 0, 1, 0, 0),
+    "noisy_topk": (8.25, 1, 1, 1, 1, 0),  # 8 [T, E] float32 and a [T, E] bool mask
+    "sinkhorn": (2, 1, 0, 1, 0, 0),
+    "expert_choice": (2, 0, 0, 1, 0, 0),  # plus its [E, C] indices: counted with the dispatch
+    "sigmoid_bias": (1, 1, 1, 1, 0, 0),
+    "hash": (0, 1, 0, 1, 0, 0),
+    "base": (1, 1, 0, 1, 0, 0),
+    "sparsemixer": (2, 1, 1, 1, 0, 1.25),  # fitted on k 1-3, E 4-8 (tiny-topk's shape)
 }
 
 
@@ -146,7 +148,8 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     e = layers.experts.astype(np.float64)
     r = _ROUTER_TABLE[layers.router]
     router = np.where(layers.router_matrices > 0, tl * dl * F32, 0.0)
-    router = router + tl * (r[:, 0] * e * F32 + r[:, 1] * k * I64 + r[:, 2] * k * F32 + r[:, 3] * F32 + r[:, 4] * (k + 1) * I64)
+    router = router + tl * (r[:, 0] * e * F32 + r[:, 1] * k * I64 + r[:, 2] * k * F32 + r[:, 3] * F32 + r[:, 4] * (k + 1) * I64
+                            + r[:, 5] * k * e * F32)  # fmt: skip
     rows = expert_rows(b, layers).astype(np.float64)  # R = E*C (capacity) or A = T*k (dropless)
     ep = layers.lift(b.ep)
     f = layers.expert_d_ff.astype(np.float64)

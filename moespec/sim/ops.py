@@ -56,7 +56,8 @@ AUTOCAST_OPS = 37  # per block under bf16/fp16 autocast: the casts
 DROPOUT_OPS = 57  # per block: three dropouts and attention's unfused path
 MOE_BLOCK_OPS = 287  # a capacity top-k MoE block (router, dispatch, bank, combine, losses)
 ROUTER_OPS = {"topk": 0, "switch": -10, "sinkhorn": 12, "expert_choice": -33, "hash": -41, "sigmoid_bias": -15,
-              "noisy_topk": 100, "base": 0}  # fmt: skip
+              "noisy_topk": 100, "base": 0, "sparsemixer": -12}  # fmt: skip
+SPARSEMIXER_CHOICE_OPS = 32  # per expert a SparseMixer token chooses (its mask, softmax, sample, Heun's estimate)
 DROPLESS_OPS = -12  # dropless (one gather, one scatter per pass, grouped GEMMs) instead of capacity
 GROUPED_GEMM_CALLS = 9  # a gated dropless layer's grouped GEMMs, forward + backward (plain: 6; timed by `grouped`)
 # Where the grouped GEMM cannot run (a width whose bytes are not a multiple of 16), the
@@ -142,6 +143,7 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
                         + np.where(b.v_head_dim != b.head_dim, MLA_PAD_OPS, 0), 0))  # fmt: skip
     dense_extra = np.where(b.gated, np.where(b.clamped, CLAMPED_FFN_OPS, 0), UNGATED_FFN_OPS)
     router = np.array([ROUTER_OPS[name] for name in ROUTER_NAMES])[layers.router]
+    router = router + np.where(np.asarray(ROUTER_NAMES)[layers.router] == "sparsemixer", SPARSEMIXER_CHOICE_OPS * layers.k, 0)
     local = layers.experts // lift(b.ep)
     moe = (MOE_BLOCK_OPS - DENSE_BLOCK_OPS + router + np.where(lift(b.gated), 0, UNGATED_EXPERT_OPS)
            + np.where(layers.dropless, DROPLESS_OPS, 0) + np.where(layers.shared_count > 0, SHARED_OPS, 0))  # fmt: skip

@@ -223,6 +223,24 @@ class SigmoidBiasRouter:
         return self.k
 
 
+@dataclass(frozen=True)
+class SparseMixerRouter:
+    """SparseMixer-v2 (Liu et al. 2024; Phi-3.5-MoE): experts chosen one at a time from a
+    softmax over the logits within 2 * jitter_eps (relative) of the best remaining one;
+    sampled in training with Heun's third-order gradient, argmax at eval."""
+
+    type: Literal["sparsemixer"] = "sparsemixer"
+    k: int = 2
+    bias: bool = False
+    jitter_eps: float = 0.01
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.k
+
+
 RouterPlan = Union[
     TopKRouter,
     NoisyTopKRouter,
@@ -232,6 +250,7 @@ RouterPlan = Union[
     ExpertChoiceRouter,
     HashRouter,
     SigmoidBiasRouter,
+    SparseMixerRouter,
 ]
 
 ROUTER_TYPES: dict[str, type] = {
@@ -245,6 +264,7 @@ ROUTER_TYPES: dict[str, type] = {
         ExpertChoiceRouter,
         HashRouter,
         SigmoidBiasRouter,
+        SparseMixerRouter,
     )
 }
 

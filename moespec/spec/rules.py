@@ -121,7 +121,7 @@ K_WITHIN_EXPERTS = Rule(
     inputs=("k", "experts"),
     violated=lambda k, experts: k > experts,
     message=lambda k, experts: f"k ({k}) exceeds the expert count ({experts}); choose k <= {experts}",
-    applies=lambda router: router.type in ("topk", "sigmoid_bias"),
+    applies=lambda router: router.type in ("topk", "sigmoid_bias", "sparsemixer"),
 )
 
 NOISY_K_BELOW_EXPERTS = Rule(
