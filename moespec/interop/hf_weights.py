@@ -271,15 +271,27 @@ def from_moespec(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face's checkpoint names of `family` (a model_type),
     one tensor per expert."""
     out: dict[str, torch.Tensor] = {}
-    mixtral = family == "mixtral"
+    mixtral = family in ("mixtral", "phimoe")  # block_sparse_moe, experts' w1 / w2 / w3
+    from moespec.interop import hf_weights_out as layouts
+
+    if family in ("dbrx", "granitemoe"):
+        return layouts.to_fused(model, family)
     if family == "switch_transformers":
         from moespec.interop import hf_switch
 
         return hf_switch.from_moespec(model)
     if family == "gpt_oss":
-        return _to_gpt_oss(model)
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().contiguous()
+        return layouts.to_gpt_oss(model)
+    state = {key: tensor.detach() for key, tensor in model.state_dict().items()}
+    if family in ("ernie4_5_moe", "llama4_text"):  # their checkpoints pair RoPE channels interleaved
+        permute_latent_rope(state, model, inverse=True)
+    if family == "llama4_text":
+        return layouts.to_llama4(state)
+    for key, tensor in state.items():
+        tensor = tensor.contiguous()
+        if family == "ernie4_5_moe" and key.endswith("moe.router.selection_bias_E"):  # ERNIE keeps it [1, E]
+            out[f"model.layers.{key.split('.')[1]}.mlp.moe_statics.e_score_correction_bias"] = tensor.reshape(1, -1)
+            continue
         if m := re.fullmatch(r"blocks\.(\d+)\.(.*)", key):
             out.update(_block_to_hf(int(m.group(1)), m.group(2), tensor, mixtral=mixtral, family=family))
         else:
@@ -290,7 +302,7 @@ def from_moespec(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
 def _block_to_hf(layer: int, rest: str, tensor: torch.Tensor, *, mixtral: bool, family: str = "") -> dict[str, torch.Tensor]:
     prefix = f"model.layers.{layer}."
     moe = "block_sparse_moe." if mixtral else "mlp."
-    shared = "shared_experts" if family == "deepseek_v3" else "shared_expert"
+    shared = "shared_experts" if family in ("deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe") else "shared_expert"
     simple = {
         r"attention\.(q_a|kv_a)_norm\.(weight|bias)": "self_attn.{0}_layernorm.{1}",  # MLA
         r"attn_norm\.(weight|bias)": "input_layernorm.{0}", r"ffn_norm\.(weight|bias)": "post_attention_layernorm.{0}",
@@ -305,34 +317,6 @@ def _block_to_hf(layer: int, rest: str, tensor: torch.Tensor, *, mixtral: bool, 
         names = {"gate": "w1", "up": "w3", "down": "w2"} if mixtral else {p: f"{p}_proj" for p in ("gate", "up", "down")}
         return {f"{prefix}{moe}experts.{e}.{names[m.group(1)]}.weight": tensor[e].t().contiguous() for e in range(tensor.shape[0])}
     raise ValueError(f"export: blocks.{layer}.{rest} has no Hugging Face name")
-
-
-def _to_gpt_oss(model: nn.Module) -> dict[str, torch.Tensor]:
-    """gpt-oss's layout (see `_gpt_oss`): banks input-first, gate and up interleaved by column."""
-    out: dict[str, torch.Tensor] = {}
-    state = model.state_dict()
-    for key, tensor in state.items():
-        tensor = tensor.detach()
-        m = re.fullmatch(r"blocks\.(\d+)\.(.*)", key)
-        if m is None:
-            out.update(from_moespec_single(key, tensor))
-            continue
-        prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
-        if rest == "attention.sinks":
-            out[prefix + "self_attn.sinks"] = tensor.contiguous()
-        elif rest.startswith("moe.router.gate."):
-            out[prefix + "mlp.router." + rest.rsplit(".", 1)[1]] = tensor.contiguous()
-        elif rest in ("moe.experts.w_gate", "moe.experts.b_gate"):
-            up = state[key.replace("_gate", "_up")].detach()
-            name = "gate_up_proj" if rest.endswith("w_gate") else "gate_up_proj_bias"
-            out[prefix + "mlp.experts." + name] = torch.stack((tensor, up), dim=-1).flatten(-2).contiguous()  # gate, up, gate, up...
-        elif rest in ("moe.experts.w_up", "moe.experts.b_up"):
-            continue  # interleaved with the gate above
-        elif rest in ("moe.experts.w_down", "moe.experts.b_down"):
-            out[prefix + "mlp.experts." + ("down_proj" if rest.endswith("w_down") else "down_proj_bias")] = tensor.contiguous()
-        else:
-            out.update(_block_to_hf(int(m.group(1)), rest, tensor.contiguous(), mixtral=False))
-    return out
 
 
 def from_moespec_single(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
