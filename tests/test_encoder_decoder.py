@@ -252,3 +252,12 @@ def test_simulate_reports_both_stacks_tokens(tmp_path):
     assert parts["cross_attention"] > 0 and parts["experts_capacity"] > 0
     time = report["time"]
     assert time["tokens_per_s"] * time["step_s"] == pytest.approx(256 * (512 + 114))  # inputs and targets
+
+
+def test_explore_refuses_an_encoder_decoder_base_in_one_line(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"version: 1\nname: t5\nbase: {ROOT / 'specs/tiny-t5-switch.yaml'}\nbackend: cpu-local\n"
+                     "axes:\n  moe.experts.count: [2, 4]\nobjectives:\n  tokens_per_s: max\n")  # fmt: skip
+    done = moespec_cli("explore", str(sweep), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "is an encoder-decoder" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()

@@ -153,6 +153,9 @@ def _load_base(path: Path, locations: Locations, errors: list[SpecError]):
     except SpecErrors as failure:
         errors.extend(failure.errors)
         return None
+    if plan.model.encoder is not None:
+        errors.append(locations.error(("base",), f"{path} is an encoder-decoder; explore sweeps decoder-only specs (simulate an encoder-decoder one design at a time)"))
+        return None
     if (data.get("moe") or {}).get("overrides"):
         errors.append(locations.error(("base",), f"{path} has moe.overrides; the explorer needs every MoE layer alike, so use a base without overrides"))
         return None
