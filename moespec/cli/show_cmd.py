@@ -25,11 +25,15 @@ def show_command(
     m, p = plan.model, plan.parallel
     attention = "MHA" if m.n_kv_heads == m.n_heads else f"GQA {m.n_kv_heads} kv"
     console.print(f"[bold]{plan.name}[/bold]  {plan.description}".rstrip())
-    console.print(
-        f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads ({attention}, head_dim {m.head_dim}), "
-        f"d_ff {m.d_ff}, {m.activation}, {m.norm}, {m.positions}, vocab {m.vocab_size}, seq {m.seq_len}, "
-        f"{'tied' if m.tied_embeddings else 'untied'} embeddings"
-    )
+    if m.host == "lstm":
+        console.print(f"model: LSTM host (Shazeer et al. 2017): {m.n_layers} LSTM layers of {m.d_model} units, expert d_ff {m.d_ff}, "
+                      f"{m.activation}, vocab {m.vocab_size}, seq {m.seq_len}, {'tied' if m.tied_embeddings else 'untied'} embeddings")  # fmt: skip
+    else:
+        console.print(
+            f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads ({attention}, head_dim {m.head_dim}), "
+            f"d_ff {m.d_ff}, {m.activation}, {m.norm}, {m.positions}, vocab {m.vocab_size}, seq {m.seq_len}, "
+            f"{'tied' if m.tied_embeddings else 'untied'} embeddings"
+        )
     if m.encoder is not None:
         e = m.encoder
         console.print(f"encoder-decoder: encoder {e.n_layers} blocks over {e.seq_len} input tokens, decoder {m.n_layers} blocks over "

@@ -36,6 +36,7 @@ def export_config(plan, family: str) -> dict:
     oss, deepseek = family == "gpt_oss", family == "deepseek_v3"
     router = first.router
     want = {  # the spec key, and whether the family holds its value
+        "model.host": m.host == "transformer", "model.encoder": m.encoder is None,
         "model.activation": m.activation == ("swiglu_clamped" if oss else "swiglu"), "model.norm": m.norm == "rmsnorm",
         "model.positions": m.positions == "rope", "model.lm_head_bias": not m.lm_head_bias, "model.dropout": m.dropout == 0.0,
         "model.rope_fraction": m.rope_fraction == 1.0, "model.mla": (m.mla is not None) == deepseek,

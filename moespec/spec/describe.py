@@ -40,7 +40,7 @@ def layer_row(plan: SpecPlan, layer: LayerPlan) -> tuple[str, str, str, str, str
     """(index, kind, router, experts or FFN width, capacity) for one layer."""
     stack = "" if plan.model.encoder is None else f" ({layer.stack[:3]})"  # an encoder-decoder's blocks: enc or dec
     if layer.moe is None:
-        return str(layer.index), "dense" + stack, "-", f"ffn {layer.d_ff}", "-"
+        return str(layer.index), "dense" + stack, "-", "lstm" if plan.model.host == "lstm" else f"ffn {layer.d_ff}", "-"
     moe = layer.moe
     kind = ("moe (base)" if moe.router.type == "base" else "moe") + stack
     capacity = capacity_summary(
