@@ -124,7 +124,7 @@ def test_a_checkpoint_of_another_shape_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "glm4_moe", "dots1", "phimoe", "dbrx",
-                                    "granitemoe", "ernie4_5_moe", "llama4_text"])  # fmt: skip
+                                    "granitemoe", "ernie4_5_moe", "llama4_text", "deepseek_v2"])  # fmt: skip
 def test_export_loads_in_transformers_as_the_same_model(family, tmp_path):
     tiny_hf_model(family, tmp_path / "hf")  # only for its config: export writes our own seeded weights
     spec = tmp_path / "spec.yaml"

@@ -12,7 +12,7 @@ from moespec.cli.common import console, emit_json, fail, load_plan_or_exit, one_
 
 def export_command(
     spec: Path = typer.Argument(..., help="Spec file.", show_default=False),
-    family: str = typer.Option(..., "--family", help="Hugging Face model_type to write: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss, glm4_moe, dots1, phimoe, dbrx, granitemoe or switch_transformers."),
+    family: str = typer.Option(..., "--family", help="Hugging Face model_type to write: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss, glm4_moe, dots1, phimoe, dbrx, granitemoe, ernie4_5_moe, llama4_text or switch_transformers."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.safetensors and config.json."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights to export: a `compile --out` folder or a HF checkpoint (default: the seeded initialisation)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation when no --weights are given."),

@@ -8,7 +8,7 @@ transformers as the same model it was in moespec (tests/test_hf_weights.py check
 from __future__ import annotations
 
 EXPORT_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch_transformers", "glm4_moe", "dots1",
-                   "phimoe", "dbrx", "granitemoe", "ernie4_5_moe", "llama4_text")  # fmt: skip
+                   "phimoe", "dbrx", "granitemoe", "ernie4_5_moe", "llama4_text", "deepseek_v2")  # fmt: skip
 _ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                   "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}  # fmt: skip
 
@@ -22,7 +22,7 @@ def export_config(plan, family: str) -> dict:
         from moespec.interop.hf_switch import export_config as switch_config
 
         return switch_config(plan)
-    if family in ("glm4_moe", "dots1", "phimoe", "dbrx", "granitemoe", "ernie4_5_moe", "llama4_text"):
+    if family in ("glm4_moe", "dots1", "phimoe", "dbrx", "granitemoe", "ernie4_5_moe", "llama4_text", "deepseek_v2"):
         from moespec.interop import hf_export_more as more
 
         if not plan.moe_layers:

@@ -16,14 +16,14 @@ def _refuse_first(checks: dict[str, bool], family: str) -> None:
 
 def _common(plan, family: str, *, activation: str = "swiglu", norm: str = "rmsnorm", qk_norm=("none",), qkv_bias=(False,),
             out_bias=(False,), router: tuple[str, ...] = ("topk",), shared: bool = False, nope: bool = False,
-            selection_bias: bool = False, gate_input: bool = False) -> None:  # fmt: skip
+            selection_bias: bool = False, gate_input: bool = False, mla: bool = False) -> None:  # fmt: skip
     """The checks every one of these families shares (the values each may take)."""
     m, layers = plan.model, plan.moe_layers
     first = layers[0].moe
     _refuse_first({
         "model.encoder": m.encoder is None, "model.host": m.host == "transformer", "model.activation": m.activation == activation,
         "model.norm": m.norm == norm, "model.positions": m.positions == "rope", "model.dropout": m.dropout == 0.0,
-        "model.mla": m.mla is None, "model.attention_sinks": not m.attention_sinks, "model.sliding_window": m.window is None,
+        "model.mla": mla or m.mla is None, "model.attention_sinks": not m.attention_sinks, "model.sliding_window": m.window is None,
         "model.nope_layers": nope or not m.nope_layers, "model.qk_norm": m.qk_norm in qk_norm, "model.qkv_bias": m.qkv_bias in qkv_bias,
         "model.out_bias": m.out_bias in out_bias, "moe.overrides": all(layer.moe == first for layer in layers),
         "moe.experts.bias": not first.experts.bias, "moe.experts.gate_input": gate_input or not first.experts.gate_input,
@@ -139,3 +139,24 @@ def llama4_text(plan) -> dict:
         "interleave_moe_layer_step": step, "use_qk_norm": m.qk_norm == "l2", "no_rope_layers": [int(i not in m.nope_layers) for i in range(m.n_layers)],
         "attn_temperature_tuning": False, "rope_scaling": None, "attention_chunk_size": m.seq_len * 2,
         "router_aux_loss_coef": 0.0}  # fmt: skip
+
+
+def deepseek_v2(plan) -> dict:
+    """DeepSeek-V2 (and V2-Lite): MLA, softmax top-k ("greedy"), shared experts, the first
+    layers dense. Its checkpoints pair RoPE channels interleaved: hf_weights re-interleaves."""
+    m, first = plan.model, plan.moe_layers[0].moe
+    _common(plan, "deepseek_v2", router=("topk",), shared=True, mla=True)
+    dense = [layer.index for layer in plan.layers if layer.moe is None]
+    _refuse_first({"model.mla": m.mla is not None, "moe.placement": dense == list(range(len(dense))),
+                   "moe.experts.shared_d_ff": not first.experts.shared_count or first.experts.shared_d_ff == first.experts.d_ff,
+                   "model.qkv_bias": not m.qkv_bias, "model.out_bias": not m.out_bias}, "deepseek_v2")  # fmt: skip
+    a, r = m.mla, first.router
+    config = _base(plan, "DeepseekV2ForCausalLM", "deepseek_v2") | {
+        "hidden_act": "silu", "rms_norm_eps": m.norm_eps, "attention_bias": False, "q_lora_rank": a.q_lora_rank,
+        "kv_lora_rank": a.kv_lora_rank, "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
+        "v_head_dim": a.v_head_dim, "head_dim": a.qk_rope_head_dim, "n_routed_experts": first.experts.count,
+        "n_shared_experts": first.experts.shared_count, "moe_intermediate_size": first.experts.d_ff, "num_experts_per_tok": r.k,
+        "first_k_dense_replace": len(dense), "moe_layer_freq": 1, "topk_method": "greedy", "scoring_func": "softmax",
+        "routed_scaling_factor": 1.0, "norm_topk_prob": r.normalize, "aux_loss_alpha": r.aux_loss_coef, "n_group": 1, "topk_group": 1}  # fmt: skip
+    config["num_key_value_heads"] = m.n_heads
+    return config

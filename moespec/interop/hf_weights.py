@@ -283,7 +283,7 @@ def from_moespec(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     if family == "gpt_oss":
         return layouts.to_gpt_oss(model)
     state = {key: tensor.detach() for key, tensor in model.state_dict().items()}
-    if family in ("ernie4_5_moe", "llama4_text"):  # their checkpoints pair RoPE channels interleaved
+    if family in ("ernie4_5_moe", "llama4_text", "deepseek_v2"):  # their checkpoints pair RoPE channels interleaved
         permute_latent_rope(state, model, inverse=True)
     if family == "llama4_text":
         return layouts.to_llama4(state)
@@ -302,7 +302,7 @@ def from_moespec(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
 def _block_to_hf(layer: int, rest: str, tensor: torch.Tensor, *, mixtral: bool, family: str = "") -> dict[str, torch.Tensor]:
     prefix = f"model.layers.{layer}."
     moe = "block_sparse_moe." if mixtral else "mlp."
-    shared = "shared_experts" if family in ("deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe") else "shared_expert"
+    shared = "shared_experts" if family in ("deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "ernie4_5_moe") else "shared_expert"
     simple = {
         r"attention\.(q_a|kv_a)_norm\.(weight|bias)": "self_attn.{0}_layernorm.{1}",  # MLA
         r"attn_norm\.(weight|bias)": "input_layernorm.{0}", r"ffn_norm\.(weight|bias)": "post_attention_layernorm.{0}",
