@@ -165,3 +165,26 @@ def test_a_frozen_score_correction_holds_no_gradient_and_no_adam_state():
     assert held["params"] == predicted["weights_bytes"]
     assert held["grads"] == predicted["grads_bytes"] == held["params"] - frozen
     assert held["optimizer"] == predicted["optimizer_bytes"] == 2 * (held["params"] - frozen)
+
+
+@pytest.mark.timeout(300)
+def test_profile_with_a_frozen_parameter_under_zero3_on_two_ranks(tmp_path):
+    """FSDP2 units holding ERNIE's frozen correction: MemTracker (which hooks every
+    parameter's gradient) still tracks the step, and each rank's shards of parameters,
+    gradients and AdamW state equal the simulator's, byte for byte."""
+    import json
+
+    text = TINY_TOPK.read_text().replace("type: topk", "type: topk, selection_bias: true")
+    text = text.replace("  micro_batch: 8", "  micro_batch: 8\n  dp: 2\n  zero_stage: 3")
+    spec = tmp_path / "ernie-z3.yaml"
+    spec.write_text(text.replace("name: tiny-topk", "name: ernie-z3"))
+    done = subprocess.run([sys.executable, "-m", "moespec", "profile", str(spec), "--nproc", "2", "--backend", "cpu-local",
+                           "--out", str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    rows = {row["figure"]: row for row in report["comparison"]}
+    for name in ("parameters held per rank (bytes)", "gradients held per rank (bytes)", "optimizer state held per rank (bytes)"):
+        assert rows[name]["measured"] == rows[name]["predicted"], rows[name]
+    tracked = {row["figure"]: row for row in report["memory_by_category"]["rows"]}  # MemTracker's count of the same
+    for name in ("parameters", "gradients", "optimizer state"):
+        assert tracked[name]["equal"], tracked[name]

@@ -194,6 +194,27 @@ _CATEGORIES = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "grad
                "Activation": "activations", "Temp": "temporaries", "Other": "other", "Total": "total"}  # fmt: skip
 
 
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _frozen_aware(tracker_class):
+    """MemTracker hooks every parameter's gradient as it meets the parameter (FSDP2 units
+    meet their unsharded parameters at each forward), and a frozen parameter (ERNIE's
+    selection bias) takes no hook. Mark those as hooked already: it looks before hooking,
+    and removes the no-op handle on exit."""
+
+    class FrozenAware(tracker_class):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            for param in module.parameters():
+                if not param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                    self._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+    return FrozenAware
+
+
 def memory_by_category(setup, plan: SpecPlan, windows: list[torch.Tensor]) -> dict:
     """Bytes by category over one training step (`train_step`, the wrapper and its collectives
     included), from torch's MemTracker (a TorchDispatchMode: it sees every tensor the step
@@ -218,7 +239,7 @@ def memory_by_category(setup, plan: SpecPlan, windows: list[torch.Tensor]) -> di
 
     from moespec.train import train_step
 
-    tracker = MemTracker()
+    tracker = _frozen_aware(MemTracker)()
     tracker.track_external(setup.model, *setup.optimizers)
     at_optimizer_step: list[dict] = []
 
