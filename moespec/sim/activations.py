@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, compute_bytes, expert_rows, weighted_qk_norm
+from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, compute_bytes, expert_rows, weighted_qk_norm, where_any
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 
 F32, I64 = 4.0, 8.0
@@ -95,7 +95,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     hq, hkv = (b.n_heads * b.head_dim).astype(np.float64), (b.n_kv_heads * b.head_dim).astype(np.float64)
     td = t * d
 
-    norm = np.where(b.lstm, 0.0, np.where(b.layernorm, td * F32 + 2 * t * F32, 2 * td * F32 + t * F32))  # an LSTM host has no norms
+    norm = where_any(b.lstm, 0.0, np.where(b.layernorm, td * F32 + 2 * t * F32, 2 * td * F32 + t * F32))  # an LSTM host has no norms
     attn_inputs = np.where(half, 3 * td * 2, td * F32)
     core = (2 * t * hq + 2 * t * hkv) * c + b.micro_batch * b.n_heads * b.seq_len * F32
     core = np.where(b.recompute == SELECTIVE, core - b.micro_batch * b.n_heads * b.seq_len * F32, core)
@@ -108,11 +108,15 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     # Dropout sends it there too (the fused CPU kernel has none): then the float32 mask and
     # the dropped probabilities (in the compute dtype, for the values' matmul) besides.
     drop = b.dropout > 0
-    s2 = b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) ** 2
-    probabilities = np.where(drop, 3 * F32, F32)  # bytes per score (the math path computes in float32)
-    # Under autocast the math path upcasts: q, k and v kept in float32, o_proj's input in the compute dtype.
-    math_core = np.where(half, (t * hq + 2 * t * hkv) * F32 + t * hq * c, (2 * t * hq + 2 * t * hkv) * c) + s2 * probabilities
-    core = np.where(((b.rel_buckets > 0) | drop) & ~b.sinks & ~b.mla, math_core, core)
+    probabilities = where_any(drop, 3 * F32, F32)  # bytes per score (the math path computes in float32)
+
+    def math_core():  # under autocast the math path upcasts: q, k and v kept in float32, o_proj's input in the compute dtype
+        s2 = b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) ** 2
+        return np.where(half, (t * hq + 2 * t * hkv) * F32 + t * hq * c, (2 * t * hq + 2 * t * hkv) * c) + s2 * probabilities
+
+    math_path = (b.rel_buckets > 0) | drop
+    if math_path.any():
+        core = np.where(math_path & ~b.sinks & ~b.mla, math_core(), core)
     # QK-norm (in float32): each of q and k keeps its input and, RMSNorm, the normalised
     # product, with one statistic per row (per token, or per token and head).
     qk_width = t * (hq + hkv)
@@ -131,15 +135,14 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     # An LSTM layer (model/lstm_host.py) keeps per step its four gate activations, the cell
     # state and tanh of it in float32, and the output as the next step's recurrent input (in
     # the compute dtype); and its input for the input projection.
-    recurrence = 6 * t * d * F32 + (b.seq_len - 1) * b.micro_batch * d * c + td * c
-    attention = np.where(b.lstm, recurrence, attention)
+    attention = where_any(b.lstm, lambda: 6 * t * d * F32 + (b.seq_len - 1) * b.micro_batch * d * c + td * c, attention)
     inputs = np.where(b.gated, 2, 1)
     hidden = np.where(b.gated, np.where(b.clamped, 7, 4), np.where(b.relu, 1, 2))  # autograd's hidden-wide tensors (clamped SwiGLU: its clamps and sigmoid too; relu: its output alone)
 
     def ffn_in(code_half, count_inputs, tdl):  # what a FFN keeps of its input
         return np.where(code_half, count_inputs * tdl * 2, tdl * F32)
 
-    dense = np.where(b.d_ff > 0, ffn_in(half, inputs, td) + hidden * t * b.d_ff * c, 0.0)  # an LSTM host's blocks have no FFN
+    dense = where_any(b.lstm, 0.0, ffn_in(half, inputs, td) + hidden * t * b.d_ff * c)  # an LSTM host's blocks have no FFN
 
     # MoE groups
     tl, dl, cl, hl = layers.lift(t), layers.lift(d), layers.lift(c), layers.lift(half)
@@ -169,11 +172,15 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     # Cross-attention (decoder blocks of an encoder-decoder): its norm; q's input (fp32: the
     # encoder's output, k and v's input, is one tensor all blocks share; autocast casts it per
     # Linear); fused SDPA's q, k, v, output and logsumexp.
-    t_enc = (b.micro_batch * b.cross_len).astype(np.float64)
-    cross_scores = b.micro_batch * b.n_heads * b.seq_len * t_enc / np.maximum(b.micro_batch, 1)
-    cross = norm + np.where(half, td * 2 + 2 * t_enc * d * 2, td * F32) + (2 * t * hq + 2 * t_enc * hq) * c \
-        + np.where(drop, cross_scores * probabilities, b.micro_batch * b.n_heads * b.seq_len * F32)  # dropout: the math path  # fmt: skip
-    attention = attention + np.where(b.cross_len > 0, cross, 0.0)
+    crossing = b.cross_len > 0
+    t_enc = (b.micro_batch * b.cross_len).astype(np.float64) if crossing.any() else 0.0
+
+    def cross():
+        scores = b.n_heads * b.seq_len * t_enc
+        return norm + np.where(half, td * 2 + 2 * t_enc * d * 2, td * F32) + (2 * t * hq + 2 * t_enc * hq) * c \
+            + np.where(drop, scores * probabilities, b.micro_batch * b.n_heads * b.seq_len * F32)  # dropout: the math path  # fmt: skip
+
+    attention = attention + where_any(crossing, cross, 0.0)
     blocks = b.n_layers * attention + b.dense_blocks * dense + layers.per_design(layers.count * per_group, n)
     blocks = blocks + np.where(b.sinks, 0.0, b.window_layers * s * s * c)  # each windowed layer's mask, as floats of the compute dtype
     # Llama-4's weightless QK-norm, in the layers with RoPE: q and k in float32 and 1/rms per head
@@ -191,11 +198,12 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     head = norm + np.where(half, td * 2, td * F32) + t * v * F32 + 2 * t * I64 + rope
     # Relative positions: the bucket of each (query, key) pair, int64, for the bias table's
     # gradient; a decoder's causal mask (bool). The encoder's output once, k and v's input.
-    relative = s * s * I64 + np.where(b.headless, 0.0, s * s)
-    context = (b.cross_len > 0) & (~half | (b.recompute == FULL))  # full recomputation keeps it as every block's input
-    head = head + np.where(b.rel_buckets > 0, relative, 0.0) + np.where(context, t_enc * d * F32, 0.0)
-    head = np.where(b.headless, norm + t * I64 + np.where(b.rel_buckets > 0, relative, 0.0), head)  # an encoder: its final norm, its tokens
-    logits = np.where(b.headless, 0.0, t * v * c)  # alive in the training loop
+    relative = where_any(b.rel_buckets > 0, lambda: s * s * I64 + np.where(b.headless, 0.0, s * s), 0.0)
+    if crossing.any():  # the encoder's output (full recomputation keeps it as every block's input)
+        head = head + np.where(crossing & (~half | (b.recompute == FULL)), t_enc * d * F32, 0.0)
+    head = head + relative
+    head = where_any(b.headless, lambda: norm + t * I64 + relative, head)  # an encoder: its final norm, its tokens
+    logits = where_any(b.headless, 0.0, t * v * c)  # alive in the training loop
     # autocast's bf16 copies of the matmuls' weights, kept for backward; an untied embedding
     # table is looked up, not cast. Full recomputation keeps a block's only while it replays.
     embedding = np.where(b.tied, 0.0, v * d * F32)
@@ -203,7 +211,8 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     block_copies = np.maximum(weights_bytes - embedding - head_copy * 2, 0.0) / 2
     all_blocks = b.n_layers + (0 if b.encoder is None else b.encoder.n_layers)
     block_copies = np.where(b.recompute == FULL, block_copies / np.maximum(all_blocks / b.pp, 1), block_copies)
-    copies = np.where(half & ~b.headless, head_copy + block_copies, 0.0)  # a headless part's weights: the main part's copies
+    copies = np.where(half, head_copy + block_copies, 0.0)
+    copies = where_any(b.headless, 0.0, copies)  # a headless part's weights: the main part's copies
     activations = blocks / (b.tp * b.pp) + head + logits + copies
 
     # The top dropless layer's backward: its kernel's temporaries (the gathered output
@@ -212,8 +221,9 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     # tensors as it makes gradients: their peak stays the start of backward (MemTracker).
     temp = rows * dl * cl + 3 * rows * f * cl + tl * dl * F32
     moe_temp = layers.max_per_design(np.where(layers.moe & layers.dropless & (layers.count > 0), temp, 0.0), n) / (b.tp * b.pp)
-    loss_temporaries = np.where(b.headless, 0.0, 2 * t * v * F32 + np.where(half, t * v * 2, 0.0))
-    replay = np.where(b.recompute == FULL, biggest_block, 0.0) / (b.tp * b.pp)  # the one block being replayed
+    loss_temporaries = where_any(b.headless, 0.0, 2 * t * v * F32 + np.where(half, t * v * 2, 0.0))
+    parted = b.encoder is not None or b.headless.any()  # an encoder-decoder's parts: one block replays at a time in the two
+    replay = np.where(b.recompute == FULL, biggest_block, 0.0) / (b.tp * b.pp) if parted else 0.0
     out = {"activations": activations, "saved": activations - logits, "loss_temporaries": loss_temporaries, "moe_temporaries": moe_temp,
            "replay": replay}  # fmt: skip
     if b.encoder is not None:  # an encoder-decoder: the encoder stack's part is held too; one block replays at a time

@@ -37,7 +37,7 @@ import numpy as np
 from moespec.sim.backend import Backend
 from moespec.sim.collectives import all_gather_time_s, all_reduce_time_s, all_to_all_time_s, reduce_scatter_time_s
 from moespec.sim.activations import activation_memory
-from moespec.sim.counts import FULL, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes
+from moespec.sim.counts import FULL, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes, where_any
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.overhead import ELEMENTWISE_PASSES
 from moespec.sim.topology import build_topology
@@ -220,9 +220,9 @@ def elementwise_activation_bytes(b: DesignBatch) -> np.ndarray:
     rows_per_token = expert_rows(b, layers) / layers.lift(s * bsz)
     width = rows_per_token * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff + layers.d_ff  # placeholders zero the rest
     widths = layers.per_design(layers.count * width, len(b)) + b.dense_blocks * b.d_ff
-    cross = np.where(b.cross_len > 0, 4 * sbh + 2 * bsz * b.cross_len * h, 0.0)  # cross-attention: its norm, q, output; k, v over the encoder's rows
+    cross = where_any(b.cross_len > 0, lambda: 4 * sbh + 2 * bsz * b.cross_len * h, 0.0)  # cross-attention: its norm, q, output; k, v over the encoder's rows
     # an LSTM layer: its gates' add and four activations over 4D, the cell's products, sum and tanh, the output product
-    block = np.where(b.lstm, 20 * sbh, 15 * sbh + cross)
+    block = where_any(b.lstm, 20 * sbh, 15 * sbh + cross)
     own = (b.n_layers * block + 19 * sbh / (4 * h) * widths) * scale
     return own + (0.0 if b.encoder is None else elementwise_activation_bytes(b.encoder))
 
@@ -243,7 +243,7 @@ def elementwise_bytes(b: DesignBatch, passed: np.ndarray) -> np.ndarray:
     sinkhorn = sinkhorn * np.where(full, 2, 1)
     per_element = 4 * compute_bytes(b) + 2
     dropout = (2 * b.n_layers + 1) * tokens * b.d_model * per_element
-    scores = np.where(b.lstm, 0.0, b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) * (b.seq_len + b.cross_len))  # attention probabilities
+    scores = where_any(b.lstm, 0.0, b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) * (b.seq_len + b.cross_len))  # attention probabilities
     dropout = dropout + b.n_layers * scores * per_element
     encoder = 0.0 if b.encoder is None else elementwise_bytes(b.encoder, 0.0)  # its activations are in `passed` already
     return stored + (sinkhorn + np.where(b.dropout > 0, dropout, 0.0)) / (b.pp * b.tp) + encoder

@@ -47,6 +47,15 @@ QK_FULL, QK_PER_HEAD, QK_L2 = QK_NORMS.index("full"), QK_NORMS.index("per_head")
 EXACT_LIMIT = 2.0**62  # int64 counts at or above this are returned as float64
 
 
+def where_any(mask: np.ndarray, value, otherwise):
+    """np.where for the masks only the newer hosts set (an LSTM host, an encoder-decoder's
+    parts): a batch where none is set (every sweep) pays no pass over its designs. `value`
+    may be a callable, then it is only computed when needed."""
+    if not mask.any():
+        return otherwise
+    return np.where(mask, value() if callable(value) else value, otherwise)
+
+
 def weighted_qk_norm(b: DesignBatch) -> np.ndarray:
     """Designs whose QK-norm has weights (full or per head; Llama-4's l2 has none)."""
     return (b.qk_norm == QK_FULL) | (b.qk_norm == QK_PER_HEAD)
@@ -127,7 +136,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     d, v, s, hd, heads = c(b.d_model), c(b.vocab), c(b.seq_len), c(b.head_dim), c(b.n_heads)
     n_layers, n_dense = c(b.n_layers), c(b.dense_blocks)
     q_width, kv_width = heads * hd, c(b.n_kv_heads) * hd
-    per_norm = np.where(b.lstm, 0, np.where(b.norm_bias, 2, 1)).astype(dtype)  # weight, and LayerNorm's bias unless dropped; an LSTM host has none
+    per_norm = where_any(b.lstm, 0, np.where(b.norm_bias, 2, 1)).astype(dtype)  # weight, and LayerNorm's bias unless dropped; an LSTM host has none
     norm = per_norm * d
     qk_norm = per_norm * np.where(b.qk_norm == QK_FULL, q_width + kv_width, np.where(b.qk_norm == QK_PER_HEAD, 2 * hd, 0))
     matrices_n = np.where(b.gated, 3, 2).astype(dtype)
@@ -137,10 +146,10 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # Parameters (the built module's, REFERENCE sec. 4): blocks' attention and norms, dense
     # FFNs (per design in a uniform batch, groups otherwise), routers, shared and routed experts.
     latent_norms = per_norm * np.where(b.mla, c(b.kv_lora_rank) + c(b.q_lora_rank), 0)  # MLA's q_a and kv_a norms
-    attn_matmul = np.where(b.lstm, 0, attention_matmul_elements(b, dtype))
-    lstm = 8 * d * d + 8 * d  # an LSTM layer: weight_ih, weight_hh [4D, D] and their biases
-    attention = np.where(b.lstm, lstm, 0) + attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) + np.where(b.out_bias, d, 0) + qk_norm + latent_norms \
-        + np.where(b.sinks, heads, 0)  # fmt: skip
+    attn_matmul = where_any(b.lstm, 0, attention_matmul_elements(b, dtype))
+    # an LSTM layer instead: weight_ih, weight_hh [4D, D] and their biases
+    attention = where_any(b.lstm, lambda: 8 * d * d + 8 * d, 0) + attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) \
+        + np.where(b.out_bias, d, 0) + qk_norm + latent_norms + np.where(b.sinks, heads, 0)  # fmt: skip
     dense_ffn_n = matrices_n * d * c(b.d_ff)  # one dense block's FFN (uniform batches)
     one_expert = matrices * dl * f  # its weights (matmul FLOPs follow these)
     expert_bias = np.where(layers.expert_bias, (matrices - 1) * f + dl, 0)  # gpt-oss: [F] per input projection, [D] down
@@ -148,10 +157,11 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     shared = c(layers.shared_count) * matrices * dl * c(layers.shared_d_ff) + np.where((layers.shared_count > 0) & layers.shared_gate, dl, 0)
     router = dl * e * c(layers.router_matrices) + np.where(layers.router_bias, e, 0) + np.where(layers.selection_bias, e, 0)
     # cross-attention (decoder blocks of an encoder-decoder): its norm and q, k, v, o of width H*hd
-    cross = np.where(b.cross_len > 0, 4 * d * q_width + norm, 0)
+    crossing = b.cross_len > 0
+    cross = where_any(crossing, lambda: 4 * d * q_width + norm, 0)
     per_design = n_layers * (attention + 2 * norm + cross) + n_dense * dense_ffn_n
-    positions = np.where(b.learned_positions, s * d, 0) + c(b.rel_buckets) * heads  # a learned table, or T5's bias table
-    embedding = np.where(b.headless, 0, v * d) + positions  # an encoder part looks up the decoder's table
+    positions = np.where(b.learned_positions, s * d, 0) + where_any(b.rel_buckets > 0, lambda: c(b.rel_buckets) * heads, 0)  # a learned table, or T5's bias tables
+    embedding = where_any(b.headless, 0, v * d) + positions  # an encoder part looks up the decoder's table
     outer = embedding + np.where(b.tied | b.headless, 0, v * d) + np.where(b.lm_head_bias, v, 0) + norm + per_design
     non_routed = dense_ffn + shared + router
     expert_params = total(e * (one_expert + expert_bias))
@@ -164,25 +174,27 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     tl = lift(t)
     core = 12 * batch * heads * s**2 * np.maximum(hd, c(b.v_head_dim))  # scores and values, fwd + bwd (MLA: padded to one width)
     core = np.where(b.sinks, 12 * batch * heads * s * (s + 1) * (hd + 1), core)  # the sink: one more key and channel
-    core = np.where(b.lstm, 0, core)
+    core = where_any(b.lstm, 0, core)
     # an LSTM layer: every step's input projection, and the recurrent one from the second step on (h_0 = 0)
-    recurrence = np.where(b.lstm, 6 * t * d * 4 * d + 6 * (s - 1) * batch * d * 4 * d, 0)
+    recurrence = where_any(b.lstm, lambda: 6 * t * d * 4 * d + 6 * (s - 1) * batch * d * 4 * d, 0)
     rows_int = expert_rows(b, layers)
     expert_flops = 6 * c(rows_int) * one_expert
     dropless = layers.dropless
     s_enc = c(b.cross_len)
-    cross_core = 12 * batch * heads * s * s_enc * hd  # queries of the decoder over the encoder's keys
-    cross_flops = 6 * (t + batch * s_enc) * 2 * d * q_width + cross_core  # q, o on decoder rows; k, v on encoder rows
+
+    def cross_flops():  # q, o on decoder rows; k, v on encoder rows; the decoder's queries over the encoder's keys
+        return 6 * (t + batch * s_enc) * 2 * d * q_width + 12 * batch * heads * s * s_enc * hd
+
     parts = {
         "attention": n_layers * (6 * t * attn_matmul + core),
         "lstm": n_layers * recurrence,
-        "cross_attention": n_layers * np.where(b.cross_len > 0, cross_flops, 0),
+        "cross_attention": n_layers * where_any(crossing, cross_flops, 0),
         "dense_ffn": n_dense * 6 * t * dense_ffn_n + total(6 * tl * dense_ffn),
         "router": total(6 * tl * dl * e * c(layers.router_matrices)),
         "experts_capacity": total(np.where(dropless, 0, expert_flops)),
         "experts_dropless": total(np.where(dropless, expert_flops, 0)),
         "shared_experts": total(6 * tl * shared),
-        "lm_head": np.where(b.headless, 0, 6 * t * d * v),
+        "lm_head": where_any(b.headless, 0, 6 * t * d * v),
     }
     blocks = sum(value for name, value in parts.items() if name != "lm_head")
     parts["recompute"] = np.where(b.recompute == FULL, _exact_div(blocks, 3),
@@ -209,7 +221,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # when dp/ep > 1.
     micro = c(b.global_batch // (b.micro_batch * b.dp))
     dp_on, edp_on = b.dp > 1, (b.dp // b.ep > 1) & (b.n_moe_layers > 0)
-    units = n_layers + np.where(b.headless, 0, 1) + np.where(edp_on, c(b.n_moe_layers), 0)  # the root is the decoder part's
+    units = n_layers + where_any(b.headless, 0, 1) + np.where(edp_on, c(b.n_moe_layers), 0)  # the root is the decoder part's
     fsdp = (b.zero_stage >= 2) & dp_on
     zero_gathers = np.where((b.zero_stage == 1) & dp_on, 1 + edp_on, np.where(fsdp, units * micro * np.where(b.zero_stage == 3, 2, 1), 0))
     zero_reduce_scatters = np.where(fsdp, units * micro, 0)
@@ -218,11 +230,11 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     # matmul; a tied table still does the LM head's) plus attention, 6 * L * H * (hd + v) * S
     # (the useful widths: MLA's value padding is not model work).
     active_matmul = params_active - embedding + np.where(b.tied & ~b.headless, v * d, 0)  # a tied table is the head's matmul
-    per_token = 6 * active_matmul + np.where(b.lstm, 0, 6 * n_layers * heads * (hd + c(b.v_head_dim)) * s)
-    # Encoder-decoder: per sequence, cross-attention's k and v weights work on the encoder's
-    # rows, its scores and values over the encoder's length; the encoder part adds its own.
-    cross_kv = n_layers * np.where(b.cross_len > 0, 2 * d * q_width, 0)
-    model_flops_per_seq = (per_token - 6 * cross_kv + 6 * n_layers * heads * 2 * hd * s_enc) * s + 6 * cross_kv * s_enc
+    per_token = 6 * active_matmul + where_any(b.lstm, 0, 6 * n_layers * heads * (hd + c(b.v_head_dim)) * s)
+    model_flops_per_seq = per_token * s
+    if crossing.any():  # per sequence, cross-attention's k and v weights work on the encoder's rows, its scores over its length
+        cross_kv = n_layers * np.where(crossing, 2 * d * q_width, 0)
+        model_flops_per_seq = (per_token - 6 * cross_kv + 6 * n_layers * heads * 2 * hd * s_enc) * s + 6 * cross_kv * s_enc
     result = {
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
@@ -233,8 +245,11 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     if b.encoder is not None:  # the encoder stack's figures add up (its root: none; its final norm: counted)
         encoder = counts(b.encoder, dtype)
         result = {name: value + encoder[name] for name, value in result.items()}
-    tokens_per_seq = s + s_enc  # an encoder-decoder's tokens: inputs and targets
-    result["model_flops_per_token"] = _exact_div(result["model_flops_per_seq"] - result["model_flops_per_seq"] % tokens_per_seq, tokens_per_seq)
+    if b.encoder is None and not crossing.any():
+        result["model_flops_per_token"] = per_token
+    else:  # an encoder-decoder's tokens: inputs and targets
+        tokens_per_seq = s + s_enc
+        result["model_flops_per_token"] = _exact_div(result["model_flops_per_seq"] - result["model_flops_per_seq"] % tokens_per_seq, tokens_per_seq)
     return result
 
 
@@ -250,20 +265,20 @@ def sharded_elements(b: DesignBatch) -> np.ndarray:
     d, v, s = b.d_model, b.vocab, b.seq_len
     inputs = np.where(b.gated, 2, 1)  # input projections of an FFN: w_gate and w_up, or w_up alone
     q_width, kv_width = b.n_heads * b.head_dim, b.n_kv_heads * b.head_dim
-    per_norm = np.where(b.lstm, 0, np.where(b.norm_bias, 2, 1))
+    per_norm = where_any(b.lstm, 0, np.where(b.norm_bias, 2, 1))
     norm = _chunk(d, 1, ranks) * per_norm
     bias = np.where(b.qkv_bias, _chunk(q_width, 1, ranks) + 2 * _chunk(kv_width, 1, ranks), 0) + np.where(b.out_bias, _chunk(d, 1, ranks), 0)
     qk_norm = per_norm * np.where(b.qk_norm == QK_FULL, _chunk(q_width, 1, ranks) + _chunk(kv_width, 1, ranks),
                                   np.where(b.qk_norm == QK_PER_HEAD, 2 * _chunk(b.head_dim, 1, ranks), 0))  # fmt: skip
-    weights = sum(np.where(present & ~b.lstm, _chunk(o, i, ranks), 0) for i, o, present in attention_linears(b))  # [out, in] Linears
-    weights = weights + np.where(b.lstm, 2 * (_chunk(4 * d, d, ranks) + _chunk(4 * d, 1, ranks)), 0)  # LSTM: ih, hh and biases
+    weights = sum(np.where(present, _chunk(o, i, ranks), 0) for i, o, present in attention_linears(b))  # [out, in] Linears
+    weights = where_any(b.lstm, lambda: 2 * (_chunk(4 * d, d, ranks) + _chunk(4 * d, 1, ranks)), weights)  # LSTM: ih, hh and biases
     latent_norms = per_norm * np.where(b.mla, _chunk(b.kv_lora_rank, 1, ranks) + np.where(b.q_lora_rank > 0, _chunk(b.q_lora_rank, 1, ranks), 0), 0)
     block = 2 * norm + weights + bias + qk_norm + latent_norms + np.where(b.sinks, _chunk(b.n_heads, 1, ranks), 0)
-    block = block + np.where(b.cross_len > 0, norm + 3 * _chunk(q_width, d, ranks) + _chunk(d, q_width, ranks), 0)  # cross: q, k, v [Hhd, D], o [D, Hhd]
+    block = block + where_any(b.cross_len > 0, lambda: norm + 3 * _chunk(q_width, d, ranks) + _chunk(d, q_width, ranks), 0)  # cross: q, k, v [Hhd, D], o [D, Hhd]
     dense_ffn = inputs * _chunk(b.d_ff, d, ranks) + _chunk(d, b.d_ff, ranks)
-    outer = np.where(b.headless, 0, _chunk(v, d, ranks)) + np.where(b.learned_positions, _chunk(s, d, ranks), 0) \
+    outer = where_any(b.headless, 0, _chunk(v, d, ranks)) + np.where(b.learned_positions, _chunk(s, d, ranks), 0) \
         + np.where(b.tied | b.headless, 0, _chunk(v, d, ranks)) + np.where(b.lm_head_bias, _chunk(v, 1, ranks), 0) \
-        + np.where(b.rel_buckets > 0, _chunk(b.rel_buckets, b.n_heads, ranks), 0)  # fmt: skip
+        + where_any(b.rel_buckets > 0, lambda: _chunk(b.rel_buckets, b.n_heads, ranks), 0)  # fmt: skip
     outer = outer + norm + b.n_layers * block + b.dense_blocks * dense_ffn
     r, er, dl, gated = lift(ranks), lift(expert_ranks), lift(d), lift(inputs)
     width, e, sw = layers.d_ff, layers.experts, layers.shared_count * layers.shared_d_ff
