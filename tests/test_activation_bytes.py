@@ -33,11 +33,13 @@ def traced_saved_bytes(plan) -> int:
             seen.setdefault(storage.data_ptr(), storage.nbytes())
         return t
 
-    tokens = torch.randint(0, plan.model.vocab_size, (plan.parallel.micro_batch, plan.model.seq_len + 1),
-                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, plan.model.vocab_size, (plan.parallel.micro_batch, plan.model.seq_len + 1), generator=generator)
+    inputs = () if plan.model.encoder is None else \
+        (torch.randint(0, plan.model.vocab_size, (plan.parallel.micro_batch, plan.model.encoder.seq_len), generator=generator),)  # fmt: skip
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with autocast_for(plan.parallel.precision, torch.device("cpu")):
-            logits, aux = model(tokens[:, :-1])
+            logits, aux = model(*inputs, tokens[:, :-1])  # an encoder-decoder takes its inputs first
         lm_loss(logits, tokens[:, 1:]) + aux.aux_loss
     return sum(seen.values())
 

@@ -163,30 +163,6 @@ def test_compile_check_runs_an_encoder_decoder_step():
 # --- the simulator's fitted parts against the model's traces -----------------------------------
 
 
-def traced_saved_bytes(plan) -> int:
-    """Distinct storages autograd saves in one forward + loss (parameters left out)."""
-    from moespec.train import autocast_for, lm_loss
-
-    model = build_model(plan, seed=0)
-    model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 256, (plan.parallel.micro_batch, plan.model.seq_len + 1), generator=generator)
-    inputs = torch.randint(0, 256, (plan.parallel.micro_batch, plan.model.encoder.seq_len), generator=generator)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with autocast_for(plan.parallel.precision, torch.device("cpu")):
-            logits, aux = model(inputs, tokens[:, :-1])
-        lm_loss(logits, tokens[:, 1:]) + aux.aux_loss
-    return sum(seen.values())
-
-
 def _topk(d):
     d["moe"]["router"] = {"type": "topk", "k": 2}  # Switch's jitter keeps two tensors the table does not describe (test_activation_bytes.py)
 
@@ -200,14 +176,10 @@ def _topk(d):
     lambda d: d["moe"].update(capacity={"dropless": True}),
 ], ids=["base", "bf16", "dropout", "deeper", "untied-layernorm-swiglu", "dropless"])  # fmt: skip
 def test_saved_activations_equal_the_trace(tmp_path, edit):
-    from moespec.sim.activations import activation_memory
-    from moespec.sim.counts import exact_counts, state_bytes
-    from moespec.sim.design import DesignBatch
+    from test_activation_bytes import predicted_saved_bytes, traced_saved_bytes
 
     plan, _ = t5_variant(tmp_path, lambda d: (_topk(d), edit(d)))
-    batch = DesignBatch.from_plans([plan])
-    predicted = float(activation_memory(batch, state_bytes(batch, exact_counts(batch))["params"])["saved"][0])
-    assert predicted == pytest.approx(traced_saved_bytes(plan), rel=0.005)
+    assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)
 
 
 T5_OPS = """

@@ -62,27 +62,6 @@ def test_noisy_top2_lstm_moe_trains():
     assert set(report["records"][0]["dropped_fraction"]) == {"0"}  # one MoE layer, after LSTM layer 0
 
 
-def traced_saved_bytes(plan) -> int:
-    from moespec.train import autocast_for, lm_loss
-
-    model = build_model(plan, seed=0)
-    model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
-    tokens = torch.randint(0, 256, (plan.parallel.micro_batch, plan.model.seq_len + 1), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with autocast_for(plan.parallel.precision, torch.device("cpu")):
-            logits, aux = model(tokens[:, :-1])
-        lm_loss(logits, tokens[:, 1:]) + aux.aux_loss
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("edit", [
     lambda d: d.pop("moe"),
     lambda d: (d.pop("moe"), d["model"].update(n_layers=3, seq_len=40)),
@@ -93,17 +72,13 @@ def traced_saved_bytes(plan) -> int:
 def test_saved_activations_equal_the_trace(tmp_path, edit):
     """Exact on these; a MoE layer under bf16 is 5.7% over (its input is in the compute
     dtype here, float32 after a transformer's norm): not in this list, said in the README."""
-    from moespec.sim.activations import activation_memory
-    from moespec.sim.counts import exact_counts, state_bytes
-    from moespec.sim.design import DesignBatch
+    from test_activation_bytes import predicted_saved_bytes, traced_saved_bytes
 
     data = yaml.safe_load((ROOT / "specs/tiny-lstm-moe.yaml").read_text())
     data["moe"]["router"] = {"type": "topk", "k": 2}  # noisy top-k's [T, E] tensors are checked in test_activation_bytes.py
     edit(data)
     plan = plan_from_text(yaml.safe_dump(data), "lstm")
-    batch = DesignBatch.from_plans([plan])
-    predicted = float(activation_memory(batch, state_bytes(batch, exact_counts(batch))["params"])["saved"][0])
-    assert predicted == pytest.approx(traced_saved_bytes(plan), rel=0.005)
+    assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)
 
 
 LSTM_OPS = """
