@@ -55,7 +55,10 @@ def test_published_encoder_decoders_count_exactly(name, total):
     (lambda d: d["model"].update(qk_norm="full"), "model.qk_norm"),
     (lambda d: d["model"].update(n_kv_heads=2), "model.n_kv_heads"),
     (lambda d: d["model"].update(attention_sinks=True), "model.attention_sinks"),
-], ids=["relative-without-encoder", "rope-with-encoder", "selective-recompute", "overrides", "qk-norm", "gqa", "sinks"])  # fmt: skip
+    (lambda d: d["model"].update(rope_theta=5000.0), "model.rope_theta"),  # written, but relative positions have no RoPE
+    (lambda d: d["model"].update(seq_len=2), "model.seq_len"),  # too short for span-corruption targets
+], ids=["relative-without-encoder", "rope-with-encoder", "selective-recompute", "overrides", "qk-norm", "gqa", "sinks", "rope-theta",
+        "short-targets"])  # fmt: skip
 def test_keys_an_encoder_decoder_cannot_take_are_refused(tmp_path, edit, key):
     data = yaml.safe_load((ROOT / "specs/tiny-t5-switch.yaml").read_text())
     edit(data)

@@ -329,8 +329,9 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     activations = b.micro_batch * b.seq_len * b.d_model * bpe
     tp_comm_s, pp_comm_s = np.zeros(n), np.zeros(n)  # most sweeps have neither: skip the lookups
     if (b.tp > 1).any():
-        for part in parts(b):  # cross-attention's two more all-reduces are not costed (TP does not run yet: issue 15)
-            tp_comm_s = tp_comm_s + 4 * part.n_layers / b.pp * micro_steps * collectives.time_s(
+        for part in parts(b):  # cross-attention adds two all-reduces per block (forward and backward)
+            per_block = where_any(part.cross_len > 0, 6, 4)
+            tp_comm_s = tp_comm_s + per_block * part.n_layers / b.pp * micro_steps * collectives.time_s(
                 "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), part.micro_batch * part.seq_len * b.d_model * bpe, 0.0))
     if (b.pp > 1).any():
         pp_comm_s = 2 * micro_steps * collectives.time_s(

@@ -99,6 +99,9 @@ def _encoder(m: dict, errors: _Errors) -> EncoderPlan | None:
             errors.add(("model", "relative_attention"), "relative_attention applies to positions: relative; remove it")
         return None
     raw = m["encoder"]
+    for path, length in ((("model", "encoder", "seq_len"), raw["seq_len"]), (("model", "seq_len"), m["seq_len"])):
+        if length < 3:  # T5's arithmetic: a raw window of 2 corrupts to 3 inputs and 3 targets (data/span_corruption.py)
+            errors.add(path, f"{length} tokens cannot hold span corruption (a kept token, a sentinel and EOS; the targets a sentinel, a hidden token and EOS); use at least 3")
     if not relative:
         errors.add(("model", "positions"), f"an encoder-decoder uses T5's relative position bias; set positions: relative (got {m['positions']})")
     excluded = {
@@ -152,6 +155,8 @@ def _model(raw: dict, errors: _Errors) -> ModelPlan:
     if mla is None and m["positions"] == "rope" and head_dim % 2:
         where = ("model", "head_dim") if m["head_dim"] is not None else ("model", "n_heads")
         errors.add(where, f"RoPE rotates pairs of channels, so head_dim ({head_dim}) must be even; change head_dim or use positions: learned")
+    if "rope_theta" in raw and m["positions"] != "rope":
+        errors.add(("model", "rope_theta"), f"rope_theta applies to positions: rope; remove it (positions: {m['positions']})")
     fraction = float(m["rope_fraction"])
     if fraction != 1.0:
         rotated = head_dim * fraction
