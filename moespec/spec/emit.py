@@ -49,6 +49,8 @@ def _model_dict(plan: SpecPlan) -> dict:
         del model["head_dim"], model["n_kv_heads"], model["rope_fraction"]
     else:
         del model["mla"]
+    if plan.model.positions != "rope":  # refused beside other positions
+        del model["rope_theta"]
     buckets, distance = model.pop("relative_buckets"), model.pop("relative_max_distance")
     model["relative_attention"] = {"buckets": buckets, "max_distance": distance} if plan.model.positions == "relative" else None
     if plan.model.host == "lstm":  # no attention, positions or norms: those keys are refused beside it
