@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moespec.model.flops  # noqa: F401  (registers the CPU attention FLOP formulas)
-from moespec.model.layers import CausalSelfAttention, DecoderBlock, DenseFFN, RotaryEmbedding, make_norm
+from moespec.model.layers import CausalSelfAttention, DecoderBlock, DenseFFN, RotaryEmbedding, make_norm, run_blocks
 from moespec.model.types import ModelAux
 from moespec.spec.plan import SpecPlan
 
@@ -84,11 +84,7 @@ class MoETransformer(nn.Module):
 
         aux_loss = torch.zeros((), dtype=torch.float32, device=tokens.device)
         stats = []
-        for block in self.blocks:
-            x, block_stats, block_aux = block(x, rope=rope, token_ids=tokens)
-            if block_stats is not None:
-                stats.append(block_stats)
-                aux_loss = aux_loss + block_aux.float()
+        x, aux_loss = run_blocks(self.blocks, x, stats, aux_loss, rope=rope, token_ids=tokens)
         x = self.final_norm(x)  # [B, S, D]
         if self.lm_head is None:
             logits = F.linear(x, self.tok_embeddings.weight, self.head_bias)  # [B, S, V]

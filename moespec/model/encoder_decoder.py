@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moespec.model.layers import DenseFFN, make_norm
+from moespec.model.layers import DenseFFN, make_norm, run_blocks
 from moespec.model.regions import region
 from moespec.model.types import ModelAux
 
@@ -157,11 +157,7 @@ class EncoderDecoderTransformer(nn.Module):
         x_BSD = self.dropout(self.tok_embeddings(inputs_BS))
         bias_1HSS = self.encoder_bias(S, S, inputs_BS.device)
         stats, aux = [], torch.zeros((), dtype=torch.float32, device=inputs_BS.device)
-        for block in self.blocks[: self.n_encoder_blocks]:
-            x_BSD, block_stats, block_aux = block(x_BSD, bias_1HQK=bias_1HSS, token_ids=inputs_BS)
-            if block_stats is not None:
-                stats.append(block_stats)
-                aux = aux + block_aux.float()
+        x_BSD, aux = run_blocks(self.blocks[: self.n_encoder_blocks], x_BSD, stats, aux, bias_1HQK=bias_1HSS, token_ids=inputs_BS)
         return self.dropout(self.encoder_norm(x_BSD)), stats, aux
 
     def forward(self, inputs_BS: torch.Tensor, decoder_inputs_BT: torch.Tensor) -> tuple[torch.Tensor, ModelAux]:
@@ -171,11 +167,8 @@ class EncoderDecoderTransformer(nn.Module):
         y_BTD = self.dropout(self.tok_embeddings(decoder_inputs_BT))
         causal_TT = torch.ones(T, T, dtype=torch.bool, device=y_BTD.device).tril()
         bias_1HTT = self.decoder_bias(T, T, y_BTD.device).masked_fill(~causal_TT, float("-inf"))
-        for block in self.blocks[self.n_encoder_blocks :]:
-            y_BTD, block_stats, block_aux = block(y_BTD, bias_1HQK=bias_1HTT, context_BKD=context_BSD, token_ids=decoder_inputs_BT)
-            if block_stats is not None:
-                stats.append(block_stats)
-                aux = aux + block_aux.float()
+        y_BTD, aux = run_blocks(self.blocks[self.n_encoder_blocks :], y_BTD, stats, aux, bias_1HQK=bias_1HTT, context_BKD=context_BSD,
+                                token_ids=decoder_inputs_BT)  # fmt: skip
         y_BTD = self.dropout(self.final_norm(y_BTD))
         if self.lm_head is None:
             logits_BTV = F.linear(y_BTD * self.tok_embeddings.embedding_dim**-0.5, self.tok_embeddings.weight)

@@ -312,3 +312,14 @@ class DecoderBlock(nn.Module):
         y, stats, aux_loss = self.moe(h, token_ids=token_ids)
         return x + self.resid_dropout(y), stats, aux_loss
 
+
+def run_blocks(blocks, x: torch.Tensor, stats: list, aux_loss: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every block in turn (decoder, T5 and LSTM blocks share the call: x -> (x, stats or
+    None, aux or None)); the MoE blocks' stats are appended to `stats`, their aux losses
+    summed in float32. Returns (x, aux_loss)."""
+    for block in blocks:
+        x, block_stats, block_aux = block(x, **kwargs)
+        if block_stats is not None:
+            stats.append(block_stats)
+            aux_loss = aux_loss + block_aux.float()
+    return x, aux_loss

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moespec.model.layers import run_blocks
 from moespec.model.regions import region
 from moespec.model.types import ModelAux
 
@@ -87,11 +88,7 @@ class LSTMLanguageModel(nn.Module):
         x_BSD = self.embed_dropout(self.tok_embeddings(tokens_BS))
         aux = torch.zeros((), dtype=torch.float32, device=tokens_BS.device)
         stats = []
-        for block in self.blocks:
-            x_BSD, block_stats, block_aux = block(x_BSD, token_ids=tokens_BS)
-            if block_stats is not None:
-                stats.append(block_stats)
-                aux = aux + block_aux.float()
+        x_BSD, aux = run_blocks(self.blocks, x_BSD, stats, aux, token_ids=tokens_BS)
         logits_BSV = F.linear(x_BSD, self.tok_embeddings.weight) if self.lm_head is None else self.lm_head(x_BSD)
         return logits_BSV, ModelAux(aux_loss=aux, moe=stats)
 
