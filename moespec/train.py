@@ -143,7 +143,7 @@ def train(
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    check_executable(plan)
+    check_executable(plan, dist_ctx)
     check_vocab(plan)
     if seq_len and plan.model.encoder is not None and seq_len != plan.model.seq_len:
         raise ValueError("an encoder-decoder trains at the spec's lengths (model.encoder.seq_len, model.seq_len); drop the sequence-length override")
@@ -151,14 +151,18 @@ def train(
     seq_len = seq_len or plan.model.seq_len
     split = split or load_split()
     device = next(model.parameters()).device
-    rank = 0 if dist_ctx is None else dist_ctx.rank
-    generator = torch.Generator().manual_seed(seed + 1000 * rank)  # each rank its own batches
+    # each dp rank its own batches; the tp and pp ranks of one replica draw the same
+    generator = torch.Generator().manual_seed(seed + 1000 * (0 if dist_ctx is None else dist_ctx.dp_rank))
     n_micro = micro_batches_per_step(plan, dist_ctx)
     apply_recompute(model, plan.parallel.recompute)  # before wrapping, as torchtitan applies AC before FSDP
-    setup = prepare_training(model, plan, dist_ctx=dist_ctx, lr=lr, weight_decay=weight_decay)
+    setup = prepare_training(model, plan, dist_ctx=dist_ctx, lr=lr, weight_decay=weight_decay, micro_batch=batch)
     model = setup.model
 
     def evaluate() -> float:
+        if setup.pipeline is not None:
+            from moespec.distributed.pipeline import evaluate_pipeline
+
+            return evaluate_pipeline(setup.pipeline, plan, split.val, batch=batch, seq_len=seq_len, n_batches=eval_batches, seed=seed)
         return evaluate_loss(model, plan, split.val, batch=batch, seq_len=seq_len, n_batches=eval_batches, seed=seed)
 
     initial_val = evaluate()
@@ -203,20 +207,34 @@ class TrainingSetup:
     optimizers: list
     scaler: torch.amp.GradScaler
     dist_ctx: object | None
+    pipeline: object | None = None  # a distributed.pipeline.Pipeline when pp > 1
 
 
 def prepare_training(model: torch.nn.Module, plan: SpecPlan, *, dist_ctx=None, lr: float = 3e-3,
-                     weight_decay: float = 0.1) -> TrainingSetup:  # fmt: skip
-    """Wrap for data parallelism (first: FSDP2 turns parameters into shards) and build AdamW."""
+                     weight_decay: float = 0.1, micro_batch: int | None = None) -> TrainingSetup:  # fmt: skip
+    """Split the model as tp and pp say (tensor parallel first, as torchtitan applies TP before
+    anything else), wrap it for data parallelism (FSDP2 turns parameters into shards), and
+    build AdamW. With tp or pp > 1 there is no DDP wrapper: `model_parallel` reduces."""
     from moespec.distributed import data_parallel as dp_utils
+    from moespec.distributed.model_parallel import is_model_parallel
 
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=plan.parallel.precision == "fp16")
-    wrapped = model
-    if dist_ctx is not None:
+    wrapped, pipeline = model, None
+    if is_model_parallel(dist_ctx):
+        from moespec.distributed.context import micro_batches_per_step
+        from moespec.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, dist_ctx.tp_mesh)
+        if dist_ctx.pp_size > 1:
+            from moespec.distributed.pipeline import Pipeline
+
+            pipeline = Pipeline(model, plan, dist_ctx, micro_batches_per_step(plan, dist_ctx), micro_batch or plan.parallel.micro_batch)
+            model = wrapped = pipeline.container
+    elif dist_ctx is not None:
         wrapped = dp_utils.wrap_data_parallel(model, dist_ctx, zero_stage=plan.parallel.zero_stage)
     optimizers = dp_utils.build_optimizers(model, plan, dist_ctx, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    return TrainingSetup(wrapped, model, optimizers, scaler, dist_ctx)
+    return TrainingSetup(wrapped, model, optimizers, scaler, dist_ctx, pipeline)
 
 
 def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor], *, grad_clip: float = 1.0):
@@ -231,21 +249,17 @@ def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor]
     model, bare, ctx = setup.model, setup.bare_model, setup.dist_ctx
     for optimizer in setup.optimizers:
         optimizer.zero_grad(set_to_none=True)
-    per_micro = []
-    for i, window in enumerate(windows):
-        last = i == len(windows) - 1
-        no_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
-        with no_sync:
-            logits, ce, aux = batch_loss(model, window, plan.parallel.precision)
-            loss = ce + aux.aux_loss
-            setup.scaler.scale(loss / len(windows)).backward()
-        per_micro.append((loss.detach(), ce.detach(), aux))
-    loss, ce, aux = merge_step_aux(per_micro)
+    loss, ce, aux = merge_step_aux(accumulate_gradients(setup, plan, windows))
     with region("grad_sync"):
         for optimizer in setup.optimizers:
             setup.scaler.unscale_(optimizer)
         if ctx is None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        elif ctx.tp_size > 1 or ctx.pp_size > 1:
+            from moespec.distributed import model_parallel as mp_utils
+
+            mp_utils.sync_gradients(setup)
+            mp_utils.clip_grad_norm_model_parallel(bare, grad_clip, ctx, skip=mp_utils.tied_copies(setup.pipeline))
         else:
             dp_utils.reduce_expert_gradients(bare, ctx)
             dp_utils.clip_grad_norm_distributed(bare, grad_clip, ctx)
@@ -255,6 +269,27 @@ def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor]
         setup.scaler.update()
         update_router_biases(bare, process_group=None if ctx is None else ctx.dp_group)
     return loss, ce, aux
+
+
+def accumulate_gradients(setup: TrainingSetup, plan: SpecPlan, windows: list) -> list[tuple]:
+    """Forward and backward of every micro-batch of a step (through the pipeline schedule
+    when pp > 1), gradients accumulated as (1/n) * sum of (cross-entropy + aux); per
+    micro-batch (loss, ce, ModelAux)."""
+    model = setup.model
+    if setup.pipeline is not None:
+        from moespec.distributed.pipeline import pipeline_micro_batches
+
+        return pipeline_micro_batches(setup.pipeline, windows, plan.parallel.precision)
+    per_micro = []
+    for i, window in enumerate(windows):
+        last = i == len(windows) - 1
+        no_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with no_sync:
+            logits, ce, aux = batch_loss(model, window, plan.parallel.precision)
+            loss = ce + aux.aux_loss
+            setup.scaler.scale(loss / len(windows)).backward()
+        per_micro.append((loss.detach(), ce.detach(), aux))
+    return per_micro
 
 
 def merge_step_aux(per_micro: list) -> tuple:

@@ -80,10 +80,10 @@ def _check_runnable(spec: Path, plan, device: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: torch sees no CUDA device here (this torch build or machine has none); use --device cpu")
-    from moespec.distributed.context import DistributedConfigError, check_executable
+    from moespec.distributed.context import DistributedConfigError, check_profilable
 
     try:
-        check_executable(plan)
+        check_profilable(plan)
     except DistributedConfigError as exc:
         fail(f"{spec}: {exc}")
     if device == "cpu":

@@ -167,7 +167,10 @@ def _train_rank(spec: Path, plan, *, timeout: float, steps: int, lr: float, seed
         if as_json:
             emit_json(document)
         else:
-            console.print(f"world {ctx.world}: dp {ctx.dp_size}, ep {ctx.ep_size} ({ctx.backend}); losses averaged over ranks")
+            split = ""
+            if ctx.tp_size > 1 or ctx.pp_size > 1:
+                split = f", tp {ctx.tp_size}, pp {ctx.pp_size}" + (f" ({plan.parallel.pp_schedule})" if ctx.pp_size > 1 else "")
+            console.print(f"world {ctx.world}: dp {ctx.dp_size}, ep {ctx.ep_size}{split} ({ctx.backend}); losses averaged over ranks")
             _print_summary(plan, counts, result, steps, batch=batch, micro_batches=document["micro_batches_per_step"])
     shutdown()
 

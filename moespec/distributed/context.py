@@ -1,10 +1,13 @@
 """Process groups from the plan (REFERENCE.md sec. 3).
 
 world = pp * tp * dp; expert parallelism lives inside data parallelism. Ranks are laid out
-on a DeviceMesh of shape (dp / ep, ep) named ("edp", "ep"): an expert-parallel group is ep
-consecutive ranks (so it stays inside a node when ep <= GPUs per node), and the ranks that
-hold the same experts form an expert-data-parallel ("edp") group along the other dimension.
-Dense parameters are reduced over all dp ranks, expert parameters over their edp group.
+on a DeviceMesh of shape (pp, dp / ep, ep, tp) named ("pp", "edp", "ep", "tp"), built once
+here (Megatron's order: tp innermost, then ep, then the expert replicas, pp outermost): a
+tensor-parallel group is tp consecutive ranks, an expert-parallel group ep ranks tp apart
+(so both stay inside a node when tp * ep <= GPUs per node), and the ranks that hold the same
+experts form an expert-data-parallel ("edp") group. Dense parameters are reduced over the
+dp ranks of their (pp, tp) position, expert parameters over their edp group. With tp = pp = 1
+the mesh is the 2-D ("edp", "ep") one the data-parallel code has always used.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ class DistContext:
     edp_group: object  # ranks holding the same experts (expert gradients)
     edp_size: int
     mesh: object
+    dp_rank: int = 0  # index among the dp ranks: which batches this rank draws
+    tp_size: int = 1
+    tp_mesh: object = None  # 1-D DeviceMesh of this rank's tp group (DTensor's parallelize_module)
+    pp_size: int = 1
+    pp_rank: int = 0
+    pp_group: object = None
+    embedding_group: object = None  # first and last pipeline stage, when both hold a tied embedding
 
 
 def launched_world() -> int | None:
@@ -48,18 +58,29 @@ def launched_world() -> int | None:
     return int(world) if world else None
 
 
-def check_executable(plan: SpecPlan) -> None:
-    """Refuse what no entry point (train, profile, their ranks) can execute: tp or pp > 1."""
+def check_executable(plan: SpecPlan, dist_ctx: "DistContext | None" = None) -> None:
+    """tp or pp > 1 split the model over ranks: they run only under a process group (what
+    cannot run split at all is refused at validation, spec/resolve.py)."""
+    p = plan.parallel
+    if (p.tp > 1 or p.pp > 1) and dist_ctx is None:
+        raise DistributedConfigError(
+            f"parallelism.tp ({p.tp}) and parallelism.pp ({p.pp}) split the model over ranks; launch --nproc {p.world} "
+            "(one process runs only the data-parallel math, with tp = pp = 1)"
+        )
+
+
+def check_profilable(plan: SpecPlan) -> None:
+    """`profile` measures data- and expert-parallel runs; tensor and pipeline parallel ones train
+    (`moespec train --nproc`) but their measured-beside-predicted report is not written yet."""
     p = plan.parallel
     if p.tp > 1 or p.pp > 1:
         raise DistributedConfigError(
-            f"parallelism.tp ({p.tp}) and parallelism.pp ({p.pp}) must be 1 to run: tensor and pipeline "
-            "parallel are costed by the simulator but not executed yet; set both to 1"
+            f"parallelism.tp ({p.tp}) and parallelism.pp ({p.pp}): profile does not measure tensor or pipeline "
+            f"parallel runs yet; train them with moespec train --nproc {p.world}, or profile with tp = pp = 1"
         )
 
 
 def check_world(plan: SpecPlan, world: int) -> None:
-    check_executable(plan)
     p = plan.parallel
     if world != p.world:
         raise DistributedConfigError(
@@ -118,6 +139,8 @@ def init_distributed(plan: SpecPlan, *, timeout_s: float = 120.0, device: str = 
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     p = plan.parallel
+    if p.tp > 1 or p.pp > 1:
+        return _model_parallel_context(plan, rank, world, local_rank, torch_device, backend)
     mesh = init_device_mesh(torch_device.type, (p.dp // p.ep, p.ep), mesh_dim_names=("edp", "ep"))
     return DistContext(
         rank=rank,
@@ -133,6 +156,45 @@ def init_distributed(plan: SpecPlan, *, timeout_s: float = 120.0, device: str = 
         edp_group=mesh.get_group("edp"),
         edp_size=p.dp // p.ep,
         mesh=mesh,
+        dp_rank=rank,
+    )
+
+
+def _model_parallel_context(plan: SpecPlan, rank: int, world: int, local_rank: int, device, backend: str) -> DistContext:
+    """The 4-D mesh (pp, edp, ep, tp) and its groups (module docstring)."""
+    p = plan.parallel
+    mesh = init_device_mesh(device.type, (p.pp, p.dp // p.ep, p.ep, p.tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
+    dp_mesh = mesh["edp", "ep"]._flatten("dp")
+    embedding_group = None
+    if p.pp > 1 and plan.model.tied_embeddings:
+        # every rank creates every pair's group, in the same order (new_group is collective)
+        ranks = mesh.mesh.reshape(p.pp, -1)  # [pp, dp * tp]
+        for column in range(ranks.shape[1]):
+            pair = [int(ranks[0, column]), int(ranks[-1, column])]
+            group = dist.new_group(pair)
+            if rank in pair:
+                embedding_group = group
+    return DistContext(
+        rank=rank,
+        world=world,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        dp_group=dp_mesh.get_group(),
+        dp_size=p.dp,
+        ep_group=mesh.get_group("ep"),
+        ep_rank=mesh.get_local_rank("ep"),
+        ep_size=p.ep,
+        edp_group=mesh.get_group("edp"),
+        edp_size=p.dp // p.ep,
+        mesh=mesh,
+        dp_rank=dp_mesh.get_local_rank(),
+        tp_size=p.tp,
+        tp_mesh=mesh["tp"],
+        pp_size=p.pp,
+        pp_rank=mesh.get_local_rank("pp"),
+        pp_group=mesh.get_group("pp"),
+        embedding_group=embedding_group,
     )
 
 

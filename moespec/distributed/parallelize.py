@@ -1,7 +1,7 @@
 """What is applied to a built model from outside it (torchtitan's `parallelize_*` pattern):
 the model's modules hold no process group and no recomputation switch; functions here wrap
-them. Today: activation recomputation (`parallelism.recompute`). Tensor and pipeline
-parallelism will come here as `parallelize(model, plan, mesh)`.
+them: activation recomputation (`parallelism.recompute`) here; tensor parallelism in
+tensor_parallel.py and pipeline stages in pipeline.py, applied by `train.prepare_training`.
 
 Recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models"), each mode a set of modules whose forward runs through

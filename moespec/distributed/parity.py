@@ -37,7 +37,7 @@ class CollectiveCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         packet = func.overloadpacket
-        if getattr(packet, "_qualified_op_name", "").startswith("c10d::"):
+        if getattr(packet, "_qualified_op_name", "").startswith(("c10d::", "_c10d_functional::")):  # DTensor uses the functional ones
             self.counts[packet] = self.counts.get(packet, 0) + 1
         return func(*args, **(kwargs or {}))
 
@@ -181,3 +181,75 @@ def plan_fields(plan: SpecPlan) -> dict:
 
     return {"yaml": plan_to_yaml(plan), "name": plan.name}
 
+
+
+def model_parallel_tokens(plan: SpecPlan, seed: int) -> torch.Tensor:
+    """[dp, n_micro * B, S+1]: every dp replica's micro-batches for one step, identical in every process."""
+    p = plan.parallel
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, plan.model.vocab_size, (p.dp, p.grad_accum * p.micro_batch, plan.model.seq_len + 1), generator=generator)
+
+
+def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
+    """Tensor/pipeline parallel step == single process: this rank's (tp, pp, dp, ep) share of
+    one step's gradients (DTensor shards gathered whole, pipeline stages under the full
+    model's names) against a single process accumulating the same micro-batches; plus the
+    collectives one micro-step's forward and backward called."""
+    import dataclasses
+
+    from moespec.distributed.data_parallel import all_reduce_mean, expert_parameter_names, shard_experts
+    from moespec.distributed.model_parallel import sync_gradients
+    from moespec.model.build import build_model
+    from moespec.train import accumulate_gradients, merge_step_aux, prepare_training
+
+    p = plan.parallel
+    tokens = model_parallel_tokens(plan, seed)
+    n_micro, B = p.grad_accum, p.micro_batch
+    single = dataclasses.replace(plan, parallel=dataclasses.replace(p, dp=1, ep=1, tp=1, pp=1, global_batch=p.global_batch))
+    reference = build_model(single, seed=seed)
+    total = torch.zeros(())
+    for rank in range(p.dp):
+        for m in range(n_micro):
+            total = total + _step_loss(reference, (tokens[rank, m * B : (m + 1) * B],)) / (p.dp * n_micro)
+    total.backward()
+    ref_grads = {name: q.grad for name, q in reference.named_parameters()}
+
+    model = build_model(plan, seed=seed, device=ctx.device)
+    model.train()
+    shard_experts(model, ctx)
+    setup = prepare_training(model, plan, dist_ctx=ctx)
+    windows = [tokens[ctx.dp_rank, m * B : (m + 1) * B] for m in range(n_micro)]
+    with CollectiveCounter() as comm:
+        per_micro = accumulate_gradients(setup, plan, windows)
+    sync_gradients(setup)
+    loss = float(all_reduce_mean(merge_step_aux(per_micro)[0].to(ctx.device), ctx).cpu())
+    experts = set(expert_parameter_names(setup.bare_model))
+    worst, mismatched, checked = 0.0, [], 0
+    for name, param in setup.bare_model.named_parameters():
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        full_name = name.split(".", 1)[1] if setup.pipeline is not None else name  # "<stage>.blocks.3..." -> "blocks.3..."
+        expected = ref_grads[full_name]
+        if name in experts:
+            local = grad.shape[0]
+            expected = expected[ctx.ep_rank * local : (ctx.ep_rank + 1) * local]
+        checked += 1
+        scale = float(expected.abs().max()) or 1.0
+        if expected.shape != grad.shape or not torch.allclose(grad.cpu(), expected, rtol=RTOL, atol=SCALE_ATOL * scale):
+            mismatched.append(full_name)
+        elif grad.shape == expected.shape:
+            worst = max(worst, float((grad.cpu() - expected).abs().max()) / scale)
+    return {
+        "rank": ctx.rank,
+        "loss": loss,
+        "reference_loss": float(total.detach()),
+        "loss_ok": abs(loss - float(total.detach())) <= ATOL + RTOL * abs(float(total.detach())),
+        "grads_checked": checked,
+        "mismatched": mismatched,
+        "max_rel_grad_diff": worst,
+        "collectives": {str(k): v for k, v in comm.counts.items()},
+    }
+
+
+def model_parallel_worker(rank: int, world: int, port: int, cases: list[tuple[str, dict]], out_dir: str) -> None:
+    """mp.spawn entry for `compare_model_parallel` over every case."""
+    run_cases(rank, world, port, cases, out_dir, lambda plan, ctx: compare_model_parallel(plan, ctx, seed=1234))

@@ -156,6 +156,9 @@ def _load_base(path: Path, locations: Locations, errors: list[SpecError]):
     if plan.model.encoder is not None:
         errors.append(locations.error(("base",), f"{path} is an encoder-decoder; explore sweeps decoder-only specs (simulate an encoder-decoder one design at a time)"))
         return None
+    if plan.parallel.pp_layers:
+        errors.append(locations.error(("base",), f"{path} sets parallelism.pp_layers, which the simulator does not cost (it splits stages evenly); remove it"))
+        return None
     if (data.get("moe") or {}).get("overrides"):
         errors.append(locations.error(("base",), f"{path} has moe.overrides; the explorer needs every MoE layer alike, so use a base without overrides"))
         return None

@@ -206,19 +206,22 @@ class CausalSelfAttention(nn.Module):
         q, k = self.q_proj(x), self.k_proj(x)  # [B, S, H*Hd], [B, S, G*Hd]
         if self.qk_norm == "full":
             q, k = norm_in_fp32(self.q_norm, q), norm_in_fp32(self.k_norm, k)
-        q = q.view(B, S, self.n_heads, self.head_dim)  # [B, S, H, Hd]
-        k = k.view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, G, Hd]
+        # -1 heads, not n_heads: under tensor parallelism a rank holds H/tp query and G/tp kv heads
+        q = q.view(B, S, -1, self.head_dim)  # [B, S, H, Hd]
+        k = k.view(B, S, -1, self.head_dim)  # [B, S, G, Hd]
         if self.qk_norm == "per_head":
             q, k = norm_in_fp32(self.q_norm, q), norm_in_fp32(self.k_norm, k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Hd], [B, G, S, Hd]
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Hd]
+        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, G, S, Hd]
         if rope is not None:
             cos, sin = rope  # [S, R]: R < Hd rotates the first R channels only (partial RoPE, GLM)
             q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
             if self.qk_norm == "l2":  # Llama-4: weightless, per head, after RoPE, in RoPE layers only
                 q, k = _l2_norm(q, self.norm_eps), _l2_norm(k, self.norm_eps)
-        y = self.core(q, k, v) if self.sinks is None else self.core(q, k, v, sinks=self.sinks)  # [B, H, S, Hd]
-        y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, H*Hd]
+        # sinks split over tensor-parallel ranks arrive as a DTensor: this rank's heads
+        sinks = self.sinks.to_local() if hasattr(self.sinks, "to_local") else self.sinks
+        y = self.core(q, k, v) if sinks is None else self.core(q, k, v, sinks=sinks)  # [B, H, S, Hd]
+        y = y.transpose(1, 2).reshape(B, S, -1)  # [B, S, H*Hd]
         return self.o_proj(y)  # [B, S, D]
 
 

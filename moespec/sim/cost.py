@@ -21,7 +21,7 @@ Time of one optimizer step on one rank:
               ZeRO-1 all-gathers the updated parameters after the step (exposed); ZeRO 2/3
               (FSDP2): every micro-step reduce-scatters gradients and all-gathers parameters
               (twice at stage 3), `overlap` hidden by prefetching;
-  bubble      (pp-1)/(m+pp-1) of the pipelined part;  optimizer: AdamW's memory-bound update.
+  bubble      (pp-1)/(v*m+pp-1) of the pipelined part (v stages per rank);  optimizer: AdamW's memory-bound update.
 
 Collectives: on a fixed rank set a collective's time is affine in bytes (busiest link's load
 over bandwidth plus the slowest path's latency), so `CollectiveCosts` fits t = a + bytes * b
@@ -324,15 +324,19 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     if backend.ops is not None:  # each call's wait for the slowest rank (operator database)
         a2a_s = a2a_s + counts["a2a_calls"] * backend.ops.a2a_call_s * micro_steps / b.pp
 
-    # Tensor parallel (Megatron): 4 all-reduces of the [B, S, D] activations per block per
-    # micro-step over the tp ranks; pipeline: a pair exchange between neighbouring stages.
+    # Tensor parallel (distributed/tensor_parallel.py): each split module (attention in every
+    # block; the dense FFN, or a MoE layer's shared experts) all-reduces one [B, S, D] in
+    # forward (its row-parallel output; again in a full recomputation's replay) and one in
+    # backward (its replicated input's gradient), per micro-step, over the tp ranks.
+    # Pipeline: a pair exchange between neighbouring stages.
     activations = b.micro_batch * b.seq_len * b.d_model * bpe
     tp_comm_s, pp_comm_s = np.zeros(n), np.zeros(n)  # most sweeps have neither: skip the lookups
     if (b.tp > 1).any():
-        for part in parts(b):  # cross-attention adds two all-reduces per block (forward and backward)
-            per_block = where_any(part.cross_len > 0, 6, 4)
-            tp_comm_s = tp_comm_s + per_block * part.n_layers / b.pp * micro_steps * collectives.time_s(
-                "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), part.micro_batch * part.seq_len * b.d_model * bpe, 0.0))
+        layers = b.table
+        split = layers.per_design(layers.count * (1 + (~layers.moe | (layers.shared_count > 0))), n)  # split modules per model
+        per_module = 2 + (b.recompute == FULL)
+        tp_comm_s = per_module * split / b.pp * micro_steps * collectives.time_s(
+            "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), activations, 0.0))
     if (b.pp > 1).any():
         pp_comm_s = 2 * micro_steps * collectives.time_s(
             "a2a", collectives.rank_sets(b.tp, 2), np.where(valid & (b.pp > 1), activations / b.tp, 0.0))
@@ -364,7 +368,9 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     exposed_s = (1 - overlap) * (dense_ar + fsdp_s) + expert_ar + gather
 
     pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s
-    bubble_s = np.where(b.pp > 1, (b.pp - 1) / (micro_steps + b.pp - 1) * pipelined_s, 0.0)
+    # idle share of a stage: (pp-1) / (v*m + pp-1) with v stages per rank (Narayanan et al. 2021:
+    # interleaving v chunks per rank divides the bubble by v); GPipe and 1F1B: v = 1
+    bubble_s = np.where(b.pp > 1, (b.pp - 1) / (b.pp_virtual * micro_steps + b.pp - 1) * pipelined_s, 0.0)
     step_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s + pp_comm_s + exposed_s + bubble_s + optimizer_s
     tokens_per_s = b.global_batch * (b.seq_len + b.cross_len) / step_s  # an encoder-decoder's: inputs and targets
     mfu = counts["model_flops_per_token"] * tokens_per_s / (world * peak)

@@ -163,6 +163,7 @@ class DesignBatch:
     precision: np.ndarray  # index into PRECISIONS
     zero_stage: np.ndarray
     recompute: np.ndarray  # index into RECOMPUTE
+    pp_virtual: np.ndarray  # pipeline stages per rank: 2 under interleaved_1f1b, else 1
     cross_len: np.ndarray  # encoder tokens per sequence each block cross-attends to (0: decoder-only)
     rel_buckets: np.ndarray  # T5's relative-bias rows (0: none); the attention then takes SDPA's math path
     headless: np.ndarray  # an encoder stack's part: no embedding, LM head or loss of its own
@@ -338,4 +339,5 @@ def _row(plan: SpecPlan, layers, *, headless: bool) -> dict:
         "rel_buckets": m.relative_buckets if m.positions == "relative" else 0, "headless": headless, "lstm": m.host == "lstm",
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
+        "pp_virtual": 2 if p.pp_schedule == "interleaved_1f1b" else 1,
     }  # fmt: skip

@@ -327,6 +327,8 @@ class ParallelPlan:
     precision: Precision
     zero_stage: int
     recompute: Recompute
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    pp_layers: tuple[int, ...] | None = None  # blocks per stage as written; None: balanced
 
     @property
     def world(self) -> int:

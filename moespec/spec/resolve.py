@@ -250,10 +250,67 @@ def _parallel(raw: dict, model: ModelPlan, errors: _Errors) -> ParallelPlan:
     for rule in (rules.EP_DIVIDES_DP, rules.TP_DIVIDES_HEADS, rules.PP_WITHIN_LAYERS, rules.GLOBAL_BATCH_MULTIPLE):
         if rule.check(values):
             errors.add(rule.path, rule.explain(values))
+    _pipeline_checks(p, model, pp, global_batch // (micro * dp) if global_batch % (micro * dp) == 0 else None, errors)
+    _tensor_parallel_checks(p, model, tp, errors)
     return ParallelPlan(
         dp=dp, ep=ep, tp=tp, pp=pp, micro_batch=micro, global_batch=global_batch,
         precision=p["precision"], zero_stage=p["zero_stage"], recompute=p["recompute"],
+        pp_schedule=p["pp_schedule"], pp_layers=tuple(p["pp_layers"]) if p["pp_layers"] else None,
     )  # fmt: skip
+
+
+def _pipeline_checks(p: dict, model: ModelPlan, pp: int, n_micro: int | None, errors: _Errors) -> None:
+    """What torch's schedules and our stage split need; each a one-line error naming the key."""
+    schedule, written = p["pp_schedule"], p["pp_layers"]
+    stages = pp * (2 if schedule == "interleaved_1f1b" else 1)
+    blocks = model.n_layers
+    if pp == 1:
+        if written:
+            errors.add(("parallelism", "pp_layers"), "pp_layers splits pipeline stages, and parallelism.pp is 1; remove it or raise pp")
+        return
+    if model.encoder is not None or model.host == "lstm":
+        errors.add(("parallelism", "pp"), "pipeline parallelism runs decoder-only transformers; set pp to 1")
+        return
+    if pp > blocks:  # rules.PP_WITHIN_LAYERS says so
+        return
+    if written:
+        if len(written) != stages:
+            errors.add(("parallelism", "pp_layers"), f"pp_layers has {len(written)} entries but the pipeline has {stages} stages "
+                       f"(pp {pp}{' x 2 for interleaved_1f1b' if stages != pp else ''}); give one block count per stage")  # fmt: skip
+        elif sum(written) != blocks:
+            errors.add(("parallelism", "pp_layers"), f"pp_layers sums to {sum(written)} blocks but the model has {blocks}; make the counts add up")
+    elif stages > blocks:  # interleaved only: pp <= blocks here
+        errors.add(("parallelism", "pp_schedule"), f"interleaved_1f1b runs 2 * pp = {stages} stages but the model has {blocks} blocks; "
+                   "use 1f1b or gpipe, or fewer stages")  # fmt: skip
+    if p["zero_stage"] > 1:
+        errors.add(("parallelism", "zero_stage"), f"ZeRO stages 2 and 3 (FSDP2) are not combined with pipeline parallelism (parallelism.pp {pp}); "
+                   "use zero_stage 0 or 1")  # fmt: skip
+    if p["precision"] == "fp16":
+        errors.add(("parallelism", "precision"), "fp16 needs loss scaling, which the pipeline schedules do not apply; use bf16 or fp32 with pp > 1")
+    if n_micro is None:
+        return
+    if schedule == "1f1b" and n_micro < pp:
+        errors.add(("parallelism", "pp_schedule"), f"1f1b needs at least pp ({pp}) micro-batches per step, and global_batch / "
+                   f"(micro_batch * dp) gives {n_micro}; raise global_batch to {pp * p['micro_batch'] * p['dp']} or use gpipe")  # fmt: skip
+    if schedule == "interleaved_1f1b" and n_micro % max(1, n_micro // pp):
+        errors.add(("parallelism", "pp_schedule"), f"interleaved_1f1b runs micro-batches in rounds of pp ({pp}): {n_micro} per step "
+                   f"is not a multiple of {max(1, n_micro // pp)} rounds; make global_batch / (micro_batch * dp) a multiple of pp")  # fmt: skip
+
+
+def _tensor_parallel_checks(p: dict, model: ModelPlan, tp: int, errors: _Errors) -> None:
+    """What the column/row split (distributed/tensor_parallel.py) cannot run, refused by name."""
+    if tp == 1:
+        return
+    refused = (
+        (model.encoder is not None, ("parallelism", "tp"), "tensor parallelism runs decoder-only transformers"),
+        (model.mla is not None, ("model", "mla"), "tensor parallelism does not split MLA's latent projections"),
+        (model.qk_norm == "full", ("model", "qk_norm"), "qk_norm full normalises across all heads, which tensor parallelism splits; use per_head"),
+        (model.dropout > 0, ("model", "dropout"), "dropout under tensor parallelism would draw the same masks on every tp rank; set it to 0"),
+        (p["zero_stage"] > 0, ("parallelism", "zero_stage"), "ZeRO stages above 0 are not combined with tensor parallelism; use zero_stage 0"),
+    )
+    for bad, path, message in refused:
+        if bad:
+            errors.add(path, f"{message} (parallelism.tp {tp}); or set tp to 1")
 
 
 def _moe_indices(raw: dict, n_layers: int, errors: _Errors) -> list[int]:
