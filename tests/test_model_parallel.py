@@ -109,16 +109,15 @@ def test_what_cannot_run_split_is_refused_naming_the_key(parallel, extra, path, 
 
 
 @pytest.mark.timeout(300)
-def test_train_nproc_4_with_tp2_x_pp2_trains(tmp_path):
-    spec = tmp_path / "tp-pp.yaml"
-    spec.write_text(_spec("tp: 2, pp: 2, micro_batch: 4, global_batch: 8, pp_schedule: interleaved_1f1b"))
+@pytest.mark.parametrize("spec,sequences_per_step", [("tiny-tp2-pp2", 8), ("tiny-pp2-ep2", 16)])
+def test_train_nproc_4_trains_the_shipped_tp_pp_ep_specs(spec, sequences_per_step):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "moespec", "train", str(spec), "--steps", "8", "--nproc", "4", "--json"],
+    result = subprocess.run([sys.executable, "-m", "moespec", "train", f"specs/{spec}.yaml", "--steps", "8", "--nproc", "4", "--json"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(result.stdout)
     assert document["world"] == 4
     assert document["last_loss"] < document["first_loss"] - 0.3
-    # Every MoE layer's loads come from the stage that holds it: 8 steps * 2 micro-batches * T * k
+    # Every MoE layer's loads come from the stage that holds it, summed over dp: steps * sequences * S * k
     for counts in document["tokens_per_expert_total"].values():
-        assert sum(counts) == 8 * 2 * 4 * 32 * 2
+        assert sum(counts) == 8 * sequences_per_step * 64 * 2
