@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from moespec.distributed.parity import model_parallel_worker, plan_fields
+from moespec.distributed.parity import model_parallel_worker, plan_fields, plan_from_fields
+from moespec.sim.backend import load_backend
+from moespec.sim.model import simulate
 from moespec.spec import SpecErrors, load_plan, plan_from_text
 from tests.test_distributed import free_port
 
@@ -32,6 +34,14 @@ WORLD_2 = [
     # gpt-oss in miniature: GQA, sinks split with the heads, q/k/v/o biases, dropless top-4
     ("tp2-oss", case("tiny-oss.yaml", tp=2, micro_batch=2, global_batch=4)),
     ("tp2-topk", case("tiny-topk.yaml", tp=2, micro_batch=2, global_batch=4)),
+    # shared experts (2 x 33 = 66 wide, gated output) beside a dense block, q/k/v biases, a tied head
+    ("tp2-shared", plan_fields(plan_from_text("""version: 1
+name: tp-shared
+model: {vocab_size: 256, d_model: 32, n_layers: 2, n_heads: 4, d_ff: 96, seq_len: 32, qkv_bias: true, tied_embeddings: true, activation: swiglu}
+moe: {placement: {type: layers, layers: [1]}, experts: {count: 4, d_ff: 16, shared_count: 2, shared_d_ff: 33, shared_gate: true},
+      router: {type: topk, k: 2}, capacity: {dropless: true}}
+parallelism: {tp: 2, micro_batch: 2, global_batch: 2}
+""", "tp-shared.yaml"))),
     ("pp2-gpipe", case("tiny-topk.yaml", pp=2, micro_batch=2, global_batch=4, pp_schedule="gpipe")),
     ("pp2-1f1b", case("tiny-topk.yaml", pp=2, micro_batch=2, global_batch=6, pp_schedule="1f1b")),
     # a tied head: the first and the last stage each hold the table, their gradients summed
@@ -70,6 +80,18 @@ def test_tp2_and_pp2_steps_equal_single_process(tmp_path):
     reduces = "_c10d_functional.all_reduce"
     assert by[("tp2-topk", 0)]["collectives"][reduces] == 2 * 2 * (4 + 2)
     assert by[("tp2-oss", 0)]["collectives"][reduces] == 2 * 2 * 4
+    assert by[("tp2-shared", 0)]["collectives"][reduces] == 1 * 2 * (2 + 1 + 1)  # 1 micro-batch; attention x 2, dense FFN, shared experts
+    for name in ("tp2-topk", "tp2-oss", "tp2-shared"):  # simulate counts the same calls
+        plan = plan_from_fields(dict(WORLD_2)[name])
+        calls = simulate(plan, load_backend("cpu-local"))["tp_all_reduce_calls_per_rank_microstep"]
+        assert calls * plan.parallel.grad_accum == by[(name, 0)]["collectives"][reduces], name
+    # What a tensor-parallel rank holds is what simulate predicts, exactly: attention, dense and
+    # shared FFNs split, the router, experts, norms, embeddings and head whole. (FLOPs are not
+    # compared here: FlopCounterMode counts a DTensor matmul at its global shape.)
+    for name in ("tp2-topk", "tp2-oss", "tp2-shared"):
+        predicted = simulate(plan_from_fields(dict(WORLD_2)[name]), load_backend("cpu-local"))
+        for rank in (0, 1):
+            assert by[(name, rank)]["state_bytes"] == predicted["state_bytes_per_rank"], (name, rank)
     # A pipeline stage holds only its blocks: the second stage of pp_layers (1, 3) checks 3 blocks' grads.
     assert by[("pp2-hash", 1)]["grads_checked"] > by[("pp2-hash", 0)]["grads_checked"]
 
@@ -106,6 +128,16 @@ def test_what_cannot_run_split_is_refused_naming_the_key(parallel, extra, path, 
         plan_from_text(_spec(parallel, extra), "mp.yaml")
     text = str(info.value)
     assert path in text and needle in text, text
+
+
+def test_tp_must_divide_the_widths_it_splits():
+    text = _spec("tp: 4").replace("d_ff: 128", "d_ff: 126").replace("d_ff: 64}", "d_ff: 64, shared_count: 1, shared_d_ff: 30}") \
+        .replace("moe: {experts", "moe: {placement: {type: every, every: 2}, experts")
+    with pytest.raises(SpecErrors) as info:
+        plan_from_text(text, "mp.yaml")
+    text = str(info.value)
+    assert "model.d_ff: tp (4) must divide model.d_ff (126)" in text, text
+    assert "moe.experts.shared_d_ff: tp (4) must divide the shared experts' width (shared_count * shared_d_ff = 30)" in text, text
 
 
 @pytest.mark.timeout(300)

@@ -61,13 +61,17 @@ def _gib(value: float) -> str:
 def _print(report: dict) -> None:
     params, mem, time = report["params"], report["memory_per_device"], report["time"]
     calibrated = report["assumptions"]["calibration"]
-    console.print(f"[bold]{report['spec']}[/bold] on {report['backend']}{' (calibrated: ' + calibrated + ')' if calibrated else ''} ({report['world']} devices: dp {report['dp']}, ep {report['ep']}, global batch {report['global_batch']})")
-    counts = Table(title="counts (exact: equal to the compiled model)")
+    console.print(f"[bold]{report['spec']}[/bold] on {report['backend']}{' (calibrated: ' + calibrated + ')' if calibrated else ''} ({report['world']} devices: dp {report['dp']}, ep {report['ep']}"
+                  f"{', tp ' + str(report['tp']) if report['tp'] > 1 else ''}{', pp ' + str(report['pp']) if report['pp'] > 1 else ''}, "
+                  f"global batch {report['global_batch']})")  # fmt: skip
+    staged = report["pp"] > 1  # per-rank rows are then the average stage, not the busiest: stages are not costed apart yet
+    counts = Table(title="counts (exact: equal to the compiled model" + ("; per-rank rows: the average of the pp stages)" if staged else ")"))
     counts.add_column("figure")
     counts.add_column("value", justify="right")
     counts.add_row("parameters, total", f"{params['total']:,}")
     counts.add_row("parameters, active per token (embeddings included)", f"{params['active']:,}")
-    counts.add_row("matmul FLOPs per rank per micro-step (fwd + bwd)", f"{report['step_flops_per_rank_microstep']:,}")
+    flops_label = "matmul FLOPs per micro-step, all pp stages (fwd + bwd)" if staged else "matmul FLOPs per rank per micro-step (fwd + bwd)"
+    counts.add_row(flops_label, f"{report['step_flops_per_rank_microstep']:,}")
     counts.add_row("all-to-all bytes sent per rank per micro-step", f"{report['a2a_bytes_per_rank_microstep']:,}")
     if report["shuffle_a2a_bytes_per_rank_microstep"]:
         counts.add_row("  BASE token shuffle, bytes per rank per micro-step", f"{report['shuffle_a2a_bytes_per_rank_microstep']:,}")

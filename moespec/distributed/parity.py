@@ -238,8 +238,13 @@ def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
             mismatched.append(full_name)
         elif grad.shape == expected.shape:
             worst = max(worst, float((grad.cpu() - expected).abs().max()) / scale)
+    from moespec.distributed.state import state_bytes
+
+    for optimizer in setup.optimizers:  # AdamW's state exists after a step: what a rank holds at rest
+        optimizer.step()
     return {
         "rank": ctx.rank,
+        "state_bytes": state_bytes(setup.bare_model, setup.optimizers),
         "loss": loss,
         "reference_loss": float(total.detach()),
         "loss_ok": abs(loss - float(total.detach())) <= ATOL + RTOL * abs(float(total.detach())),

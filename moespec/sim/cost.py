@@ -290,7 +290,7 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     else:
         # Compute: roofline per micro-step. Dropless experts wait for the busiest rank (`imbalance`).
         replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
-        flops = (counts["step_flops"] + (imbalance - 1) * counts["flops_experts_dropless"] * replay) / shard
+        flops = (counts["step_flops"] - counts["tp_saved_flops"] + (imbalance - 1) * counts["flops_experts_dropless"] * replay) / b.pp
         weights_s = 3 * (dense + expert) * bpe / memory_Bps
         compute_s = np.maximum(flops / (peak * backend.matmul_efficiency), weights_s) * micro_steps
         elementwise_s = elementwise_bytes(b, state["elementwise_activations"]) / memory_Bps * micro_steps
@@ -332,10 +332,7 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     activations = b.micro_batch * b.seq_len * b.d_model * bpe
     tp_comm_s, pp_comm_s = np.zeros(n), np.zeros(n)  # most sweeps have neither: skip the lookups
     if (b.tp > 1).any():
-        layers = b.table
-        split = layers.per_design(layers.count * (1 + (~layers.moe | (layers.shared_count > 0))), n)  # split modules per model
-        per_module = 2 + (b.recompute == FULL)
-        tp_comm_s = per_module * split / b.pp * micro_steps * collectives.time_s(
+        tp_comm_s = counts["tp_all_reduce_calls"] / b.pp * micro_steps * collectives.time_s(
             "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), activations, 0.0))
     if (b.pp > 1).any():
         pp_comm_s = 2 * micro_steps * collectives.time_s(

@@ -201,6 +201,31 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
                                   np.where(b.recompute == SELECTIVE, n_layers * _exact_div(core, 3), 0))  # fmt: skip
     step_flops = sum(parts.values())
 
+    # Tensor parallel (distributed/tensor_parallel.py): a rank holds and computes 1/tp of the
+    # attention (heads divide by tp), and ceil(F/tp) of each dense or shared FFN's width
+    # (DTensor's uneven Shard on the largest rank); router, routed experts, norms, embeddings
+    # and head are whole on every tp rank. `tp_saved_*`: what the largest rank does not hold or run.
+    tp = c(b.tp)
+    if (b.tp > 1).any():
+        tpl = lift(tp)
+        narrow = lambda width: width - (width + tpl - 1) // tpl  # noqa: E731  (F - ceil(F/tp))
+        attn_split = attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) + np.where(b.sinks, heads, 0)
+        attn_saved = _exact_div(attn_split * (tp - 1), tp)
+        dense_narrow = n_dense * matrices_n * d * (c(b.d_ff) - (c(b.d_ff) + tp - 1) // tp)
+        group_narrow = total(matrices * dl * (narrow(c(layers.d_ff)) + narrow(c(layers.shared_count) * c(layers.shared_d_ff))))
+        tp_saved_params = n_layers * attn_saved + dense_narrow + group_narrow
+        attn_flops_saved = n_layers * _exact_div((6 * t * attn_matmul + core) * (tp - 1), tp)
+        tp_saved_flops = attn_flops_saved + 6 * t * dense_narrow + total(6 * tl * matrices * dl * (narrow(c(layers.d_ff)) + narrow(c(layers.shared_count) * c(layers.shared_d_ff))))
+        replayed = np.where(b.recompute == FULL, _exact_div(tp_saved_flops, 3),
+                            np.where(b.recompute == SELECTIVE, n_layers * _exact_div(core * (tp - 1), 3 * tp), 0))  # fmt: skip
+        tp_saved_flops = tp_saved_flops + replayed
+        # split modules (attention in every block, dense FFNs, shared experts): each all-reduces
+        # once forward (again in a full replay) and once backward, per micro-step
+        split = n_layers + n_dense + total(c(np.where(layers.moe, layers.shared_count > 0, layers.d_ff > 0)))
+        tp_all_reduces = np.where(b.tp > 1, (2 + (b.recompute == FULL)) * split, 0)
+    else:
+        tp_saved_params = tp_saved_flops = tp_all_reduces = np.zeros(n, dtype=dtype)
+
     # All-to-all bytes one rank sends to others per micro-step (REFERENCE sec. 4): per transfer,
     # the rows held for the other ep - 1 ranks' experts (whole rows; int64 division).
     ep = lift(b.ep)
@@ -240,6 +265,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
         "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
         "model_flops_per_seq": model_flops_per_seq, "frozen_params": total(np.where(layers.selection_bias, e, 0)),
+        "tp_saved_params": tp_saved_params, "tp_saved_flops": tp_saved_flops, "tp_all_reduce_calls": c(tp_all_reduces),
         **{f"flops_{name}": value for name, value in parts.items()},
     }  # fmt: skip
     if b.encoder is not None:  # the encoder stack's figures add up (its root: none; its final norm: counted)
@@ -304,11 +330,13 @@ def state_bytes(b: DesignBatch, counts: dict) -> dict[str, np.ndarray]:
     """Bytes of parameters, gradients and AdamW state on the rank that holds the most,
     at rest after an optimizer step (float64; exact below 2**53 bytes)."""
     shard = b.tp * b.pp
-    dense = (counts["params_total"] - counts["expert_params"]) / shard
-    expert = counts["expert_params"] / b.ep / shard  # E is a multiple of ep: exact
+    # tp: the largest rank's share of the split weights (counts' tp_saved_params); pp: the
+    # average stage (stages differ: the first holds the embeddings, the last the head)
+    dense = (counts["params_total"] - counts["expert_params"] - counts.get("tp_saved_params", 0)) / b.pp
+    expert = counts["expert_params"] / b.ep / b.pp  # E is a multiple of ep: exact
     full, sharded = dense + expert, sharded_elements(b) / shard
     # Frozen parameters (ERNIE's score correction) get no gradient and no AdamW state.
-    frozen_full = counts.get("frozen_params", 0) / shard
+    frozen_full = counts.get("frozen_params", 0) / b.pp  # a router correction: whole on every tp rank
     frozen_sharded = frozen_sharded_elements(b) / shard if np.any(frozen_full) else 0.0
     return {
         "params": 4 * np.where(b.zero_stage >= 2, sharded, full),

@@ -222,11 +222,14 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     grouped = db.grouped_s(code, local, rows, dl, layers.expert_d_ff) * np.where(inputs == 2, 1.0, 2 / 3)  # plain: 2 of 3 matrices
     experts = np.where(layers.dropless, grouped, bank)
     dense_groups = np.where(layers.d_ff > 0, ffn(code, tl, dl, layers.d_ff, inputs), 0.0)
-    per_group = np.where(layers.moe, router + shared + experts, dense_groups)
-    blocks = b.n_layers * attention + b.dense_blocks * dense + layers.per_design(layers.count * per_group, n)
+    # Tensor parallel splits attention (heads) and the dense and shared FFNs (width) over tp;
+    # the router, the routed experts and the head run whole on every tp rank.
+    tp, tpl = b.tp.astype(np.float64), lift(b.tp).astype(np.float64)
+    per_group = np.where(layers.moe, router + shared / tpl + experts, dense_groups / tpl)
+    blocks = (b.n_layers * attention + b.dense_blocks * dense) / tp + layers.per_design(layers.count * per_group, n)
     # An LSTM layer: the input projection on every row, the recurrent one per step on B rows
     lstm = db.linear_s(dtype, t, d, 4 * d) + (b.seq_len - 1) * db.linear_s(dtype, np.maximum(b.micro_batch, 1).astype(np.float64), d, 4 * d)
-    blocks = blocks + np.where(b.lstm, b.n_layers * (lstm - attention) - b.dense_blocks * dense, 0.0)
+    blocks = blocks + np.where(b.lstm, b.n_layers * (lstm - attention / tp) - b.dense_blocks * dense / tp, 0.0)  # no tp with an LSTM host
     core = np.where(b.lstm, 0.0, core)
     t_enc = (b.micro_batch * b.cross_len).astype(np.float64)
     q_width = b.n_heads * b.head_dim
@@ -236,8 +239,8 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     head = np.where(b.headless, 0.0, db.linear_s(dtype, t, d, b.vocab))
     cores = b.n_layers * core
     replay = np.where(b.recompute == FULL, 1 / 3, 0.0)
-    linear_s = (blocks * (1 + replay) + head) / (b.tp * b.pp)
-    attention_s = cores * (1 + np.where(b.recompute == SELECTIVE, 1 / 3, replay)) / (b.tp * b.pp)
+    linear_s = (blocks * (1 + replay) + head) / b.pp
+    attention_s = cores * (1 + np.where(b.recompute == SELECTIVE, 1 / 3, replay)) / (tp * b.pp)
     return linear_s, attention_s
 
 
@@ -256,4 +259,4 @@ def gather_bytes(b: DesignBatch) -> np.ndarray:
     layers = b.table
     rows = expert_rows(b, layers)
     per_group = np.where(layers.moe & ~layers.dropless, GATHER_PASSES * rows * layers.lift(b.d_model * compute_bytes(b)), 0)
-    return layers.per_design(layers.count * per_group, len(b)).astype(np.float64) / (b.tp * b.pp)
+    return layers.per_design(layers.count * per_group, len(b)).astype(np.float64) / b.pp  # every tp rank dispatches all rows

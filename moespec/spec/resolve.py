@@ -62,6 +62,13 @@ def resolve(data: dict, locations: Locations) -> SpecPlan:
                 errors.add(("parallelism", key), f"{key} is not defined for an LSTM host (its layers are recurrences, not attention blocks); remove it")
     if model.encoder is not None and parallel.recompute == "selective":
         errors.add(("parallelism", "recompute"), "selective recomputation replays the fused attention kernel, which T5's biased attention does not use; use none or full")
+    if parallel.tp > 1:  # a column split cuts the width in tp equal parts (DTensor's shards of a local tensor)
+        if any(layer.moe is None for layer in layers) and model.d_ff % parallel.tp:
+            errors.add(("model", "d_ff"), f"tp ({parallel.tp}) must divide model.d_ff ({model.d_ff}) to split the dense FFNs; pick a multiple of tp")
+        widths = {layer.moe.experts.shared_count * layer.moe.experts.shared_d_ff for layer in layers if layer.moe is not None}
+        for width in sorted(w for w in widths if w % parallel.tp):
+            errors.add(("moe", "experts", "shared_d_ff"), f"tp ({parallel.tp}) must divide the shared experts' width "
+                       f"(shared_count * shared_d_ff = {width}) to split them; pick a multiple of tp")  # fmt: skip
     if model.encoder is not None:  # the encoder's blocks first, numbered through the model
         encoder = _stack_layers(data.get("moe"), model, parallel, errors, model.encoder.n_layers, stack="encoder")
         offset = model.encoder.n_layers
