@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 from moespec.distributed.parity import model_parallel_worker, plan_fields, plan_from_fields
 from moespec.sim.backend import load_backend
 from moespec.sim.model import simulate
+from moespec.sim.stages import busiest_rank
+from moespec.spec.stages import rank_stages
 from moespec.spec import SpecErrors, load_plan, plan_from_text
 from tests.test_distributed import free_port
 
@@ -92,13 +94,34 @@ def test_tp2_and_pp2_steps_equal_single_process(tmp_path):
         predicted = simulate(plan_from_fields(dict(WORLD_2)[name]), load_backend("cpu-local"))
         for rank in (0, 1):
             assert by[(name, rank)]["state_bytes"] == predicted["state_bytes_per_rank"], (name, rank)
+    # Pipeline: the stages the runtime cut (balanced by each block's active parameters, read off
+    # the module) are the simulator's, and so is what each pipeline rank holds, exactly.
+    for name in ("pp2-gpipe", "pp2-1f1b", "pp2-interleaved-tied", "pp2-hash"):
+        plan = plan_from_fields(dict(WORLD_2)[name])
+        stages = busiest_rank(plan)
+        for rank in (0, 1):
+            result = by[(name, rank)]
+            assert result["stage_blocks"] == [list(stages["bounds"][s]) for s in rank_stages(plan)[result["pp_rank"]]], name
+            held = stages["ranks"][result["pp_rank"]]
+            assert result["state_bytes"] == {"params": held["params_bytes"], "grads": held["grads_bytes"], "optimizer": held["optimizer_bytes"]}, (name, rank)
+    assert by[("pp2-hash", 0)]["stage_blocks"] == [[0, 1]]  # pp_layers [1, 3] as written
     # A pipeline stage holds only its blocks: the second stage of pp_layers (1, 3) checks 3 blocks' grads.
     assert by[("pp2-hash", 1)]["grads_checked"] > by[("pp2-hash", 0)]["grads_checked"]
 
 
 @pytest.mark.timeout(600)
 def test_tp_pp_dp_ep_combinations_on_4_ranks_equal_single_process(tmp_path):
-    check(run(4, WORLD_4, tmp_path))
+    results = run(4, WORLD_4, tmp_path)
+    check(results)
+    # what every rank holds is what the simulator says its pipeline rank holds (tp split, E/ep experts)
+    for result in results:
+        plan = plan_from_fields(dict(WORLD_4)[result["case"]])
+        if plan.parallel.pp > 1:
+            held = busiest_rank(plan)["ranks"][result["pp_rank"]]
+            expected = {"params": held["params_bytes"], "grads": held["grads_bytes"], "optimizer": held["optimizer_bytes"]}
+        else:
+            expected = simulate(plan, load_backend("h100-cluster-4n"))["state_bytes_per_rank"]
+        assert result["state_bytes"] == expected, (result["case"], result["rank"])
 
 
 def _spec(parallel: str, model_extra: str = "") -> str:
@@ -153,3 +176,56 @@ def test_train_nproc_4_trains_the_shipped_tp_pp_ep_specs(spec, sequences_per_ste
     # Every MoE layer's loads come from the stage that holds it, summed over dp: steps * sequences * S * k
     for counts in document["tokens_per_expert_total"].values():
         assert sum(counts) == 8 * sequences_per_step * 64 * 2
+
+
+def _profile(tmp_path: Path, parallel: str, *extra: str) -> dict:
+    spec = tmp_path / "profiled.yaml"
+    spec.write_text(_spec(parallel).replace("moe: {experts", "moe: {placement: {type: every, every: 2, offset: 1}, experts"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "moespec", "profile", str(spec), "--nproc", "2", "--json", "--out", str(tmp_path / "out"),
+                             "--steps", "10", "--warmup", "1", "--trace-steps", "1", *extra],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.timeout(300)
+def test_profile_measures_tp_collectives_exactly_as_predicted(tmp_path):
+    report = _profile(tmp_path, "tp: 2, micro_batch: 4, global_batch: 8, precision: bf16")
+    rows = {row["figure"]: row for row in report["comparison"]}
+    assert report["exact_counts"] is True, [r for r in report["comparison"] if r["exact"] and not r["equal"]]
+    # 4 attention blocks + 2 dense FFNs, each one all-reduce forward (bf16, 2 bytes) and one
+    # backward (the norm output's gradient, float32): 6 * [4 * 32 tokens, 64] * (2 + 4) bytes
+    assert rows["tensor-parallel all-reduces per rank per micro-step"]["measured"] == 12
+    assert rows["tensor-parallel all-reduce bytes per rank per micro-step"]["measured"] == 6 * 4 * 32 * 64 * (2 + 4)
+    assert rows["tensor-parallel all-reduce time per step (s)"]["measured"] > 0
+    assert rows["parameters held per rank (bytes)"]["equal"]
+
+
+@pytest.mark.timeout(300)
+def test_profile_measures_the_pipeline_idle_time_and_the_busiest_stage(tmp_path):
+    report = _profile(tmp_path, "pp: 2, micro_batch: 4, global_batch: 8, pp_schedule: gpipe")
+    rows = {row["figure"]: row for row in report["comparison"]}
+    assert report["exact_counts"] is True, [r for r in report["comparison"] if r["exact"] and not r["equal"]]
+    idle = rows["pipeline idle per step, bubble + stage sends (s)"]
+    assert 0 < idle["measured"] < report["measured"]["step_s"]["median"] and idle["predicted"] > 0
+    # the first stage holds the embeddings, the last the final norm and head: they differ, and
+    # the report compares the one that holds the most
+    held = [r["state_bytes"]["params"] for r in report["ranks"]]
+    assert held[0] != held[1] and rows["parameters held per rank (bytes)"]["measured"] == max(held)
+
+
+def test_the_explorer_and_validation_share_the_pipeline_micro_batch_rule():
+    import numpy as np
+
+    from moespec.spec.rules import PARALLEL_RULES, PP_MICRO_BATCHES
+    from moespec.spec.stages import PP_SCHEDULES
+
+    assert PP_MICRO_BATCHES in PARALLEL_RULES  # the explorer flags every rule in PARALLEL_RULES
+    codes = np.array([PP_SCHEDULES.index(s) for s in ("gpipe", "1f1b", "1f1b", "interleaved_1f1b", "interleaved_1f1b")])
+    values = {"pp": np.array([4, 4, 4, 4, 4]), "pp_schedule": codes, "global_batch": np.array([2, 2, 8, 6, 8]),
+              "micro_batch": np.ones(5, dtype=int), "dp": np.ones(5, dtype=int)}  # fmt: skip
+    # gpipe takes any count; 1f1b needs >= pp; interleaved needs n % (n // pp) == 0 (6 % 1 fine; 8 % 2 fine)
+    assert PP_MICRO_BATCHES.check(values).tolist() == [False, True, False, False, False]
+    values["global_batch"] = np.array([2, 2, 8, 9, 10])  # interleaved: 9 % 2, 10 % 2
+    assert PP_MICRO_BATCHES.check(values).tolist() == [False, True, False, True, False]

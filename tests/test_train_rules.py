@@ -136,12 +136,12 @@ def test_world_above_one_in_one_process_is_refused(command, tmp_path):
 @pytest.mark.parametrize("command", ["train", "profile"])
 @pytest.mark.parametrize("degree", ["tp", "pp"])
 def test_tensor_and_pipeline_parallel_need_their_ranks(command, degree, tmp_path):
-    """train runs tp/pp only on the ranks they split over (tests/test_model_parallel.py);
-    profile does not measure them yet: both say so in one line."""
+    """train and profile run tp/pp only on the ranks they split over (tests/test_model_parallel.py):
+    in one process they say so in one line."""
     spec = _write(tmp_path, degree, f"{degree}: 2" + (", global_batch: 2" if degree == "pp" else ""))
     out = tmp_path / "out"
     extra = ["--steps", "1"] + (["--out", str(out)] if command == "profile" else [])
-    for flags in ([], ["--single-process"]) + ((["--nproc", "2"],) if command == "profile" else ()):
+    for flags in ([], ["--single-process"]):
         _refused(moespec(command, str(spec), *extra, *flags), f"parallelism.{degree} (2)")
     assert not out.exists()
 

@@ -80,12 +80,6 @@ def _check_runnable(spec: Path, plan, device: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: torch sees no CUDA device here (this torch build or machine has none); use --device cpu")
-    from moespec.distributed.context import DistributedConfigError, check_profilable
-
-    try:
-        check_profilable(plan)
-    except DistributedConfigError as exc:
-        fail(f"{spec}: {exc}")
     if device == "cpu":
         cpu_sized_counts_or_exit(spec, plan, doing="profiling", instead="use --device cuda or a tiny spec")
 
@@ -171,7 +165,7 @@ def _profile_rank(spec: Path, plan, hardware, *, distributed: bool, nproc: int, 
 def _fmt(value: float | None, figure: str) -> str:
     if value is None:
         return "-"
-    if "FLOPs" in figure or "bytes" in figure:
+    if "FLOPs" in figure or "bytes" in figure or "all-reduces per" in figure:
         return f"{value:,.0f}"
     if "MFU" in figure:
         return f"{value:.2%}"
@@ -182,6 +176,9 @@ def _fmt(value: float | None, figure: str) -> str:
 
 def _print_memory_by_category(report: dict) -> None:
     by_category = report["memory_by_category"]
+    if not by_category["rows"]:
+        console.print(f"memory by category: {by_category['source']}")
+        return
     n_ranks = len(by_category["ranks"])
     table = Table(title="memory by category, MiB (MemTracker, one extra untimed step; max over ranks)")
     table.add_column("category")
@@ -207,7 +204,8 @@ def print_report(report: dict) -> None:
     calibrated = report["calibration"] or "datasheet figures, not calibrated"
     if report.get("single_process"):
         console.print(report["single_process"])
-    console.print(f"[bold]{report['name']}[/bold]: world {report['world']} (dp {report['dp']}, ep {report['ep']}) on {report['device']}, "
+    split = "".join(f", {key} {report[key]}" for key in ("tp", "pp") if report.get(key, 1) > 1)
+    console.print(f"[bold]{report['name']}[/bold]: world {report['world']} (dp {report['dp']}, ep {report['ep']}{split}) on {report['device']}, "
                   f"{report['threads_per_rank']} thread(s) per rank, {report['steps']} timed steps after {report['warmup']} warm-up")  # fmt: skip
     band = report["calibrated_error_band"]
     console.print(f"prediction: backend {report['backend']} ({calibrated})"
@@ -232,8 +230,8 @@ def print_report(report: dict) -> None:
     spread = m["step_s"]["spread"]
     console.print(f"step time over {report['steps']} steps: median {m['step_s']['median'] * 1e3:,.2f} ms, "
                   f"spread (interquartile range / median) {'-' if spread is None else f'{spread:.1%}'}, "
-                  f"min {m['step_s']['min'] * 1e3:,.2f}, max {m['step_s']['max'] * 1e3:,.2f}; "
-                  f"achieved {m['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s")  # fmt: skip
+                  f"min {m['step_s']['min'] * 1e3:,.2f}, max {m['step_s']['max'] * 1e3:,.2f}"
+                  + ("" if m["achieved_flops_per_s"] is None else f"; achieved {m['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s"))  # fmt: skip
     if len(report["ranks"]) > 1:
         per_rank = Table(title="per rank")
         memory_label = "CUDA peak" if report["measured"]["memory"]["kind"] == "cuda_peak_allocated" else "peak RSS"
@@ -241,7 +239,7 @@ def print_report(report: dict) -> None:
             per_rank.add_column(column, justify="right")
         for r in report["ranks"]:
             a2a_s = r["region_s"].get("dispatch_a2a", 0.0) + r["region_s"].get("combine_a2a", 0.0)
-            per_rank.add_row(str(r["rank"]), f"{statistics.median(r['step_s']) * 1e3:,.2f} ms", f"{r['flops_per_microstep']:,}",
+            per_rank.add_row(str(r["rank"]), f"{statistics.median(r['step_s']) * 1e3:,.2f} ms", "-" if r["flops_per_microstep"] is None else f"{r['flops_per_microstep']:,}",
                              f"{r['a2a_bytes_per_microstep']:,.0f}", f"{a2a_s * 1e3:,.2f} ms",
                              f"{r['peak_memory_bytes'] / 2**20:,.1f} MiB")  # fmt: skip
         console.print(per_rank)

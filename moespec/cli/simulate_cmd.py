@@ -64,14 +64,18 @@ def _print(report: dict) -> None:
     console.print(f"[bold]{report['spec']}[/bold] on {report['backend']}{' (calibrated: ' + calibrated + ')' if calibrated else ''} ({report['world']} devices: dp {report['dp']}, ep {report['ep']}"
                   f"{', tp ' + str(report['tp']) if report['tp'] > 1 else ''}{', pp ' + str(report['pp']) if report['pp'] > 1 else ''}, "
                   f"global batch {report['global_batch']})")  # fmt: skip
-    staged = report["pp"] > 1  # per-rank rows are then the average stage, not the busiest: stages are not costed apart yet
-    counts = Table(title="counts (exact: equal to the compiled model" + ("; per-rank rows: the average of the pp stages)" if staged else ")"))
+    staged = report["pp"] > 1  # per-rank rows: the pipeline rank with the most (sim/stages.py)
+    counts = Table(title="counts (exact: equal to the compiled model" + ("; per rank: the pipeline rank with the most)" if staged else ")"))
     counts.add_column("figure")
     counts.add_column("value", justify="right")
     counts.add_row("parameters, total", f"{params['total']:,}")
     counts.add_row("parameters, active per token (embeddings included)", f"{params['active']:,}")
-    flops_label = "matmul FLOPs per micro-step, all pp stages (fwd + bwd)" if staged else "matmul FLOPs per rank per micro-step (fwd + bwd)"
-    counts.add_row(flops_label, f"{report['step_flops_per_rank_microstep']:,}")
+    counts.add_row("matmul FLOPs per rank per micro-step (fwd + bwd)", f"{report['step_flops_per_rank_microstep']:,}")
+    if report["tp"] > 1:
+        counts.add_row("tensor-parallel all-reduces per rank per micro-step", f"{report['tp_all_reduce_calls_per_rank_microstep']:,}")
+        counts.add_row("  their bytes per rank per micro-step", f"{report['tp_all_reduce_bytes_per_rank_microstep']:,}")
+    if staged:
+        counts.add_row(f"pipeline stages ({report['pipeline']['schedule']}), blocks", ", ".join(f"{lo}-{hi - 1}" for lo, hi in report["pipeline"]["stages"]))
     counts.add_row("all-to-all bytes sent per rank per micro-step", f"{report['a2a_bytes_per_rank_microstep']:,}")
     if report["shuffle_a2a_bytes_per_rank_microstep"]:
         counts.add_row("  BASE token shuffle, bytes per rank per micro-step", f"{report['shuffle_a2a_bytes_per_rank_microstep']:,}")

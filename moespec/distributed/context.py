@@ -69,17 +69,6 @@ def check_executable(plan: SpecPlan, dist_ctx: "DistContext | None" = None) -> N
         )
 
 
-def check_profilable(plan: SpecPlan) -> None:
-    """`profile` measures data- and expert-parallel runs; tensor and pipeline parallel ones train
-    (`moespec train --nproc`) but their measured-beside-predicted report is not written yet."""
-    p = plan.parallel
-    if p.tp > 1 or p.pp > 1:
-        raise DistributedConfigError(
-            f"parallelism.tp ({p.tp}) and parallelism.pp ({p.pp}): profile does not measure tensor or pipeline "
-            f"parallel runs yet; train them with moespec train --nproc {p.world}, or profile with tp = pp = 1"
-        )
-
-
 def check_world(plan: SpecPlan, world: int) -> None:
     p = plan.parallel
     if world != p.world:

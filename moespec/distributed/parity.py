@@ -31,14 +31,18 @@ class CollectiveCounter(TorchDispatchMode):
     """Counts c10d collectives as the dispatcher sees them (what CommDebugMode does, without
     its module tracker, which fails under DDP's forward hooks in torch 2.13)."""
 
-    def __init__(self):
+    def __init__(self, count_bytes: bool = False):
         super().__init__()
         self.counts: dict = {}
+        self.bytes: dict = {}  # with count_bytes: the first tensor argument's bytes, per op (what a rank contributes)
+        self.count_bytes = count_bytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         packet = func.overloadpacket
         if getattr(packet, "_qualified_op_name", "").startswith(("c10d::", "_c10d_functional::")):  # DTensor uses the functional ones
             self.counts[packet] = self.counts.get(packet, 0) + 1
+            if self.count_bytes and args and isinstance(args[0], torch.Tensor):
+                self.bytes[packet] = self.bytes.get(packet, 0) + args[0].numel() * args[0].element_size()
         return func(*args, **(kwargs or {}))
 
 
@@ -244,6 +248,8 @@ def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
         optimizer.step()
     return {
         "rank": ctx.rank,
+        "pp_rank": ctx.pp_rank,
+        "stage_blocks": [list(m.bounds) for m in setup.pipeline.modules] if setup.pipeline is not None else None,
         "state_bytes": state_bytes(setup.bare_model, setup.optimizers),
         "loss": loss,
         "reference_loss": float(total.detach()),

@@ -32,12 +32,9 @@ from torch import nn
 
 from moespec.model.layers import run_blocks
 from moespec.spec.plan import SpecPlan
+from moespec.spec.stages import stage_bounds, stages_per_rank
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
-def stages_per_rank(schedule: str) -> int:
-    return 2 if schedule == "interleaved_1f1b" else 1
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -104,48 +101,12 @@ class StageModule(nn.Module):
 
 
 def block_weights(model: nn.Module, plan: SpecPlan) -> tuple[list[int], int]:
-    """(active parameters per token of each block, of the LM head): what `stage_bounds` balances."""
+    """(active parameters per token of each block, read off the module; the LM head's
+    matmul, V x D): what `stage_bounds` balances."""
     from moespec.model.counting import count_parameters
 
     counts = count_parameters(model, plan)
-    head = counts.lm_head or model.tok_embeddings.weight.numel()
-    return [layer.active for layer in counts.layers], head
-
-
-def stage_bounds(plan: SpecPlan, n_stages: int, weights: list[int] | None = None, head: int = 0) -> list[tuple[int, int]]:
-    """[lo, hi) block ranges of the stages, in order: `parallelism.pp_layers` if written, else the
-    contiguous split of `weights` (one per block) minimising the heaviest stage, the last stage
-    carrying `head` besides its blocks (exact dynamic programme; ties go to earlier cuts)."""
-    written = plan.parallel.pp_layers
-    if written:
-        bounds, lo = [], 0
-        for count in written:
-            bounds.append((lo, lo + count))
-            lo += count
-        return bounds
-    n = len(plan.layers)
-    weights = weights if weights is not None else [1] * n
-    prefix = [0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    inf = float("inf")
-    # best[s][i]: the least possible heaviest stage when the first s stages hold blocks [0, i)
-    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
-    best[0][0] = 0
-    for s in range(1, n_stages + 1):
-        for i in range(s, n - (n_stages - s) + 1):
-            extra = head if s == n_stages else 0
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j] + extra)
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
-    bounds, i = [], n
-    for s in range(n_stages, 0, -1):
-        j = cut[s][i]
-        bounds.append((j, i))
-        i = j
-    return bounds[::-1]
+    return [layer.active for layer in counts.layers], plan.model.vocab_size * plan.model.d_model
 
 
 def build_stages(model: nn.Module, plan: SpecPlan, ctx) -> tuple[list[StageModule], list[int]]:
@@ -161,6 +122,8 @@ def build_stages(model: nn.Module, plan: SpecPlan, ctx) -> tuple[list[StageModul
     pass_ids = any(layer.moe is not None and layer.moe.router.type == "hash" for layer in plan.layers)
     indices = [ctx.pp_rank + v * ctx.pp_size for v in range(per_rank)]
     stages = [StageModule(model, *bounds[s], first=s == 0, last=s == n_stages - 1, pass_ids=pass_ids) for s in indices]
+    for module, s in zip(stages, indices):
+        module.bounds = bounds[s]
     return stages, indices
 
 
@@ -232,8 +195,40 @@ class Pipeline:
         self.modules, self.indices = build_stages(model, plan, ctx)
         self.container = nn.ModuleList(self.modules)  # what the optimizer and the gradient code see
         self.schedule = build_schedule(self.modules, self.indices, plan, ctx, n_micro, lm_loss, micro_batch=micro_batch)
+        self._timing, self._busy_s, self._schedule_s = False, 0.0, 0.0
+        for stage in getattr(self.schedule, "_stages", None) or [self.schedule._stage]:
+            for name in ("forward_one_chunk", "backward_one_chunk"):
+                setattr(stage, name, self._timed(getattr(stage, name)))
         self._eval: dict[int, object] = {}
         self.has_last = any(m.last for m in self.modules)
+
+    def _timed(self, method):
+        """`method` (a stage's forward or backward of one micro-batch), adding its wall time to
+        the busy time while timing is on; on CUDA it waits for the stage's kernels first."""
+        import time
+
+        def timed(*args, **kwargs):
+            if not self._timing:
+                return method(*args, **kwargs)
+            start = time.perf_counter()
+            out = method(*args, **kwargs)
+            if self.ctx.device.type == "cuda":
+                torch.cuda.synchronize(self.ctx.device)
+            self._busy_s += time.perf_counter() - start
+            return out
+
+        return timed
+
+    def start_timing(self) -> None:
+        """From now on, time the training schedule's steps and this rank's stage compute in them."""
+        self._timing, self._busy_s, self._schedule_s = True, 0.0, 0.0
+
+    def stop_timing(self) -> float:
+        """Seconds this rank's stages waited inside the training schedule since start_timing: the
+        schedule's wall time less their forwards and backwards (bubble, and the sends between
+        stages when they do not overlap)."""
+        self._timing = False
+        return self._schedule_s - self._busy_s
 
     def eval_schedule(self, n_batches: int):
         if n_batches not in self._eval:
@@ -255,7 +250,14 @@ class Pipeline:
         args = (inputs_BS,) if first else ()
         target = targets_BS if self.has_last else None
         if train:
+            import time
+
+            start = time.perf_counter()
             schedule.step(*args, target=target, losses=losses)
+            if self._timing:
+                if self.ctx.device.type == "cuda":
+                    torch.cuda.synchronize(self.ctx.device)
+                self._schedule_s += time.perf_counter() - start
         else:
             with torch.no_grad():
                 schedule.eval(*args, target=target, losses=losses)

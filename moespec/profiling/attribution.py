@@ -76,3 +76,15 @@ def region_seconds(events) -> tuple[dict[str, float], float, int]:
             by_region[region] += e.time_range.elapsed_us() / 1e6
     by_region["other"] = max(total_s - sum(by_region.values()), 0.0)
     return dict(by_region), total_s, len(steps)
+
+
+def functional_collective_seconds(events) -> float:
+    """Seconds in DTensor's collectives (`_c10d_functional::` ops and their waits) over the
+    profiled steps, forward and backward: tensor parallelism's all-reduces. They sit inside
+    the regions above too (attention, dense_ffn), so this is a figure of its own, not a part."""
+    total_us = 0.0
+    for e in events:
+        if e.device_type.name == "CPU" and e.name.startswith("_c10d_functional::"):
+            if not any(node.name.startswith("_c10d_functional::") for node in _ancestors(e)):
+                total_us += e.time_range.elapsed_us()
+    return total_us / 1e6

@@ -38,7 +38,7 @@ from moespec.spec.plan import SpecPlan
 class RankMeasurement:
     rank: int
     step_s: list[float]  # each timed optimizer step, seconds
-    flops_per_microstep: int  # FlopCounterMode, forward + backward of one micro-batch
+    flops_per_microstep: int | None  # FlopCounterMode, forward + backward of one micro-batch (None: tp or pp > 1)
     a2a_bytes_per_microstep: float  # sent to other ranks, own chunk excluded (dispatch + combine)
     a2a_calls_per_microstep: float
     shuffle_bytes_per_microstep: float  # BASE's token shuffle, sent to other ranks
@@ -51,6 +51,10 @@ class RankMeasurement:
     memory_by_category: dict = field(default_factory=dict)  # memory_by_category(): {"peak", "at_optimizer_step", ...}
     tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> [E], timed steps
     dropped_fraction: dict[int, float] = field(default_factory=dict)  # MoE layer -> mean share dropped
+    tp_all_reduce_calls_per_microstep: float = 0.0  # tensor parallel's all-reduces (DTensor's functional collectives)
+    tp_all_reduce_bytes_per_microstep: float = 0.0  # their payload, the tensor each rank contributes
+    pipeline_idle_s: float | None = None  # per step: the schedule's wall time less this rank's stage compute
+    tp_all_reduce_s: float = 0.0  # per profiled step: DTensor's collectives (inside the regions above)
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -118,19 +122,35 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
         shard_experts(model, dist_ctx)
     apply_recompute(model, plan.parallel.recompute)
     setup = prepare_training(model, plan, dist_ctx=dist_ctx)
-    batches = TrainingBatches(plan, device, seed, rank)
+    batches = TrainingBatches(plan, device, seed, rank if dist_ctx is None else dist_ctx.dp_rank)  # tp and pp ranks of a replica: one stream
 
-    # 1. FLOPs of one micro-step (forward + backward), gradients thrown away.
-    window = batches.step()[0]
-    with FlopCounterMode(display=False) as flop_counter:
-        _, ce, aux = batch_loss(setup.model, window)
-        (ce + aux.aux_loss).backward()
-    flops = int(flop_counter.get_total_flops())
-    setup.bare_model.zero_grad(set_to_none=True)
+    split = dist_ctx is not None and (dist_ctx.tp_size > 1 or dist_ctx.pp_size > 1)
+    # 1. FLOPs of one micro-step (forward + backward), gradients thrown away. Not under tp or
+    # pp: FlopCounterMode counts a DTensor matmul at its global shape, and a pipeline step has
+    # no one-micro-batch forward to count.
+    flops = None
+    if not split:
+        window = batches.step()[0]
+        with FlopCounterMode(display=False) as flop_counter:
+            _, ce, aux = batch_loss(setup.model, window)
+            (ce + aux.aux_loss).backward()
+        flops = int(flop_counter.get_total_flops())
+        setup.bare_model.zero_grad(set_to_none=True)
 
-    # 2. Warm-up, then timed steps.
+    # 2. Warm-up, then timed steps (the tensor-parallel collectives counted in one more step).
     for _ in range(warmup):
         train_step(setup, plan, batches.step())
+    tp_calls = tp_bytes = 0.0
+    if split and dist_ctx.tp_size > 1:
+        from moespec.distributed.parity import CollectiveCounter
+
+        with CollectiveCounter(count_bytes=True) as comm:
+            train_step(setup, plan, batches.step())
+        key = torch.ops._c10d_functional.all_reduce
+        tp_calls = comm.counts.get(key, 0) / plan.parallel.grad_accum
+        tp_bytes = comm.bytes.get(key, 0) / plan.parallel.grad_accum
+    if setup.pipeline is not None:
+        setup.pipeline.start_timing()
     counters, shuffles = _ep_counters(setup.bare_model), _ep_counters(setup.bare_model, "shuffle_counter")
     for counter in counters + shuffles:
         counter.reset()
@@ -162,14 +182,18 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     a2a_bytes = sum(c.total_bytes for c in counters) / micro_steps
     a2a_calls = sum(c.calls for c in counters) / micro_steps
     shuffle_bytes = sum(c.total_bytes for c in shuffles) / micro_steps
+    idle = None
+    if setup.pipeline is not None:
+        idle = setup.pipeline.stop_timing() / steps
     held = state_bytes(setup.bare_model, setup.optimizers)  # after the last step, gradients still there
     peak = int(torch.cuda.max_memory_allocated(device)) if cuda else peak_rss_bytes()
 
-    # 3. One untimed step under MemTracker (it slows the step down, and its hooks stay out of the timed ones).
-    by_category = memory_by_category(setup, plan, batches.step())
+    # 3. One untimed step under MemTracker (it slows the step down, and its hooks stay out of the
+    # timed ones). Not under tp or pp yet: the tracker follows one module's forward and backward.
+    by_category = {} if split else memory_by_category(setup, plan, batches.step())
 
     # 4. Profiled steps: traces and time per region.
-    region_s, profiled_s = _profile_steps(setup, plan, batches, trace_dir, trace_steps, rank, cuda)
+    region_s, profiled_s, tp_s = _profile_steps(setup, plan, batches, trace_dir, trace_steps, rank, cuda)
     return RankMeasurement(
         rank=rank,
         step_s=step_s,
@@ -186,6 +210,10 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
         memory_by_category=by_category,
         tokens_per_expert={layer: [int(v) for v in counts.tolist()] for layer, counts in sorted(loads.items())},
         dropped_fraction=dict(sorted(dropped.items())),
+        tp_all_reduce_calls_per_microstep=tp_calls,
+        tp_all_reduce_bytes_per_microstep=tp_bytes,
+        pipeline_idle_s=idle,
+        tp_all_reduce_s=tp_s,
     )
 
 
@@ -285,7 +313,7 @@ def _profile_steps(setup, plan, batches, trace_dir: Path | None, trace_steps: in
     from moespec.train import train_step
 
     if trace_steps < 1:
-        return {}, 0.0
+        return {}, 0.0, 0.0
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     handler = tensorboard_trace_handler(str(trace_dir), worker_name=f"rank{rank}") if trace_dir else None
     with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=trace_steps, repeat=1),
@@ -293,6 +321,12 @@ def _profile_steps(setup, plan, batches, trace_dir: Path | None, trace_steps: in
         for _ in range(trace_steps + 1):
             train_step(setup, plan, batches.step())
             prof.step()
-    by_region, total_s, n_steps = region_seconds(prof.events())
+    events = prof.events()
+    by_region, total_s, n_steps = region_seconds(events)
+    tp_s = 0.0
+    if getattr(setup.dist_ctx, "tp_size", 1) > 1:
+        from moespec.profiling.attribution import functional_collective_seconds
+
+        tp_s = functional_collective_seconds(events)  # inside the attention and dense_ffn regions
     n_steps = max(n_steps, 1)
-    return {name: seconds / n_steps for name, seconds in by_region.items()}, total_s / n_steps
+    return {name: seconds / n_steps for name, seconds in by_region.items()}, total_s / n_steps, tp_s / n_steps

@@ -71,8 +71,9 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
     tokens = p.global_batch * (plan.model.seq_len + (plan.model.encoder.seq_len if plan.model.encoder else 0))  # an encoder-decoder: inputs and targets
     peak = backend.device.peak_flops_per_s["fp32" if p.precision == "fp32" else p.precision]
     # A rank computes the rows routed to its experts; their mean over the ranks is exact.
-    flops_rank = statistics.mean(r["flops_per_microstep"] for r in ranks)
-    achieved = sum(r["flops_per_microstep"] for r in ranks) * p.grad_accum / median_s
+    counted = all(r["flops_per_microstep"] is not None for r in ranks)  # not under tp or pp (measure.py says why)
+    flops_rank = statistics.mean(r["flops_per_microstep"] for r in ranks) if counted else None
+    achieved = sum(r["flops_per_microstep"] for r in ranks) * p.grad_accum / median_s if counted else None
     model_flops_per_token = predicted["time"]["model_flops_per_token"]
     mfu = model_flops_per_token * tokens / median_s / (p.world * peak)
     a2a_bytes = statistics.mean(r["a2a_bytes_per_microstep"] for r in ranks)
@@ -84,10 +85,20 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         _row("step time (s, median)", median_s, time["step_s"], timed=True),
         _row("tokens/s", tokens / median_s, time["tokens_per_s"], timed=True),
         _row("MFU", mfu, time["mfu"], timed=True),
-        _row("matmul FLOPs per rank per micro-step (mean)", flops_rank, predicted["step_flops_per_rank_microstep"], exact=True),
         _row("all-to-all bytes per rank per micro-step", a2a_bytes, predicted["a2a_bytes_per_rank_microstep"], exact=not routing_dependent(plan)),
         _row("all-to-all time per step, transfer + wait (s)", a2a_measured_s, time["a2a_s"] + _a2a_wait_s(plan, backend, predicted), timed=True),
     ]
+    if counted:
+        rows.insert(3, _row("matmul FLOPs per rank per micro-step (mean)", flops_rank, predicted["step_flops_per_rank_microstep"], exact=True))
+    if p.tp > 1:  # every tp rank contributes the same tensors
+        rows.append(_row("tensor-parallel all-reduces per rank per micro-step", max(r["tp_all_reduce_calls_per_microstep"] for r in ranks),
+                         predicted["tp_all_reduce_calls_per_rank_microstep"], exact=True))  # fmt: skip
+        rows.append(_row("tensor-parallel all-reduce bytes per rank per micro-step", max(r["tp_all_reduce_bytes_per_microstep"] for r in ranks),
+                         predicted["tp_all_reduce_bytes_per_rank_microstep"], exact=True))  # fmt: skip
+        rows.append(_row("tensor-parallel all-reduce time per step (s)", statistics.mean(r["tp_all_reduce_s"] for r in ranks) * scale, time["tp_comm_s"], timed=True))
+    if p.pp > 1:  # the busiest stage waits least: the step waits for the stage that idles most
+        idle = max(r["pipeline_idle_s"] for r in ranks)
+        rows.append(_row("pipeline idle per step, bubble + stage sends (s)", idle, time["bubble_s"] + time["pp_comm_s"], timed=True))
     shuffle = max(r["shuffle_bytes_per_microstep"] for r in ranks)
     if shuffle or predicted["shuffle_a2a_bytes_per_rank_microstep"]:
         rows.insert(5, _row("BASE shuffle bytes per rank per micro-step", shuffle, predicted["shuffle_a2a_bytes_per_rank_microstep"], exact=True))
@@ -113,6 +124,8 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         "world": p.world,
         "dp": p.dp,
         "ep": p.ep,
+        "tp": p.tp,
+        "pp": p.pp,
         "threads_per_rank": threads,
         "steps": steps,
         "warmup": warmup,
@@ -135,7 +148,8 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         },
         "predicted": predicted,
         "comparison": rows,
-        "memory_by_category": memory_by_category(ranks, predicted["memory_per_device"]),
+        "memory_by_category": memory_by_category(ranks, predicted["memory_per_device"]) if all(r["memory_by_category"] for r in ranks)
+        else {"source": "not measured under tensor or pipeline parallelism yet", "rows": [], "ranks": []},
         "exact_counts": all(r["equal"] for r in rows if r["exact"]),
         "calibrated_error_band": band,
         "noisy": band is not None and spread is not None and spread > band,

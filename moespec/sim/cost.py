@@ -41,6 +41,7 @@ from moespec.sim.counts import FULL, a2a_transfers, compute_bytes, exact_counts,
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.overhead import ELEMENTWISE_PASSES
 from moespec.sim.topology import build_topology
+from moespec.spec.stages import PP_SCHEDULES
 
 ALLOCATOR_ALLOWANCE = 0.10  # fragmentation and workspace: 10% on top of the tensors' peak, for `fits`
 DEFAULT_OVERLAP = 0.5  # share of data-parallel gradient traffic hidden behind the backward pass
@@ -367,7 +368,8 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s
     # idle share of a stage: (pp-1) / (v*m + pp-1) with v stages per rank (Narayanan et al. 2021:
     # interleaving v chunks per rank divides the bubble by v); GPipe and 1F1B: v = 1
-    bubble_s = np.where(b.pp > 1, (b.pp - 1) / (b.pp_virtual * micro_steps + b.pp - 1) * pipelined_s, 0.0)
+    virtual = np.where(b.pp_schedule == PP_SCHEDULES.index("interleaved_1f1b"), 2, 1)
+    bubble_s = np.where(b.pp > 1, (b.pp - 1) / (virtual * micro_steps + b.pp - 1) * pipelined_s, 0.0)
     step_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s + pp_comm_s + exposed_s + bubble_s + optimizer_s
     tokens_per_s = b.global_batch * (b.seq_len + b.cross_len) / step_s  # an encoder-decoder's: inputs and targets
     mfu = counts["model_flops_per_token"] * tokens_per_s / (world * peak)

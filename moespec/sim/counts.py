@@ -222,9 +222,14 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
         # split modules (attention in every block, dense FFNs, shared experts): each all-reduces
         # once forward (again in a full replay) and once backward, per micro-step
         split = n_layers + n_dense + total(c(np.where(layers.moe, layers.shared_count > 0, layers.d_ff > 0)))
-        tp_all_reduces = np.where(b.tp > 1, (2 + (b.recompute == FULL)) * split, 0)
+        forwards = 1 + (b.recompute == FULL)
+        tp_all_reduces = np.where(b.tp > 1, (forwards + 1) * split, 0)
+        # forward: a row-parallel output in the compute dtype; backward: the gradient of the
+        # module's input, a norm's output, float32 under autocast too
+        rows = t * d
+        tp_all_reduce_bytes = np.where(b.tp > 1, split * rows * (forwards * c(compute_bytes(b)) + 4), 0)
     else:
-        tp_saved_params = tp_saved_flops = tp_all_reduces = np.zeros(n, dtype=dtype)
+        tp_saved_params = tp_saved_flops = tp_all_reduces = tp_all_reduce_bytes = np.zeros(n, dtype=dtype)
 
     # All-to-all bytes one rank sends to others per micro-step (REFERENCE sec. 4): per transfer,
     # the rows held for the other ep - 1 ranks' experts (whole rows; int64 division).
@@ -266,6 +271,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
         "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
         "model_flops_per_seq": model_flops_per_seq, "frozen_params": total(np.where(layers.selection_bias, e, 0)),
         "tp_saved_params": tp_saved_params, "tp_saved_flops": tp_saved_flops, "tp_all_reduce_calls": c(tp_all_reduces),
+        "tp_all_reduce_bytes": c(tp_all_reduce_bytes),
         **{f"flops_{name}": value for name, value in parts.items()},
     }  # fmt: skip
     if b.encoder is not None:  # the encoder stack's figures add up (its root: none; its final norm: counted)

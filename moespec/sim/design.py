@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moespec.spec.plan import ROUTER_TYPES, LayerPlan, SpecPlan
+from moespec.spec.stages import PP_SCHEDULES
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # DesignBatch.precision codes
 RECOMPUTE = ("none", "selective", "full")  # DesignBatch.recompute codes
@@ -163,7 +164,7 @@ class DesignBatch:
     precision: np.ndarray  # index into PRECISIONS
     zero_stage: np.ndarray
     recompute: np.ndarray  # index into RECOMPUTE
-    pp_virtual: np.ndarray  # pipeline stages per rank: 2 under interleaved_1f1b, else 1
+    pp_schedule: np.ndarray  # index into spec.stages.PP_SCHEDULES
     cross_len: np.ndarray  # encoder tokens per sequence each block cross-attends to (0: decoder-only)
     rel_buckets: np.ndarray  # T5's relative-bias rows (0: none); the attention then takes SDPA's math path
     headless: np.ndarray  # an encoder stack's part: no embedding, LM head or loss of its own
@@ -339,5 +340,5 @@ def _row(plan: SpecPlan, layers, *, headless: bool) -> dict:
         "rel_buckets": m.relative_buckets if m.positions == "relative" else 0, "headless": headless, "lstm": m.host == "lstm",
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
-        "pp_virtual": 2 if p.pp_schedule == "interleaved_1f1b" else 1,
+        "pp_schedule": PP_SCHEDULES.index(p.pp_schedule),
     }  # fmt: skip

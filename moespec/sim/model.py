@@ -109,13 +109,14 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
         "global_batch": plan.parallel.global_batch,
         "params": {"total": one["params_total"], "active": one["params_active"], "embedding": one["params_embedding"],
                    "embeddings_in_active": True},  # fmt: skip
-        "step_flops_per_rank_microstep": one["step_flops"] - one["tp_saved_flops"],  # pp > 1: the whole model's (stages not apart yet)
+        "step_flops_per_rank_microstep": one["step_flops"] - one["tp_saved_flops"],  # pp > 1: the busiest stage's (_busiest_stage)
         "step_flops_by_part": by_part,
         "compute_s_by_part": compute_by_part_s,
         "a2a_bytes_per_rank_microstep": one["a2a_bytes"],
         "shuffle_a2a_bytes_per_rank_microstep": one["shuffle_a2a_bytes"],
         "a2a_calls_per_rank_microstep": one["a2a_calls"],
         "tp_all_reduce_calls_per_rank_microstep": one["tp_all_reduce_calls"],
+        "tp_all_reduce_bytes_per_rank_microstep": one["tp_all_reduce_bytes"],
         "collective_calls_per_step": {"all_to_all": one["a2a_calls"] * plan.parallel.grad_accum,
                                       "all_gather": one["zero_all_gather_calls"], "reduce_scatter": one["zero_reduce_scatter_calls"]},
         "state_bytes_per_rank": {name: int(one[f"state_{name}_bytes"]) for name in ("params", "grads", "optimizer")},
@@ -137,7 +138,32 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
     }
     if load is not None:
         report["load"] = _load_report(plan, load, factors)
+    if plan.parallel.pp > 1:
+        _busiest_stage(report, plan, backend)
     return report
+
+
+def _busiest_stage(report: dict, plan: SpecPlan, backend: Backend) -> None:
+    """pp > 1: per-rank counts of the pipeline rank that holds (or computes) the most, exactly
+    (sim/stages.py), instead of 1/pp of the model; activations and times stay the average stage's."""
+    from moespec.sim.cost import ALLOCATOR_ALLOWANCE
+    from moespec.sim.stages import busiest_rank
+
+    stages = busiest_rank(plan)
+    most = stages["most_state"]
+    memory = report["memory_per_device"]
+    new = {"weights": most["params_bytes"], "grads": most["grads_bytes"], "optimizer": most["optimizer_bytes"]}
+    memory["total_bytes"] += sum(new[k] - memory[f"{k}_bytes"] for k in new)
+    for key, value in new.items():
+        memory[f"{key}_bytes"] = value
+    memory["allowance_bytes"] = ALLOCATOR_ALLOWANCE * memory["total_bytes"]
+    memory["fits"] = memory["total_bytes"] + memory["allowance_bytes"] <= backend.device.memory_bytes
+    report["state_bytes_per_rank"] = {"params": new["weights"], "grads": new["grads"], "optimizer": new["optimizer"]}
+    report["step_flops_per_rank_microstep"] = stages["most_flops"]["step_flops"]
+    report["tp_all_reduce_calls_per_rank_microstep"] = max(r["tp_all_reduce_calls"] for r in stages["ranks"])
+    report["tp_all_reduce_bytes_per_rank_microstep"] = max(r["tp_all_reduce_bytes"] for r in stages["ranks"])
+    report["pipeline"] = {"schedule": plan.parallel.pp_schedule, "stages": stages["bounds"], "ranks": stages["ranks"],
+                          "note": "per-rank counts and state: the pipeline rank with the most; activations and times: the average stage"}  # fmt: skip
 
 
 def _load_report(plan: SpecPlan, load: Load, factors: dict) -> dict:

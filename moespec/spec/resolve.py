@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from moespec.spec.errors import PathT, SpecError, SpecErrors
 from moespec.spec import rules
+from moespec.spec.stages import PP_SCHEDULES
 from moespec.spec.plan import (
     EncoderPlan,
     MLAPlan,
@@ -296,12 +297,10 @@ def _pipeline_checks(p: dict, model: ModelPlan, pp: int, n_micro: int | None, er
         errors.add(("parallelism", "precision"), "fp16 needs loss scaling, which the pipeline schedules do not apply; use bf16 or fp32 with pp > 1")
     if n_micro is None:
         return
-    if schedule == "1f1b" and n_micro < pp:
-        errors.add(("parallelism", "pp_schedule"), f"1f1b needs at least pp ({pp}) micro-batches per step, and global_batch / "
-                   f"(micro_batch * dp) gives {n_micro}; raise global_batch to {pp * p['micro_batch'] * p['dp']} or use gpipe")  # fmt: skip
-    if schedule == "interleaved_1f1b" and n_micro % max(1, n_micro // pp):
-        errors.add(("parallelism", "pp_schedule"), f"interleaved_1f1b runs micro-batches in rounds of pp ({pp}): {n_micro} per step "
-                   f"is not a multiple of {max(1, n_micro // pp)} rounds; make global_batch / (micro_batch * dp) a multiple of pp")  # fmt: skip
+    values = {"pp": pp, "pp_schedule": PP_SCHEDULES.index(schedule), "global_batch": n_micro * p["micro_batch"] * p["dp"],
+              "micro_batch": p["micro_batch"], "dp": p["dp"]}  # fmt: skip
+    if rules.PP_MICRO_BATCHES.check(values):
+        errors.add(rules.PP_MICRO_BATCHES.path, rules.PP_MICRO_BATCHES.explain(values))
 
 
 def _tensor_parallel_checks(p: dict, model: ModelPlan, tp: int, errors: _Errors) -> None:

@@ -99,8 +99,32 @@ GLOBAL_BATCH_MULTIPLE = Rule(
     message=_global_batch_message,
 )
 
+def _pp_micro_violated(pp, pp_schedule, global_batch, micro_batch, dp):
+    n = global_batch // (micro_batch * dp)  # micro-batches per step (the pipeline's)
+    rounds = n // pp + (n < pp)  # max(1, n // pp), for scalars and arrays alike
+    return (pp > 1) & (((pp_schedule == 1) & (n < pp)) | ((pp_schedule == 2) & (n % rounds != 0)))
+
+
+def _pp_micro_message(pp, pp_schedule, global_batch, micro_batch, dp) -> str:
+    n = global_batch // (micro_batch * dp)
+    if pp_schedule == 1:
+        return (f"1f1b needs at least pp ({pp}) micro-batches per step, and global_batch / (micro_batch * dp) gives {n}; "
+                f"raise global_batch to {pp * micro_batch * dp} or use gpipe")  # fmt: skip
+    return (f"interleaved_1f1b runs micro-batches in rounds of pp ({pp}): {n} per step is not a multiple of "
+            f"{max(1, n // pp)} rounds; make global_batch / (micro_batch * dp) a multiple of pp")  # fmt: skip
+
+
+PP_MICRO_BATCHES = Rule(
+    name="pp_micro_batches",
+    path=("parallelism", "pp_schedule"),
+    short="too few micro-batches for the pipeline schedule",
+    inputs=("pp", "pp_schedule", "global_batch", "micro_batch", "dp"),  # pp_schedule: a code into spec.stages.PP_SCHEDULES
+    violated=_pp_micro_violated,
+    message=_pp_micro_message,
+)
+
 # In resolve.py's order; the explorer gives a design the first rule it breaks.
-PARALLEL_RULES = (TP_DIVIDES_HEADS, PP_WITHIN_LAYERS, EP_DIVIDES_DP, GLOBAL_BATCH_MULTIPLE)
+PARALLEL_RULES = (TP_DIVIDES_HEADS, PP_WITHIN_LAYERS, EP_DIVIDES_DP, GLOBAL_BATCH_MULTIPLE, PP_MICRO_BATCHES)
 
 # --- MoE layers: each rule for the routers it names ------------------------------------------
 

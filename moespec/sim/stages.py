@@ -1,0 +1,104 @@
+"""Per pipeline rank, exactly: what the rank that holds the most keeps and computes when
+pp > 1 (`simulate` of one plan; `explore` keeps the average stage, 1/pp of the model).
+
+Each block's figures come from the one cost model (sim/counts.py) by difference: the plan's
+figures are the model's outer part (embeddings, final norm, head) plus every block's, so a
+one-block plan of block i gives outer + block_i, and the n one-block plans together with the
+whole plan give outer = (sum of them - whole) / (n - 1). A stage is then its blocks, plus the
+embeddings on the first and the final norm and head on the last (with a tied head the last
+stage holds its own copy of the table, distributed/pipeline.py). The split is the runtime's
+(spec/stages.py) on the blocks' active parameters per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from moespec.sim.counts import exact_counts, frozen_sharded_elements, sharded_elements
+from moespec.sim.design import DesignBatch
+from moespec.spec.plan import SpecPlan
+from moespec.spec.stages import rank_stages, stage_bounds, stages_per_rank
+
+# additive figures split by block: name in exact_counts (or "sharded" for ZeRO's row chunks)
+_FIGURES = ("params_total", "params_active", "expert_params", "tp_saved_params", "tp_saved_flops", "step_flops", "flops_lm_head",
+            "tp_all_reduce_calls", "tp_all_reduce_bytes", "frozen_params", "sharded", "frozen_sharded")  # fmt: skip
+
+
+def _one_block(plan: SpecPlan, i: int) -> SpecPlan:
+    layer = plan.layers[i]
+    model = dataclasses.replace(
+        plan.model, n_layers=1,
+        window_layers=(0,) if i in plan.model.window_layers else (),
+        nope_layers=(0,) if i in plan.model.nope_layers else (),
+    )  # fmt: skip
+    parallel = dataclasses.replace(plan.parallel, pp=1, pp_layers=None)
+    return dataclasses.replace(plan, model=model, layers=(dataclasses.replace(layer, index=0),), parallel=parallel)
+
+
+def _figures(plans: list[SpecPlan]) -> dict[str, np.ndarray]:
+    batch = DesignBatch.from_plans(plans)
+    figures = exact_counts(batch)
+    out = {name: np.asarray(figures[name], dtype=object) for name in _FIGURES if not name.endswith("sharded")}
+    out["sharded"] = np.asarray(sharded_elements(batch), dtype=np.float64)  # ZeRO's row chunks over dp (experts over dp/ep)
+    out["frozen_sharded"] = np.asarray(frozen_sharded_elements(batch), dtype=np.float64)
+    return out
+
+
+def block_figures(plan: SpecPlan) -> tuple[list[dict], dict]:
+    """(per block: its share of each figure, the outer part's), by difference (module docstring)."""
+    n = len(plan.layers)
+    whole = _figures([dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, pp=1, pp_layers=None))])
+    singles = _figures([_one_block(plan, i) for i in range(n)])
+    outer = {name: (singles[name].sum() - whole[name][0]) / (n - 1) if n > 1 else 0 for name in _FIGURES}
+    if n == 1:  # one block: nothing to difference; the head is the outer part's only matmul
+        outer = {name: 0 for name in _FIGURES}
+    blocks = [{name: singles[name][i] - outer[name] for name in _FIGURES} for i in range(n)]
+    return blocks, outer
+
+
+def busiest_rank(plan: SpecPlan) -> dict:
+    """The figures of the pipeline rank that holds the most parameters (ties: the first), and
+    of the rank that computes the most FLOPs, per micro-step; with the split and per-rank lists."""
+    p, m = plan.parallel, plan.model
+    blocks, outer = block_figures(plan)
+    weights = [int(b["params_active"]) for b in blocks]
+    head_weight = m.vocab_size * m.d_model
+    bounds = stage_bounds(plan, p.pp * stages_per_rank(p.pp_schedule), weights, head_weight)
+    n_stages = len(bounds)
+    embedding = m.vocab_size * m.d_model + (m.seq_len * m.d_model if m.positions == "learned" else 0)
+    dp = p.dp
+    chunk = lambda rows, width: -(-rows // dp) * width  # noqa: E731  (FSDP2's Shard(0) over dp)
+    embedding_sharded = chunk(m.vocab_size, m.d_model) + (chunk(m.seq_len, m.d_model) if m.positions == "learned" else 0)
+    ranks = []
+    for stages in rank_stages(plan):
+        fig = {name: 0 for name in _FIGURES}
+        for s in stages:
+            for block in blocks[bounds[s][0] : bounds[s][1]]:
+                for name in _FIGURES:
+                    fig[name] += block[name]
+            if s == 0:
+                fig["params_total"] += embedding
+                fig["sharded"] += embedding_sharded
+            if s == n_stages - 1:  # final norm and head: the outer part less the embeddings, and a tied head's table
+                tied = m.vocab_size * m.d_model if m.tied_embeddings else 0
+                fig["params_total"] += outer["params_total"] - embedding + tied
+                fig["sharded"] += outer["sharded"] - embedding_sharded + (chunk(m.vocab_size, m.d_model) if m.tied_embeddings else 0)
+                for name in ("step_flops", "flops_lm_head"):
+                    fig[name] += outer[name]
+        dense = fig["params_total"] - fig["expert_params"] - fig["tp_saved_params"]
+        held = dense + fig["expert_params"] // p.ep
+        trainable = held - fig["frozen_params"]
+        sharded = fig["sharded"]  # ZeRO-1's chunks (pp allows stages 0 and 1)
+        ranks.append({
+            "stages": [bounds[s] for s in stages],
+            "params_bytes": 4 * int(held),
+            "grads_bytes": 4 * int(trainable),
+            "optimizer_bytes": int(round(8 * (sharded - fig["frozen_sharded"]))) if p.zero_stage >= 1 else 8 * int(trainable),
+            "step_flops": int(fig["step_flops"] - fig["tp_saved_flops"]),
+            "tp_all_reduce_calls": int(fig["tp_all_reduce_calls"]),
+            "tp_all_reduce_bytes": int(fig["tp_all_reduce_bytes"]),
+        })  # fmt: skip
+    by_params = max(ranks, key=lambda r: r["params_bytes"])
+    return {"bounds": bounds, "ranks": ranks, "most_state": by_params, "most_flops": max(ranks, key=lambda r: r["step_flops"])}
