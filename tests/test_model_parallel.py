@@ -191,13 +191,14 @@ def _profile(tmp_path: Path, parallel: str, *extra: str) -> dict:
 
 @pytest.mark.timeout(300)
 def test_profile_measures_tp_collectives_exactly_as_predicted(tmp_path):
-    report = _profile(tmp_path, "tp: 2, micro_batch: 4, global_batch: 8, precision: bf16")
+    report = _profile(tmp_path, "tp: 2, micro_batch: 4, global_batch: 8, precision: bf16, recompute: full")
     rows = {row["figure"]: row for row in report["comparison"]}
     assert report["exact_counts"] is True, [r for r in report["comparison"] if r["exact"] and not r["equal"]]
-    # 4 attention blocks + 2 dense FFNs, each one all-reduce forward (bf16, 2 bytes) and one
-    # backward (the norm output's gradient, float32): 6 * [4 * 32 tokens, 64] * (2 + 4) bytes
-    assert rows["tensor-parallel all-reduces per rank per micro-step"]["measured"] == 12
-    assert rows["tensor-parallel all-reduce bytes per rank per micro-step"]["measured"] == 6 * 4 * 32 * 64 * (2 + 4)
+    # 4 attention blocks + 2 dense FFNs, each one all-reduce forward (bf16, 2 bytes; again in
+    # the full recomputation's replay) and one backward (the norm output's gradient, float32):
+    # 6 * 3 calls, 6 * [4 * 32 tokens, 64] * (2 * 2 + 4) bytes
+    assert rows["tensor-parallel all-reduces per rank per micro-step"]["measured"] == 18
+    assert rows["tensor-parallel all-reduce bytes per rank per micro-step"]["measured"] == 6 * 4 * 32 * 64 * (2 * 2 + 4)
     assert rows["tensor-parallel all-reduce time per step (s)"]["measured"] > 0
     assert rows["parameters held per rank (bytes)"]["equal"]
 
