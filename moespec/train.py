@@ -132,8 +132,8 @@ def train(
     `on_step` sees every record as it is made (the CLI's progress bar); a record's losses and
     loads are those train_step returns for the step.
 
-    dist_ctx (a `moespec.distributed.context.DistContext`): `model` is this rank's shard
-    (experts already sharded); each rank draws its own batches, dense gradients are averaged
+    dist_ctx (a `moespec.distributed.context.DistContext`): `model` is built whole from the same
+    seed on every rank and laid out here (`prepare_training`); each dp rank draws its own batches, dense gradients are averaged
     by DDP, expert gradients over their expert-data-parallel group, the gradient norm is
     clipped globally, and records carry the mean loss and the summed loads of all ranks.
     """
@@ -212,20 +212,23 @@ class TrainingSetup:
 
 def prepare_training(model: torch.nn.Module, plan: SpecPlan, *, dist_ctx=None, lr: float = 3e-3,
                      weight_decay: float = 0.1, micro_batch: int | None = None) -> TrainingSetup:  # fmt: skip
-    """Split the model as tp and pp say (tensor parallel first, as torchtitan applies TP before
-    anything else), wrap it for data parallelism (FSDP2 turns parameters into shards), and
-    build AdamW. With tp or pp > 1 there is no DDP wrapper: `model_parallel` reduces."""
+    """Lay the model out over the ranks (`parallelize`: its E/ep experts, the tensor-parallel
+    split), cut it into this rank's pipeline stages when pp > 1, wrap it for data parallelism
+    (FSDP2 turns parameters into shards), and build AdamW. With tp or pp > 1 there is no DDP
+    wrapper: `model_parallel` reduces."""
     from moespec.distributed import data_parallel as dp_utils
     from moespec.distributed.model_parallel import is_model_parallel
 
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=plan.parallel.precision == "fp16")
     wrapped, pipeline = model, None
+    if dist_ctx is not None:
+        from moespec.distributed.parallelize import parallelize
+
+        parallelize(model, plan, dist_ctx)  # experts sharded over ep, attention and FFNs over tp
     if is_model_parallel(dist_ctx):
         from moespec.distributed.context import micro_batches_per_step
-        from moespec.distributed.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, dist_ctx.tp_mesh)
         if dist_ctx.pp_size > 1:
             from moespec.distributed.pipeline import Pipeline
 

@@ -144,7 +144,6 @@ def _launch_ranks(spec: Path, plan, *, nproc: int, timeout: float, **options) ->
 def _train_rank(spec: Path, plan, *, timeout: float, steps: int, lr: float, seed: int, batch: int, as_json: bool, eval_every: int) -> None:
     """One rank of a distributed run: join the group, keep this rank's experts, train; rank 0 reports."""
     from moespec.distributed.context import DistributedConfigError, init_distributed, micro_batches_per_step, shutdown
-    from moespec.distributed.data_parallel import shard_experts
     from moespec.model.build import build_model
     from moespec.model.counting import count_parameters
     from moespec.train import train
@@ -154,8 +153,7 @@ def _train_rank(spec: Path, plan, *, timeout: float, steps: int, lr: float, seed
     except DistributedConfigError as exc:
         fail(f"{spec}: {exc}")
     counts = count_parameters(build_model(plan, seed=seed, device="meta"), plan)
-    model = build_model(plan, seed=seed, device="cpu")  # same seed on every rank: one model
-    shard_experts(model, ctx)
+    model = build_model(plan, seed=seed, device="cpu")  # same seed on every rank: one model; train() lays it out over the ranks
     batch = batch or plan.parallel.micro_batch
     quiet = as_json or ctx.rank != 0
     kwargs = dict(steps=steps, lr=lr, batch=batch, seed=seed, eval_every=eval_every, dist_ctx=ctx)

@@ -22,7 +22,7 @@ from moespec.spec.plan import SpecPlan
 
 def measure_step(plan: SpecPlan, ctx, seed: int) -> dict:
     """This rank's figures for one optimizer step of `plan` (see the module docstring)."""
-    from moespec.distributed.data_parallel import moe_layers, shard_experts
+    from moespec.distributed.data_parallel import moe_layers
     from moespec.distributed.parallelize import apply_recompute
     from moespec.distributed.state import count_collectives, state_bytes
     from moespec.model.build import build_model
@@ -30,7 +30,6 @@ def measure_step(plan: SpecPlan, ctx, seed: int) -> dict:
 
     p = plan.parallel
     model = build_model(plan, seed=seed, device=ctx.device)
-    shard_experts(model, ctx)
     apply_recompute(model, p.recompute)
     setup = prepare_training(model, plan, dist_ctx=ctx)
     setup.model.train()

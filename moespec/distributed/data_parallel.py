@@ -42,6 +42,8 @@ def shard_experts(model: nn.Module, ctx: DistContext) -> None:
     if ctx.ep_size == 1:
         return
     for layer in moe_layers(model):
+        if layer.expert_parallel is not None:  # sharded already: applying the layout twice is once
+            continue
         layer.shard_experts(ExpertParallel(group=ctx.ep_group, rank=ctx.ep_rank, size=ctx.ep_size))
 
 

@@ -1,7 +1,8 @@
 """What is applied to a built model from outside it (torchtitan's `parallelize_*` pattern):
 the model's modules hold no process group and no recomputation switch; functions here wrap
-them: activation recomputation (`parallelism.recompute`) here; tensor parallelism in
-tensor_parallel.py and pipeline stages in pipeline.py, applied by `train.prepare_training`.
+them: the layout over ranks (`parallelize`: expert parallelism, then tensor parallelism from
+tensor_parallel.py) and activation recomputation (`parallelism.recompute`) here; pipeline
+stages (pipeline.py) and data parallelism wrap the result in `train.prepare_training`.
 
 Recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models"), each mode a set of modules whose forward runs through
@@ -32,6 +33,20 @@ from moespec.model.layers import AttentionCore, DecoderBlock
 from moespec.model.recompute import checkpoint
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def parallelize(model: nn.Module, plan, ctx) -> nn.Module:
+    """The model's layout over the ranks of `ctx`, applied in place from outside the model code:
+    expert parallelism (each rank keeps its E/ep experts of every MoE layer and gets the
+    all-to-all group) and tensor parallelism (tensor_parallel.py). Pipeline stages and data
+    parallelism wrap the result (`train.prepare_training`). Applying it twice is once."""
+    from moespec.distributed.data_parallel import shard_experts
+    from moespec.distributed.tensor_parallel import apply_tensor_parallel
+
+    shard_experts(model, ctx)
+    if ctx.tp_size > 1:
+        apply_tensor_parallel(model, ctx.tp_mesh)
+    return model
 
 
 def apply_recompute(model: nn.Module, mode: str) -> nn.Module:

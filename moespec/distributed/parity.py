@@ -201,7 +201,7 @@ def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
     collectives one micro-step's forward and backward called."""
     import dataclasses
 
-    from moespec.distributed.data_parallel import all_reduce_mean, expert_parameter_names, shard_experts
+    from moespec.distributed.data_parallel import all_reduce_mean, expert_parameter_names
     from moespec.distributed.model_parallel import sync_gradients
     from moespec.model.build import build_model
     from moespec.train import accumulate_gradients, merge_step_aux, prepare_training
@@ -220,7 +220,6 @@ def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
 
     model = build_model(plan, seed=seed, device=ctx.device)
     model.train()
-    shard_experts(model, ctx)
     setup = prepare_training(model, plan, dist_ctx=ctx)
     windows = [tokens[ctx.dp_rank, m * B : (m + 1) * B] for m in range(n_micro)]
     with CollectiveCounter() as comm:

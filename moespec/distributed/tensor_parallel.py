@@ -34,8 +34,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 
-    if tp_mesh.size() == 1:
+    if tp_mesh.size() == 1 or getattr(model, "_moespec_tp", False):
         return model
+    model._moespec_tp = True
     # The module's input becomes one replicated DTensor that its column-parallel projections
     # share, so their input gradients are summed as DTensors and all-reduced once in
     # backward (q, k and v would otherwise each all-reduce their own).

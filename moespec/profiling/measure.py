@@ -106,7 +106,6 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     from torch.utils.flop_counter import FlopCounterMode
 
     from moespec.distributed.context import check_world
-    from moespec.distributed.data_parallel import shard_experts
     from moespec.distributed.parallelize import apply_recompute
     from moespec.distributed.state import state_bytes
     from moespec.model.build import build_model
@@ -118,8 +117,6 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     cuda = device.type == "cuda"
     baseline = 0 if cuda else peak_rss_bytes()
     model = build_model(plan, seed=seed, device=device)
-    if dist_ctx is not None:
-        shard_experts(model, dist_ctx)
     apply_recompute(model, plan.parallel.recompute)
     setup = prepare_training(model, plan, dist_ctx=dist_ctx)
     batches = TrainingBatches(plan, device, seed, rank if dist_ctx is None else dist_ctx.dp_rank)  # tp and pp ranks of a replica: one stream

@@ -58,7 +58,6 @@ def time_training_steps(plans: dict, device: torch.device, *, rounds: int = 20, 
     (with `dist_ctx`, one DistContext or one per plan name, on every rank at once, DDP
     included, the slowest rank's), interleaved: round after round, one step of every plan, so that a machine whose speed
     drifts (a shared VM) moves every plan's median alike instead of skewing their ratios."""
-    from moespec.distributed.data_parallel import shard_experts
     from moespec.model.build import build_model
     from moespec.profiling.measure import TrainingBatches
     from moespec.train import prepare_training, train_step
@@ -69,8 +68,6 @@ def time_training_steps(plans: dict, device: torch.device, *, rounds: int = 20, 
     for name, plan in plans.items():
         ctx = dist_ctx.get(name) if isinstance(dist_ctx, dict) else dist_ctx
         model = build_model(plan, seed=seed, device=device)
-        if ctx is not None:
-            shard_experts(model, ctx)
         setup = prepare_training(model, plan, dist_ctx=ctx)
         batches = TrainingBatches(plan, device, seed, ctx.rank if ctx is not None else 0)
         steps[name] = (lambda setup=setup, plan=plan, batches=batches: train_step(setup, plan, batches.step()))
