@@ -36,6 +36,8 @@ WORLD_2 = [
     # gpt-oss in miniature: GQA, sinks split with the heads, q/k/v/o biases, dropless top-4
     ("tp2-oss", case("tiny-oss.yaml", tp=2, micro_batch=2, global_batch=4)),
     ("tp2-topk", case("tiny-topk.yaml", tp=2, micro_batch=2, global_batch=4)),
+    # a random router (SparseMixer samples in training): every tp rank draws the single process's samples
+    ("tp2-sparsemixer", case("tiny-sparsemixer.yaml", tp=2, micro_batch=2, global_batch=4)),
     # shared experts (2 x 33 = 66 wide, gated output) beside a dense block, q/k/v biases, a tied head
     ("tp2-shared", plan_fields(plan_from_text("""version: 1
 name: tp-shared

@@ -28,9 +28,6 @@ def simulate_command(
     from moespec.sim.model import simulate
 
     plan = load_plan_or_exit(spec)
-    if plan.parallel.pp_layers:
-        fail(f"{spec}: parallelism.pp_layers sets the stage split that train runs, and the simulator costs even stages only; "
-             "remove pp_layers to simulate the balanced split")  # fmt: skip
     if not 0 <= overlap <= 1:
         fail(f"--overlap must be between 0 and 1, got {overlap}")
     if not imbalance >= 1:

@@ -128,31 +128,23 @@ def init_distributed(plan: SpecPlan, *, timeout_s: float = 120.0, device: str = 
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     p = plan.parallel
+    common = dict(rank=rank, world=world, local_rank=local_rank, device=torch_device, backend=backend, dp_size=p.dp,
+                  ep_size=p.ep, edp_size=p.dp // p.ep)  # fmt: skip
     if p.tp > 1 or p.pp > 1:
-        return _model_parallel_context(plan, rank, world, local_rank, torch_device, backend)
+        return _model_parallel_context(plan, common)
     mesh = init_device_mesh(torch_device.type, (p.dp // p.ep, p.ep), mesh_dim_names=("edp", "ep"))
-    return DistContext(
-        rank=rank,
-        world=world,
-        local_rank=local_rank,
-        device=torch_device,
-        backend=backend,
-        dp_group=dist.group.WORLD,
-        dp_size=p.dp,
-        ep_group=mesh.get_group("ep"),
-        ep_rank=mesh.get_local_rank("ep"),
-        ep_size=p.ep,
-        edp_group=mesh.get_group("edp"),
-        edp_size=p.dp // p.ep,
-        mesh=mesh,
-        dp_rank=rank,
-    )
+    return DistContext(**common, dp_group=dist.group.WORLD, dp_rank=rank, **_expert_groups(mesh))
 
 
-def _model_parallel_context(plan: SpecPlan, rank: int, world: int, local_rank: int, device, backend: str) -> DistContext:
+def _expert_groups(mesh) -> dict:
+    """The expert-parallel and expert-data-parallel groups of a mesh with "ep" and "edp" dims."""
+    return dict(ep_group=mesh.get_group("ep"), ep_rank=mesh.get_local_rank("ep"), edp_group=mesh.get_group("edp"), mesh=mesh)
+
+
+def _model_parallel_context(plan: SpecPlan, common: dict) -> DistContext:
     """The 4-D mesh (pp, edp, ep, tp) and its groups (module docstring)."""
     p = plan.parallel
-    mesh = init_device_mesh(device.type, (p.pp, p.dp // p.ep, p.ep, p.tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
+    mesh = init_device_mesh(common["device"].type, (p.pp, p.dp // p.ep, p.ep, p.tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
     dp_mesh = mesh["edp", "ep"]._flatten("dp")
     embedding_group = None
     if p.pp > 1 and plan.model.tied_embeddings:
@@ -161,30 +153,13 @@ def _model_parallel_context(plan: SpecPlan, rank: int, world: int, local_rank: i
         for column in range(ranks.shape[1]):
             pair = [int(ranks[0, column]), int(ranks[-1, column])]
             group = dist.new_group(pair)
-            if rank in pair:
+            if common["rank"] in pair:
                 embedding_group = group
     return DistContext(
-        rank=rank,
-        world=world,
-        local_rank=local_rank,
-        device=device,
-        backend=backend,
-        dp_group=dp_mesh.get_group(),
-        dp_size=p.dp,
-        ep_group=mesh.get_group("ep"),
-        ep_rank=mesh.get_local_rank("ep"),
-        ep_size=p.ep,
-        edp_group=mesh.get_group("edp"),
-        edp_size=p.dp // p.ep,
-        mesh=mesh,
-        dp_rank=dp_mesh.get_local_rank(),
-        tp_size=p.tp,
-        tp_mesh=mesh["tp"],
-        pp_size=p.pp,
-        pp_rank=mesh.get_local_rank("pp"),
-        pp_group=mesh.get_group("pp"),
+        **common, **_expert_groups(mesh), dp_group=dp_mesh.get_group(), dp_rank=dp_mesh.get_local_rank(),
+        tp_size=p.tp, tp_mesh=mesh["tp"], pp_size=p.pp, pp_rank=mesh.get_local_rank("pp"), pp_group=mesh.get_group("pp"),
         embedding_group=embedding_group,
-    )
+    )  # fmt: skip
 
 
 def shutdown() -> None:

@@ -209,8 +209,12 @@ def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
     p = plan.parallel
     tokens = model_parallel_tokens(plan, seed)
     n_micro, B = p.grad_accum, p.micro_batch
-    single = dataclasses.replace(plan, parallel=dataclasses.replace(p, dp=1, ep=1, tp=1, pp=1, global_batch=p.global_batch))
+    single = dataclasses.replace(plan, parallel=dataclasses.replace(p, dp=1, ep=1, tp=1, pp=1))
     reference = build_model(single, seed=seed)
+    # Random routers (noise, SparseMixer's sampling) draw from torch's generator: the same
+    # seed before both runs gives every tp rank the single process's draws (pp ranks, which
+    # draw for their own layers only, are compared on deterministic routers)
+    torch.manual_seed(seed)
     total = torch.zeros(())
     for rank in range(p.dp):
         for m in range(n_micro):
@@ -222,6 +226,7 @@ def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
     model.train()
     setup = prepare_training(model, plan, dist_ctx=ctx)
     windows = [tokens[ctx.dp_rank, m * B : (m + 1) * B] for m in range(n_micro)]
+    torch.manual_seed(seed)
     with CollectiveCounter() as comm:
         per_micro = accumulate_gradients(setup, plan, windows)
     sync_gradients(setup)

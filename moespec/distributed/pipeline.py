@@ -27,6 +27,8 @@ ids on beside the activations.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -205,8 +207,6 @@ class Pipeline:
     def _timed(self, method):
         """`method` (a stage's forward or backward of one micro-batch), adding its wall time to
         the busy time while timing is on; on CUDA it waits for the stage's kernels first."""
-        import time
-
         def timed(*args, **kwargs):
             if not self._timing:
                 return method(*args, **kwargs)
@@ -250,8 +250,6 @@ class Pipeline:
         args = (inputs_BS,) if first else ()
         target = targets_BS if self.has_last else None
         if train:
-            import time
-
             start = time.perf_counter()
             schedule.step(*args, target=target, losses=losses)
             if self._timing:

@@ -212,10 +212,10 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
         attn_split = attn_matmul + np.where(b.qkv_bias, q_width + 2 * kv_width, 0) + np.where(b.sinks, heads, 0)
         attn_saved = _exact_div(attn_split * (tp - 1), tp)
         dense_narrow = n_dense * matrices_n * d * (c(b.d_ff) - (c(b.d_ff) + tp - 1) // tp)
-        group_narrow = total(matrices * dl * (narrow(c(layers.d_ff)) + narrow(c(layers.shared_count) * c(layers.shared_d_ff))))
-        tp_saved_params = n_layers * attn_saved + dense_narrow + group_narrow
+        group_narrow = matrices * dl * (narrow(c(layers.d_ff)) + narrow(c(layers.shared_count) * c(layers.shared_d_ff)))  # per block of a group
+        tp_saved_params = n_layers * attn_saved + dense_narrow + total(group_narrow)
         attn_flops_saved = n_layers * _exact_div((6 * t * attn_matmul + core) * (tp - 1), tp)
-        tp_saved_flops = attn_flops_saved + 6 * t * dense_narrow + total(6 * tl * matrices * dl * (narrow(c(layers.d_ff)) + narrow(c(layers.shared_count) * c(layers.shared_d_ff))))
+        tp_saved_flops = attn_flops_saved + 6 * t * dense_narrow + total(6 * tl * group_narrow)
         replayed = np.where(b.recompute == FULL, _exact_div(tp_saved_flops, 3),
                             np.where(b.recompute == SELECTIVE, n_layers * _exact_div(core * (tp - 1), 3 * tp), 0))  # fmt: skip
         tp_saved_flops = tp_saved_flops + replayed

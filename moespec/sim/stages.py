@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from moespec.sim.counts import exact_counts, frozen_sharded_elements, sharded_elements
+from moespec.sim.counts import _chunk, exact_counts, frozen_sharded_elements, sharded_elements
 from moespec.sim.design import DesignBatch
 from moespec.spec.plan import SpecPlan
 from moespec.spec.stages import rank_stages, stage_bounds, stages_per_rank
@@ -68,8 +68,7 @@ def busiest_rank(plan: SpecPlan) -> dict:
     bounds = stage_bounds(plan, p.pp * stages_per_rank(p.pp_schedule), weights, head_weight)
     n_stages = len(bounds)
     embedding = m.vocab_size * m.d_model + (m.seq_len * m.d_model if m.positions == "learned" else 0)
-    dp = p.dp
-    chunk = lambda rows, width: -(-rows // dp) * width  # noqa: E731  (FSDP2's Shard(0) over dp)
+    chunk = lambda rows, width: _chunk(rows, width, p.dp)  # noqa: E731  (FSDP2's Shard(0) over dp, counts.py's)
     embedding_sharded = chunk(m.vocab_size, m.d_model) + (chunk(m.seq_len, m.d_model) if m.positions == "learned" else 0)
     ranks = []
     for stages in rank_stages(plan):
