@@ -6,3 +6,13 @@ so tools that only read specs (validation, the simulator, the explorer) start fa
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The Python API (moespec/api.py), imported on first use so that `import moespec` stays light."""
+    import importlib
+
+    api = importlib.import_module("moespec.api")
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'moespec' has no attribute {name!r}")

@@ -11,6 +11,7 @@ globally. Shape legend: B batch, S sequence, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,6 +51,7 @@ class TrainResult:
     initial_val_loss: float  # before the first step, same validation batches as later
     final_val_loss: float
     tokens_per_expert_total: dict[int, list[int]] = field(default_factory=dict)  # summed over steps
+    resumed_from: int = 0  # the checkpoint's step when the run resumed; records start after it
 
     @property
     def first_loss(self) -> float:
@@ -120,6 +122,8 @@ def train(
     split: CorpusSplit | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
     dist_ctx=None,
+    checkpoints=None,
+    data_label: str = "shipped corpus",
 ) -> TrainResult:
     """Train `model` (built from `plan`) on the shipped byte corpus for `steps` AdamW steps.
 
@@ -132,10 +136,16 @@ def train(
     `on_step` sees every record as it is made (the CLI's progress bar); a record's losses and
     loads are those train_step returns for the step.
 
-    dist_ctx (a `moespec.distributed.context.DistContext`): `model` is built whole from the same
-    seed on every rank and laid out here (`prepare_training`); each dp rank draws its own batches, dense gradients are averaged
+    dist_ctx (a `moespec.distributed.context.DistContext`): `model` is built from the same
+    seed on every rank (whole, or with this rank's experts only) and laid out here
+    (`prepare_training`); each dp rank trains on its share of the step's micro-batches
+    (`step_windows`: the data is the same whatever the layout), dense gradients are averaged
     by DDP, expert gradients over their expert-data-parallel group, the gradient norm is
     clipped globally, and records carry the mean loss and the summed loads of all ranks.
+
+    checkpoints (`moespec.checkpoint.CheckpointConfig`): resume from a checkpoint (then `steps`
+    is the step to end at, as Megatron's train-iters) and save every `save_every` steps and
+    after the last; `data_label` names the data stream in the checkpoint.
     """
     from moespec.distributed import data_parallel as dp_utils
     from moespec.distributed.context import check_executable, micro_batches_per_step
@@ -144,19 +154,26 @@ def train(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     check_executable(plan, dist_ctx)
-    check_vocab(plan)
+    if split is None:
+        check_vocab(plan)  # the byte corpus; a user's token file was checked against the vocabulary on load
     if seq_len and plan.model.encoder is not None and seq_len != plan.model.seq_len:
         raise ValueError("an encoder-decoder trains at the spec's lengths (model.encoder.seq_len, model.seq_len); drop the sequence-length override")
     batch = batch or plan.parallel.micro_batch
     seq_len = seq_len or plan.model.seq_len
     split = split or load_split()
     device = next(model.parameters()).device
-    # each dp rank its own batches; the tp and pp ranks of one replica draw the same
-    generator = torch.Generator().manual_seed(seed + 1000 * (0 if dist_ctx is None else dist_ctx.dp_rank))
     n_micro = micro_batches_per_step(plan, dist_ctx)
+    first_micro = 0 if dist_ctx is None else dist_ctx.dp_rank * n_micro  # tp and pp ranks of one replica: the same
     apply_recompute(model, plan.parallel.recompute)  # before wrapping, as torchtitan applies AC before FSDP
     setup = prepare_training(model, plan, dist_ctx=dist_ctx, lr=lr, weight_decay=weight_decay, micro_batch=batch)
     model = setup.model
+    start = 0
+    if checkpoints is not None and checkpoints.resume is not None:
+        from moespec import checkpoint as ckpt
+
+        start = int(ckpt.load(setup, plan, checkpoints.resume)["step"])
+        if start >= steps:
+            raise ckpt.CheckpointError(f"{checkpoints.resume}: the checkpoint is at step {start}; --steps {steps} must be more to train on")
 
     def evaluate() -> float:
         if setup.pipeline is not None:
@@ -169,9 +186,9 @@ def train(
     records: list[StepRecord] = []
     totals: dict[int, torch.Tensor] = {}
     model.train()
-    for step in range(1, steps + 1):
-        windows = [draw_batch(plan, split.train, batch=batch, seq_len=seq_len, generator=generator, device=device)
-                   for _ in range(n_micro)]  # fmt: skip
+    for step in range(start + 1, steps + 1):
+        windows = step_windows(plan, split.train, step=step, seed=seed, micros=range(first_micro, first_micro + n_micro),
+                               batch=batch, seq_len=seq_len, device=device)  # fmt: skip
         loss, ce, aux = train_step(setup, plan, windows, grad_clip=grad_clip)
         if dist_ctx is not None:
             loss, ce, aux = dp_utils.global_step_view(loss, ce, aux, dist_ctx)
@@ -186,6 +203,11 @@ def train(
         if not all(map(_finite, (record.loss, record.ce_loss, record.aux_loss))):
             raise FloatingPointError(f"loss became {record.loss} at step {step}; lower --lr")
         records.append(record)
+        if checkpoints is not None and checkpoints.save_dir is not None:
+            if step == steps or (checkpoints.save_every and step % checkpoints.save_every == 0):
+                from moespec import checkpoint as ckpt
+
+                ckpt.save(setup, plan, checkpoints.save_dir, step=step, data={"source": data_label, "seed": seed, "batch": batch})
         if on_step is not None:
             on_step(record)
     model.eval()
@@ -194,7 +216,20 @@ def train(
         initial_val_loss=initial_val,
         final_val_loss=records[-1].val_loss,
         tokens_per_expert_total={layer: [int(v) for v in counts.tolist()] for layer, counts in sorted(totals.items())},
+        resumed_from=start,
     )
+
+
+def step_windows(plan: SpecPlan, ids, *, step: int, seed: int, micros: range, batch: int, seq_len: int, device=None) -> list:
+    """The micro-batches `micros` of optimizer step `step`: micro-batch j of a step is drawn from
+    a generator seeded by (seed, step, j) alone, so a step's data does not depend on how many
+    ranks share it (rank r of dp takes j in [r * n, (r + 1) * n)) nor on where a run resumed."""
+    return [draw_batch(plan, ids, batch=batch, seq_len=seq_len, generator=micro_generator(seed, step, j), device=device) for j in micros]
+
+
+def micro_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{step}/{micro}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 @dataclass
@@ -208,6 +243,7 @@ class TrainingSetup:
     scaler: torch.amp.GradScaler
     dist_ctx: object | None
     pipeline: object | None = None  # a distributed.pipeline.Pipeline when pp > 1
+    whole_model: torch.nn.Module | None = None  # the model as built: its parameter names are the checkpoint's
 
 
 def prepare_training(model: torch.nn.Module, plan: SpecPlan, *, dist_ctx=None, lr: float = 3e-3,
@@ -221,7 +257,7 @@ def prepare_training(model: torch.nn.Module, plan: SpecPlan, *, dist_ctx=None, l
 
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=plan.parallel.precision == "fp16")
-    wrapped, pipeline = model, None
+    wrapped, pipeline, whole = model, None, model
     if dist_ctx is not None:
         from moespec.distributed.parallelize import parallelize
 
@@ -237,7 +273,7 @@ def prepare_training(model: torch.nn.Module, plan: SpecPlan, *, dist_ctx=None, l
     elif dist_ctx is not None:
         wrapped = dp_utils.wrap_data_parallel(model, dist_ctx, zero_stage=plan.parallel.zero_stage)
     optimizers = dp_utils.build_optimizers(model, plan, dist_ctx, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    return TrainingSetup(wrapped, model, optimizers, scaler, dist_ctx, pipeline)
+    return TrainingSetup(wrapped, model, optimizers, scaler, dist_ctx, pipeline, whole)
 
 
 def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor], *, grad_clip: float = 1.0):

@@ -19,7 +19,7 @@ from moespec.distributed.context import DistributedConfigError
 from moespec.distributed.parallelize import recompute_mode
 from moespec.model.build import build_model
 from moespec.spec import load_plan, plan_from_text
-from moespec.train import lm_loss, train
+from moespec.train import lm_loss, micro_generator, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_EP = ROOT / "specs" / "tiny-ep.yaml"  # dp 2, ep 2, micro_batch 4, global_batch 8
@@ -73,10 +73,12 @@ def test_train_accumulates_global_batch_over_micro_batches_and_applies_recompute
     train(model, plan, steps=3, seed=5)
     assert recompute_mode(model) == "selective"
     assert len(seen) == 3 * 2 and all(x.shape == (2, 16) for x in seen)  # 2 micro-batches of [2, S] per step
-    # The windows are the next draws of the rank's batch stream, in order.
-    generator = torch.Generator().manual_seed(5)
-    expected = [get_batch(load_split().train, batch=2, seq_len=16, generator=generator)[:, :-1] for _ in range(6)]
+    # Micro-batch j of step s is drawn from a generator of (seed, s, j) alone: the data a step
+    # sees does not depend on the layout or on where a run resumed.
+    expected = [get_batch(load_split().train, batch=2, seq_len=16, generator=micro_generator(5, step, j))[:, :-1]
+                for step in (1, 2, 3) for j in (0, 1)]  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(seen, expected))
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])
 
 
 def test_a_step_reports_all_its_micro_batches():
@@ -89,9 +91,8 @@ def test_a_step_reports_all_its_micro_batches():
     twin.train()
     with torch.no_grad():
         losses = []
-        generator = torch.Generator().manual_seed(5)
-        for _ in range(2):
-            window = get_batch(load_split().train, batch=2, seq_len=16, generator=generator)
+        for j in range(2):  # step 1's micro-batches 0 and 1
+            window = get_batch(load_split().train, batch=2, seq_len=16, generator=micro_generator(5, 1, j))
             logits, aux = twin(window[:, :-1])
             losses.append(float(lm_loss(logits, window[:, 1:]) + aux.aux_loss))
     assert record.loss == pytest.approx(sum(losses) / 2, rel=1e-6)  # fp32 sums in another order

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from moespec.cli import calibrate_cmd, compile_cmd, explore_cmd, export_cmd, import_cmd, profile_cmd, schema_cmd, show_cmd, simulate_cmd, train_cmd, validate_cmd
+from moespec.cli import calibrate_cmd, compile_cmd, data_cmd, explore_cmd, export_cmd, import_cmd, profile_cmd, schema_cmd, show_cmd, simulate_cmd, train_cmd, validate_cmd
 
 app = typer.Typer(
     name="moespec",
@@ -28,6 +28,7 @@ app.command("profile")(profile_cmd.profile_command)
 app.command("calibrate")(calibrate_cmd.calibrate_command)
 app.command("import")(import_cmd.import_command)
 app.command("export")(export_cmd.export_command)
+app.add_typer(data_cmd.data_app, name="data")
 
 
 def main() -> None:

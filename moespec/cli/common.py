@@ -76,6 +76,49 @@ def backend_or_exit(name: str, calibration: str = "none", *, world: int | None =
 CPU_PARAM_LIMIT = 25_000_000
 
 
+def available_memory_bytes(device: str = "cpu") -> int | None:
+    """What a new process can still allocate: MemAvailable of /proc/meminfo on the host, the
+    free bytes of the current GPU for cuda; None where neither can be read."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def trainable_counts_or_exit(spec: Path, plan, *, ranks_here: int, device: str = "cpu"):
+    """The plan's parameter counts, or one line and exit 2 when one rank's training memory (the
+    simulator's peak per device: weights, gradients, AdamW state, activations, all-to-all
+    buffers) times the ranks on this machine is more than it has available. The limit is what
+    memory allows, not a parameter count: ep and ZeRO stages lower the per-rank figure."""
+    from moespec.model.build import build_model
+    from moespec.model.counting import count_parameters
+    from moespec.sim.backend import load_backend
+    from moespec.sim.model import memory_per_device
+
+    try:
+        counts = count_parameters(build_model(plan, device="meta"), plan)
+    except (ValueError, NotImplementedError, RuntimeError) as exc:
+        fail(f"{spec}: cannot build the model: {one_line(exc)}")
+    available = available_memory_bytes(device)
+    if available is None:
+        return counts
+    per_rank = memory_per_device(plan, load_backend("cpu-local")).total_bytes
+    if per_rank * ranks_here > available:
+        where = "this GPU" if device == "cuda" else "this machine"
+        fail(f"{spec}: {plan.name} ({counts.total:,} parameters) needs ~{per_rank / 2**30:.1f} GiB per rank to train (weights, "
+             f"gradients, AdamW state, activations: `moespec simulate` shows the parts) and {where} has {available / 2**30:.1f} GiB "
+             f"free for {ranks_here} rank{'s' if ranks_here > 1 else ''}; raise parallel.ep or zero_stage, lower micro_batch, or add machines")  # fmt: skip
+    return counts
+
+
 def one_line(exc: BaseException) -> str:
     """An exception as one line: its type and message, whitespace collapsed."""
     return " ".join(f"{type(exc).__name__}: {exc}".split())

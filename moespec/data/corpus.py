@@ -24,7 +24,7 @@ def load_corpus_bytes() -> bytes:
 
 @dataclass(frozen=True)
 class CorpusSplit:
-    train: torch.Tensor  # [N_train] long, byte values 0..255
+    train: torch.Tensor  # [N_train] long, byte values 0..255 (or a user's ids: a numpy memory map)
     val: torch.Tensor  # [N_val] long
 
 
@@ -43,5 +43,15 @@ def get_batch(ids: torch.Tensor, *, batch: int, seq_len: int, generator: torch.G
     if len(ids) < seq_len + 2:
         raise ValueError(f"corpus part of {len(ids)} tokens is too short for seq_len {seq_len}")
     starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=generator)  # [B]
-    offsets = torch.arange(seq_len + 1)  # [S+1]
-    return ids[starts[:, None] + offsets[None, :]]  # [B, S+1]
+    return windows_from(ids, starts, seq_len + 1)  # [B, S+1]
+
+
+def windows_from(ids, starts_B: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, length] long ids from a tensor or a (memory-mapped) numpy array of a user's token
+    file (data/tokens.py), reading only those rows."""
+    index_BL = starts_B[:, None] + torch.arange(length)[None, :]  # [B, L]
+    if isinstance(ids, torch.Tensor):
+        return ids[index_BL].long()
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(ids[index_BL.numpy()]).astype(np.int64))

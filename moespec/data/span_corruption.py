@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moespec.data.corpus import BYTE_VOCAB
+from moespec.data.corpus import BYTE_VOCAB, windows_from
 
 PAD_ID = 256
 EOS_ID = 257
@@ -185,7 +185,7 @@ def get_span_batch(
         raise ValueError(f"batch must be >= 1, got {batch}")
 
     starts_B = torch.randint(0, len(ids) - raw + 1, (batch,), generator=generator)
-    raw_BR = ids[starts_B[:, None] + torch.arange(raw)[None, :]].long()  # [B, R]
+    raw_BR = windows_from(ids, starts_B, raw)  # [B, R]
     noise_BR = _noise_masks(batch, raw, noise_density, mean_span, generator)  # [B, R]
 
     kept_BI = _replace_spans(raw_BR, noise_BR, vocab_size)  # [B, I]: I = inputs less EOS

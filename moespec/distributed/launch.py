@@ -57,12 +57,20 @@ def run_rank(body: Callable[[], T]) -> T:
         os._exit(1)
 
 
-def torchrun_command(nproc: int, program_args: list[str], *, module: bool = True) -> list[str]:
-    """`module`: run `-m moespec <program_args>`; else program_args[0] is a script path."""
+def torchrun_command(nproc: int, program_args: list[str], *, module: bool = True,
+                     nodes: tuple[int, int, str] = (1, 0, "")) -> list[str]:  # fmt: skip
+    """`module`: run `-m moespec <program_args>`; else program_args[0] is a script path.
+    nodes (nnodes, node rank, HOST:PORT of node 0): one node rendezvous on a free local port;
+    several meet at node 0's endpoint (static rendezvous, so rank r lives on node r // nproc)."""
     target = ["-m", "moespec", *program_args] if module else program_args
+    nnodes, node_rank, endpoint = nodes
+    rendezvous = ["--standalone"] if nnodes == 1 else [
+        f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static", f"--rdzv-endpoint={endpoint}",
+        f"--master-addr={endpoint.rpartition(':')[0]}", f"--master-port={endpoint.rpartition(':')[2]}",
+    ]  # fmt: skip
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--standalone",  # local rendezvous on a free port: no fixed ports
+        *rendezvous,
         f"--nproc-per-node={nproc}",
         "--max-restarts=0",
         "--monitor-interval=0.2",
@@ -70,7 +78,8 @@ def torchrun_command(nproc: int, program_args: list[str], *, module: bool = True
     ]  # fmt: skip
 
 
-def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: bool = True) -> tuple[int, str | None]:
+def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: bool = True,
+           nodes: tuple[int, int, str] = (1, 0, "")) -> tuple[int, str | None]:  # fmt: skip
     """Run `moespec <module_args>` on nproc local ranks; returns (exit code, failure line or None).
 
     Rank output streams through; torchrun's multi-line error report is condensed to the
@@ -79,7 +88,7 @@ def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: boo
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
-        torchrun_command(nproc, program_args, module=module), stdout=None, stderr=subprocess.PIPE, text=True, env=env
+        torchrun_command(nproc, program_args, module=module, nodes=nodes), stdout=None, stderr=subprocess.PIPE, text=True, env=env
     )
     log = FailureLog(keep_tracebacks=bool(os.environ.get("MOESPEC_TRACEBACK")))
     try:

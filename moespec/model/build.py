@@ -93,28 +93,33 @@ class MoETransformer(nn.Module):
         return logits, ModelAux(aux_loss=aux_loss, moe=stats)
 
 
-def build_model(plan: SpecPlan, *, seed: int = 0, device: torch.device | str | None = None) -> MoETransformer:
+def build_model(plan: SpecPlan, *, seed: int = 0, device: torch.device | str | None = None,
+                expert_shard: tuple[int, int] | None = None) -> MoETransformer:  # fmt: skip
     """Build the model a plan describes. `device="meta"` gives shapes without memory, which
-    is how full-size specs (Mixtral, DeepSeek-V3) are built and counted on a laptop."""
+    is how full-size specs (Mixtral, DeepSeek-V3) are built and counted on a laptop.
+
+    expert_shard (ep rank, ep size) builds only that rank's E/ep experts of every MoE layer, each
+    with the values the whole model holds (`ExpertBank`): an expert-parallel rank never holds the
+    whole bank. Everything else is built whole, as the same seed builds it everywhere."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = _assemble(plan)
+        model = _assemble(plan, expert_shard)
         _init_dense_weights(model, std=plan.model.init_std, n_layers=plan.model.total_blocks)
     return model
 
 
-def _assemble(plan: SpecPlan) -> MoETransformer:
+def _assemble(plan: SpecPlan, expert_shard: tuple[int, int] | None = None) -> MoETransformer:
     m = plan.model
     if m.encoder is not None:
         from moespec.model.encoder_decoder import assemble_encoder_decoder
 
-        return assemble_encoder_decoder(plan, lambda layer: _moe(plan, layer))
+        return assemble_encoder_decoder(plan, lambda layer: _moe(plan, layer, expert_shard))
     if m.host == "lstm":
         from moespec.model.lstm_host import assemble_lstm
 
-        return assemble_lstm(plan, lambda layer: _moe(plan, layer))
-    blocks = [_block(plan, layer) for layer in plan.layers]
+        return assemble_lstm(plan, lambda layer: _moe(plan, layer, expert_shard))
+    blocks = [_block(plan, layer, expert_shard) for layer in plan.layers]
     return MoETransformer(
         tok_embeddings=nn.Embedding(m.vocab_size, m.d_model),
         pos_embeddings=nn.Embedding(m.seq_len, m.d_model) if m.positions == "learned" else None,
@@ -127,11 +132,11 @@ def _assemble(plan: SpecPlan) -> MoETransformer:
     )
 
 
-def _block(plan: SpecPlan, layer) -> DecoderBlock:
+def _block(plan: SpecPlan, layer, expert_shard: tuple[int, int] | None = None) -> DecoderBlock:
     m = plan.model
     attention = _attention(m, window=m.window if layer.index in m.window_layers else None)
     if layer.kind == "moe":
-        ffn, moe = None, _moe(plan, layer)
+        ffn, moe = None, _moe(plan, layer, expert_shard)
     else:
         ffn = DenseFFN(d_model=m.d_model, d_ff=layer.d_ff, activation=m.activation)
         moe = None
@@ -146,12 +151,12 @@ def _block(plan: SpecPlan, layer) -> DecoderBlock:
     )
 
 
-def _moe(plan: SpecPlan, layer) -> nn.Module:
+def _moe(plan: SpecPlan, layer, expert_shard: tuple[int, int] | None = None) -> nn.Module:
     from moespec.model.moe_layer import build_moe_layer  # the MoE layer imports routers, experts
 
     m = plan.model
     return build_moe_layer(layer.moe, d_model=m.d_model, activation=m.activation, layer_index=layer.index, init_std=m.init_std,
-                           down_init_std=residual_init_std(m.init_std, m.total_blocks))  # fmt: skip
+                           down_init_std=residual_init_std(m.init_std, m.total_blocks), expert_shard=expert_shard)  # fmt: skip
 
 
 def _attention(m, *, window: int | None = None) -> nn.Module:

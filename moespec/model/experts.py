@@ -255,6 +255,12 @@ class ExpertBank(nn.Module):
     Init: normal(0, init_std) for every weight; `down_init_std` lets the model builder scale
     the residual-facing projection (GPT-2 style 1/sqrt(2 * n_layers)), which this module cannot
     know. Default: the same std, unscaled.
+
+    Each expert draws its weights from its own generator, seeded `init_seed + global index`, so a
+    rank can build just its experts [first_expert, first_expert + n_experts) of an expert-parallel
+    layer with exactly the values the whole bank would hold, never allocating the others.
+    `init_seed` defaults to one draw of torch's global generator: the bank takes one number from
+    the model builder's seeded stream whatever its size.
     """
 
     def __init__(
@@ -267,6 +273,8 @@ class ExpertBank(nn.Module):
         init_std: float = 0.02,
         down_init_std: float | None = None,
         bias: bool = False,
+        first_expert: int = 0,
+        init_seed: int | None = None,
     ):
         super().__init__()
         activation_fn(activation)  # reject an unknown name here, not at the first forward
@@ -283,13 +291,19 @@ class ExpertBank(nn.Module):
         self.b_down = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
         self.init_std = init_std
         self.down_init_std = init_std if down_init_std is None else down_init_std
+        self.first_expert = first_expert  # global index of local expert 0 (non-zero under EP)
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu")) if init_seed is None else init_seed
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        for w in (self.w_gate, self.w_up):
-            if w is not None:
-                nn.init.normal_(w, std=self.init_std)
-        nn.init.normal_(self.w_down, std=self.down_init_std)
+        if self.w_up.device.type == "meta":
+            return
+        for i in range(self.n_experts):
+            generator = torch.Generator().manual_seed(self.init_seed + self.first_expert + i)
+            for w, std in ((self.w_gate, self.init_std), (self.w_up, self.init_std), (self.w_down, self.down_init_std)):
+                if w is not None:
+                    w[i].copy_(torch.empty(w.shape[1:]).normal_(0.0, std, generator=generator))
 
     def _weights(self, dtype: torch.dtype):
         """(w_gate, w_up, w_down) in the compute dtype (a no-op cast in float32 training)."""

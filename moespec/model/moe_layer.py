@@ -139,12 +139,13 @@ class MoELayer(nn.Module):
         router_name: str | None = None,
         shuffle_tokens: bool = False,
         gate_input: bool = False,
+        n_experts_total: int | None = None,
     ):
         super().__init__()
         self.gate_input = gate_input  # Llama-4: the (top-1) gate scales the expert's input
         self.router = router
         self.experts = experts
-        self.n_experts_total = experts.n_experts  # E; the local bank shrinks to E/P under EP
+        self.n_experts_total = n_experts_total or experts.n_experts  # E; the local bank holds E/P under EP
         self.shuffle_tokens = shuffle_tokens  # BASE: shuffle across the EP group in training
         self.expert_parallel = None  # an ExpertParallel once `shard_experts` ran
         self._shuffles = 0  # first-run forwards that shuffled: the permutation's seed counter
@@ -161,18 +162,27 @@ class MoELayer(nn.Module):
 
     def shard_experts(self, ep) -> None:
         """Keep only experts [ep.rank * L, (ep.rank + 1) * L) and route through the EP group.
-        The slice is copied from the full bank that every rank built from the same seed."""
+        A bank built with just those experts (`build_model(expert_shard=...)`) is kept as is;
+        a whole one (the same seed on every rank, or loaded weights) is sliced."""
         full = self.experts
         n_local = self.n_experts_total // ep.size
-        local = ExpertBank(
-            n_experts=n_local, d_model=full.d_model, d_ff=full.d_ff, activation=full.activation,
-            init_std=full.init_std, down_init_std=full.down_init_std, bias=full.bias,
-        )  # fmt: skip
-        keep = slice(ep.rank * n_local, (ep.rank + 1) * n_local)
+        first = ep.rank * n_local
+        if full.n_experts == n_local and full.first_expert == first:
+            self.expert_parallel = ep
+            return
+        if full.n_experts != self.n_experts_total:
+            raise ValueError(f"layer {self.layer_index}: a bank of experts [{full.first_expert}, {full.first_expert + full.n_experts}) cannot be cut for ep rank {ep.rank} of {ep.size}")
+        with torch.device("meta"):
+            local = ExpertBank(
+                n_experts=n_local, d_model=full.d_model, d_ff=full.d_ff, activation=full.activation, init_std=full.init_std,
+                down_init_std=full.down_init_std, bias=full.bias, first_expert=first, init_seed=full.init_seed,
+            )  # fmt: skip
+        local = local.to_empty(device=next(full.parameters()).device)
+        keep = slice(first, first + n_local)
         with torch.no_grad():
             for name, weight in local.named_parameters():
                 weight.copy_(getattr(full, name)[keep])
-        self.experts = local.to(next(full.parameters()).device)
+        self.experts = local
         self.expert_parallel = ep
 
     def _shuffle_routes(self, n_tokens: int):
@@ -277,14 +287,21 @@ def build_moe_layer(
     layer_index: int,
     init_std: float = 0.02,
     down_init_std: float | None = None,
+    expert_shard: tuple[int, int] | None = None,
 ) -> MoELayer:
     """The MoE layer a plan describes. Parameters: the router's, E * (3 or 2) * D * F for the
     routed experts (3 for gated activations), and the shared experts (their gate: D more).
-    `down_init_std` lets the model builder scale the residual-facing projections."""
+    `down_init_std` lets the model builder scale the residual-facing projections.
+    expert_shard (ep rank, ep size): build only that rank's E/ep experts, with the values the
+    whole bank would give them."""
     e = plan.experts
     router = build_router(plan.router, d_model=d_model, n_experts=e.count, capacity=plan.capacity)
+    rank, size = expert_shard or (0, 1)
+    if e.count % size:
+        raise ValueError(f"{e.count} experts do not split over ep {size}")
     experts = ExpertBank(
-        n_experts=e.count,
+        n_experts=e.count // size,
+        first_expert=rank * (e.count // size),
         d_model=d_model,
         d_ff=e.d_ff,
         activation=activation,
@@ -310,4 +327,5 @@ def build_moe_layer(
         router_name=plan.router.type,
         shuffle_tokens=plan.router.type == "base" and plan.router.shuffle,
         gate_input=e.gate_input,
+        n_experts_total=e.count,
     )
