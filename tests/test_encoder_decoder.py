@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_here import run_here
 import torch
 import yaml
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def moespec_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moespec", *args], capture_output=True, text=True, timeout=timeout)
+    return run_here(*args)
 
 
 def t5_variant(tmp_path: Path, edit=None, base: str = "tiny-t5-switch"):

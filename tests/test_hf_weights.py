@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_here import run_here
 
 transformers = pytest.importorskip("transformers")  # a test extra: installed by `make test`
 import torch  # noqa: E402
@@ -60,7 +60,7 @@ OWN_CONFIG = {"dbrx"}  # families whose config takes its own field names, not TI
 
 
 def moespec_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moespec", *args], capture_output=True, text=True, timeout=300)
+    return run_here(*args)
 
 
 def tiny_hf_model(family: str, folder: Path):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_here import run_here
 import torch
 import yaml
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def moespec_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moespec", *args], capture_output=True, text=True, timeout=300)
+    return run_here(*args)
 
 
 @pytest.mark.parametrize("edit,key", [

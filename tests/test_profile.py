@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_here import run_here
 
 from moespec.sim.backend import load_backend
 from moespec.sim.calibration import apply_calibration, calibration_errors, load_calibration, shipped_calibration
@@ -195,6 +196,7 @@ def test_a_killed_rank_ends_the_profile_with_its_name(tmp_path, after_s):
 
 
 def test_profile_refuses_bad_input_in_one_line(tmp_path):
+    run = lambda args: run_here(*args)  # noqa: E731 - refusals come before anything launches
     done = run(["profile", "specs/tiny-ep.yaml", "--out", str(tmp_path)])  # needs 2 ranks
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--nproc 2" in done.stderr and "--single-process" in done.stderr

@@ -6,13 +6,12 @@ before anything is launched."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_here import run_here
 
 from moespec.data.corpus import get_batch, load_split
 from moespec.distributed.context import DistributedConfigError
@@ -37,9 +36,8 @@ parallelism: {{{parallelism}}}
 """
 
 
-def moespec(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "moespec", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+def moespec(*args: str) -> subprocess.CompletedProcess:
+    return run_here(*args)  # refusals come before anything launches
 
 
 def _write(tmp_path: Path, name: str, parallelism: str) -> Path:
