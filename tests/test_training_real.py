@@ -231,3 +231,23 @@ def test_the_api_loop_trains_like_the_command(tmp_path, token_file):
         mine.append(float(moespec.train_step(setup, plan, windows)[0]))
     command = invoke("train", TINY, "--steps", "2", "--data", token_file, "--json")
     assert mine == losses(json.loads(command.stdout))
+
+
+def test_a_requeued_job_resumes_from_its_own_save_folder_and_logs_scalars(tmp_path, token_file):
+    """The same command line for the first submission and every requeue: --resume naming the
+    --save folder starts from step 0 while it holds no checkpoint, then resumes. TensorBoard
+    gets one loss and one tokens/s scalar per step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--data", token_file, "--save", tmp_path / "ck", "--resume", tmp_path / "ck", "--tensorboard", tmp_path / "tb", "--json"]
+    first = invoke("train", TINY, "--steps", "2", *args)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["resumed_from"] == 0
+    again = invoke("train", TINY, "--steps", "3", *args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["resumed_from"] == 2 and [r["step"] for r in json.loads(again.stdout)["records"]] == [3]
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2, 3]
+    ce = [r["ce_loss"] for doc in (first, again) for r in json.loads(doc.stdout)["records"]]
+    assert [e.value for e in events.Scalars("loss/train")] == pytest.approx(ce)
+    assert all(e.value > 0 for e in events.Scalars("throughput/tokens_per_s"))

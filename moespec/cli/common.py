@@ -93,6 +93,16 @@ def available_memory_bytes(device: str = "cpu") -> int | None:
     return None
 
 
+def backend_with_room(backend, world: int):
+    """`backend` with at least `world` devices on its one node: for per-device figures (memory,
+    FLOPs per token) of a run wider than the description's machine, which they do not depend on."""
+    import dataclasses
+
+    if backend.num_devices >= world:
+        return backend
+    return dataclasses.replace(backend, nodes=1, devices_per_node=world, inter_node=None)
+
+
 def trainable_counts_or_exit(spec: Path, plan, *, ranks_here: int, device: str = "cpu"):
     """The plan's parameter counts, or one line and exit 2 when one rank's training memory (the
     simulator's peak per device: weights, gradients, AdamW state, activations, all-to-all
@@ -110,7 +120,7 @@ def trainable_counts_or_exit(spec: Path, plan, *, ranks_here: int, device: str =
     available = available_memory_bytes(device)
     if available is None:
         return counts
-    per_rank = memory_per_device(plan, load_backend("cpu-local")).total_bytes
+    per_rank = memory_per_device(plan, backend_with_room(load_backend("cpu-local"), plan.parallel.world)).total_bytes
     if per_rank * ranks_here > available:
         where = "this GPU" if device == "cuda" else "this machine"
         fail(f"{spec}: {plan.name} ({counts.total:,} parameters) needs ~{per_rank / 2**30:.1f} GiB per rank to train (weights, "

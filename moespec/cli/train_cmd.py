@@ -68,7 +68,7 @@ def train_command(
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="The last fraction of --data held out for validation."),
     save: Path = typer.Option(None, "--save", help="Checkpoint folder (torch.distributed.checkpoint): after the last step and every --save-every.", show_default=False),
     save_every: int = typer.Option(0, "--save-every", help="Also checkpoint every N steps (needs --save)."),
-    resume: Path = typer.Option(None, "--resume", help="Resume from a --save folder (its newest checkpoint) or one step-N folder; any layout of the same model.", show_default=False),
+    resume: Path = typer.Option(None, "--resume", help="Resume from a --save folder (its newest checkpoint) or one step-N folder; any layout of the same model. The --save folder itself before its first checkpoint: start from step 0.", show_default=False),
     device: str = typer.Option("cpu", "--device", help="cpu (gloo) or cuda (NCCL, one GPU per rank; autocast per parallel.precision)."),
     tensorboard: Path = typer.Option(None, "--tensorboard", help="Write loss, tokens/s and MFU scalars for TensorBoard to this folder.", show_default=False),
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes of a multi-node run (torchrun's --nnodes); run the same command on each."),
@@ -152,6 +152,8 @@ def _check_plan(spec: Path, plan, opts: TrainOptions, *, nproc: int, nnodes: int
             check_single_process(plan, single_process=single_process)
         if opts.save is not None or opts.resume is not None:
             check_layout(plan, single_process=single_process)
+        if opts.resume is not None and _fresh_start(opts):
+            opts.resume = None  # the --save folder holds no checkpoint yet: a first run (a requeued job resumes)
         if opts.resume is not None:
             meta = check_resumable(opts.resume, plan)[1]
             if int(meta.get("step", 0)) >= opts.steps:
@@ -164,6 +166,15 @@ def _check_plan(spec: Path, plan, opts: TrainOptions, *, nproc: int, nnodes: int
 
         plan = single_process_plan(plan)  # what one process will hold: every expert
     return trainable_counts_or_exit(spec, plan, ranks_here=nproc, device=opts.device)
+
+
+def _fresh_start(opts: TrainOptions) -> bool:
+    """--resume DIR naming the --save folder, which holds no checkpoint yet."""
+    from moespec.checkpoint import LATEST_FILE
+
+    if opts.save is None or opts.resume.resolve() != opts.save.resolve():
+        return False
+    return not (opts.save / LATEST_FILE).is_file()
 
 
 def load_data_or_exit(spec: Path, plan, opts: TrainOptions):
@@ -199,6 +210,7 @@ def _train_here(spec: Path, plan, opts: TrainOptions, counts, *, single_process:
         console.print(note)
     result = _run(spec, plan, model, opts, batch=batch, dist_ctx=None, show=not opts.as_json)
     doc = document(spec, plan, counts, result, opts, batch=batch, micro_batches=micro_batches_per_step(plan, None))
+    doc["peak_memory_bytes_per_rank"] = [peak_memory_bytes(opts.device)]
     if note:
         doc["single_process"] = note
     if opts.as_json:
@@ -240,12 +252,14 @@ def _run(spec: Path, plan, model, opts: TrainOptions, *, batch: int, dist_ctx, s
 
 
 def micro_tokens(plan, batch: int, dist_ctx) -> int:
-    """Tokens one optimizer step trains on, all ranks together."""
+    """Tokens one optimizer step trains on, all ranks together (an encoder-decoder's inputs and
+    targets both count, as in the simulator's tokens/s)."""
     from moespec.distributed.context import micro_batches_per_step
 
     n_micro = micro_batches_per_step(plan, dist_ctx)
     replicas = 1 if dist_ctx is None else dist_ctx.dp_size
-    return n_micro * replicas * batch * plan.model.seq_len
+    encoder = plan.model.encoder
+    return n_micro * replicas * batch * (plan.model.seq_len + (encoder.seq_len if encoder is not None else 0))
 
 
 @dataclass
@@ -285,7 +299,9 @@ def _model_flops_and_peak(plan, device: str) -> tuple[float, float | None]:
         name = next((b for key, b in (("H200", "h200-cluster-4n"), ("H100", "dgx-h100"), ("A100", "dgx-a100")) if key in gpu), None)
     if name is None:
         return 0.0, None
-    backend = load_backend(name)
+    from moespec.cli.common import backend_with_room
+
+    backend = backend_with_room(load_backend(name), plan.parallel.world)
     try:
         flops = step_time(plan, backend).model_flops_per_token
     except (ValueError, KeyError):
@@ -323,6 +339,8 @@ def _launch_ranks(spec: Path, plan, opts: TrainOptions, *, nproc: int, nodes: tu
 
 def _train_rank(spec: Path, plan, opts: TrainOptions) -> None:
     """One rank of a distributed run: join the group, build only this rank's experts, train; rank 0 reports."""
+    import torch.distributed
+
     from moespec.distributed.context import DistributedConfigError, init_distributed, micro_batches_per_step, shutdown
     from moespec.model.build import build_model
     from moespec.model.counting import count_parameters
@@ -336,9 +354,12 @@ def _train_rank(spec: Path, plan, opts: TrainOptions) -> None:
     model = build_model(plan, seed=opts.seed, device=ctx.device, expert_shard=(ctx.ep_rank, ctx.ep_size) if ctx.ep_size > 1 else None)
     batch = opts.batch or plan.parallel.micro_batch
     result = _run(spec, plan, model, opts, batch=batch, dist_ctx=ctx, show=not opts.as_json)
+    peaks = [None] * ctx.world
+    torch.distributed.all_gather_object(peaks, peak_memory_bytes(opts.device))
     if ctx.rank == 0:
         doc = document(spec, plan, counts, result, opts, batch=batch, micro_batches=micro_batches_per_step(plan, ctx))
         doc["world"] = ctx.world
+        doc["peak_memory_bytes_per_rank"] = peaks
         if opts.as_json:
             emit_json(doc)
         else:
@@ -348,6 +369,17 @@ def _train_rank(spec: Path, plan, opts: TrainOptions) -> None:
             console.print(f"world {ctx.world}: dp {ctx.dp_size}, ep {ctx.ep_size}{split} ({ctx.backend}); losses averaged over ranks")
             print_summary(plan, counts, result, opts.steps, batch=batch, micro_batches=doc["micro_batches_per_step"], byte_tokens=_bytes(opts))
     shutdown()
+
+
+def peak_memory_bytes(device: str) -> int:
+    """This process's peak: resident set size on CPU (getrusage), allocated bytes on a GPU."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def _train_with_progress(model, plan, meter: ThroughputMeter, writer, **kwargs):
