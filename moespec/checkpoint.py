@@ -121,6 +121,8 @@ def state_dict(setup, rank: int) -> dict[str, torch.Tensor]:
         for key in ("exp_avg", "exp_avg_sq"):
             state[f"optim/{name}/{key}"] = opt[key] if local is None else opt[key][local]
     state[f"rng/rank{rank}"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state[f"rng-cuda/rank{rank}"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -219,14 +221,17 @@ def load(setup, plan, path: Path) -> dict:
     rank = _rank()
     state = state_dict(setup, rank)
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    rng_key = f"rng/rank{rank}"
     same_world = meta.get("world") == (dist.get_world_size() if dist.is_initialized() else 1)
-    if rng_key not in stored or not same_world:
-        state.pop(rng_key)  # another layout: random routers draw afresh (the losses then differ slightly)
+    rng_keys = [key for key in (f"rng/rank{rank}", f"rng-cuda/rank{rank}") if key in state]
+    for key in rng_keys:
+        if key not in stored or not same_world:
+            state.pop(key)  # another layout: random routers draw afresh (the losses then differ slightly)
     with _one_process_quiet():
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    if rng_key in state:
-        torch.set_rng_state(state[rng_key])
+    if f"rng/rank{rank}" in state:
+        torch.set_rng_state(state[f"rng/rank{rank}"])
+    if f"rng-cuda/rank{rank}" in state:
+        torch.cuda.set_rng_state(state[f"rng-cuda/rank{rank}"])
     for layer, (shuffles, last) in _counters_for(setup, meta).items():
         layer._shuffles, layer._last_shuffle = shuffles, last
     if meta.get("scaler") and setup.scaler.is_enabled():

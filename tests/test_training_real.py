@@ -251,3 +251,64 @@ def test_a_requeued_job_resumes_from_its_own_save_folder_and_logs_scalars(tmp_pa
     ce = [r["ce_loss"] for doc in (first, again) for r in json.loads(doc.stdout)["records"]]
     assert [e.value for e in events.Scalars("loss/train")] == pytest.approx(ce)
     assert all(e.value > 0 for e in events.Scalars("throughput/tokens_per_s"))
+
+
+def test_text_through_a_hugging_face_tokenizer(tmp_path):
+    """--tokenizer takes a Hugging Face tokenizer (a local folder here: no network), and the ids
+    it gives are checked against the model's vocabulary like any token file's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(TEXT.replace(";", " ").replace(",", " ").replace(".", " ").split())) + ["[UNK]"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    done = invoke("data", "prepare", tmp_path / "text.txt", "--out", tmp_path / "words.npy", "--tokenizer", tmp_path / "tok", "--json")
+    assert done.exit_code == 0, done.output
+    ids = np.load(tmp_path / "words.npy")
+    assert ids.dtype == np.uint16 and len(ids) == len(core.encode(TEXT).ids) and int(ids.max()) < len(words)
+    trained = invoke("train", TINY, "--steps", "1", "--data", tmp_path / "words.npy", "--json")
+    assert trained.exit_code == 0 and json.loads(trained.stdout)["data"].endswith("words.npy")
+    missing = invoke("data", "prepare", tmp_path / "text.txt", "--out", tmp_path / "x.bin", "--tokenizer", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and missing.stderr.count("\n") == 1 and "could not be loaded" in missing.stderr, missing.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_scheduler_stop_ends_the_launcher_and_every_rank(sig, tmp_path):
+    """SLURM and Kubernetes stop a job with SIGTERM (a closed terminal sends SIGHUP): the
+    command ends its launcher and both ranks, says so in one line, and writes no checkpoint
+    after the stop."""
+    import signal
+    import time
+
+    spec = tmp_path / "stopme.yaml"  # a unique path: the processes of this run are found by it
+    spec.write_text(EP.read_text())
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moespec", "train", str(spec), "--steps", "100000", "--nproc", "2",
+                             "--save", str(tmp_path / "ck"), "--save-every", "100000"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def ours() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(spec).encode() in cmdline and int(pid) != proc.pid:
+                found.append(int(pid))
+        return found
+
+    deadline = time.time() + 90
+    while len(ours()) < 3 and time.time() < deadline:  # torchrun's agent and two ranks
+        time.sleep(0.5)
+    assert len(ours()) >= 3, "the ranks never started"
+    time.sleep(2)
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert f"stopped by {sig}" in err and err.strip().count("\n") == 0, err[-1500:]
+    time.sleep(1)
+    assert ours() == [], "processes were left running"
+    assert not (tmp_path / "ck" / "latest").exists()

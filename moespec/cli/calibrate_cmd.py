@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moespec.cli.common import backend_or_exit, console, emit_json, fail, write_atomic
+from moespec.cli.common import backend_or_exit, console, emit_json, fail, writable_file_or_exit, write_atomic
 
 
 def calibrate_command(
@@ -40,6 +40,8 @@ def calibrate_command(
         from moespec.sim.calibration import calibration_name, user_calibrations_dir
 
         out = user_calibrations_dir() / calibration_name(hardware.name, nproc, hardware.devices_per_node)
+    if launched_world() is None:
+        writable_file_or_exit(out, "--out")
     if nproc > 1 and launched_world() is None:
         from moespec.distributed.launch import launch
 

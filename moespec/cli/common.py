@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
@@ -27,9 +28,26 @@ def fail(message: str, *, code: int = BAD_INPUT_EXIT) -> NoReturn:
 
 
 def emit_json(document: Any) -> None:
-    """One JSON document on stdout, and nothing else there."""
-    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """One JSON document on stdout, and nothing else there. JSON has no Infinity or NaN: such
+    a figure (extreme backend values overflow) is written null, and the document's
+    `non_finite` lists where, so a reader is told rather than handed invalid JSON."""
+    bad: list[str] = []
+    clean = _finite(json.loads(json.dumps(document, default=_json_default)), "", bad)
+    if bad and isinstance(clean, dict):
+        clean["non_finite"] = {"paths": bad, "reason": "these figures overflowed (inf or nan) and are written null"}
+    sys.stdout.write(json.dumps(clean, indent=2, sort_keys=False, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(value: Any, path: str, bad: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(path or "(root)")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{path}.{k}" if path else str(k), bad) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v, f"{path}[{i}]", bad) for i, v in enumerate(value)]
+    return value
 
 
 def _json_default(value: Any) -> Any:
@@ -127,6 +145,33 @@ def trainable_counts_or_exit(spec: Path, plan, *, ranks_here: int, device: str =
              f"gradients, AdamW state, activations: `moespec simulate` shows the parts) and {where} has {available / 2**30:.1f} GiB "
              f"free for {ranks_here} rank{'s' if ranks_here > 1 else ''}; raise parallel.ep or zero_stage, lower micro_batch, or add machines")  # fmt: skip
     return counts
+
+
+def writable_dir_or_exit(path: Path, flag: str) -> None:
+    """Before any work: `path` is (or can be made) a folder this process can write into."""
+    import os
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        fail(f"{flag} {path} is a file; give a folder")
+    probe = path
+    while not probe.exists():  # the nearest existing ancestor is where the folder would be made
+        probe = probe.parent
+    if not probe.is_dir():
+        fail(f"{flag} {path}: cannot write there ({probe} is not a folder)")
+    try:  # a real write (permissions, read-only mounts, quotas), removed at once
+        fd, tmp = tempfile.mkstemp(prefix=".moespec-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        fail(f"{flag} {path}: cannot write into {probe} ({exc.strerror or exc})")
+
+
+def writable_file_or_exit(path: Path, flag: str) -> None:
+    """Before any work: `path` names a file (not a folder) whose folder this process can write into."""
+    if str(path) == "" or path.is_dir():
+        fail(f"{flag} {path or repr('')} is a folder (or empty); give a file name")
+    writable_dir_or_exit(path.parent, flag)
 
 
 def one_line(exc: BaseException) -> str:

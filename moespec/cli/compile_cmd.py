@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from moespec.cli.common import console, emit_json, fail, load_plan_or_exit, one_line, write_atomic
+from moespec.cli.common import console, emit_json, fail, load_plan_or_exit, one_line, writable_dir_or_exit, write_atomic
 
 # Above this many parameters `--device auto` stays on meta: 200M float32 weights are 0.8 GB,
 # and the check's gradients and activations double that, still fine on a laptop.
@@ -34,6 +34,10 @@ def compile_command(
     plan = load_plan_or_exit(spec)
     if device not in ("auto", "meta", "cpu"):
         fail(f"--device must be auto, meta or cpu, not {device!r}")
+    if out is not None:
+        if str(out) in ("", "."):
+            fail("--out needs a folder name (model.safetensors and spec.json go into it)")
+        writable_dir_or_exit(out, "--out")
 
     from moespec.model.build import build_model
     from moespec.model.counting import count_parameters

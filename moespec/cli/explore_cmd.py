@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from moespec.cli.common import console, emit_json, err_console, fail, or_exit
+from moespec.cli.common import console, emit_json, err_console, fail, or_exit, writable_dir_or_exit
 
 DEFAULT_SHOW = 40  # front rows printed; --out / --json carry all of them
 # Column headers for common axes (the legend under the table names the full path).
@@ -57,6 +57,9 @@ def explore_command(
         fail("--top, --sample and --show must be >= 0 and --chunk >= 1")
     if (plot_x is None) != (plot_y is None):
         fail("--x and --y go together; give both or neither")
+    for flag, folder in (("--out", out), ("--emit", emit)):
+        if folder is not None:
+            writable_dir_or_exit(folder, flag)
 
     with _progress(enabled=not as_json and err_console.is_terminal) as step:
         result = explore(loaded, chunk_size=chunk, sample_size=sample, top=top, rank_by=by, seed=seed, progress=step)

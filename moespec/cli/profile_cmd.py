@@ -11,7 +11,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moespec.cli.common import backend_or_exit, console, cpu_sized_counts_or_exit, emit_json, fail, load_plan_or_exit, write_atomic
+from moespec.cli.common import (backend_or_exit, console, cpu_sized_counts_or_exit, emit_json, fail, load_plan_or_exit, writable_dir_or_exit,
+                                write_atomic)
 from moespec.cli.overrides import apply_overrides
 from moespec.profiling.report import MIN_TIMED_STEPS
 
@@ -61,6 +62,10 @@ def profile_command(
     hardware = backend_or_exit(backend, calibration, world=plan.parallel.world)
     out = out or Path("moespec-profile") / plan.name
     trace_dir = trace_dir or out / "traces"
+    if launched_world() is None:
+        writable_dir_or_exit(out, "--out")
+        if trace_steps:
+            writable_dir_or_exit(trace_dir, "--trace-dir")
     options = dict(nproc=nproc, device=device, steps=steps, warmup=warmup, trace_steps=trace_steps, out=out,
                    trace_dir=trace_dir, threads=threads, seed=seed, timeout=timeout, as_json=as_json)  # fmt: skip
     if launched_world() is None and nproc == 1:

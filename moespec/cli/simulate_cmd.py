@@ -30,8 +30,8 @@ def simulate_command(
     plan = load_plan_or_exit(spec)
     if not 0 <= overlap <= 1:
         fail(f"--overlap must be between 0 and 1, got {overlap}")
-    if not imbalance >= 1:
-        fail(f"--imbalance is max/mean load, so at least 1; got {imbalance}")
+    if not 1 <= imbalance <= 1000:
+        fail(f"--imbalance is max/mean load, from 1 to 1000 (as in a sweep); got {imbalance}")
     if sum(x is not None for x in (load, skew)) + (imbalance != 1.0) > 1:
         fail("give one load model: --imbalance, --skew or --load")
     plan = apply_overrides(spec, plan, world=world, ep=ep)

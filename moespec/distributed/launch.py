@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
@@ -87,22 +90,63 @@ def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: boo
     """
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(
-        torchrun_command(nproc, program_args, module=module, nodes=nodes), stdout=None, stderr=subprocess.PIPE, text=True, env=env
-    )
+    # The launcher and its ranks in a process group of their own: a stop of this command
+    # (Ctrl-C, or a scheduler's SIGTERM/SIGHUP) ends all of them, never orphans a rank.
+    proc = subprocess.Popen(torchrun_command(nproc, program_args, module=module, nodes=nodes), stdout=None,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
     log = FailureLog(keep_tracebacks=bool(os.environ.get("MOESPEC_TRACEBACK")))
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS if threading.current_thread() is threading.main_thread()}
     try:
         for line in proc.stderr:  # type: ignore[union-attr]
             if log.read(line):
                 sys.stderr.write(line)
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        end_group(proc)
         return 1, f"distributed run did not finish within {timeout_s:.0f} s; all ranks were stopped"
     except KeyboardInterrupt:
-        proc.terminate()
+        end_group(proc)
         raise
+    except Stopped as stop:
+        end_group(proc)
+        name = signal.Signals(stop.signum).name
+        return 128 + stop.signum, f"stopped by {name}: the launcher and all {nproc} local ranks were ended (nothing was reported)"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return code, log.verdict(code)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def end_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM to the launcher's whole process group (torchrun's agent and every rank), then
+    SIGKILL to whatever is left after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the launcher is gone; its ranks may not be
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
 
 
 @dataclass

@@ -1,0 +1,74 @@
+"""The edges of the CLI (issue 17): output paths are checked before any work, `--json` is
+always JSON, numeric flags have ranges, files are written with the user's umask. Each case is
+one line on stderr and exit code 2, never a traceback; all run in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cli_here import run_here
+
+from moespec.cli.common import emit_json
+from moespec.files import write_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ROOT / "specs"
+SWEEP = SPECS / "sweeps" / "cpu-tiny.yaml"
+
+
+def refused(done, *needles: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    for needle in needles:
+        assert needle in done.stderr, (needle, done.stderr)
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    refused(run_here("explore", SWEEP, "--out", a_file), "--out", "is a file")
+    refused(run_here("explore", SWEEP, "--emit", a_file), "--emit", "is a file")
+    refused(run_here("explore", SWEEP, "--out", a_file / "below"), "not a folder")
+    refused(run_here("profile", SPECS / "tiny-topk.yaml", "--out", a_file), "--out", "is a file")
+    refused(run_here("calibrate", "--backend", "cpu-local", "--out", tmp_path), "--out", "give a file name")
+    refused(run_here("compile", SPECS / "tiny-topk.yaml", "--out", ""), "--out needs a folder name")
+    refused(run_here("train", SPECS / "tiny-topk.yaml", "--steps", "1", "--save", a_file), "--save", "is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written, no probe left
+
+
+def test_json_never_holds_infinity(capsys):
+    emit_json({"time": {"step_s": float("inf"), "parts": [1.0, float("nan")]}, "name": "x"})
+    document = json.loads(capsys.readouterr().out)  # strict parsers refuse Infinity; json.loads takes it, so check the text too
+    assert document["time"] == {"step_s": None, "parts": [1.0, None]}
+    assert document["non_finite"]["paths"] == ["time.step_s", "time.parts[1]"]
+
+
+def test_numeric_flags_have_ranges():
+    tiny = SPECS / "tiny-topk.yaml"
+    refused(run_here("simulate", tiny, "--backend", "cpu-local", "--imbalance", "inf"), "--imbalance")
+    refused(run_here("train", tiny, "--steps", "1", "--seed", str(2**64)), "--seed")
+    refused(run_here("train", tiny, "--steps", "1", "--batch", "1000000000"), "--batch")
+    for timeout in ("inf", "1e308", "1e-9", "nan"):
+        refused(run_here("train", tiny, "--steps", "1", "--timeout", timeout), "--timeout")
+    refused(run_here("train", SPECS / "tiny-ep.yaml", "--steps", "-1", "--nproc", "2"), "--steps")
+    refused(run_here("train", tiny, "--steps", "1", "--save-every", "5"), "--save-every needs --save")
+    refused(run_here("train", tiny, "--steps", "1", "--nnodes", "2"), "--rdzv-endpoint")
+    import torch
+
+    if not torch.cuda.is_available():
+        refused(run_here("train", tiny, "--steps", "1", "--device", "cuda"), "no CUDA device")
+
+
+def test_files_are_written_with_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
+    write_atomic(tmp_path / "b.json", "{}")
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o666 & ~old
