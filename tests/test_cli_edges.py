@@ -21,8 +21,9 @@ SWEEP = SPECS / "sweeps" / "cpu-tiny.yaml"
 
 
 def refused(done, *needles: str) -> None:
+    """Exit 2 and one line: `error: ...`, or a file's own `FILE:LINE:COL: path: ...`."""
     assert done.returncode == 2, (done.returncode, done.stderr)
-    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    assert done.stderr.count("\n") == 1 and (done.stderr.startswith("error: ") or ":1:1: " in done.stderr), done.stderr
     for needle in needles:
         assert needle in done.stderr, (needle, done.stderr)
 
@@ -72,3 +73,37 @@ def test_files_are_written_with_the_users_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
     write_atomic(tmp_path / "b.json", "{}")
     assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o666 & ~old
+
+
+@pytest.mark.parametrize("axis", ["{start: 1.0, stop: 2.0, step: 1.0e-320}", "{start: -1.0e308, stop: 1.0e308, step: 1.0}",
+                                  "{start: 1.0e-300, stop: 1.0e300, factor: 1.0000001}"])  # fmt: skip
+def test_sweep_ranges_too_large_to_count_are_refused_from_the_arithmetic(axis, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    text = SWEEP.read_text().replace("moe.capacity.factor: [1.0, 1.25, 2.0]", f"moe.capacity.factor: {axis}")
+    sweep.write_text(text.replace("base: ../tiny-topk.yaml", f"base: {SPECS / 'tiny-topk.yaml'}"))
+    done = run_here("explore", sweep)
+    assert done.returncode == 2 and "this range has" in done.stderr and "use a coarser step or factor" in done.stderr, done.stderr
+
+
+def test_empty_and_undecodable_files_say_what_they_should_hold(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert "a backend needs" in run_here("simulate", SPECS / "tiny-topk.yaml", "--backend", empty).stderr
+    assert "a sweep needs" in run_here("explore", empty).stderr
+    binary = tmp_path / "cal.json"
+    binary.write_bytes(b"\xff\xfe{}")
+    done = run_here("simulate", SPECS / "tiny-topk.yaml", "--backend", "cpu-local", "--calibration", binary)
+    refused(done, "not UTF-8")
+    big = tmp_path / "big.json"
+    big.write_text(" " * (2 << 20))
+    refused(run_here("simulate", SPECS / "tiny-topk.yaml", "--backend", "cpu-local", "--calibration", big), "limit for a calibration")
+
+
+def test_a_described_cluster_is_costed_for_the_ranks_the_run_uses(tmp_path):
+    """65,536 nodes x 1,024 devices validate; a 64-rank run builds the topology of one node."""
+    huge = tmp_path / "huge.yaml"
+    text = (ROOT / "backends" / "h100-cluster-4n.yaml").read_text()
+    huge.write_text(text.replace("nodes: 4\n", "nodes: 65536\n").replace("devices_per_node: 8\n", "devices_per_node: 1024\n"))
+    done = run_here("simulate", SPECS / "mixtral-8x7b.yaml", "--backend", huge, "--world", "64", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["time"]["step_s"] > 0

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import jsonschema
+import numpy as np
 
 from moespec.spec.errors import PathT, SpecError
 from moespec.spec.schema import load_schema, suggest
@@ -144,14 +145,18 @@ def expand(raw) -> tuple[list, str]:
             return [], "a range takes step (linear) or factor (log), not both; remove one"
         if start <= 0:
             return [], f"a log range needs start > 0, got {start}; start at a positive value"
-        count = math.floor(math.log(stop / start) / math.log(raw["factor"]) + 1e-9) + 1
+        with np.errstate(all="ignore"):
+            intervals = float((np.log(np.float64(stop)) - np.log(np.float64(start))) / np.log(np.float64(raw["factor"])))
         make = (lambda i: start * raw["factor"] ** i)
     else:
         step = raw.get("step", 1)
-        count = math.floor((stop - start) / step + 1e-9) + 1
+        with np.errstate(all="ignore"):
+            intervals = float((np.float64(stop) - start) / step)  # inf when the span or the step is extreme
         make = (lambda i: start + i * step)
-    if count > MAX_AXIS_VALUES:
-        return [], f"this range has {count:,} values (over {MAX_AXIS_VALUES:,}); use a coarser step or factor"
+    if not math.isfinite(intervals) or intervals + 1 > MAX_AXIS_VALUES:  # from the arithmetic, before making any value
+        shown = "more values than a float counts" if not math.isfinite(intervals) else f"{math.floor(intervals + 1e-9) + 1:,.0f} values"
+        return [], f"this range has {shown} (over {MAX_AXIS_VALUES:,}); use a coarser step or factor"
+    count = math.floor(intervals + 1e-9) + 1
     integral = all(isinstance(raw.get(key, 1), int) for key in ("start", "step", "factor"))
     values = [int(round(make(i))) if integral else float(f"{make(i):.12g}") for i in range(count)]
     return values, ""

@@ -92,7 +92,7 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; raises SpecErrors (never another exception for bad input)."""
     path = Path(path)
-    return sweep_from_text(read_spec_text(path), str(path), base_dir=path.parent)
+    return sweep_from_text(read_spec_text(path, "sweep"), str(path), base_dir=path.parent)
 
 
 def sweep_from_text(text: str, file: str = "<sweep>", *, base_dir: Path = Path(".")) -> Sweep:
@@ -178,7 +178,7 @@ def _load_backend(name: str, base_dir: Path, locations: Locations, errors: list[
             if not path.is_file():
                 errors.append(locations.error(("backend",), f"no backend file at {path} (relative to the sweep file); check the path"))
                 return None
-            return backend_from_text(read_spec_text(path), str(path))
+            return backend_from_text(read_spec_text(path, "backend"), str(path))
         return load_backend(name)
     except SpecErrors as failure:
         for error in failure.errors:  # a bad name is the sweep's line; a bad file, its own

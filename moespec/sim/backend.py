@@ -100,7 +100,7 @@ def load_backend(name_or_path: str | Path) -> Backend:
             raise SpecErrors([SpecError(text, 1, 1, "(root)", f"no shipped backend named {text!r}{hint}, or pass a file path")])
         return backend_from_text(path.read_text(), str(path))
     path = Path(name_or_path)
-    return backend_from_text(read_spec_text(path), str(path))
+    return backend_from_text(read_spec_text(path, "backend"), str(path))
 
 
 def backend_from_text(text: str, file: str = "<backend>") -> Backend:

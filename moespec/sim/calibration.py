@@ -72,11 +72,10 @@ def calibration_errors(data: object, file: str = "<calibration>") -> list[SpecEr
 
 def load_calibration(path: str | Path) -> dict:
     """Read and validate a calibration file; SpecErrors with located lines if it is not one."""
+    from moespec.spec.yaml_source import read_spec_text
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecErrors([SpecError(str(path), 1, 1, "(root)", f"cannot read the calibration: {exc.strerror or exc}")]) from None
+    text = read_spec_text(path, "calibration")  # size-capped, UTF-8 checked, one located line on failure
     data, _ = parse_checked(text, str(path), "calibration", not_a_mapping="a calibration is a JSON object written by `moespec calibrate`")
     return data
 

@@ -68,8 +68,21 @@ class CollectiveCosts:
 
     def __init__(self, backend: Backend):
         self.backend = backend
-        self.graph = build_topology(backend)
+        self._graph, self._graph_nodes = None, 0
         self._fits: dict[tuple, tuple[float, float]] = {}
+
+    def graph_for(self, last_rank: int):
+        """The topology graph of the first nodes up to `last_rank`'s, built on first need: a
+        described cluster of 65,536 nodes costs what the designs use, not a graph of every
+        device. A ring is the whole ring (its paths depend on its length)."""
+        per_node = self.backend.devices_per_node
+        nodes = self.backend.nodes if self.backend.topology == "ring" else min(self.backend.nodes, last_rank // per_node + 1)
+        if self._graph is None or nodes > self._graph_nodes:
+            import dataclasses
+
+            trimmed = self.backend if nodes == self.backend.nodes else dataclasses.replace(self.backend, nodes=nodes)
+            self._graph, self._graph_nodes = build_topology(trimmed), nodes
+        return self._graph
 
     def rank_sets(self, stride: np.ndarray, n: np.ndarray) -> RankSets:
         """Index the designs' rank sets (distinct sets found by counting: O(N), no sort)."""
@@ -100,8 +113,10 @@ class CollectiveCosts:
         if (kind, stride, n) not in self._fits:
             ranks = list(range(0, stride * n, stride))
 
+            graph = self.graph_for(ranks[-1])
+
             def time_s(v):
-                return _COLLECTIVES[kind](self.graph, ranks, v)
+                return _COLLECTIVES[kind](graph, ranks, v)
 
             small, large = 1.0, 2.0**30
             s_per_byte = (time_s(large) - time_s(small)) / (large - small)

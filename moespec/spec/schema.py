@@ -74,7 +74,7 @@ def parse_checked(text: str, file: str, kind: str, *, not_a_mapping: str) -> tup
     """Parse a document and check it against its schema: the first step of loading every kind
     of file (spec, backend, sweep, calibration). Raises SpecErrors with every located error;
     `not_a_mapping` tells the user what the top level should look like."""
-    data, locations = parse_yaml(text, file)
+    data, locations = parse_yaml(text, file, kind)
     if not isinstance(data, dict):
         raise SpecErrors([locations.error((), not_a_mapping)])
     errors = schema_errors(data, locations, kind)

@@ -60,8 +60,17 @@ class Locations:
         return SpecError(self.file, line, col, format_path(path), message)
 
 
-def read_spec_text(path: Path) -> str:
-    """The file's text, or a one-line SpecErrors for anything that is not a readable spec file."""
+EMPTY = {  # what an empty file of each kind should have held
+    "spec": "a spec needs at least version, name and model",
+    "backend": "a backend needs at least version, name, device and nodes (see backends/*.yaml)",
+    "sweep": "a sweep needs at least version, name, base, backend and axes (see specs/sweeps/*.yaml)",
+    "calibration": "a calibration is the JSON object `moespec calibrate` writes",
+}
+
+
+def read_spec_text(path: Path, kind: str = "spec") -> str:
+    """The file's text, or a one-line SpecErrors for anything that is not a readable file of
+    this kind (spec, backend, sweep, calibration: each is a page of YAML or JSON)."""
     name = str(path)
 
     def fail(message: str) -> SpecErrors:
@@ -70,12 +79,12 @@ def read_spec_text(path: Path) -> str:
     path = Path(path)
     try:
         if path.is_dir():
-            raise fail("is a directory, not a spec file; pass a .yaml file inside it")
+            raise fail(f"is a directory, not a {kind} file; pass a file inside it")
         if not path.exists():
             raise fail("no such file; check the path")
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise fail(f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit for a spec; is it the right file?")
+            raise fail(f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit for a {kind}; is it the right file?")
         raw = path.read_bytes()
     except OSError as exc:
         raise fail(f"cannot read the file ({exc.strerror or exc}); check its permissions") from None
@@ -85,11 +94,11 @@ def read_spec_text(path: Path) -> str:
         line = raw[: exc.start].count(b"\n") + 1
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise SpecErrors(
-            [SpecError(name, line, col, "(root)", f"byte 0x{raw[exc.start]:02x} is not UTF-8 text; a spec is a UTF-8 YAML file")]
+            [SpecError(name, line, col, "(root)", f"byte 0x{raw[exc.start]:02x} is not UTF-8 text; a {kind} is a UTF-8 text file")]
         ) from None
 
 
-def parse_yaml(text: str, file: str) -> tuple[object, Locations]:
+def parse_yaml(text: str, file: str, kind: str = "spec") -> tuple[object, Locations]:
     """Compose one YAML document and construct it with positions; raises SpecErrors."""
     locations = Locations(file)
     try:
@@ -113,7 +122,7 @@ def parse_yaml(text: str, file: str) -> tuple[object, Locations]:
     except RecursionError:
         raise SpecErrors([SpecError(file, 1, 1, "(root)", "YAML nested too deeply; flatten the document")]) from None
     if root is None:
-        raise SpecErrors([SpecError(file, 1, 1, "(root)", "the file is empty; a spec needs at least version, name and model")])
+        raise SpecErrors([SpecError(file, 1, 1, "(root)", f"the file is empty; {EMPTY.get(kind, EMPTY['spec'])}")])
     builder = _Builder(locations)
     data = builder.build(root, (), 0)
     if builder.errors:
