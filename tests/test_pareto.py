@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moespec.explore.pareto import dominates_brute, merge_front, pareto_mask, to_costs
+from moespec.explore.pareto import dominates_brute, merge_front, pareto_mask, pareto_mask_numpy, to_costs
 
 
 def brute_front(values: np.ndarray, maximise: np.ndarray) -> np.ndarray:
@@ -39,6 +39,7 @@ def test_front_equals_brute_force_with_ties_and_mixed_directions(m):
         maximise = rng.random(m) < 0.5
         expected = brute_front(values, maximise)
         assert np.array_equal(pareto_mask(to_costs(values, maximise)), expected)
+        assert np.array_equal(pareto_mask_numpy(to_costs(values, maximise)), expected)  # the path without moocore
         assert np.array_equal(dominates_brute(to_costs(values, maximise)), expected)
 
 

@@ -73,6 +73,7 @@ class ExploreResult:
     rank_by: Objective | None
     quality_proxy: str  # which proxy ranked the designs, in words
     elapsed_s: float
+    search: dict | None = None  # how a space too large to enumerate was searched (explore/search.py); None: every design
 
     @property
     def designs_per_s(self) -> float:
@@ -89,41 +90,60 @@ def explore(sweep: Sweep, *, chunk_size: int = DEFAULT_CHUNK, sample_size: int =
     start = time.perf_counter()
     space = DesignSpace(sweep)
     collectives = CollectiveCosts(sweep.backend)
-    objectives = sweep.objectives
-    maximise = np.array([o.direction == "max" for o in objectives])
-    ranked = _rank_objective(sweep, rank_by) if top else None
-    front_ids, front_costs = np.empty(0, dtype=np.int64), np.empty((0, len(objectives)))
-    sample_ids, sample_keys = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint64)
-    top_ids, top_costs = np.empty(0, dtype=np.int64), np.empty(0)
-    counts: dict[int, int] = {}
+    summary = Summary(sweep, sample_size=sample_size, top=top, rank_by=rank_by, seed=seed)
 
     def build_and_assess(lo: int):
         ids = np.arange(lo, min(lo + chunk_size, space.size), dtype=np.int64)
         return (ids, *assess(space, space.chunk(ids), collectives))
 
     for ids, figures, reason in ordered_map(build_and_assess, range(0, space.size, chunk_size), workers=threads):
-        for code, count in zip(*np.unique(reason, return_counts=True)):
-            counts[int(code)] = counts.get(int(code), 0) + int(count)
-        ok = reason == FEASIBLE
-        if ok.any():
-            good = ids[ok]
-            values = np.column_stack([figures[o.name][ok] for o in objectives])
-            front_ids, front_costs = merge_front(front_ids, front_costs, good, to_costs(values, maximise))
-            sample_ids, sample_keys = _bottom_k(np.concatenate([sample_ids, good]),
-                                                np.concatenate([sample_keys, _keys(good, seed)]), sample_size)  # fmt: skip
-            if ranked is not None:
-                sign = -1.0 if ranked.direction == "max" else 1.0
-                top_ids, top_costs = _best(np.concatenate([top_ids, good]), np.concatenate([top_costs, sign * figures[ranked.name][ok]]), top)
+        summary.fold(ids, figures, reason)
         if progress is not None:
             progress(int(ids[-1]) + 1, space.size)
-    sample_ids = np.setdiff1d(np.sort(sample_ids), front_ids)
-    return ExploreResult(
-        sweep=sweep, designs=space.size, feasible=counts.get(FEASIBLE, 0),
-        infeasible_by_reason={space.reasons[c]: counts[c] for c in sorted(counts) if c != FEASIBLE},
-        front=table(space, front_ids, collectives), sample=table(space, sample_ids, collectives),
-        top=table(space, top_ids, collectives) if ranked is not None else None, rank_by=ranked,
-        quality_proxy=describe(sweep.quality_proxy, sweep.clark2022_fit), elapsed_s=time.perf_counter() - start,
-    )  # fmt: skip
+    return summary.result(space, collectives, designs=space.size, elapsed_s=time.perf_counter() - start)
+
+
+class Summary:
+    """The running summaries of evaluated designs (exact front, bottom-k sample, best `top`,
+    counts by reason), folded chunk by chunk: shared by exhaustive exploration and search."""
+
+    def __init__(self, sweep: Sweep, *, sample_size: int, top: int, rank_by: str | None, seed: int):
+        self.sweep, self.sample_size, self.top_k, self.seed = sweep, sample_size, top, seed
+        self.objectives = sweep.objectives
+        self.maximise = np.array([o.direction == "max" for o in self.objectives])
+        self.ranked = _rank_objective(sweep, rank_by) if top else None
+        self.front_ids, self.front_costs = np.empty(0, dtype=np.int64), np.empty((0, len(self.objectives)))
+        self.sample_ids, self.sample_keys = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint64)
+        self.top_ids, self.top_costs = np.empty(0, dtype=np.int64), np.empty(0)
+        self.counts: dict[int, int] = {}
+
+    def fold(self, ids: np.ndarray, figures: dict, reason: np.ndarray) -> None:
+        """Add designs (ids unique, never folded before) with their figures and reason codes."""
+        for code, count in zip(*np.unique(reason, return_counts=True)):
+            self.counts[int(code)] = self.counts.get(int(code), 0) + int(count)
+        ok = reason == FEASIBLE
+        if not ok.any():
+            return
+        good = ids[ok]
+        values = np.column_stack([figures[o.name][ok] for o in self.objectives])
+        self.front_ids, self.front_costs = merge_front(self.front_ids, self.front_costs, good, to_costs(values, self.maximise))
+        self.sample_ids, self.sample_keys = _bottom_k(np.concatenate([self.sample_ids, good]),
+                                                      np.concatenate([self.sample_keys, _keys(good, self.seed)]), self.sample_size)  # fmt: skip
+        if self.ranked is not None:
+            sign = -1.0 if self.ranked.direction == "max" else 1.0
+            self.top_ids, self.top_costs = _best(np.concatenate([self.top_ids, good]),
+                                                 np.concatenate([self.top_costs, sign * figures[self.ranked.name][ok]]), self.top_k)  # fmt: skip
+
+    def result(self, space: DesignSpace, collectives: CollectiveCosts, *, designs: int, elapsed_s: float,
+               search: dict | None = None) -> ExploreResult:  # fmt: skip
+        sample_ids = np.setdiff1d(np.sort(self.sample_ids), self.front_ids)
+        return ExploreResult(
+            sweep=self.sweep, designs=designs, feasible=self.counts.get(FEASIBLE, 0),
+            infeasible_by_reason={space.reasons[c]: self.counts[c] for c in sorted(self.counts) if c != FEASIBLE},
+            front=table(space, self.front_ids, collectives), sample=table(space, sample_ids, collectives),
+            top=table(space, self.top_ids, collectives) if self.ranked is not None else None, rank_by=self.ranked,
+            quality_proxy=describe(self.sweep.quality_proxy, self.sweep.clark2022_fit), elapsed_s=elapsed_s, search=search,
+        )  # fmt: skip
 
 
 def default_threads() -> int:
