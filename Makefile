@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch first and pinned: 2.13.0 is the CPU build on this machine's disk (never a CUDA wheel).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,profile,io]'
+	$(BIN)/pip install -q -e '.[test,profile,io,search]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -60,7 +60,6 @@ CASES = [
     ("unknown-backend", ("cpu-local", "cpu-locl"), 4, 10, "backend", "did you mean 'cpu-local'?"),
     ("missing-base", ("base.yaml", "nope.yaml"), 3, 1, "base", "no spec file at"),
     ("unknown-constraint", ("objectives:", "constraints: {max_memory_gib: 3}\nobjectives:"), 9, 15, "constraints.max_memory_gib", "unknown key"),
-    ("too-many-designs", ("objectives:", "max_designs: 3\nobjectives:"), 5, 1, "axes", "over max_designs (3)"),
 ]
 
 

@@ -40,6 +40,8 @@ def explore_command(
     chunk: int = typer.Option(65_536, "--chunk", help="Designs evaluated per vectorised batch."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
     calibration: str = typer.Option("auto", "--calibration", help="auto (the shipped calibration of the sweep's backend, if any), none, or a calibration file."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Search: simulate at most N designs (NSGA-II, then Pareto local search) instead of every one."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Evaluate every design however long it takes (default: search when that would take over a minute or the space is over max_designs)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Search a sweep's design space for the Pareto front of its objectives under its constraints."""
@@ -53,16 +55,34 @@ def explore_command(
     for option, value in (("--by", by), ("--x", plot_x), ("--y", plot_y)):
         if value is not None and value not in FIGURES:
             fail(f"{option} {value!r} is not a figure; choose one of {', '.join(FIGURES)}")
-    if top < 0 or sample < 0 or chunk < 1 or show < 0:
-        fail("--top, --sample and --show must be >= 0 and --chunk >= 1")
+    if not (0 <= top <= 10**7 and 0 <= sample <= 10**7 and 0 <= show <= 10**7 and 1 <= chunk <= 10**9 and 0 <= seed < 2**63):
+        fail("--top, --sample and --show must be in [0, 1e7], --chunk in [1, 1e9] and --seed in [0, 2**63)")
+    if budget is not None and not 1 <= budget <= 10**9:
+        fail(f"--budget must be in [1, 1e9] designs, got {budget}")
+    if budget is not None and exhaustive:
+        fail("--budget searches part of the space and --exhaustive evaluates all of it; give one")
+    check_chunk_memory(chunk)
     if (plot_x is None) != (plot_y is None):
         fail("--x and --y go together; give both or neither")
     for flag, folder in (("--out", out), ("--emit", emit)):
         if folder is not None:
             writable_dir_or_exit(folder, flag)
 
-    with _progress(enabled=not as_json and err_console.is_terminal) as step:
-        result = explore(loaded, chunk_size=chunk, sample_size=sample, top=top, rank_by=by, seed=seed, progress=step)
+    mode, note = choose_mode(loaded, budget=budget, exhaustive=exhaustive, seed=seed)
+    if note and not as_json:
+        err_console.print(note, markup=False, soft_wrap=True)
+    with _progress(enabled=not as_json and err_console.is_terminal, search=mode is not None) as step:
+        if mode is None:
+            result = explore(loaded, chunk_size=chunk, sample_size=sample, top=top, rank_by=by, seed=seed, progress=step)
+        else:
+            from moespec.explore.search import SearchUnavailable, search
+
+            try:
+                result = search(loaded, budget=mode, seed=seed, sample_size=sample, top=top, rank_by=by, progress=step)
+            except SearchUnavailable as exc:
+                fail(f"{exc}; or give --exhaustive")
+    if note and result.search is not None:
+        result.search["why"] = note
     written = write_outputs(result, out, plot=(plot_x, plot_y) if plot_x else None) if out is not None else []
     emitted = emit_specs(result, emit) if emit is not None else []
     if as_json:
@@ -76,23 +96,96 @@ def explore_command(
         console.print(f"wrote {path}", markup=False)
 
 
-class _progress:
-    """A rich progress bar on stderr as a context manager yielding the `progress` callback."""
+# Memory a chunk's evaluation peaks at, per design (measured with tracemalloc on the
+# h100-trillion sweep: ~0.9 KB; 1.5 KB leaves room), times the chunks in flight (2 per thread).
+CHUNK_BYTES_PER_DESIGN = 1536
+EXHAUSTIVE_LIMIT_S = 60.0  # above this estimate (or max_designs), explore searches unless --exhaustive
 
-    def __init__(self, *, enabled: bool):
+
+def check_chunk_memory(chunk: int) -> None:
+    """Refuse a --chunk whose in-flight chunks cannot fit in half the available memory, from the
+    arithmetic (never by allocating and failing)."""
+    from moespec.cli.common import available_memory_bytes
+    from moespec.explore.run import default_threads
+
+    available = available_memory_bytes()
+    in_flight = 2 * default_threads()
+    need = chunk * in_flight * CHUNK_BYTES_PER_DESIGN
+    if available is not None and need > available / 2:
+        most = int(available / 2 / (in_flight * CHUNK_BYTES_PER_DESIGN))
+        fail(f"--chunk {chunk:,} needs ~{need / 2**30:.1f} GiB ({in_flight} chunks in flight, ~1.5 KB per design); "
+             f"this machine has {available / 2**30:.1f} GiB available: use --chunk {min(most, 1 << 20):,} or less (larger chunks gain nothing past ~65,536)")  # fmt: skip
+
+
+def choose_mode(sweep, *, budget: int | None, exhaustive: bool, seed: int) -> tuple[int | None, str]:
+    """(search budget or None for every design, the note saying why). The space's size comes
+    first; above max_designs, or when every design would take over a minute at the rate
+    measured on a sample here, explore searches."""
+    import time
+
+    import numpy as np
+
+    from moespec.explore.run import assess, default_threads
+    from moespec.explore.search import DEFAULT_BUDGET
+    from moespec.explore.space import DesignSpace
+    from moespec.sim.cost import CollectiveCosts
+
+    space = DesignSpace(sweep)
+    if budget is not None:
+        if budget >= space.size:
+            return None, f"--budget {budget:,} covers all {space.size:,} designs: evaluating every one"
+        return budget, ""
+    if exhaustive or space.size <= DEFAULT_BUDGET:  # a search would spend as much as evaluating every design
+        return None, ""
+    probe = np.unique(np.random.default_rng(seed).integers(0, space.size, size=min(space.size, 20_000)))
+    collectives = CollectiveCosts(sweep.backend)
+    assess(space, space.chunk(probe), collectives)  # the collectives' fits of these rank sets, once, outside the timing
+    started = time.perf_counter()
+    assess(space, space.chunk(probe), collectives)
+    rate = len(probe) / max(time.perf_counter() - started, 1e-9) * min(default_threads(), 2) * 0.75
+    estimate = space.size / rate
+    if space.size <= sweep.max_designs and estimate <= EXHAUSTIVE_LIMIT_S:
+        return None, ""
+    budget = DEFAULT_BUDGET
+    why = f"over max_designs ({sweep.max_designs:,}) and " if space.size > sweep.max_designs else ""
+    return budget, (f"{space.size:,} designs ({why}~{_duration(estimate)} to evaluate every one at ~{rate:,.0f} designs/s measured here): "
+                    f"searching {budget:,} of them (NSGA-II, then Pareto local search); --exhaustive evaluates all, --budget N changes the share")  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+class _progress:
+    """A rich progress bar on stderr as a context manager yielding the `progress` callback:
+    designs done, designs/s, and (searching) the current front's size."""
+
+    def __init__(self, *, enabled: bool, search: bool = False):
         self.bar = None
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("exploring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=err_console, transient=True)  # fmt: skip
+            self.bar = Progress(TextColumn("searching" if search else "exploring"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err_console, transient=True)  # fmt: skip
 
     def __enter__(self):
         if self.bar is None:
             return None
+        import time
+
         self.bar.start()
-        task = self.bar.add_task("designs", total=None)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
+        task = self.bar.add_task("designs", total=None, status="")
+        started = time.perf_counter()
+
+        def update(done: int, total: int, front: int | None = None) -> None:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            status = f"{rate:,.0f} designs/s" + (f", front {front:,}" if front is not None else "")
+            self.bar.update(task, completed=done, total=total, status=status)
+
+        return update
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
@@ -104,6 +197,11 @@ def _print(result, show: int) -> None:
     console.print(f"[bold]{sweep.name}[/bold]: {result.designs:,} designs of {sweep.base_file} on {sweep.backend.name} "
                   f"({sweep.backend.num_devices} devices{', calibrated' if sweep.backend.calibration else ''}) in {result.elapsed_s:.2f} s ({result.designs_per_s:,.0f} designs/s)", soft_wrap=True)  # fmt: skip
     infeasible = result.designs - result.feasible
+    if result.search is not None:
+        info = result.search
+        console.print(f"searched {info['distinct']:,} of {info['space']:,} designs ({info['distinct'] / info['space']:.2g} of the space; "
+                      f"{info['evaluated']:,} simulated of a budget of {info['budget']:,}) with {info['algorithm']}"
+                      + (", stopped at a local optimum" if info["converged"] else "") + "; the front is exact over the designs searched", soft_wrap=True)  # fmt: skip
     console.print(f"feasible {result.feasible:,}; infeasible {infeasible:,}" + (", by first failing reason:" if infeasible else ""))
     for reason, count in result.infeasible_by_reason.items():
         console.print(f"  {count:>12,}  {reason}", markup=False)

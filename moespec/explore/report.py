@@ -59,6 +59,7 @@ def result_document(result: ExploreResult) -> dict:
                                                 "designs": result.top.rows()},  # fmt: skip
         "elapsed_s": result.elapsed_s,
         "designs_per_s": result.designs_per_s,
+        "search": result.search,  # null: every design was evaluated; else how the space was searched
     }
 
 

@@ -82,8 +82,8 @@ class ExploreResult:
 
 def explore(sweep: Sweep, *, chunk_size: int = DEFAULT_CHUNK, sample_size: int = 1000, top: int = 0,
             rank_by: str | None = None, seed: int = 0, threads: int | None = None,
-            progress: Callable[[int, int], None] | None = None) -> ExploreResult:  # fmt: skip
-    """Evaluate every design of `sweep`; `progress(done, total)` is called after each chunk.
+            progress: Callable[..., None] | None = None) -> ExploreResult:  # fmt: skip
+    """Evaluate every design of `sweep`; `progress(done, total, front_size)` is called after each chunk.
     `threads`: chunks evaluated at once (default: the CPUs this process may use); the result
     does not depend on it, chunks are folded in order."""
     threads = threads or default_threads()
@@ -99,7 +99,7 @@ def explore(sweep: Sweep, *, chunk_size: int = DEFAULT_CHUNK, sample_size: int =
     for ids, figures, reason in ordered_map(build_and_assess, range(0, space.size, chunk_size), workers=threads):
         summary.fold(ids, figures, reason)
         if progress is not None:
-            progress(int(ids[-1]) + 1, space.size)
+            progress(int(ids[-1]) + 1, space.size, len(summary.front_ids))
     return summary.result(space, collectives, designs=space.size, elapsed_s=time.perf_counter() - start)
 
 

@@ -39,6 +39,8 @@ BOUNDS: dict[str, tuple[str, str, float]] = {
 PROXY_DIRECTION = {"clark2022": "min", "params_total": "max", "params_active": "max"}
 
 
+MAX_SPACE = 10**18
+
 @dataclass(frozen=True)
 class Objective:
     name: str  # a figure of run.FIGURES
@@ -76,7 +78,7 @@ class Sweep:
     clark2022_fit: str
     overlap: float
     imbalance: float
-    max_designs: int
+    max_designs: int  # the largest space `explore` evaluates whole without --exhaustive; larger ones are searched
 
     @property
     def size(self) -> int:
@@ -124,8 +126,8 @@ def sweep_from_text(text: str, file: str = "<sweep>", *, base_dir: Path = Path("
     if structures > MAX_STRUCTURES:
         names = ", ".join(axis.name for axis in axes if not axis.fast)
         errors.append(locations.error(("axes",), f"the structural axes ({names}) make {structures:,} combinations, each resolved as a spec; keep them under {MAX_STRUCTURES:,}"))
-    if size > top["max_designs"]:
-        errors.append(locations.error(("axes",), f"these axes make {size:,} designs, over max_designs ({top['max_designs']:,}); narrow an axis or raise max_designs"))
+    if size > MAX_SPACE:  # design ids are int64; a larger space is a typo, not a question
+        errors.append(locations.error(("axes",), f"these axes make {size:.3g} designs, over {MAX_SPACE:.0e} (design ids are 64-bit); narrow an axis"))
     if errors:
         raise SpecErrors(errors)
     base_spec, base_plan = base
