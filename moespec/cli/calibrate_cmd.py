@@ -32,8 +32,8 @@ def calibrate_command(
     hardware = backend_or_exit(backend)
     if device not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda, got {device!r}")
-    if nproc < 1 or threads < 0 or not timeout > 0:
-        fail("--nproc must be >= 1, --threads >= 0 and --timeout > 0")
+    if not (1 <= nproc <= 1024 and 0 <= threads <= 1024 and 1 <= timeout <= 7 * 86400):
+        fail("--nproc must be in [1, 1024], --threads in [0, 1024] and --timeout between 1 s and a week")
     if nproc > hardware.num_devices:
         fail(f"--nproc {nproc} is more ranks than backend {hardware.name} has devices ({hardware.num_devices})")
     if out is None:

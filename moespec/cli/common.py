@@ -143,7 +143,7 @@ def trainable_counts_or_exit(spec: Path, plan, *, ranks_here: int, device: str =
         where = "this GPU" if device == "cuda" else "this machine"
         fail(f"{spec}: {plan.name} ({counts.total:,} parameters) needs ~{per_rank / 2**30:.1f} GiB per rank to train (weights, "
              f"gradients, AdamW state, activations: `moespec simulate` shows the parts) and {where} has {available / 2**30:.1f} GiB "
-             f"free for {ranks_here} rank{'s' if ranks_here > 1 else ''}; raise parallel.ep or zero_stage, lower micro_batch, or add machines")  # fmt: skip
+             f"free for {ranks_here} rank{'s' if ranks_here > 1 else ''}; raise parallel.ep or zero_stage, lower parallel.micro_batch (or --batch), or add machines")  # fmt: skip
     return counts
 
 

@@ -43,8 +43,10 @@ def profile_command(
     plan = apply_overrides(spec, load_plan_or_exit(spec), world=world, ep=ep)
     if device not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda, got {device!r}")
-    if nproc < 1 or steps < 1 or warmup < 0 or trace_steps < 0 or threads < 0 or not timeout > 0:
-        fail("--nproc and --steps must be >= 1; --warmup, --trace-steps, --threads >= 0; --timeout > 0")
+    if not (1 <= nproc <= 1024 and 1 <= steps <= 10**6 and 0 <= warmup <= 10**6 and 0 <= trace_steps <= 1000
+            and 0 <= threads <= 1024 and 1 <= timeout <= 7 * 86400 and 0 <= seed < 2**63):  # fmt: skip
+        fail("--nproc must be in [1, 1024], --steps in [1, 1e6], --warmup in [0, 1e6], --trace-steps in [0, 1000], "
+             "--threads in [0, 1024], --timeout between 1 s and a week, --seed in [0, 2**63)")
     if single_process and nproc > 1:
         fail(f"--single-process runs one process; it does not go with --nproc {nproc}")
     _check_runnable(spec, plan, device)

@@ -165,6 +165,12 @@ def _check_plan(spec: Path, plan, opts: TrainOptions, *, nproc: int, nnodes: int
         from moespec.distributed.context import single_process_plan
 
         plan = single_process_plan(plan)  # what one process will hold: every expert
+    if opts.batch and opts.batch != plan.parallel.micro_batch:  # --batch: the micro-batch's activations are what grow
+        import dataclasses
+
+        p = plan.parallel
+        scaled = dataclasses.replace(p, micro_batch=opts.batch, global_batch=p.global_batch // p.micro_batch * opts.batch)
+        plan = dataclasses.replace(plan, parallel=scaled)
     return trainable_counts_or_exit(spec, plan, ranks_here=nproc, device=opts.device)
 
 

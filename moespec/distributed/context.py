@@ -72,9 +72,11 @@ def check_executable(plan: SpecPlan, dist_ctx: "DistContext | None" = None) -> N
 def check_world(plan: SpecPlan, world: int) -> None:
     p = plan.parallel
     if world != p.world:
+        fix = f"use --nproc {p.world}" if p.world <= 64 else f"launch {p.world:,} ranks over nodes (--nproc per node x --nnodes)"
+        dp = world // (p.pp * p.tp)
+        fix += f" or set parallelism.dp to {dp}" if dp >= 1 and dp * p.pp * p.tp == world else f" or lower parallelism.dp, tp or pp to fit {world} ranks"
         raise DistributedConfigError(
-            f"the spec needs world = pp * tp * dp = {p.pp} * {p.tp} * {p.dp} = {p.world} ranks but {world} were "
-            f"launched; use --nproc {p.world} or set parallelism.dp to {world}"
+            f"the spec needs world = pp * tp * dp = {p.pp} * {p.tp} * {p.dp} = {p.world} ranks but {world} were launched; {fix}"
         )
 
 
