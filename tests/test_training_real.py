@@ -312,3 +312,40 @@ def test_a_scheduler_stop_ends_the_launcher_and_every_rank(sig, tmp_path):
     time.sleep(1)
     assert ours() == [], "processes were left running"
     assert not (tmp_path / "ck" / "latest").exists()
+
+
+def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
+    """A rank that stops answering (SIGSTOP here; a hung kernel or a debugger alike) is named,
+    the run ends soon after --timeout rather than after the launcher's own grace, and nothing
+    is left behind (a stopped process only ends by SIGKILL)."""
+    import signal
+    import time
+
+    spec = tmp_path / "stopped.yaml"
+    spec.write_text(EP.read_text())
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moespec", "train", str(spec), "--steps", "100000", "--nproc", "2", "--timeout", "5"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def workers() -> dict[int, int]:
+        found = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ, cmdline = Path(f"/proc/{pid}/environ").read_bytes(), Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(spec).encode() in cmdline and b"LOCAL_RANK=" in environ:
+                found[int(next(e[5:] for e in environ.split(b"\0") if e.startswith(b"RANK=")))] = int(pid)
+        return found
+
+    deadline = time.time() + 90
+    while len(workers()) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(4)  # into the steps
+    os.kill(workers()[1], signal.SIGSTOP)
+    stopped_at = time.time()
+    err = proc.communicate(timeout=90)[1]
+    assert time.time() - stopped_at < 5 + 20, "the run outlived --timeout by far"
+    assert proc.returncode == 1 and "rank(s) 1 (stopped) never answered" in err.strip().splitlines()[-1], err[-1500:]
+    time.sleep(1)
+    assert workers() == {}

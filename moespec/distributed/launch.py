@@ -90,11 +90,12 @@ def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: boo
     """
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     env["PYTHONUNBUFFERED"] = "1"
-    # The launcher and its ranks in a process group of their own: a stop of this command
-    # (Ctrl-C, or a scheduler's SIGTERM/SIGHUP) ends all of them, never orphans a rank.
+    # A stop of this command (Ctrl-C, or a scheduler's SIGTERM/SIGHUP) ends the launcher and
+    # every rank under it (`end_group`), never orphans one.
     proc = subprocess.Popen(torchrun_command(nproc, program_args, module=module, nodes=nodes), stdout=None,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
     log = FailureLog(keep_tracebacks=bool(os.environ.get("MOESPEC_TRACEBACK")))
+    threading.Thread(target=_end_after_failure, args=(proc, log), daemon=True).start()
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS if threading.current_thread() is threading.main_thread()}
     try:
         for line in proc.stderr:  # type: ignore[union-attr]
@@ -118,6 +119,39 @@ def launch(nproc: int, program_args: list[str], *, timeout_s: float, module: boo
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+FAILURE_GRACE_S = 5.0  # after a rank reports a failure, how long the others get to end on their own
+
+
+def _end_after_failure(proc: subprocess.Popen, log: "FailureLog", grace_s: float = FAILURE_GRACE_S) -> None:
+    """Once a rank has reported a failure, give the others `grace_s` to end, then note which
+    ranks are still there (a stopped or hung rank answers nothing, and torchrun's agent would
+    wait ~30 s more for it) and end the whole group."""
+    first = None
+    while proc.poll() is None:
+        if log.failures and first is None:
+            first = time.monotonic()
+        if first is not None and time.monotonic() - first > grace_s:
+            log.unresponsive = live_ranks(proc.pid)
+            end_group(proc, grace_s=1.0)
+            return
+        time.sleep(0.2)
+
+
+def live_ranks(launcher: int) -> dict[int, str]:
+    """{rank: state} of the worker processes still under the launcher (Linux /proc): the rank
+    from each worker's RANK, its state from /proc/PID/stat (T: stopped, S/R: running)."""
+    found = {}
+    for entry in map(str, descendants(launcher)):
+        try:
+            env = dict(item.split(b"=", 1) for item in open(f"/proc/{entry}/environ", "rb").read().split(b"\0") if b"=" in item)
+            if b"LOCAL_RANK" not in env or b"RANK" not in env:
+                continue  # torchrun's agent, not a worker
+            stat = open(f"/proc/{entry}/stat").read()
+            state = stat[stat.rindex(")") + 2]
+            found[int(env[b"RANK"])] = {"T": "stopped", "t": "stopped", "Z": "exited"}.get(state, "running")
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 class Stopped(Exception):
@@ -131,22 +165,52 @@ def _raise_stopped(signum, frame) -> None:
 
 
 def end_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM to the launcher's whole process group (torchrun's agent and every rank), then
-    SIGKILL to whatever is left after `grace_s`."""
+    """SIGTERM to the launcher and every process under it (torchrun starts each rank in a
+    session of its own, so its process group does not reach them), then SIGKILL to whatever
+    is left after `grace_s`: a stopped (SIGSTOP) rank only ends by SIGKILL."""
+    family = [proc.pid, *descendants(proc.pid)]  # before the launcher dies and its ranks are re-parented
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in family:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+            time.sleep(0.1)
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace_s)
+            proc.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
-            continue
-        try:  # the launcher is gone; its ranks may not be
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
+            pass
+        if not any(_alive(pid) for pid in family):
             return
-        time.sleep(0.2)
+
+
+def descendants(root: int) -> list[int]:
+    """Every process under `root` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+                children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @dataclass
@@ -159,6 +223,7 @@ class FailureLog:
     failures: list[tuple[int, str]] = field(default_factory=list)  # (rank, its one-line error)
     exits: dict[int, str] = field(default_factory=dict)  # rank -> how it ended, from torchrun's report
     root_cause_rank: int | None = None
+    unresponsive: dict[int, str] = field(default_factory=dict)  # ranks still there after a failure (`_end_after_failure`)
     _report_rank: int | None = None
     _in_report: bool = False
     _in_root_cause: bool = False
@@ -210,7 +275,12 @@ class FailureLog:
             others = sorted(reported - {rank})
             extra = f" (then rank(s) {', '.join(map(str, others))} stopped)" if others else ""
             stopped = sorted(r for r in silent if self.exits[r] == _STOPPED_BY_AGENT)
-            if _TIMED_OUT_RE.search(what) and stopped:
+            hung = {r: state for r, state in self.unresponsive.items() if r not in reported}
+            if _TIMED_OUT_RE.search(what) and hung:
+                # Ranks still there after the others gave up: stopped (SIGSTOP, a debugger) or hung.
+                told = ", ".join(f"{r} ({state})" for r, state in sorted(hung.items()))
+                extra += f"; rank(s) {told} never answered: look there for the hang"
+            elif _TIMED_OUT_RE.search(what) and stopped:
                 # The rank that gave up waited for a peer that was alive and silent: a hang there.
                 extra += f"; rank(s) {', '.join(map(str, stopped))} never joined: look there for the hang"
             return f"rank {rank} failed: {what}{extra}"
