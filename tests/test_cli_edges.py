@@ -107,3 +107,25 @@ def test_a_described_cluster_is_costed_for_the_ranks_the_run_uses(tmp_path):
     done = run_here("simulate", SPECS / "mixtral-8x7b.yaml", "--backend", huge, "--world", "64", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["time"]["step_s"] > 0
+
+
+def test_a_profile_stopped_midway_leaves_neither_report_nor_traces(tmp_path):
+    """Ctrl-C once the traced steps are written, while the trace's events are read: the run has
+    no report, so its traces go too. The invariant checked: traces exist exactly when the
+    report does (the interrupt lands in that window on this machine; were it late, both stay)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "p"
+    proc = subprocess.Popen([sys.executable, "-m", "moespec", "profile", str(SPECS / "tiny-topk.yaml"), "--steps", "10",
+                             "--warmup", "0", "--trace-steps", "60", "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(p.is_file() for p in (out / "traces").rglob("*")) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    traces = [p for p in (out / "traces").rglob("*") if p.is_file()]
+    assert (out / "report.json").exists() == bool(traces), (proc.returncode, traces)

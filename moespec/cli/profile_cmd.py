@@ -70,11 +70,12 @@ def profile_command(
             writable_dir_or_exit(trace_dir, "--trace-dir")
     options = dict(nproc=nproc, device=device, steps=steps, warmup=warmup, trace_steps=trace_steps, out=out,
                    trace_dir=trace_dir, threads=threads, seed=seed, timeout=timeout, as_json=as_json)  # fmt: skip
-    if launched_world() is None and nproc == 1:
-        _profile_rank(spec, plan, hardware, distributed=False, note=note, **options)
-        return
-    if nproc > 1 and launched_world() is None:
-        _launch(spec, plan, backend=backend, calibration=calibration, world=world, ep=ep, **options)
+    if launched_world() is None:
+        with no_partial_traces(trace_dir):
+            if nproc == 1:
+                _profile_rank(spec, plan, hardware, distributed=False, note=note, **options)
+            else:
+                _launch(spec, plan, backend=backend, calibration=calibration, world=world, ep=ep, **options)
         return
     if launched_world() is not None:
         from moespec.distributed.launch import run_rank
@@ -89,6 +90,29 @@ def _check_runnable(spec: Path, plan, device: str) -> None:
         fail("--device cuda: torch sees no CUDA device here (this torch build or machine has none); use --device cpu")
     if device == "cpu":
         cpu_sized_counts_or_exit(spec, plan, doing="profiling", instead="use --device cuda or a tiny spec")
+
+
+class no_partial_traces:
+    """A profile stopped midway (Ctrl-C, a failed rank, a scheduler's SIGTERM) writes no
+    report, so the traces it already wrote are removed too: no half of a result is left."""
+
+    def __init__(self, trace_dir: Path):
+        self.trace_dir = trace_dir
+        self.before: set[Path] = set()
+
+    def __enter__(self):
+        self.before = set(self.trace_dir.rglob("*")) if self.trace_dir.is_dir() else set()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        finished = kind is None or (kind is typer.Exit and getattr(exc, "exit_code", 1) == 0)
+        if finished or not self.trace_dir.is_dir():
+            return
+        for path in sorted(set(self.trace_dir.rglob("*")) - self.before, reverse=True):  # files before their folders
+            try:
+                path.rmdir() if path.is_dir() else path.unlink()
+            except OSError:
+                pass
 
 
 def _launch(spec: Path, plan, *, backend: str, calibration: str, world: int, ep: int, **o) -> None:
