@@ -79,7 +79,7 @@ def read_spec_text(path: Path, kind: str = "spec") -> str:
     path = Path(path)
     try:
         if path.is_dir():
-            raise fail(f"is a directory, not a {kind} file; pass a file inside it")
+            raise fail(f"is a directory, not a {kind} file; pass a {'.json' if kind == 'calibration' else '.yaml'} file inside it")
         if not path.exists():
             raise fail("no such file; check the path")
         size = path.stat().st_size
