@@ -122,10 +122,13 @@ def test_a_profile_stopped_midway_leaves_neither_report_nor_traces(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "moespec", "profile", str(SPECS / "tiny-topk.yaml"), "--steps", "10",
                              "--warmup", "0", "--trace-steps", "60", "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(p.is_file() for p in (out / "traces").rglob("*")) and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(p.is_file() for p in (out / "traces").rglob("*")) and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left running past the test
     traces = [p for p in (out / "traces").rglob("*") if p.is_file()]
     assert (out / "report.json").exists() == bool(traces), (proc.returncode, traces)

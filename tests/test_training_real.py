@@ -300,17 +300,24 @@ def test_a_scheduler_stop_ends_the_launcher_and_every_rank(sig, tmp_path):
                 found.append(int(pid))
         return found
 
-    deadline = time.time() + 90
-    while len(ours()) < 3 and time.time() < deadline:  # torchrun's agent and two ranks
-        time.sleep(0.5)
-    assert len(ours()) >= 3, "the ranks never started"
-    time.sleep(2)
-    proc.send_signal(getattr(signal, sig))
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert f"stopped by {sig}" in err and err.strip().count("\n") == 0, err[-1500:]
-    time.sleep(1)
-    assert ours() == [], "processes were left running"
+    try:
+        deadline = time.time() + 90
+        while len(ours()) < 3 and time.time() < deadline:  # torchrun's agent and two ranks
+            time.sleep(0.5)
+        assert len(ours()) >= 3, "the ranks never started"
+        time.sleep(2)
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert f"stopped by {sig}" in err and err.strip().count("\n") == 0, err[-1500:]
+        time.sleep(1)
+        assert ours() == [], "processes were left running"
+    finally:  # whatever failed above, nothing of this run outlives the test
+        for pid in [proc.pid, *ours()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert not (tmp_path / "ck" / "latest").exists()
 
 
@@ -338,14 +345,21 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
                 found[int(next(e[5:] for e in environ.split(b"\0") if e.startswith(b"RANK=")))] = int(pid)
         return found
 
-    deadline = time.time() + 90
-    while len(workers()) < 2 and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(4)  # into the steps
-    os.kill(workers()[1], signal.SIGSTOP)
-    stopped_at = time.time()
-    err = proc.communicate(timeout=90)[1]
-    assert time.time() - stopped_at < 5 + 20, "the run outlived --timeout by far"
-    assert proc.returncode == 1 and "rank(s) 1 (stopped) never answered" in err.strip().splitlines()[-1], err[-1500:]
-    time.sleep(1)
-    assert workers() == {}
+    try:
+        deadline = time.time() + 90
+        while len(workers()) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(4)  # into the steps
+        os.kill(workers()[1], signal.SIGSTOP)
+        stopped_at = time.time()
+        err = proc.communicate(timeout=90)[1]
+        assert time.time() - stopped_at < 5 + 20, "the run outlived --timeout by far"
+        assert proc.returncode == 1 and "rank(s) 1 (stopped) never answered" in err.strip().splitlines()[-1], err[-1500:]
+        time.sleep(1)
+        assert workers() == {}
+    finally:  # whatever failed above, nothing of this run outlives the test
+        for pid in [proc.pid, *workers().values()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
