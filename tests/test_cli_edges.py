@@ -120,7 +120,7 @@ def test_a_profile_stopped_midway_leaves_neither_report_nor_traces(tmp_path):
 
     out = tmp_path / "p"
     proc = subprocess.Popen([sys.executable, "-m", "moespec", "profile", str(SPECS / "tiny-topk.yaml"), "--steps", "10",
-                             "--warmup", "0", "--trace-steps", "60", "--out", str(out)],
+                             "--warmup", "0", "--trace-steps", "25", "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
