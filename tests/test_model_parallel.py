@@ -46,6 +46,10 @@ moe: {placement: {type: layers, layers: [1]}, experts: {count: 4, d_ff: 16, shar
       router: {type: topk, k: 2}, capacity: {dropless: true}}
 parallelism: {tp: 2, micro_batch: 2, global_batch: 2}
 """, "tp-shared.yaml"))),
+    # sequence parallelism: norms and residual stream on S/tp tokens; gpt-oss's sinks and biases;
+    # Llama-4's shared expert, gated input, NoPE layer and L2 QK-norm
+    ("tp2-sp-oss", case("tiny-oss.yaml", tp=2, micro_batch=2, global_batch=4, sequence_parallel=True)),
+    ("tp2-sp-llama4", case("tiny-llama4.yaml", tp=2, micro_batch=2, global_batch=4, sequence_parallel=True)),
     ("pp2-gpipe", case("tiny-topk.yaml", pp=2, micro_batch=2, global_batch=4, pp_schedule="gpipe")),
     ("pp2-1f1b", case("tiny-topk.yaml", pp=2, micro_batch=2, global_batch=6, pp_schedule="1f1b")),
     # a tied head: the first and the last stage each hold the table, their gradients summed
@@ -57,6 +61,9 @@ WORLD_4 = [
     ("tp2-dp2", case("tiny-topk.yaml", tp=2, dp=2, micro_batch=2, global_batch=4)),
     ("pp2-ep2", case("tiny-ep.yaml", pp=2, dp=2, ep=2, micro_batch=2, global_batch=8)),
     ("tp2-pp2", case("tiny-topk.yaml", tp=2, pp=2, micro_batch=2, global_batch=4)),
+    # sequence parallelism across a stage boundary (stages exchange [B, S/tp, D]), and beside ep
+    ("tp2-pp2-sp", case("tiny-topk.yaml", tp=2, pp=2, micro_batch=2, global_batch=4, sequence_parallel=True)),
+    ("tp2-dp2-ep2-sp", case("tiny-ep.yaml", tp=2, dp=2, ep=2, micro_batch=2, global_batch=4, sequence_parallel=True)),
 ]
 
 
@@ -85,14 +92,25 @@ def test_tp2_and_pp2_steps_equal_single_process(tmp_path):
     assert by[("tp2-topk", 0)]["collectives"][reduces] == 2 * 2 * (4 + 2)
     assert by[("tp2-oss", 0)]["collectives"][reduces] == 2 * 2 * 4
     assert by[("tp2-shared", 0)]["collectives"][reduces] == 1 * 2 * (2 + 1 + 1)  # 1 micro-batch; attention x 2, dense FFN, shared experts
-    for name in ("tp2-topk", "tp2-oss", "tp2-shared"):  # simulate counts the same calls
+    # Sequence parallelism: attention and dense FFNs all-gather their input and reduce-scatter
+    # their output forward and backward, a MoE block gathers its input and its output's
+    # gradient, plus the final norm's input and the first block's gradient: in gpt-oss (4 MoE
+    # blocks) 4 * 2 + 4 * 2 + 2 gathers and 4 * 2 scatters per micro-step; Llama-4's shared
+    # expert still all-reduces (2 MoE blocks, each 2 per micro-step).
+    gathers, scatters = "_c10d_functional.all_gather_into_tensor", "_c10d_functional.reduce_scatter_tensor"
+    assert by[("tp2-sp-oss", 0)]["collectives"][gathers] == 2 * 18 and by[("tp2-sp-oss", 0)]["collectives"][scatters] == 2 * 8
+    assert reduces not in by[("tp2-sp-oss", 0)]["collectives"]
+    assert by[("tp2-sp-llama4", 0)]["collectives"][reduces] == 2 * 2 * 2
+    for name in ("tp2-topk", "tp2-oss", "tp2-shared", "tp2-sp-oss", "tp2-sp-llama4"):  # simulate counts the same calls
         plan = plan_from_fields(dict(WORLD_2)[name])
-        calls = simulate(plan, load_backend("cpu-local"))["tp_all_reduce_calls_per_rank_microstep"]
-        assert calls * plan.parallel.grad_accum == by[(name, 0)]["collectives"][reduces], name
+        predicted = simulate(plan, load_backend("cpu-local"))
+        for kind, op in (("all_reduce", reduces), ("all_gather", gathers), ("reduce_scatter", scatters)):
+            calls = predicted[f"tp_{kind}_calls_per_rank_microstep"]
+            assert calls * plan.parallel.grad_accum == by[(name, 0)]["collectives"].get(op, 0), (name, kind)
     # What a tensor-parallel rank holds is what simulate predicts, exactly: attention, dense and
     # shared FFNs split, the router, experts, norms, embeddings and head whole. (FLOPs are not
     # compared here: FlopCounterMode counts a DTensor matmul at its global shape.)
-    for name in ("tp2-topk", "tp2-oss", "tp2-shared"):
+    for name in ("tp2-topk", "tp2-oss", "tp2-shared", "tp2-sp-llama4"):
         predicted = simulate(plan_from_fields(dict(WORLD_2)[name]), load_backend("cpu-local"))
         for rank in (0, 1):
             assert by[(name, rank)]["state_bytes"] == predicted["state_bytes_per_rank"], (name, rank)
@@ -115,6 +133,12 @@ def test_tp2_and_pp2_steps_equal_single_process(tmp_path):
 def test_tp_pp_dp_ep_combinations_on_4_ranks_equal_single_process(tmp_path):
     results = run(4, WORLD_4, tmp_path)
     check(results)
+    # every pipeline rank's sequence-parallel gathers and scatters are the simulator's for that rank
+    plan = plan_from_fields(dict(WORLD_4)["tp2-pp2-sp"])
+    stages = busiest_rank(plan)["ranks"]
+    for result in (r for r in results if r["case"] == "tp2-pp2-sp"):
+        for kind, op in (("all_gather", "_c10d_functional.all_gather_into_tensor"), ("reduce_scatter", "_c10d_functional.reduce_scatter_tensor")):
+            assert stages[result["pp_rank"]][f"tp_{kind}_calls"] * plan.parallel.grad_accum == result["collectives"][op], (result["rank"], kind)
     # what every rank holds is what the simulator says its pipeline rank holds (tp split, E/ep experts)
     for result in results:
         plan = plan_from_fields(dict(WORLD_4)[result["case"]])
@@ -145,6 +169,7 @@ parallelism: {{{parallel}}}
     ("tp: 2", ", dropout: 0.1", "model.dropout", "same masks on every tp rank"),
     ("tp: 2", ", qk_norm: full", "model.qk_norm", "normalises across all heads"),
     ("tp: 2, zero_stage: 1", "", "parallelism.zero_stage", "not combined with tensor parallelism"),
+    ("sequence_parallel: true", "", "parallelism.sequence_parallel", "parallelism.tp is 1"),
     ("pp: 2, global_batch: 2, zero_stage: 2", "", "parallelism.zero_stage", "2 and 3 (FSDP2) are not combined with pipeline parallelism"),
     ("pp: 2, global_batch: 2, precision: fp16", "", "parallelism.precision", "fp16"),
 ])  # fmt: skip
@@ -153,6 +178,13 @@ def test_what_cannot_run_split_is_refused_naming_the_key(parallel, extra, path, 
         plan_from_text(_spec(parallel, extra), "mp.yaml")
     text = str(info.value)
     assert path in text and needle in text, text
+
+
+def test_sequence_parallel_needs_seq_len_divisible_by_tp():
+    with pytest.raises(SpecErrors) as info:
+        plan_from_text(_spec("tp: 4, sequence_parallel: true").replace("seq_len: 32", "seq_len: 30"), "mp.yaml")
+    text = str(info.value)
+    assert "parallelism.sequence_parallel" in text and "tp (4) does not divide model.seq_len (30)" in text, text
 
 
 def test_tp_must_divide_the_widths_it_splits():
@@ -201,7 +233,25 @@ def test_profile_measures_tp_collectives_exactly_as_predicted(tmp_path):
     # 6 * 3 calls, 6 * [4 * 32 tokens, 64] * (2 * 2 + 4) bytes
     assert rows["tensor-parallel all-reduces per rank per micro-step"]["measured"] == 18
     assert rows["tensor-parallel all-reduce bytes per rank per micro-step"]["measured"] == 6 * 4 * 32 * 64 * (2 * 2 + 4)
-    assert rows["tensor-parallel all-reduce time per step (s)"]["measured"] > 0
+    assert rows["tensor-parallel collective time per step (s)"]["measured"] > 0
+    assert rows["parameters held per rank (bytes)"]["equal"]
+
+
+@pytest.mark.timeout(300)
+def test_profile_measures_sequence_parallel_gathers_and_scatters_exactly(tmp_path):
+    report = _profile(tmp_path, "tp: 2, micro_batch: 4, global_batch: 8, precision: bf16, sequence_parallel: true")
+    rows = {row["figure"]: row for row in report["comparison"]}
+    assert report["exact_counts"] is True, [r for r in report["comparison"] if r["exact"] and not r["equal"]]
+    # 4 attention blocks + 2 dense FFNs (sequence-sharded: 6) and 2 MoE blocks, [4 * 32, 64] per micro-step.
+    # Gathers: 6 * 2 + 2 * 2 + 2 = 18; a rank contributes its half: the split modules' forward
+    # input (a norm's output, float32) and backward output gradient (bf16), the MoE blocks' input
+    # and output gradient and the outer two in float32. Scatters: 6 forward (bf16), 6 backward (float32).
+    half = 4 * 32 * 64 // 2
+    assert rows["tensor-parallel all-gathers per rank per micro-step"]["measured"] == 18
+    assert rows["tensor-parallel all-gather bytes per rank per micro-step"]["measured"] == half * (6 * (4 + 2) + 2 * 2 * 4 + 2 * 4)
+    assert rows["tensor-parallel reduce-scatters per rank per micro-step"]["measured"] == 12
+    assert rows["tensor-parallel reduce-scatter bytes per rank per micro-step"]["measured"] == 2 * half * 6 * (2 + 4)
+    assert "tensor-parallel all-reduces per rank per micro-step" not in rows  # no shared experts: nothing all-reduced per micro-step
     assert rows["parameters held per rank (bytes)"]["equal"]
 
 

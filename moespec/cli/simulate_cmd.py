@@ -68,9 +68,11 @@ def _print(report: dict) -> None:
     counts.add_row("parameters, total", f"{params['total']:,}")
     counts.add_row("parameters, active per token (embeddings included)", f"{params['active']:,}")
     counts.add_row("matmul FLOPs per rank per micro-step (fwd + bwd)", f"{report['step_flops_per_rank_microstep']:,}")
-    if report["tp"] > 1:
-        counts.add_row("tensor-parallel all-reduces per rank per micro-step", f"{report['tp_all_reduce_calls_per_rank_microstep']:,}")
-        counts.add_row("  their bytes per rank per micro-step", f"{report['tp_all_reduce_bytes_per_rank_microstep']:,}")
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):  # tensor parallelism's (sequence parallelism: all three)
+        if report[f"tp_{kind}_calls_per_rank_microstep"]:
+            counts.add_row(f"tensor-parallel {kind.replace('_', '-')}s per rank per micro-step", f"{report[f'tp_{kind}_calls_per_rank_microstep']:,}")
+            counts.add_row("  their bytes per rank per micro-step" + (" (each rank's slice)" if kind == "all_gather" else ""),
+                           f"{report[f'tp_{kind}_bytes_per_rank_microstep']:,}")  # fmt: skip
     if staged:
         counts.add_row(f"pipeline stages ({report['pipeline']['schedule']}), blocks", ", ".join(f"{lo}-{hi - 1}" for lo, hi in report["pipeline"]["stages"]))
     counts.add_row("all-to-all bytes sent per rank per micro-step", f"{report['a2a_bytes_per_rank_microstep']:,}")

@@ -7,6 +7,7 @@ as everywhere else (`data_parallel.reduce_expert_gradients`).
 
 The global gradient norm for clipping counts every element once:
 - a tensor-parallel shard (a DTensor over the tp mesh): local squares summed over tp;
+  a replicated DTensor (a sequence-parallel norm's weight) counts as whole;
 - an expert bank (each rank of an EP group holds others): summed over the EP group;
 - anything else is whole and replicated over tp: local squares;
 - each pipeline rank holds other blocks: the sum of the above over pp. A tied embedding held
@@ -56,6 +57,10 @@ def sync_gradients(setup) -> None:
 
     if setup.pipeline is not None:
         sum_tied_embedding_grads(setup.pipeline.modules, setup.dist_ctx)
+    if setup.dist_ctx.tp_size > 1:  # sequence-parallel norms' weights: partial sums over tp
+        from moespec.distributed.tensor_parallel import reduce_partial_gradients
+
+        reduce_partial_gradients(setup.bare_model, setup.dist_ctx.tp_mesh.get_group())
     reduce_dense_gradients(setup.bare_model, setup.dist_ctx)
     reduce_expert_gradients(setup.bare_model, setup.dist_ctx)
 
@@ -73,7 +78,7 @@ def clip_grad_norm_model_parallel(model: nn.Module, max_norm: float, ctx, *, ski
         if name in skip:
             continue
         square = _local(p.grad.detach()).float().pow(2).sum()
-        if isinstance(p.grad, DTensor):
+        if isinstance(p.grad, DTensor) and not all(pl.is_replicate() for pl in p.grad.placements):
             sharded += square
         elif name in experts:
             expert += square

@@ -45,7 +45,7 @@ def parallelize(model: nn.Module, plan, ctx) -> nn.Module:
 
     shard_experts(model, ctx)
     if ctx.tp_size > 1:
-        apply_tensor_parallel(model, ctx.tp_mesh)
+        apply_tensor_parallel(model, ctx.tp_mesh, sequence_parallel=plan.parallel.sequence_parallel)
     return model
 
 

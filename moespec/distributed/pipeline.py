@@ -77,6 +77,7 @@ class StageModule(nn.Module):
             self.lm_head = model.lm_head
             self.head_bias = model.head_bias
         self.records: list = []
+        self.sequence_shards = 1  # tp under sequence parallelism: a later stage receives [B, S/tp, D]
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None):
         if self.first:
@@ -86,7 +87,8 @@ class StageModule(nn.Module):
             if self.pos_embeddings is not None:
                 x = x + self.pos_embeddings(torch.arange(S, device=x.device))
             x = self.embed_dropout(x)
-        S = x.shape[1]
+        else:
+            S = x.shape[1] * self.sequence_shards  # the rotary tables span the whole sequence
         rope = None if self.rope is None else self.rope.cos_sin(torch.arange(S, device=x.device))
         stats: list = []
         aux = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -126,6 +128,7 @@ def build_stages(model: nn.Module, plan: SpecPlan, ctx) -> tuple[list[StageModul
     stages = [StageModule(model, *bounds[s], first=s == 0, last=s == n_stages - 1, pass_ids=pass_ids) for s in indices]
     for module, s in zip(stages, indices):
         module.bounds = bounds[s]
+        module.sequence_shards = ctx.tp_size if plan.parallel.sequence_parallel else 1
     return stages, indices
 
 
@@ -137,7 +140,8 @@ def stage_shapes(plan: SpecPlan, module: StageModule, micro_batch: int) -> dict:
     logits come in the compute dtype of the precision's autocast."""
     B, S, D, V = micro_batch, plan.model.seq_len, plan.model.d_model, plan.model.vocab_size
     ids = torch.zeros(B, S, dtype=torch.long, device="meta")
-    hidden = torch.zeros(B, S, D, dtype=torch.float32, device="meta", requires_grad=True)  # its gradient travels back
+    S_local = S // module.sequence_shards  # sequence parallelism: stages exchange the rank's slice
+    hidden = torch.zeros(B, S_local, D, dtype=torch.float32, device="meta", requires_grad=True)  # its gradient travels back
     carried = (hidden, ids) if module.pass_ids else (hidden,)
     logits_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.parallel.precision]
     outputs = (torch.zeros(B, S, V, dtype=logits_dtype, device="meta"),) if module.last else carried

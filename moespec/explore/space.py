@@ -36,7 +36,7 @@ from moespec.spec.yaml_source import Locations
 
 FEASIBLE = 0
 _TOPK_STYLE = ("topk", "noisy_topk", "sigmoid_bias", "sparsemixer")  # routers with a k field
-_PARALLEL_FIELDS = ("dp", "ep", "tp", "pp", "micro_batch", "global_batch", "precision", "zero_stage", "recompute", "pp_schedule")
+_PARALLEL_FIELDS = ("dp", "ep", "tp", "pp", "micro_batch", "global_batch", "precision", "zero_stage", "recompute", "pp_schedule", "sequence_parallel")
 _MOE_FIELDS = ("experts", "expert_d_ff", "shared_count", "shared_d_ff", "k", "capacity_factor", "min_capacity")
 _CODES = {"precision": PRECISIONS, "recompute": RECOMPUTE}
 

@@ -51,8 +51,9 @@ class RankMeasurement:
     memory_by_category: dict = field(default_factory=dict)  # memory_by_category(): {"peak", "at_optimizer_step", ...}
     tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> [E], timed steps
     dropped_fraction: dict[int, float] = field(default_factory=dict)  # MoE layer -> mean share dropped
-    tp_all_reduce_calls_per_microstep: float = 0.0  # tensor parallel's all-reduces (DTensor's functional collectives)
-    tp_all_reduce_bytes_per_microstep: float = 0.0  # their payload, the tensor each rank contributes
+    # tensor parallelism's collectives (DTensor's functional ones) per micro-step: kind -> [calls,
+    # bytes each rank contributes (an all-gather: its slice)]; kinds as sim/counts.TP_COLLECTIVES
+    tp_collectives_per_microstep: dict = field(default_factory=dict)
     pipeline_idle_s: float | None = None  # per step: the schedule's wall time less this rank's stage compute
     tp_all_reduce_s: float = 0.0  # per profiled step: DTensor's collectives (inside the regions above)
 
@@ -137,15 +138,16 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     # 2. Warm-up, then timed steps (the tensor-parallel collectives counted in one more step).
     for _ in range(warmup):
         train_step(setup, plan, batches.step())
-    tp_calls = tp_bytes = 0.0
+    tp_collectives = {}
     if split and dist_ctx.tp_size > 1:
         from moespec.distributed.parity import CollectiveCounter
 
         with CollectiveCounter(count_bytes=True) as comm:
             train_step(setup, plan, batches.step())
-        key = torch.ops._c10d_functional.all_reduce
-        tp_calls = comm.counts.get(key, 0) / plan.parallel.grad_accum
-        tp_bytes = comm.bytes.get(key, 0) / plan.parallel.grad_accum
+        ops = {"all_reduce": "all_reduce", "all_gather": "all_gather_into_tensor", "reduce_scatter": "reduce_scatter_tensor"}
+        for kind, op in ops.items():
+            key = getattr(torch.ops._c10d_functional, op)
+            tp_collectives[kind] = [comm.counts.get(key, 0) / plan.parallel.grad_accum, comm.bytes.get(key, 0) / plan.parallel.grad_accum]
     if setup.pipeline is not None:
         setup.pipeline.start_timing()
     counters, shuffles = _ep_counters(setup.bare_model), _ep_counters(setup.bare_model, "shuffle_counter")
@@ -207,8 +209,7 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
         memory_by_category=by_category,
         tokens_per_expert={layer: [int(v) for v in counts.tolist()] for layer, counts in sorted(loads.items())},
         dropped_fraction=dict(sorted(dropped.items())),
-        tp_all_reduce_calls_per_microstep=tp_calls,
-        tp_all_reduce_bytes_per_microstep=tp_bytes,
+        tp_collectives_per_microstep=tp_collectives,
         pipeline_idle_s=idle,
         tp_all_reduce_s=tp_s,
     )

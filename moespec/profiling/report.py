@@ -91,11 +91,13 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
     if counted:
         rows.insert(3, _row("matmul FLOPs per rank per micro-step (mean)", flops_rank, predicted["step_flops_per_rank_microstep"], exact=True))
     if p.tp > 1:  # every tp rank contributes the same tensors
-        rows.append(_row("tensor-parallel all-reduces per rank per micro-step", max(r["tp_all_reduce_calls_per_microstep"] for r in ranks),
-                         predicted["tp_all_reduce_calls_per_rank_microstep"], exact=True))  # fmt: skip
-        rows.append(_row("tensor-parallel all-reduce bytes per rank per micro-step", max(r["tp_all_reduce_bytes_per_microstep"] for r in ranks),
-                         predicted["tp_all_reduce_bytes_per_rank_microstep"], exact=True))  # fmt: skip
-        rows.append(_row("tensor-parallel all-reduce time per step (s)", statistics.mean(r["tp_all_reduce_s"] for r in ranks) * scale, time["tp_comm_s"], timed=True))
+        for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+            calls, nbytes = (max(r["tp_collectives_per_microstep"].get(kind, [0, 0])[i] for r in ranks) for i in (0, 1))
+            if calls or predicted[f"tp_{kind}_calls_per_rank_microstep"]:
+                name = kind.replace("_", "-")
+                rows.append(_row(f"tensor-parallel {name}s per rank per micro-step", calls, predicted[f"tp_{kind}_calls_per_rank_microstep"], exact=True))
+                rows.append(_row(f"tensor-parallel {name} bytes per rank per micro-step", nbytes, predicted[f"tp_{kind}_bytes_per_rank_microstep"], exact=True))
+        rows.append(_row("tensor-parallel collective time per step (s)", statistics.mean(r["tp_all_reduce_s"] for r in ranks) * scale, time["tp_comm_s"], timed=True))
     if p.pp > 1:  # the busiest stage waits least: the step waits for the stage that idles most
         idle = max(r["pipeline_idle_s"] for r in ranks)
         rows.append(_row("pipeline idle per step, bubble + stage sends (s)", idle, time["bubble_s"] + time["pp_comm_s"], timed=True))

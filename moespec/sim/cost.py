@@ -37,7 +37,7 @@ import numpy as np
 from moespec.sim.backend import Backend
 from moespec.sim.collectives import all_gather_time_s, all_reduce_time_s, all_to_all_time_s, reduce_scatter_time_s
 from moespec.sim.activations import activation_memory
-from moespec.sim.counts import FULL, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes, where_any
+from moespec.sim.counts import FULL, TP_COLLECTIVES, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes, where_any
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.overhead import ELEMENTWISE_PASSES
 from moespec.sim.topology import build_topology
@@ -340,19 +340,22 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     if backend.ops is not None:  # each call's wait for the slowest rank (operator database)
         a2a_s = a2a_s + counts["a2a_calls"] * backend.ops.a2a_call_s * micro_steps / b.pp
 
-    # Tensor parallel (distributed/tensor_parallel.py): each split module (attention in every
-    # block; the dense FFN, or a MoE layer's shared experts) all-reduces one [B, S, D] in
-    # forward (its row-parallel output; again in a full recomputation's replay) and one in
-    # backward (its replicated input's gradient), per micro-step, over the tp ranks.
-    # Pipeline: a pair exchange between neighbouring stages.
-    activations = b.micro_batch * b.seq_len * b.d_model * bpe
+    # Tensor parallel (distributed/tensor_parallel.py): the all-reduces of the split modules'
+    # outputs and input gradients, or under sequence parallelism their all-gathers and
+    # reduce-scatters (counts.py counts each kind and its bytes per micro-step), over the tp
+    # ranks; affine in bytes, so calls x t(mean bytes). Pipeline: a pair exchange between
+    # neighbouring stages (the rank's slice of the sequence under sequence parallelism).
     tp_comm_s, pp_comm_s = np.zeros(n), np.zeros(n)  # most sweeps have neither: skip the lookups
     if (b.tp > 1).any():
-        tp_comm_s = counts["tp_all_reduce_calls"] / b.pp * micro_steps * collectives.time_s(
-            "all_reduce", collectives.rank_sets(1, b.tp), np.where(valid & (b.tp > 1), activations, 0.0))
-    if (b.pp > 1).any():
+        tp_sets = collectives.rank_sets(1, b.tp)
+        for kind in TP_COLLECTIVES:
+            calls = counts[f"tp_{kind}_calls"].astype(np.float64)
+            per_call = counts[f"tp_{kind}_bytes"] / np.maximum(calls, 1) * np.where(kind == "all_gather", b.tp, 1)  # an all-gather's output
+            tp_comm_s = tp_comm_s + calls / b.pp * micro_steps * collectives.time_s(kind, tp_sets, np.where(valid & (calls > 0), per_call, 0.0))
+    if (b.pp > 1).any():  # the residual stream is float32 (distributed/pipeline.py stage_shapes); each tp rank sends its copy
+        sent = 4.0 * b.micro_batch * b.seq_len * b.d_model / np.where(b.sequence_parallel & (b.tp > 1), b.tp, 1)
         pp_comm_s = 2 * micro_steps * collectives.time_s(
-            "a2a", collectives.rank_sets(b.tp, 2), np.where(valid & (b.pp > 1), activations / b.tp, 0.0))
+            "a2a", collectives.rank_sets(b.tp, 2), np.where(valid & (b.pp > 1), sent, 0.0))
 
     # Data-parallel gradient traffic (fp32 gradients and parameters, 4 bytes): dense over
     # the dp ranks (every tp*pp-th), experts over their replicas (every tp*pp*ep-th).

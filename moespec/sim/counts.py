@@ -92,6 +92,9 @@ def _chunk(rows, width, ranks):
     return np.ceil(rows / ranks) * width
 
 
+TP_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")  # tensor parallelism's, as counts name them: tp_<kind>_calls/bytes
+
+
 def _exact_div(a, b):
     """a / b for a multiple of b: a float division is exact then (below 2**53), and ~40x
     faster than numpy's float floor-divide; integers divide as integers."""
@@ -219,17 +222,32 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
         replayed = np.where(b.recompute == FULL, _exact_div(tp_saved_flops, 3),
                             np.where(b.recompute == SELECTIVE, n_layers * _exact_div(core * (tp - 1), 3 * tp), 0))  # fmt: skip
         tp_saved_flops = tp_saved_flops + replayed
-        # split modules (attention in every block, dense FFNs, shared experts): each all-reduces
-        # once forward (again in a full replay) and once backward, per micro-step
-        split = n_layers + n_dense + total(c(np.where(layers.moe, layers.shared_count > 0, layers.d_ff > 0)))
+        # Collectives per micro-step; bytes are what a rank contributes (an all-gather its slice).
+        # Split modules (attention in every block, dense FFNs, shared experts) all-reduce once
+        # forward (again in a full replay) and once backward. Under sequence parallelism the
+        # sequence-sharded ones (attention, dense FFNs) all-gather their input and
+        # reduce-scatter their output forward, and the reverse backward; a MoE block
+        # all-gathers its input forward and its output's gradient backward; the final norm's
+        # input (forward) and the first block's input gradient (backward) are gathered once.
+        # Forward: a row-parallel output in the compute dtype, a norm's output float32;
+        # backward: a row-parallel output's gradient in the compute dtype, the rest float32.
+        dense_groups = total(c(~layers.moe & (layers.d_ff > 0)))
+        shared_groups = total(c(layers.moe & (layers.shared_count > 0)))
+        sequence = (b.tp > 1) & b.sequence_parallel
+        seq_split = n_layers + n_dense + dense_groups
+        moe_blocks = total(c(layers.moe))
         forwards = 1 + (b.recompute == FULL)
-        tp_all_reduces = np.where(b.tp > 1, (forwards + 1) * split, 0)
-        # forward: a row-parallel output in the compute dtype; backward: the gradient of the
-        # module's input, a norm's output, float32 under autocast too
-        rows = t * d
-        tp_all_reduce_bytes = np.where(b.tp > 1, split * rows * (forwards * c(compute_bytes(b)) + 4), 0)
+        rows, cb = t * d, c(compute_bytes(b))
+        reduced = np.where(sequence, shared_groups, seq_split + shared_groups)
+        tp_all_reduces = np.where(b.tp > 1, (forwards + 1) * reduced, 0)
+        tp_all_reduce_bytes = np.where(b.tp > 1, reduced * rows * (forwards * cb + 4), 0)
+        tp_all_gathers = np.where(sequence, (forwards + 1) * (seq_split + moe_blocks) + 2, 0)
+        tp_all_gather_bytes = np.where(sequence, (seq_split * (4 * forwards + cb) + moe_blocks * 4 * (forwards + 1) + 8) * _exact_div(rows, tp), 0)
+        tp_reduce_scatters = np.where(sequence, (forwards + 1) * seq_split, 0)
+        tp_reduce_scatter_bytes = np.where(sequence, seq_split * rows * (forwards * cb + 4), 0)
     else:
         tp_saved_params = tp_saved_flops = tp_all_reduces = tp_all_reduce_bytes = np.zeros(n, dtype=dtype)
+        tp_all_gathers = tp_all_gather_bytes = tp_reduce_scatters = tp_reduce_scatter_bytes = tp_all_reduces
 
     # All-to-all bytes one rank sends to others per micro-step (REFERENCE sec. 4): per transfer,
     # the rows held for the other ep - 1 ranks' experts (whole rows; int64 division).
@@ -271,7 +289,9 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
         "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
         "model_flops_per_seq": model_flops_per_seq, "frozen_params": total(np.where(layers.selection_bias, e, 0)),
         "tp_saved_params": tp_saved_params, "tp_saved_flops": tp_saved_flops, "tp_all_reduce_calls": c(tp_all_reduces),
-        "tp_all_reduce_bytes": c(tp_all_reduce_bytes),
+        "tp_all_reduce_bytes": c(tp_all_reduce_bytes), "tp_all_gather_calls": c(tp_all_gathers),
+        "tp_all_gather_bytes": c(tp_all_gather_bytes), "tp_reduce_scatter_calls": c(tp_reduce_scatters),
+        "tp_reduce_scatter_bytes": c(tp_reduce_scatter_bytes),
         **{f"flops_{name}": value for name, value in parts.items()},
     }  # fmt: skip
     if b.encoder is not None:  # the encoder stack's figures add up (its root: none; its final norm: counted)

@@ -165,6 +165,7 @@ class DesignBatch:
     zero_stage: np.ndarray
     recompute: np.ndarray  # index into RECOMPUTE
     pp_schedule: np.ndarray  # index into spec.stages.PP_SCHEDULES
+    sequence_parallel: np.ndarray  # tp ranks keep S/tp of the residual stream (only with tp > 1)
     cross_len: np.ndarray  # encoder tokens per sequence each block cross-attends to (0: decoder-only)
     rel_buckets: np.ndarray  # T5's relative-bias rows (0: none); the attention then takes SDPA's math path
     headless: np.ndarray  # an encoder stack's part: no embedding, LM head or loss of its own
@@ -340,5 +341,5 @@ def _row(plan: SpecPlan, layers, *, headless: bool) -> dict:
         "rel_buckets": m.relative_buckets if m.positions == "relative" else 0, "headless": headless, "lstm": m.host == "lstm",
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
         "precision": PRECISIONS.index(p.precision), "zero_stage": p.zero_stage, "recompute": RECOMPUTE.index(p.recompute),
-        "pp_schedule": PP_SCHEDULES.index(p.pp_schedule),
+        "pp_schedule": PP_SCHEDULES.index(p.pp_schedule), "sequence_parallel": p.sequence_parallel,
     }  # fmt: skip

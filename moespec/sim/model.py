@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 from moespec.sim.backend import Backend
 from moespec.sim.cost import ALLOCATOR_ALLOWANCE, DEFAULT_OVERLAP, evaluate
-from moespec.sim.counts import compute_bytes, flops_by_part
+from moespec.sim.counts import TP_COLLECTIVES, compute_bytes, flops_by_part
 from moespec.sim.design import DesignBatch
 from moespec.sim.load import Load, a2a_bytes_per_rank, imbalance_factors, layer_load
 from moespec.spec.plan import SpecPlan
@@ -115,8 +115,7 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
         "a2a_bytes_per_rank_microstep": one["a2a_bytes"],
         "shuffle_a2a_bytes_per_rank_microstep": one["shuffle_a2a_bytes"],
         "a2a_calls_per_rank_microstep": one["a2a_calls"],
-        "tp_all_reduce_calls_per_rank_microstep": one["tp_all_reduce_calls"],
-        "tp_all_reduce_bytes_per_rank_microstep": one["tp_all_reduce_bytes"],
+        **{f"tp_{kind}_{unit}_per_rank_microstep": one[f"tp_{kind}_{unit}"] for kind in TP_COLLECTIVES for unit in ("calls", "bytes")},
         "collective_calls_per_step": {"all_to_all": one["a2a_calls"] * plan.parallel.grad_accum,
                                       "all_gather": one["zero_all_gather_calls"], "reduce_scatter": one["zero_reduce_scatter_calls"]},
         "state_bytes_per_rank": {name: int(one[f"state_{name}_bytes"]) for name in ("params", "grads", "optimizer")},
@@ -160,8 +159,9 @@ def _busiest_stage(report: dict, plan: SpecPlan, backend: Backend) -> None:
     memory["fits"] = memory["total_bytes"] + memory["allowance_bytes"] <= backend.device.memory_bytes
     report["state_bytes_per_rank"] = {"params": new["weights"], "grads": new["grads"], "optimizer": new["optimizer"]}
     report["step_flops_per_rank_microstep"] = stages["most_flops"]["step_flops"]
-    report["tp_all_reduce_calls_per_rank_microstep"] = max(r["tp_all_reduce_calls"] for r in stages["ranks"])
-    report["tp_all_reduce_bytes_per_rank_microstep"] = max(r["tp_all_reduce_bytes"] for r in stages["ranks"])
+    for kind in TP_COLLECTIVES:
+        for unit in ("calls", "bytes"):
+            report[f"tp_{kind}_{unit}_per_rank_microstep"] = max(r[f"tp_{kind}_{unit}"] for r in stages["ranks"])
     report["pipeline"] = {"schedule": plan.parallel.pp_schedule, "stages": stages["bounds"], "ranks": stages["ranks"],
                           "note": "per-rank counts and state: the pipeline rank with the most; activations and times: the average stage"}  # fmt: skip
 

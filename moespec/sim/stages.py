@@ -16,14 +16,15 @@ import dataclasses
 
 import numpy as np
 
-from moespec.sim.counts import _chunk, exact_counts, frozen_sharded_elements, sharded_elements
+from moespec.sim.counts import TP_COLLECTIVES, _chunk, exact_counts, frozen_sharded_elements, sharded_elements
 from moespec.sim.design import DesignBatch
 from moespec.spec.plan import SpecPlan
 from moespec.spec.stages import rank_stages, stage_bounds, stages_per_rank
 
 # additive figures split by block: name in exact_counts (or "sharded" for ZeRO's row chunks)
+_TP = tuple(f"tp_{kind}_{unit}" for kind in TP_COLLECTIVES for unit in ("calls", "bytes"))
 _FIGURES = ("params_total", "params_active", "expert_params", "tp_saved_params", "tp_saved_flops", "step_flops", "flops_lm_head",
-            "tp_all_reduce_calls", "tp_all_reduce_bytes", "frozen_params", "sharded", "frozen_sharded")  # fmt: skip
+            *_TP, "frozen_params", "sharded", "frozen_sharded")  # fmt: skip
 
 
 def _one_block(plan: SpecPlan, i: int) -> SpecPlan:
@@ -77,6 +78,8 @@ def busiest_rank(plan: SpecPlan) -> dict:
             for block in blocks[bounds[s][0] : bounds[s][1]]:
                 for name in _FIGURES:
                     fig[name] += block[name]
+            for name in ("tp_all_gather_calls", "tp_all_gather_bytes"):  # sequence parallelism: the first block's
+                fig[name] += outer[name] // 2 * ((s == 0) + (s == n_stages - 1))  # input gradient, the final norm's input
             if s == 0:
                 fig["params_total"] += embedding
                 fig["sharded"] += embedding_sharded
@@ -96,8 +99,7 @@ def busiest_rank(plan: SpecPlan) -> dict:
             "grads_bytes": 4 * int(trainable),
             "optimizer_bytes": int(round(8 * (sharded - fig["frozen_sharded"]))) if p.zero_stage >= 1 else 8 * int(trainable),
             "step_flops": int(fig["step_flops"] - fig["tp_saved_flops"]),
-            "tp_all_reduce_calls": int(fig["tp_all_reduce_calls"]),
-            "tp_all_reduce_bytes": int(fig["tp_all_reduce_bytes"]),
+            **{name: int(fig[name]) for name in _TP},
         })  # fmt: skip
     by_params = max(ranks, key=lambda r: r["params_bytes"])
     return {"bounds": bounds, "ranks": ranks, "most_state": by_params, "most_flops": max(ranks, key=lambda r: r["step_flops"])}

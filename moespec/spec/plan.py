@@ -329,6 +329,7 @@ class ParallelPlan:
     recompute: Recompute
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     pp_layers: tuple[int, ...] | None = None  # blocks per stage as written; None: balanced
+    sequence_parallel: bool = False  # tp ranks keep S/tp of the residual stream; norms run on it
 
     @property
     def world(self) -> int:

@@ -264,6 +264,7 @@ def _parallel(raw: dict, model: ModelPlan, errors: _Errors) -> ParallelPlan:
         dp=dp, ep=ep, tp=tp, pp=pp, micro_batch=micro, global_batch=global_batch,
         precision=p["precision"], zero_stage=p["zero_stage"], recompute=p["recompute"],
         pp_schedule=p["pp_schedule"], pp_layers=tuple(p["pp_layers"]) if p["pp_layers"] else None,
+        sequence_parallel=p["sequence_parallel"],
     )  # fmt: skip
 
 
@@ -305,6 +306,13 @@ def _pipeline_checks(p: dict, model: ModelPlan, pp: int, n_micro: int | None, er
 
 def _tensor_parallel_checks(p: dict, model: ModelPlan, tp: int, errors: _Errors) -> None:
     """What the column/row split (distributed/tensor_parallel.py) cannot run, refused by name."""
+    if p["sequence_parallel"]:
+        if tp == 1:
+            errors.add(("parallelism", "sequence_parallel"), "sequence_parallel splits the sequence over the tp ranks, and parallelism.tp is 1; "
+                       "raise tp or remove it")  # fmt: skip
+        elif model.seq_len % tp:
+            errors.add(("parallelism", "sequence_parallel"), f"sequence_parallel gives each tp rank seq_len / tp tokens, and tp ({tp}) does not "
+                       f"divide model.seq_len ({model.seq_len}); change one, or set it to false")  # fmt: skip
     if tp == 1:
         return
     refused = (
