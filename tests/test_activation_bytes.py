@@ -109,3 +109,59 @@ def test_latent_attention_variants(tmp_path, edit):
 def test_llama4_input_gating_under_autocast(tmp_path):
     plan = variant(tmp_path, "tiny-llama4", lambda s: s["parallelism"].update(precision="bf16"))
     assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)
+
+
+def _tp_saved(plan, ctx) -> dict:
+    """On one tp rank: the local storages autograd saves in a forward + loss (a DTensor's local
+    shard), beside the simulator's per-rank figure."""
+    from torch.distributed.tensor import DTensor
+
+    from moespec.train import prepare_training
+
+    model = build_model(plan, seed=0, device=ctx.device)
+    model.train()
+    model = prepare_training(model, plan, dist_ctx=ctx).bare_model
+    local = lambda t: t._local_tensor if isinstance(t, DTensor) else t  # noqa: E731
+    params = {local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = local(t).untyped_storage()
+        if storage.data_ptr() not in params:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    tokens = torch.randint(0, plan.model.vocab_size, (plan.parallel.micro_batch, plan.model.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast_for(plan.parallel.precision, torch.device("cpu")):
+            logits, aux = model(tokens[:, :-1])
+        lm_loss(logits, tokens[:, 1:]) + aux.aux_loss
+    return {"traced": sum(seen.values()), "predicted": predicted_saved_bytes(plan)}
+
+
+def _tp_worker(rank, world, port, cases, out_dir):
+    from moespec.distributed.parity import run_cases
+
+    run_cases(rank, world, port, cases, out_dir, _tp_saved)
+
+
+@pytest.mark.timeout(300)
+def test_tensor_and_sequence_parallel_ranks_keep_what_the_simulator_says(tmp_path):
+    """tp 2 on real gloo ranks: per head (q, k, v, output, logsumexp, QK-norms) and the split
+    FFNs' hidden tensors are halved, the rest whole; sequence parallelism halves the norms too."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+    from tests.test_model_parallel import case
+
+    cases = [(f"{spec}-{precision}-sp{int(sp)}", case(f"{spec}.yaml", tp=2, micro_batch=2, global_batch=2, precision=precision, sequence_parallel=sp))
+             for spec, precision, sp in (("tiny-topk", "fp32", False), ("tiny-topk", "fp32", True), ("tiny-oss", "bf16", True),
+                                         ("tiny-llama4", "bf16", False))]  # fmt: skip
+    mp.spawn(_tp_worker, args=(2, free_port(), cases, str(tmp_path)), nprocs=2, join=True)
+    results = [r for rank in (0, 1) for r in json.loads((tmp_path / f"rank{rank}.json").read_text())]
+    for result in results:
+        assert result["predicted"] == pytest.approx(result["traced"], rel=0.015), result
+    by = {r["case"]: r["traced"] for r in results}
+    assert by["tiny-topk-fp32-sp1"] < by["tiny-topk-fp32-sp0"]  # the norms' share is real

@@ -139,6 +139,8 @@ def _print(document: dict, out: Path) -> None:
         table.add_row("link latency", f"{link['latency_s'] * 1e6:,.1f} us (fit error {errors['all_to_all']:.1%})")
         table.add_row("link bandwidth", f"{link['bandwidth_Bps'] / 1e9:,.2f} GB/s")
         table.add_row("wait per all-to-all call (fitted, ep 2 toy block)", f"{ops['a2a_call_s'] * 1e3:,.3f} ms")
+        table.add_row("host time per tensor-parallel collective (fitted, tp 2 toy model)", f"{ops.get('tp_call_s', 0.0) * 1e3:,.3f} ms")
+        table.add_row("schedule time per micro-batch and stage (fitted, pp 2 toy model)", f"{ops.get('pp_micro_s', 0.0) * 1e3:,.3f} ms")
         table.add_row("all-reduce over the ideal ring", f"{fitted['allreduce_scale']:.2f}x (fit error {errors['all_reduce']:.1%})")
     console.print(table)
     fit = ", ".join(f"{b['name']} {b['seconds'] * 1e3:,.1f} ms ({b['modelled_s'] / b['seconds'] - 1:+.0%})" for b in document["measurements"]["blocks"])

@@ -15,6 +15,11 @@ and 3 blocks, a width-16 dropless block with 4 and 16 experts), data parallel ov
 ranks, timed interleaved. Each model's step is predicted by the cost model itself as known
 part + op_s * ops, so the fit is linear; their median error is the calibration's error band.
 The held-out specs of bench/accuracy.py are judged against it; none of them is among the six.
+At an even number of ranks three toy models more give one figure each, what their step
+leaves beyond the model per call of what it adds: `a2a_call_s` per all-to-all (ep 2),
+`tp_call_s` per tensor-parallel collective (DTensor's dispatch around it: tp 2) and
+`pp_micro_s` per micro-batch and stage (the schedule's host time: pp 2, 1F1B). The shipped
+tp/pp specs (tiny-tp2, tiny-pp2, tiny-tp2-pp2) judge the last two; they are not fitted on.
 An earlier version fitted host seconds per block and router on such models together with the
 bandwidth and matmul efficiency: the three could not be told apart and extrapolated badly.
 """
@@ -55,6 +60,17 @@ def ep_plan(world: int):
     text = _FIT_SPEC.format(name="fit-ep2", d=16, ff=32, layers=2, seq=16, batch=2, moe=_EP, world=world, global_batch=2 * world)
     text = text.replace(f"dp: {world},", f"dp: {world}, ep: 2,")
     return plan_from_text(text, "ep2")
+
+
+def split_plans(world: int) -> dict[str, object]:
+    """The toy models whose steps give the tensor- and pipeline-parallel host terms (world
+    even): `tp2`, two dense width-32 blocks split over 2 tp ranks (8 all-reduces a
+    micro-step), and `pp2`, two width-16 blocks over 2 stages under 1F1B with 4 micro-batches."""
+    dp = world // 2
+    tp = _FIT_SPEC.format(name="fit-tp2", d=32, ff=64, layers=2, seq=16, batch=2, moe="", world=dp, global_batch=2 * dp)
+    pp = _FIT_SPEC.format(name="fit-pp2", d=16, ff=32, layers=2, seq=16, batch=2, moe="", world=dp, global_batch=8 * dp)
+    return {"tp2": plan_from_text(tp.replace(f"dp: {dp},", f"dp: {dp}, tp: 2,"), "tp2"),
+            "pp2": plan_from_text(pp.replace(f"dp: {dp},", f"dp: {dp}, pp: 2, pp_schedule: 1f1b,"), "pp2")}
 
 
 def fit_plans(world: int = 1) -> dict[str, object]:
@@ -191,21 +207,29 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
 
         dist_ctx = init_distributed(next(iter(plans.values())), device=device.type)
     contexts = {name: dist_ctx for name in plans}
+    split = {}
     if world > 1 and world % 2 == 0:
-        plans["ep2"] = ep_plan(world)
-        contexts["ep2"] = init_distributed(plans["ep2"], device=device.type)
+        split = {"ep2": ep_plan(world), **split_plans(world)}
+        for name, plan in split.items():
+            plans[name] = plan
+            contexts[name] = init_distributed(plan, device=device.type)
     seconds = microbench.time_training_steps(plans, device, rounds=8 if quick else 25, dist_ctx=contexts if world > 1 else None)
-    ep = plans.pop("ep2", None)
+    for name in split:
+        plans.pop(name)
     fitted_host, host_error, records = fit_host(seconds, partial, plans)
     ops.update(fitted_host)
-    if ep is not None:  # what the ep block's step leaves beyond the model, per all-to-all call: waiting for the slower rank
-        fitted = dataclasses.replace(partial, ops=database_from_dict(ops))
-        calls = step_time(ep, fitted)
-        from moespec.sim.counts import plan_counts
+    if split:  # what each toy step leaves beyond the model, per call of what it adds (module docstring)
+        from moespec.sim.counts import TP_COLLECTIVES, plan_counts
 
-        n_calls = plan_counts(ep)["a2a_calls"] * ep.parallel.grad_accum
-        ops["a2a_call_s"] = max((seconds["ep2"] - calls.step_s) / n_calls, 0.0)
-        records.append({"name": "ep2", "seconds": seconds["ep2"], "modelled_s": calls.step_s + ops["a2a_call_s"] * n_calls})
+        fitted = dataclasses.replace(partial, ops=database_from_dict(ops))
+        for name, key, calls in (("ep2", "a2a_call_s", lambda c, p: c["a2a_calls"] * p.grad_accum),
+                                 ("tp2", "tp_call_s", lambda c, p: sum(c[f"tp_{kind}_calls"] for kind in TP_COLLECTIVES) * p.grad_accum),
+                                 ("pp2", "pp_micro_s", lambda c, p: p.grad_accum)):  # fmt: skip
+            plan = split[name]
+            modelled_s = step_time(plan, fitted).step_s
+            n_calls = calls(plan_counts(plan), plan.parallel)
+            ops[key] = max((seconds[name] - modelled_s) / n_calls, 0.0)
+            records.append({"name": name, "seconds": seconds[name], "modelled_s": modelled_s + ops[key] * n_calls})
     if world > 1 and dist.get_rank() != 0:
         return None
     peak = fit_peak_from_grid(linear["fp32"], backend.device.peak_flops_per_s["fp32"])

@@ -69,7 +69,7 @@ def time_training_steps(plans: dict, device: torch.device, *, rounds: int = 20, 
         ctx = dist_ctx.get(name) if isinstance(dist_ctx, dict) else dist_ctx
         model = build_model(plan, seed=seed, device=device)
         setup = prepare_training(model, plan, dist_ctx=ctx)
-        batches = TrainingBatches(plan, device, seed, ctx.rank if ctx is not None else 0)
+        batches = TrainingBatches(plan, device, seed, ctx.dp_rank if ctx is not None else 0)  # tp and pp ranks of a replica: one stream
         steps[name] = (lambda setup=setup, plan=plan, batches=batches: train_step(setup, plan, batches.step()))
     times: dict[str, list[float]] = {name: [] for name in plans}
     for r in range(warmup + rounds):

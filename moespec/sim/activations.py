@@ -24,8 +24,17 @@ gradients of earlier micro-steps, activations, the loss gradients [T, V]; (b) th
 the top dropless MoE layer: its expert gradients and the kernel's temporaries on top of
 (a)'s activations; (c) the gradient sync after backward: state, every gradient, and the flat
 copy of the expert gradients all-reduced over a data-parallel group that replicates them
-(cost.py). Tensor and pipeline parallel split
-the blocks' share as the old formula did (issue 15 runs them).
+(cost.py).
+
+Tensor parallelism (distributed/tensor_parallel.py): a rank keeps 1/tp of what is per head
+(q, k, v, the attention output, logsumexp, QK-norms) and of the split FFNs' hidden tensors;
+the split modules' inputs (replicated), norms, routers, routed experts and the loss whole.
+Sequence parallelism also cuts the norms and what full recomputation keeps per block (the
+block input) to the rank's S/tp slice; the split modules keep their gathered input whole.
+Pipeline parallelism: a stage holds its blocks' activations for every micro-batch in flight
+(Narayanan et al. 2021; Megatron-LM's theoretical memory): GPipe all m, 1F1B min(m, pp) on
+the first stage, interleaved 1F1B that times 1 + (pp - 1) / (pp * v); the blocks counted are
+the average stage's (L / pp).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import numpy as np
 
 from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, compute_bytes, expert_rows, weighted_qk_norm, where_any
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
+from moespec.spec.stages import PP_SCHEDULES
 
 F32, I64 = 4.0, 8.0
 # Per router, what it saves per token (traced: tests/test_activation_bytes.py):
@@ -95,6 +105,8 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     hq, hkv = (b.n_heads * b.head_dim).astype(np.float64), (b.n_kv_heads * b.head_dim).astype(np.float64)
     td = t * d
 
+    tp = b.tp.astype(np.float64)
+    seq = np.where(b.sequence_parallel & (b.tp > 1), tp, 1.0)  # the rank's share of the sequence between split modules
     norm = where_any(b.lstm, 0.0, np.where(b.layernorm, td * F32 + 2 * t * F32, 2 * td * F32 + t * F32))  # an LSTM host has no norms
     attn_inputs = np.where(half, 3 * td * 2, td * F32)
     core = (2 * t * hq + 2 * t * hkv) * c + b.micro_batch * b.n_heads * b.seq_len * F32
@@ -129,9 +141,9 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     s = b.seq_len.astype(np.float64)
     kv_rows = b.micro_batch * (s + 1) * b.n_kv_heads
     sink_core = (2 * t * b.n_heads * (b.head_dim + 1) + 2 * kv_rows * (b.head_dim + 1) + t * hq) * c \
-        + b.micro_batch * b.n_heads * s * F32 + s * (s + 1) * c  # fmt: skip
-    core = np.where(b.sinks, sink_core, core)
-    attention = 2 * norm + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(weighted_qk_norm(b), qk, 0.0)  # both norms of the block
+        + b.micro_batch * b.n_heads * s * F32  # fmt: skip
+    core = np.where(b.sinks, sink_core / tp + s * (s + 1) * c, core / tp)  # per head: a tp rank's heads (the sinks' mask whole)
+    attention = 2 * norm / seq + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(weighted_qk_norm(b), qk / tp, 0.0)  # both norms of the block
     # An LSTM layer (model/lstm_host.py) keeps per step its four gate activations, the cell
     # state and tanh of it in float32, and the output as the next step's recurrent input (in
     # the compute dtype); and its input for the input projection.
@@ -142,7 +154,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     def ffn_in(code_half, count_inputs, tdl):  # what a FFN keeps of its input
         return np.where(code_half, count_inputs * tdl * 2, tdl * F32)
 
-    dense = where_any(b.lstm, 0.0, ffn_in(half, inputs, td) + hidden * t * b.d_ff * c)  # an LSTM host's blocks have no FFN
+    dense = where_any(b.lstm, 0.0, ffn_in(half, inputs, td) + hidden * t * b.d_ff * c / tp)  # an LSTM host's blocks have no FFN
 
     # MoE groups
     tl, dl, cl, hl = layers.lift(t), layers.lift(d), layers.lift(c), layers.lift(half)
@@ -163,11 +175,12 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     dropless = dropless + np.where(ep > 1, rows * dl * cl + 2 * rows * dl * F32, 0.0)  # received rows, the combine
     experts = np.where(layers.dropless, dropless, capacity)
     fs = (layers.shared_count * layers.shared_d_ff).astype(np.float64)
-    shared = np.where(fs > 0, np.where(hl, il * tl * dl * 2, 0.0) + kl * tl * fs * cl + np.where(layers.shared_gate, 2 * tl * F32, 0.0), 0.0)
+    tpl = layers.lift(tp)
+    shared = np.where(fs > 0, np.where(hl, il * tl * dl * 2, 0.0) + kl * tl * fs * cl / tpl + np.where(layers.shared_gate, 2 * tl * F32, 0.0), 0.0)
     # gate_input (Llama-4): the tokens scaled by their gate, in float32 (the norm's output is float32 under autocast too)
     gated_in = tl * dl * F32 + tl * F32
     moe_ffn = router + experts + shared + np.where(layers.gate_input, gated_in, 0.0)
-    dense_group = np.where(layers.d_ff > 0, ffn_in(hl, il, tl * dl) + kl * tl * layers.d_ff * cl, 0.0)
+    dense_group = np.where(layers.d_ff > 0, ffn_in(hl, il, tl * dl) + kl * tl * layers.d_ff * cl / tpl, 0.0)
     per_group = np.where(layers.moe, moe_ffn, dense_group)
     # Cross-attention (decoder blocks of an encoder-decoder): its norm; q's input (fp32: the
     # encoder's output, k and v's input, is one tensor all blocks share; autocast casts it per
@@ -185,10 +198,16 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     blocks = blocks + np.where(b.sinks, 0.0, b.window_layers * s * s * c)  # each windowed layer's mask, as floats of the compute dtype
     # Llama-4's weightless QK-norm, in the layers with RoPE: q and k in float32 and 1/rms per head
     l2 = (t * (hq + hkv) + t * (b.n_heads + b.n_kv_heads)) * F32
-    blocks = blocks + np.where(b.qk_norm == QK_L2, (b.n_layers - b.nope_layers) * l2, 0.0)
-    block_input = b.n_layers * td * F32  # what full recomputation keeps per block
+    blocks = blocks + np.where(b.qk_norm == QK_L2, (b.n_layers - b.nope_layers) * l2 / tp, 0.0)
+    block_input = b.n_layers * td * F32 / seq  # what full recomputation keeps per block
     biggest_block = attention + np.maximum(np.where(b.dense_blocks > 0, dense, 0.0), layers.max_per_design(np.where(layers.count > 0, per_group, 0.0), n))
-    blocks = np.where(b.recompute == FULL, block_input + biggest_block, blocks)
+    # pipeline: the average stage's blocks, for each micro-batch in flight (module docstring)
+    micro = (b.global_batch // (b.micro_batch * b.dp)).astype(np.float64)
+    pp = b.pp.astype(np.float64)
+    flight = np.where(b.pp_schedule == PP_SCHEDULES.index("gpipe"), micro, np.minimum(micro, pp))
+    flight = np.where(b.pp_schedule == PP_SCHEDULES.index("interleaved_1f1b"), flight * (1 + (pp - 1) / (2 * pp)), flight)
+    flight = np.where(b.pp > 1, flight, 1.0)
+    blocks = np.where(b.recompute == FULL, block_input / pp * flight + biggest_block, blocks / pp * flight)
     if drop.any():  # dropout's masks: the embedding's and a T5 stack's final one in float32, two per block (three with cross-attention) in the compute dtype
         masks = (1 + (b.rel_buckets > 0)) * F32 + b.n_layers * np.where(b.cross_len > 0, 3, np.where(b.lstm, 1, 2)) * c + np.where(b.lstm, b.n_moe_layers * c, 0.0)
         blocks = blocks + np.where(drop, masks * td, 0.0)
@@ -213,14 +232,14 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     block_copies = np.where(b.recompute == FULL, block_copies / np.maximum(all_blocks / b.pp, 1), block_copies)
     copies = np.where(half, head_copy + block_copies, 0.0)
     copies = where_any(b.headless, 0.0, copies)  # a headless part's weights: the main part's copies
-    activations = blocks / (b.tp * b.pp) + head + logits + copies
+    activations = blocks + head + logits + copies
 
     # The top dropless layer's backward: its kernel's temporaries (the gathered output
     # gradient, hidden-wide gradients, the input gradient) while its expert gradients are
     # made whole at once. Capacity layers run autograd's per-op backward, which frees saved
     # tensors as it makes gradients: their peak stays the start of backward (MemTracker).
     temp = rows * dl * cl + 3 * rows * f * cl + tl * dl * F32
-    moe_temp = layers.max_per_design(np.where(layers.moe & layers.dropless & (layers.count > 0), temp, 0.0), n) / (b.tp * b.pp)
+    moe_temp = layers.max_per_design(np.where(layers.moe & layers.dropless & (layers.count > 0), temp, 0.0), n)  # whole on every tp rank
     loss_temporaries = where_any(b.headless, 0.0, 2 * t * v * F32 + np.where(half, t * v * 2, 0.0))
     parted = b.encoder is not None or b.headless.any()  # an encoder-decoder's parts: one block replays at a time in the two
     replay = np.where(b.recompute == FULL, biggest_block, 0.0) / (b.tp * b.pp) if parted else 0.0

@@ -352,10 +352,15 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
             calls = counts[f"tp_{kind}_calls"].astype(np.float64)
             per_call = counts[f"tp_{kind}_bytes"] / np.maximum(calls, 1) * np.where(kind == "all_gather", b.tp, 1)  # an all-gather's output
             tp_comm_s = tp_comm_s + calls / b.pp * micro_steps * collectives.time_s(kind, tp_sets, np.where(valid & (calls > 0), per_call, 0.0))
+            if backend.ops is not None:  # each call's host dispatch and wait (operator database)
+                tp_comm_s = tp_comm_s + calls / b.pp * micro_steps * backend.ops.tp_call_s
     if (b.pp > 1).any():  # the residual stream is float32 (distributed/pipeline.py stage_shapes); each tp rank sends its copy
         sent = 4.0 * b.micro_batch * b.seq_len * b.d_model / np.where(b.sequence_parallel & (b.tp > 1), b.tp, 1)
         pp_comm_s = 2 * micro_steps * collectives.time_s(
             "a2a", collectives.rank_sets(b.tp, 2), np.where(valid & (b.pp > 1), sent, 0.0))
+        if backend.ops is not None:  # the schedule's host time per micro-batch and stage (operator database)
+            stages = np.where(b.pp_schedule == PP_SCHEDULES.index("interleaved_1f1b"), 2, 1)
+            pp_comm_s = pp_comm_s + np.where(b.pp > 1, micro_steps * stages * backend.ops.pp_micro_s, 0.0)
 
     # Data-parallel gradient traffic (fp32 gradients and parameters, 4 bytes): dense over
     # the dp ranks (every tp*pp-th), experts over their replicas (every tp*pp*ep-th).

@@ -28,7 +28,11 @@ file that ships with a cluster description (`ops` in a calibration document):
   `step_s` per optimizer step (the training loop's own Python); `a2a_call_s` per
   expert-parallel all-to-all call beyond its transfer (a blocking collective waits for the
   slowest rank: fitted on a toy ep-2 block);
-  `optimizer_op_s` per op of clipping and AdamW on one parameter tensor.
+  `optimizer_op_s` per op of clipping and AdamW on one parameter tensor;
+  `tp_call_s` per tensor-parallel collective beyond its transfer (DTensor's Python dispatch
+  around it and the wait for the other rank: fitted on a toy tp-2 model); `pp_micro_s` per
+  micro-batch per pipeline stage (the schedule's own host time, its sends and receives:
+  fitted on a toy pp-2 model).
 - `bandwidth_Bps`: the memory-bound ops' bytes per second (norms, activations, softmax, their
   gradients, as the model's elementwise bytes count them); `gather_Bps`: index_select /
   index_add rows (dispatch and combine); `optimizer_param_s`: AdamW seconds per parameter.
@@ -102,6 +106,8 @@ class OpDatabase:
     optimizer_param_s: Grid  # over tensor size: parameters per second of clipping + AdamW
     bandwidth_Bps: float
     gather_Bps: float
+    tp_call_s: float = 0.0
+    pp_micro_s: float = 0.0
 
     def _by_dtype(self, table: dict, dtype_code, args, seconds) -> np.ndarray:
         """`seconds(key, *args)` for each dtype's designs, args broadcast together as float64;
@@ -207,4 +213,6 @@ def database_from_dict(data: dict) -> OpDatabase:
         optimizer_param_s=_grid(data["optimizer_param_s"], lambda size: size),
         bandwidth_Bps=float(data["bandwidth_Bps"]),
         gather_Bps=float(data["gather_Bps"]),
+        tp_call_s=float(data.get("tp_call_s", 0.0)),  # calibrations before these two: none fitted
+        pp_micro_s=float(data.get("pp_micro_s", 0.0)),
     )
