@@ -50,6 +50,9 @@ parallelism: {tp: 2, micro_batch: 2, global_batch: 2}
     # Llama-4's shared expert, gated input, NoPE layer and L2 QK-norm
     ("tp2-sp-oss", case("tiny-oss.yaml", tp=2, micro_batch=2, global_batch=4, sequence_parallel=True)),
     ("tp2-sp-llama4", case("tiny-llama4.yaml", tp=2, micro_batch=2, global_batch=4, sequence_parallel=True)),
+    # recomputation replays the split modules' collectives (full) or the attention core (selective)
+    ("tp2-sp-hash-full", case("tiny-hash.yaml", tp=2, micro_batch=2, global_batch=4, sequence_parallel=True, recompute="full")),
+    ("pp2-1f1b-selective", case("tiny-topk.yaml", pp=2, micro_batch=2, global_batch=4, recompute="selective")),
     ("pp2-gpipe", case("tiny-topk.yaml", pp=2, micro_batch=2, global_batch=4, pp_schedule="gpipe")),
     ("pp2-1f1b", case("tiny-topk.yaml", pp=2, micro_batch=2, global_batch=6, pp_schedule="1f1b")),
     # a tied head: the first and the last stage each hold the table, their gradients summed
@@ -101,7 +104,9 @@ def test_tp2_and_pp2_steps_equal_single_process(tmp_path):
     assert by[("tp2-sp-oss", 0)]["collectives"][gathers] == 2 * 18 and by[("tp2-sp-oss", 0)]["collectives"][scatters] == 2 * 8
     assert reduces not in by[("tp2-sp-oss", 0)]["collectives"]
     assert by[("tp2-sp-llama4", 0)]["collectives"][reduces] == 2 * 2 * 2
-    for name in ("tp2-topk", "tp2-oss", "tp2-shared", "tp2-sp-oss", "tp2-sp-llama4"):  # simulate counts the same calls
+    # full recomputation replays each block's forward gathers and scatters: 6 + 2 and 6 more per micro-step
+    assert by[("tp2-sp-hash-full", 0)]["collectives"][gathers] == 2 * (18 + 8)
+    for name in ("tp2-topk", "tp2-oss", "tp2-shared", "tp2-sp-oss", "tp2-sp-llama4", "tp2-sp-hash-full"):  # simulate counts the same calls
         plan = plan_from_fields(dict(WORLD_2)[name])
         predicted = simulate(plan, load_backend("cpu-local"))
         for kind, op in (("all_reduce", reduces), ("all_gather", gathers), ("reduce_scatter", scatters)):

@@ -118,6 +118,7 @@ AXES = (
     "  parallelism.micro_batch: [3, 4]\n"
     "  model.seq_len: [63, 64]\n"
     "  parallelism.global_batch: [24, 16]\n"
+    "  parallelism.sequence_parallel: [false, true]\n"
 )
 
 
@@ -142,7 +143,7 @@ def test_explorer_verdicts_equal_the_spec_layer_design_by_design(tmp_path):
             rule = by_short[text]
             s = int(space.structure_of(np.array([design]))[0])
             values = {name: getattr(chunk.batch, name)[design].item() for name in ("n_heads", "n_kv_heads", "tp", "pp", "n_layers", "dp", "ep",
-                      "micro_batch", "global_batch", "experts", "k", "seq_len")}  # fmt: skip
+                      "micro_batch", "global_batch", "experts", "k", "seq_len", "sequence_parallel")}  # fmt: skip
             values.update(n_groups=int(space.n_groups[s]), topk_groups=int(space.topk_groups[s]))
             with pytest.raises(SpecErrors) as caught:
                 space.design_plan(design)
@@ -151,7 +152,8 @@ def test_explorer_verdicts_equal_the_spec_layer_design_by_design(tmp_path):
     assert feasible >= 50
     broken = {name for name, count in hit.items() if count}
     assert broken >= {"ep_divides_dp", "global_batch_multiple", "ep_divides_experts", "k_within_experts",
-                      "noisy_k_below_experts", "groups_divide_experts", "k_within_kept_groups", "base_shuffle_divides"}  # fmt: skip
+                      "noisy_k_below_experts", "groups_divide_experts", "k_within_kept_groups", "base_shuffle_divides",
+                      "sp_divides_sequence"}  # fmt: skip
 
 
 def test_norm_bias_with_rmsnorm_is_refused_at_its_line():

@@ -11,8 +11,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moespec.cli.common import (backend_or_exit, console, cpu_sized_counts_or_exit, emit_json, fail, load_plan_or_exit, writable_dir_or_exit,
-                                write_atomic)
+from moespec.cli.common import (backend_or_exit, backend_with_room, console, cpu_sized_counts_or_exit, emit_json, fail, load_plan_or_exit,
+                                writable_dir_or_exit, write_atomic)
 from moespec.cli.overrides import apply_overrides
 from moespec.profiling.report import MIN_TIMED_STEPS
 
@@ -61,7 +61,8 @@ def profile_command(
             plan = single_process_plan(plan)
     if steps < MIN_TIMED_STEPS:  # after the spec's own refusals, which say more
         fail(f"--steps {steps}: profile times at least {MIN_TIMED_STEPS} steps, to give their median and spread")
-    hardware = backend_or_exit(backend, calibration, world=plan.parallel.world)
+    # the ranks run here: a world wider than the described machine runs on its links
+    hardware = backend_with_room(backend_or_exit(backend, calibration, world=plan.parallel.world), plan.parallel.world)
     out = out or Path("moespec-profile") / plan.name
     trace_dir = trace_dir or out / "traces"
     if launched_world() is None:
@@ -196,7 +197,7 @@ def _profile_rank(spec: Path, plan, hardware, *, distributed: bool, nproc: int, 
 def _fmt(value: float | None, figure: str) -> str:
     if value is None:
         return "-"
-    if "FLOPs" in figure or "bytes" in figure or "all-reduces per" in figure:
+    if "FLOPs" in figure or "bytes" in figure or " per rank per micro-step" in figure:  # counts
         return f"{value:,.0f}"
     if "MFU" in figure:
         return f"{value:.2%}"

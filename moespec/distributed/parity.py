@@ -224,6 +224,9 @@ def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
 
     model = build_model(plan, seed=seed, device=ctx.device)
     model.train()
+    from moespec.distributed.parallelize import apply_recompute
+
+    apply_recompute(model, p.recompute)  # as train() does: the replay must give the same gradients
     setup = prepare_training(model, plan, dist_ctx=ctx)
     windows = [tokens[ctx.dp_rank, m * B : (m + 1) * B] for m in range(n_micro)]
     torch.manual_seed(seed)

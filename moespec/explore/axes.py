@@ -44,6 +44,8 @@ FAST_FIELDS: dict[tuple[str, ...], str] = {
     ("parallelism", "precision"): "precision",
     ("parallelism", "zero_stage"): "zero_stage",
     ("parallelism", "recompute"): "recompute",
+    ("parallelism", "pp_schedule"): "pp_schedule",
+    ("parallelism", "sequence_parallel"): "sequence_parallel",
 }
 MAX_AXIS_VALUES = 1_000_000  # a range longer than this is a typo, not a question
 MAX_VALUE_ERRORS = 3  # per axis: the first few bad values say what is wrong

@@ -30,6 +30,7 @@ from moespec.explore.sweep import Sweep
 from moespec.sim.design import PRECISIONS, RECOMPUTE, DesignBatch, require_uniform
 from moespec.spec import SpecErrors, SpecPlan
 from moespec.spec.rules import MOE_RULES, PARALLEL_RULES, RULES
+from moespec.spec.stages import PP_SCHEDULES
 from moespec.spec.resolve import resolve
 from moespec.spec.schema import load_schema, schema_errors
 from moespec.spec.yaml_source import Locations
@@ -38,7 +39,7 @@ FEASIBLE = 0
 _TOPK_STYLE = ("topk", "noisy_topk", "sigmoid_bias", "sparsemixer")  # routers with a k field
 _PARALLEL_FIELDS = ("dp", "ep", "tp", "pp", "micro_batch", "global_batch", "precision", "zero_stage", "recompute", "pp_schedule", "sequence_parallel")
 _MOE_FIELDS = ("experts", "expert_d_ff", "shared_count", "shared_d_ff", "k", "capacity_factor", "min_capacity")
-_CODES = {"precision": PRECISIONS, "recompute": RECOMPUTE}
+_CODES = {"precision": PRECISIONS, "recompute": RECOMPUTE, "pp_schedule": PP_SCHEDULES}
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,9 @@ class DesignSpace:
             experts.pop("shared_gate", None)
         if self.derive_dp:
             spec.setdefault("parallelism", {})["dp"] = int(chunk.batch.dp[0])
+        parallel = spec.get("parallelism") or {}
+        if parallel.get("tp", 1) == 1:  # a base's sequence parallelism has no tp ranks to split over in this design
+            parallel.pop("sequence_parallel", None)
         spec["name"] = name or f"{self.sweep.name}-d{design}"
         shown = ", ".join(f"{k}={show_value(v[0])}" for k, v in values.items() if v[0] is not None)
         spec["description"] = f"Design {design} of sweep {self.sweep.name} ({self.sweep.file}): {shown}"

@@ -100,7 +100,7 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         rows.append(_row("tensor-parallel collective time per step (s)", statistics.mean(r["tp_all_reduce_s"] for r in ranks) * scale, time["tp_comm_s"], timed=True))
     if p.pp > 1:  # the busiest stage waits least: the step waits for the stage that idles most
         idle = max(r["pipeline_idle_s"] for r in ranks)
-        rows.append(_row("pipeline idle per step, bubble + stage sends (s)", idle, time["bubble_s"] + time["pp_comm_s"], timed=True))
+        rows.append(_row("pipeline idle per step, bubble + stage sends (s)", idle, time["pipeline_idle_s"], timed=True))
     shuffle = max(r["shuffle_bytes_per_microstep"] for r in ranks)
     if shuffle or predicted["shuffle_a2a_bytes_per_rank_microstep"]:
         rows.insert(5, _row("BASE shuffle bytes per rank per micro-step", shuffle, predicted["shuffle_a2a_bytes_per_rank_microstep"], exact=True))

@@ -13,9 +13,13 @@ Time of one optimizer step on one rank:
               their gradient written backward; attention scores left out, fused kernels never
               write them), Sinkhorn's balancing passes, dropout's masks;
   overhead    fixed host time per block, per router, per local expert, per all-to-all call
-              (sim/overhead.py; 0 unless calibrated);
+              (sim/overhead.py; 0 unless calibrated), or the operator database's host time
+              per op and per tensor-parallel collective (DTensor's dispatch around it);
   a2a         expert dispatch and combine, and BASE's token shuffle, over the topology;
-  tp / pp     tensor-parallel activation all-reduces, pipeline stage sends (costed only);
+  tp / pp     tensor-parallel all-reduces (or sequence parallelism's all-gathers and
+              reduce-scatters) over the topology, pipeline stage sends and the schedule's host
+              time per micro-batch and stage (calibrated); a single plan's bubble follows its
+              real stages (sim/stages.py pipeline_time), a sweep's the average stage;
   grad sync   ZeRO 0/1: DDP all-reduce of dense gradients over dp (`overlap` of it hidden
               behind backward) and the expert all-reduce over dp/ep after backward (exposed);
               ZeRO-1 all-gathers the updated parameters after the step (exposed); ZeRO 2/3
@@ -228,17 +232,22 @@ def elementwise_activation_bytes(b: DesignBatch) -> np.ndarray:
     Korthikanti et al. 2022's per-block count without the attention scores (fused attention
     never writes them), 15*s*b*h plus 19*s*b*h per 4h of MLP width, a MoE block's MLP scaled
     by the rows its experts see per token and their width; fp32 doubles it. What a rank
-    keeps for backward is counted exactly elsewhere (sim/activations.py)."""
+    keeps for backward is counted exactly elsewhere (sim/activations.py). Tensor parallelism
+    (Korthikanti et al.'s split): of the 15 per block, the norms, q/k/v's input and a mask (7)
+    stay whole on every tp rank and the per-head 8 divide by tp; split FFNs divide by tp,
+    routed experts stay whole; sequence parallelism divides the whole block part too."""
     layers = b.table
     s, bsz, h = (x.astype(np.float64) for x in (b.seq_len, b.micro_batch, b.d_model))
     sbh = s * bsz * h
-    scale = np.where(b.precision == PRECISIONS.index("fp32"), 2, 1) / (b.pp * b.tp)
+    tp = b.tp.astype(np.float64)
+    scale = np.where(b.precision == PRECISIONS.index("fp32"), 2, 1) / b.pp
     rows_per_token = expert_rows(b, layers) / layers.lift(s * bsz)
-    width = rows_per_token * layers.expert_d_ff + layers.shared_count * layers.shared_d_ff + layers.d_ff  # placeholders zero the rest
-    widths = layers.per_design(layers.count * width, len(b)) + b.dense_blocks * b.d_ff
+    split = layers.shared_count * layers.shared_d_ff + layers.d_ff  # placeholders zero the other kind
+    widths = layers.per_design(layers.count * (rows_per_token * layers.expert_d_ff + split / layers.lift(tp)), len(b)) + b.dense_blocks * b.d_ff / tp
     cross = where_any(b.cross_len > 0, lambda: 4 * sbh + 2 * bsz * b.cross_len * h, 0.0)  # cross-attention: its norm, q, output; k, v over the encoder's rows
+    attention = np.where(b.sequence_parallel & (b.tp > 1), 15 / tp, 7 + 8 / tp) * sbh
     # an LSTM layer: its gates' add and four activations over 4D, the cell's products, sum and tanh, the output product
-    block = where_any(b.lstm, 20 * sbh, 15 * sbh + cross)
+    block = where_any(b.lstm, 20 * sbh, attention + cross)
     own = (b.n_layers * block + 19 * sbh / (4 * h) * widths) * scale
     return own + (0.0 if b.encoder is None else elementwise_activation_bytes(b.encoder))
 
@@ -262,7 +271,7 @@ def elementwise_bytes(b: DesignBatch, passed: np.ndarray) -> np.ndarray:
     scores = where_any(b.lstm, 0.0, b.micro_batch * b.n_heads * b.seq_len.astype(np.float64) * (b.seq_len + b.cross_len))  # attention probabilities
     dropout = dropout + b.n_layers * scores * per_element
     encoder = 0.0 if b.encoder is None else elementwise_bytes(b.encoder, 0.0)  # its activations are in `passed` already
-    return stored + (sinkhorn + np.where(b.dropout > 0, dropout, 0.0)) / (b.pp * b.tp) + encoder
+    return stored + (sinkhorn + np.where(b.dropout > 0, dropout, 0.0)) / b.pp + encoder  # tp: routers whole; dropout refused
 
 
 # --- time --------------------------------------------------------------------------------------
@@ -352,8 +361,8 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
             calls = counts[f"tp_{kind}_calls"].astype(np.float64)
             per_call = counts[f"tp_{kind}_bytes"] / np.maximum(calls, 1) * np.where(kind == "all_gather", b.tp, 1)  # an all-gather's output
             tp_comm_s = tp_comm_s + calls / b.pp * micro_steps * collectives.time_s(kind, tp_sets, np.where(valid & (calls > 0), per_call, 0.0))
-            if backend.ops is not None:  # each call's host dispatch and wait (operator database)
-                tp_comm_s = tp_comm_s + calls / b.pp * micro_steps * backend.ops.tp_call_s
+            if backend.ops is not None:  # host time around each call: DTensor's dispatch of the split module, the wait (operator database)
+                overhead_s = overhead_s + calls / b.pp * micro_steps * backend.ops.tp_call_s
     if (b.pp > 1).any():  # the residual stream is float32 (distributed/pipeline.py stage_shapes); each tp rank sends its copy
         sent = 4.0 * b.micro_batch * b.seq_len * b.d_model / np.where(b.sequence_parallel & (b.tp > 1), b.tp, 1)
         pp_comm_s = 2 * micro_steps * collectives.time_s(

@@ -39,7 +39,7 @@ class TimePrediction:
     elementwise_s: float  # memory-bound passes: stored activations, Sinkhorn, dropout
     overhead_s: float  # fixed host time (dispatch, launches) from the backend's overheads
     a2a_s: float  # expert dispatch/combine and BASE shuffle all-to-alls, on the critical path
-    tp_comm_s: float  # tensor-parallel activation all-reduces (Megatron: 4 per block per micro-step)
+    tp_comm_s: float  # tensor-parallel collectives over the topology (their host time is in overhead_s)
     pp_comm_s: float  # pipeline sends between neighbouring stages
     dp_allreduce_s: float  # ZeRO 0/1: dense gradients over dp, expert gradients over dp/ep
     zero_comm_s: float  # ZeRO-1 parameter all-gather; ZeRO-2/3 reduce-scatters and all-gathers
@@ -50,6 +50,7 @@ class TimePrediction:
     tokens_per_s: float
     mfu: float
     model_flops_per_token: float
+    pipeline_idle_s: float | None = None  # pp > 1: the least busy rank's wait and the stage sends per step
 
 
 def _evaluate(plan: SpecPlan, backend: Backend, *, overlap: float, imbalance: float, a2a_imbalance: float | None = None) -> dict:
@@ -57,7 +58,12 @@ def _evaluate(plan: SpecPlan, backend: Backend, *, overlap: float, imbalance: fl
     if p.world > backend.num_devices:
         raise ValueError(f"the spec needs {p.world} devices; backend {backend.name} has {backend.num_devices}")
     out = evaluate(DesignBatch.from_plans([plan]), backend, overlap=overlap, imbalance=imbalance, a2a_imbalance=a2a_imbalance)
-    return {name: value[0].item() for name, value in out.items()}
+    one = {name: value[0].item() for name, value in out.items()}
+    if p.pp > 1:  # one plan: its real stages, not the average one (sim/stages.py)
+        from moespec.sim.stages import pipeline_time
+
+        one = pipeline_time(plan, backend, one, overlap=overlap, imbalance=imbalance, a2a_imbalance=a2a_imbalance)
+    return one
 
 
 def _time(one: dict) -> TimePrediction:

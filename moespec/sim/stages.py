@@ -8,6 +8,12 @@ whole plan give outer = (sum of them - whole) / (n - 1). A stage is then its blo
 embeddings on the first and the final norm and head on the last (with a tied head the last
 stage holds its own copy of the table, distributed/pipeline.py). The split is the runtime's
 (spec/stages.py) on the blocks' active parameters per token.
+
+Time, the same way (`pipeline_time`): one micro-batch's forward and backward per block from
+one-block plans, the head and loss (the outer part) on the last stage. Stages that differ
+(the head on the last) make the pipeline wait for the slowest rank: with m micro-batches, v
+stages per rank and r_i a rank's seconds per micro-batch, the pipelined part takes
+m * max(r) + (sum(r) - max(r)) / v (equal ranks: (v m + pp - 1) / v * r, the textbook bubble).
 """
 
 from __future__ import annotations
@@ -59,14 +65,52 @@ def block_figures(plan: SpecPlan) -> tuple[list[dict], dict]:
     return blocks, outer
 
 
+_PIPELINED = ("compute_s", "elementwise_s", "overhead_s", "a2a_s", "tp_comm_s")  # cost.py's terms a stage runs per micro-batch
+
+
+def pipeline_time(plan: SpecPlan, backend, one: dict, **evaluate_kwargs) -> dict:
+    """`one` (cost.evaluate's figures of `plan`, pp > 1, average stage) with the pipeline's
+    time from its real stages (module docstring): bubble_s is what the step adds to the average
+    stage's pipelined work, step_s, tokens_per_s and mfu follow, and pipeline_idle_s is the
+    least busy rank's wait plus the stage sends (what `profile` measures per rank)."""
+    from moespec.sim.cost import evaluate
+
+    n, p = len(plan.layers), plan.parallel
+    whole = dataclasses.replace(plan, parallel=dataclasses.replace(p, pp=1, pp_layers=None))
+    out = evaluate(DesignBatch.from_plans([whole] + [_one_block(plan, i) for i in range(n)]), backend, **evaluate_kwargs)
+    m = p.grad_accum
+    per_micro = sum(np.asarray(out[name], dtype=np.float64) for name in _PIPELINED) / m
+    outer = (per_micro[1:].sum() - per_micro[0]) / (n - 1) if n > 1 else 0.0
+    blocks = per_micro[1:] - outer
+    bounds = _bounds(plan, block_figures(plan)[0])
+    stage_s = [float(blocks[lo:hi].sum()) + (outer if s == len(bounds) - 1 else 0.0) for s, (lo, hi) in enumerate(bounds)]
+    rank_s = [sum(stage_s[s] for s in stages) for stages in rank_stages(plan)]
+    v = stages_per_rank(p.pp_schedule)
+    pipelined_s = m * max(rank_s) + (sum(rank_s) - max(rank_s)) / v
+    average_s = sum(one[name] for name in _PIPELINED)
+    fixed = dict(one)
+    pipelined_s, average_s = float(pipelined_s), float(average_s)
+    fixed["bubble_s"] = max(pipelined_s - average_s, 0.0)
+    fixed["step_s"] = one["step_s"] - one["bubble_s"] + fixed["bubble_s"]
+    fixed["tokens_per_s"] = one["tokens_per_s"] * one["step_s"] / fixed["step_s"]
+    fixed["mfu"] = one["mfu"] * one["step_s"] / fixed["step_s"]
+    fixed["pipeline_idle_s"] = pipelined_s - m * min(rank_s) + one["pp_comm_s"]
+    fixed["stage_s_per_microbatch"] = rank_s
+    return fixed
+
+
+def _bounds(plan: SpecPlan, blocks: list[dict]) -> list[tuple[int, int]]:
+    """The runtime's stage split (spec/stages.py) on the blocks' active parameters per token."""
+    p, m = plan.parallel, plan.model
+    return stage_bounds(plan, p.pp * stages_per_rank(p.pp_schedule), [int(b["params_active"]) for b in blocks], m.vocab_size * m.d_model)
+
+
 def busiest_rank(plan: SpecPlan) -> dict:
     """The figures of the pipeline rank that holds the most parameters (ties: the first), and
     of the rank that computes the most FLOPs, per micro-step; with the split and per-rank lists."""
     p, m = plan.parallel, plan.model
     blocks, outer = block_figures(plan)
-    weights = [int(b["params_active"]) for b in blocks]
-    head_weight = m.vocab_size * m.d_model
-    bounds = stage_bounds(plan, p.pp * stages_per_rank(p.pp_schedule), weights, head_weight)
+    bounds = _bounds(plan, blocks)
     n_stages = len(bounds)
     embedding = m.vocab_size * m.d_model + (m.seq_len * m.d_model if m.positions == "learned" else 0)
     chunk = lambda rows, width: _chunk(rows, width, p.dp)  # noqa: E731  (FSDP2's Shard(0) over dp, counts.py's)

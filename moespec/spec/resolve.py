@@ -254,8 +254,9 @@ def _parallel(raw: dict, model: ModelPlan, errors: _Errors) -> ParallelPlan:
     dp, ep, tp, pp, micro = p["dp"], p["ep"], p["tp"], p["pp"], p["micro_batch"]
     global_batch = p["global_batch"] or micro * dp
     values = {"dp": dp, "ep": ep, "tp": tp, "pp": pp, "micro_batch": micro, "global_batch": global_batch,
-              "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "n_layers": model.n_layers}  # fmt: skip
-    for rule in (rules.EP_DIVIDES_DP, rules.TP_DIVIDES_HEADS, rules.PP_WITHIN_LAYERS, rules.GLOBAL_BATCH_MULTIPLE):
+              "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "n_layers": model.n_layers,
+              "sequence_parallel": p["sequence_parallel"], "seq_len": model.seq_len}  # fmt: skip
+    for rule in (rules.EP_DIVIDES_DP, rules.TP_DIVIDES_HEADS, rules.PP_WITHIN_LAYERS, rules.GLOBAL_BATCH_MULTIPLE, rules.SP_DIVIDES_SEQUENCE):
         if rule.check(values):
             errors.add(rule.path, rule.explain(values))
     _pipeline_checks(p, model, pp, global_batch // (micro * dp) if global_batch % (micro * dp) == 0 else None, errors)
@@ -306,13 +307,9 @@ def _pipeline_checks(p: dict, model: ModelPlan, pp: int, n_micro: int | None, er
 
 def _tensor_parallel_checks(p: dict, model: ModelPlan, tp: int, errors: _Errors) -> None:
     """What the column/row split (distributed/tensor_parallel.py) cannot run, refused by name."""
-    if p["sequence_parallel"]:
-        if tp == 1:
-            errors.add(("parallelism", "sequence_parallel"), "sequence_parallel splits the sequence over the tp ranks, and parallelism.tp is 1; "
-                       "raise tp or remove it")  # fmt: skip
-        elif model.seq_len % tp:
-            errors.add(("parallelism", "sequence_parallel"), f"sequence_parallel gives each tp rank seq_len / tp tokens, and tp ({tp}) does not "
-                       f"divide model.seq_len ({model.seq_len}); change one, or set it to false")  # fmt: skip
+    if p["sequence_parallel"] and tp == 1:  # (the sequence's divisibility is rules.SP_DIVIDES_SEQUENCE)
+        errors.add(("parallelism", "sequence_parallel"), "sequence_parallel splits the sequence over the tp ranks, and parallelism.tp is 1; "
+                   "raise tp or remove it")  # fmt: skip
     if tp == 1:
         return
     refused = (

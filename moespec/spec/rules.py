@@ -123,8 +123,18 @@ PP_MICRO_BATCHES = Rule(
     message=_pp_micro_message,
 )
 
+SP_DIVIDES_SEQUENCE = Rule(
+    name="sp_divides_sequence",
+    path=("parallelism", "sequence_parallel"),
+    short="sequence_parallel: tp does not divide model.seq_len",
+    inputs=("sequence_parallel", "tp", "seq_len"),
+    violated=lambda sequence_parallel, tp, seq_len: (sequence_parallel != 0) & (tp > 1) & (seq_len % tp != 0),  # != 0: a bool mask from an int column too
+    message=lambda sequence_parallel, tp, seq_len: (f"sequence_parallel gives each tp rank seq_len / tp tokens, and tp ({tp}) does not "
+                                                    f"divide model.seq_len ({seq_len}); change one, or set it to false"),  # fmt: skip
+)
+
 # In resolve.py's order; the explorer gives a design the first rule it breaks.
-PARALLEL_RULES = (TP_DIVIDES_HEADS, PP_WITHIN_LAYERS, EP_DIVIDES_DP, GLOBAL_BATCH_MULTIPLE, PP_MICRO_BATCHES)
+PARALLEL_RULES = (TP_DIVIDES_HEADS, PP_WITHIN_LAYERS, EP_DIVIDES_DP, GLOBAL_BATCH_MULTIPLE, PP_MICRO_BATCHES, SP_DIVIDES_SEQUENCE)
 
 # --- MoE layers: each rule for the routers it names ------------------------------------------
 
