@@ -278,3 +278,33 @@ def test_explore_is_registered_in_the_app():
     from moespec.cli.app import app as moespec_app
 
     assert "explore" in {command.name for command in moespec_app.registered_commands}
+
+
+def test_pipeline_schedule_and_sequence_parallel_axes_take_effect(tmp_path):
+    """Parallel fields the base also sets are restored from it per structure; an axis over
+    them must still reach the designs (pp_schedule once did not: every design costed 1f1b)."""
+    shutil.copy(REPO / "specs" / "tiny-topk.yaml", tmp_path / "base.yaml")
+    (tmp_path / "sweep.yaml").write_text("""version: 1
+name: t
+base: base.yaml
+backend: h100-cluster-4n
+axes:
+  parallelism.pp: [2]
+  parallelism.tp: [2]
+  parallelism.global_batch: [64]
+  parallelism.pp_schedule: [gpipe, interleaved_1f1b]
+  parallelism.sequence_parallel: [false, true]
+objectives:
+  tokens_per_s: max
+""")
+    space = DesignSpace(load_sweep(tmp_path / "sweep.yaml"))
+    chunk = space.chunk(np.arange(space.size))
+    assert chunk.batch.pp_schedule.tolist() == [0, 0, 2, 2] and chunk.batch.sequence_parallel.tolist() == [0, 1, 0, 1]
+    from moespec.sim.cost import evaluate
+
+    out = evaluate(chunk.batch, space.sweep.backend)
+    assert out["bubble_s"][0] > out["bubble_s"][2]  # interleaving divides the bubble by v
+    assert out["memory_activations_bytes"][1] < out["memory_activations_bytes"][0]  # sequence parallelism keeps less
+    for design in range(space.size):  # the written-out designs resolve with the values costed
+        plan = space.design_plan(design)
+        assert (plan.parallel.pp_schedule, plan.parallel.sequence_parallel) == (("gpipe", "interleaved_1f1b")[design // 2], bool(design % 2))

@@ -100,7 +100,7 @@ def _print(report: dict) -> None:
     host = "host time of the other ops" if database else "host overhead (calibrated)"
     for key, label in (("compute_s", compute), ("elementwise_s", "elementwise (memory-bound)"),
                        ("overhead_s", host), ("a2a_s", "all-to-all (exposed)"),
-                       ("tp_comm_s", "tensor-parallel all-reduces"), ("pp_comm_s", "pipeline sends"),
+                       ("tp_comm_s", "tensor-parallel collectives"), ("pp_comm_s", "pipeline sends"),
                        ("dp_allreduce_s", "gradient all-reduce"), ("zero_comm_s", "ZeRO gathers and reduce-scatters"),
                        ("exposed_allreduce_s", "  data-parallel traffic exposed"),
                        ("bubble_s", "pipeline bubble"), ("optimizer_s", "optimizer"), ("step_s", "step")):  # fmt: skip
