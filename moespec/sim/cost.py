@@ -21,7 +21,8 @@ Time of one optimizer step on one rank:
               time per micro-batch and stage (calibrated); a single plan's bubble follows its
               real stages (sim/stages.py pipeline_time), a sweep's the average stage;
   grad sync   ZeRO 0/1: DDP all-reduce of dense gradients over dp (`overlap` of it hidden
-              behind backward) and the expert all-reduce over dp/ep after backward (exposed);
+              behind backward; none with tp or pp, whose flat all-reduce follows the schedule)
+              and the expert all-reduce over dp/ep after backward (exposed);
               ZeRO-1 all-gathers the updated parameters after the step (exposed); ZeRO 2/3
               (FSDP2): every micro-step reduce-scatters gradients and all-gathers parameters
               (twice at stage 3), `overlap` hidden by prefetching;
@@ -395,7 +396,10 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     banks = np.maximum(sum(part.n_moe_layers for part in parts(b)), 1)
     fsdp_s = passes * micro_steps * (units * ring(fsdp, dp_sets, dense_bytes / units) + banks * ring(fsdp, edp_sets, expert_bytes / banks))
     zero_s = gather + fsdp_s
-    exposed_s = (1 - overlap) * (dense_ar + fsdp_s) + expert_ar + gather
+    # DDP overlaps the dense all-reduce with backward; with tp or pp the runtime reduces the
+    # dense gradients in one flat all-reduce after the schedule (distributed/model_parallel.py)
+    hidden = np.where((b.tp > 1) | (b.pp > 1), 0.0, overlap)
+    exposed_s = (1 - hidden) * dense_ar + (1 - overlap) * fsdp_s + expert_ar + gather
 
     pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s
     # idle share of a stage: (pp-1) / (v*m + pp-1) with v stages per rank (Narayanan et al. 2021:
