@@ -200,14 +200,19 @@ def test_distributed_resume_and_resharding(tmp_path):
 
 
 def test_pipeline_checkpoint_resumes_under_tensor_parallelism(tmp_path):
-    """tiny-pp2 and tiny-tp2 are one model split two ways: a pipeline run's checkpoint resumes
-    tensor-parallel (and in one process) with the pipeline run's own later losses."""
+    """tiny-pp2, tiny-tp2 and tiny-tp2-sp are one model split three ways: a pipeline run's
+    checkpoint resumes tensor-parallel, with and without sequence parallelism, with the
+    pipeline run's own later losses."""
     pp = moespec_cli("train", PP, "--steps", "3", "--nproc", "2", "--save", tmp_path / "pp", "--save-every", "1", "--json")
     assert pp.returncode == 0, pp.stderr[-2000:]
     reference = losses(json.loads(pp.stdout))
     tp = moespec_cli("train", TP, "--steps", "3", "--nproc", "2", "--resume", tmp_path / "pp" / "step-00000001", "--json")
     assert tp.returncode == 0, tp.stderr[-2000:]
     assert losses(json.loads(tp.stdout)) == pytest.approx(reference[1:], rel=1e-5)
+    # and under sequence parallelism (its norms' weights are replicated DTensors)
+    sp = moespec_cli("train", ROOT / "specs" / "tiny-tp2-sp.yaml", "--steps", "3", "--nproc", "2", "--resume", tmp_path / "pp" / "step-00000001", "--json")
+    assert sp.returncode == 0, sp.stderr[-2000:]
+    assert losses(json.loads(sp.stdout)) == pytest.approx(reference[1:], rel=1e-5)
 
 
 def test_checkpoints_refuse_zero_sharded_state(tmp_path):
