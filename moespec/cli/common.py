@@ -31,11 +31,15 @@ def emit_json(document: Any) -> None:
     """One JSON document on stdout, and nothing else there. JSON has no Infinity or NaN: such
     a figure (extreme backend values overflow) is written null, and the document's
     `non_finite` lists where, so a reader is told rather than handed invalid JSON."""
-    bad: list[str] = []
-    clean = _finite(json.loads(json.dumps(document, default=_json_default)), "", bad)
-    if bad and isinstance(clean, dict):
-        clean["non_finite"] = {"paths": bad, "reason": "these figures overflowed (inf or nan) and are written null"}
-    sys.stdout.write(json.dumps(clean, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    try:  # the common case, every figure finite: one serialisation (explore's fronts are large)
+        text = json.dumps(document, indent=2, default=_json_default, allow_nan=False)
+    except ValueError:  # a non-finite float somewhere: find and null it
+        bad: list[str] = []
+        clean = _finite(json.loads(json.dumps(document, default=_json_default)), "", bad)
+        if isinstance(clean, dict):
+            clean["non_finite"] = {"paths": bad, "reason": "these figures overflowed (inf or nan) and are written null"}
+        text = json.dumps(clean, indent=2, sort_keys=False, allow_nan=False)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
