@@ -80,3 +80,39 @@ def test_a_dropless_call_costs_its_fixed_part_and_each_group():
     db = database_from_dict(_document(lambda m, k, n: 1e10))
     assert db.grouped_s(0, 16, 100, 128, 128)[()] == pytest.approx(1e-4 + 16 * 18 * 100 * 128 * 128 / 3e9)
     assert db.grouped_s(0, 0, 100, 128, 128)[()] == 0.0
+
+
+def _slowest_worker(rank: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from moespec.profiling.opbench import slowest_rank, timed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    timed(lambda: None, sync=lambda: None, min_repeats=1)  # every measurement starts with a barrier: both ranks must get here
+    ops = {"linear": {"fp32": {"axes": {"m": [16, 64]}, "seconds": [[1.0 + rank, 3.0 - rank]], "floor_s": 1e-6 * (1 + rank)}},
+           "op_s": 2e-5 if rank == 0 else 1e-5, "bandwidth_Bps": 8e9 if rank == 0 else 4e9, "gather_Bps": 1e9}  # fmt: skip
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(slowest_rank(ops), f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_a_two_rank_calibration_keeps_the_slowest_rank_at_every_point(tmp_path):
+    """Ranks meet at every collective, so a step runs at the slower one's pace: every time is
+    the larger of the two ranks' at that point, every bandwidth the smaller; the axes stay."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+
+    mp.spawn(_slowest_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        ops = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert ops["linear"]["fp32"]["seconds"] == [[2.0, 3.0]] and ops["linear"]["fp32"]["axes"] == {"m": [16, 64]}
+        assert ops["linear"]["fp32"]["floor_s"] == pytest.approx(2e-6) and ops["op_s"] == pytest.approx(2e-5)
+        assert ops["bandwidth_Bps"] == pytest.approx(4e9) and ops["gather_Bps"] == pytest.approx(1e9)

@@ -198,6 +198,8 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
         link, link_error, allreduce_scale, allreduce_error = backend.intra_node, 0.0, backend.allreduce_scale, 0.0
     ops = {"linear": linear, "bmm": bmm, "attention": attention, "auction": auction, "grouped": grouped, "op_s": 0.0, "step_s": 0.0, "a2a_call_s": 0.0, "optimizer_op_s": optimizer_op_s,
            "optimizer_param_s": optimizer_param_s, "bandwidth_Bps": bandwidth_Bps, "gather_Bps": gather_Bps}  # fmt: skip
+    ops = opbench.slowest_rank(ops)  # every rank measured the same points at once (lockstep); a step runs at the slowest's pace
+    bandwidth_Bps = ops["bandwidth_Bps"]
     partial = dataclasses.replace(backend, intra_node=link, allreduce_scale=allreduce_scale, overheads=Overheads(),
                                   ops=database_from_dict(ops))  # fmt: skip
     plans = fit_plans(world)

@@ -41,7 +41,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def timed(run: Callable[[], object], *, sync: Callable[[], None], min_repeats: int = 3, budget_s: float = 0.05,
           max_repeats: int = 20) -> float:  # fmt: skip
     """Median seconds of `run` after one warm-up call: at least `min_repeats`, more while
-    the total stays under `budget_s`."""
+    the total stays under `budget_s`. Ranks start each measurement together (a barrier), so
+    that every rank's op runs beside the others' as in a step, not beside a rank that has
+    moved on or is waiting."""
+    _lockstep()
     t0 = time.perf_counter()
     run()
     sync()
@@ -54,6 +57,46 @@ def timed(run: Callable[[], object], *, sync: Callable[[], None], min_repeats: i
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _lockstep() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def slowest_rank(ops: dict) -> dict:
+    """The database as the slowest rank measured it, point by point: every time (grids'
+    seconds, floors, per-call and per-op seconds) at its largest over the ranks, every
+    bandwidth at its smallest. Identity on one rank. Why the slowest: ranks meet at every
+    collective of a step, so the step runs at the slower rank's pace. Measured here (2-core
+    VM, one calibration each, held-out world-2 specs): unsynchronised per-rank timing left
+    h09-h12 13-20% fast; lockstep with the slowest rank gave -8.6%, +3.6%, +20.9%, -12.3%;
+    lockstep with the mean gave h09 -22.6% (the VM's speed drifts 20% within the hour)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return ops
+    leaves: list[tuple[object, object, bool]] = []  # (container, key, is a rate)
+
+    def walk(node, rate_keys=("bandwidth_Bps", "gather_Bps")):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if key == "axes":
+                continue
+            if isinstance(value, (dict, list)):
+                walk(value)
+            elif isinstance(value, float):
+                leaves.append((node, key, key in rate_keys))
+
+    walk(ops)
+    # a rate's slowest is its smallest: reduce its reciprocal (seconds per byte) with the times' MAX
+    values = torch.tensor([1.0 / node[key] if rate else node[key] for node, key, rate in leaves], dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    for (node, key, rate), value in zip(leaves, values.tolist()):
+        node[key] = 1.0 / value if rate else value
+    return ops
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
