@@ -82,7 +82,9 @@ def pipeline_time(plan: SpecPlan, backend, one: dict, **evaluate_kwargs) -> dict
     per_micro = sum(np.asarray(out[name], dtype=np.float64) for name in _PIPELINED) / m
     outer = (per_micro[1:].sum() - per_micro[0]) / (n - 1) if n > 1 else 0.0
     blocks = per_micro[1:] - outer
-    bounds = _bounds(plan, block_figures(plan)[0])
+    active = np.asarray(out["params_active"], dtype=object)  # the split's weights, from the same evaluation (block_figures' difference)
+    active_outer = (active[1:].sum() - active[0]) // (n - 1) if n > 1 else 0
+    bounds = _bounds(plan, [{"params_active": a - active_outer} for a in active[1:]])
     stage_s = [float(blocks[lo:hi].sum()) + (outer if s == len(bounds) - 1 else 0.0) for s, (lo, hi) in enumerate(bounds)]
     rank_s = [sum(stage_s[s] for s in stages) for stages in rank_stages(plan)]
     v = stages_per_rank(p.pp_schedule)
