@@ -122,3 +122,28 @@ def test_grouped_gemm_equals_the_loop_with_biases_and_clamp():
     loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
     for a, b in zip(grouped, loop, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_equal_groups_run_one_batched_matmul_equal_to_the_loop_and_counted_exactly(activation):
+    """BASE gives every expert the same rows: the kernel runs one bmm per projection on the
+    [E, N, D] view. It must give the loop's outputs and gradients and the same FLOP count."""
+    counts = [4, 4, 4, 4, 4, 4]
+    bank, x_TD, token_A, gate_A = _problem(activation, 16, 32, counts)
+    assert experts_module._engine(counts, bank.w_up) == "batched"
+    assert experts_module._engine([4, 4, 0, 4, 4, 4], bank.w_up) == "grouped"  # an empty group is not a batch
+    calls = []
+    original_bmm = torch.bmm
+    try:
+        torch.bmm = lambda *a, **k: calls.append(1) or original_bmm(*a, **k)
+        batched = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+    finally:
+        torch.bmm = original_bmm
+    projections = 3 if activation == "swiglu" else 2
+    assert len(calls) == 3 * projections  # forward, input gradient, weight gradient per projection
+    loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
+    for a, b in zip(batched, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with FlopCounterMode(display=False) as counter:
+        bank.forward_dropless(x_TD, token_A, gate_A, counts).sum().backward()
+    assert counter.get_total_flops() == 6 * projections * sum(counts) * 16 * 32

@@ -28,6 +28,8 @@ grouped call is 0.87-1.04x the loop's time (timed alone against it at E 8-128, D
 2 threads, on the 2-core VM this was written on), and it
 is one op where the loop is E. FlopCounterMode counts `_grouped_mm` as zero FLOPs unless told:
 its formula is registered below (2 * rows * K * N for any group sizes), so counts stay exact.
+When every group has the same rows (BASE layers: exactly T/E each) the matmuls are one bmm on
+the [E, N, .] view instead, the same FLOPs with both cores busy (`_uniform_rows`).
 """
 
 from __future__ import annotations
@@ -117,6 +119,14 @@ def _try_grouped_gemm(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+def _engine(counts_E: list[int], w_EKN: torch.Tensor) -> str:  # "batched" | "grouped" | "loop"
+    """"batched" when every group has the same rows (BASE), else "grouped" where
+    `_grouped_mm` runs, else "loop". GROUPED_GEMM off forces the loop (tests compare with it)."""
+    if GROUPED_GEMM["enabled"] and _uniform_rows(counts_E):
+        return "batched"
+    return "grouped" if grouped_gemm_available(w_EKN) else "loop"
+
+
 def grouped_gemm_available(w_EKN: torch.Tensor) -> bool:
     """The grouped GEMM for an expert weight like w: on, it runs for w's device and dtype,
     and both widths are multiples of 16 bytes (the kernel's stride rule)."""
@@ -124,26 +134,52 @@ def grouped_gemm_available(w_EKN: torch.Tensor) -> bool:
     return GROUPED_GEMM["enabled"] and widths_ok and _grouped_gemm_runs(w_EKN.device.type, w_EKN.dtype)
 
 
+def _uniform_rows(counts_E: list[int]) -> int:
+    """N when every group holds the same N > 0 rows, else 0. Then the sorted rows are an
+    [E, N, .] batch and `bmm` runs them, with the same FLOPs: on CPU `_grouped_mm` is one mm per
+    group, which at BASE's 16-128 rows per expert leaves one core of two idle (its layer was 1.5x
+    a Switch layer at E 128, T 2048, d 512, F 128; 1.2x with bmm, bench/moe_layer.py --routers)."""
+    first = counts_E[0] if counts_E else 0
+    return first if first and all(n == first for n in counts_E) else 0
+
+
 def _offsets(counts_E: list[int], device: torch.device) -> torch.Tensor:
     """End row of each group (int32): torch._grouped_mm's `offs`."""
     return torch.tensor(list(itertools.accumulate(counts_E)), dtype=torch.int32, device=device)
 
 
-def _rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[int], offs: torch.Tensor | None) -> torch.Tensor:
-    """out[rows of e] = a[rows of e] @ w[e], [A, N]: one grouped GEMM (offs given), or one mm
-    per group into slices of a preallocated output."""
-    if offs is not None:
-        return torch._grouped_mm(a_AK, w_EKN, offs=offs)
+def _matmul_engine(engine: str, counts_E: list[int], device: torch.device) -> int | torch.Tensor | None:
+    """How the group matmuls run, as `_rows_times_weights` and `_weight_grad` take it: N (the
+    "batched" engine: every group holds N rows, one bmm on the [E, N, .] view), the group ends
+    (`_grouped_mm`'s offs), or None (one mm per group)."""
+    if engine == "batched":
+        return counts_E[0]
+    if engine == "grouped" and sum(counts_E):
+        return _offsets(counts_E, device)
+    return None
+
+
+def _rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[int], how: int | torch.Tensor | None) -> torch.Tensor:
+    """out[rows of e] = a[rows of e] @ w[e], [A, N]: one bmm (`how` = rows per group), one
+    grouped GEMM (`how` = offsets), or one mm per group into slices of a preallocated output."""
+    if isinstance(how, int):
+        return torch.bmm(a_AK.reshape(len(counts_E), how, a_AK.shape[1]), w_EKN).reshape(a_AK.shape[0], w_EKN.shape[2])
+    if how is not None:
+        return torch._grouped_mm(a_AK, w_EKN, offs=how)
     out_AN = a_AK.new_empty(a_AK.shape[0], w_EKN.shape[2])  # every row is in a group: all written
     for e, rows in _groups(counts_E):
         torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows])
     return out_AN
 
 
-def _weight_grad(a_AK: torch.Tensor, g_AN: torch.Tensor, counts_E: list[int], offs: torch.Tensor | None, n_experts: int) -> torch.Tensor:
-    """grad_w[e] = a[rows of e]^T @ g[rows of e], [E, K, N]; zero for an expert without rows."""
-    if offs is not None:
-        return torch._grouped_mm(a_AK.t(), g_AN, offs=offs)
+def _weight_grad(a_AK: torch.Tensor, g_AN: torch.Tensor, counts_E: list[int], how: int | torch.Tensor | None, n_experts: int) -> torch.Tensor:
+    """grad_w[e] = a[rows of e]^T @ g[rows of e], [E, K, N]; zero for an expert without rows.
+    `how` as in `_rows_times_weights`."""
+    if isinstance(how, int):
+        a_ENK = a_AK.reshape(n_experts, how, a_AK.shape[1])
+        return torch.bmm(a_ENK.transpose(1, 2), g_AN.reshape(n_experts, how, g_AN.shape[1]))
+    if how is not None:
+        return torch._grouped_mm(a_AK.t(), g_AN, offs=how)
     new = torch.zeros if 0 in counts_E else torch.empty
     out_EKN = new(n_experts, a_AK.shape[1], g_AN.shape[1], dtype=a_AK.dtype, device=a_AK.device)
     for e, rows in _groups(counts_E):
@@ -159,9 +195,9 @@ class GroupedExpertsFn(torch.autograd.Function):
     input gradient in backward), whatever E is: on a busy CPU every op is a parallel region
     whose threads wait on each other, so the cost of a layer follows its op count, and per
     expert gathers and scatters made the dropless path collapse under load (issue 13). The
-    matmuls are grouped GEMMs (`torch._grouped_mm`, offsets = the group ends) where the device
-    and dtype run them, else one mm per group into slices of a preallocated output
-    (`grouped_gemm_available`). Elementwise work (activation, gating, their derivatives) runs
+    matmuls are one bmm when every group has the same rows (BASE's balanced assignment), else
+    grouped GEMMs (`torch._grouped_mm`, offsets = the group ends) where the device and dtype run
+    them, else one mm per group into slices of a preallocated output (`_engine`). Elementwise work (activation, gating, their derivatives) runs
     once over all A rows. Forward saves x (not the gathered [A, D] copy: backward gathers again)
     and the pre-activations (h_gate, h_up). The backward runs exactly the matmuls autograd would
     run for the textbook formula (two per projection, one when x needs no gradient), so
@@ -170,15 +206,15 @@ class GroupedExpertsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, activation, grouped,
+    def forward(ctx, x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, activation, engine,
                 b_gate_EF=None, b_up_EF=None, b_down_ED=None):  # fmt: skip
         gated = w_gate_EDF is not None
         dtype = w_up_EDF.dtype  # the compute dtype; the weights arrive already cast
-        offs = _offsets(counts_E, x_TD.device) if grouped and token_A.numel() else None
+        how = _matmul_engine(engine, counts_E, x_TD.device)
         expert_A = expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None  # per-expert biases
         x_AD = x_TD.index_select(0, token_A).to(dtype)  # the one gather
-        h_up_AF = _rows_times_weights(x_AD, w_up_EDF, counts_E, offs)
-        h_gate_AF = _rows_times_weights(x_AD, w_gate_EDF, counts_E, offs) if gated else None
+        h_up_AF = _rows_times_weights(x_AD, w_up_EDF, counts_E, how)
+        h_gate_AF = _rows_times_weights(x_AD, w_gate_EDF, counts_E, how) if gated else None
         del x_AD
         if expert_A is not None:
             h_up_AF += b_up_EF.index_select(0, expert_A)
@@ -187,13 +223,13 @@ class GroupedExpertsFn(torch.autograd.Function):
         a_AF = activate(activation, h_gate_AF, h_up_AF)
         if gate_A is not None:
             a_AF = _scale_rows(a_AF, gate_A)
-        out_AD = _rows_times_weights(a_AF, w_down_EFD, counts_E, offs)
+        out_AD = _rows_times_weights(a_AF, w_down_EFD, counts_E, how)
         if expert_A is not None:  # the down bias is gated with the rest of the expert's output
             bias_AD = b_down_ED.index_select(0, expert_A)
             out_AD += bias_AD if gate_A is None else _scale_rows(bias_AD, gate_A)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, out_AD.to(x_TD.dtype))  # the one scatter
         ctx.save_for_backward(x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF, expert_A, b_down_ED)
-        ctx.counts_E, ctx.activation, ctx.grouped = counts_E, activation, grouped
+        ctx.counts_E, ctx.activation, ctx.engine = counts_E, activation, engine
         return y_TD
 
     @staticmethod
@@ -204,10 +240,10 @@ class GroupedExpertsFn(torch.autograd.Function):
         gated = w_gate_EDF is not None
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         dtype = w_up_EDF.dtype
-        offs = _offsets(counts_E, x_TD.device) if ctx.grouped and token_A.numel() else None
+        how = _matmul_engine(ctx.engine, counts_E, x_TD.device)
 
         grad_y_AD = grad_y_TD.index_select(0, token_A).to(dtype)  # gather of the output gradient
-        grad_ga_AF = _rows_times_weights(grad_y_AD, w_down_EFD.transpose(1, 2), counts_E, offs)  # d(loss)/d(gate * a)
+        grad_ga_AF = _rows_times_weights(grad_y_AD, w_down_EFD.transpose(1, 2), counts_E, how)  # d(loss)/d(gate * a)
         a_AF = activate(ctx.activation, h_gate_AF, h_up_AF)
         grad_gate_A = grad_b_down = None
         if expert_A is not None:  # the down bias: its gradient, and its share of the gate's
@@ -225,11 +261,11 @@ class GroupedExpertsFn(torch.autograd.Function):
         grad_gate_AF, grad_up_AF = activate_backward(ctx.activation, grad_a_AF, h_gate_AF, h_up_AF)
         del grad_ga_AF, grad_a_AF
 
-        grad_down_EFD = _weight_grad(a_AF, grad_y_AD, counts_E, offs, n_experts)
+        grad_down_EFD = _weight_grad(a_AF, grad_y_AD, counts_E, how, n_experts)
         del a_AF, grad_y_AD
         x_AD = x_TD.index_select(0, token_A).to(dtype)  # gathered again rather than kept
-        grad_up_EDF = _weight_grad(x_AD, grad_up_AF, counts_E, offs, n_experts)
-        grad_gate_EDF = _weight_grad(x_AD, grad_gate_AF, counts_E, offs, n_experts) if gated else None
+        grad_up_EDF = _weight_grad(x_AD, grad_up_AF, counts_E, how, n_experts)
+        grad_gate_EDF = _weight_grad(x_AD, grad_gate_AF, counts_E, how, n_experts) if gated else None
         del x_AD
         grad_b_gate = grad_b_up = None
         if expert_A is not None:
@@ -238,9 +274,9 @@ class GroupedExpertsFn(torch.autograd.Function):
                 grad_b_gate = grad_gate_AF.new_zeros(n_experts, grad_gate_AF.shape[1]).index_add_(0, expert_A, grad_gate_AF)
         grad_x_TD = None
         if need_x:
-            grad_x_AD = _rows_times_weights(grad_up_AF, w_up_EDF.transpose(1, 2), counts_E, offs)
+            grad_x_AD = _rows_times_weights(grad_up_AF, w_up_EDF.transpose(1, 2), counts_E, how)
             if gated:
-                grad_x_AD += _rows_times_weights(grad_gate_AF, w_gate_EDF.transpose(1, 2), counts_E, offs)
+                grad_x_AD += _rows_times_weights(grad_gate_AF, w_gate_EDF.transpose(1, 2), counts_E, how)
             grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_A, grad_x_AD.to(x_TD.dtype))  # the one scatter
         return (grad_x_TD, None, grad_gate_A, grad_gate_EDF, grad_up_EDF, grad_down_EFD, None, None, None,
                 grad_b_gate, grad_b_up, grad_b_down)  # fmt: skip
@@ -352,10 +388,9 @@ class ExpertBank(nn.Module):
         gate_A = None if gate_A is None else gate_A.to(gate_dtype(gate_A.dtype))
         # dtypes are explicit inside; meta has no autocast state, and nothing to disable there
         no_autocast = contextlib.nullcontext() if x_TD.device.type == "meta" else torch.autocast(x_TD.device.type, enabled=False)
-        grouped = grouped_gemm_available(w_up)
         with no_autocast:
             return GroupedExpertsFn.apply(
-                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation, grouped,
+                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation, _engine(counts_E, w_up),
                 *self._biases(compute_dtype(x_TD)),
             )
 

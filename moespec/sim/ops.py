@@ -3,7 +3,8 @@
 What one rank runs per micro-step, forward and backward (as arrays over designs):
 - Linears (M rows, K in, N out, dtype): attention q, k, v, o; dense FFNs; routers (fp32:
   selective precision); shared experts; the LM head. Routed experts: a capacity bank's bmm
-  per projection (`bmm`), or the dropless kernel per local expert (`grouped`).
+  per projection (`bmm`), or the dropless kernel per local expert (`grouped`); BASE's equal
+  groups by `bmm` too (`batched_kernel`).
 - Causal SDPA over micro_batch x n_heads heads of S x hd, per block.
 - Other ops (norms, RoPE, activations, routing, dispatch, losses, casts, views): counted, not
   sized: each costs `op_s` of host time, their bytes go through `elementwise_bytes`. The
@@ -78,6 +79,7 @@ LSTM_AUTOCAST_OPS = {"model": 6, "layer": 8, "step": 4}  # under autocast: the c
 LSTM_DROPOUT_OPS = {"model": 5, "layer": 5}  # with dropout  # per decoder block: its norm, q, k, v, o, fused SDPA, residual
 UNGATED_EXPERT_OPS = -7
 GATHER_PASSES = 8  # dispatch + combine, forward and backward: each [rows, D] read or written 8 times
+KERNEL_GATHER_PASSES = 10  # the dropless kernel's: gather, scatter; backward two gathers and a scatter
 OPTIMIZER_OPS_PER_TENSOR = 10  # clip's norm and scale, AdamW's lerp, mul, addcmul, sqrt, div, addcdiv...
 OPTIMIZER_OPS = 8
 
@@ -173,6 +175,13 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     return host.astype(np.float64), group.astype(np.float64)
 
 
+def batched_kernel(b: DesignBatch, layers) -> np.ndarray:
+    """Per group: BASE with T % E == 0 gives every expert exactly T/E rows, and the dropless
+    kernel runs them as one bmm per projection (model/experts.py `_uniform_rows`): timed by the
+    bmm database, its gathers and scatters at the gather bandwidth (`gather_bytes`)."""
+    return layers.moe & layers.dropless & layers.balanced & (layers.lift(b.micro_batch * b.seq_len) % np.maximum(layers.experts, 1) == 0)
+
+
 def grouped_gemm(b: DesignBatch, layers) -> np.ndarray:
     """Per group: the dropless kernel runs torch._grouped_mm (model/experts.py
     `grouped_gemm_available`): both widths' bytes a multiple of 16 in the compute dtype."""
@@ -217,10 +226,11 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     rows = expert_rows(b, layers) * ep / np.maximum(layers.experts, 1)  # per local expert
     rows = rows * np.where(layers.dropless & ~layers.balanced, imbalance, 1.0)
     # Routed experts: a capacity bank's bmm per projection (bmm database); dropless groups by
-    # the grouped database (the real kernel: its gathers, grouped GEMMs and scatter).
+    # the grouped database (the real kernel: its gathers, grouped GEMMs and scatter); BASE's
+    # equal groups by the bmm database (the kernel's bmm), their gathers in `gather_bytes`.
     bank = inputs * db.bmm_s(code, local, rows, dl, layers.expert_d_ff) + db.bmm_s(code, local, rows, layers.expert_d_ff, dl)
     grouped = db.grouped_s(code, local, rows, dl, layers.expert_d_ff) * np.where(inputs == 2, 1.0, 2 / 3)  # plain: 2 of 3 matrices
-    experts = np.where(layers.dropless, grouped, bank)
+    experts = np.where(layers.dropless & ~batched_kernel(b, layers), grouped, bank)
     dense_groups = np.where(layers.d_ff > 0, ffn(code, tl, dl, layers.d_ff, inputs), 0.0)
     # Tensor parallel splits attention (heads) and the dense and shared FFNs (width) over tp;
     # the router, the routed experts and the head run whole on every tp rank.
@@ -258,5 +268,6 @@ def gather_bytes(b: DesignBatch) -> np.ndarray:
     """Bytes dispatch and combine move per micro-step on one rank (rows in the compute dtype)."""
     layers = b.table
     rows = expert_rows(b, layers)
-    per_group = np.where(layers.moe & ~layers.dropless, GATHER_PASSES * rows * layers.lift(b.d_model * compute_bytes(b)), 0)
+    passes = np.where(batched_kernel(b, layers), KERNEL_GATHER_PASSES, np.where(layers.moe & ~layers.dropless, GATHER_PASSES, 0))
+    per_group = passes * rows * layers.lift(b.d_model * compute_bytes(b))
     return layers.per_design(layers.count * per_group, len(b)).astype(np.float64) / b.pp  # every tp rank dispatches all rows
