@@ -12,10 +12,10 @@ Sets: `tuned` (the four shapes the kernel was tuned on and the three of issue 13
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
 - dense: DenseFFN (SwiGLU) of width K*F, the same matmul FLOPs as K routed experts per token;
 - ours_dropless: build_moe_layer with a topk router, `dropless: true` (one gather and one
-  scatter per pass, torch._grouped_mm per projection);
+  scatter per pass; the groups' mm's spread over the threads, `torch._grouped_mm` on one thread);
 - ours_capacity: the same with capacity factor 1.0 (fixed [E, C, D] buffers, drops allowed);
 - with --routers, at k = 1: ours_base (BASE: the auction, then the dropless kernel on exactly
-  T/E rows per expert) and ours_switch (Switch top-1, capacity 1.0);
+  T/E rows per expert: one bmm per projection) and ours_switch (Switch top-1, capacity 1.0);
 - hf_mixtral / hf_grouped_mm: transformers' MixtralSparseMoeBlock with its "eager" experts
   (a Python loop over the experts hit) and with `experts_implementation="grouped_mm"`;
   skipped with a note if transformers cannot be imported (or --no-peers).
@@ -28,11 +28,12 @@ least 512 rows; dropless / HF grouped_mm; BASE / Switch) and where they are.
 slowdown (busy / quiet) and the worst dropless-to-capacity slowdown ratio.
 
 Reading the numbers: on this 2-core VM one run's ratios move by 10-20% between runs (compare
-paths within a run, never across runs). On CPU torch._grouped_mm runs one mm per group: for
-small groups (64-128 rows) it keeps only one core busy where the capacity path's bmm keeps
-two, so at many small experts dropless stays 1.1-1.3x the capacity path; under contention each
-of its per-group mm's still synchronises the two threads, so its slowdown beside a busy core
-is larger than bmm's. Both are properties of the CPU kernel; on GPUs grouped GEMMs are one kernel.
+paths within a run, never across runs). With two or more threads the dropless kernel runs each
+group's mm on one thread, groups handed out as threads come free (model/group_threads.py):
+torch._grouped_mm on CPU is one mm per group split over both threads, a barrier per group,
+which a busy core turns into a stall per group (its layer slowed 2.5-4.4x beside a busy core
+where the capacity path's bmm slowed 2x). Quiet, the two are within about 10% of each other;
+BASE's equal groups run one bmm. On GPUs grouped GEMMs are one kernel.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ exactly, and the grouped path runs where it should."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -36,15 +38,65 @@ def _run(bank, x_TD, token_A, gate_A, counts, *, grouped: bool, dtype=torch.floa
         experts_module.GROUPED_GEMM["enabled"] = True
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["grouped_mm", "group-threads"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("counts", [[5, 0, 9, 3, 7], [0, 0, 12, 0, 1], [6, 6, 6, 6, 6]], ids=["empty-one", "mostly-empty", "even"])
-def test_grouped_gemm_equals_the_loop_float32(activation, counts):
+def test_grouped_gemm_equals_the_loop_float32(activation, counts, threads):
+    """One intra-op thread: torch._grouped_mm; two: each group's mm on one of two threads
+    (`group_threads`); equal groups: one bmm. Each against the plain loop."""
     bank, x_TD, token_A, gate_A = _problem(activation, 16, 24, counts)
     assert grouped_gemm_available(bank.w_up)
-    grouped = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+    expected = "batched" if len(set(counts)) == 1 else ("threads" if threads == 2 else "grouped")
+    with _threads(threads):
+        assert experts_module._engine(counts, bank.w_up) == expected
+        fast = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
     loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
-    for a, b in zip(grouped, loop, strict=True):
+    for a, b in zip(fast, loop, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_group_threads_step_aside_for_dispatch_modes_and_one_thread():
+    """FlopCounterMode (like MemTracker and op traces) sees only its own thread: under it the
+    kernel keeps every matmul on the calling thread, and counts them all."""
+    counts = [5, 0, 9, 3, 7]
+    bank, x_TD, token_A, gate_A = _problem("swiglu", 16, 24, counts)
+    with _threads(2):
+        assert experts_module._engine(counts, bank.w_up) == "threads"
+        with FlopCounterMode(display=False) as counter:
+            assert experts_module._engine(counts, bank.w_up) == "grouped"
+            bank.forward_dropless(x_TD, token_A, gate_A, counts).sum().backward()
+        assert counter.get_total_flops() == 18 * sum(counts) * 16 * 24
+        assert torch.get_num_threads() == 2  # the kernel gives the threads back
+    with _threads(1):
+        assert experts_module._engine(counts, bank.w_up) == "grouped"
+
+
+def test_group_threads_run_every_group_once_and_pass_errors_on():
+    from moespec.model import group_threads
+
+    counts = [3, 0, 8, 1, 0, 5]
+    seen = []
+    with _threads(2):
+        group_threads.run(counts, lambda e, rows: seen.append((e, rows.start, rows.stop)))
+        assert sorted(seen) == [(0, 0, 3), (2, 3, 11), (3, 11, 12), (5, 12, 17)]
+
+        def fail(e, rows):
+            if e == 3:
+                raise RuntimeError("group 3 failed")
+
+        with pytest.raises(RuntimeError, match="group 3 failed"):
+            group_threads.run(counts, fail)
+        assert torch.get_num_threads() == 2
 
 
 def test_grouped_gemm_equals_the_loop_bf16():
@@ -131,7 +183,7 @@ def test_equal_groups_run_one_batched_matmul_equal_to_the_loop_and_counted_exact
     counts = [4, 4, 4, 4, 4, 4]
     bank, x_TD, token_A, gate_A = _problem(activation, 16, 32, counts)
     assert experts_module._engine(counts, bank.w_up) == "batched"
-    assert experts_module._engine([4, 4, 0, 4, 4, 4], bank.w_up) == "grouped"  # an empty group is not a batch
+    assert experts_module._engine([4, 4, 0, 4, 4, 4], bank.w_up) != "batched"  # an empty group is not a batch
     calls = []
     original_bmm = torch.bmm
     try:
@@ -147,3 +199,13 @@ def test_equal_groups_run_one_batched_matmul_equal_to_the_loop_and_counted_exact
     with FlopCounterMode(display=False) as counter:
         bank.forward_dropless(x_TD, token_A, gate_A, counts).sum().backward()
     assert counter.get_total_flops() == 6 * projections * sum(counts) * 16 * 32
+
+
+def test_group_threads_under_inference_mode():
+    counts = [5, 0, 9, 3, 7]
+    bank, x_TD, token_A, gate_A = _problem("swiglu", 16, 24, counts)
+    with _threads(2), torch.inference_mode():
+        assert experts_module._engine(counts, bank.w_up) == "threads"
+        y_TD = bank.forward_dropless(x_TD, token_A, gate_A, counts)
+    with _threads(1), torch.no_grad():
+        torch.testing.assert_close(y_TD, bank.forward_dropless(x_TD, token_A, gate_A, counts), rtol=1e-5, atol=1e-6)

@@ -29,7 +29,10 @@ grouped call is 0.87-1.04x the loop's time (timed alone against it at E 8-128, D
 is one op where the loop is E. FlopCounterMode counts `_grouped_mm` as zero FLOPs unless told:
 its formula is registered below (2 * rows * K * N for any group sizes), so counts stay exact.
 When every group has the same rows (BASE layers: exactly T/E each) the matmuls are one bmm on
-the [E, N, .] view instead, the same FLOPs with both cores busy (`_uniform_rows`).
+the [E, N, .] view instead, the same FLOPs with both cores busy (`_uniform_rows`). On a CPU
+with several intra-op threads the per-group mm's are spread over the threads instead, one
+group per thread at a time (`group_threads`: no barrier per group, so a busy core slows the
+layer no more than the capacity path's bmm). `_engine` chooses; all give the same numbers.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
 
+from moespec.model import group_threads
 from moespec.model.expert_math import activate, activate_backward, expert_of_rows
 from moespec.model.layers import GATED_ACTIVATIONS, DenseFFN, activation_fn, gated_activation
 
@@ -119,11 +123,16 @@ def _try_grouped_gemm(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _engine(counts_E: list[int], w_EKN: torch.Tensor) -> str:  # "batched" | "grouped" | "loop"
-    """"batched" when every group has the same rows (BASE), else "grouped" where
-    `_grouped_mm` runs, else "loop". GROUPED_GEMM off forces the loop (tests compare with it)."""
-    if GROUPED_GEMM["enabled"] and _uniform_rows(counts_E):
+def _engine(counts_E: list[int], w_EKN: torch.Tensor) -> str:  # "batched" | "threads" | "grouped" | "loop"
+    """"batched" when every group has the same rows (BASE); else on a multi-core CPU
+    "threads" (each group's mm on one thread, `group_threads`); else "grouped" where
+    `_grouped_mm` runs; else "loop". GROUPED_GEMM off forces the loop (tests compare with it)."""
+    if not GROUPED_GEMM["enabled"]:
+        return "loop"
+    if _uniform_rows(counts_E):
         return "batched"
+    if group_threads.usable(w_EKN.device):
+        return "threads"
     return "grouped" if grouped_gemm_available(w_EKN) else "loop"
 
 
@@ -148,40 +157,50 @@ def _offsets(counts_E: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(list(itertools.accumulate(counts_E)), dtype=torch.int32, device=device)
 
 
-def _matmul_engine(engine: str, counts_E: list[int], device: torch.device) -> int | torch.Tensor | None:
+def _matmul_engine(engine: str, counts_E: list[int], device: torch.device) -> int | str | torch.Tensor | None:
     """How the group matmuls run, as `_rows_times_weights` and `_weight_grad` take it: N (the
-    "batched" engine: every group holds N rows, one bmm on the [E, N, .] view), the group ends
-    (`_grouped_mm`'s offs), or None (one mm per group)."""
+    "batched" engine: every group holds N rows, one bmm on the [E, N, .] view), "threads"
+    (`group_threads`), the group ends (`_grouped_mm`'s offs) or None (one mm per group).
+    A backward run under a dispatch mode the forward did not see takes the loop: same mm's."""
     if engine == "batched":
         return counts_E[0]
+    if engine == "threads":
+        return "threads" if group_threads.usable(device) else None
     if engine == "grouped" and sum(counts_E):
         return _offsets(counts_E, device)
     return None
 
 
-def _rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[int], how: int | torch.Tensor | None) -> torch.Tensor:
+def _rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[int], how) -> torch.Tensor:
     """out[rows of e] = a[rows of e] @ w[e], [A, N]: one bmm (`how` = rows per group), one
-    grouped GEMM (`how` = offsets), or one mm per group into slices of a preallocated output."""
+    grouped GEMM (`how` = offsets), or one mm per group into slices of a preallocated output,
+    on this thread (None) or spread over threads ("threads")."""
     if isinstance(how, int):
         return torch.bmm(a_AK.reshape(len(counts_E), how, a_AK.shape[1]), w_EKN).reshape(a_AK.shape[0], w_EKN.shape[2])
-    if how is not None:
+    if isinstance(how, torch.Tensor):
         return torch._grouped_mm(a_AK, w_EKN, offs=how)
     out_AN = a_AK.new_empty(a_AK.shape[0], w_EKN.shape[2])  # every row is in a group: all written
+    if how == "threads":
+        group_threads.run(counts_E, lambda e, rows: torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows]))
+        return out_AN
     for e, rows in _groups(counts_E):
         torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows])
     return out_AN
 
 
-def _weight_grad(a_AK: torch.Tensor, g_AN: torch.Tensor, counts_E: list[int], how: int | torch.Tensor | None, n_experts: int) -> torch.Tensor:
+def _weight_grad(a_AK: torch.Tensor, g_AN: torch.Tensor, counts_E: list[int], how, n_experts: int) -> torch.Tensor:
     """grad_w[e] = a[rows of e]^T @ g[rows of e], [E, K, N]; zero for an expert without rows.
     `how` as in `_rows_times_weights`."""
     if isinstance(how, int):
         a_ENK = a_AK.reshape(n_experts, how, a_AK.shape[1])
         return torch.bmm(a_ENK.transpose(1, 2), g_AN.reshape(n_experts, how, g_AN.shape[1]))
-    if how is not None:
+    if isinstance(how, torch.Tensor):
         return torch._grouped_mm(a_AK.t(), g_AN, offs=how)
     new = torch.zeros if 0 in counts_E else torch.empty
     out_EKN = new(n_experts, a_AK.shape[1], g_AN.shape[1], dtype=a_AK.dtype, device=a_AK.device)
+    if how == "threads":
+        group_threads.run(counts_E, lambda e, rows: torch.mm(a_AK[rows].t(), g_AN[rows], out=out_EKN[e]))
+        return out_EKN
     for e, rows in _groups(counts_E):
         torch.mm(a_AK[rows].t(), g_AN[rows], out=out_EKN[e])
     return out_EKN
