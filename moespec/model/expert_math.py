@@ -40,8 +40,19 @@ def activate(activation: str, h_gate_AF: torch.Tensor | None, h_up_AF: torch.Ten
     return activation_fn(activation)(h_gate_AF).mul_(h_up_AF)
 
 
-def activate_backward(activation: str, grad_a_AF: torch.Tensor, h_gate_AF: torch.Tensor | None, h_up_AF: torch.Tensor):
-    """(d/d h_gate, d/d h_up) of `activate` given d/d a; may overwrite grad_a_AF."""
+def gate_nonlinearity(activation: str, h_gate_AF: torch.Tensor | None) -> torch.Tensor | None:
+    """act(h_gate) of a gated activation (swiglu, geglu), a new tensor: the backward needs it
+    twice (to rebuild a = act(h_gate) * h_up, and as d a / d h_up), so it computes it once and
+    hands it to `activate_backward`. None for plain and clamped activations."""
+    if h_gate_AF is None or activation == "swiglu_clamped":
+        return None
+    return activation_fn(activation)(h_gate_AF)
+
+
+def activate_backward(activation: str, grad_a_AF: torch.Tensor, h_gate_AF: torch.Tensor | None, h_up_AF: torch.Tensor,
+                      act_gate_AF: torch.Tensor | None = None):  # fmt: skip
+    """(d/d h_gate, d/d h_up) of `activate` given d/d a; may overwrite grad_a_AF, and
+    act_gate_AF (`gate_nonlinearity`'s result, computed here when not given)."""
     if h_gate_AF is None:
         return None, _ACTIVATION_BACKWARD[activation](grad_a_AF, h_up_AF)
     if activation == "swiglu_clamped":  # a = (clamp(u, -L, L) + 1) * g * sigmoid(alpha g), g = min(gate, L)
@@ -52,7 +63,8 @@ def activate_backward(activation: str, grad_a_AF: torch.Tensor, h_gate_AF: torch
         dglu = s * (1 + SWIGLU_ALPHA * g * (1 - s))
         grad_gate = (grad_a_AF * (h_up_AF.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT) + 1) * dglu).masked_fill_(h_gate_AF > SWIGLU_LIMIT, 0.0)
         return grad_gate, grad_up
-    act_gate_AF = activation_fn(activation)(h_gate_AF)
+    if act_gate_AF is None:
+        act_gate_AF = activation_fn(activation)(h_gate_AF)
     grad_up = act_gate_AF.mul_(grad_a_AF)  # act_gate is dead after this
     grad_gate = _ACTIVATION_BACKWARD[activation](grad_a_AF.mul_(h_up_AF), h_gate_AF)
     return grad_gate, grad_up

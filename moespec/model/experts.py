@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
 
 from moespec.model import group_threads
-from moespec.model.expert_math import activate, activate_backward, expert_of_rows
+from moespec.model.expert_math import activate, activate_backward, expert_of_rows, gate_nonlinearity
 from moespec.model.layers import GATED_ACTIVATIONS, DenseFFN, activation_fn, gated_activation
 
 
@@ -171,20 +171,33 @@ def _matmul_engine(engine: str, counts_E: list[int], device: torch.device) -> in
     return None
 
 
-def _rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[int], how) -> torch.Tensor:
+def _rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[int], how, into: torch.Tensor | None = None) -> torch.Tensor:
     """out[rows of e] = a[rows of e] @ w[e], [A, N]: one bmm (`how` = rows per group), one
     grouped GEMM (`how` = offsets), or one mm per group into slices of a preallocated output,
-    on this thread (None) or spread over threads ("threads")."""
+    on this thread (None) or spread over threads ("threads"). `into`: add the product to it
+    instead (the per-group engines with addmm, no [A, N] temporary) and return it."""
     if isinstance(how, int):
-        return torch.bmm(a_AK.reshape(len(counts_E), how, a_AK.shape[1]), w_EKN).reshape(a_AK.shape[0], w_EKN.shape[2])
+        out_AN = torch.bmm(a_AK.reshape(len(counts_E), how, a_AK.shape[1]), w_EKN).reshape(a_AK.shape[0], w_EKN.shape[2])
+        return out_AN if into is None else into.add_(out_AN)
     if isinstance(how, torch.Tensor):
-        return torch._grouped_mm(a_AK, w_EKN, offs=how)
-    out_AN = a_AK.new_empty(a_AK.shape[0], w_EKN.shape[2])  # every row is in a group: all written
+        out_AN = torch._grouped_mm(a_AK, w_EKN, offs=how)
+        return out_AN if into is None else into.add_(out_AN)
+    if into is None:
+        out_AN = a_AK.new_empty(a_AK.shape[0], w_EKN.shape[2])  # every row is in a group: all written
+
+        def group(e, rows):
+            torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows])
+    else:
+        out_AN = into
+
+        def group(e, rows):
+            torch.addmm(out_AN[rows], a_AK[rows], w_EKN[e], out=out_AN[rows])
+
     if how == "threads":
-        group_threads.run(counts_E, lambda e, rows: torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows]))
-        return out_AN
-    for e, rows in _groups(counts_E):
-        torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows])
+        group_threads.run(counts_E, group)
+    else:
+        for e, rows in _groups(counts_E):
+            group(e, rows)
     return out_AN
 
 
@@ -263,7 +276,8 @@ class GroupedExpertsFn(torch.autograd.Function):
 
         grad_y_AD = grad_y_TD.index_select(0, token_A).to(dtype)  # gather of the output gradient
         grad_ga_AF = _rows_times_weights(grad_y_AD, w_down_EFD.transpose(1, 2), counts_E, how)  # d(loss)/d(gate * a)
-        a_AF = activate(ctx.activation, h_gate_AF, h_up_AF)
+        act_gate_AF = gate_nonlinearity(ctx.activation, h_gate_AF)  # once for both uses
+        a_AF = activate(ctx.activation, h_gate_AF, h_up_AF) if act_gate_AF is None else act_gate_AF * h_up_AF
         grad_gate_A = grad_b_down = None
         if expert_A is not None:  # the down bias: its gradient, and its share of the gate's
             scaled_AD = grad_y_AD if gate_A is None else _scale_rows(grad_y_AD.clone(), gate_A)  # _scale_rows works in place
@@ -277,8 +291,8 @@ class GroupedExpertsFn(torch.autograd.Function):
             grad_a_AF = _scale_rows(grad_ga_AF, gate_A)
         else:
             grad_a_AF = grad_ga_AF
-        grad_gate_AF, grad_up_AF = activate_backward(ctx.activation, grad_a_AF, h_gate_AF, h_up_AF)
-        del grad_ga_AF, grad_a_AF
+        grad_gate_AF, grad_up_AF = activate_backward(ctx.activation, grad_a_AF, h_gate_AF, h_up_AF, act_gate_AF)
+        del grad_ga_AF, grad_a_AF, act_gate_AF
 
         grad_down_EFD = _weight_grad(a_AF, grad_y_AD, counts_E, how, n_experts)
         del a_AF, grad_y_AD
@@ -295,7 +309,7 @@ class GroupedExpertsFn(torch.autograd.Function):
         if need_x:
             grad_x_AD = _rows_times_weights(grad_up_AF, w_up_EDF.transpose(1, 2), counts_E, how)
             if gated:
-                grad_x_AD += _rows_times_weights(grad_gate_AF, w_gate_EDF.transpose(1, 2), counts_E, how)
+                _rows_times_weights(grad_gate_AF, w_gate_EDF.transpose(1, 2), counts_E, how, into=grad_x_AD)
             grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_A, grad_x_AD.to(x_TD.dtype))  # the one scatter
         return (grad_x_TD, None, grad_gate_A, grad_gate_EDF, grad_up_EDF, grad_down_EFD, None, None, None,
                 grad_b_gate, grad_b_up, grad_b_down)  # fmt: skip
