@@ -216,7 +216,11 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip Hugging Face's blocks")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense")
+    parser.add_argument("--show", metavar="FILE", help="print the tables of a saved --json run instead of running")
     args = parser.parse_args()
+    if args.show:
+        print(render(json.loads(open(args.show).read())))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     panel = {"tuned": SHAPES, "grid": GRID, "all": SHAPES + GRID}[args.set]
@@ -251,34 +255,47 @@ def main() -> None:
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    print(f"torch {doc['torch']}, {doc['threads']} threads; {doc['step']}; median of {args.repeats}; "
-          f"load average {doc['load_avg_1min'][0]} -> {doc['load_avg_1min'][1]}")
-    names = list(results[0]["median_ms"])
-    print(f"{'shape':<9} {'D':>4} {'F':>5} {'E':>3} {'K':>2} {'T':>5} {'rows/E':>6}  " + "  ".join(f"{n:>22}" for n in names))
-    for r in results:
+    print(render(doc))
+
+
+def render(doc: dict) -> str:
+    """The table, worst ratios and busy slowdowns of a run (`--json` output; `--show FILE`)."""
+    text = []
+    text.append(f"torch {doc['torch']}, {doc['threads']} threads; {doc['step']}; median of {doc['repeats']}; "
+                f"load average {doc['load_avg_1min'][0]} -> {doc['load_avg_1min'][1]}")
+    names = list(doc["shapes"][0]["median_ms"])
+    text.append(f"{'shape':<9} {'D':>4} {'F':>5} {'E':>3} {'K':>2} {'T':>5} {'rows/E':>6}  " + "  ".join(f"{n:>22}" for n in names))
+    for r in doc["shapes"]:
         cells = [f"{r['median_ms'][n]:9.1f} ms ({r['ratio_to_dense'][n]:4.2f}x)" for n in names]
         rows = r["tokens"] * r["k"] // r["E"]
-        print(f"{r['name']:<9} {r['d']:>4} {r['f']:>5} {r['E']:>3} {r['k']:>2} {r['tokens']:>5} {rows:>6}  " + "  ".join(f"{c:>22}" for c in cells))
+        text.append(f"{r['name']:<9} {r['d']:>4} {r['f']:>5} {r['E']:>3} {r['k']:>2} {r['tokens']:>5} {rows:>6}  " + "  ".join(f"{c:>22}" for c in cells))
         for note in r["notes"]:
-            print("   note:", note)
-    lines = [("dropless / capacity", worst(results, "ours_dropless", "ours_capacity")),
+            text.append(f"   note: {note}")
+    lines = [("dropless / capacity", worst(doc["shapes"], "ours_dropless", "ours_capacity")),
              ("dropless / dense where rows per expert >= 512",
-              worst(results, "ours_dropless", "dense", lambda r: r["tokens"] * r["k"] // r["E"] >= 512)),
-             ("dropless / HF grouped_mm", worst(results, "ours_dropless", "hf_grouped_mm")),
-             ("BASE / Switch", worst(results, "ours_base", "ours_switch"))]  # fmt: skip
+              worst(doc["shapes"], "ours_dropless", "dense", lambda r: r["tokens"] * r["k"] // r["E"] >= 512)),
+             ("dropless / HF grouped_mm", worst(doc["shapes"], "ours_dropless", "hf_grouped_mm")),
+             ("BASE / Switch", worst(doc["shapes"], "ours_base", "ours_switch"))]  # fmt: skip
     for label, found in lines:
         if found:
-            print(f"worst {label}: {found[0]:.2f}x at {found[1]}")
-    if busy:
-        print("beside a busy core: slowdown (busy / quiet) per path")
-        for quiet, loaded in zip(results, busy):
+            text.append(f"worst {label}: {found[0]:.2f}x at {found[1]}")
+    small = [r for r in doc["shapes"] if r["tokens"] * r["k"] // r["E"] < 512 and "hf_grouped_mm" in r["median_ms"]]
+    if small:
+        speedups = [r["median_ms"]["hf_grouped_mm"] / r["median_ms"]["ours_dropless"] for r in small]
+        text.append(f"below 512 rows per expert, HF grouped_mm / ours_dropless: at least 1.00x at {sum(v >= 1 for v in speedups)} "
+                    f"of {len(small)} shapes, at least 1.25x at {sum(v >= 1.25 for v in speedups)} (lowest {min(speedups):.2f}x)")
+    if doc["busy_shapes"]:
+        text.append("beside a busy core: slowdown (busy / quiet) per path")
+        for quiet, loaded in zip(doc["shapes"], doc["busy_shapes"]):
             slow = {n: loaded["median_ms"][n] / quiet["median_ms"][n] for n in names}
-            print(f"{quiet['name']:<9} " + "  ".join(f"{n} {v:4.2f}x" for n, v in slow.items()))
+            text.append(f"{quiet['name']:<9} " + "  ".join(f"{n} {v:4.2f}x" for n, v in slow.items()))
+
         def slowdown(quiet, loaded, name):
             return loaded["median_ms"][name] / quiet["median_ms"][name]
 
-        ratios = [(slowdown(q, b, "ours_dropless") / slowdown(q, b, "ours_capacity"), q["name"]) for q, b in zip(results, busy)]
-        print(f"worst dropless slowdown / capacity slowdown: {max(ratios)[0]:.2f}x at {max(ratios)[1]}")
+        ratios = [(slowdown(q, b, "ours_dropless") / slowdown(q, b, "ours_capacity"), q["name"]) for q, b in zip(doc["shapes"], doc["busy_shapes"])]
+        text.append(f"worst dropless slowdown / capacity slowdown: {max(ratios)[0]:.2f}x at {max(ratios)[1]}")
+    return "\n".join(text)
 
 
 if __name__ == "__main__":

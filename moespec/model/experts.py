@@ -182,22 +182,19 @@ def _rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[
     if isinstance(how, torch.Tensor):
         out_AN = torch._grouped_mm(a_AK, w_EKN, offs=how)
         return out_AN if into is None else into.add_(out_AN)
-    if into is None:
-        out_AN = a_AK.new_empty(a_AK.shape[0], w_EKN.shape[2])  # every row is in a group: all written
-
-        def group(e, rows):
+    out_AN = a_AK.new_empty(a_AK.shape[0], w_EKN.shape[2]) if into is None else into  # every row is in a group: all written
+    if how == "threads":  # the groups' views made in one call each (split, unbind), not three slicings per group
+        a_parts, out_parts, w_parts = a_AK.split(counts_E), out_AN.split(counts_E), w_EKN.unbind(0)
+        if into is None:
+            group_threads.run(counts_E, lambda e, rows: torch.mm(a_parts[e], w_parts[e], out=out_parts[e]))
+        else:
+            group_threads.run(counts_E, lambda e, rows: torch.addmm(out_parts[e], a_parts[e], w_parts[e], out=out_parts[e]))
+        return out_AN
+    for e, rows in _groups(counts_E):
+        if into is None:
             torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows])
-    else:
-        out_AN = into
-
-        def group(e, rows):
+        else:
             torch.addmm(out_AN[rows], a_AK[rows], w_EKN[e], out=out_AN[rows])
-
-    if how == "threads":
-        group_threads.run(counts_E, group)
-    else:
-        for e, rows in _groups(counts_E):
-            group(e, rows)
     return out_AN
 
 
@@ -212,7 +209,8 @@ def _weight_grad(a_AK: torch.Tensor, g_AN: torch.Tensor, counts_E: list[int], ho
     new = torch.zeros if 0 in counts_E else torch.empty
     out_EKN = new(n_experts, a_AK.shape[1], g_AN.shape[1], dtype=a_AK.dtype, device=a_AK.device)
     if how == "threads":
-        group_threads.run(counts_E, lambda e, rows: torch.mm(a_AK[rows].t(), g_AN[rows], out=out_EKN[e]))
+        a_parts, g_parts, out_parts = a_AK.split(counts_E), g_AN.split(counts_E), out_EKN.unbind(0)
+        group_threads.run(counts_E, lambda e, rows: torch.mm(a_parts[e].t(), g_parts[e], out=out_parts[e]))
         return out_EKN
     for e, rows in _groups(counts_E):
         torch.mm(a_AK[rows].t(), g_AN[rows], out=out_EKN[e])
