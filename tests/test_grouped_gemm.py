@@ -1,4 +1,4 @@
-"""The dropless kernel's two matmul engines (model/experts.py): torch._grouped_mm and the
+"""The dropless kernel's matmul engines (model/group_matmuls.py): torch._grouped_mm and the
 per-expert loop give the same outputs and gradients, FlopCounterMode counts the grouped one
 exactly, and the grouped path runs where it should."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moespec.model import experts as experts_module
-from moespec.model.experts import ExpertBank, grouped_gemm_available
+from moespec.model import group_matmuls
+from moespec.model.experts import ExpertBank
+from moespec.model.group_matmuls import grouped_gemm_available
 
 
 def _problem(activation: str, d: int, f: int, counts: list[int], dtype=torch.float32, seed: int = 0):
@@ -25,7 +26,7 @@ def _problem(activation: str, d: int, f: int, counts: list[int], dtype=torch.flo
 
 
 def _run(bank, x_TD, token_A, gate_A, counts, *, grouped: bool, dtype=torch.float32):
-    experts_module.GROUPED_GEMM["enabled"] = grouped
+    group_matmuls.GROUPED_GEMM["enabled"] = grouped
     try:
         for p in bank.parameters():
             p.grad = None
@@ -35,7 +36,7 @@ def _run(bank, x_TD, token_A, gate_A, counts, *, grouped: bool, dtype=torch.floa
         (y_TD.float() * torch.linspace(-1, 1, y_TD.numel()).view_as(y_TD)).sum().backward()
         return [y_TD.detach().float(), x_TD.grad.float(), gate_A.grad.float()] + [p.grad.float() for p in bank.parameters()]
     finally:
-        experts_module.GROUPED_GEMM["enabled"] = True
+        group_matmuls.GROUPED_GEMM["enabled"] = True
 
 
 @contextlib.contextmanager
@@ -58,7 +59,7 @@ def test_grouped_gemm_equals_the_loop_float32(activation, counts, threads):
     assert grouped_gemm_available(bank.w_up)
     expected = "batched" if len(set(counts)) == 1 else ("threads" if threads == 2 else "grouped")
     with _threads(threads):
-        assert experts_module._engine(counts, bank.w_up) == expected
+        assert group_matmuls.engine(counts, bank.w_up) == expected
         fast = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
     loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
     for a, b in zip(fast, loop, strict=True):
@@ -71,14 +72,14 @@ def test_group_threads_step_aside_for_dispatch_modes_and_one_thread():
     counts = [5, 0, 9, 3, 7]
     bank, x_TD, token_A, gate_A = _problem("swiglu", 16, 24, counts)
     with _threads(2):
-        assert experts_module._engine(counts, bank.w_up) == "threads"
+        assert group_matmuls.engine(counts, bank.w_up) == "threads"
         with FlopCounterMode(display=False) as counter:
-            assert experts_module._engine(counts, bank.w_up) == "grouped"
+            assert group_matmuls.engine(counts, bank.w_up) == "grouped"
             bank.forward_dropless(x_TD, token_A, gate_A, counts).sum().backward()
         assert counter.get_total_flops() == 18 * sum(counts) * 16 * 24
         assert torch.get_num_threads() == 2  # the kernel gives the threads back
     with _threads(1):
-        assert experts_module._engine(counts, bank.w_up) == "grouped"
+        assert group_matmuls.engine(counts, bank.w_up) == "grouped"
 
 
 def test_group_threads_run_every_group_once_and_pass_errors_on():
@@ -113,12 +114,12 @@ def test_flop_counter_counts_the_grouped_gemm_exactly():
     bank, x_TD, token_A, gate_A = _problem("swiglu", 16, 24, counts)
     rows, d, f = sum(counts), 16, 24
     for grouped in (True, False):
-        experts_module.GROUPED_GEMM["enabled"] = grouped
+        group_matmuls.GROUPED_GEMM["enabled"] = grouped
         try:
             with FlopCounterMode(display=False) as counter:
                 bank.forward_dropless(x_TD, token_A, gate_A, counts).sum().backward()
         finally:
-            experts_module.GROUPED_GEMM["enabled"] = True
+            group_matmuls.GROUPED_GEMM["enabled"] = True
         assert counter.get_total_flops() == 18 * rows * d * f, grouped  # 3 projections x (forward + 2 backward) x 2 * N * D * F
 
 
@@ -182,8 +183,8 @@ def test_equal_groups_run_one_batched_matmul_equal_to_the_loop_and_counted_exact
     [E, N, D] view. It must give the loop's outputs and gradients and the same FLOP count."""
     counts = [4, 4, 4, 4, 4, 4]
     bank, x_TD, token_A, gate_A = _problem(activation, 16, 32, counts)
-    assert experts_module._engine(counts, bank.w_up) == "batched"
-    assert experts_module._engine([4, 4, 0, 4, 4, 4], bank.w_up) != "batched"  # an empty group is not a batch
+    assert group_matmuls.engine(counts, bank.w_up) == "batched"
+    assert group_matmuls.engine([4, 4, 0, 4, 4, 4], bank.w_up) != "batched"  # an empty group is not a batch
     calls = []
     original_bmm = torch.bmm
     try:
@@ -205,7 +206,7 @@ def test_group_threads_under_inference_mode():
     counts = [5, 0, 9, 3, 7]
     bank, x_TD, token_A, gate_A = _problem("swiglu", 16, 24, counts)
     with _threads(2), torch.inference_mode():
-        assert experts_module._engine(counts, bank.w_up) == "threads"
+        assert group_matmuls.engine(counts, bank.w_up) == "threads"
         y_TD = bank.forward_dropless(x_TD, token_A, gate_A, counts)
     with _threads(1), torch.no_grad():
         torch.testing.assert_close(y_TD, bank.forward_dropless(x_TD, token_A, gate_A, counts), rtol=1e-5, atol=1e-6)

@@ -20,34 +20,19 @@ Three ways to run the same weights, tested against each other (tests/test_moe_la
   an expert-parallel rank runs on the rows it received.
 - `reference_forward(...)`: the slow, obvious per-expert loop on the plain formula; the oracle.
 
-The dropless matmuls are grouped GEMMs (`torch._grouped_mm`, one call per projection for all
-experts) where the device and dtype run them (`grouped_gemm_available`: CPU float32/bf16 in
-torch 2.13, CUDA where its kernel exists), and one mm per group otherwise (float64 for
-gradcheck, the meta device, whose kernel demands bf16). Both give the same numbers. On CPU the
-grouped call is 0.87-1.04x the loop's time (timed alone against it at E 8-128, D 256-1024,
-2 threads, on the 2-core VM this was written on), and it
-is one op where the loop is E. FlopCounterMode counts `_grouped_mm` as zero FLOPs unless told:
-its formula is registered below (2 * rows * K * N for any group sizes), so counts stay exact.
-When every group has the same rows (BASE layers: exactly T/E each) the matmuls are one bmm on
-the [E, N, .] view instead, the same FLOPs with both cores busy (`_uniform_rows`). On a CPU
-with several intra-op threads the per-group mm's are spread over the threads instead, one
-group per thread at a time (`group_threads`: no barrier per group, so a busy core slows the
-layer no more than the capacity path's bmm). `_engine` chooses; all give the same numbers.
+How the dropless matmuls run (`_grouped_mm`, one bmm, threads or a loop) is
+`group_matmuls.py`'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils.flop_counter import register_flop_formula
 
-from moespec.model import group_threads
 from moespec.model.expert_math import activate, activate_backward, expert_of_rows, gate_nonlinearity
+from moespec.model.group_matmuls import engine, matmul_engine, rows_times_weights, weight_grad
 from moespec.model.layers import GATED_ACTIVATIONS, DenseFFN, activation_fn, gated_activation
 
 
@@ -64,157 +49,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _groups(counts_E: list[int]):
-    """(expert, row slice) for each non-empty group of rows sorted by expert."""
-    start = 0
-    for e, n in enumerate(counts_E):
-        if n:
-            yield e, slice(start, start + n)
-        start += n
-
-
 def _scale_rows(h_AF: torch.Tensor, gate_A: torch.Tensor) -> torch.Tensor:
     """h * gate per row, in place; the product is taken in the gate's dtype (at least
     float32: a bf16 h is upcast for it)."""
     if h_AF.dtype == gate_A.dtype:
         return h_AF.mul_(gate_A[:, None])
     return h_AF.copy_(h_AF.to(gate_A.dtype) * gate_A[:, None])
-
-
-@register_flop_formula(torch.ops.aten._grouped_mm)
-def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of a grouped GEMM from shapes alone: whatever the group sizes, each row (or each
-    contracted row, for the [K, A] x [A, N] weight-gradient form) is multiplied once."""
-    if len(a_shape) == 2 and len(b_shape) == 3:  # [A, K] x [E, K, N]: rows in groups
-        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
-    if len(a_shape) == 2 and len(b_shape) == 2:  # [K, A] x [A, N] -> [E, K, N]: contraction in groups
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-    if len(a_shape) == 3 and len(b_shape) == 2:  # [E, M, K] x [K, N]: columns in groups
-        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
-    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]  # batched
-
-
-GROUPED_GEMM = {"enabled": True}  # tests and benches switch the grouped GEMM off to compare with the loop
-
-
-@functools.cache
-def _grouped_gemm_runs(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs here and agrees with mm: tried once on a tiny problem
-    with an empty group, in each layout the kernel uses."""
-    if device_type == "meta" or not hasattr(torch, "_grouped_mm"):
-        return False
-    with _disable_current_modes():  # not seen by an active FlopCounterMode or op trace
-        return _try_grouped_gemm(device_type, dtype)
-
-
-def _try_grouped_gemm(device_type: str, dtype: torch.dtype) -> bool:
-    try:
-        generator = torch.Generator().manual_seed(0)
-        counts_E = [3, 0, 5]
-        offs = torch.tensor([3, 3, 8], dtype=torch.int32, device=device_type)
-        x_AK = torch.randn(8, 16, generator=generator).to(device_type, dtype)
-        w_EKN = torch.randn(3, 16, 8, generator=generator).to(device_type, dtype)
-        g_AN = torch.randn(8, 8, generator=generator).to(device_type, dtype)
-        loop = _rows_times_weights(x_AK, w_EKN, counts_E, None), _weight_grad(x_AK, g_AN, counts_E, None, 3)
-        grouped = torch._grouped_mm(x_AK, w_EKN, offs=offs), torch._grouped_mm(x_AK.t(), g_AN, offs=offs)
-        back = torch._grouped_mm(g_AN, w_EKN.transpose(1, 2), offs=offs)
-        return all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2) for a, b in zip(loop, grouped)) and back.shape == (8, 16)
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-def _engine(counts_E: list[int], w_EKN: torch.Tensor) -> str:  # "batched" | "threads" | "grouped" | "loop"
-    """"batched" when every group has the same rows (BASE); else on a multi-core CPU
-    "threads" (each group's mm on one thread, `group_threads`); else "grouped" where
-    `_grouped_mm` runs; else "loop". GROUPED_GEMM off forces the loop (tests compare with it)."""
-    if not GROUPED_GEMM["enabled"]:
-        return "loop"
-    if _uniform_rows(counts_E):
-        return "batched"
-    if group_threads.usable(w_EKN.device):
-        return "threads"
-    return "grouped" if grouped_gemm_available(w_EKN) else "loop"
-
-
-def grouped_gemm_available(w_EKN: torch.Tensor) -> bool:
-    """The grouped GEMM for an expert weight like w: on, it runs for w's device and dtype,
-    and both widths are multiples of 16 bytes (the kernel's stride rule)."""
-    widths_ok = all(n * w_EKN.element_size() % 16 == 0 for n in w_EKN.shape[1:])
-    return GROUPED_GEMM["enabled"] and widths_ok and _grouped_gemm_runs(w_EKN.device.type, w_EKN.dtype)
-
-
-def _uniform_rows(counts_E: list[int]) -> int:
-    """N when every group holds the same N > 0 rows, else 0. Then the sorted rows are an
-    [E, N, .] batch and `bmm` runs them, with the same FLOPs: on CPU `_grouped_mm` is one mm per
-    group, which at BASE's 16-128 rows per expert leaves one core of two idle (its layer was 1.5x
-    a Switch layer at E 128, T 2048, d 512, F 128; 1.2x with bmm, bench/moe_layer.py --routers)."""
-    first = counts_E[0] if counts_E else 0
-    return first if first and all(n == first for n in counts_E) else 0
-
-
-def _offsets(counts_E: list[int], device: torch.device) -> torch.Tensor:
-    """End row of each group (int32): torch._grouped_mm's `offs`."""
-    return torch.tensor(list(itertools.accumulate(counts_E)), dtype=torch.int32, device=device)
-
-
-def _matmul_engine(engine: str, counts_E: list[int], device: torch.device) -> int | str | torch.Tensor | None:
-    """How the group matmuls run, as `_rows_times_weights` and `_weight_grad` take it: N (the
-    "batched" engine: every group holds N rows, one bmm on the [E, N, .] view), "threads"
-    (`group_threads`), the group ends (`_grouped_mm`'s offs) or None (one mm per group).
-    A backward run under a dispatch mode the forward did not see takes the loop: same mm's."""
-    if engine == "batched":
-        return counts_E[0]
-    if engine == "threads":
-        return "threads" if group_threads.usable(device) else None
-    if engine == "grouped" and sum(counts_E):
-        return _offsets(counts_E, device)
-    return None
-
-
-def _rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[int], how, into: torch.Tensor | None = None) -> torch.Tensor:
-    """out[rows of e] = a[rows of e] @ w[e], [A, N]: one bmm (`how` = rows per group), one
-    grouped GEMM (`how` = offsets), or one mm per group into slices of a preallocated output,
-    on this thread (None) or spread over threads ("threads"). `into`: add the product to it
-    instead (the per-group engines with addmm, no [A, N] temporary) and return it."""
-    if isinstance(how, int):
-        out_AN = torch.bmm(a_AK.reshape(len(counts_E), how, a_AK.shape[1]), w_EKN).reshape(a_AK.shape[0], w_EKN.shape[2])
-        return out_AN if into is None else into.add_(out_AN)
-    if isinstance(how, torch.Tensor):
-        out_AN = torch._grouped_mm(a_AK, w_EKN, offs=how)
-        return out_AN if into is None else into.add_(out_AN)
-    out_AN = a_AK.new_empty(a_AK.shape[0], w_EKN.shape[2]) if into is None else into  # every row is in a group: all written
-    if how == "threads":  # the groups' views made in one call each (split, unbind), not three slicings per group
-        a_parts, out_parts, w_parts = a_AK.split(counts_E), out_AN.split(counts_E), w_EKN.unbind(0)
-        if into is None:
-            group_threads.run(counts_E, lambda e, rows: torch.mm(a_parts[e], w_parts[e], out=out_parts[e]))
-        else:
-            group_threads.run(counts_E, lambda e, rows: torch.addmm(out_parts[e], a_parts[e], w_parts[e], out=out_parts[e]))
-        return out_AN
-    for e, rows in _groups(counts_E):
-        if into is None:
-            torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows])
-        else:
-            torch.addmm(out_AN[rows], a_AK[rows], w_EKN[e], out=out_AN[rows])
-    return out_AN
-
-
-def _weight_grad(a_AK: torch.Tensor, g_AN: torch.Tensor, counts_E: list[int], how, n_experts: int) -> torch.Tensor:
-    """grad_w[e] = a[rows of e]^T @ g[rows of e], [E, K, N]; zero for an expert without rows.
-    `how` as in `_rows_times_weights`."""
-    if isinstance(how, int):
-        a_ENK = a_AK.reshape(n_experts, how, a_AK.shape[1])
-        return torch.bmm(a_ENK.transpose(1, 2), g_AN.reshape(n_experts, how, g_AN.shape[1]))
-    if isinstance(how, torch.Tensor):
-        return torch._grouped_mm(a_AK.t(), g_AN, offs=how)
-    new = torch.zeros if 0 in counts_E else torch.empty
-    out_EKN = new(n_experts, a_AK.shape[1], g_AN.shape[1], dtype=a_AK.dtype, device=a_AK.device)
-    if how == "threads":
-        a_parts, g_parts, out_parts = a_AK.split(counts_E), g_AN.split(counts_E), out_EKN.unbind(0)
-        group_threads.run(counts_E, lambda e, rows: torch.mm(a_parts[e].t(), g_parts[e], out=out_parts[e]))
-        return out_EKN
-    for e, rows in _groups(counts_E):
-        torch.mm(a_AK[rows].t(), g_AN[rows], out=out_EKN[e])
-    return out_EKN
 
 
 class GroupedExpertsFn(torch.autograd.Function):
@@ -227,7 +67,7 @@ class GroupedExpertsFn(torch.autograd.Function):
     expert gathers and scatters made the dropless path collapse under load (issue 13). The
     matmuls are one bmm when every group has the same rows (BASE's balanced assignment), else
     grouped GEMMs (`torch._grouped_mm`, offsets = the group ends) where the device and dtype run
-    them, else one mm per group into slices of a preallocated output (`_engine`). Elementwise work (activation, gating, their derivatives) runs
+    them, else one mm per group into slices of a preallocated output (`group_matmuls.engine`). Elementwise work (activation, gating, their derivatives) runs
     once over all A rows. Forward saves x (not the gathered [A, D] copy: backward gathers again)
     and the pre-activations (h_gate, h_up). The backward runs exactly the matmuls autograd would
     run for the textbook formula (two per projection, one when x needs no gradient), so
@@ -240,11 +80,11 @@ class GroupedExpertsFn(torch.autograd.Function):
                 b_gate_EF=None, b_up_EF=None, b_down_ED=None):  # fmt: skip
         gated = w_gate_EDF is not None
         dtype = w_up_EDF.dtype  # the compute dtype; the weights arrive already cast
-        how = _matmul_engine(engine, counts_E, x_TD.device)
+        how = matmul_engine(engine, counts_E, x_TD.device)
         expert_A = expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None  # per-expert biases
         x_AD = x_TD.index_select(0, token_A).to(dtype)  # the one gather
-        h_up_AF = _rows_times_weights(x_AD, w_up_EDF, counts_E, how)
-        h_gate_AF = _rows_times_weights(x_AD, w_gate_EDF, counts_E, how) if gated else None
+        h_up_AF = rows_times_weights(x_AD, w_up_EDF, counts_E, how)
+        h_gate_AF = rows_times_weights(x_AD, w_gate_EDF, counts_E, how) if gated else None
         del x_AD
         if expert_A is not None:
             h_up_AF += b_up_EF.index_select(0, expert_A)
@@ -253,7 +93,7 @@ class GroupedExpertsFn(torch.autograd.Function):
         a_AF = activate(activation, h_gate_AF, h_up_AF)
         if gate_A is not None:
             a_AF = _scale_rows(a_AF, gate_A)
-        out_AD = _rows_times_weights(a_AF, w_down_EFD, counts_E, how)
+        out_AD = rows_times_weights(a_AF, w_down_EFD, counts_E, how)
         if expert_A is not None:  # the down bias is gated with the rest of the expert's output
             bias_AD = b_down_ED.index_select(0, expert_A)
             out_AD += bias_AD if gate_A is None else _scale_rows(bias_AD, gate_A)
@@ -270,10 +110,10 @@ class GroupedExpertsFn(torch.autograd.Function):
         gated = w_gate_EDF is not None
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         dtype = w_up_EDF.dtype
-        how = _matmul_engine(ctx.engine, counts_E, x_TD.device)
+        how = matmul_engine(ctx.engine, counts_E, x_TD.device)
 
         grad_y_AD = grad_y_TD.index_select(0, token_A).to(dtype)  # gather of the output gradient
-        grad_ga_AF = _rows_times_weights(grad_y_AD, w_down_EFD.transpose(1, 2), counts_E, how)  # d(loss)/d(gate * a)
+        grad_ga_AF = rows_times_weights(grad_y_AD, w_down_EFD.transpose(1, 2), counts_E, how)  # d(loss)/d(gate * a)
         act_gate_AF = gate_nonlinearity(ctx.activation, h_gate_AF)  # once for both uses
         a_AF = activate(ctx.activation, h_gate_AF, h_up_AF) if act_gate_AF is None else act_gate_AF * h_up_AF
         grad_gate_A = grad_b_down = None
@@ -292,11 +132,11 @@ class GroupedExpertsFn(torch.autograd.Function):
         grad_gate_AF, grad_up_AF = activate_backward(ctx.activation, grad_a_AF, h_gate_AF, h_up_AF, act_gate_AF)
         del grad_ga_AF, grad_a_AF, act_gate_AF
 
-        grad_down_EFD = _weight_grad(a_AF, grad_y_AD, counts_E, how, n_experts)
+        grad_down_EFD = weight_grad(a_AF, grad_y_AD, counts_E, how, n_experts)
         del a_AF, grad_y_AD
         x_AD = x_TD.index_select(0, token_A).to(dtype)  # gathered again rather than kept
-        grad_up_EDF = _weight_grad(x_AD, grad_up_AF, counts_E, how, n_experts)
-        grad_gate_EDF = _weight_grad(x_AD, grad_gate_AF, counts_E, how, n_experts) if gated else None
+        grad_up_EDF = weight_grad(x_AD, grad_up_AF, counts_E, how, n_experts)
+        grad_gate_EDF = weight_grad(x_AD, grad_gate_AF, counts_E, how, n_experts) if gated else None
         del x_AD
         grad_b_gate = grad_b_up = None
         if expert_A is not None:
@@ -305,9 +145,9 @@ class GroupedExpertsFn(torch.autograd.Function):
                 grad_b_gate = grad_gate_AF.new_zeros(n_experts, grad_gate_AF.shape[1]).index_add_(0, expert_A, grad_gate_AF)
         grad_x_TD = None
         if need_x:
-            grad_x_AD = _rows_times_weights(grad_up_AF, w_up_EDF.transpose(1, 2), counts_E, how)
+            grad_x_AD = rows_times_weights(grad_up_AF, w_up_EDF.transpose(1, 2), counts_E, how)
             if gated:
-                _rows_times_weights(grad_gate_AF, w_gate_EDF.transpose(1, 2), counts_E, how, into=grad_x_AD)
+                rows_times_weights(grad_gate_AF, w_gate_EDF.transpose(1, 2), counts_E, how, into=grad_x_AD)
             grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_A, grad_x_AD.to(x_TD.dtype))  # the one scatter
         return (grad_x_TD, None, grad_gate_A, grad_gate_EDF, grad_up_EDF, grad_down_EFD, None, None, None,
                 grad_b_gate, grad_b_up, grad_b_down)  # fmt: skip
@@ -421,7 +261,7 @@ class ExpertBank(nn.Module):
         no_autocast = contextlib.nullcontext() if x_TD.device.type == "meta" else torch.autocast(x_TD.device.type, enabled=False)
         with no_autocast:
             return GroupedExpertsFn.apply(
-                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation, _engine(counts_E, w_up),
+                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation, engine(counts_E, w_up),
                 *self._biases(compute_dtype(x_TD)),
             )
 

@@ -177,13 +177,13 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
 
 def batched_kernel(b: DesignBatch, layers) -> np.ndarray:
     """Per group: BASE with T % E == 0 gives every expert exactly T/E rows, and the dropless
-    kernel runs them as one bmm per projection (model/experts.py `_uniform_rows`): timed by the
+    kernel runs them as one bmm per projection (model/group_matmuls.py `uniform_rows`): timed by the
     bmm database, its gathers and scatters at the gather bandwidth (`gather_bytes`)."""
     return layers.moe & layers.dropless & layers.balanced & (layers.lift(b.micro_batch * b.seq_len) % np.maximum(layers.experts, 1) == 0)
 
 
 def grouped_gemm(b: DesignBatch, layers) -> np.ndarray:
-    """Per group: the dropless kernel runs torch._grouped_mm (model/experts.py
+    """Per group: the dropless kernel runs torch._grouped_mm (model/group_matmuls.py
     `grouped_gemm_available`): both widths' bytes a multiple of 16 in the compute dtype."""
     element = np.where(layers.lift(b.precision) == FP32, 4, 2)
     return (layers.lift(b.d_model) * element % 16 == 0) & (layers.expert_d_ff * element % 16 == 0)
