@@ -31,8 +31,9 @@ import contextlib
 import torch
 from torch import nn
 
+from moespec.model import group_matmuls
 from moespec.model.expert_math import activate, activate_backward, expert_of_rows, gate_nonlinearity
-from moespec.model.group_matmuls import engine, matmul_engine, rows_times_weights, weight_grad
+from moespec.model.group_matmuls import matmul_engine, rows_times_weights, weight_grad
 from moespec.model.layers import GATED_ACTIVATIONS, DenseFFN, activation_fn, gated_activation
 
 
@@ -261,7 +262,7 @@ class ExpertBank(nn.Module):
         no_autocast = contextlib.nullcontext() if x_TD.device.type == "meta" else torch.autocast(x_TD.device.type, enabled=False)
         with no_autocast:
             return GroupedExpertsFn.apply(
-                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation, engine(counts_E, w_up),
+                x_TD.contiguous(), token_A, gate_A, w_gate, w_up, w_down, counts_E, self.activation, group_matmuls.engine(counts_E, w_up),
                 *self._biases(compute_dtype(x_TD)),
             )
 

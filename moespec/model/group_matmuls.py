@@ -51,7 +51,9 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]  # batched
 
 
-GROUPED_GEMM = {"enabled": True}  # tests and benches switch the grouped GEMM off to compare with the loop
+# Tests and benches switch the fast engines off to compare with the loop ("enabled"), or only
+# the threads, to compare them with `_grouped_mm` ("threads": bench/moe_layer.py --engines).
+GROUPED_GEMM = {"enabled": True, "threads": True}
 
 
 @functools.cache
@@ -88,7 +90,7 @@ def engine(counts_E: list[int], w_EKN: torch.Tensor) -> str:  # "batched" | "thr
         return "loop"
     if uniform_rows(counts_E):
         return "batched"
-    if group_threads.usable(w_EKN.device):
+    if GROUPED_GEMM["threads"] and group_threads.usable(w_EKN.device):
         return "threads"
     return "grouped" if grouped_gemm_available(w_EKN) else "loop"
 
@@ -140,18 +142,16 @@ def rows_times_weights(a_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: list[i
         out_AN = torch._grouped_mm(a_AK, w_EKN, offs=how)
         return out_AN if into is None else into.add_(out_AN)
     out_AN = a_AK.new_empty(a_AK.shape[0], w_EKN.shape[2]) if into is None else into  # every row is in a group: all written
+
+    def product(a_NK, w_KN, out_NN):
+        return torch.mm(a_NK, w_KN, out=out_NN) if into is None else torch.addmm(out_NN, a_NK, w_KN, out=out_NN)
+
     if how == "threads":  # the groups' views made in one call each (split, unbind), not three slicings per group
         a_parts, out_parts, w_parts = a_AK.split(counts_E), out_AN.split(counts_E), w_EKN.unbind(0)
-        if into is None:
-            group_threads.run(counts_E, lambda e, rows: torch.mm(a_parts[e], w_parts[e], out=out_parts[e]))
-        else:
-            group_threads.run(counts_E, lambda e, rows: torch.addmm(out_parts[e], a_parts[e], w_parts[e], out=out_parts[e]))
+        group_threads.run(counts_E, lambda e, rows: product(a_parts[e], w_parts[e], out_parts[e]))
         return out_AN
     for e, rows in groups(counts_E):
-        if into is None:
-            torch.mm(a_AK[rows], w_EKN[e], out=out_AN[rows])
-        else:
-            torch.addmm(out_AN[rows], a_AK[rows], w_EKN[e], out=out_AN[rows])
+        product(a_AK[rows], w_EKN[e], out_AN[rows])
     return out_AN
 
 

@@ -8,9 +8,9 @@ process holding a core) each barrier waits for the descheduled thread, so a laye
 pays E stalls per matmul: the dropless path slowed 2.5-4.4x beside one busy core where the
 capacity path's bmm slowed 2x (issue 13). Here no group is split, so no barrier is crossed
 inside the layer's matmuls; a thread whose core is taken simply finishes fewer groups, and the
-other takes the rest. Measured on a 2-core VM, uneven groups (E 8-128, 64-4096 rows, D
-256-512): quiet 0.73-1.04x `_grouped_mm`'s time, beside a busy core 0.34-0.83x
-(bench/moe_layer.py --busy prints the layer-level figures).
+other takes the rest. Measured on a 2-core VM, one forward product alone on uneven groups
+(E 8-128, 64-4096 rows, D 256-512): quiet 0.73-1.05x `_grouped_mm`'s time, beside a busy core
+0.34-0.75x. Layer-level, side by side: `bench/moe_layer.py --engines [--busy]`.
 
 The matmuls are exactly the per-group `mm`s of the loop (same rows, same FLOPs), written into
 slices of one preallocated output. It is used only where it can be seen whole: a CPU tensor,
