@@ -8,7 +8,10 @@ against Hugging Face's `MixtralSparseMoeBlock`, at the same shapes, in one run.
 
 Sets: `tuned` (the four shapes the kernel was tuned on and the three of issue 13), `grid`
 (eight shapes chosen before any measurement: E 8-128, k 1-8, T 2048 and 8192, d_model
-256-1024, coarse and fine d_ff; nothing was tuned on them), `all`.
+256-1024, coarse and fine d_ff; the thread engine and BASE's batched groups were built
+looking at some of them), `fresh` (five shapes chosen after that code was final, E 12-256,
+k 1-8), `all`. `--engines` adds our dropless layer on `torch._grouped_mm` (dropless_grouped_mm)
+beside the thread engine, same weights and routing.
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
 - dense: DenseFFN (SwiGLU) of width K*F, the same matmul FLOPs as K routed experts per token;
 - ours_dropless: build_moe_layer with a topk router, `dropless: true` (one gather and one
@@ -49,6 +52,7 @@ import time
 
 import torch
 
+from moespec.model import group_matmuls
 from moespec.model.layers import DenseFFN
 from moespec.model.moe_layer import build_moe_layer
 from moespec.spec.plan import BaseRouter, CapacityPlan, ExpertsPlan, MoELayerPlan, SwitchRouter, TopKRouter
@@ -75,6 +79,15 @@ GRID = [  # each sized so that dense's step is ~0.5 s on a 2-core CPU (18 * T * 
     {"name": "g-e64k8", "d": 1024, "f": 128, "E": 64, "k": 8, "tokens": 2048},
     {"name": "g-e128k2", "d": 256, "f": 512, "E": 128, "k": 2, "tokens": 8192},
     {"name": "g-e128k8", "d": 512, "f": 128, "E": 128, "k": 8, "tokens": 2048},
+]
+# FRESH: chosen after the thread engine and BASE's batched groups were final (2026-11-30), and
+# before any of them was measured; GRID's shapes were looked at while those were built.
+FRESH = [
+    {"name": "f-e12k3", "d": 640, "f": 640, "E": 12, "k": 3, "tokens": 2048},
+    {"name": "f-e32k4", "d": 768, "f": 384, "E": 32, "k": 4, "tokens": 2048},
+    {"name": "f-e48k2", "d": 384, "f": 768, "E": 48, "k": 2, "tokens": 4096},
+    {"name": "f-e96k1", "d": 512, "f": 1024, "E": 96, "k": 1, "tokens": 6144},
+    {"name": "f-e256k8", "d": 256, "f": 128, "E": 256, "k": 8, "tokens": 4096},
 ]
 
 
@@ -135,9 +148,26 @@ def time_step(fn, module, x, dy) -> float:
     return time.perf_counter() - start
 
 
-def bench_shape(shape: dict, *, repeats: int, warmup: int, routers: bool = False, peers: bool = True) -> dict:
+def on_grouped_mm(impl):
+    """The same layer with its dropless matmuls on `_grouped_mm` instead of the thread engine
+    (the engine is chosen in forward and kept for backward)."""
+    fn, module = impl
+
+    def run(x):
+        group_matmuls.GROUPED_GEMM["threads"] = False
+        try:
+            return fn(x)
+        finally:
+            group_matmuls.GROUPED_GEMM["threads"] = True
+
+    return run, module
+
+
+def bench_shape(shape: dict, *, repeats: int, warmup: int, routers: bool = False, peers: bool = True, engines: bool = False) -> dict:
     torch.manual_seed(0)
     impls = {"dense": dense(shape), "ours_dropless": ours(shape, dropless=True), "ours_capacity": ours(shape, dropless=False)}
+    if engines:  # the same weights and routing on _grouped_mm: the thread engine against it
+        impls["dropless_grouped_mm"] = on_grouped_mm(impls["ours_dropless"])
     if routers:  # BASE (balanced assignment, every expert T/E rows: the dropless kernel) and Switch (top-1, capacity 1.0)
         top1 = dict(shape, k=1)
         impls["ours_base"] = ours(top1, dropless=True, router=BaseRouter(shuffle=False))
@@ -194,7 +224,8 @@ def competitor() -> subprocess.Popen:
 
 
 def run_set(shapes: list[dict], args) -> list[dict]:
-    return [bench_shape(s, repeats=args.repeats, warmup=args.warmup, routers=args.routers, peers=not args.no_peers) for s in shapes]
+    return [bench_shape(s, repeats=args.repeats, warmup=args.warmup, routers=args.routers, peers=not args.no_peers, engines=args.engines)
+            for s in shapes]  # fmt: skip
 
 
 def worst(results: list[dict], num: str, den: str, where=lambda r: True) -> tuple[float, str] | None:
@@ -208,8 +239,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--set", choices=("tuned", "grid", "all"), default="tuned",
-                        help="tuned: the shapes the kernel was tuned on; grid: shapes nothing was tuned on")
+    parser.add_argument("--set", choices=("tuned", "grid", "fresh", "all"), default="tuned",
+                        help="tuned: the shapes the kernel was tuned on; grid: chosen before measuring; fresh: chosen after the code was final")
+    parser.add_argument("--engines", action="store_true", help="add our dropless layer on torch._grouped_mm beside the thread engine")
     parser.add_argument("--shapes", nargs="*", help="names from the chosen set (default: all of it)")
     parser.add_argument("--routers", action="store_true", help="add BASE and Switch layers (k = 1) at each shape")
     parser.add_argument("--busy", action="store_true", help="run the set again beside a process that keeps one core busy; print slowdowns")
@@ -223,9 +255,9 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    panel = {"tuned": SHAPES, "grid": GRID, "all": SHAPES + GRID}[args.set]
+    panel = {"tuned": SHAPES, "grid": GRID, "fresh": FRESH, "all": SHAPES + GRID + FRESH}[args.set]
     if args.ops:
-        print(op_table(next(s for s in SHAPES + GRID if s["name"] == args.ops)))
+        print(op_table(next(s for s in SHAPES + GRID + FRESH if s["name"] == args.ops)))
         return
     load_before = os.getloadavg()
     shapes = [s for s in panel if not args.shapes or s["name"] in args.shapes]
@@ -279,6 +311,9 @@ def render(doc: dict) -> str:
     for label, found in lines:
         if found:
             text.append(f"worst {label}: {found[0]:.2f}x at {found[1]}")
+    engines = [r["median_ms"]["ours_dropless"] / r["median_ms"]["dropless_grouped_mm"] for r in doc["shapes"] if "dropless_grouped_mm" in r["median_ms"]]
+    if engines:
+        text.append(f"thread engine / _grouped_mm (ours_dropless / dropless_grouped_mm): {min(engines):.2f}x to {max(engines):.2f}x")
     small = [r for r in doc["shapes"] if r["tokens"] * r["k"] // r["E"] < 512 and "hf_grouped_mm" in r["median_ms"]]
     if small:
         speedups = [r["median_ms"]["hf_grouped_mm"] / r["median_ms"]["ours_dropless"] for r in small]
