@@ -228,8 +228,8 @@ def _print_memory_by_category(report: dict) -> None:
                       "-" if row["predicted"] is None else f"{row['predicted'] / 2**20:,.3f}", error)  # fmt: skip
     console.print(table)
     console.print("state read just before the optimizer step (AdamW's step counters left out, as the simulator does), the rest at the "
-                  "tracked peak; the predicted total is the tensors' peak (sim/activations.py), without the allocator allowance `fits` adds; not tracked: tensors made before the step "
-                  "and not registered (DDP's gradient buckets), gloo's buffers")  # fmt: skip
+                  "tracked peak; the predicted total is the tensors' peak (sim/activations.py), without the allocator allowance `fits` adds; DDP's gradient buckets count as gradients (the "
+                  "gradients are views of them); not tracked: gloo's buffers")  # fmt: skip
 
 
 def print_report(report: dict) -> None:

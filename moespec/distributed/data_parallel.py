@@ -77,6 +77,9 @@ def wrap_data_parallel(model: nn.Module, ctx: DistContext, *, zero_stage: int = 
             model,
             process_group=ctx.dp_group,
             broadcast_buffers=False,  # router bias buffers are kept equal by their own all-reduce
+            # The reducer keeps a flat bucket of every dense gradient for the whole run; as
+            # views of it, the gradients are not a second copy (h12: 29 MiB less per rank).
+            gradient_as_bucket_view=True,
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
         )
 

@@ -20,7 +20,8 @@ checks the sum against the trace on a dozen specs):
 - the loss keeps log-softmax [T, V] in float32; the logits stay alive in the training loop.
 
 Peak (MemTracker's tracked total): the largest of (a) the start of backward: state, the
-gradients of earlier micro-steps, activations, the loss gradients [T, V]; (b) the backward of
+gradients of earlier micro-steps (under DDP the dense gradients from the first: its buckets
+are held for the whole run), activations, the loss gradients [T, V]; (b) the backward of
 the top dropless MoE layer: its expert gradients and the kernel's temporaries on top of
 (a)'s activations; (c) the gradient sync after backward: state, every gradient, and the flat
 copy of the expert gradients all-reduced over a data-parallel group that replicates them

@@ -200,9 +200,13 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     kept = activation_memory(b, state["params"])
     activations = kept["activations"]
     micro_steps = b.global_batch // (b.micro_batch * b.dp)
-    earlier_grads = np.where(micro_steps > 1, state["grads"], 0.0)  # accumulated over the step's earlier micro-steps
+    # DDP (dp > 1, ZeRO 0/1, no tp or pp: train.py) keeps the dense gradients in its buckets
+    # for the whole run (gradient_as_bucket_view): they are there from the first micro-step on.
+    ddp = (b.dp > 1) & (b.zero_stage < 2) & (b.tp == 1) & (b.pp == 1)
+    first_grads = np.where(ddp, state["dense_grads"], 0.0)
+    earlier_grads = np.where(micro_steps > 1, state["grads"], first_grads)  # accumulated over the step's earlier micro-steps
     start_of_backward = held + earlier_grads + activations + kept["loss_temporaries"]
-    top_dropless_backward = held + np.maximum(earlier_grads, top_dropless_grads) + activations + kept["moe_temporaries"]
+    top_dropless_backward = held + np.where(micro_steps > 1, state["grads"], first_grads + top_dropless_grads) + activations + kept["moe_temporaries"]
     # After backward, expert gradients replicated over the edp group (dp / ep > 1, ZeRO 0/1)
     # are all-reduced as one flat copy (distributed/data_parallel.py reduce_expert_gradients).
     flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), 4.0 * state["full_expert"], 0.0)

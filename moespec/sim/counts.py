@@ -368,7 +368,7 @@ def state_bytes(b: DesignBatch, counts: dict) -> dict[str, np.ndarray]:
         "params": 4 * np.where(b.zero_stage >= 2, sharded, full),
         "grads": 4 * np.where(b.zero_stage >= 2, sharded - frozen_sharded, full - frozen_full),
         "optimizer": 8 * np.where(b.zero_stage >= 1, sharded - frozen_sharded, full - frozen_full),
-        "full_dense": dense, "full_expert": expert,
+        "full_dense": dense, "full_expert": expert, "dense_grads": 4 * (dense - frozen_full),
     }
 
 
