@@ -252,3 +252,41 @@ def test_base_router_warm_starts_from_its_last_prices():
     assert torch.isfinite(first).all() and "auction_price_E" in router.state_dict()
     router.eval()(x_TD)
     assert torch.equal(router.auction_price_E, first)  # eval routes by argmax: prices untouched
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_host_shortest_paths_equal_dijkstra_and_form_a_tree(seed):
+    """The augmentations' Bellman-Ford on the host: distances from the source edges equal a
+    textbook Dijkstra's (heap, float64) over the same graph, and every predecessor lies on a
+    shortest path, so the path the auction follows is a shortest one."""
+    import heapq
+
+    import numpy as np
+
+    from moespec.model.auction import _shortest_paths
+
+    rng = np.random.default_rng(seed)
+    E = 48
+    cost_EE = rng.exponential(1.0, (E, E)).astype(np.float32)
+    cost_EE[rng.random((E, E)) < 0.05] = 0.0  # eps-CS leaves zero-cost moves: ties
+    source_E = rng.exponential(3.0, E).astype(np.float32)
+    given_E = source_E.copy()
+    dist_E, pred = _shortest_paths(cost_EE, source_E)
+    assert np.array_equal(source_E, given_E)  # the caller's distances are not written
+    expected = [float(d) for d in source_E]
+    heap, done = [(d, k) for k, d in enumerate(expected)], set()
+    heapq.heapify(heap)
+    while heap:
+        d, j = heapq.heappop(heap)
+        if j in done:
+            continue
+        done.add(j)
+        for k in range(E):
+            if d + float(cost_EE[j, k]) < expected[k]:
+                expected[k] = d + float(cost_EE[j, k])
+                heapq.heappush(heap, (expected[k], k))
+    np.testing.assert_allclose(dist_E, expected, rtol=1e-5)
+    assert (dist_E < source_E).sum() > E // 2  # most experts are reached through others
+    for k, j in enumerate(pred):
+        reached = source_E[k] if j < 0 else dist_E[j] + cost_EE[j, k]
+        assert reached == pytest.approx(dist_E[k], rel=1e-6), (k, j)

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # eps=None means eps = spread * _DEFAULT_EPS_FRACTION (module docstring).
@@ -313,9 +314,9 @@ def _augment_all(
     `gap_EE[j, k] = min over holders t of j of (s[t, j] - s[t, k])` is computed once and only
     the rows of the experts on a path are refreshed after each augmentation. The source edge to
     k is the unassigned token with the least regret `max_e value[u, e] - value[u, k]`.
-    Bellman-Ford on the dense [E, E] costs gives distances d_E; the path ends at the nearest
-    expert f with a free slot. Raising price_E by max(d_f - d_E, 0) keeps every reduced cost
-    >= 0 (so eps-CS for every token: check the four cases of d_j, d_k against d_f), and the
+    Bellman-Ford on the dense [E, E] costs (on the host, `_shortest_paths`) gives distances d_E;
+    the path ends at the nearest expert f with a free slot. Raising price_E by
+    max(d_f - d_E, 0) keeps every reduced cost >= 0 (so eps-CS for every token: check the four cases of d_j, d_k against d_f), and the
     tokens that moved end exactly happy. Returns the number of tokens placed."""
     E, M = holder_EM.shape
     device = holder_EM.device
@@ -328,19 +329,8 @@ def _augment_all(
         cost_EE = (gap_EE + price_E - price_E.unsqueeze(1) + eps).clamp_(min=0)  # [j, k]
         value_VE = scores_TE.index_select(0, unassigned_V) - price_E
         dist_E, source_E = (value_VE.amax(dim=1, keepdim=True) - value_VE).min(dim=0)
-        pred_E = torch.full((E,), -1, dtype=torch.long, device=device)
-        # Bellman-Ford, relaxing only out of the F experts whose distance changed last time
-        # (all of them at first); a shortest path has at most E - 1 hops.
-        frontier_F = torch.arange(E, device=device)
-        for _ in range(E):
-            via_FE = dist_E[frontier_F].unsqueeze(1) + cost_EE[frontier_F]
-            relaxed_E = via_FE.amin(dim=0)
-            better_B = (relaxed_E < dist_E).nonzero().squeeze(1)
-            if better_B.numel() == 0:
-                break
-            pred_E[better_B] = frontier_F[via_FE[:, better_B].argmin(dim=0)]
-            dist_E[better_B] = relaxed_E[better_B]
-            frontier_F = better_B
+        dist_host_E, pred = _shortest_paths(cost_EE.cpu().numpy(), dist_E.cpu().numpy())
+        dist_E = torch.from_numpy(dist_host_E).to(device)
         has_room_E = (holder_EM < 0).any(dim=1)
         sink = int(torch.where(has_room_E, dist_E, float("inf")).argmin())
         price_E += (dist_E[sink] - dist_E).clamp(min=0)
@@ -348,7 +338,6 @@ def _augment_all(
         # Path k_0 -> ... -> k_L = sink. The unassigned token takes the slot that the holder
         # leaving k_0 frees, that holder takes the slot freed at k_1, ..., and the holder
         # leaving k_{L-1} takes a free slot of the sink.
-        pred = pred_E.tolist()
         path = [sink]
         while pred[path[-1]] >= 0:
             path.append(pred[path[-1]])
@@ -365,6 +354,30 @@ def _augment_all(
         expert_T[arriving_P] = path_P
         gap_EE[path_P], slot_EE[path_P] = _move_gaps(scores_TE, holder_EM[path_P], path_P)
         placed += 1
+
+
+def _shortest_paths(cost_EE: np.ndarray, dist_E: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Bellman-Ford from the source distances dist_E over the dense [E, E] costs, relaxing
+    only out of the F experts whose distance changed last time (all of them at first); a
+    shortest path has at most E - 1 hops. Returns the distances and each expert's predecessor
+    (-1: reached from the source). On the host, in numpy, on every device: about a dozen
+    passes of a few ops on at most [E, E], each an order of magnitude cheaper there than a
+    torch op's dispatch (and on a GPU each pass would sync on its stopping test anyway); the
+    same float32 sums and first-minimum ties as torch, so the same paths."""
+    E = dist_E.shape[0]
+    dist_E = dist_E.copy()
+    pred_E = np.full(E, -1, dtype=np.int64)
+    frontier_F = np.arange(E)
+    for hop in range(E):
+        via_FE = dist_E[:, None] + cost_EE if hop == 0 else dist_E[frontier_F, None] + cost_EE[frontier_F]
+        relaxed_E = via_FE.min(axis=0)
+        better_B = np.flatnonzero(relaxed_E < dist_E)
+        if better_B.size == 0:
+            break
+        pred_E[better_B] = frontier_F[via_FE[:, better_B].argmin(axis=0)]  # first minimum
+        dist_E[better_B] = relaxed_E[better_B]
+        frontier_F = better_B
+    return dist_E, pred_E.tolist()
 
 
 def _move_gaps(
