@@ -230,7 +230,11 @@ def _willingness(
     """Highest price at which expert_N[n] stays within eps of token_N[n]'s best other expert:
     `scores[t, j] - max_{e != j} (scores[t, e] - price_E[e]) + eps`, shape [N]."""
     scores_NE = scores_TE.index_select(0, token_N)
-    value_NE = scores_NE - price_E
+    return _willingness_of(scores_NE, scores_NE - price_E, expert_N, eps)
+
+
+def _willingness_of(scores_NE: torch.Tensor, value_NE: torch.Tensor, expert_N: torch.Tensor, eps: float) -> torch.Tensor:
+    """`_willingness` from the rows' scores and values (value_NE is overwritten)."""
     value_NE.scatter_(1, expert_N.unsqueeze(1), float("-inf"))
     return scores_NE.gather(1, expert_N.unsqueeze(1)).squeeze(1) - value_NE.amax(dim=1) + eps
 
@@ -243,8 +247,10 @@ def _bid_round(
     keeps its M most willing tokens among holders and bidders, and reprices if full."""
     E, M = holder_EM.shape
     device = holder_EM.device
-    target_U = (scores_TE.index_select(0, bidder_U) - price_E).argmax(dim=1)  # first maximum
-    bid_U = _willingness(scores_TE, price_E, bidder_U, target_U, eps)
+    scores_UE = scores_TE.index_select(0, bidder_U)  # the bidders' rows, gathered once
+    value_UE = scores_UE - price_E
+    target_U = value_UE.argmax(dim=1)  # first maximum
+    bid_U = _willingness_of(scores_UE, value_UE, target_U, eps)
 
     # Lay the candidates of the J contested experts out as [J, C]: M holder slots, then the
     # bids in token order (a stable sort by expert; integer sorts are cheap).
