@@ -212,3 +212,46 @@ def test_ddp_gradient_buckets_are_the_gradients_and_the_predicted_peak_holds_the
     assert abs(peak["relative_error"]) <= 0.03, peak
     # the buckets are gradients, not temporaries met in backward (they were 0.7 MB of 5.3 here)
     assert rows["temporaries, buffers, other (at peak)"]["measured"] < 0.05 * peak["measured"], rows
+
+
+def _profile_memory(tmp_path, text: str, name: str) -> dict:
+    import json
+
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "moespec", "profile", str(spec), "--trace-steps", "0", "--out", str(tmp_path / name), "--json"],
+                          capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    memory = json.loads(done.stdout)["memory_by_category"]
+    return {"rows": {row["figure"]: row for row in memory["rows"]}, "peak": memory["ranks"][0]["peak"]}
+
+
+def _base_in_the_middle(micro_batch: int) -> str:
+    """8 blocks, one BASE layer of 16 experts (d_ff 512) in the middle: expert weights large
+    next to the activations, three dense blocks above the MoE block."""
+    text = (ROOT / "specs" / "tiny-base.yaml").read_text()
+    return (text.replace("n_layers: 4", "n_layers: 8").replace("count: 4, d_ff: 128", "count: 16, d_ff: 512")
+            .replace("micro_batch: 8", f"micro_batch: {micro_batch}").replace("name: tiny-base", f"name: base-middle-{micro_batch}"))  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_the_peak_inside_a_middle_dropless_layers_backward_leaves_out_the_blocks_above(tmp_path):
+    """The peak comes in the BASE layer's backward, when the three dense blocks above it have
+    freed what they kept: predicted within 2% (counting all activations, as before, the
+    simulator said 41.7 MB against 37.8 measured: +10%)."""
+    measured = _profile_memory(tmp_path, _base_in_the_middle(4), "middle")
+    peak = measured["rows"]["peak total"]
+    assert measured["peak"]["temporaries"] > 0.1 * peak["measured"]  # inside a backward, not at its start
+    assert abs(peak["relative_error"]) <= 0.02, peak
+
+
+@pytest.mark.timeout(300)
+def test_the_peak_inside_adamws_step_holds_three_expert_weights(tmp_path):
+    """With few activations the step peaks inside AdamW: CPU's single-tensor AdamW holds
+    sqrt(v), its quotient and the previous parameter's denominator, three expert weights of
+    2 MiB here. Predicted within 1% (without that term the simulator was 8.6% under)."""
+    measured = _profile_memory(tmp_path, _base_in_the_middle(2), "optimizer")
+    peak, state = measured["rows"]["peak total"], measured["rows"]["optimizer state"]
+    assert measured["peak"]["activations"] < 0.001 * peak["measured"]  # after backward
+    assert measured["peak"]["optimizer"] - state["measured"] == pytest.approx(3 * 16 * 64 * 512 * 4, rel=0.001)
+    assert abs(peak["relative_error"]) <= 0.01, peak

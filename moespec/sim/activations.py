@@ -23,7 +23,8 @@ Peak (MemTracker's tracked total): the largest of (a) the start of backward: sta
 gradients of earlier micro-steps (under DDP the dense gradients from the first: its buckets
 are held for the whole run), activations, the loss gradients [T, V]; (b) the backward of
 the top dropless MoE layer: its expert gradients and the kernel's temporaries on top of
-(a)'s activations; (c) the gradient sync after backward: state, every gradient, and the flat
+(a)'s activations, less what the dense blocks above the last MoE block kept (their backward
+ran first); (c) the gradient sync after backward: state, every gradient, and the flat
 copy of the expert gradients all-reduced over a data-parallel group that replicates them
 (cost.py).
 
@@ -241,14 +242,19 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     # tensors as it makes gradients: their peak stays the start of backward (MemTracker).
     temp = rows * dl * cl + 3 * rows * f * cl + tl * dl * F32
     moe_temp = layers.max_per_design(np.where(layers.moe & layers.dropless & (layers.count > 0), temp, 0.0), n)  # whole on every tp rank
+    # By then the dense blocks above the last MoE block have run their backward and freed what
+    # they kept (a BASE layer in the middle: half the blocks). Counted for one stage and no
+    # full recomputation, in a decoder-only model; elsewhere none (an upper bound).
+    simple = (b.recompute != FULL) & (b.pp == 1) & (b.cross_len == 0) & ~b.headless & (b.encoder is None)
+    freed_above = np.where(simple, b.above_top_moe * (attention + dense), 0.0)
     loss_temporaries = where_any(b.headless, 0.0, 2 * t * v * F32 + np.where(half, t * v * 2, 0.0))
     parted = b.encoder is not None or b.headless.any()  # an encoder-decoder's parts: one block replays at a time in the two
     replay = np.where(b.recompute == FULL, biggest_block, 0.0) / (b.tp * b.pp) if parted else 0.0
     out = {"activations": activations, "saved": activations - logits, "loss_temporaries": loss_temporaries, "moe_temporaries": moe_temp,
-           "replay": replay}  # fmt: skip
+           "replay": replay, "freed_above_top_moe": freed_above}  # fmt: skip
     if b.encoder is not None:  # an encoder-decoder: the encoder stack's part is held too; one block replays at a time
         encoder = activation_memory(b.encoder, np.zeros(n))
         once = np.minimum(replay, encoder["replay"])
-        out = {name: (np.maximum if name in ("moe_temporaries", "replay") else np.add)(value, encoder[name]) for name, value in out.items()}
+        out = {name: (np.maximum if name in ("moe_temporaries", "replay", "freed_above_top_moe") else np.add)(value, encoder[name]) for name, value in out.items()}
         out["activations"], out["saved"] = out["activations"] - once, out["saved"] - once
     return out

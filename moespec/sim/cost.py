@@ -181,7 +181,8 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     parameters FSDP2 gathers for compute (ZeRO-2: all of them through the step; ZeRO-3: the
     largest block at a time), and the peak of a step: the start of backward, a dropless
     layer's backward (sim/activations.py), the gradient sync (every gradient, and the flat
-    copy of replicated expert gradients); `fits` adds a 10% allowance for the allocator's slack."""
+    copy of replicated expert gradients), AdamW's step (its temporaries,
+    `_optimizer_temporaries`); `fits` adds a 10% allowance for the allocator's slack."""
     full = state["full_dense"] + state["full_expert"]  # elements this rank computes with
     gathered = np.where(b.zero_stage == 2, 4 * full - state["params"], 0.0)
     biggest = np.maximum.reduce([_block_elements(part, part.table) for part in parts(b)])
@@ -206,12 +207,13 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     first_grads = np.where(ddp, state["dense_grads"], 0.0)
     earlier_grads = np.where(micro_steps > 1, state["grads"], first_grads)  # accumulated over the step's earlier micro-steps
     start_of_backward = held + earlier_grads + activations + kept["loss_temporaries"]
-    top_dropless_backward = held + np.where(micro_steps > 1, state["grads"], first_grads + top_dropless_grads) + activations + kept["moe_temporaries"]
+    top_dropless_backward = held + np.where(micro_steps > 1, state["grads"], first_grads + top_dropless_grads) + activations - kept["freed_above_top_moe"] + kept["moe_temporaries"]
     # After backward, expert gradients replicated over the edp group (dp / ep > 1, ZeRO 0/1)
     # are all-reduced as one flat copy (distributed/data_parallel.py reduce_expert_gradients).
     flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), 4.0 * state["full_expert"], 0.0)
     grad_sync = held + state["grads"] + flat
-    total = np.maximum(np.maximum(start_of_backward, top_dropless_backward), grad_sync)
+    optimizer_step = held + state["grads"] + _optimizer_temporaries(b, backend, state)
+    total = np.maximum.reduce([start_of_backward, top_dropless_backward, grad_sync, optimizer_step])
     allowance = ALLOCATOR_ALLOWANCE * total  # the allocator's slack: counts for `fits`, not in the peak
     return {
         "memory_weights_bytes": state["params"], "memory_gathered_weights_bytes": gathered,
@@ -219,6 +221,35 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
         "memory_activations_bytes": activations, "memory_a2a_buffers_bytes": a2a, "memory_allowance_bytes": allowance,
         "memory_total_bytes": total, "fits": total + allowance <= backend.device.memory_bytes,
     }  # fmt: skip
+
+
+def _optimizer_temporaries(b: DesignBatch, backend: Backend, state: dict) -> np.ndarray:
+    """Bytes AdamW allocates inside its step, on top of every gradient and its state.
+
+    CPU ranks (gloo backends) run torch's single-tensor AdamW (foreach kernels are CUDA's):
+    per parameter, sqrt(v) and its quotient by the bias correction, while the previous
+    parameter's denominator is still referenced. With a run of equal tensors (an expert bank's
+    three weights, a FFN's) that is 3 of them; the embedding and the LM head stand alone: 2.
+    Measured with MemTracker: a tiny BASE model's step peaked 3.0 x its expert weight above
+    the state (tests/test_profile_memory.py). GPU ranks (NCCL) run the foreach AdamW, whose
+    `_foreach_sqrt` makes sqrt(v) of every tensor the optimizer updates at once: the bytes of
+    the parameters it steps (half its state). That is torch's `_multi_tensor_adam` as read,
+    not yet measured here. A ZeRO stage divides the tensors AdamW sees by the ranks sharing
+    them (dense over dp, experts over edp)."""
+    layers = b.table
+    if backend.collective_library != "gloo":
+        return state["optimizer"] / 2
+    d, tp = b.d_model.astype(np.float64), b.tp.astype(np.float64)
+    sharded = b.zero_stage >= 1
+    dense_share = np.where(sharded, b.dp, 1).astype(np.float64)
+    expert_share = np.where(sharded, np.maximum(b.dp // b.ep, 1), 1).astype(np.float64)
+    bank = layers.max_per_design(np.where(layers.moe & (layers.count > 0), layers.experts // layers.lift(b.ep) * layers.lift(d) * layers.expert_d_ff, 0.0), len(b))
+    widths = layers.max_per_design(np.where(layers.count > 0, layers.shared_count * layers.shared_d_ff + layers.d_ff, 0.0), len(b))
+    widths = np.maximum(widths, np.where(b.dense_blocks > 0, b.d_ff, 0))
+    split = d * np.maximum(widths, b.n_heads * b.head_dim) / tp  # a FFN's or attention's largest matrix
+    table = np.where(b.headless, 0.0, b.vocab * d)
+    largest_run = np.maximum(bank / expert_share, split / dense_share)
+    return 4.0 * np.maximum(3 * largest_run, 2 * table / dense_share)
 
 
 def _block_elements(b: DesignBatch, layers) -> np.ndarray:

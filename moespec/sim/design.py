@@ -137,6 +137,7 @@ class DesignBatch:
     seq_len: np.ndarray
     dropout: np.ndarray  # residual, embedding and attention-probability dropout
     n_moe_layers: np.ndarray  # MoE blocks; the other n_layers - n_moe_layers are dense
+    above_top_moe: np.ndarray  # dense blocks after the last MoE block: their backward runs (and frees) first
     experts: np.ndarray
     expert_d_ff: np.ndarray
     expert_bias: np.ndarray
@@ -337,6 +338,7 @@ def _row(plan: SpecPlan, layers, *, headless: bool) -> dict:
         "qk_rope_dim": m.mla.qk_rope_head_dim if m.mla else 0, "v_head_dim": m.mla.v_head_dim if m.mla else m.head_dim,
         "rope_dim": m.rope_dim if m.positions == "rope" else 0, "sinks": m.attention_sinks, "nope_layers": len(m.nope_layers),
         "window_layers": sum(m.window_of(i) is not None for i in range(m.n_layers)), "dropout": m.dropout, "n_moe_layers": len(moe_layers),
+        "above_top_moe": len(layers) - 1 - max(i for i, layer in enumerate(layers) if layer.moe is not None) if moe_layers else 0,
         "seq_len": m.encoder.seq_len if headless else m.seq_len, "cross_len": m.encoder.seq_len if m.encoder and not headless else 0,
         "rel_buckets": m.relative_buckets if m.positions == "relative" else 0, "headless": headless, "lstm": m.host == "lstm",
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
