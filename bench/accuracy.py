@@ -80,19 +80,14 @@ def _calibration_for(choice: str, backend: str, world: int) -> str:
 
 
 def speed_probe() -> float:
-    """Seconds of a fixed fp32 workload on one thread (Linear 512 -> 512 on 256 rows, forward
-    and backward; median of 15): printed beside each spec relative to the run's first probe,
-    so a shared machine's drift during the run shows next to the errors it causes."""
+    """The machine probe (opbench.machine_probe_s: a fixed fp32 Linear on one thread), printed
+    beside each spec relative to the run's first probe, so a shared machine's drift during the
+    run shows next to the errors it causes; `profile` reports it against the calibration's."""
     import torch
 
-    from moespec.profiling.opbench import time_linear
+    from moespec.profiling.opbench import machine_probe_s
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return time_linear(torch.device("cpu"), "fp32", 256, 512, 512, min_repeats=15)
-    finally:
-        torch.set_num_threads(threads)
+    return machine_probe_s(torch.device("cpu"))
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -135,7 +130,7 @@ def main() -> None:
     else:
         runs = [(spec, world) for spec in sorted((ROOT / "specs").glob("tiny-*.yaml")) for world in (1, 2)]
     probe = speed_probe() if args.device == "cpu" else None
-    print(f"{'spec':<24} {'world':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>8} {'machine':>8} {'peak MiB':>9} {'mem error':>10}")
+    print(f"{'spec':<24} {'world':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>8} {'machine':>8} {'vs cal':>7} {'peak MiB':>9} {'mem error':>10}")
     errors, measured_all, predicted_all, memory_errors = [], [], [], []
     runs = [(spec, world) for spec, world in runs if args.only in spec.stem]
     if args.device == "cuda":  # one rank per GPU: a machine with fewer GPUs skips the larger worlds, and says so
@@ -168,6 +163,8 @@ def main() -> None:
         measured_all.append(measured)
         predicted_all.append(predicted)
         speed = f"{min(speeds[i]):>8.2f}" if speeds[i] else f"{'-':>8}"
+        vs_cal = [r.get("machine_speed", {}).get("vs_calibration") for r in reports]
+        speed += f" {min(vs_cal):>7.2f}" if all(v is not None for v in vs_cal) else f" {'-':>7}"
         rows = report.get("memory_by_category", {}).get("rows", [])
         peak = next((row for row in rows if row["figure"] == "peak total"), None)  # CPU runs (MemTracker)
         memory = f"{'-':>9} {'-':>10}"
@@ -178,7 +175,8 @@ def main() -> None:
               flush=True)  # fmt: skip
     print("peak MiB: MemTracker's tracked peak of one training step on the busiest rank; mem error: the simulator's peak against it")
     print("machine: this machine's speed after each spec relative to the start of the run (a fixed fp32 Linear; 1.00 = unchanged, "
-          "0.80 = 20% slower; the slowest of the spec's passes)")
+          "0.80 = 20% slower; the slowest of the spec's passes); vs cal: the same probe in the profile, against the calibration's (profile's "
+          "verdict says drifted outside the band)")
     print(f"calibration: {report['calibration']}")
     fit = _fit_set(report["calibration"])
     print(f"fit set (the calibration's small models): {fit}")

@@ -215,6 +215,7 @@ def test_calibrate_writes_a_calibration_that_validates_and_is_used(tmp_path):
     calibration = load_calibration(out)  # raises if it does not validate
     assert calibration_errors(calibration) == []
     assert calibration["backend"] == "cpu-local" and calibration["machine"]["nproc"] == 1
+    assert 1e-4 < calibration["probe_s"] < 1.0  # the machine probe, for profile's drift check
     ops = calibration["ops"]
     assert set(ops["linear"]) == set(ops["bmm"]) == set(ops["grouped"]) == set(ops["attention"]) == {"fp32", "bf16"}
     assert all(ops[name] > 0 for name in ("op_s", "optimizer_op_s", "bandwidth_Bps", "gather_Bps"))

@@ -38,12 +38,13 @@ def synthetic_rank(step_s: list[float], plan, predicted: dict) -> dict:
     }  # fmt: skip
 
 
-def report_for(step_s: list[float], *, calibration_error: float | None = 0.05) -> dict:
+def report_for(step_s: list[float], *, calibration_error: float | None = 0.05, probe_s: float | None = None,
+               calibration_probe_s: float | None = None) -> dict:  # fmt: skip
     plan = load_plan(TINY_TOPK)
-    backend = dataclasses.replace(load_backend("cpu-local"), calibration_error=calibration_error)
+    backend = dataclasses.replace(load_backend("cpu-local"), calibration_error=calibration_error, calibration_probe_s=calibration_probe_s)
     predicted = simulate(plan, backend)
-    return build_report(plan, backend, [synthetic_rank(step_s, plan, predicted)], spec=str(TINY_TOPK), device="cpu",
-                        steps=len(step_s), warmup=1, threads=1, trace_dir=None)  # fmt: skip
+    rank = synthetic_rank(step_s, plan, predicted) | {"probe_s": probe_s}
+    return build_report(plan, backend, [rank], spec=str(TINY_TOPK), device="cpu", steps=len(step_s), warmup=1, threads=1, trace_dir=None)
 
 
 def time_rows(report: dict) -> list[dict]:
@@ -85,6 +86,25 @@ def test_tight_steps_get_ok_or_out_against_the_band():
         assert report["measured"]["step_s"]["spread"] < 0.01 and report["noisy"] is False
         for row in time_rows(report):
             assert row["verdict"] == expected and row["within_calibrated_error"] is (expected == "ok"), row
+
+
+def test_a_machine_off_its_calibrations_speed_gets_the_drifted_verdict():
+    """The probe ran 25% slower than at calibration (band 10%): the time rows say drifted,
+    not ok or out, even though the steps are tight; within the band they are judged."""
+    plan = load_plan(TINY_TOPK)
+    predicted_s = simulate(plan, dataclasses.replace(load_backend("cpu-local"), calibration_error=0.05))["time"]["step_s"]
+    steps = [predicted_s * 1.02 * (1 + 0.001 * (i - 5)) for i in range(10)]
+    slow = report_for(steps, probe_s=0.0050, calibration_probe_s=0.0040)
+    assert slow["machine_speed"]["vs_calibration"] == pytest.approx(0.8) and slow["drifted"] is True and slow["noisy"] is False
+    for row in time_rows(slow):
+        assert row["verdict"] == "drifted" and row["within_calibrated_error"] is None, row
+    steady = report_for(steps, probe_s=0.0042, calibration_probe_s=0.0040)
+    assert steady["drifted"] is False and all(row["verdict"] == "ok" for row in time_rows(steady))
+    unknown = report_for(steps, probe_s=0.0042)  # a calibration without a probe: no drift to judge
+    assert unknown["machine_speed"]["vs_calibration"] is None and unknown["drifted"] is False
+    # noisy comes first: a spread wider than the band says nothing either way
+    assert verdict(0.03, band=0.10, spread=0.25, speed=0.8) == "noisy"
+    assert verdict(0.03, band=0.10, spread=0.02, speed=0.8) == "drifted" and verdict(0.03, band=0.10, spread=0.02, speed=0.95) == "ok"
 
 
 def test_without_a_calibration_there_is_no_verdict():

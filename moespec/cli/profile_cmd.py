@@ -241,7 +241,8 @@ def print_report(report: dict) -> None:
                   f"{report['threads_per_rank']} thread(s) per rank, {report['steps']} timed steps after {report['warmup']} warm-up")  # fmt: skip
     band = report["calibrated_error_band"]
     console.print(f"prediction: backend {report['backend']} ({calibrated})"
-                  + (f"; time rows within the calibrated error band of +/-{band:.0%} say ok, or noisy when the steps' spread is wider"
+                  + (f"; time rows within the calibrated error band of +/-{band:.0%} say ok, or noisy when the steps' spread is wider, "
+                     "drifted when the machine's speed is off its calibration's by more"
                      if band is not None else ""))  # fmt: skip
     table = Table(title="measured vs predicted (per rank per micro-step for counts)")
     for column, justify in (("figure", "left"), ("measured", "right"), ("predicted", "right"), ("error", "right")):
@@ -253,11 +254,19 @@ def print_report(report: dict) -> None:
             error = "-" if row["relative_error"] is None else f"{row['relative_error']:+.1%}"
             if row.get("verdict") == "noisy":
                 error += f" [yellow]noisy: spread {report['measured']['step_s']['spread']:.0%} > band {band:.0%}[/yellow]"
+            elif row.get("verdict") == "drifted":
+                error += f" [yellow]drifted: machine at {report['machine_speed']['vs_calibration']:.2f}x[/yellow]"
             elif row.get("verdict") is not None:
                 error += " ok" if row["verdict"] == "ok" else " [yellow]out[/yellow]"
         table.add_row(row["figure"].replace(" (s, median)", "").replace(" (s)", "").replace(", transfer + wait", " (+ wait)"), _fmt(row["measured"], row["figure"]),
                       _fmt(row["predicted"], row["figure"]), error)  # fmt: skip
     console.print(table)
+    speed = report.get("machine_speed", {})
+    if speed.get("vs_calibration") is not None:
+        console.print(f"machine: the probe (a fixed fp32 Linear on one thread) ran at {speed['vs_calibration']:.2f}x its speed at calibration"
+                      + (" (outside the band: time rows not judged)" if report.get("drifted") else ""))  # fmt: skip
+    elif report["calibration"] and speed.get("probe_s") is not None:
+        console.print("machine: the calibration holds no probe to compare this machine's speed with (calibrate again to get one)")
     m = report["measured"]
     spread = m["step_s"]["spread"]
     console.print(f"step time over {report['steps']} steps: median {m['step_s']['median'] * 1e3:,.2f} ms, "

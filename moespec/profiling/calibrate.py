@@ -181,6 +181,7 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
     from moespec.sim.opdb import database_from_dict
 
     dtypes = ("fp32", "bf16")
+    probe_start_s = opbench.machine_probe_s(device)  # and at the end: the calibration's moment
     engine_s = opbench.backward_call_s(device)
     linear = {dtype: opbench.linear_grid(device, dtype, quick=quick, engine_s=engine_s) for dtype in dtypes}
     bmm = {dtype: opbench.bmm_grid(device, dtype, quick=quick, engine_s=engine_s) for dtype in dtypes}
@@ -232,6 +233,7 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
             n_calls = calls(plan_counts(plan), plan.parallel)
             ops[key] = max((seconds[name] - modelled_s) / n_calls, 0.0)
             records.append({"name": name, "seconds": seconds[name], "modelled_s": modelled_s + ops[key] * n_calls})
+    probe_s = (probe_start_s + opbench.machine_probe_s(device)) / 2
     if world > 1 and dist.get_rank() != 0:
         return None
     peak = fit_peak_from_grid(linear["fp32"], backend.device.peak_flops_per_s["fp32"])
@@ -241,6 +243,7 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
         "backend": backend.name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_facts(device, world),
+        "probe_s": probe_s,
         "fitted": {
             "peak_flops_per_s": {dtype: value * scale for dtype, value in backend.device.peak_flops_per_s.items()},
             "matmul_efficiency": 1.0,  # the roofline is not used when the database is there; kept for tp/pp terms

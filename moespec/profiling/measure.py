@@ -56,6 +56,7 @@ class RankMeasurement:
     tp_collectives_per_microstep: dict = field(default_factory=dict)
     pipeline_idle_s: float | None = None  # per step: the schedule's wall time less this rank's stage compute
     tp_all_reduce_s: float = 0.0  # per profiled step: DTensor's collectives (inside the regions above)
+    probe_s: float | None = None  # opbench.machine_probe_s just before the timed steps (all ranks at once)
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -148,6 +149,9 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
         for kind, op in ops.items():
             key = getattr(torch.ops._c10d_functional, op)
             tp_collectives[kind] = [comm.counts.get(key, 0) / plan.parallel.grad_accum, comm.bytes.get(key, 0) / plan.parallel.grad_accum]
+    from moespec.profiling.opbench import machine_probe_s
+
+    probe_s = machine_probe_s(device)  # how fast the machine runs now (report.py: against the calibration's)
     if setup.pipeline is not None:
         setup.pipeline.start_timing()
     counters, shuffles = _ep_counters(setup.bare_model), _ep_counters(setup.bare_model, "shuffle_counter")
@@ -212,6 +216,7 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
         tp_collectives_per_microstep=tp_collectives,
         pipeline_idle_s=idle,
         tp_all_reduce_s=tp_s,
+        probe_s=probe_s,
     )
 
 

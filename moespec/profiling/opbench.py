@@ -119,7 +119,7 @@ def backward_call_s(device: torch.device) -> float:
     return timed(run, sync=_sync(device), min_repeats=20)
 
 
-def _time_product(device: torch.device, dtype: str, product, x_shape, w_shape, *, min_repeats: int) -> float:
+def _time_product(device: torch.device, dtype: str, product, x_shape, w_shape, *, min_repeats: int, max_repeats: int = 20) -> float:
     """Forward + backward of product(x, w) (x and w needing gradients, as a layer's input
     and weight do; autocast for bf16), autograd engine start included: callers subtract it."""
     x = torch.randn(*x_shape, device=device, requires_grad=True)
@@ -133,12 +133,32 @@ def _time_product(device: torch.device, dtype: str, product, x_shape, w_shape, *
         y.backward(grad)
         x.grad = w.grad = None
 
-    return timed(run, sync=_sync(device), min_repeats=min_repeats)
+    return timed(run, sync=_sync(device), min_repeats=min_repeats, max_repeats=max_repeats)
 
 
 def time_linear(device: torch.device, dtype: str, m: int, k: int, n: int, *, min_repeats: int = 3) -> float:
     """Forward + backward of Linear(K -> N) on M rows: mm, and the two gradient matmuls."""
     return _time_product(device, dtype, F.linear, (m, k), (n, k), min_repeats=min_repeats)
+
+
+# The machine probe: Linear 512 -> 512 on 256 rows, fp32, forward + backward, one thread.
+PROBE_SHAPE = (256, 512, 512)
+
+
+def machine_probe_s(device: torch.device) -> float:
+    """Seconds of one fixed workload (PROBE_SHAPE, median of 40: 0.2 s), on one intra-op thread.
+    `calibrate` records it and `profile` times it again before its timed steps: the ratio says
+    how fast this machine runs now against when it was calibrated. A 2-core VM's cores run
+    20-25% slower for minutes after minutes of load, a neighbour takes a share; a calibration
+    carries the speed of its moment (bench/accuracy.py measured held-out errors of +15-47%
+    with a calibration made in such a slow stretch). All ranks time it at once (`timed`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m, k, n = PROBE_SHAPE  # 40 repeats: medians of 15 wandered by +-15% on a quiet VM, of 40 by +-4%
+        return _time_product(device, "fp32", F.linear, (m, k), (n, k), min_repeats=40, max_repeats=40)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def time_bmm(device: torch.device, dtype: str, e: int, c: int, k: int, n: int, *, min_repeats: int = 3) -> float:

@@ -7,6 +7,9 @@ single stray step (a context switch, a page fault) the way min/max cannot, and w
 timed steps `profile` requires its quartiles are real steps or between two. When the spread is
 wider than the calibrated error band, the machine was too noisy for this run to say whether the
 prediction is within its band: time rows get the verdict "noisy" instead of "ok" or "out".
+When the machine probe (opbench.machine_probe_s), timed again before the steps, ran faster or
+slower than at calibration by more than the band, the machine is not the one the calibration
+measured: the verdict is "drifted", and `machine_speed` says by how much.
 Counts (FLOPs,
 all-to-all bytes) are per rank per micro-step, the simulator's unit; they must be equal to the
 prediction (the all-to-all bytes of dropless routing over several ranks excepted: they follow
@@ -38,15 +41,26 @@ def step_spread(step_s: list[float]) -> float | None:
     return (p75 - p25) / median if median else None
 
 
-def verdict(relative_error: float | None, *, band: float | None, spread: float | None) -> str | None:
+def verdict(relative_error: float | None, *, band: float | None, spread: float | None, speed: float | None = None) -> str | None:
     """A time row's verdict against the calibrated band: "noisy" when the steps' own spread
-    exceeds the band (the run cannot tell ok from out), else "ok" (|error| <= band) or "out";
-    None without a band or an error."""
+    exceeds the band (the run cannot tell ok from out), "drifted" when the machine runs at
+    `speed` x its calibration's speed and that is off by more than the band, else "ok"
+    (|error| <= band) or "out"; None without a band or an error."""
     if band is None or relative_error is None:
         return None
     if spread is not None and spread > band:
         return "noisy"
+    if speed is not None and abs(speed - 1) > band:
+        return "drifted"
     return "ok" if abs(relative_error) <= band else "out"
+
+
+def machine_speed(ranks: list[dict], backend: Backend) -> dict:
+    """The machine probe now (rank 0's, all ranks timing it at once, as at calibration)
+    against the calibration's: speed > 1 runs faster than then."""
+    now = ranks[0].get("probe_s")
+    then = backend.calibration_probe_s
+    return {"probe_s": now, "calibration_probe_s": then, "vs_calibration": then / now if now and then else None}
 
 
 def _relative(measured: float, predicted: float) -> float | None:
@@ -109,12 +123,15 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         held = max(r["state_bytes"][kind] for r in ranks)
         rows.append(_row(f"{label} held per rank (bytes)", held, predicted["state_bytes_per_rank"][kind], exact=True))
     band = None if backend.calibration_error is None else max(2 * backend.calibration_error, WITHIN_FLOOR)
+    machine = machine_speed(ranks, backend)
+    speed = machine["vs_calibration"]
     for row in rows:
         if not row["exact"] and band is not None and row["relative_error"] is not None:
             # Times (the median step and what is scaled from it) are judged against the spread
             # of the timed steps; a count that follows the routing (dropless a2a bytes) is not.
-            row["verdict"] = verdict(row["relative_error"], band=band, spread=spread if row.pop("timed") else None)
-            row["within_calibrated_error"] = None if row["verdict"] == "noisy" else row["verdict"] == "ok"
+            timed = row.pop("timed")
+            row["verdict"] = verdict(row["relative_error"], band=band, spread=spread if timed else None, speed=speed if timed else None)
+            row["within_calibrated_error"] = None if row["verdict"] in ("noisy", "drifted") else row["verdict"] == "ok"
         row.pop("timed", None)
     memory = _memory(ranks, predicted)
     return {
@@ -155,6 +172,8 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
         "exact_counts": all(r["equal"] for r in rows if r["exact"]),
         "calibrated_error_band": band,
         "noisy": band is not None and spread is not None and spread > band,
+        "machine_speed": machine,
+        "drifted": band is not None and speed is not None and abs(speed - 1) > band,
         "trace_dir": trace_dir,
         "ranks": ranks,
     }

@@ -102,6 +102,7 @@ def apply_calibration(backend: Backend, calibration: dict, *, source: str = "") 
         ops=database_from_dict(calibration["ops"]),
         calibration=source or calibration.get("created", "calibrated"),
         calibration_error=calibration["fit_error"].get("step"),
+        calibration_probe_s=calibration.get("probe_s"),
     )
 
 
