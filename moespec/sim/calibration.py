@@ -21,7 +21,7 @@ from types import MappingProxyType
 from moespec.sim.backend import Backend, LinkSpec
 from moespec.sim.opdb import database_from_dict
 from moespec.sim.overhead import overheads_from_dict
-from moespec.spec.errors import SpecError, SpecErrors
+from moespec.spec.errors import SpecError
 from moespec.spec.schema import parse_checked, schema_errors
 from moespec.spec.yaml_source import parse_yaml
 

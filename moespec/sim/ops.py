@@ -146,7 +146,6 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     dense_extra = np.where(b.gated, np.where(b.clamped, CLAMPED_FFN_OPS, 0), UNGATED_FFN_OPS)
     router = np.array([ROUTER_OPS[name] for name in ROUTER_NAMES])[layers.router]
     router = router + np.where(np.asarray(ROUTER_NAMES)[layers.router] == "sparsemixer", SPARSEMIXER_CHOICE_OPS * layers.k, 0)
-    local = layers.experts // lift(b.ep)
     moe = (MOE_BLOCK_OPS - DENSE_BLOCK_OPS + router + np.where(lift(b.gated), 0, UNGATED_EXPERT_OPS)
            + np.where(layers.dropless, DROPLESS_OPS, 0) + np.where(layers.shared_count > 0, SHARED_OPS, 0))  # fmt: skip
     clamped = lift(b.clamped)
