@@ -79,17 +79,6 @@ def _calibration_for(choice: str, backend: str, world: int) -> str:
     return str(own if own.is_file() else folder / f"{backend}.json")
 
 
-def speed_probe() -> float:
-    """The machine probe (opbench.machine_probe_s: a fixed fp32 Linear on one thread), printed
-    beside each spec relative to the run's first probe, so a shared machine's drift during the
-    run shows next to the errors it causes; `profile` reports it against the calibration's."""
-    import torch
-
-    from moespec.profiling.opbench import machine_probe_s
-
-    return machine_probe_s(torch.device("cpu"))
-
-
 def spearman(xs: list[float], ys: list[float]) -> float:
     """Rank correlation (no ties expected among step times): Pearson's r of the ranks."""
     def ranks(values):
@@ -129,8 +118,7 @@ def main() -> None:
         runs = [(spec, None) for spec in sorted((ROOT / "bench" / args.suite).glob("*.yaml"))]
     else:
         runs = [(spec, world) for spec in sorted((ROOT / "specs").glob("tiny-*.yaml")) for world in (1, 2)]
-    probe = speed_probe() if args.device == "cpu" else None
-    print(f"{'spec':<24} {'world':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>8} {'machine':>8} {'vs cal':>7} {'peak MiB':>9} {'mem error':>10}")
+    print(f"{'spec':<24} {'world':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>8} {'machine':>8} {'peak MiB':>9} {'mem error':>10}")
     errors, measured_all, predicted_all, memory_errors = [], [], [], []
     runs = [(spec, world) for spec, world in runs if args.only in spec.stem]
     if args.device == "cuda":  # one rank per GPU: a machine with fewer GPUs skips the larger worlds, and says so
@@ -144,13 +132,11 @@ def main() -> None:
     # Repeats in passes over the whole suite, not back to back: a stretch of minutes when the
     # machine runs slow (a VM after minutes of load, a neighbour) then touches one repeat of
     # several specs rather than every repeat of one, and the median sets it aside.
-    passes, speeds = [], [[] for _ in runs]
+    passes = []
     for repeat in range(args.repeat):
         passes.append([])
         for i, (spec, world) in enumerate(runs):
             passes[-1].append(profile(spec, world, calibration=args.calibration, steps=args.steps, device=args.device, backend=args.backend))
-            if probe:
-                speeds[i].append(probe / speed_probe())
             if args.repeat > 1 and repeat < args.repeat - 1:
                 print(f"  pass {repeat + 1}/{args.repeat}: {spec.stem} {passes[-1][-1]['comparison'][0]['measured'] * 1e3:.2f} ms", flush=True)
     for i, (spec, world) in enumerate(runs):
@@ -162,9 +148,8 @@ def main() -> None:
         errors.append(abs(error))
         measured_all.append(measured)
         predicted_all.append(predicted)
-        speed = f"{min(speeds[i]):>8.2f}" if speeds[i] else f"{'-':>8}"
         vs_cal = [r.get("machine_speed", {}).get("vs_calibration") for r in reports]
-        speed += f" {min(vs_cal):>7.2f}" if all(v is not None for v in vs_cal) else f" {'-':>7}"
+        speed = f"{min(vs_cal):>8.2f}" if all(v is not None for v in vs_cal) else f"{'-':>8}"
         rows = report.get("memory_by_category", {}).get("rows", [])
         peak = next((row for row in rows if row["figure"] == "peak total"), None)  # CPU runs (MemTracker)
         memory = f"{'-':>9} {'-':>10}"
@@ -174,9 +159,8 @@ def main() -> None:
         print(f"{spec.stem:<24} {report['world']:>5} {measured * 1e3:>12.2f} {predicted * 1e3:>13.2f} {error:>+8.1%} {speed} {memory}",
               flush=True)  # fmt: skip
     print("peak MiB: MemTracker's tracked peak of one training step on the busiest rank; mem error: the simulator's peak against it")
-    print("machine: this machine's speed after each spec relative to the start of the run (a fixed fp32 Linear; 1.00 = unchanged, "
-          "0.80 = 20% slower; the slowest of the spec's passes); vs cal: the same probe in the profile, against the calibration's (profile's "
-          "verdict says drifted outside the band)")
+    print("machine: the profile's machine probe (a fixed fp32 Linear on one thread, timed before the steps) against the calibration's: "
+          "1.00 = as fast as at calibration, 0.80 = 20% slower; the slowest of the spec's passes (profile's verdict says drifted outside its band)")
     print(f"calibration: {report['calibration']}")
     fit = _fit_set(report["calibration"])
     print(f"fit set (the calibration's small models): {fit}")
