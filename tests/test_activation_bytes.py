@@ -165,3 +165,10 @@ def test_tensor_and_sequence_parallel_ranks_keep_what_the_simulator_says(tmp_pat
         assert result["predicted"] == pytest.approx(result["traced"], rel=0.015), result
     by = {r["case"]: r["traced"] for r in results}
     assert by["tiny-topk-fp32-sp1"] < by["tiny-topk-fp32-sp0"]  # the norms' share is real
+
+
+def test_base_with_padded_groups(tmp_path):
+    """512 tokens over 6 experts: BASE's groups are padded back to 86 rows each (moe_layer.
+    pad_groups), so the kernel keeps 516 rows of pre-activations, and the pad positions."""
+    plan = variant(tmp_path, "tiny-base", lambda s: s["moe"]["experts"].update(count=6))
+    assert predicted_saved_bytes(plan) == pytest.approx(traced_saved_bytes(plan), rel=0.005)

@@ -297,3 +297,33 @@ def test_expert_bank_grouped_rows_in_order():
     torch.testing.assert_close(out, expected, **F64)
     with pytest.raises(ValueError, match="group sizes"):
         bank.forward_grouped(x, [2, 3])
+
+
+def test_base_with_T_not_a_multiple_of_E_pads_its_groups_to_one_bmm_and_matches_the_oracle():
+    """22 tokens over 4 experts: the auction fills 24 slots (2 with padding) and the padding is
+    dropped, leaving groups of 5 and 6. The fast path pads them back (token 0, gate 0): one
+    bmm per projection on [4, 6, .], FLOPs of the 24 rows, outputs and every gradient equal to
+    the per-expert oracle's."""
+    from moespec.model import group_matmuls
+
+    layer = make_layer(BaseRouter(), "base")
+    x = torch.randn(2, 11, D, dtype=torch.float64, requires_grad=True)
+    chosen = []
+    engine = group_matmuls.engine
+
+    def spy(counts_E, w_EKN):
+        chosen.append((list(counts_E), engine(counts_E, w_EKN)))
+        return chosen[-1][1]
+
+    group_matmuls.engine = spy
+    try:
+        stats = assert_parity(layer, x, **F64)
+        with FlopCounterMode(display=False) as counter:
+            y, _, aux = layer(x)
+            (y.sum() + aux).backward()
+    finally:
+        group_matmuls.engine = engine
+    assert chosen and all(counts == [6, 6, 6, 6] and how == "batched" for counts, how in chosen), chosen
+    assert sorted(stats.tokens_per_expert_E.tolist()) != [6, 6, 6, 6] and int(stats.tokens_per_expert_E.sum()) == 22
+    bmm = counter.get_flop_counts()["Global"][torch.ops.aten.bmm]
+    assert bmm == 18 * 24 * D * F  # 3 projections, forward and two backward products each, on 24 rows

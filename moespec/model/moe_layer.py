@@ -83,10 +83,13 @@ def moe_capacity(x_TD: torch.Tensor, route: RouterOutput, plan: DispatchPlan, ex
     return y_TD[:n_tokens]
 
 
-def moe_dropless(x_TD: torch.Tensor, route: RouterOutput, plan: DispatchPlan, experts: ExpertBank, ep=None) -> torch.Tensor:
+def moe_dropless(x_TD: torch.Tensor, route: RouterOutput, plan: DispatchPlan, experts: ExpertBank, ep=None, *,
+                 balanced: bool = False) -> torch.Tensor:  # fmt: skip
     """Dropless: every assignment kept; the expert bank gathers, computes and combines the
     sorted assignments group by group (see GroupedExpertsFn for why in one op). With expert
-    parallelism the sorted rows travel to their experts' ranks and back (uneven splits)."""
+    parallelism the sorted rows travel to their experts' ranks and back (uneven splits).
+    `balanced` (BASE in training): groups left uneven by the assignment's padding (T % E != 0)
+    are padded back to equal ones (`pad_groups`), so that the experts run as one bmm."""
     token_sorted_A = route.token_index_A[plan.order_A]
     gate_sorted_A = route.gate_A[plan.order_A]
     if ep is not None:
@@ -103,8 +106,29 @@ def moe_dropless(x_TD: torch.Tensor, route: RouterOutput, plan: DispatchPlan, ex
         counts_E = [n_assign // n_experts + (e < n_assign % n_experts) for e in range(n_experts)]
     else:
         counts_E = plan.tokens_per_expert_E.tolist()  # the one host sync of a dropless layer
+    if balanced and token_sorted_A.shape[0] % plan.n_experts:
+        with region("permute"):
+            token_sorted_A, gate_sorted_A, counts_E = pad_groups(token_sorted_A, gate_sorted_A, counts_E)
     with region("experts"):
         return experts.forward_dropless(x_TD, token_sorted_A, gate_sorted_A, counts_E)
+
+
+def pad_groups(token_A: torch.Tensor, gate_A: torch.Tensor, counts_E: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Every group of the sorted rows padded at its end to M = ceil(A / E) rows that gather
+    token 0 with gate 0: [E * M]. BASE assigns T tokens plus E*M - T padding tokens, exactly M
+    per expert, then drops the padding, which leaves the groups uneven. Padded again, they are
+    an [E, M, .] batch, one bmm per projection (`group_matmuls.uniform_rows`) rather than E
+    matmuls (a BASE layer at T 2048, E 12 was 1.28-1.37x a Switch layer). The pad rows cost
+    E*M - T < E rows of FLOPs (the simulator counts them: counts.capacity_rows) and change
+    nothing: gate 0 zeroes their output and every gradient through them."""
+    n_experts = len(counts_E)
+    rows = -(-token_A.shape[0] // n_experts)
+    pads_before_E = torch.tensor([0] + [rows - n for n in counts_E[:-1]], device=token_A.device).cumsum(0)
+    position_A = torch.arange(token_A.shape[0], device=token_A.device) + pads_before_E.repeat_interleave(
+        torch.tensor(counts_E, device=token_A.device), output_size=token_A.shape[0])  # fmt: skip
+    token_P = token_A.new_zeros(n_experts * rows).index_copy_(0, position_A, token_A)
+    gate_P = gate_A.new_zeros(n_experts * rows).index_copy(0, position_A, gate_A)  # gradients flow back to gate_A
+    return token_P, gate_P, [rows] * n_experts
 
 
 def reference_keep(route: RouterOutput, priority_A: torch.Tensor | None, *, n_experts: int, capacity: int | None) -> list[int]:
@@ -255,8 +279,10 @@ class MoELayer(nn.Module):
                 plan = plan_dispatch(
                     route.expert_index_A, route.token_index_A, priority_A, n_experts=self.n_experts, capacity=capacity
                 )
-            moe = moe_dropless if capacity is None else moe_capacity
-            y_TD = moe(x_routed_TD, route, plan, self.experts, ep)
+            if capacity is None:
+                y_TD = moe_dropless(x_routed_TD, route, plan, self.experts, ep, balanced=self.training and self.router_name == "base")
+            else:
+                y_TD = moe_capacity(x_routed_TD, route, plan, self.experts, ep)
             dropped, routed_E = plan.dropped, plan.tokens_per_expert_E
 
         if routes is not None:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, compute_bytes, expert_rows, weighted_qk_norm, where_any
+from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, base_padded, compute_bytes, expert_rows, weighted_qk_norm, where_any
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.spec.stages import PP_SCHEDULES
 
@@ -175,6 +175,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     dropless = dropless + np.where(layers.expert_bias, rows * I64, 0.0)  # the expert of each row, for the biases
     dropless = dropless + np.where(layers.router_matrices > 0, 0.0, tl * dl * F32)  # hash: the kernel keeps x itself
     dropless = dropless + np.where(ep > 1, rows * dl * cl + 2 * rows * dl * F32, 0.0)  # received rows, the combine
+    dropless = dropless + np.where(base_padded(b, layers), tl * I64, 0.0)  # pad_groups' row positions, for the gates' gradient
     experts = np.where(layers.dropless, dropless, capacity)
     fs = (layers.shared_count * layers.shared_d_ff).astype(np.float64)
     tpl = layers.lift(tp)

@@ -79,10 +79,19 @@ def expert_rows(b: DesignBatch, layers: LayerTable) -> np.ndarray:
 
 def capacity_rows(b: DesignBatch, layers: LayerTable) -> np.ndarray:
     """E*C rows with capacity C = max(ceil(k*T/E*cf), min_capacity) (CapacityPlan.capacity),
-    T*k dropless, per group."""
+    T*k dropless, E*ceil(T/E) where BASE pads its groups (`base_padded`), per group."""
     t_k = layers.lift(b.micro_batch * b.seq_len) * layers.k
     capacity = np.maximum(np.ceil(t_k / layers.experts * layers.capacity_factor), layers.min_capacity)
-    return np.where(layers.dropless, t_k, layers.experts * np.where(layers.dropless, 0, capacity).astype(np.int64))
+    dropless = np.where(base_padded(b, layers), layers.experts * np.ceil(t_k / np.maximum(layers.experts, 1)).astype(np.int64), t_k)
+    return np.where(layers.dropless, dropless, layers.experts * np.where(layers.dropless, 0, capacity).astype(np.int64))
+
+
+def base_padded(b: DesignBatch, layers: LayerTable) -> np.ndarray:
+    """Per group: a BASE layer on one rank (ep 1) whose T tokens do not divide over its E
+    experts. Its groups are padded back to ceil(T/E) rows each with gate 0, to run as one bmm
+    (model/moe_layer.py `pad_groups`): the experts compute E*ceil(T/E) rows."""
+    t = layers.lift(b.micro_batch * b.seq_len)
+    return layers.moe & layers.balanced & (layers.lift(b.ep) == 1) & (t % np.maximum(layers.experts, 1) != 0)
 
 
 def _chunk(rows, width, ranks):

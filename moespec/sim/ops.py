@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, QK_L2, SELECTIVE, attention_linears, compute_bytes, expert_rows, weighted_qk_norm
+from moespec.sim.counts import FULL, QK_L2, SELECTIVE, attention_linears, base_padded, compute_bytes, expert_rows, weighted_qk_norm
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.opdb import OpDatabase
 
@@ -60,6 +60,7 @@ ROUTER_OPS = {"topk": 0, "switch": -10, "sinkhorn": 12, "expert_choice": -33, "h
               "noisy_topk": 100, "base": 0, "sparsemixer": -12}  # fmt: skip
 SPARSEMIXER_CHOICE_OPS = 32  # per expert a SparseMixer token chooses (its mask, softmax, sample, Heun's estimate)
 DROPLESS_OPS = -12  # dropless (one gather, one scatter per pass, grouped GEMMs) instead of capacity
+BASE_PAD_OPS = 12  # BASE's groups padded back to equal (moe_layer.pad_groups: 11 forward, 1 backward; traced)
 GROUPED_GEMM_CALLS = 9  # a gated dropless layer's grouped GEMMs, forward + backward (plain: 6; timed by `grouped`)
 # Where the grouped GEMM cannot run (a width whose bytes are not a multiple of 16), the
 # kernel loops over the non-empty local experts instead (timed by `grouped` too):
@@ -151,6 +152,7 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     clamped = lift(b.clamped)
     moe = moe + np.where(layers.gate_input, GATE_INPUT_OPS, 0) + np.where(layers.expert_bias, np.where(layers.dropless, EXPERT_BIAS_OPS["dropless"], EXPERT_BIAS_OPS["capacity"]), 0) \
         + np.where(clamped, np.where(layers.dropless, CLAMPED_KERNEL_OPS, CLAMPED_FFN_OPS) + np.where(layers.shared_count > 0, CLAMPED_FFN_OPS, 0), 0)  # fmt: skip
+    moe = moe + np.where(base_padded(b, layers), BASE_PAD_OPS, 0)
     groups = np.where(layers.moe, moe, lift(dense_extra))
     rope_layers = np.where(b.learned_positions | (b.rope_dim == 0), 0, b.n_layers - b.nope_layers)
     host = np.where(b.qk_norm == QK_L2, L2_QK_OPS * rope_layers, 0) - np.where(b.learned_positions, 0, ROPE_OPS * b.nope_layers) \
@@ -175,10 +177,12 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batched_kernel(b: DesignBatch, layers) -> np.ndarray:
-    """Per group: BASE with T % E == 0 gives every expert exactly T/E rows, and the dropless
-    kernel runs them as one bmm per projection (model/group_matmuls.py `uniform_rows`): timed by the
+    """Per group: BASE with T % E == 0 gives every expert exactly T/E rows, and on one rank
+    groups left uneven by its padding are padded back (`base_padded`); the dropless kernel
+    runs them as one bmm per projection (model/group_matmuls.py `uniform_rows`): timed by the
     bmm database, its gathers and scatters at the gather bandwidth (`gather_bytes`)."""
-    return layers.moe & layers.dropless & layers.balanced & (layers.lift(b.micro_batch * b.seq_len) % np.maximum(layers.experts, 1) == 0)
+    even = layers.lift(b.micro_batch * b.seq_len) % np.maximum(layers.experts, 1) == 0
+    return layers.moe & layers.dropless & layers.balanced & (even | base_padded(b, layers))
 
 
 def grouped_gemm(b: DesignBatch, layers) -> np.ndarray:
