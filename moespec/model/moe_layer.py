@@ -40,6 +40,7 @@ from moespec.distributed.expert_parallel import (
     shuffle_tokens,
     unshuffle_tokens,
 )
+from moespec.model.balanced_routers import BaseRouting
 from moespec.model.dispatch import DispatchPlan, plan_dispatch
 from moespec.model.experts import ExpertBank, build_shared_experts, compute_dtype, gate_dtype
 from moespec.model.recompute import is_recomputing
@@ -280,7 +281,7 @@ class MoELayer(nn.Module):
                     route.expert_index_A, route.token_index_A, priority_A, n_experts=self.n_experts, capacity=capacity
                 )
             if capacity is None:
-                y_TD = moe_dropless(x_routed_TD, route, plan, self.experts, ep, balanced=self.training and self.router_name == "base")
+                y_TD = moe_dropless(x_routed_TD, route, plan, self.experts, ep, balanced=self.training and isinstance(self.router, BaseRouting))
             else:
                 y_TD = moe_capacity(x_routed_TD, route, plan, self.experts, ep)
             dropped, routed_E = plan.dropped, plan.tokens_per_expert_E

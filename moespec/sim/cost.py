@@ -201,13 +201,13 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     kept = activation_memory(b, state["params"])
     activations = kept["activations"]
     micro_steps = b.global_batch // (b.micro_batch * b.dp)
-    # DDP (dp > 1, ZeRO 0/1, no tp or pp: train.py) keeps the dense gradients in its buckets
-    # for the whole run (gradient_as_bucket_view): they are there from the first micro-step on.
-    ddp = (b.dp > 1) & (b.zero_stage < 2) & (b.tp == 1) & (b.pp == 1)
-    first_grads = np.where(ddp, state["dense_grads"], 0.0)
-    earlier_grads = np.where(micro_steps > 1, state["grads"], first_grads)  # accumulated over the step's earlier micro-steps
+    # Gradients already held when backward starts: those accumulated over the step's earlier
+    # micro-steps; on the first, DDP's buckets of the dense ones (held for the whole run:
+    # gradient_as_bucket_view). A dropless layer's backward then adds its expert gradients.
+    earlier_grads = np.where(micro_steps > 1, state["grads"], np.where(ddp_wraps(b), state["dense_grads"], 0.0))
     start_of_backward = held + earlier_grads + activations + kept["loss_temporaries"]
-    top_dropless_backward = held + np.where(micro_steps > 1, state["grads"], first_grads + top_dropless_grads) + activations - kept["freed_above_top_moe"] + kept["moe_temporaries"]
+    top_dropless_backward = held + earlier_grads + np.where(micro_steps > 1, 0.0, top_dropless_grads) + activations \
+        - kept["freed_above_top_moe"] + kept["moe_temporaries"]  # fmt: skip
     # After backward, expert gradients replicated over the edp group (dp / ep > 1, ZeRO 0/1)
     # are all-reduced as one flat copy (distributed/data_parallel.py reduce_expert_gradients).
     flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), 4.0 * state["full_expert"], 0.0)
@@ -221,6 +221,12 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
         "memory_activations_bytes": activations, "memory_a2a_buffers_bytes": a2a, "memory_allowance_bytes": allowance,
         "memory_total_bytes": total, "fits": total + allowance <= backend.device.memory_bytes,
     }  # fmt: skip
+
+
+def ddp_wraps(b: DesignBatch) -> np.ndarray:
+    """Whether DDP wraps the model (train.py: dp > 1, ZeRO 0/1, neither tp nor pp): its dense
+    all-reduce overlaps backward, and its buckets hold the dense gradients for the whole run."""
+    return (b.dp > 1) & (b.zero_stage < 2) & (b.tp == 1) & (b.pp == 1)
 
 
 def _optimizer_temporaries(b: DesignBatch, backend: Backend, state: dict) -> np.ndarray:
@@ -433,7 +439,7 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     zero_s = gather + fsdp_s
     # DDP overlaps the dense all-reduce with backward; with tp or pp the runtime reduces the
     # dense gradients in one flat all-reduce after the schedule (distributed/model_parallel.py)
-    hidden = np.where((b.tp > 1) | (b.pp > 1), 0.0, overlap)
+    hidden = np.where(ddp_wraps(b), overlap, 0.0)  # (dense_ar is 0 where dp is 1 or ZeRO >= 2)
     exposed_s = (1 - hidden) * dense_ar + (1 - overlap) * fsdp_s + expert_ar + gather
 
     pipelined_s = compute_s + elementwise_s + overhead_s + a2a_s + tp_comm_s
