@@ -274,7 +274,8 @@ def memory_by_category(setup, plan: SpecPlan, windows: list[torch.Tensor]) -> di
     from moespec.train import train_step
 
     tracker = _frozen_aware(MemTracker)()
-    tracker.track_external(setup.model, *setup.optimizers)
+    # ZeRO-1's ZeroAdamW is not a torch Optimizer: its torch AdamW over the chunk views is.
+    tracker.track_external(setup.model, *(getattr(optimizer, "inner", optimizer) for optimizer in setup.optimizers))
     at_optimizer_step: list[dict] = []
 
     def before_optimizer_step(optimizer, args, kwargs) -> None:
