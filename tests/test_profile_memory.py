@@ -286,3 +286,39 @@ def test_profile_tracks_memory_under_zero1_on_two_ranks(tmp_path):
     measured = _profile_memory(tmp_path, text.replace("name: tiny-topk", "name: tiny-zero1"), "zero1", nproc=2)
     for name in ("parameters", "gradients", "optimizer state"):
         assert measured["rows"][name]["equal"], measured["rows"][name]
+
+
+@pytest.mark.timeout(300)
+def test_zero1_peaks_in_the_gather_after_its_step_with_every_gradient_held(tmp_path):
+    """After AdamW on its chunks ZeRO-1 all-gathers the parameters, one group at a time, with
+    every gradient still held: the send buffer and the received [2 x chunk] of the expert
+    group are the peak here. Predicted within 1% (without that point the simulator's largest
+    was the gradient sync, 9.9% under; an unseen spec, f05, found it at -7.6%)."""
+    text = TINY_TOPK.read_text().replace("  micro_batch: 8", "  micro_batch: 1\n  dp: 2\n  zero_stage: 1")
+    text = text.replace("count: 4, d_ff: 64", "count: 8, d_ff: 256").replace("name: tiny-topk", "name: tiny-zero1-gather")
+    measured = _profile_memory(tmp_path, text, "gather", nproc=2)
+    peak, grads = measured["rows"]["peak total"], measured["rows"]["gradients"]
+    assert measured["peak"]["gradients"] == grads["measured"] and measured["peak"]["temporaries"] == 0  # after backward
+    assert abs(peak["relative_error"]) <= 0.01, peak
+
+
+@pytest.mark.timeout(300)
+def test_three_dropless_layers_at_the_top_peak_below_the_top_one(tmp_path):
+    """Three dropless layers of large experts over few tokens: by a lower layer's backward the
+    upper layers' expert gradients outweigh what their blocks freed, so the peak is not in the
+    top layer's backward (which alone the simulator looked at: 3.9% under). The lowest
+    layer's point gives it within 2%."""
+    text = """version: 1
+name: three-at-the-top
+model: {vocab_size: 256, d_model: 128, n_layers: 6, n_heads: 4, d_ff: 256, seq_len: 64}
+moe:
+  placement: {type: layers, layers: [3, 4, 5]}
+  experts: {count: 16, d_ff: 256}
+  router: {type: topk, k: 1}
+  capacity: {dropless: true}
+parallelism: {micro_batch: 8}
+"""
+    measured = _profile_memory(tmp_path, text, "three")
+    peak, layer_grads = measured["rows"]["peak total"], 16 * 3 * 128 * 256 * 4
+    assert measured["peak"]["gradients"] > 1.5 * layer_grads and measured["peak"]["temporaries"] > 0  # in a lower layer's backward
+    assert abs(peak["relative_error"]) <= 0.02, peak

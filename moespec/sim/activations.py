@@ -24,7 +24,10 @@ gradients of earlier micro-steps (under DDP the dense gradients from the first: 
 are held for the whole run), activations, the loss gradients [T, V]; (b) the backward of
 the top dropless MoE layer: its expert gradients and the kernel's temporaries on top of
 (a)'s activations, less what the dense blocks above the last MoE block kept (their backward
-ran first); (c) the gradient sync after backward: state, every gradient, and the flat
+ran first); (b') the backward of the lowest one, where every MoE layer is dropless: every MoE
+layer's expert gradients, less what all the blocks above it kept (a spec with dropless blocks
+1 and 2 of 6 peaks there: its two layers' expert gradients outweigh block 2's activations);
+(c) the gradient sync after backward: state, every gradient, and the flat
 copy of the expert gradients all-reduced over a data-parallel group that replicates them
 (cost.py).
 
@@ -247,15 +250,34 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     # they kept (a BASE layer in the middle: half the blocks). Counted for one stage and no
     # full recomputation, in a decoder-only model; elsewhere none (an upper bound).
     simple = (b.recompute != FULL) & (b.pp == 1) & (b.cross_len == 0) & ~b.headless & (b.encoder is None)
-    freed_above = np.where(simple, b.above_top_moe * (attention + dense), 0.0)
+    # With autocast each block's bf16 weight copies go too (its attention's: what is left of
+    # the blocks' copies once the FFNs' are taken out).
+    matrices = np.where(b.gated, 3, 2).astype(np.float64)
+    dense_copy = np.where(half, matrices * d * b.d_ff * 2 / tp, 0.0)
+    moe_copy = np.where(layers.lift(half) & layers.moe, layers.lift(matrices * d) * 2 * (layers.experts // layers.lift(b.ep) * layers.expert_d_ff
+                        + layers.shared_count * layers.shared_d_ff / layers.lift(tp)), 0.0)  # fmt: skip
+    ffn_copies = b.dense_blocks * dense_copy + layers.per_design(layers.count * moe_copy, n)
+    attention_copy = np.where(half, np.maximum(block_copies - ffn_copies, 0.0) / np.maximum(b.n_layers, 1), 0.0)
+    dense_block = attention + attention_copy + dense + dense_copy
+    freed_above = np.where(simple, b.above_top_moe * dense_block, 0.0)
+    # The first (lowest) MoE layer's backward: every block above it has freed its part too,
+    # the other MoE blocks (in unlike groups, all but the largest: an upper bound) and the
+    # dense blocks between them. Counted where every MoE layer is dropless (sim/cost.py).
+    moe_blocks = np.where(layers.moe & (layers.count > 0), per_group + moe_copy, 0.0)
+    other_moe = layers.per_design(layers.count * moe_blocks, n) - layers.max_per_design(moe_blocks, n)
+    between = np.maximum(b.moe_span - (b.n_moe_layers - 1), 0)  # dense blocks among the MoE ones
+    moe_attention = np.maximum(b.moe_span - between, 0) * (attention + attention_copy)
+    freed_above_bottom = freed_above + np.where(simple, moe_attention + other_moe + between * dense_block, 0.0)
+    all_dropless = layers.max_per_design(layers.moe & (layers.count > 0) & ~layers.dropless, n) == 0
     loss_temporaries = where_any(b.headless, 0.0, 2 * t * v * F32 + np.where(half, t * v * 2, 0.0))
     parted = b.encoder is not None or b.headless.any()  # an encoder-decoder's parts: one block replays at a time in the two
     replay = np.where(b.recompute == FULL, biggest_block, 0.0) / (b.tp * b.pp) if parted else 0.0
     out = {"activations": activations, "saved": activations - logits, "loss_temporaries": loss_temporaries, "moe_temporaries": moe_temp,
-           "replay": replay, "freed_above_top_moe": freed_above}  # fmt: skip
+           "replay": replay, "freed_above_top_moe": freed_above, "freed_above_bottom_moe": freed_above_bottom,
+           "bottom_moe_point": simple & (b.n_moe_layers > 1) & all_dropless}  # fmt: skip
     if b.encoder is not None:  # an encoder-decoder: the encoder stack's part is held too; one block replays at a time
         encoder = activation_memory(b.encoder, np.zeros(n))
         once = np.minimum(replay, encoder["replay"])
-        out = {name: (np.maximum if name in ("moe_temporaries", "replay", "freed_above_top_moe") else np.add)(value, encoder[name]) for name, value in out.items()}
+        out = {name: (np.maximum if name in ("moe_temporaries", "replay", "freed_above_top_moe", "freed_above_bottom_moe", "bottom_moe_point") else np.add)(value, encoder[name]) for name, value in out.items()}
         out["activations"], out["saved"] = out["activations"] - once, out["saved"] - once
     return out

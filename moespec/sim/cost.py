@@ -179,16 +179,16 @@ def parts(b: DesignBatch) -> list[DesignBatch]:
 def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict[str, np.ndarray]:
     """Peak bytes on one device: the state it holds (counts.state_bytes, exact), the
     parameters FSDP2 gathers for compute (ZeRO-2: all of them through the step; ZeRO-3: the
-    largest block at a time), and the peak of a step: the start of backward, a dropless
-    layer's backward (sim/activations.py), the gradient sync (every gradient, and the flat
+    largest block at a time), and the peak of a step: the start of backward, the top and the
+    lowest dropless layer's backward (sim/activations.py), the gradient sync (every gradient, and the flat
     copy of replicated expert gradients), AdamW's step (its temporaries,
-    `_optimizer_temporaries`); `fits` adds a 10% allowance for the allocator's slack."""
+    `_optimizer_temporaries`), ZeRO-1's gather of the updated parameters; `fits` adds a 10% allowance for the allocator's slack."""
     full = state["full_dense"] + state["full_expert"]  # elements this rank computes with
     gathered = np.where(b.zero_stage == 2, 4 * full - state["params"], 0.0)
     biggest = np.maximum.reduce([_block_elements(part, part.table) for part in parts(b)])
     gathered = np.where(b.zero_stage == 3, 4 * biggest / (b.tp * b.pp), gathered)
     bpe = compute_bytes(b)
-    a2a, top_dropless_grads = np.zeros(len(b)), np.zeros(len(b))
+    a2a, top_dropless_grads, expert_grads = np.zeros(len(b)), np.zeros(len(b)), np.zeros(len(b))
     for part in parts(b):
         layers = part.table
         has_a2a = layers.moe & (layers.count > 0) & layers.lift(b.ep > 1)
@@ -197,6 +197,7 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
         layer_grads = np.where(layers.moe & layers.dropless & (layers.count > 0), (layers.experts // layers.lift(b.ep)) * matrices * layers.lift(b.d_model)
                                * layers.expert_d_ff * 4.0, 0.0)  # fmt: skip
         top_dropless_grads = np.maximum(top_dropless_grads, layers.max_per_design(layer_grads, len(b)) / (b.tp * b.pp))
+        expert_grads = expert_grads + layers.per_design(layers.count * layer_grads, len(b)) / (b.tp * b.pp)
     held = state["params"] + gathered + state["optimizer"]
     kept = activation_memory(b, state["params"])
     activations = kept["activations"]
@@ -208,12 +209,23 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     start_of_backward = held + earlier_grads + activations + kept["loss_temporaries"]
     top_dropless_backward = held + earlier_grads + np.where(micro_steps > 1, 0.0, top_dropless_grads) + activations \
         - kept["freed_above_top_moe"] + kept["moe_temporaries"]  # fmt: skip
+    # The lowest dropless layer's backward, where every MoE layer is dropless: all their expert
+    # gradients made, all the blocks above it freed.
+    bottom_dropless_backward = np.where(kept["bottom_moe_point"], held + earlier_grads + np.where(micro_steps > 1, 0.0, expert_grads)
+                                        + activations - kept["freed_above_bottom_moe"] + kept["moe_temporaries"], 0.0)  # fmt: skip
     # After backward, expert gradients replicated over the edp group (dp / ep > 1, ZeRO 0/1)
     # are all-reduced as one flat copy (distributed/data_parallel.py reduce_expert_gradients).
     flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), 4.0 * state["full_expert"], 0.0)
     grad_sync = held + state["grads"] + flat
     optimizer_step = held + state["grads"] + _optimizer_temporaries(b, backend, state)
-    total = np.maximum.reduce([start_of_backward, top_dropless_backward, grad_sync, optimizer_step])
+    # ZeRO-1 gathers the updated parameters after the step, one group at a time (dense over
+    # dp, experts over their edp replicas), with every gradient still held: its send buffer
+    # (this rank's chunks) and the received [world * chunk] (distributed/zero.py all_gather).
+    edp = b.dp // b.ep
+    gather_buffers = np.maximum(np.where(b.dp > 1, state["full_dense"] / b.dp * (b.dp + 1), 0.0),
+                                np.where(edp > 1, state["full_expert"] / edp * (edp + 1), 0.0))  # fmt: skip
+    zero1_gather = np.where(b.zero_stage == 1, held + state["grads"] + 4.0 * gather_buffers, 0.0)
+    total = np.maximum.reduce([start_of_backward, top_dropless_backward, bottom_dropless_backward, grad_sync, optimizer_step, zero1_gather])
     allowance = ALLOCATOR_ALLOWANCE * total  # the allocator's slack: counts for `fits`, not in the peak
     return {
         "memory_weights_bytes": state["params"], "memory_gathered_weights_bytes": gathered,

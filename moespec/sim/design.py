@@ -138,6 +138,7 @@ class DesignBatch:
     dropout: np.ndarray  # residual, embedding and attention-probability dropout
     n_moe_layers: np.ndarray  # MoE blocks; the other n_layers - n_moe_layers are dense
     above_top_moe: np.ndarray  # dense blocks after the last MoE block: their backward runs (and frees) first
+    moe_span: np.ndarray  # blocks from the first MoE block up to the last (0 with one): freed before the first's backward
     experts: np.ndarray
     expert_d_ff: np.ndarray
     expert_bias: np.ndarray
@@ -339,6 +340,7 @@ def _row(plan: SpecPlan, layers, *, headless: bool) -> dict:
         "rope_dim": m.rope_dim if m.positions == "rope" else 0, "sinks": m.attention_sinks, "nope_layers": len(m.nope_layers),
         "window_layers": sum(m.window_of(i) is not None for i in range(m.n_layers)), "dropout": m.dropout, "n_moe_layers": len(moe_layers),
         "above_top_moe": len(layers) - 1 - max(i for i, layer in enumerate(layers) if layer.moe is not None) if moe_layers else 0,
+        "moe_span": moe_layers[-1].index - moe_layers[0].index if moe_layers else 0,
         "seq_len": m.encoder.seq_len if headless else m.seq_len, "cross_len": m.encoder.seq_len if m.encoder and not headless else 0,
         "rel_buckets": m.relative_buckets if m.positions == "relative" else 0, "headless": headless, "lstm": m.host == "lstm",
         "dp": p.dp, "ep": p.ep, "tp": p.tp, "pp": p.pp, "micro_batch": p.micro_batch, "global_batch": p.global_batch,
