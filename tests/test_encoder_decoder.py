@@ -204,14 +204,14 @@ def test_op_list_matches_the_dispatched_ops(le, ld, model, moe, parallel):
     """ENCODER_STACK_OPS, RELATIVE_BLOCK_OPS and CROSS_ATTENTION_OPS were fitted on 1+1, 2+1,
     1+2, 2+3 and 3+2 dense fp32 models; the other cases were not fitted on."""
     from moespec.profiling.optrace import trace_step_ops
-    from moespec.sim import ops
+    from moespec.sim import ops, tensors
     from moespec.sim.design import DesignBatch
 
     plan = plan_from_text(T5_OPS.format(le=le, ld=ld, model=model, moe=moe, parallel=parallel), "t5ops")
     traced = trace_step_ops(plan)
     batch = DesignBatch.from_plans([plan])
-    assert int(ops.param_tensors(batch)[0]) == len(list(build_model(plan).parameters()))
-    assert traced["optimizer"] == ops.OPTIMIZER_OPS + ops.OPTIMIZER_OPS_PER_TENSOR * int(ops.trained_tensors(batch)[0])
+    assert int(tensors.param_tensors(batch)[0]) == len(list(build_model(plan).parameters()))
+    assert traced["optimizer"] == ops.OPTIMIZER_OPS + ops.OPTIMIZER_OPS_PER_TENSOR * int(tensors.trained_tensors(batch)[0])
     host = sum(float(ops.other_ops(part)[0][0]) for part in (batch, batch.encoder)) * plan.parallel.grad_accum
     kernel = sum(float(part.table.per_design(part.table.count * (k - mm), 1)[0]) for part in (batch, batch.encoder)
                  for k, mm in [ops.dropless_kernel_ops(part, part.table)]) * plan.parallel.grad_accum  # fmt: skip

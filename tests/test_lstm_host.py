@@ -99,13 +99,13 @@ def test_op_list_matches_the_dispatched_ops(layers, seq, model, moe, parallel):
     """LSTM_* constants (sim/ops.py) were fitted on dense models of 1-3 layers and 8-16 steps,
     fp32, bf16 and dropout, and on the MoE model 1x8; the last two cases were not fitted on."""
     from moespec.profiling.optrace import trace_step_ops
-    from moespec.sim import ops
+    from moespec.sim import ops, tensors
     from moespec.sim.design import DesignBatch
 
     plan = plan_from_text(LSTM_OPS.format(layers=layers, seq=seq, model=model, moe=moe, parallel=parallel), "lops")
     traced = trace_step_ops(plan)
     batch = DesignBatch.from_plans([plan])
-    assert int(ops.param_tensors(batch)[0]) == len(list(build_model(plan).parameters()))
-    assert traced["optimizer"] == ops.OPTIMIZER_OPS + ops.OPTIMIZER_OPS_PER_TENSOR * int(ops.trained_tensors(batch)[0])
+    assert int(tensors.param_tensors(batch)[0]) == len(list(build_model(plan).parameters()))
+    assert traced["optimizer"] == ops.OPTIMIZER_OPS + ops.OPTIMIZER_OPS_PER_TENSOR * int(tensors.trained_tensors(batch)[0])
     host = float(ops.other_ops(batch)[0][0]) * plan.parallel.grad_accum
     assert abs(host - traced["other"]) <= 0.02 * traced["other"], (host, traced["other"])

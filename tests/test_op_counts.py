@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from moespec.profiling.optrace import trace_step_ops
-from moespec.sim import ops
+from moespec.sim import ops, tensors
 from moespec.sim.design import DesignBatch
 from moespec.spec import plan_from_text
 
@@ -71,9 +71,9 @@ def test_op_list_matches_the_dispatched_ops(name):
     plan = _plan(name, CASES[name])
     traced = trace_step_ops(plan)
     batch = DesignBatch.from_plans([plan])
-    tensors = int(ops.param_tensors(batch)[0])
-    assert tensors == len(list(build_model(plan).parameters()))
-    assert traced["optimizer"] == ops.OPTIMIZER_OPS + ops.OPTIMIZER_OPS_PER_TENSOR * int(ops.trained_tensors(batch)[0])
+    n_tensors = int(tensors.param_tensors(batch)[0])
+    assert n_tensors == len(list(build_model(plan).parameters()))
+    assert traced["optimizer"] == ops.OPTIMIZER_OPS + ops.OPTIMIZER_OPS_PER_TENSOR * int(tensors.trained_tensors(batch)[0])
     host, group = (float(v[0]) * plan.parallel.grad_accum for v in ops.other_ops(batch))
     _, kernel_mm = ops.dropless_kernel_ops(batch, batch.table)  # the kernel's matmuls are booked with its ops
     group_mm = float(batch.table.per_design(batch.table.count * kernel_mm, 1)[0]) * plan.parallel.grad_accum

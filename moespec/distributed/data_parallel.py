@@ -130,6 +130,41 @@ def shard_fully(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bo
                        ignored_params=set(expert_params) or None)  # fmt: skip
 
 
+GRAD_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket (bucket_cap_mb=25)
+
+
+def grad_buckets(nbytes: list[int], cap: int = GRAD_BUCKET_BYTES) -> list[list[int]]:
+    """Consecutive tensors packed greedily into buckets of at most `cap` bytes (a larger
+    tensor alone): the indices of each bucket."""
+    out, size = [], 0
+    for i, n in enumerate(nbytes):
+        if out and size + n <= cap:
+            out[-1].append(i)
+            size += n
+        else:
+            out.append([i])
+            size = n
+    return out
+
+
+def all_reduce_buckets(grads: list[torch.Tensor], group) -> None:
+    """Sum gradients over `group` in place, bucket by bucket (`grad_buckets`): a bucket of one
+    tensor is reduced where it lies, several are copied into one flat tensor and back. Why:
+    one flat copy of all of them (as before) held every expert gradient twice at the sync,
+    15 GiB of Mixtral's 85.8 GiB peak at dp 32 x ep 8; now at most one bucket (sim/cost.py)."""
+    for bucket in grad_buckets([g.numel() * g.element_size() for g in grads]):
+        if len(bucket) == 1 and grads[bucket[0]].is_contiguous():
+            dist.all_reduce(grads[bucket[0]], group=group)
+            continue
+        flat = torch.cat([grads[i].reshape(-1) for i in bucket])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for i in bucket:
+            grads[i].copy_(flat[offset : offset + grads[i].numel()].view_as(grads[i]))
+            offset += grads[i].numel()
+        del flat  # before the next bucket's copy is made
+
+
 def reduce_expert_gradients(model: nn.Module, ctx: DistContext) -> None:
     """Sum expert gradients over the edp group and divide by dp (see the module docstring).
     Gradients FSDP2 already reduced (DTensors, ZeRO-2/3 with edp > 1) are left alone."""
@@ -141,12 +176,7 @@ def reduce_expert_gradients(model: nn.Module, ctx: DistContext) -> None:
     if not grads:
         return
     if ctx.edp_size > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=ctx.edp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        all_reduce_buckets(grads, ctx.edp_group)
     for g in grads:
         g.div_(ctx.dp_size)
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moespec.distributed.data_parallel import expert_parameter_names
+from moespec.distributed.data_parallel import all_reduce_buckets, expert_parameter_names
 
 
 def is_model_parallel(ctx) -> bool:
@@ -33,20 +33,16 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_dense_gradients(model: nn.Module, ctx) -> None:
-    """Average the non-expert gradients over the dp ranks (one flat all-reduce)."""
+    """Average the non-expert gradients over the dp ranks (in buckets, `all_reduce_buckets`)."""
     if ctx.dp_size == 1:
         return
     experts = set(expert_parameter_names(model))
     grads = [_local(p.grad) for name, p in model.named_parameters() if name not in experts and p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=ctx.dp_group)
-    flat.div_(ctx.dp_size)
-    offset = 0
+    all_reduce_buckets(grads, ctx.dp_group)
     for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+        g.div_(ctx.dp_size)
 
 
 def sync_gradients(setup) -> None:

@@ -249,10 +249,11 @@ def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
             mismatched.append(full_name)
         elif grad.shape == expected.shape:
             worst = max(worst, float((grad.cpu() - expected).abs().max()) / scale)
-    from moespec.distributed.state import state_bytes
+    from moespec.distributed.state import count_collectives, state_bytes
 
-    for optimizer in setup.optimizers:  # AdamW's state exists after a step: what a rank holds at rest
-        optimizer.step()
+    with count_collectives() as step_calls:  # ZeRO-1 gathers its parameters after the step
+        for optimizer in setup.optimizers:  # AdamW's state exists after a step: what a rank holds at rest
+            optimizer.step()
     return {
         "rank": ctx.rank,
         "pp_rank": ctx.pp_rank,
@@ -265,6 +266,7 @@ def compare_model_parallel(plan: SpecPlan, ctx, seed: int) -> dict:
         "mismatched": mismatched,
         "max_rel_grad_diff": worst,
         "collectives": {str(k): v for k, v in comm.counts.items()},
+        "optimizer_collectives": dict(step_calls),
     }
 
 

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, base_padded, compute_bytes, expert_rows, weighted_qk_norm, where_any
-from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
+from moespec.sim.counts import FULL, QK_L2, QK_PER_HEAD, SELECTIVE, base_padded, compute_bytes, expert_rows, where_any
+from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch, weighted_qk_norm
 from moespec.spec.stages import PP_SCHEDULES
 
 F32, I64 = 4.0, 8.0

@@ -45,6 +45,7 @@ from moespec.sim.activations import activation_memory
 from moespec.sim.counts import FULL, TP_COLLECTIVES, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes, where_any
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.overhead import ELEMENTWISE_PASSES
+from moespec.sim.tensors import expert_tensors, param_tensors
 from moespec.sim.topology import build_topology
 from moespec.spec.stages import PP_SCHEDULES
 
@@ -214,17 +215,15 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     bottom_dropless_backward = np.where(kept["bottom_moe_point"], held + earlier_grads + np.where(micro_steps > 1, 0.0, expert_grads)
                                         + activations - kept["freed_above_bottom_moe"] + kept["moe_temporaries"], 0.0)  # fmt: skip
     # After backward, expert gradients replicated over the edp group (dp / ep > 1, ZeRO 0/1)
-    # are all-reduced as one flat copy (distributed/data_parallel.py reduce_expert_gradients).
-    flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), 4.0 * state["full_expert"], 0.0)
+    # are all-reduced in buckets, the ones that hold several tensors through a flat copy
+    # (distributed/data_parallel.py all_reduce_buckets).
+    flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), expert_grad_buckets(b)[1], 0.0)
     grad_sync = held + state["grads"] + flat
     optimizer_step = held + state["grads"] + _optimizer_temporaries(b, backend, state)
-    # ZeRO-1 gathers the updated parameters after the step, one group at a time (dense over
-    # dp, experts over their edp replicas), with every gradient still held: its send buffer
-    # (this rank's chunks) and the received [world * chunk] (distributed/zero.py all_gather).
-    edp = b.dp // b.ep
-    gather_buffers = np.maximum(np.where(b.dp > 1, state["full_dense"] / b.dp * (b.dp + 1), 0.0),
-                                np.where(edp > 1, state["full_expert"] / edp * (edp + 1), 0.0))  # fmt: skip
-    zero1_gather = np.where(b.zero_stage == 1, held + state["grads"] + 4.0 * gather_buffers, 0.0)
+    # ZeRO-1 gathers the updated parameters after the step, one tensor at a time, with every
+    # gradient still held: a send buffer (this rank's chunk) and the received [world * chunk]
+    # sized for the largest tensor (distributed/zero.py all_gather).
+    zero1_gather = np.where(b.zero_stage == 1, held + state["grads"] + _zero1_gather_buffers(b), 0.0)
     total = np.maximum.reduce([start_of_backward, top_dropless_backward, bottom_dropless_backward, grad_sync, optimizer_step, zero1_gather])
     allowance = ALLOCATOR_ALLOWANCE * total  # the allocator's slack: counts for `fits`, not in the peak
     return {
@@ -254,20 +253,50 @@ def _optimizer_temporaries(b: DesignBatch, backend: Backend, state: dict) -> np.
     the parameters it steps (half its state). That is torch's `_multi_tensor_adam` as read,
     not yet measured here. A ZeRO stage divides the tensors AdamW sees by the ranks sharing
     them (dense over dp, experts over edp)."""
-    layers = b.table
     if backend.collective_library != "gloo":
         return state["optimizer"] / 2
-    d, tp = b.d_model.astype(np.float64), b.tp.astype(np.float64)
     sharded = b.zero_stage >= 1
     dense_share = np.where(sharded, b.dp, 1).astype(np.float64)
     expert_share = np.where(sharded, np.maximum(b.dp // b.ep, 1), 1).astype(np.float64)
+    bank, split, table = _largest_tensors(b)  # split: a FFN's or attention's largest matrix
+    largest_run = np.maximum(bank / expert_share, split / dense_share)
+    return 4.0 * np.maximum(3 * largest_run, 2 * table / dense_share)
+
+
+GRAD_BUCKET_BYTES = 25 * 2**20  # the runtime's gradient buckets (distributed/data_parallel.py): DDP's default
+
+
+def expert_grad_buckets(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(buckets, bytes of the largest flat copy) of the expert gradients' all-reduce: the
+    runtime packs consecutive tensors up to GRAD_BUCKET_BYTES and copies a bucket only when it
+    holds several. Taken as equal tensors of the largest bank's size (a bank's three are equal;
+    gpt-oss's expert biases are small beside them)."""
+    bank = 4.0 * _largest_tensors(b)[0]
+    tensors = expert_tensors(b).astype(np.float64)
+    per_bucket = np.where(bank > 0, np.maximum(np.floor(GRAD_BUCKET_BYTES / np.maximum(bank, 1.0)), 1.0), 1.0)
+    held = np.minimum(per_bucket, tensors)
+    return np.ceil(tensors / per_bucket), np.where(held >= 2, held * bank, 0.0)
+
+
+def _largest_tensors(b: DesignBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Elements of a rank's largest expert bank tensor, largest FFN or attention matrix, and
+    embedding table (0 for an encoder's part), whole before any ZeRO sharding."""
+    layers = b.table
+    d, tp = b.d_model.astype(np.float64), b.tp.astype(np.float64)
     bank = layers.max_per_design(np.where(layers.moe & (layers.count > 0), layers.experts // layers.lift(b.ep) * layers.lift(d) * layers.expert_d_ff, 0.0), len(b))
     widths = layers.max_per_design(np.where(layers.count > 0, layers.shared_count * layers.shared_d_ff + layers.d_ff, 0.0), len(b))
     widths = np.maximum(widths, np.where(b.dense_blocks > 0, b.d_ff, 0))
-    split = d * np.maximum(widths, b.n_heads * b.head_dim) / tp  # a FFN's or attention's largest matrix
-    table = np.where(b.headless, 0.0, b.vocab * d)
-    largest_run = np.maximum(bank / expert_share, split / dense_share)
-    return 4.0 * np.maximum(3 * largest_run, 2 * table / dense_share)
+    split = d * np.maximum(widths, b.n_heads * b.head_dim) / tp
+    return bank, split, np.where(b.headless, 0.0, b.vocab * d)
+
+
+def _zero1_gather_buffers(b: DesignBatch) -> np.ndarray:
+    """Bytes of ZeRO-1's gather buffers: (W + 1) chunks of the largest tensor of a group of W
+    ranks (dense over dp, experts over dp/ep)."""
+    bank, split, table = _largest_tensors(b)
+    edp = b.dp // b.ep
+    dense = np.where(b.dp > 1, np.maximum(split, table) / b.dp * (b.dp + 1), 0.0)
+    return 4.0 * np.maximum(dense, np.where(edp > 1, bank / np.maximum(edp, 1) * (edp + 1), 0.0))
 
 
 def _block_elements(b: DesignBatch, layers) -> np.ndarray:
@@ -437,10 +466,15 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
         return collectives.time_s("reduce_scatter", sets, np.where(mask & valid & (sets.n > 1), nbytes, 0.0)) * backend.allreduce_scale
 
     ddp, zero1, fsdp = b.zero_stage <= 1, b.zero_stage == 1, b.zero_stage >= 2
-    dense_pass, expert_pass = ring(ddp, dp_sets, dense_bytes), ring(ddp, edp_sets, expert_bytes)
-    dense_ar, expert_ar = 2 * dense_pass, 2 * expert_pass
+    dense_pass = ring(ddp, dp_sets, dense_bytes)
+    buckets = np.maximum(expert_grad_buckets(b)[0], 1.0)  # the expert all-reduce's calls
+    dense_ar, expert_ar = 2 * dense_pass, 2 * buckets * ring(ddp, edp_sets, expert_bytes / buckets)
     allreduce_s = dense_ar + expert_ar
-    gather = np.where(zero1, dense_pass + expert_pass, 0.0)
+    # ZeRO-1: one all-gather per parameter tensor (distributed/zero.py), the latency paid per
+    # tensor and the bytes once, as FSDP2's units below.
+    banks = expert_tensors(b)
+    dense_tensors = np.maximum(param_tensors(b) - banks, 1)
+    gather = dense_tensors * ring(zero1, dp_sets, dense_bytes / dense_tensors) + banks * ring(zero1, edp_sets, expert_bytes / np.maximum(banks, 1))
     # FSDP2: one collective per unit (each block, the root; expert banks over dp/ep apart),
     # so the latency is paid per unit and the bytes once: units * t(bytes / units); a
     # reduce-scatter and one all-gather (two at stage 3) per micro-step.

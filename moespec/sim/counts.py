@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moespec.sim.design import PRECISIONS, QK_NORMS, RECOMPUTE, DesignBatch, LayerTable
+from moespec.sim.tensors import expert_tensors, param_tensors
 from moespec.spec.plan import SpecPlan
 
 FULL, SELECTIVE = RECOMPUTE.index("full"), RECOMPUTE.index("selective")
@@ -54,11 +55,6 @@ def where_any(mask: np.ndarray, value, otherwise):
     if not mask.any():
         return otherwise
     return np.where(mask, value() if callable(value) else value, otherwise)
-
-
-def weighted_qk_norm(b: DesignBatch) -> np.ndarray:
-    """Designs whose QK-norm has weights (full or per head; Llama-4's l2 has none)."""
-    return (b.qk_norm == QK_FULL) | (b.qk_norm == QK_PER_HEAD)
 
 
 def compute_bytes(b: DesignBatch) -> np.ndarray:
@@ -271,8 +267,8 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     calls = transfers * np.where(shuffled, 2, 1) + np.where(dropless, lift(np.where(b.recompute == FULL, 2, 1)), 0)  # + split exchanges
     a2a_calls = total(np.where(on, calls, 0))
 
-    # ZeRO's collectives per optimizer step: stage 1 all-gathers the updated chunks once per
-    # group (dense over dp, experts over dp/ep); FSDP2 (2, 3) gathers every unit's parameters
+    # ZeRO's collectives per optimizer step: stage 1 all-gathers the updated chunks one
+    # parameter at a time (dense over dp, experts over dp/ep); FSDP2 (2, 3) gathers every unit's parameters
     # each micro-step (twice at stage 3: forward and backward) and reduce-scatters its
     # gradients. Units: each block, the root (embeddings, final norm, head), each expert bank
     # when dp/ep > 1.
@@ -280,7 +276,9 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     dp_on, edp_on = b.dp > 1, (b.dp // b.ep > 1) & (b.n_moe_layers > 0)
     units = n_layers + where_any(b.headless, 0, 1) + np.where(edp_on, c(b.n_moe_layers), 0)  # the root is the decoder part's
     fsdp = (b.zero_stage >= 2) & dp_on
-    zero_gathers = np.where((b.zero_stage == 1) & dp_on, 1 + edp_on, np.where(fsdp, units * micro * np.where(b.zero_stage == 3, 2, 1), 0))
+    banks = expert_tensors(b)
+    zero1_gathers = param_tensors(b) - banks + np.where(edp_on, banks, 0)
+    zero_gathers = np.where((b.zero_stage == 1) & dp_on, zero1_gathers, np.where(fsdp, units * micro * np.where(b.zero_stage == 3, 2, 1), 0))
     zero_reduce_scatters = np.where(fsdp, units * micro, 0)
 
     # Model FLOPs per token, for MFU: 6 per active matmul parameter (the embedding lookup is no

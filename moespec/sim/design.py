@@ -46,6 +46,11 @@ _MOE_PLACEHOLDER = {"experts": 1, "expert_d_ff": 0, "expert_bias": False, "gate_
                     "dropless": True, "balanced": False, "shuffle": False, "sinkhorn_iterations": 0}  # fmt: skip
 
 
+def weighted_qk_norm(b) -> np.ndarray:
+    """Designs whose QK-norm has weights (full or per head; Llama-4's l2 has none)."""
+    return (b.qk_norm == QK_NORMS.index("full")) | (b.qk_norm == QK_NORMS.index("per_head"))
+
+
 def _column(name: str, values) -> np.ndarray:
     dtype = bool if name in _BOOL_FIELDS else np.float64 if name in _FLOAT_FIELDS else np.int64
     return np.array(values, dtype=dtype)  # a copy: a batch never aliases the caller's arrays

@@ -168,6 +168,7 @@ def _busiest_stage(report: dict, plan: SpecPlan, backend: Backend) -> None:
     for kind in TP_COLLECTIVES:
         for unit in ("calls", "bytes"):
             report[f"tp_{kind}_{unit}_per_rank_microstep"] = max(r[f"tp_{kind}_{unit}"] for r in stages["ranks"])
+    report["collective_calls_per_step"]["all_gather"] = max(r["zero_all_gather_calls"] for r in stages["ranks"])  # ZeRO-1: one per tensor of the rank's stages
     report["pipeline"] = {"schedule": plan.parallel.pp_schedule, "stages": stages["bounds"], "ranks": stages["ranks"],
                           "note": "per-rank counts and state: the pipeline rank with the most; activations and times: the average stage"}  # fmt: skip
 

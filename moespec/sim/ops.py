@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.counts import FULL, QK_L2, SELECTIVE, attention_linears, base_padded, compute_bytes, expert_rows, weighted_qk_norm
-from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
+from moespec.sim.counts import FULL, QK_L2, SELECTIVE, attention_linears, base_padded, compute_bytes, expert_rows
+from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch, weighted_qk_norm
 from moespec.sim.opdb import OpDatabase
+from moespec.sim.tensors import trained_tensors
 
 FP32 = PRECISIONS.index("fp32")
 
@@ -83,32 +84,6 @@ GATHER_PASSES = 8  # dispatch + combine, forward and backward: each [rows, D] re
 KERNEL_GATHER_PASSES = 10  # the dropless kernel's: gather, scatter; backward two gathers and a scatter
 OPTIMIZER_OPS_PER_TENSOR = 10  # clip's norm and scale, AdamW's lerp, mul, addcmul, sqrt, div, addcdiv...
 OPTIMIZER_OPS = 8
-
-
-def param_tensors(b: DesignBatch) -> np.ndarray:
-    """Parameter tensors of the built model (each one costs AdamW and clipping its ops)."""
-    layers = b.table
-    norm = np.where(b.norm_bias, 2, 1)
-    matrices = np.where(b.gated, 3, 2)
-    # attention Linears: q, k, v, o; MLA: q (or q_a, its norm, q_b), kv_a, its norm, kv_b, o
-    attention = np.where(b.mla, 3 + norm + np.where(b.q_lora_rank > 0, 2 + norm, 1), 4)
-    block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + b.sinks + 2 * norm + np.where(weighted_qk_norm(b), 2 * norm, 0)
-    moe = layers.lift(matrices) * (1 + (layers.shared_count > 0) + layers.expert_bias) + layers.router_matrices + layers.router_bias + layers.selection_bias \
-        + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
-    groups = np.where(layers.moe, moe, layers.lift(matrices))
-    block = block + np.where(b.cross_len > 0, 4 + norm, 0)  # cross-attention's q, k, v, o and norm
-    block = np.where(b.lstm, 4, block)  # an LSTM layer: weight_ih, weight_hh, their biases; no norms
-    root = np.where(b.headless, 0, 1 + (1 - b.tied) + b.lm_head_bias) + b.learned_positions + (b.rel_buckets > 0) + np.where(b.lstm, 0, norm)
-    encoder = 0 if b.encoder is None else param_tensors(b.encoder)
-    dense_ffn = np.where(b.d_ff > 0, matrices, 0)  # an LSTM host's plain blocks have no FFN
-    groups = np.where(layers.moe | (layers.d_ff > 0), groups, 0)
-    return root + b.n_layers * block + b.dense_blocks * dense_ffn + layers.per_design(layers.count * groups, len(b)) + encoder
-
-
-def trained_tensors(b: DesignBatch) -> np.ndarray:
-    """`param_tensors` less the frozen ones (ERNIE's score correction): what clipping and AdamW touch."""
-    frozen = sum(part.table.per_design(part.table.count * part.table.selection_bias, len(b)) for part in ([b] if b.encoder is None else [b, b.encoder]))
-    return param_tensors(b) - frozen
 
 
 def optimizer_s(b: DesignBatch, db: OpDatabase, params_held: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from moespec.spec.stages import rank_stages, stage_bounds, stages_per_rank
 # additive figures split by block: name in exact_counts (or "sharded" for ZeRO's row chunks)
 _TP = tuple(f"tp_{kind}_{unit}" for kind in TP_COLLECTIVES for unit in ("calls", "bytes"))
 _FIGURES = ("params_total", "params_active", "expert_params", "tp_saved_params", "tp_saved_flops", "step_flops", "flops_lm_head",
-            *_TP, "frozen_params", "sharded", "frozen_sharded")  # fmt: skip
+            *_TP, "frozen_params", "zero_all_gather_calls", "sharded", "frozen_sharded")  # fmt: skip
 
 
 def _one_block(plan: SpecPlan, i: int) -> SpecPlan:
@@ -117,6 +117,8 @@ def busiest_rank(plan: SpecPlan) -> dict:
     embedding = m.vocab_size * m.d_model + (m.seq_len * m.d_model if m.positions == "learned" else 0)
     chunk = lambda rows, width: _chunk(rows, width, p.dp)  # noqa: E731  (FSDP2's Shard(0) over dp, counts.py's)
     embedding_sharded = chunk(m.vocab_size, m.d_model) + (chunk(m.seq_len, m.d_model) if m.positions == "learned" else 0)
+    embedding_tensors = 1 + (m.positions == "learned")
+    gathers = p.zero_stage == 1 and p.dp > 1
     ranks = []
     for stages in rank_stages(plan):
         fig = {name: 0 for name in _FIGURES}
@@ -129,9 +131,12 @@ def busiest_rank(plan: SpecPlan) -> dict:
             if s == 0:
                 fig["params_total"] += embedding
                 fig["sharded"] += embedding_sharded
+                fig["zero_all_gather_calls"] += embedding_tensors if gathers else 0
             if s == n_stages - 1:  # final norm and head: the outer part less the embeddings, and a tied head's table
                 tied = m.vocab_size * m.d_model if m.tied_embeddings else 0
                 fig["params_total"] += outer["params_total"] - embedding + tied
+                if gathers:  # ZeRO-1 gathers each parameter tensor (the tied table's copy too)
+                    fig["zero_all_gather_calls"] += outer["zero_all_gather_calls"] - embedding_tensors + m.tied_embeddings
                 fig["sharded"] += outer["sharded"] - embedding_sharded + (chunk(m.vocab_size, m.d_model) if m.tied_embeddings else 0)
                 for name in ("step_flops", "flops_lm_head"):
                     fig[name] += outer[name]
@@ -145,6 +150,7 @@ def busiest_rank(plan: SpecPlan) -> dict:
             "grads_bytes": 4 * int(trainable),
             "optimizer_bytes": int(round(8 * (sharded - fig["frozen_sharded"]))) if p.zero_stage >= 1 else 8 * int(trainable),
             "step_flops": int(fig["step_flops"] - fig["tp_saved_flops"]),
+            "zero_all_gather_calls": int(fig["zero_all_gather_calls"]),
             **{name: int(fig[name]) for name in _TP},
         })  # fmt: skip
     by_params = max(ranks, key=lambda r: r["params_bytes"])
