@@ -118,7 +118,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     core = np.where(b.recompute == SELECTIVE, core - b.micro_batch * b.n_heads * b.seq_len * F32, core)
     # Partial RoPE concatenates q and k in [B, H, S] order, so SDPA's output comes out in that
     # layout too and o_proj's input is a copy of it (full RoPE keeps q's [B, S, H] layout).
-    core = core + np.where((b.rope_dim > 0) & (b.rope_dim < b.head_dim), t * hq * c, 0.0)
+    core = core + where_any((b.rope_dim > 0) & (b.rope_dim < b.head_dim), lambda: t * hq * c, 0.0)
     # T5's relative bias (model/encoder_decoder.py) sends SDPA down its math path: no
     # logsumexp, the probabilities [B, H, S, S] instead (float32 from autocast's softmax, and
     # their copy in the compute dtype for the values' matmul), o_proj's input a copy.
@@ -136,19 +136,24 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
         core = np.where(math_path & ~b.sinks & ~b.mla, math_core(), core)
     # QK-norm (in float32): each of q and k keeps its input and, RMSNorm, the normalised
     # product, with one statistic per row (per token, or per token and head).
-    qk_width = t * (hq + hkv)
-    qk_rows = np.where(b.qk_norm == QK_PER_HEAD, t * (b.n_heads + b.n_kv_heads), 2 * t)
-    qk = np.where(b.layernorm, qk_width * F32 + 2 * qk_rows * F32, 2 * qk_width * F32 + qk_rows * F32)
+    def qk_norms():
+        qk_width = t * (hq + hkv)
+        qk_rows = np.where(b.qk_norm == QK_PER_HEAD, t * (b.n_heads + b.n_kv_heads), 2 * t)
+        return np.where(b.layernorm, qk_width * F32 + 2 * qk_rows * F32, 2 * qk_width * F32 + qk_rows * F32) / tp
     # Attention sinks (layers.py AttentionCore): SDPA keeps q and k, v with a channel and
     # (k, v) a key more, its output a channel wider, the mask as floats [S, 1+S] (the compute
     # dtype's); o_proj's
     # input is a copy of the output's first head_dim channels.
     s = b.seq_len.astype(np.float64)
-    kv_rows = b.micro_batch * (s + 1) * b.n_kv_heads
-    sink_core = (2 * t * b.n_heads * (b.head_dim + 1) + 2 * kv_rows * (b.head_dim + 1) + t * hq) * c \
-        + b.micro_batch * b.n_heads * s * F32  # fmt: skip
-    core = np.where(b.sinks, sink_core / tp + s * (s + 1) * c, core / tp)  # per head: a tp rank's heads (the sinks' mask whole)
-    attention = 2 * norm / seq + np.where(b.mla, _latent_attention(b, t, td, c, half), attn_inputs + core) + np.where(weighted_qk_norm(b), qk / tp, 0.0)  # both norms of the block
+
+    def sink_core():
+        kv_rows = b.micro_batch * (s + 1) * b.n_kv_heads
+        kept = (2 * t * b.n_heads * (b.head_dim + 1) + 2 * kv_rows * (b.head_dim + 1) + t * hq) * c + b.micro_batch * b.n_heads * s * F32
+        return kept / tp + s * (s + 1) * c
+
+    core = where_any(b.sinks, sink_core, core / tp)  # per head: a tp rank's heads (the sinks' mask whole)
+    attention = 2 * norm / seq + where_any(b.mla, lambda: _latent_attention(b, t, td, c, half), attn_inputs + core) \
+        + where_any(weighted_qk_norm(b), qk_norms, 0.0)  # both norms of the block  # fmt: skip
     # An LSTM layer (model/lstm_host.py) keeps per step its four gate activations, the cell
     # state and tanh of it in float32, and the output as the next step's recurrent input (in
     # the compute dtype); and its input for the input projection.
@@ -252,22 +257,24 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     simple = (b.recompute != FULL) & (b.pp == 1) & (b.cross_len == 0) & ~b.headless & (b.encoder is None)
     # With autocast each block's bf16 weight copies go too (its attention's: what is left of
     # the blocks' copies once the FFNs' are taken out).
-    matrices = np.where(b.gated, 3, 2).astype(np.float64)
-    dense_copy = np.where(half, matrices * d * b.d_ff * 2 / tp, 0.0)
-    moe_copy = np.where(layers.lift(half) & layers.moe, layers.lift(matrices * d) * 2 * (layers.experts // layers.lift(b.ep) * layers.expert_d_ff
-                        + layers.shared_count * layers.shared_d_ff / layers.lift(tp)), 0.0)  # fmt: skip
-    ffn_copies = b.dense_blocks * dense_copy + layers.per_design(layers.count * moe_copy, n)
-    attention_copy = np.where(half, np.maximum(block_copies - ffn_copies, 0.0) / np.maximum(b.n_layers, 1), 0.0)
-    dense_block = attention + attention_copy + dense + dense_copy
-    freed_above = np.where(simple, b.above_top_moe * dense_block, 0.0)
-    # The first (lowest) MoE layer's backward: every block above it has freed its part too,
-    # the other MoE blocks (in unlike groups, all but the largest: an upper bound) and the
-    # dense blocks between them. Counted where every MoE layer is dropless (sim/cost.py).
-    moe_blocks = np.where(layers.moe & (layers.count > 0), per_group + moe_copy, 0.0)
+    dense_copy = moe_copy = attention_copy = 0.0
+    if half.any():
+        matrices_d = np.where(b.gated, 3.0, 2.0) * d
+        dense_copy = half * (matrices_d * b.d_ff * 2 / tp)
+        moe_copy = (hl & layers.moe) * (layers.lift(2 * matrices_d) * (layers.experts // layers.lift(b.ep) * layers.expert_d_ff
+                                                                       + layers.shared_count * layers.shared_d_ff / layers.lift(tp)))  # fmt: skip
+        ffn_copies = b.dense_blocks * dense_copy + layers.per_design(layers.count * moe_copy, n)
+        attention_copy = half * np.maximum(block_copies - ffn_copies, 0.0) / np.maximum(b.n_layers, 1)
+    block_attention, block_ffn = attention + attention_copy, dense + dense_copy
+    freed_above = simple * (b.above_top_moe * (block_attention + block_ffn))
+    # The first (lowest) MoE layer's backward: every block above it has freed its part too:
+    # the attention of every block from it to the last MoE block, the other MoE blocks' FFNs
+    # (in unlike groups, all but the largest: an upper bound) and the dense FFNs between them.
+    # Counted where every MoE layer is dropless (sim/cost.py).
+    moe_blocks = (layers.moe & (layers.count > 0)) * (per_group + moe_copy)
     other_moe = layers.per_design(layers.count * moe_blocks, n) - layers.max_per_design(moe_blocks, n)
     between = np.maximum(b.moe_span - (b.n_moe_layers - 1), 0)  # dense blocks among the MoE ones
-    moe_attention = np.maximum(b.moe_span - between, 0) * (attention + attention_copy)
-    freed_above_bottom = freed_above + np.where(simple, moe_attention + other_moe + between * dense_block, 0.0)
+    freed_above_bottom = freed_above + simple * (b.moe_span * block_attention + between * block_ffn + other_moe)
     all_dropless = layers.max_per_design(layers.moe & (layers.count > 0) & ~layers.dropless, n) == 0
     loss_temporaries = where_any(b.headless, 0.0, 2 * t * v * F32 + np.where(half, t * v * 2, 0.0))
     parted = b.encoder is not None or b.headless.any()  # an encoder-decoder's parts: one block replays at a time in the two

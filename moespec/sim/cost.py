@@ -45,7 +45,6 @@ from moespec.sim.activations import activation_memory
 from moespec.sim.counts import FULL, TP_COLLECTIVES, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes, where_any
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.overhead import ELEMENTWISE_PASSES
-from moespec.sim.tensors import expert_tensors, param_tensors
 from moespec.sim.topology import build_topology
 from moespec.spec.stages import PP_SCHEDULES
 
@@ -105,11 +104,17 @@ class CollectiveCosts:
     def time_s(self, kind: str, sets: RankSets, nbytes: np.ndarray) -> np.ndarray:
         """`kind` (a2a, all_reduce, all_gather, reduce_scatter) of `nbytes` (collectives.py's
         meaning for that kind) over each design's rank set; 0 where nothing is sent."""
+        latency_s, s_per_byte = self.affine(kind, sets)
+        return np.where(nbytes > 0, latency_s + nbytes * s_per_byte, 0.0)
+
+    def affine(self, kind: str, sets: RankSets) -> tuple[np.ndarray, np.ndarray]:
+        """(latency_s, s_per_byte) of `kind` over each design's rank set: a term of several
+        calls of the same set costs one lookup (calls * latency_s + bytes * s_per_byte)."""
         latency_s, s_per_byte = np.zeros(len(sets.keys)), np.zeros(len(sets.keys))
         for i, (stride, n) in enumerate(sets.keys):
             if stride * (n - 1) < self.backend.num_devices:  # a set past the backend: only invalid designs
                 latency_s[i], s_per_byte[i] = self._fit(kind, int(stride), int(n))
-        return np.where(nbytes > 0, latency_s[sets.index] + nbytes * s_per_byte[sets.index], 0.0)
+        return latency_s[sets.index], s_per_byte[sets.index]
 
     def all_to_all_s(self, ep: np.ndarray, bytes_per_pair: np.ndarray) -> np.ndarray:
         """all_to_all_time_s over ranks 0..ep-1 (an expert-parallel group)."""
@@ -161,6 +166,8 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
     out = exact_counts(batch)
     state = state_bytes(batch, out)
     state["elementwise_activations"] = elementwise_activation_bytes(batch)
+    state["largest_tensors"] = _largest_tensors(batch)  # (expert bank, FFN/attention matrix, table) elements
+    state["expert_buckets"] = expert_grad_buckets(state["largest_tensors"][0], out["expert_tensors"])
     out.update({f"state_{name}_bytes": state[name] for name in ("params", "grads", "optimizer")})
     out.update(_memory(batch, backend, out, state))
     out.update(_time(batch, backend, out, state, collectives, overlap=overlap, imbalance=imbalance, a2a_imbalance=a2a_imbalance))
@@ -217,13 +224,13 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     # After backward, expert gradients replicated over the edp group (dp / ep > 1, ZeRO 0/1)
     # are all-reduced in buckets, the ones that hold several tensors through a flat copy
     # (distributed/data_parallel.py all_reduce_buckets).
-    flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), expert_grad_buckets(b)[1], 0.0)
+    flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), state["expert_buckets"][1], 0.0)
     grad_sync = held + state["grads"] + flat
     optimizer_step = held + state["grads"] + _optimizer_temporaries(b, backend, state)
     # ZeRO-1 gathers the updated parameters after the step, one tensor at a time, with every
     # gradient still held: a send buffer (this rank's chunk) and the received [world * chunk]
     # sized for the largest tensor (distributed/zero.py all_gather).
-    zero1_gather = np.where(b.zero_stage == 1, held + state["grads"] + _zero1_gather_buffers(b), 0.0)
+    zero1_gather = np.where(b.zero_stage == 1, held + state["grads"] + _zero1_gather_buffers(b, state["largest_tensors"]), 0.0)
     total = np.maximum.reduce([start_of_backward, top_dropless_backward, bottom_dropless_backward, grad_sync, optimizer_step, zero1_gather])
     allowance = ALLOCATOR_ALLOWANCE * total  # the allocator's slack: counts for `fits`, not in the peak
     return {
@@ -258,7 +265,7 @@ def _optimizer_temporaries(b: DesignBatch, backend: Backend, state: dict) -> np.
     sharded = b.zero_stage >= 1
     dense_share = np.where(sharded, b.dp, 1).astype(np.float64)
     expert_share = np.where(sharded, np.maximum(b.dp // b.ep, 1), 1).astype(np.float64)
-    bank, split, table = _largest_tensors(b)  # split: a FFN's or attention's largest matrix
+    bank, split, table = state["largest_tensors"]  # split: a FFN's or attention's largest matrix
     largest_run = np.maximum(bank / expert_share, split / dense_share)
     return 4.0 * np.maximum(3 * largest_run, 2 * table / dense_share)
 
@@ -266,13 +273,13 @@ def _optimizer_temporaries(b: DesignBatch, backend: Backend, state: dict) -> np.
 GRAD_BUCKET_BYTES = 25 * 2**20  # the runtime's gradient buckets (distributed/data_parallel.py): DDP's default
 
 
-def expert_grad_buckets(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
+def expert_grad_buckets(bank_elements: np.ndarray, bank_tensors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(buckets, bytes of the largest flat copy) of the expert gradients' all-reduce: the
     runtime packs consecutive tensors up to GRAD_BUCKET_BYTES and copies a bucket only when it
     holds several. Taken as equal tensors of the largest bank's size (a bank's three are equal;
     gpt-oss's expert biases are small beside them)."""
-    bank = 4.0 * _largest_tensors(b)[0]
-    tensors = expert_tensors(b).astype(np.float64)
+    bank = 4.0 * bank_elements
+    tensors = np.asarray(bank_tensors).astype(np.float64)
     per_bucket = np.where(bank > 0, np.maximum(np.floor(GRAD_BUCKET_BYTES / np.maximum(bank, 1.0)), 1.0), 1.0)
     held = np.minimum(per_bucket, tensors)
     return np.ceil(tensors / per_bucket), np.where(held >= 2, held * bank, 0.0)
@@ -290,10 +297,10 @@ def _largest_tensors(b: DesignBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return bank, split, np.where(b.headless, 0.0, b.vocab * d)
 
 
-def _zero1_gather_buffers(b: DesignBatch) -> np.ndarray:
+def _zero1_gather_buffers(b: DesignBatch, largest: tuple) -> np.ndarray:
     """Bytes of ZeRO-1's gather buffers: (W + 1) chunks of the largest tensor of a group of W
-    ranks (dense over dp, experts over dp/ep)."""
-    bank, split, table = _largest_tensors(b)
+    ranks (dense over dp, experts over dp/ep). largest: `_largest_tensors(b)`."""
+    bank, split, table = largest
     edp = b.dp // b.ep
     dense = np.where(b.dp > 1, np.maximum(split, table) / b.dp * (b.dp + 1), 0.0)
     return 4.0 * np.maximum(dense, np.where(edp > 1, bank / np.maximum(edp, 1) * (edp + 1), 0.0))
@@ -461,27 +468,29 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     dense_bytes, expert_bytes = 4 * dense, 4 * expert
 
     # On a ring (collectives.py) an all-gather and a reduce-scatter are one pass of n-1 steps
-    # of bytes/n, an all-reduce two such passes: every term below is a multiple of `ring`.
-    def ring(mask, sets, nbytes):
-        return collectives.time_s("reduce_scatter", sets, np.where(mask & valid & (sets.n > 1), nbytes, 0.0)) * backend.allreduce_scale
+    # of bytes/n, an all-reduce two such passes: every term below is a multiple of `ring`,
+    # `calls` collectives moving `nbytes` in all (each call's latency, the bytes once).
+    fits = {id(sets): collectives.affine("reduce_scatter", sets) for sets in (dp_sets, edp_sets)}
+
+    def ring(mask, sets, nbytes, calls=1.0):
+        latency_s, s_per_byte = fits[id(sets)]
+        return np.where(mask & valid & (sets.n > 1) & (nbytes > 0), calls * latency_s + nbytes * s_per_byte, 0.0) * backend.allreduce_scale
 
     ddp, zero1, fsdp = b.zero_stage <= 1, b.zero_stage == 1, b.zero_stage >= 2
-    dense_pass = ring(ddp, dp_sets, dense_bytes)
-    buckets = np.maximum(expert_grad_buckets(b)[0], 1.0)  # the expert all-reduce's calls
-    dense_ar, expert_ar = 2 * dense_pass, 2 * buckets * ring(ddp, edp_sets, expert_bytes / buckets)
+    # Gradients are all-reduced in 25 MiB buckets: DDP's, and the runtime's for the expert
+    # gradients and for the dense ones under tp or pp (distributed/data_parallel.py).
+    dense_ar = 2 * ring(ddp, dp_sets, dense_bytes, np.maximum(np.ceil(dense_bytes / GRAD_BUCKET_BYTES), 1.0))
+    expert_ar = 2 * ring(ddp, edp_sets, expert_bytes, np.maximum(state["expert_buckets"][0], 1.0))
     allreduce_s = dense_ar + expert_ar
-    # ZeRO-1: one all-gather per parameter tensor (distributed/zero.py), the latency paid per
-    # tensor and the bytes once, as FSDP2's units below.
-    banks = expert_tensors(b)
-    dense_tensors = np.maximum(param_tensors(b) - banks, 1)
-    gather = dense_tensors * ring(zero1, dp_sets, dense_bytes / dense_tensors) + banks * ring(zero1, edp_sets, expert_bytes / np.maximum(banks, 1))
-    # FSDP2: one collective per unit (each block, the root; expert banks over dp/ep apart),
-    # so the latency is paid per unit and the bytes once: units * t(bytes / units); a
+    # ZeRO-1: one all-gather per parameter tensor (distributed/zero.py).
+    banks = counts["expert_tensors"]
+    gather = ring(zero1, dp_sets, dense_bytes, np.maximum(counts["param_tensors"] - banks, 1)) + ring(zero1, edp_sets, expert_bytes, banks)
+    # FSDP2: one collective per unit (each block, the root; expert banks over dp/ep apart); a
     # reduce-scatter and one all-gather (two at stage 3) per micro-step.
     passes = np.where(b.zero_stage == 3, 3, 2)
     units = np.maximum(sum(part.n_layers for part in parts(b)) + 1, 1)
-    banks = np.maximum(sum(part.n_moe_layers for part in parts(b)), 1)
-    fsdp_s = passes * micro_steps * (units * ring(fsdp, dp_sets, dense_bytes / units) + banks * ring(fsdp, edp_sets, expert_bytes / banks))
+    units_banks = np.maximum(sum(part.n_moe_layers for part in parts(b)), 1)
+    fsdp_s = passes * micro_steps * (ring(fsdp, dp_sets, dense_bytes, units) + ring(fsdp, edp_sets, expert_bytes, units_banks))
     zero_s = gather + fsdp_s
     # DDP overlaps the dense all-reduce with backward; with tp or pp the runtime reduces the
     # dense gradients in one flat all-reduce after the schedule (distributed/model_parallel.py)

@@ -39,22 +39,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moespec.sim.design import PRECISIONS, QK_NORMS, RECOMPUTE, DesignBatch, LayerTable
+from moespec.sim.design import PRECISIONS, QK_NORMS, RECOMPUTE, DesignBatch, LayerTable, where_any
 from moespec.sim.tensors import expert_tensors, param_tensors
 from moespec.spec.plan import SpecPlan
 
 FULL, SELECTIVE = RECOMPUTE.index("full"), RECOMPUTE.index("selective")
 QK_FULL, QK_PER_HEAD, QK_L2 = QK_NORMS.index("full"), QK_NORMS.index("per_head"), QK_NORMS.index("l2")
 EXACT_LIMIT = 2.0**62  # int64 counts at or above this are returned as float64
-
-
-def where_any(mask: np.ndarray, value, otherwise):
-    """np.where for the masks only the newer hosts set (an LSTM host, an encoder-decoder's
-    parts): a batch where none is set (every sweep) pays no pass over its designs. `value`
-    may be a callable, then it is only computed when needed."""
-    if not mask.any():
-        return otherwise
-    return np.where(mask, value() if callable(value) else value, otherwise)
 
 
 def compute_bytes(b: DesignBatch) -> np.ndarray:
@@ -276,8 +267,8 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     dp_on, edp_on = b.dp > 1, (b.dp // b.ep > 1) & (b.n_moe_layers > 0)
     units = n_layers + where_any(b.headless, 0, 1) + np.where(edp_on, c(b.n_moe_layers), 0)  # the root is the decoder part's
     fsdp = (b.zero_stage >= 2) & dp_on
-    banks = expert_tensors(b)
-    zero1_gathers = param_tensors(b) - banks + np.where(edp_on, banks, 0)
+    tensors, banks = param_tensors(b), expert_tensors(b)
+    zero1_gathers = tensors - banks + np.where(edp_on, banks, 0)
     zero_gathers = np.where((b.zero_stage == 1) & dp_on, zero1_gathers, np.where(fsdp, units * micro * np.where(b.zero_stage == 3, 2, 1), 0))
     zero_reduce_scatters = np.where(fsdp, units * micro, 0)
 
@@ -293,7 +284,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     result = {
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
-        "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
+        "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "param_tensors": c(tensors), "expert_tensors": c(banks), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
         "model_flops_per_seq": model_flops_per_seq, "frozen_params": total(np.where(layers.selection_bias, e, 0)),
         "tp_saved_params": tp_saved_params, "tp_saved_flops": tp_saved_flops, "tp_all_reduce_calls": c(tp_all_reduces),
         "tp_all_reduce_bytes": c(tp_all_reduce_bytes), "tp_all_gather_calls": c(tp_all_gathers),

@@ -46,6 +46,15 @@ _MOE_PLACEHOLDER = {"experts": 1, "expert_d_ff": 0, "expert_bias": False, "gate_
                     "dropless": True, "balanced": False, "shuffle": False, "sinkhorn_iterations": 0}  # fmt: skip
 
 
+def where_any(mask: np.ndarray, value, otherwise):
+    """np.where for the masks only the newer hosts set (an LSTM host, an encoder-decoder's
+    parts): a batch where none is set (every sweep) pays no pass over its designs. `value`
+    may be a callable, then it is only computed when needed."""
+    if not mask.any():
+        return otherwise
+    return np.where(mask, value() if callable(value) else value, otherwise)
+
+
 def weighted_qk_norm(b) -> np.ndarray:
     """Designs whose QK-norm has weights (full or per head; Llama-4's l2 has none)."""
     return (b.qk_norm == QK_NORMS.index("full")) | (b.qk_norm == QK_NORMS.index("per_head"))

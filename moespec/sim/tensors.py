@@ -6,26 +6,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from moespec.sim.design import DesignBatch, weighted_qk_norm
+from moespec.sim.design import DesignBatch, weighted_qk_norm, where_any
 
 
 def param_tensors(b: DesignBatch) -> np.ndarray:
-    """Parameter tensors of the built model (each one costs AdamW and clipping its ops)."""
+    """Parameter tensors of the built model (each one costs AdamW and clipping their ops).
+    Booleans count as 0/1; the rarer kinds (MLA, cross-attention, LSTM) only where present."""
     layers = b.table
-    norm = np.where(b.norm_bias, 2, 1)
-    matrices = np.where(b.gated, 3, 2)
+    norm = 1 + b.norm_bias.astype(np.int64)
+    matrices = 2 + b.gated.astype(np.int64)
     # attention Linears: q, k, v, o; MLA: q (or q_a, its norm, q_b), kv_a, its norm, kv_b, o
-    attention = np.where(b.mla, 3 + norm + np.where(b.q_lora_rank > 0, 2 + norm, 1), 4)
-    block = attention + np.where(b.qkv_bias, 3, 0) + b.out_bias + b.sinks + 2 * norm + np.where(weighted_qk_norm(b), 2 * norm, 0)
-    moe = layers.lift(matrices) * (1 + (layers.shared_count > 0) + layers.expert_bias) + layers.router_matrices + layers.router_bias + layers.selection_bias \
-        + ((layers.shared_count > 0) & layers.shared_gate)  # fmt: skip
-    groups = np.where(layers.moe, moe, layers.lift(matrices))
-    block = block + np.where(b.cross_len > 0, 4 + norm, 0)  # cross-attention's q, k, v, o and norm
-    block = np.where(b.lstm, 4, block)  # an LSTM layer: weight_ih, weight_hh, their biases; no norms
-    root = np.where(b.headless, 0, 1 + (1 - b.tied) + b.lm_head_bias) + b.learned_positions + (b.rel_buckets > 0) + np.where(b.lstm, 0, norm)
+    attention = where_any(b.mla, lambda: np.where(b.mla, 3 + norm + np.where(b.q_lora_rank > 0, 2 + norm, 1), 4), 4)
+    block = attention + 3 * b.qkv_bias + b.out_bias + b.sinks + 2 * norm + 2 * norm * weighted_qk_norm(b)
+    shared = layers.shared_count > 0
+    moe = layers.lift(matrices) * (1 + shared + layers.expert_bias) + layers.router_matrices + layers.router_bias + layers.selection_bias \
+        + (shared & layers.shared_gate)  # fmt: skip
+    groups = np.where(layers.moe, moe, layers.lift(matrices)) * (layers.moe | (layers.d_ff > 0))
+    block = block + where_any(b.cross_len > 0, lambda: (b.cross_len > 0) * (4 + norm), 0)  # cross-attention's q, k, v, o and norm
+    block = where_any(b.lstm, lambda: np.where(b.lstm, 4, block), block)  # an LSTM layer: weight_ih, weight_hh, their biases; no norms
+    root = ~b.headless * (2 - b.tied + b.lm_head_bias) + b.learned_positions + (b.rel_buckets > 0) + ~b.lstm * norm
     encoder = 0 if b.encoder is None else param_tensors(b.encoder)
-    dense_ffn = np.where(b.d_ff > 0, matrices, 0)  # an LSTM host's plain blocks have no FFN
-    groups = np.where(layers.moe | (layers.d_ff > 0), groups, 0)
+    dense_ffn = matrices * (b.d_ff > 0)  # an LSTM host's plain blocks have no FFN
     return root + b.n_layers * block + b.dense_blocks * dense_ffn + layers.per_design(layers.count * groups, len(b)) + encoder
 
 
