@@ -63,7 +63,7 @@ parallelism: {tp: 2, micro_batch: 2, global_batch: 2}
 WORLD_4 = [
     ("tp2-dp2", case("tiny-topk.yaml", tp=2, dp=2, micro_batch=2, global_batch=4)),
     ("pp2-ep2", case("tiny-ep.yaml", pp=2, dp=2, ep=2, micro_batch=2, global_batch=8)),
-    # ZeRO-1 under a pipeline: each rank gathers its own stage's parameters, one call per tensor
+    # ZeRO-1 under a pipeline: each rank gathers its own stages' parameters, one call per unit
     ("pp2-dp2-zero1-tied", case("tiny-topk.yaml", tied=True, pp=2, dp=2, zero_stage=1, micro_batch=2, global_batch=8)),
     ("tp2-pp2", case("tiny-topk.yaml", tp=2, pp=2, micro_batch=2, global_batch=4)),
     # sequence parallelism across a stage boundary (stages exchange [B, S/tp, D]), and beside ep
@@ -155,8 +155,9 @@ def test_tp_pp_dp_ep_combinations_on_4_ranks_equal_single_process(tmp_path):
         else:
             expected = simulate(plan, load_backend("h100-cluster-4n"))["state_bytes_per_rank"]
         assert result["state_bytes"] == expected, (result["case"], result["rank"])
-        # ZeRO-1's all-gathers after the step: one per parameter tensor of the rank's stages
-        # (the last stage's copy of the tied table too); simulate reports the busiest rank's
+        # ZeRO-1's all-gathers after the step: one per unit of the rank's stages (each block,
+        # and the embeddings or the final norm and head with the tied table's copy); simulate
+        # reports the busiest rank's
         gathers = busiest_rank(plan)["ranks"][result["pp_rank"]]["zero_all_gather_calls"] if plan.parallel.pp > 1 else None
         if plan.parallel.zero_stage == 1:
             assert result["optimizer_collectives"]["all_gather"] == gathers > 0, (result["case"], result["rank"])

@@ -18,6 +18,7 @@ gradients, in the chunks `zero.py` defines):
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -273,13 +274,22 @@ def build_optimizers(model: nn.Module, plan, ctx: DistContext | None, **adamw) -
     from moespec.distributed.zero import ZeroAdamW, expert_shard_dim
     from moespec.model.experts import ExpertBank
 
-    experts, expert_dims = [], []
+    # One group per unit, as FSDP2's (`shard_fully`): each block's dense parameters, the
+    # model's other dense parameters (embeddings, final norms, head), each expert bank. The
+    # gather after the step then holds one unit at a time (zero.py) in a call per unit.
+    groups, expert_ids = [], set()
     for bank in model.modules():
         if isinstance(bank, ExpertBank):
             params = list(bank.parameters())
-            experts += params
-            expert_dims += [expert_shard_dim(bank.n_experts, ctx.edp_size)] * len(params)
-    expert_ids = {id(p) for p in experts}
-    dense = [p for p in model.parameters() if id(p) not in expert_ids]
-    groups = [(dense, [0] * len(dense), ctx.dp_group), (experts, expert_dims, ctx.edp_group)]
+            expert_ids.update(id(p) for p in params)
+            groups.append((params, [expert_shard_dim(bank.n_experts, ctx.edp_size)] * len(params), ctx.edp_group))
+    dense_units: dict[str, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if id(param) not in expert_ids:
+            block = _BLOCK.search(name)
+            dense_units.setdefault(block.group(0) if block else "", []).append(param)
+    groups = [(params, [0] * len(params), ctx.dp_group) for params in dense_units.values()] + groups
     return [ZeroAdamW(groups, **adamw)]
+
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.\d+\.")  # a block's parameters (encoder and decoder; a pipeline stage's prefix before)

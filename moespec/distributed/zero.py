@@ -13,7 +13,8 @@ Shard(d), so stages 1, 2 and 3 hold the same chunks of whatever they shard.
 `ZeroAdamW.step`, after gradients were reduced (DDP for dense, the edp all-reduce for experts,
 as at stage 0), runs torch's AdamW on leaf views of this rank's chunks (`p.data.narrow(...)`,
 its gradient the same view of `p.grad`), so the update is AdamW's own arithmetic on the same
-numbers, element by element; then one all-gather per parameter (its chunk padded to c
+numbers, element by element; then one all-gather per unit (a block's dense parameters, the
+model's other dense parameters, each expert bank: FSDP2's units; each chunk padded to c
 slices) gives every rank the full parameters again.
 Parameters and gradients stay whole on every rank; only exp_avg and exp_avg_sq are partitioned.
 
@@ -75,29 +76,36 @@ class ShardedGroup:
 
     @torch.no_grad()
     def all_gather(self) -> None:
-        """Every rank's updated chunks to every rank, one all-gather per parameter (its chunk
-        padded to `segment` elements) through two buffers sized for the largest parameter.
-        One call for the whole group, as before, held a send buffer of the group's chunks and
-        a received copy of the whole group at once, on top of every gradient: at Mixtral's
-        size (dp 32, ep 8) 26 GiB per rank, more than ZeRO-1 saves. Now the transient is
-        (W + 1) chunks of one parameter; the calls are one per parameter (sim/counts.py)."""
+        """Every rank's updated chunks to every rank: one padded all-gather per dtype (one in
+        all: the parameters are float32 at every precision), the chunks of all the group's
+        parameters packed into one buffer. The optimizer makes one group per unit (a block's
+        dense parameters, the rest, each expert bank: `build_optimizers`), so the transient is
+        one unit's chunks and their gathered copy, not every parameter's (26 GiB per rank at
+        Mixtral's size, dp 32 x ep 8, when a group held all of them), in a call per unit."""
         if self.world == 1:
             return
-        buffers: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        for dtype in {param.dtype for param in self.params}:
-            largest = max(self.segment(i) for i, param in enumerate(self.params) if param.dtype == dtype)
-            like = next(param for param in self.params if param.dtype == dtype)
-            buffers[dtype] = like.new_zeros(largest), like.new_empty(self.world * largest)
+        by_dtype: dict[torch.dtype, list[int]] = {}
         for i, param in enumerate(self.params):
-            size = self.segment(i)
-            send_buffer, received_buffer = buffers[param.dtype]
-            send, received = send_buffer[:size], received_buffer[: self.world * size]
-            mine = self.chunk(i).reshape(-1)
-            send[: mine.numel()] = mine
+            by_dtype.setdefault(param.dtype, []).append(i)
+        for indices in by_dtype.values():
+            sizes = [self.segment(i) for i in indices]
+            segment = sum(sizes)
+            send = self.params[indices[0]].new_zeros(segment)
+            offset = 0
+            for i, size in zip(indices, sizes):
+                mine = self.chunk(i).reshape(-1)
+                send[offset : offset + mine.numel()] = mine
+                offset += size
+            received = send.new_empty(self.world * segment)
             _all_gather_single(received, send, group=self.group)
+            del send
             for rank in range(self.world):
-                part = self.chunk(i, rank)
-                part.copy_(received[rank * size : rank * size + part.numel()].view(part.shape))
+                offset = rank * segment
+                for i, size in zip(indices, sizes):
+                    part = self.chunk(i, rank)
+                    part.copy_(received[offset : offset + part.numel()].view(part.shape))
+                    offset += size
+            del received
 
 
 def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, *, group) -> None:
@@ -109,7 +117,9 @@ def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, *, group) -> 
 class ZeroAdamW:
     """AdamW whose state covers this rank's dim-0 chunk of every parameter (ZeRO stage 1).
 
-    groups: (parameters, their chunk dims, process group); each parameter is chunked over its group.
+    groups: (parameters, their chunk dims, process group); each parameter is chunked over its
+    group, and each group is gathered in one call after the step (`build_optimizers` makes
+    one per unit).
     `param_groups` lists the whole parameters (GradScaler unscales their whole gradients);
     `state` is the inner AdamW's, keyed by the chunk views, with only this rank's chunks.
     """

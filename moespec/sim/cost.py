@@ -42,7 +42,7 @@ import numpy as np
 from moespec.sim.backend import Backend
 from moespec.sim.collectives import all_gather_time_s, all_reduce_time_s, all_to_all_time_s, reduce_scatter_time_s
 from moespec.sim.activations import activation_memory
-from moespec.sim.counts import FULL, TP_COLLECTIVES, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes, where_any
+from moespec.sim.counts import FULL, TP_COLLECTIVES, a2a_transfers, attention_matmul_elements, compute_bytes, exact_counts, expert_rows, state_bytes, where_any
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch
 from moespec.sim.overhead import ELEMENTWISE_PASSES
 from moespec.sim.topology import build_topology
@@ -227,9 +227,9 @@ def _memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict
     flat = np.where((b.dp // b.ep > 1) & (b.zero_stage < 2), state["expert_buckets"][1], 0.0)
     grad_sync = held + state["grads"] + flat
     optimizer_step = held + state["grads"] + _optimizer_temporaries(b, backend, state)
-    # ZeRO-1 gathers the updated parameters after the step, one tensor at a time, with every
-    # gradient still held: a send buffer (this rank's chunk) and the received [world * chunk]
-    # sized for the largest tensor (distributed/zero.py all_gather).
+    # ZeRO-1 gathers the updated parameters after the step, one unit at a time, with every
+    # gradient still held: a send buffer (this rank's chunks) and the received [world * chunks]
+    # of the largest unit (distributed/zero.py all_gather).
     zero1_gather = np.where(b.zero_stage == 1, held + state["grads"] + _zero1_gather_buffers(b, state["largest_tensors"]), 0.0)
     total = np.maximum.reduce([start_of_backward, top_dropless_backward, bottom_dropless_backward, grad_sync, optimizer_step, zero1_gather])
     allowance = ALLOCATOR_ALLOWANCE * total  # the allocator's slack: counts for `fits`, not in the peak
@@ -298,12 +298,16 @@ def _largest_tensors(b: DesignBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _zero1_gather_buffers(b: DesignBatch, largest: tuple) -> np.ndarray:
-    """Bytes of ZeRO-1's gather buffers: (W + 1) chunks of the largest tensor of a group of W
-    ranks (dense over dp, experts over dp/ep). largest: `_largest_tensors(b)`."""
+    """Bytes of ZeRO-1's gather buffers: (W + 1) chunks of the largest unit over a group of W
+    ranks (dense over dp: the root's tables or a block's attention and FFN matrices; experts
+    over dp/ep: one layer's bank). largest: `_largest_tensors(b)`."""
     bank, split, table = largest
+    matrices = np.where(b.gated, 3.0, 2.0)
+    block = attention_matmul_elements(b, np.float64) / b.tp + matrices * split
+    root = table * (2.0 - b.tied)
     edp = b.dp // b.ep
-    dense = np.where(b.dp > 1, np.maximum(split, table) / b.dp * (b.dp + 1), 0.0)
-    return 4.0 * np.maximum(dense, np.where(edp > 1, bank / np.maximum(edp, 1) * (edp + 1), 0.0))
+    dense = np.where(b.dp > 1, np.maximum(block, root) / b.dp * (b.dp + 1), 0.0)
+    return 4.0 * np.maximum(dense, np.where(edp > 1, matrices * bank / np.maximum(edp, 1) * (edp + 1), 0.0))
 
 
 def _block_elements(b: DesignBatch, layers) -> np.ndarray:
@@ -482,15 +486,14 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
     dense_ar = 2 * ring(ddp, dp_sets, dense_bytes, np.maximum(np.ceil(dense_bytes / GRAD_BUCKET_BYTES), 1.0))
     expert_ar = 2 * ring(ddp, edp_sets, expert_bytes, np.maximum(state["expert_buckets"][0], 1.0))
     allreduce_s = dense_ar + expert_ar
-    # ZeRO-1: one all-gather per parameter tensor (distributed/zero.py).
-    banks = counts["expert_tensors"]
-    gather = ring(zero1, dp_sets, dense_bytes, np.maximum(counts["param_tensors"] - banks, 1)) + ring(zero1, edp_sets, expert_bytes, banks)
-    # FSDP2: one collective per unit (each block, the root; expert banks over dp/ep apart); a
-    # reduce-scatter and one all-gather (two at stage 3) per micro-step.
-    passes = np.where(b.zero_stage == 3, 3, 2)
+    # ZeRO-1 and FSDP2: one collective per unit (each block, the root; expert banks over dp/ep
+    # apart). ZeRO-1 all-gathers after the step; FSDP2 reduce-scatters and all-gathers (twice
+    # at stage 3) every micro-step.
     units = np.maximum(sum(part.n_layers for part in parts(b)) + 1, 1)
-    units_banks = np.maximum(sum(part.n_moe_layers for part in parts(b)), 1)
-    fsdp_s = passes * micro_steps * (ring(fsdp, dp_sets, dense_bytes, units) + ring(fsdp, edp_sets, expert_bytes, units_banks))
+    banks = np.maximum(sum(part.n_moe_layers for part in parts(b)), 1)
+    gather = ring(zero1, dp_sets, dense_bytes, units) + ring(zero1, edp_sets, expert_bytes, banks)
+    passes = np.where(b.zero_stage == 3, 3, 2)
+    fsdp_s = passes * micro_steps * (ring(fsdp, dp_sets, dense_bytes, units) + ring(fsdp, edp_sets, expert_bytes, banks))
     zero_s = gather + fsdp_s
     # DDP overlaps the dense all-reduce with backward; with tp or pp the runtime reduces the
     # dense gradients in one flat all-reduce after the schedule (distributed/model_parallel.py)

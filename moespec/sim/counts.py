@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moespec.sim.design import PRECISIONS, QK_NORMS, RECOMPUTE, DesignBatch, LayerTable, where_any
-from moespec.sim.tensors import expert_tensors, param_tensors
+from moespec.sim.tensors import expert_tensors
 from moespec.spec.plan import SpecPlan
 
 FULL, SELECTIVE = RECOMPUTE.index("full"), RECOMPUTE.index("selective")
@@ -258,8 +258,8 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     calls = transfers * np.where(shuffled, 2, 1) + np.where(dropless, lift(np.where(b.recompute == FULL, 2, 1)), 0)  # + split exchanges
     a2a_calls = total(np.where(on, calls, 0))
 
-    # ZeRO's collectives per optimizer step: stage 1 all-gathers the updated chunks one
-    # parameter at a time (dense over dp, experts over dp/ep); FSDP2 (2, 3) gathers every unit's parameters
+    # ZeRO's collectives per optimizer step: stage 1 all-gathers the updated chunks once per
+    # unit (dense over dp, experts over dp/ep); FSDP2 (2, 3) gathers every unit's parameters
     # each micro-step (twice at stage 3: forward and backward) and reduce-scatters its
     # gradients. Units: each block, the root (embeddings, final norm, head), each expert bank
     # when dp/ep > 1.
@@ -267,9 +267,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     dp_on, edp_on = b.dp > 1, (b.dp // b.ep > 1) & (b.n_moe_layers > 0)
     units = n_layers + where_any(b.headless, 0, 1) + np.where(edp_on, c(b.n_moe_layers), 0)  # the root is the decoder part's
     fsdp = (b.zero_stage >= 2) & dp_on
-    tensors, banks = param_tensors(b), expert_tensors(b)
-    zero1_gathers = tensors - banks + np.where(edp_on, banks, 0)
-    zero_gathers = np.where((b.zero_stage == 1) & dp_on, zero1_gathers, np.where(fsdp, units * micro * np.where(b.zero_stage == 3, 2, 1), 0))
+    zero_gathers = np.where((b.zero_stage == 1) & dp_on, units, np.where(fsdp, units * micro * np.where(b.zero_stage == 3, 2, 1), 0))
     zero_reduce_scatters = np.where(fsdp, units * micro, 0)
 
     # Model FLOPs per token, for MFU: 6 per active matmul parameter (the embedding lookup is no
@@ -284,7 +282,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     result = {
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
-        "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "param_tensors": c(tensors), "expert_tensors": c(banks), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
+        "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "expert_tensors": c(expert_tensors(b)), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
         "model_flops_per_seq": model_flops_per_seq, "frozen_params": total(np.where(layers.selection_bias, e, 0)),
         "tp_saved_params": tp_saved_params, "tp_saved_flops": tp_saved_flops, "tp_all_reduce_calls": c(tp_all_reduces),
         "tp_all_reduce_bytes": c(tp_all_reduce_bytes), "tp_all_gather_calls": c(tp_all_gathers),

@@ -117,7 +117,6 @@ def busiest_rank(plan: SpecPlan) -> dict:
     embedding = m.vocab_size * m.d_model + (m.seq_len * m.d_model if m.positions == "learned" else 0)
     chunk = lambda rows, width: _chunk(rows, width, p.dp)  # noqa: E731  (FSDP2's Shard(0) over dp, counts.py's)
     embedding_sharded = chunk(m.vocab_size, m.d_model) + (chunk(m.seq_len, m.d_model) if m.positions == "learned" else 0)
-    embedding_tensors = 1 + (m.positions == "learned")
     gathers = p.zero_stage == 1 and p.dp > 1
     ranks = []
     for stages in rank_stages(plan):
@@ -131,15 +130,15 @@ def busiest_rank(plan: SpecPlan) -> dict:
             if s == 0:
                 fig["params_total"] += embedding
                 fig["sharded"] += embedding_sharded
-                fig["zero_all_gather_calls"] += embedding_tensors if gathers else 0
             if s == n_stages - 1:  # final norm and head: the outer part less the embeddings, and a tied head's table
                 tied = m.vocab_size * m.d_model if m.tied_embeddings else 0
                 fig["params_total"] += outer["params_total"] - embedding + tied
-                if gathers:  # ZeRO-1 gathers each parameter tensor (the tied table's copy too)
-                    fig["zero_all_gather_calls"] += outer["zero_all_gather_calls"] - embedding_tensors + m.tied_embeddings
                 fig["sharded"] += outer["sharded"] - embedding_sharded + (chunk(m.vocab_size, m.d_model) if m.tied_embeddings else 0)
                 for name in ("step_flops", "flops_lm_head"):
                     fig[name] += outer[name]
+        # ZeRO-1 gathers the rank's non-block parameters (embeddings on the first stage, the
+        # final norm and head on the last) as one unit, beside its blocks'
+        fig["zero_all_gather_calls"] += int(gathers and (0 in stages or n_stages - 1 in stages))
         dense = fig["params_total"] - fig["expert_params"] - fig["tp_saved_params"]
         held = dense + fig["expert_params"] // p.ep
         trainable = held - fig["frozen_params"]
