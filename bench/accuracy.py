@@ -176,7 +176,7 @@ def main() -> None:
               flush=True)  # fmt: skip
     print("peak MiB: MemTracker's tracked peak of one training step on the busiest rank; mem error: the simulator's peak against it")
     print("machine: the profile's machine probe (a fixed fp32 Linear on one thread, timed before the steps) against the calibration's: "
-          "1.00 = as fast as at calibration, 0.80 = 20% slower; the slowest of the spec's passes (profile's verdict says drifted outside its band)")
+          "1.00 = as fast as at calibration, 0.80 = 20% slower; the slowest of the spec's passes (profile flags it drifted outside its band)")
     print(f"calibration: {report['calibration']}")
     fit = _fit_set(report["calibration"])
     print(f"fit set (the calibration's small models): {fit}")

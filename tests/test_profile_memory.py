@@ -88,23 +88,23 @@ def test_tight_steps_get_ok_or_out_against_the_band():
             assert row["verdict"] == expected and row["within_calibrated_error"] is (expected == "ok"), row
 
 
-def test_a_machine_off_its_calibrations_speed_gets_the_drifted_verdict():
-    """The probe ran 25% slower than at calibration (band 10%): the time rows say drifted,
-    not ok or out, even though the steps are tight; within the band they are judged."""
+def test_a_machine_off_its_calibrations_speed_is_flagged_beside_the_verdict():
+    """The probe ran 25% slower than at calibration (band 10%): `drifted` is set and the speed
+    reported, but the time rows keep their ok/out verdict (the probe has not tracked a step's
+    speed well enough to overrule it: bench/accuracy.py's `at cal.`)."""
     plan = load_plan(TINY_TOPK)
     predicted_s = simulate(plan, dataclasses.replace(load_backend("cpu-local"), calibration_error=0.05))["time"]["step_s"]
     steps = [predicted_s * 1.02 * (1 + 0.001 * (i - 5)) for i in range(10)]
     slow = report_for(steps, probe_s=0.0050, calibration_probe_s=0.0040)
     assert slow["machine_speed"]["vs_calibration"] == pytest.approx(0.8) and slow["drifted"] is True and slow["noisy"] is False
     for row in time_rows(slow):
-        assert row["verdict"] == "drifted" and row["within_calibrated_error"] is None, row
+        assert row["verdict"] == "ok" and row["within_calibrated_error"] is True, row
     steady = report_for(steps, probe_s=0.0042, calibration_probe_s=0.0040)
     assert steady["drifted"] is False and all(row["verdict"] == "ok" for row in time_rows(steady))
     unknown = report_for(steps, probe_s=0.0042)  # a calibration without a probe: no drift to judge
     assert unknown["machine_speed"]["vs_calibration"] is None and unknown["drifted"] is False
     # noisy comes first: a spread wider than the band says nothing either way
-    assert verdict(0.03, band=0.10, spread=0.25, speed=0.8) == "noisy"
-    assert verdict(0.03, band=0.10, spread=0.02, speed=0.8) == "drifted" and verdict(0.03, band=0.10, spread=0.02, speed=0.95) == "ok"
+    assert verdict(0.03, band=0.10, spread=0.25) == "noisy" and verdict(0.03, band=0.10, spread=0.02) == "ok"
 
 
 def test_without_a_calibration_there_is_no_verdict():

@@ -241,8 +241,7 @@ def print_report(report: dict) -> None:
                   f"{report['threads_per_rank']} thread(s) per rank, {report['steps']} timed steps after {report['warmup']} warm-up")  # fmt: skip
     band = report["calibrated_error_band"]
     console.print(f"prediction: backend {report['backend']} ({calibrated})"
-                  + (f"; time rows within the calibrated error band of +/-{band:.0%} say ok, or noisy when the steps' spread is wider, "
-                     "drifted when the machine's speed is off its calibration's by more"
+                  + (f"; time rows within the calibrated error band of +/-{band:.0%} say ok, or noisy when the steps' spread is wider"
                      if band is not None else ""))  # fmt: skip
     table = Table(title="measured vs predicted (per rank per micro-step for counts)")
     for column, justify in (("figure", "left"), ("measured", "right"), ("predicted", "right"), ("error", "right")):
@@ -254,8 +253,6 @@ def print_report(report: dict) -> None:
             error = "-" if row["relative_error"] is None else f"{row['relative_error']:+.1%}"
             if row.get("verdict") == "noisy":
                 error += f" [yellow]noisy: spread {report['measured']['step_s']['spread']:.0%} > band {band:.0%}[/yellow]"
-            elif row.get("verdict") == "drifted":
-                error += f" [yellow]drifted: machine at {report['machine_speed']['vs_calibration']:.2f}x[/yellow]"
             elif row.get("verdict") is not None:
                 error += " ok" if row["verdict"] == "ok" else " [yellow]out[/yellow]"
         table.add_row(row["figure"].replace(" (s, median)", "").replace(" (s)", "").replace(", transfer + wait", " (+ wait)"), _fmt(row["measured"], row["figure"]),
@@ -264,7 +261,8 @@ def print_report(report: dict) -> None:
     speed = report.get("machine_speed", {})
     if speed.get("vs_calibration") is not None:
         console.print(f"machine: the probe (a fixed fp32 Linear on one thread) ran at {speed['vs_calibration']:.2f}x its speed at calibration"
-                      + (" (outside the band: time rows not judged)" if report.get("drifted") else ""))  # fmt: skip
+                      + (" [yellow]drifted: outside the band[/yellow] (a hint, not a cause: the probe has not tracked a step's speed well)"
+                         if report.get("drifted") else ""))  # fmt: skip
     elif report["calibration"] and speed.get("probe_s") is not None:
         console.print("machine: the calibration holds no probe to compare this machine's speed with (calibrate again to get one)")
     m = report["measured"]

@@ -7,9 +7,12 @@ single stray step (a context switch, a page fault) the way min/max cannot, and w
 timed steps `profile` requires its quartiles are real steps or between two. When the spread is
 wider than the calibrated error band, the machine was too noisy for this run to say whether the
 prediction is within its band: time rows get the verdict "noisy" instead of "ok" or "out".
-When the machine probe (opbench.machine_probe_s), timed again before the steps, ran faster or
-slower than at calibration by more than the band, the machine is not the one the calibration
-measured: the verdict is "drifted", and `machine_speed` says by how much.
+The machine probe (opbench.machine_probe_s), timed again before the steps, says how fast the
+machine runs against its calibration (`machine_speed`); off by more than the band, `drifted` is
+set and printed beside the verdicts. It does not replace them: on the 2-core VM this was built
+on, the probe's ratio did not track the steps' (held-out suite, bench/accuracy.py's `at cal.`:
+scaling each step by it made the errors larger, median 6.6% -> 10.8%), so it cannot say a
+prediction was off because of the machine.
 Counts (FLOPs,
 all-to-all bytes) are per rank per micro-step, the simulator's unit; they must be equal to the
 prediction (the all-to-all bytes of dropless routing over several ranks excepted: they follow
@@ -41,17 +44,14 @@ def step_spread(step_s: list[float]) -> float | None:
     return (p75 - p25) / median if median else None
 
 
-def verdict(relative_error: float | None, *, band: float | None, spread: float | None, speed: float | None = None) -> str | None:
+def verdict(relative_error: float | None, *, band: float | None, spread: float | None) -> str | None:
     """A time row's verdict against the calibrated band: "noisy" when the steps' own spread
-    exceeds the band (the run cannot tell ok from out), "drifted" when the machine runs at
-    `speed` x its calibration's speed and that is off by more than the band, else "ok"
-    (|error| <= band) or "out"; None without a band or an error."""
+    exceeds the band (the run cannot tell ok from out), else "ok" (|error| <= band) or "out";
+    None without a band or an error."""
     if band is None or relative_error is None:
         return None
     if spread is not None and spread > band:
         return "noisy"
-    if speed is not None and abs(speed - 1) > band:
-        return "drifted"
     return "ok" if abs(relative_error) <= band else "out"
 
 
@@ -130,8 +130,8 @@ def build_report(plan: SpecPlan, backend: Backend, ranks: list[dict], *, spec: s
             # Times (the median step and what is scaled from it) are judged against the spread
             # of the timed steps; a count that follows the routing (dropless a2a bytes) is not.
             timed = row.pop("timed")
-            row["verdict"] = verdict(row["relative_error"], band=band, spread=spread if timed else None, speed=speed if timed else None)
-            row["within_calibrated_error"] = None if row["verdict"] in ("noisy", "drifted") else row["verdict"] == "ok"
+            row["verdict"] = verdict(row["relative_error"], band=band, spread=spread if timed else None)
+            row["within_calibrated_error"] = None if row["verdict"] == "noisy" else row["verdict"] == "ok"
         row.pop("timed", None)
     memory = _memory(ranks, predicted)
     return {
