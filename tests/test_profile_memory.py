@@ -317,7 +317,7 @@ parallelism: {{dp: 2, micro_batch: 1, zero_stage: {zero_stage}}}
 
 def test_gradient_buckets_pack_consecutive_tensors_up_to_the_cap():
     from moespec.distributed.data_parallel import GRAD_BUCKET_BYTES, grad_buckets
-    from moespec.sim.cost import GRAD_BUCKET_BYTES as PREDICTED_CAP
+    from moespec.sim.memory import GRAD_BUCKET_BYTES as PREDICTED_CAP
 
     assert GRAD_BUCKET_BYTES == PREDICTED_CAP == 25 * 2**20  # the simulator's buckets are the runtime's
     assert grad_buckets([10, 10, 30, 5, 5, 20], cap=25) == [[0, 1], [2], [3, 4], [5]]

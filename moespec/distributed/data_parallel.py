@@ -152,7 +152,7 @@ def all_reduce_buckets(grads: list[torch.Tensor], group) -> None:
     """Sum gradients over `group` in place, bucket by bucket (`grad_buckets`): a bucket of one
     tensor is reduced where it lies, several are copied into one flat tensor and back. Why:
     one flat copy of all of them (as before) held every expert gradient twice at the sync,
-    15 GiB of Mixtral's 85.8 GiB peak at dp 32 x ep 8; now at most one bucket (sim/cost.py)."""
+    15 GiB of Mixtral's 85.8 GiB peak at dp 32 x ep 8; now at most one bucket (sim/memory.py)."""
     for bucket in grad_buckets([g.numel() * g.element_size() for g in grads]):
         if len(bucket) == 1 and grads[bucket[0]].is_contiguous():
             dist.all_reduce(grads[bucket[0]], group=group)

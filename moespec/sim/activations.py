@@ -270,7 +270,7 @@ def activation_memory(b: DesignBatch, weights_bytes: np.ndarray) -> dict[str, np
     # The first (lowest) MoE layer's backward: every block above it has freed its part too:
     # the attention of every block from it to the last MoE block, the other MoE blocks' FFNs
     # (in unlike groups, all but the largest: an upper bound) and the dense FFNs between them.
-    # Counted where every MoE layer is dropless (sim/cost.py).
+    # Counted where every MoE layer is dropless (sim/memory.py).
     moe_blocks = (layers.moe & (layers.count > 0)) * (per_group + moe_copy)
     other_moe = layers.per_design(layers.count * moe_blocks, n) - layers.max_per_design(moe_blocks, n)
     between = np.maximum(b.moe_span - (b.n_moe_layers - 1), 0)  # dense blocks among the MoE ones

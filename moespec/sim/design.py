@@ -292,6 +292,12 @@ def _unlike_layers(layers, name: str = "") -> str:
     return f"{name}: dense layers have widths {widths}; a sweep needs one" if len(widths) > 1 else ""
 
 
+def parts(b: DesignBatch) -> list[DesignBatch]:
+    """The parts costed per micro-step: a decoder-only design's one, an encoder-decoder's
+    decoder (with the head) and its headless encoder stack (design.py)."""
+    return [b] if b.encoder is None else [b, b.encoder]
+
+
 def require_uniform(plan: SpecPlan) -> None:
     """ValueError unless every MoE layer is alike and every dense layer has one width: what a
     sweep's fast axes (one value per design for `experts`, `k`, ...) can describe; and the

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from moespec.sim.backend import Backend
-from moespec.sim.cost import ALLOCATOR_ALLOWANCE, DEFAULT_OVERLAP, evaluate
+from moespec.sim.cost import DEFAULT_OVERLAP, evaluate
+from moespec.sim.memory import ALLOCATOR_ALLOWANCE
 from moespec.sim.counts import TP_COLLECTIVES, compute_bytes, flops_by_part
 from moespec.sim.design import DesignBatch
 from moespec.sim.load import Load, a2a_bytes_per_rank, imbalance_factors, layer_load
@@ -151,7 +152,6 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
 def _busiest_stage(report: dict, plan: SpecPlan, backend: Backend) -> None:
     """pp > 1: per-rank counts of the pipeline rank that holds (or computes) the most, exactly
     (sim/stages.py), instead of 1/pp of the model; activations and times stay the average stage's."""
-    from moespec.sim.cost import ALLOCATOR_ALLOWANCE
     from moespec.sim.stages import busiest_rank
 
     stages = busiest_rank(plan)
