@@ -132,27 +132,35 @@ def shard_fully(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bo
 
 
 GRAD_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket (bucket_cap_mb=25)
+GRAD_ALONE_BYTES = 2**20  # a gradient this large is reduced where it lies, in a call of its own
 
 
-def grad_buckets(nbytes: list[int], cap: int = GRAD_BUCKET_BYTES) -> list[list[int]]:
-    """Consecutive tensors packed greedily into buckets of at most `cap` bytes (a larger
-    tensor alone): the indices of each bucket."""
-    out, size = [], 0
+def grad_buckets(nbytes: list[int], cap: int = GRAD_BUCKET_BYTES, alone: int = GRAD_ALONE_BYTES) -> list[list[int]]:
+    """The indices of each bucket: a tensor of `alone` bytes or more on its own, the smaller
+    ones packed greedily, consecutive, into buckets of at most `cap` bytes. Buckets amortise a
+    call's latency over small tensors; a large one costs its bandwidth either way, and copying
+    it flat (14 MB took 9-11 ms on the 2-core VM, page faults included, against ~1 ms a gloo
+    call) costs more than its own call."""
+    out, size, open_bucket = [], 0, False
     for i, n in enumerate(nbytes):
-        if out and size + n <= cap:
+        if n >= alone:
+            out.append([i])
+            open_bucket = False
+        elif open_bucket and size + n <= cap:
             out[-1].append(i)
             size += n
         else:
             out.append([i])
-            size = n
+            size, open_bucket = n, True
     return out
 
 
 def all_reduce_buckets(grads: list[torch.Tensor], group) -> None:
     """Sum gradients over `group` in place, bucket by bucket (`grad_buckets`): a bucket of one
-    tensor is reduced where it lies, several are copied into one flat tensor and back. Why:
-    one flat copy of all of them (as before) held every expert gradient twice at the sync,
-    15 GiB of Mixtral's 85.8 GiB peak at dp 32 x ep 8; now at most one bucket (sim/memory.py)."""
+    tensor is reduced where it lies, several (small ones) are copied into one flat tensor and
+    back. Why: one flat copy of all of them (as before) held every expert gradient twice at
+    the sync, 15 GiB of Mixtral's 85.8 GiB peak at dp 32 x ep 8; now an expert bank is reduced
+    in place, and at most one bucket of small tensors is copied (sim/memory.py)."""
     for bucket in grad_buckets([g.numel() * g.element_size() for g in grads]):
         if len(bucket) == 1 and grads[bucket[0]].is_contiguous():
             dist.all_reduce(grads[bucket[0]], group=group)

@@ -106,16 +106,18 @@ def _optimizer_temporaries(b: DesignBatch, backend: Backend, state: dict) -> np.
 
 
 GRAD_BUCKET_BYTES = 25 * 2**20  # the runtime's gradient buckets (distributed/data_parallel.py): DDP's default
+GRAD_ALONE_BYTES = 2**20  # the runtime reduces a gradient this large in place, in a call of its own
 
 
 def expert_grad_buckets(bank_elements: np.ndarray, bank_tensors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(buckets, bytes of the largest flat copy) of the expert gradients' all-reduce: the
-    runtime packs consecutive tensors up to GRAD_BUCKET_BYTES and copies a bucket only when it
+    runtime reduces a tensor of GRAD_ALONE_BYTES or more in place, in a call of its own, and
+    packs smaller ones, consecutive, up to GRAD_BUCKET_BYTES, copying a bucket only when it
     holds several. Taken as equal tensors of the largest bank's size (a bank's three are equal;
     gpt-oss's expert biases are small beside them)."""
     bank = 4.0 * bank_elements
     tensors = np.asarray(bank_tensors).astype(np.float64)
-    per_bucket = np.where(bank > 0, np.maximum(np.floor(GRAD_BUCKET_BYTES / np.maximum(bank, 1.0)), 1.0), 1.0)
+    per_bucket = np.where((bank > 0) & (bank < GRAD_ALONE_BYTES), np.maximum(np.floor(GRAD_BUCKET_BYTES / np.maximum(bank, 1.0)), 1.0), 1.0)
     held = np.minimum(per_bucket, tensors)
     return np.ceil(tensors / per_bucket), np.where(held >= 2, held * bank, 0.0)
 
