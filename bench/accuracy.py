@@ -27,9 +27,10 @@ Targets (issue 12): held-out median |error| <= 10%, max <= 20%, Spearman >= 0.9.
 calibration's, and `at cal.` the error against each measured step scaled by it: the step as it
 would have run at the machine's speed during calibration, if the probe tracked the step's
 speed. It is a diagnostic, not a prediction; the plain `error` is the figure a user sees. On
-the 2-core VM this was written on it did not track it (held-out run of 2026-11-30: plain median
-6.6%, max 20.1%; `at cal.` 10.8%, 26.1%): one thread on a fixed Linear and two threads on a
-step's host-bound ops slow down differently, so the probe cannot be used to correct a step.
+the 2-core VM this was written on it did not track it reliably (two held-out runs of
+2026-11-30: plain median 6.6% and 17.6%, `at cal.` 10.8% and 13.5%): one thread on a fixed
+Linear and two threads on a step's host-bound ops slow down differently, so the probe cannot
+be used to correct a step.
 """
 
 from __future__ import annotations

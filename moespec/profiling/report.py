@@ -10,9 +10,9 @@ prediction is within its band: time rows get the verdict "noisy" instead of "ok"
 The machine probe (opbench.machine_probe_s), timed again before the steps, says how fast the
 machine runs against its calibration (`machine_speed`); off by more than the band, `drifted` is
 set and printed beside the verdicts. It does not replace them: on the 2-core VM this was built
-on, the probe's ratio did not track the steps' (held-out suite, bench/accuracy.py's `at cal.`:
-scaling each step by it made the errors larger, median 6.6% -> 10.8%), so it cannot say a
-prediction was off because of the machine.
+on, the probe's ratio did not track the steps' reliably (held-out suite, bench/accuracy.py's
+`at cal.`: scaling each step by it took the median error from 6.6% to 10.8% in one run and
+from 17.6% to 13.5% in another), so it cannot say a prediction was off because of the machine.
 Counts (FLOPs,
 all-to-all bytes) are per rank per micro-step, the simulator's unit; they must be equal to the
 prediction (the all-to-all bytes of dropless routing over several ranks excepted: they follow
