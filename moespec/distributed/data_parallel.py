@@ -133,6 +133,7 @@ def shard_fully(model: nn.Module, ctx: DistContext, *, reshard_after_forward: bo
 
 GRAD_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket (bucket_cap_mb=25)
 GRAD_ALONE_BYTES = 2**20  # a gradient this large is reduced where it lies, in a call of its own
+_BLOCK = re.compile(r"(?:^|\.)blocks\.\d+\.")  # a block's parameters (encoder and decoder; a pipeline stage's prefix before): a ZeRO-1 unit
 
 
 def grad_buckets(nbytes: list[int], cap: int = GRAD_BUCKET_BYTES, alone: int = GRAD_ALONE_BYTES) -> list[list[int]]:
@@ -299,5 +300,3 @@ def build_optimizers(model: nn.Module, plan, ctx: DistContext | None, **adamw) -
     groups = [(params, [0] * len(params), ctx.dp_group) for params in dense_units.values()] + groups
     return [ZeroAdamW(groups, **adamw)]
 
-
-_BLOCK = re.compile(r"(?:^|\.)blocks\.\d+\.")  # a block's parameters (encoder and decoder; a pipeline stage's prefix before)

@@ -44,6 +44,7 @@ from moespec.sim.collectives import all_gather_time_s, all_reduce_time_s, all_to
 from moespec.sim.counts import FULL, TP_COLLECTIVES, a2a_transfers, compute_bytes, exact_counts, expert_rows, state_bytes, where_any
 from moespec.sim.design import PRECISIONS, ROUTER_NAMES, DesignBatch, parts
 from moespec.sim.memory import GRAD_BUCKET_BYTES, ddp_wraps, expert_grad_buckets, largest_tensors, memory
+from moespec.sim.tensors import expert_tensors
 from moespec.sim.overhead import ELEMENTWISE_PASSES
 from moespec.sim.topology import build_topology
 from moespec.spec.stages import PP_SCHEDULES
@@ -166,7 +167,7 @@ def evaluate(batch: DesignBatch, backend: Backend, *, overlap: float = DEFAULT_O
     state = state_bytes(batch, out)
     state["elementwise_activations"] = elementwise_activation_bytes(batch)
     state["largest_tensors"] = largest_tensors(batch)  # (expert bank, FFN/attention matrix, table) elements
-    state["expert_buckets"] = expert_grad_buckets(state["largest_tensors"][0], out["expert_tensors"])
+    state["expert_buckets"] = expert_grad_buckets(state["largest_tensors"][0], expert_tensors(batch))
     out.update({f"state_{name}_bytes": state[name] for name in ("params", "grads", "optimizer")})
     out.update(memory(batch, backend, out, state))
     out.update(_time(batch, backend, out, state, collectives, overlap=overlap, imbalance=imbalance, a2a_imbalance=a2a_imbalance))
@@ -334,8 +335,9 @@ def _time(b: DesignBatch, backend: Backend, counts: dict, state: dict, collectiv
         return np.where(mask & valid & (sets.n > 1) & (nbytes > 0), calls * latency_s + nbytes * s_per_byte, 0.0) * backend.allreduce_scale
 
     ddp, zero1, fsdp = b.zero_stage <= 1, b.zero_stage == 1, b.zero_stage >= 2
-    # Gradients are all-reduced in 25 MiB buckets: DDP's, and the runtime's for the expert
-    # gradients and for the dense ones under tp or pp (distributed/data_parallel.py).
+    # Gradient all-reduces: DDP's 25 MiB buckets for the dense gradients (the runtime's
+    # buckets under tp or pp are taken as the same); the expert gradients one call per bank
+    # of 1 MiB or more, else per bucket (distributed/data_parallel.py all_reduce_buckets).
     dense_ar = 2 * ring(ddp, dp_sets, dense_bytes, np.maximum(np.ceil(dense_bytes / GRAD_BUCKET_BYTES), 1.0))
     expert_ar = 2 * ring(ddp, edp_sets, expert_bytes, np.maximum(state["expert_buckets"][0], 1.0))
     allreduce_s = dense_ar + expert_ar

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from moespec.sim.design import PRECISIONS, QK_NORMS, RECOMPUTE, DesignBatch, LayerTable, where_any
-from moespec.sim.tensors import expert_tensors
 from moespec.spec.plan import SpecPlan
 
 FULL, SELECTIVE = RECOMPUTE.index("full"), RECOMPUTE.index("selective")
@@ -282,7 +281,7 @@ def counts(b: DesignBatch, dtype=np.int64) -> dict[str, np.ndarray]:
     result = {
         "params_total": params_total, "params_active": params_active, "params_embedding": embedding,
         "expert_params": expert_params, "step_flops": step_flops, "a2a_bytes": a2a, "shuffle_a2a_bytes": shuffle,
-        "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "expert_tensors": c(expert_tensors(b)), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
+        "a2a_calls": a2a_calls, "zero_all_gather_calls": c(zero_gathers), "zero_reduce_scatter_calls": c(zero_reduce_scatters),
         "model_flops_per_seq": model_flops_per_seq, "frozen_params": total(np.where(layers.selection_bias, e, 0)),
         "tp_saved_params": tp_saved_params, "tp_saved_flops": tp_saved_flops, "tp_all_reduce_calls": c(tp_all_reduces),
         "tp_all_reduce_bytes": c(tp_all_reduce_bytes), "tp_all_gather_calls": c(tp_all_gathers),

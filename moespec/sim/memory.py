@@ -23,9 +23,10 @@ def memory(b: DesignBatch, backend: Backend, counts: dict, state: dict) -> dict[
     """Peak bytes on one device: the state it holds (counts.state_bytes, exact), the
     parameters FSDP2 gathers for compute (ZeRO-2: all of them through the step; ZeRO-3: the
     largest block at a time), and the peak of a step: the start of backward, the top and the
-    lowest dropless layer's backward (sim/activations.py), the gradient sync (every gradient, and the flat
-    copy of replicated expert gradients), AdamW's step (its temporaries,
-    `_optimizer_temporaries`), ZeRO-1's gather of the updated parameters; `fits` adds a 10% allowance for the allocator's slack."""
+    lowest dropless layer's backward (sim/activations.py), the gradient sync (every gradient,
+    and the flat copy of one bucket of small expert gradients: `expert_grad_buckets`),
+    AdamW's step (`_optimizer_temporaries`), ZeRO-1's gather of the updated parameters (one
+    unit: `_zero1_gather_buffers`); `fits` adds a 10% allowance for the allocator's slack."""
     full = state["full_dense"] + state["full_expert"]  # elements this rank computes with
     gathered = np.where(b.zero_stage == 2, 4 * full - state["params"], 0.0)
     biggest = np.maximum.reduce([_block_elements(part, part.table) for part in parts(b)])
