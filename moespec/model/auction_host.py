@@ -1,0 +1,141 @@
+"""The auction's bidding round (`auction._bid_round`) in numpy, for CPU tensors.
+
+Why a second copy of the round. A round is about 45 small array ops on [U, E] and [J, C]
+tables. On CPU a torch op costs 5-15 us of dispatch before it does anything, a numpy op 1-3 us,
+and at BASE's shapes (T 2048-8192, E 16-256) most ops touch a few thousand numbers: the
+round's time was its dispatch. Timed at T 4096, E 256 (`bench/base_solver.py`), the rounds
+were ~55% of a 40 ms solve. The arrays here are numpy views of the caller's CPU tensors
+(`Tensor.numpy()` shares memory), so the round updates the same holder table, token map and
+prices that the rest of the solver (augmenting paths, releases) reads in torch. On other
+devices the torch round runs where the scores are.
+
+It is the same round, step for step: the same first-maximum argmax, a stable sort by target,
+incumbents before bidders, ties by column; `np.partition` gives the M-th largest willingness as
+`topk` does; the float32 sums are taken in the same order. `tests/test_auction.py` asserts that
+the two rounds give identical assignments and prices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Tests and benches compare the torch round on CPU with this one by switching it off.
+HOST_ROUNDS = {"enabled": True}
+
+
+def _willingness_of(scores_NE: np.ndarray, value_NE: np.ndarray, expert_N: np.ndarray, eps: float) -> np.ndarray:
+    """`auction._willingness_of`: value_NE is overwritten."""
+    rows_N = np.arange(expert_N.size)
+    own_N = scores_NE[rows_N, expert_N]
+    value_NE[rows_N, expert_N] = -np.inf
+    return own_N - value_NE.max(axis=1) + np.asarray(eps, dtype=scores_NE.dtype)
+
+
+def bid_round(
+    scores_TE: np.ndarray, price_E: np.ndarray, holder_EM: np.ndarray,
+    expert_T: np.ndarray, bidder_U: np.ndarray, eps: float,
+) -> None:
+    """`auction._bid_round` on numpy views; updates holder_EM, expert_T and price_E in place."""
+    E, M = holder_EM.shape
+    U = bidder_U.size
+    scores_UE = scores_TE.take(bidder_U, axis=0)  # the bidders' rows, gathered once
+    value_UE = scores_UE - price_E
+    target_U = value_UE.argmax(axis=1)  # first maximum
+    bid_U = _willingness_of(scores_UE, value_UE, target_U, eps)
+
+    # The contested experts' candidates as [J, C]: M holder slots, then bids in token order.
+    bids_E = np.bincount(target_U, minlength=E)
+    contested_J = np.flatnonzero(bids_E)
+    J = contested_J.size
+    row_E = np.zeros(E, dtype=np.int64)
+    row_E[contested_J] = np.arange(J)
+    by_target_U = np.argsort(target_U, kind="stable")
+    target_sorted_U = target_U[by_target_U]
+    first_bid_E = np.cumsum(bids_E) - bids_E
+    column_U = M + np.arange(U) - first_bid_E[target_sorted_U]
+    row_U = row_E[target_sorted_U]
+    C = M + int(bids_E.max())
+    token_JC = np.full((J, C), -1, dtype=np.int64)
+    token_JC[:, :M] = holder_EM[contested_J]
+    token_JC[row_U, column_U] = bidder_U[by_target_U]
+    willing_JC = np.full((J, C), -np.inf, dtype=price_E.dtype)
+    willing_JC[row_U, column_U] = bid_U[by_target_U]
+    holder_JM = token_JC[:, :M]
+    held_JM = holder_JM >= 0
+    holder_N = holder_JM[held_JM]  # holders bid again at today's prices
+    scores_NE = scores_TE.take(holder_N, axis=0)
+    expert_N = np.broadcast_to(contested_J[:, None], (J, M))[held_JM]
+    willing_JC[:, :M][held_JM] = _willingness_of(scores_NE, scores_NE - price_E, expert_N, eps)
+
+    # Keep the M most willing: all above the M-th value, then ties in column order.
+    kth_J = np.partition(willing_JC, C - M, axis=1)[:, C - M]  # the M-th largest
+    real_JC = token_JC >= 0
+    above_JC = willing_JC > kth_J[:, None]
+    tie_JC = real_JC & (willing_JC == kth_J[:, None])
+    room_J = M - above_JC.sum(axis=1)
+    keep_JC = above_JC | (tie_JC & (np.cumsum(tie_JC, axis=1) <= room_J[:, None]))
+
+    new_holder_JM = np.full((J, M), -1, dtype=np.int64)
+    row_K, column_K = np.nonzero(keep_JC)  # [K] kept candidates, row-major
+    slot_K = np.cumsum(keep_JC, axis=1)[row_K, column_K] - 1
+    new_holder_JM[row_K, slot_K] = token_JC[row_K, column_K]
+    holder_EM[contested_J] = new_holder_JM
+    expert_T[token_JC[real_JC]] = -1
+    expert_T[token_JC[row_K, column_K]] = contested_J[row_K]
+    full_J = keep_JC.sum(axis=1) == M  # kth_J is then the least willing kept token
+    price_E[contested_J[full_J]] = np.maximum(price_E[contested_J[full_J]], kth_J[full_J])
+
+
+def augment_all(
+    scores_TE: np.ndarray, price_E: np.ndarray, holder_EM: np.ndarray,
+    expert_T: np.ndarray, eps: float, shortest_paths,
+) -> int:
+    """`auction._augment_all` on numpy views (its docstring has the method): one shortest
+    augmenting path over the E experts per unassigned token. Timed at T 4096, E 256, an
+    augmentation here was dispatch-bound too: ~30 small torch ops besides the host's
+    `shortest_paths`. Returns the number of tokens placed."""
+    E, M = holder_EM.shape
+    eps_c = np.asarray(eps, dtype=scores_TE.dtype)
+    gap_EE, slot_EE = _move_gaps(scores_TE, holder_EM, np.arange(E))
+    placed = 0
+    while True:
+        unassigned_V = np.flatnonzero(expert_T < 0)  # [V]
+        if unassigned_V.size == 0:
+            return placed
+        cost_EE = gap_EE + price_E - price_E[:, None] + eps_c  # [j, k]
+        np.maximum(cost_EE, 0, out=cost_EE)
+        value_VE = scores_TE.take(unassigned_V, axis=0) - price_E
+        regret_VE = value_VE.max(axis=1, keepdims=True) - value_VE
+        source_E = regret_VE.argmin(axis=0)  # first minimum
+        dist_E, pred = shortest_paths(cost_EE, regret_VE[source_E, np.arange(E)])
+        has_room_E = (holder_EM < 0).any(axis=1)
+        sink = int(np.where(has_room_E, dist_E, np.inf).argmin())
+        price_E += np.maximum(dist_E[sink] - dist_E, 0)
+
+        path = [sink]  # k_0 -> ... -> k_L = sink, as in auction._augment_all
+        while pred[path[-1]] >= 0:
+            path.append(pred[path[-1]])
+            if len(path) > E:
+                raise RuntimeError("auction: cycle in the shortest-path tree")
+        path_P = np.array(path[::-1], dtype=np.int64)
+        slot_P = np.concatenate([slot_EE[path_P[:-1], path_P[1:]], np.flatnonzero(holder_EM[sink] < 0)[:1]])
+        arriving_P = np.concatenate([unassigned_V[source_E[path_P[:1]]], holder_EM[path_P[:-1], slot_P[:-1]]])
+        holder_EM[path_P, slot_P] = arriving_P
+        expert_T[arriving_P] = path_P
+        gap_EE[path_P], slot_EE[path_P] = _move_gaps(scores_TE, holder_EM[path_P], path_P)
+        placed += 1
+
+
+def _move_gaps(scores_TE: np.ndarray, holder_RM: np.ndarray, expert_R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`auction._move_gaps`: [R, E] least score lost moving a holder of row r to each expert,
+    and the slot attaining it (first on ties). The slot is the least index where the gap
+    equals its minimum: numpy's argmin across the middle axis of [R, M, E] was 3 ms of a 5 ms
+    call at R 256, M 16, E 256; min plus this takes 2."""
+    R, M = holder_RM.shape
+    scores_RME = scores_TE.take(np.maximum(holder_RM, 0), axis=0)  # [R, M, E], a copy
+    own_RM = scores_RME[np.arange(R)[:, None], np.arange(M), expert_R[:, None]]
+    gap_RME = np.subtract(own_RM[:, :, None], scores_RME, out=scores_RME)
+    gap_RME[holder_RM < 0] = np.inf
+    gap_RE = gap_RME.min(axis=1)
+    slot_RME = np.where(gap_RME == gap_RE[:, None, :], np.arange(M, dtype=np.int32)[:, None], np.int32(M))
+    return gap_RE, slot_RME.min(axis=1).astype(np.int64)
