@@ -300,8 +300,8 @@ def train_step(setup: TrainingSetup, plan: SpecPlan, windows: list[torch.Tensor]
             mp_utils.sync_gradients(setup)
             mp_utils.clip_grad_norm_model_parallel(bare, grad_clip, ctx, skip=mp_utils.tied_copies(setup.pipeline))
         else:
-            dp_utils.reduce_expert_gradients(bare, ctx)
-            dp_utils.clip_grad_norm_distributed(bare, grad_clip, ctx)
+            dp_utils.reduce_expert_gradients(bare, ctx, average=False)  # the mean is taken in the clip's multiply
+            dp_utils.clip_grad_norm_distributed(bare, grad_clip, ctx, expert_scale=1.0 / ctx.dp_size)
     with region("optimizer"):
         for optimizer in setup.optimizers:
             setup.scaler.step(optimizer)

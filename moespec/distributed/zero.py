@@ -81,7 +81,10 @@ class ShardedGroup:
         parameters packed into one buffer. The optimizer makes one group per unit (a block's
         dense parameters, the rest, each expert bank: `build_optimizers`), so the transient is
         one unit's chunks and their gathered copy, not every parameter's (26 GiB per rank at
-        Mixtral's size, dp 32 x ep 8, when a group held all of them), in a call per unit."""
+        Mixtral's size, dp 32 x ep 8, when a group held all of them), in a call per unit.
+        Two copies per element: mine into the send buffer, the others' out of the received
+        one (not zero-filling the send buffer, not copying mine back onto itself: at world 2
+        those were half the gather's memory traffic)."""
         if self.world == 1:
             return
         by_dtype: dict[torch.dtype, list[int]] = {}
@@ -90,7 +93,7 @@ class ShardedGroup:
         for indices in by_dtype.values():
             sizes = [self.segment(i) for i in indices]
             segment = sum(sizes)
-            send = self.params[indices[0]].new_zeros(segment)
+            send = self.params[indices[0]].new_empty(segment)  # a short chunk's padding is sent but never read
             offset = 0
             for i, size in zip(indices, sizes):
                 mine = self.chunk(i).reshape(-1)
@@ -100,6 +103,8 @@ class ShardedGroup:
             _all_gather_single(received, send, group=self.group)
             del send
             for rank in range(self.world):
+                if rank == self.rank:  # my chunks are already in place
+                    continue
                 offset = rank * segment
                 for i, size in zip(indices, sizes):
                     part = self.chunk(i, rank)
