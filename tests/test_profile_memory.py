@@ -39,11 +39,13 @@ def synthetic_rank(step_s: list[float], plan, predicted: dict) -> dict:
 
 
 def report_for(step_s: list[float], *, calibration_error: float | None = 0.05, probe_s: float | None = None,
-               calibration_probe_s: float | None = None) -> dict:  # fmt: skip
+               calibration_probe_s: float | None = None, cpu_features: list | None = None,
+               calibration_cpu_features: tuple | None = None) -> dict:  # fmt: skip
     plan = load_plan(TINY_TOPK)
-    backend = dataclasses.replace(load_backend("cpu-local"), calibration_error=calibration_error, calibration_probe_s=calibration_probe_s)
+    backend = dataclasses.replace(load_backend("cpu-local"), calibration_error=calibration_error, calibration_probe_s=calibration_probe_s,
+                                  calibration_cpu_features=calibration_cpu_features)  # fmt: skip
     predicted = simulate(plan, backend)
-    rank = synthetic_rank(step_s, plan, predicted) | {"probe_s": probe_s}
+    rank = synthetic_rank(step_s, plan, predicted) | {"probe_s": probe_s, "cpu_features": cpu_features or []}
     return build_report(plan, backend, [rank], spec=str(TINY_TOPK), device="cpu", steps=len(step_s), warmup=1, threads=1, trace_dir=None)
 
 
@@ -105,6 +107,29 @@ def test_a_machine_off_its_calibrations_speed_is_flagged_beside_the_verdict():
     assert unknown["machine_speed"]["vs_calibration"] is None and unknown["drifted"] is False
     # noisy comes first: a spread wider than the band says nothing either way
     assert verdict(0.03, band=0.10, spread=0.25) == "noisy" and verdict(0.03, band=0.10, spread=0.02) == "ok"
+
+
+def test_another_kind_of_cpu_than_the_calibrations_is_reported():
+    """The shipped calibration before this field was made on a VM without bf16 units, whose
+    bf16 Linears ran 30x slower than this one's: `same_cpu` says when the CPU's kernel level or
+    bf16 / matrix flags differ, None when the calibration did not record them."""
+    steps = [0.02] * 10
+    here = ["AVX512", "avx512_bf16"]
+    other = report_for(steps, cpu_features=here, calibration_cpu_features=("AVX512",))["machine_speed"]
+    assert other["same_cpu"] is False and other["cpu_features"] == here and other["calibration_cpu_features"] == ["AVX512"]
+    assert report_for(steps, cpu_features=here, calibration_cpu_features=("avx512_bf16", "AVX512"))["machine_speed"]["same_cpu"] is True
+    assert report_for(steps, cpu_features=here)["machine_speed"]["same_cpu"] is None  # not recorded at calibration
+    assert report_for(steps, calibration_cpu_features=("AVX512",))["machine_speed"]["same_cpu"] is None  # a GPU run records none
+
+
+def test_the_shipped_calibrations_record_the_cpu_they_were_made_on():
+    from moespec.profiling.calibrate import cpu_features
+    from moespec.sim.calibration import backend_with_calibration
+
+    for world in (1, 2):
+        backend = backend_with_calibration(load_backend("cpu-local"), "auto", world=world)
+        assert backend.calibration_cpu_features and backend.calibration_cpu_features[0] in ("DEFAULT", "VSX", "ZVECTOR", "AVX2", "AVX512", "SVE256")
+    assert cpu_features()[0] == __import__("torch").backends.cpu.get_cpu_capability()
 
 
 def test_without_a_calibration_there_is_no_verdict():

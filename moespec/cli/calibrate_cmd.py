@@ -105,7 +105,8 @@ def _print(document: dict, out: Path) -> None:
     from moespec.sim.opdb import database_from_dict
 
     fitted, machine, errors, ops = document["fitted"], document["machine"], document["fit_error"], document["ops"]
-    console.print(f"[bold]{document['backend']}[/bold] calibrated on {machine['hostname']} ({machine['cpu']}, {machine['nproc']} rank(s) x "
+    features = f" {' '.join(machine['cpu_features'])}," if machine.get("cpu_features") else ""
+    console.print(f"[bold]{document['backend']}[/bold] calibrated on {machine['hostname']} ({machine['cpu']},{features} {machine['nproc']} rank(s) x "
                   f"{machine['threads_per_rank']} thread(s), torch {machine['torch']}) at {document['created']}")  # fmt: skip
     db = database_from_dict(ops)
     table = Table(title="operator database (measured; op_s fitted)")

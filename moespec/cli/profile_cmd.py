@@ -265,6 +265,9 @@ def print_report(report: dict) -> None:
                          if report.get("drifted") else ""))  # fmt: skip
     elif report["calibration"] and speed.get("probe_s") is not None:
         console.print("machine: the calibration holds no probe to compare this machine's speed with (calibrate again to get one)")
+    if speed.get("same_cpu") is False:
+        console.print(f"[yellow]machine: another kind of CPU than the calibration's[/yellow] (here {' '.join(speed['cpu_features'])}; "
+                      f"calibrated on {' '.join(speed['calibration_cpu_features'])}): its rates do not hold here, calibrate on this machine")
     m = report["measured"]
     spread = m["step_s"]["spread"]
     console.print(f"step time over {report['steps']} steps: median {m['step_s']['median'] * 1e3:,.2f} ms, "

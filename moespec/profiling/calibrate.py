@@ -138,7 +138,26 @@ def machine_facts(device: torch.device, nproc: int) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "nproc": nproc,
         "threads_per_rank": torch.get_num_threads(),
+        "cpu_features": cpu_features(),
     }
+
+
+# The flags that change a CPU's matmul rates by integer factors: bf16 on a CPU without them
+# ran 20-30x slower than with them on two VMs of the same name (README, Calibrate).
+_MATRIX_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def cpu_features() -> list[str]:
+    """torch's CPU kernel level (DEFAULT, AVX2, AVX512, ...) and the bf16 / matrix flags the
+    kernel's OS reports: two machines that differ here run the same ops at different rates,
+    so a calibration made on one does not hold on the other (`profile` says so)."""
+    features = [torch.backends.cpu.get_cpu_capability()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return features + [flag for flag in _MATRIX_FLAGS if flag in flags]
 
 
 def _unit_terms(plan, backend: Backend) -> tuple[float, np.ndarray]:

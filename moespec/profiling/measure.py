@@ -57,6 +57,7 @@ class RankMeasurement:
     pipeline_idle_s: float | None = None  # per step: the schedule's wall time less this rank's stage compute
     tp_all_reduce_s: float = 0.0  # per profiled step: DTensor's collectives (inside the regions above)
     probe_s: float | None = None  # opbench.machine_probe_s just before the timed steps (all ranks at once)
+    cpu_features: list = field(default_factory=list)  # calibrate.cpu_features(): against the calibration's
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -149,6 +150,7 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
         for kind, op in ops.items():
             key = getattr(torch.ops._c10d_functional, op)
             tp_collectives[kind] = [comm.counts.get(key, 0) / plan.parallel.grad_accum, comm.bytes.get(key, 0) / plan.parallel.grad_accum]
+    from moespec.profiling.calibrate import cpu_features
     from moespec.profiling.opbench import machine_probe_s
 
     probe_s = machine_probe_s(device)  # how fast the machine runs now (report.py: against the calibration's)
@@ -217,6 +219,7 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
         pipeline_idle_s=idle,
         tp_all_reduce_s=tp_s,
         probe_s=probe_s,
+        cpu_features=cpu_features() if device.type == "cpu" else [],  # on a GPU the CPU's kernels are not the step's
     )
 
 

@@ -57,10 +57,16 @@ def verdict(relative_error: float | None, *, band: float | None, spread: float |
 
 def machine_speed(ranks: list[dict], backend: Backend) -> dict:
     """The machine probe now (rank 0's, all ranks timing it at once, as at calibration)
-    against the calibration's: speed > 1 runs faster than then."""
+    against the calibration's: speed > 1 runs faster than then. And the CPU's features now
+    against the calibration's: `same_cpu` False means another kind of CPU (a bf16 unit more
+    or less changes bf16 rates 20-30x), None that the calibration did not record them."""
     now = ranks[0].get("probe_s")
     then = backend.calibration_probe_s
-    return {"probe_s": now, "calibration_probe_s": then, "vs_calibration": then / now if now and then else None}
+    features = ranks[0].get("cpu_features") or None
+    recorded = None if backend.calibration_cpu_features is None else list(backend.calibration_cpu_features)
+    same = None if features is None or recorded is None else sorted(features) == sorted(recorded)
+    return {"probe_s": now, "calibration_probe_s": then, "vs_calibration": then / now if now and then else None,
+            "cpu_features": features, "calibration_cpu_features": recorded, "same_cpu": same}
 
 
 def _relative(measured: float, predicted: float) -> float | None:

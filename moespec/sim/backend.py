@@ -60,6 +60,7 @@ class Backend:
     calibration: str | None = None  # the calibration file applied, if any (sim/calibration.py)
     calibration_error: float | None = None  # its median step-time error on the models it was fitted on
     calibration_probe_s: float | None = None  # its machine probe (opbench.machine_probe_s); None: not recorded
+    calibration_cpu_features: tuple[str, ...] | None = None  # calibrate.cpu_features() where it was made; None: not recorded
     allreduce_scale: float = 1.0  # measured all-reduce over the ideal ring model (calibrated; 1 = ideal)
     ops: object | None = field(default=None, compare=False)  # sim/opdb.OpDatabase of a calibration; None: the roofline
 

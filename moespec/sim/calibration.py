@@ -103,6 +103,7 @@ def apply_calibration(backend: Backend, calibration: dict, *, source: str = "") 
         calibration=source or calibration.get("created", "calibrated"),
         calibration_error=calibration["fit_error"].get("step"),
         calibration_probe_s=calibration.get("probe_s"),
+        calibration_cpu_features=tuple(features) if (features := calibration["machine"].get("cpu_features")) is not None else None,
     )
 
 
