@@ -124,7 +124,7 @@ def test_certificate_at_bench_size():
 def test_default_eps_rule():
     scores_TE = make_scores("normal", 64, 8, seed=2)
     spread = float((scores_TE.amax(1) - scores_TE.amin(1)).max())
-    assert auction_assignment(scores_TE).eps == pytest.approx(spread / 256, rel=1e-6)
+    assert auction_assignment(scores_TE).eps == pytest.approx(spread / 4096, rel=1e-6)
     assert auction_assignment(scores_TE, eps=0.25).eps == 0.25
 
 
