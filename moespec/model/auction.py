@@ -69,6 +69,7 @@ slot or token order) and only stable or order-free reductions are used: determin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,18 +174,21 @@ def auction_assignment(
     eps_k = max(spread * _EPS_START_FRACTION, eps_final)
     rounds = augmentations = phases = 0
     # On CPU the rounds run in numpy on views of the same tensors (auction_host: dispatch cost).
-    host_arrays = None
     if device.type == "cpu" and auction_host.HOST_ROUNDS["enabled"]:
-        host_arrays = (work_TE.numpy(), price_E.numpy(), holder_EM.numpy(), expert_T.numpy())
+        arrays = (work_TE.numpy(), price_E.numpy(), holder_EM.numpy(), expert_T.numpy())
+        bidders = functools.partial(auction_host.unassigned, arrays[3])
+        bid_round = functools.partial(auction_host.bid_round, *arrays)
+        augment_all = functools.partial(auction_host.augment_all, *arrays, shortest_paths=_shortest_paths)
+    else:
+        bidders = functools.partial(_unassigned, expert_T)
+        bid_round = functools.partial(_bid_round, work_TE, price_E, holder_EM, expert_T)
+        augment_all = functools.partial(_augment_all, work_TE, price_E, holder_EM, expert_T)
     while True:
         phases += 1
         final = eps_k <= eps_final
         bidders_history: list[int] = []
         while True:
-            if host_arrays is None:
-                bidder_U = (expert_T < 0).nonzero().squeeze(1)  # [U], ascending token index
-            else:
-                bidder_U = np.flatnonzero(host_arrays[3] < 0)
+            bidder_U = bidders()  # [U], ascending token index
             U = len(bidder_U)
             if U == 0:
                 break
@@ -192,16 +196,10 @@ def auction_assignment(
                 break
             stalled = len(bidders_history) >= _STALL_ROUNDS and bidders_history[-_STALL_ROUNDS] == U
             if final and (U <= _AUGMENT_BELOW or stalled or rounds >= max_rounds):
-                if host_arrays is None:
-                    augmentations += _augment_all(work_TE, price_E, holder_EM, expert_T, eps_k)
-                else:
-                    augmentations += auction_host.augment_all(*host_arrays, eps_k, _shortest_paths)
+                augmentations += augment_all(eps_k)
                 break
             bidders_history.append(U)
-            if host_arrays is None:
-                _bid_round(work_TE, price_E, holder_EM, expert_T, bidder_U, eps_k)
-            else:
-                auction_host.bid_round(*host_arrays, bidder_U, eps_k)
+            bid_round(bidder_U, eps_k)
             rounds += 1
         if final:
             break
@@ -259,6 +257,10 @@ def _willingness_of(scores_NE: torch.Tensor, value_NE: torch.Tensor, expert_N: t
     """`_willingness` from the rows' scores and values (value_NE is overwritten)."""
     value_NE.scatter_(1, expert_N.unsqueeze(1), float("-inf"))
     return scores_NE.gather(1, expert_N.unsqueeze(1)).squeeze(1) - value_NE.amax(dim=1) + eps
+
+
+def _unassigned(expert_T: torch.Tensor) -> torch.Tensor:
+    return (expert_T < 0).nonzero().squeeze(1)
 
 
 def _bid_round(

@@ -23,6 +23,11 @@ import numpy as np
 HOST_ROUNDS = {"enabled": True}
 
 
+def unassigned(expert_T: np.ndarray) -> np.ndarray:
+    """The tokens without an expert, ascending (`auction._unassigned`)."""
+    return np.flatnonzero(expert_T < 0)
+
+
 def _willingness_of(scores_NE: np.ndarray, value_NE: np.ndarray, expert_N: np.ndarray, eps: float) -> np.ndarray:
     """`auction._willingness_of`: value_NE is overwritten."""
     rows_N = np.arange(expert_N.size)
