@@ -7,6 +7,7 @@ building the repeated matrix, so the speed-up is if anything understated.
 
     python bench/base_solver.py [--tokens 4096 --experts 64 --dim 256 --repeats 3] [--json]
     python bench/base_solver.py --warm 6   # cold against warm-started prices over 6 steps
+    python bench/base_solver.py --rounds --threads 2 --repeats 5   # numpy rounds against torch ones
 
 `--warm N`: N steps of fresh tokens through the same router weights (as in training, where
 the weights move little between steps), each solved cold (prices from zero) and warm (prices
@@ -124,6 +125,30 @@ def warm_steps(tokens: int, experts: int, dim: int, steps: int, seed: int) -> di
             "cold_rounds": statistics.median(rounds["cold"][1:]), "warm_rounds": statistics.median(rounds["warm"][1:])}  # fmt: skip
 
 
+# Not the shape the numpy rounds were timed on while written (T 4096, E 256): chosen after.
+ROUNDS_SHAPES = [(2048, 32, 512), (6144, 96, 384), (8192, 16, 256), (3072, 192, 128), (1536, 8, 1024)]
+
+
+def host_vs_torch(tokens: int, experts: int, dim: int, repeats: int) -> dict:
+    """Median seconds of the auction on CPU with its rounds in numpy and in torch, interleaved."""
+    from moespec.model import auction_host
+
+    generator = torch.Generator().manual_seed(tokens + experts)
+    scores_TE = torch.randn(tokens, dim, generator=generator) @ (torch.randn(dim, experts, generator=generator) / dim**0.5)
+    times, results = {True: [], False: []}, {}
+    try:
+        for _ in range(repeats + 1):  # the first of each is a warm-up
+            for host in (True, False):
+                auction_host.HOST_ROUNDS["enabled"] = host
+                start = time.perf_counter()
+                results[host] = auction_assignment(scores_TE).expert_index_T
+                times[host].append(time.perf_counter() - start)
+    finally:
+        auction_host.HOST_ROUNDS["enabled"] = True
+    return {"tokens": tokens, "experts": experts, "numpy_ms": 1e3 * statistics.median(times[True][1:]),
+            "torch_ms": 1e3 * statistics.median(times[False][1:]), "same": bool(torch.equal(results[True], results[False]))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -135,9 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, 0: torch's default")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--warm", type=int, default=0, metavar="STEPS", help="cold against warm-started prices over STEPS steps")
+    parser.add_argument("--rounds", action="store_true",
+                        help="CPU: the numpy rounds (auction_host, the default) against the torch ones, at shapes the numpy port was not tuned on")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.rounds:
+        rows = [host_vs_torch(t, e, d, args.repeats) for t, e, d in ROUNDS_SHAPES]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            print(f"T={r['tokens']:5d} E={r['experts']:3d}: numpy rounds {r['numpy_ms']:6.1f} ms, torch rounds {r['torch_ms']:6.1f} ms, "
+                  f"torch / numpy {r['torch_ms'] / r['numpy_ms']:.2f}x; same assignment: {r['same']}")
+        return 0
     if args.warm:
         rows = [warm_steps(t, e, args.dim, args.warm, args.seed) for t, e in ((2048, 8), (4096, 16), (4096, 64), (8192, 128))]
         if args.json:
