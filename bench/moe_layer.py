@@ -29,6 +29,10 @@ ends with the worst ratios (dropless / capacity; dropless / dense where each exp
 least 512 rows; dropless / HF grouped_mm; BASE / Switch) and where they are.
 `--busy` runs the set again beside a process that keeps one core busy and prints each path's
 slowdown (busy / quiet) and the worst dropless-to-capacity slowdown ratio.
+The process is tuned as `moespec train` and `profile` tune theirs, for every column alike:
+OpenMP's idle threads spin 10,000 loops, not libgomp's ~5-10 ms (moespec/openmp_tuning.py),
+and malloc keeps freed memory (moespec/malloc_tuning.py). `--untuned` runs with neither, to
+see what they change.
 
 Reading the numbers: on this 2-core VM one run's ratios move by 10-20% between runs (compare
 paths within a run, never across runs). With two or more threads the dropless kernel runs each
@@ -50,8 +54,10 @@ import subprocess
 import sys
 import time
 
+import moespec  # before torch: caps OpenMP's idle spin as in every moespec process (moespec/openmp_tuning.py)
 import torch
 
+from moespec.malloc_tuning import keep_freed_memory
 from moespec.model import group_matmuls
 from moespec.model.layers import DenseFFN
 from moespec.model.moe_layer import build_moe_layer
@@ -254,7 +260,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense")
     parser.add_argument("--show", metavar="FILE", help="print the tables of a saved --json run instead of running")
+    parser.add_argument("--untuned", action="store_true", help="libgomp's default spin and glibc's default malloc (not what moespec runs with)")
     args = parser.parse_args()
+    if args.untuned and os.environ.get("MOESPEC_BENCH_UNTUNED") != "1":  # the spin is read when torch loads: start again
+        env = dict(os.environ, GOMP_SPINCOUNT="300000", MOESPEC_BENCH_UNTUNED="1")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    tuning = {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "libgomp default"),
+              "malloc_keeps_freed_memory": not args.untuned and keep_freed_memory()}  # fmt: skip
     if args.show:
         print(render(json.loads(open(args.show).read())))
         return
@@ -278,6 +290,7 @@ def main() -> None:
             process.wait()
     doc = {
         "torch": torch.__version__,
+        "moespec": moespec.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "processor": platform.processor(),
@@ -286,6 +299,7 @@ def main() -> None:
         # Other processes on the machine inflate many-small-op code (ours, HF) more than one
         # big matmul (dense): record the 1-minute load average around the run.
         "load_avg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "process_tuning": tuning,
         "shapes": results,
         "busy_shapes": busy,
     }
@@ -300,6 +314,9 @@ def render(doc: dict) -> str:
     text = []
     text.append(f"torch {doc['torch']}, {doc['threads']} threads; {doc['step']}; median of {doc['repeats']}; "
                 f"load average {doc['load_avg_1min'][0]} -> {doc['load_avg_1min'][1]}")
+    if "process_tuning" in doc:
+        tuning = doc["process_tuning"]
+        text.append(f"process: GOMP_SPINCOUNT {tuning['GOMP_SPINCOUNT']}, malloc keeps freed memory: {tuning['malloc_keeps_freed_memory']}")
     names = list(doc["shapes"][0]["median_ms"])
     text.append(f"{'shape':<9} {'D':>4} {'F':>5} {'E':>3} {'K':>2} {'T':>5} {'rows/E':>6}  " + "  ".join(f"{n:>22}" for n in names))
     for r in doc["shapes"]:
