@@ -15,7 +15,7 @@ measured at once on this rank:
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from moespec.model.flops import flop_counter
 
 from moespec.spec.plan import SpecPlan
 
@@ -36,7 +36,7 @@ def measure_step(plan: SpecPlan, ctx, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed + ctx.rank)
     windows = [torch.randint(0, plan.model.vocab_size, (p.micro_batch, plan.model.seq_len + 1), generator=generator).to(ctx.device)
                for _ in range(p.grad_accum)]  # fmt: skip
-    with FlopCounterMode(display=False) as flops, count_collectives() as calls:
+    with flop_counter() as flops, count_collectives() as calls:
         train_step(setup, plan, windows)
     expert_parallel = [layer.expert_parallel for layer in moe_layers(model) if layer.expert_parallel is not None]
     return {

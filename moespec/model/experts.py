@@ -211,7 +211,7 @@ class ExpertBank(nn.Module):
             generator = torch.Generator().manual_seed(self.init_seed + self.first_expert + i)
             for w, std in ((self.w_gate, self.init_std), (self.w_up, self.init_std), (self.w_down, self.down_init_std)):
                 if w is not None:
-                    w[i].copy_(torch.empty(w.shape[1:]).normal_(0.0, std, generator=generator))
+                    w[i].copy_(torch.empty(w.shape[1:], device="cpu").normal_(0.0, std, generator=generator))  # cpu: the generator's device, whatever the default device
 
     def _weights(self, dtype: torch.dtype):
         """(w_gate, w_up, w_down) in the compute dtype (a no-op cast in float32 training)."""

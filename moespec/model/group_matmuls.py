@@ -71,9 +71,9 @@ def _try_grouped_gemm(device_type: str, dtype: torch.dtype) -> bool:
         generator = torch.Generator().manual_seed(0)
         counts_E = [3, 0, 5]
         offs = torch.tensor([3, 3, 8], dtype=torch.int32, device=device_type)
-        x_AK = torch.randn(8, 16, generator=generator).to(device_type, dtype)
-        w_EKN = torch.randn(3, 16, 8, generator=generator).to(device_type, dtype)
-        g_AN = torch.randn(8, 8, generator=generator).to(device_type, dtype)
+        x_AK = torch.randn(8, 16, generator=generator, device="cpu").to(device_type, dtype)  # cpu: the generator's device,
+        w_EKN = torch.randn(3, 16, 8, generator=generator, device="cpu").to(device_type, dtype)  # under any default device
+        g_AN = torch.randn(8, 8, generator=generator, device="cpu").to(device_type, dtype)
         loop = rows_times_weights(x_AK, w_EKN, counts_E, None), weight_grad(x_AK, g_AN, counts_E, None, 3)
         grouped = torch._grouped_mm(x_AK, w_EKN, offs=offs), torch._grouped_mm(x_AK.t(), g_AN, offs=offs)
         back = torch._grouped_mm(g_AN, w_EKN.transpose(1, 2), offs=offs)

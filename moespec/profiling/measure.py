@@ -106,7 +106,7 @@ class TrainingBatches:
 
 def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: int, trace_dir: Path | None,
                  trace_steps: int = 2, seed: int = 0, dist_ctx=None) -> RankMeasurement:  # fmt: skip
-    from torch.utils.flop_counter import FlopCounterMode
+    from moespec.model.flops import flop_counter
 
     from moespec.distributed.context import check_world
     from moespec.distributed.parallelize import apply_recompute
@@ -131,10 +131,10 @@ def measure_rank(plan: SpecPlan, *, device: torch.device, steps: int, warmup: in
     flops = None
     if not split:
         window = batches.step()[0]
-        with FlopCounterMode(display=False) as flop_counter:
+        with flop_counter() as counter:
             _, ce, aux = batch_loss(setup.model, window)
             (ce + aux.aux_loss).backward()
-        flops = int(flop_counter.get_total_flops())
+        flops = int(counter.get_total_flops())
         setup.bare_model.zero_grad(set_to_none=True)
 
     # 2. Warm-up, then timed steps (the tensor-parallel collectives counted in one more step).
