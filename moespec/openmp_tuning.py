@@ -6,10 +6,10 @@ runs its groups' matmuls on threads of its own (model/group_threads.py); started
 a parallel op, its worker shares a core with that spinning thread. On the 2-core VM this was
 measured on, the layer's first product after a parallel op took 17.0 ms where the same
 product took 13.4 ms a moment later, and the dropless layer was 1.25-1.34x the capacity
-path at top-1 with 8-10 experts. With the spin capped at 10,000 loops (a fraction of a
-millisecond: still longer than the gap between two back-to-back ops, so those never pay a
-wake-up) it was 1.04x (`bench/moe_layer.py`, both settings side by side in the note of
-issue 13). Any other code that mixes its own threads with torch's gains the same.
+path at top-1 with 8-10 experts (f-e10k1, g-e8k1). With the spin capped at 10,000 loops (a
+fraction of a millisecond: still longer than the gap between two back-to-back ops, so those
+never pay a wake-up) it was 1.04-1.07x there (`bench/moe_layer.py`, and `--untuned` for the
+default). Any other code that mixes its own threads with torch's gains the same.
 
 libgomp reads the variable once, when torch's library loads, so it is set when moespec is
 imported, before torch is (the CLI, the bench, `import moespec` first in a script). Ranks and
