@@ -149,6 +149,12 @@ def host_vs_torch(tokens: int, experts: int, dim: int, repeats: int) -> dict:
             "torch_ms": 1e3 * statistics.median(times[False][1:]), "same": bool(torch.equal(results[True], results[False]))}
 
 
+def emit(rows: list[dict], as_json: bool, line) -> int:
+    """One JSON document of the rows, or one line of text each."""
+    print(json.dumps(rows, indent=2) if as_json else "\n".join(line(r) for r in rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -167,22 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.rounds:
         rows = [host_vs_torch(t, e, d, args.repeats) for t, e, d in ROUNDS_SHAPES]
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return 0
-        for r in rows:
-            print(f"T={r['tokens']:5d} E={r['experts']:3d}: numpy rounds {r['numpy_ms']:6.1f} ms, torch rounds {r['torch_ms']:6.1f} ms, "
-                  f"torch / numpy {r['torch_ms'] / r['numpy_ms']:.2f}x; same assignment: {r['same']}")
-        return 0
+        return emit(rows, args.json, lambda r: (
+            f"T={r['tokens']:5d} E={r['experts']:3d}: numpy rounds {r['numpy_ms']:6.1f} ms, torch rounds {r['torch_ms']:6.1f} ms, "
+            f"torch / numpy {r['torch_ms'] / r['numpy_ms']:.2f}x; same assignment: {r['same']}"))
     if args.warm:
         rows = [warm_steps(t, e, args.dim, args.warm, args.seed) for t, e in ((2048, 8), (4096, 16), (4096, 64), (8192, 128))]
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return 0
-        for r in rows:
-            print(f"T={r['tokens']:5d} E={r['experts']:3d}: cold {r['cold_ms']:7.1f} ms ({r['cold_rounds']:.0f} rounds + paths), "
-                  f"warm {r['warm_ms']:7.1f} ms ({r['warm_rounds']:.0f}); warm/cold {r['warm_ms'] / r['cold_ms']:.2f}")
-        return 0
+        return emit(rows, args.json, lambda r: (
+            f"T={r['tokens']:5d} E={r['experts']:3d}: cold {r['cold_ms']:7.1f} ms ({r['cold_rounds']:.0f} rounds + paths), "
+            f"warm {r['warm_ms']:7.1f} ms ({r['warm_rounds']:.0f}); warm/cold {r['warm_ms'] / r['cold_ms']:.2f}"))
     report = run(args.tokens, args.experts, args.dim, args.repeats, args.seed, args.device)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -265,11 +265,11 @@ def main() -> None:
     if args.untuned and os.environ.get("MOESPEC_BENCH_UNTUNED") != "1":  # the spin is read when torch loads: start again
         env = dict(os.environ, GOMP_SPINCOUNT="300000", MOESPEC_BENCH_UNTUNED="1")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    tuning = {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "libgomp default"),
-              "malloc_keeps_freed_memory": not args.untuned and keep_freed_memory()}  # fmt: skip
     if args.show:
         print(render(json.loads(open(args.show).read())))
         return
+    tuning = {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "libgomp default"),
+              "malloc_keeps_freed_memory": not args.untuned and keep_freed_memory()}  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     panel = {"tuned": SHAPES, "grid": GRID, "fresh": FRESH, "all": SHAPES + GRID + FRESH}[args.set]

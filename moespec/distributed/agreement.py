@@ -15,8 +15,8 @@ measured at once on this rank:
 from __future__ import annotations
 
 import torch
-from moespec.model.flops import flop_counter
 
+from moespec.model.flops import flop_counter
 from moespec.spec.plan import SpecPlan
 
 

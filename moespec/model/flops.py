@@ -15,7 +15,7 @@ recomputation). torch 2.13's FlopCounterMode disagrees on two devices:
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 aten = torch.ops.aten
 
@@ -41,18 +41,12 @@ def _fused_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, 
     return 2 * _attention_forward_flops(query_shape, value_shape)
 
 
-TEXTBOOK = {
-    op: _fused_backward
-    for name in ("_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
-                 "_scaled_dot_product_cudnn_attention_backward")  # fmt: skip
-    if hasattr(aten, name)
-    for op in [getattr(aten, name)]
-}
+_FUSED_BACKWARDS = ("_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
+                    "_scaled_dot_product_cudnn_attention_backward")  # fmt: skip
+TEXTBOOK = {getattr(aten, name): _fused_backward for name in _FUSED_BACKWARDS if hasattr(aten, name)}
 
 
 def flop_counter():
     """FlopCounterMode with attention's backward counted as the four textbook matmuls on every
     device (module docstring)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     return FlopCounterMode(display=False, custom_mapping=TEXTBOOK)
