@@ -10,7 +10,8 @@ Sets: `tuned` (the four shapes the kernel was tuned on and the three of issue 13
 (eight shapes chosen before any measurement: E 8-128, k 1-8, T 2048 and 8192, d_model
 256-1024, coarse and fine d_ff; the thread engine and BASE's batched groups were built
 looking at some of them), `fresh` (five shapes chosen after that code was final, E 12-256,
-k 1-8), `all`. `--engines` adds our dropless layer on `torch._grouped_mm` (dropless_grouped_mm)
+k 1-8), `unseen` (five shapes chosen after the process tuning of 2026-11-30, E 6-160, k
+1-8), `all`. `--engines` adds our dropless layer on `torch._grouped_mm` (dropless_grouped_mm)
 beside the thread engine, same weights and routing.
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
 - dense: DenseFFN (SwiGLU) of width K*F, the same matmul FLOPs as K routed experts per token;
@@ -99,6 +100,15 @@ FRESH = [
     {"name": "f-e7k2", "d": 256, "f": 512, "E": 7, "k": 2, "tokens": 4100},
     {"name": "f-e10k1", "d": 384, "f": 768, "E": 10, "k": 1, "tokens": 3003},
     {"name": "f-e48k4", "d": 512, "f": 256, "E": 48, "k": 4, "tokens": 2000},
+]
+# UNSEEN: chosen on 2026-11-30 after the OpenMP spin cap and malloc change were final, before
+# any of them was measured; nothing was tuned on them.
+UNSEEN = [
+    {"name": "u-e20k2", "d": 448, "f": 896, "E": 20, "k": 2, "tokens": 3072},
+    {"name": "u-e40k6", "d": 320, "f": 192, "E": 40, "k": 6, "tokens": 4096},
+    {"name": "u-e160k4", "d": 384, "f": 128, "E": 160, "k": 4, "tokens": 4096},
+    {"name": "u-e6k1", "d": 768, "f": 1536, "E": 6, "k": 1, "tokens": 3000},
+    {"name": "u-e24k8", "d": 256, "f": 320, "E": 24, "k": 8, "tokens": 3072},
 ]
 
 
@@ -250,8 +260,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--set", choices=("tuned", "grid", "fresh", "all"), default="tuned",
-                        help="tuned: the shapes the kernel was tuned on; grid: chosen before measuring; fresh: chosen after the code was final")
+    parser.add_argument("--set", choices=("tuned", "grid", "fresh", "unseen", "all"), default="tuned",
+                        help="tuned: the shapes the kernel was tuned on; grid: chosen before measuring; fresh, unseen: chosen after the code was final")
     parser.add_argument("--engines", action="store_true", help="add our dropless layer on torch._grouped_mm beside the thread engine")
     parser.add_argument("--shapes", nargs="*", help="names from the chosen set (default: all of it)")
     parser.add_argument("--routers", action="store_true", help="add BASE and Switch layers (k = 1) at each shape")
@@ -272,9 +282,9 @@ def main() -> None:
               "malloc_keeps_freed_memory": not args.untuned and keep_freed_memory()}  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
-    panel = {"tuned": SHAPES, "grid": GRID, "fresh": FRESH, "all": SHAPES + GRID + FRESH}[args.set]
+    panel = {"tuned": SHAPES, "grid": GRID, "fresh": FRESH, "unseen": UNSEEN, "all": SHAPES + GRID + FRESH + UNSEEN}[args.set]
     if args.ops:
-        print(op_table(next(s for s in SHAPES + GRID + FRESH if s["name"] == args.ops)))
+        print(op_table(next(s for s in SHAPES + GRID + FRESH + UNSEEN if s["name"] == args.ops)))
         return
     load_before = os.getloadavg()
     shapes = [s for s in panel if not args.shapes or s["name"] in args.shapes]
