@@ -8,6 +8,12 @@ building the repeated matrix, so the speed-up is if anything understated.
     python bench/base_solver.py [--tokens 4096 --experts 64 --dim 256 --repeats 3] [--json]
     python bench/base_solver.py --warm 6   # cold against warm-started prices over 6 steps
     python bench/base_solver.py --rounds --threads 2 --repeats 5   # numpy rounds against torch ones
+    python bench/base_solver.py --filler --experts 160   # T not a multiple of E: the filler rows' cost
+
+`--filler`: a group of T tokens with T % E != 0 is padded with E - T % E constant rows
+(`balanced_expert_index`); they are indifferent between experts, so they all bid for the same
+cheapest one and are placed one augmenting path at a time. Times the auction at token counts
+around 25 * E with and without filler rows, same router weights.
 
 `--warm N`: N steps of fresh tokens through the same router weights (as in training, where
 the weights move little between steps), each solved cold (prices from zero) and warm (prices
@@ -149,6 +155,21 @@ def host_vs_torch(tokens: int, experts: int, dim: int, repeats: int) -> dict:
             "torch_ms": 1e3 * statistics.median(times[False][1:]), "same": bool(torch.equal(results[True], results[False]))}
 
 
+def filler_cost(experts: int, dim: int, repeats: int, seed: int) -> list[dict]:
+    """Auction time at T = 25E - 1 ... 26E + 1 (filler rows: E - T % E unless T % E == 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    w_DE = torch.randn(dim, experts, generator=generator)
+    rows = []
+    for tokens in (25 * experts, 25 * experts + 1, 25 * experts + experts // 2, 26 * experts - 1, 26 * experts):
+        filler = -tokens % experts
+        scores_TE = torch.randn(tokens, dim, generator=generator) @ w_DE
+        padded_TE = torch.cat([scores_TE, scores_TE.new_zeros(filler, experts)])  # as balanced_expert_index pads
+        times_s, result = time_ours(padded_TE, repeats)
+        rows.append({"tokens": tokens, "experts": experts, "filler_rows": filler, "ours_ms": 1e3 * statistics.median(times_s),
+                     "rounds": result.rounds, "augmentations": result.augmentations})
+    return rows
+
+
 def emit(rows: list[dict], as_json: bool, line) -> int:
     """One JSON document of the rows, or one line of text each."""
     print(json.dumps(rows, indent=2) if as_json else "\n".join(line(r) for r in rows))
@@ -166,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, 0: torch's default")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--warm", type=int, default=0, metavar="STEPS", help="cold against warm-started prices over STEPS steps")
+    parser.add_argument("--filler", action="store_true", help="T %% E != 0: the cost of the filler rows that pad the group")
     parser.add_argument("--rounds", action="store_true",
                         help="CPU: the numpy rounds (auction_host, the default) against the torch ones, at shapes the numpy port was not tuned on")
     args = parser.parse_args(argv)
@@ -176,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         return emit(rows, args.json, lambda r: (
             f"T={r['tokens']:5d} E={r['experts']:3d}: numpy rounds {r['numpy_ms']:6.1f} ms, torch rounds {r['torch_ms']:6.1f} ms, "
             f"torch / numpy {r['torch_ms'] / r['numpy_ms']:.2f}x; same assignment: {r['same']}"))
+    if args.filler:
+        rows = filler_cost(args.experts, args.dim, args.repeats, args.seed)
+        return emit(rows, args.json, lambda r: (
+            f"T={r['tokens']:5d} E={r['experts']:3d}, {r['filler_rows']:3d} filler rows: {r['ours_ms']:6.1f} ms, "
+            f"{r['rounds']} rounds + {r['augmentations']} augmenting paths"))
     if args.warm:
         rows = [warm_steps(t, e, args.dim, args.warm, args.seed) for t, e in ((2048, 8), (4096, 16), (4096, 64), (8192, 128))]
         return emit(rows, args.json, lambda r: (
