@@ -166,7 +166,7 @@ def filler_cost(experts: int, dim: int, repeats: int, seed: int) -> list[dict]:
         padded_TE = torch.cat([scores_TE, scores_TE.new_zeros(filler, experts)])  # as balanced_expert_index pads
         times_s, result = time_ours(padded_TE, repeats)
         rows.append({"tokens": tokens, "experts": experts, "filler_rows": filler, "ours_ms": 1e3 * statistics.median(times_s),
-                     "rounds": result.rounds, "augmentations": result.augmentations})
+                     "rounds": result.rounds, "augmentations": result.augmentations, "searches": result.searches})
     return rows
 
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = filler_cost(args.experts, args.dim, args.repeats, args.seed)
         return emit(rows, args.json, lambda r: (
             f"T={r['tokens']:5d} E={r['experts']:3d}, {r['filler_rows']:3d} filler rows: {r['ours_ms']:6.1f} ms, "
-            f"{r['rounds']} rounds + {r['augmentations']} augmenting paths"))
+            f"{r['rounds']} rounds + {r['augmentations']} augmenting paths in {r['searches']} searches"))
     if args.warm:
         rows = [warm_steps(t, e, args.dim, args.warm, args.seed) for t, e in ((2048, 8), (4096, 16), (4096, 64), (8192, 128))]
         return emit(rows, args.json, lambda r: (

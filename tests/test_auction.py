@@ -315,3 +315,40 @@ def test_numpy_rounds_match_the_torch_rounds(kind, T, E, eps):
     assert torch.equal(host.price_E, device.price_E) and host.price_E.dtype == device.price_E.dtype
     assert (host.rounds, host.augmentations, host.phases) == (device.rounds, device.augmentations, device.phases)
     assert_balanced(host.expert_index_T, E)
+
+
+@pytest.mark.parametrize(("T", "E"), [(1201, 48), (1224, 48), (777, 160), (333, 10), (1030, 16)])
+def test_padded_groups_within_bound_of_the_rectangular_optimum(T, E):
+    """T % E != 0: `balanced_expert_index` pads with constant rows, which take the slots the
+    real tokens leave. Against scipy on the [T, E * M] problem (M = ceil(T / E) slots per
+    expert, no padding): at most M tokens per expert, every token placed, and the total within
+    the padded solve's bound, cold and then warm-started from its prices."""
+    from moespec.model.balanced_routers import balanced_expert_index
+
+    M = -(-T // E)
+    scores_TE = make_scores("router", T, E, seed=T + E)
+    slots_TS = scores_TE.double().numpy().repeat(M, axis=1)
+    rows, cols = scipy_optimize.linear_sum_assignment(slots_TS, maximize=True)
+    optimum = float(slots_TS[rows, cols].sum())
+    spread = float((scores_TE.amax(1) - scores_TE.amin(1)).max())
+    bound = E * M * spread / 4096 + 64 * E * M * spread * 2.0**-24  # T' * eps, and float32 rounding
+    price_E = None
+    for _ in range(2):
+        expert_index_T, price_E = balanced_expert_index(scores_TE, eps=None, price_init_E=price_E)
+        counts = torch.bincount(expert_index_T, minlength=E)
+        assert counts.sum() == T and counts.max() <= M
+        assert optimum - bound <= total(scores_TE, expert_index_T) <= optimum + 1e-9 * abs(optimum)
+
+
+def test_augmenting_paths_share_their_searches():
+    """Filler rows are indifferent between experts, and each needs an augmenting path: one
+    shortest-path search now serves several (auction_host.augment_all), and the result still
+    carries the eps-CS certificate. At T 4001, E 160 (159 filler rows) it took 145 searches."""
+    E = 160
+    scores_TE = make_scores("router", 25 * E + 1, E, seed=5)
+    padded_TE = torch.cat([scores_TE, scores_TE.new_zeros(E - 1, E)])
+    result = auction_assignment(padded_TE)
+    assert result.augmentations >= 100  # the filler went through augmenting paths
+    assert result.searches <= result.augmentations / 4
+    assert_balanced(result.expert_index_T, E)
+    assert_certificate(padded_TE, result)

@@ -43,9 +43,10 @@ the prices and releasing only the tokens that break eps-CS at the new eps. A coa
 not finish: it only serves to get the prices close, so it stops once few tokens bid. In the
 final phase the last few bidders each follow a long chain of evictions through the experts
 (one hop per round) before reaching a free slot. There we switch to the successive shortest
-augmenting path of the Hungarian method on the E-node expert graph (`_augment_all`); every
-augmentation keeps eps-CS and places one token, so the solver always ends exactly balanced
-and within the bound, and `max_rounds` only caps the bidding.
+augmenting path of the Hungarian method on the E-node expert graph (`_augment_all`; one
+shortest-path search serves several paths, `auction_host.augment_all`); every augmentation
+keeps eps-CS and places one token, so the solver always ends exactly balanced and within the
+bound, and `max_rounds` only caps the bidding.
 
 The epsilon rule (eps=None). Adding a constant to a token's row does not change the problem,
 so we measure `spread = max_t (max_e scores[t, e] - min_e scores[t, e])` and take
@@ -103,7 +104,8 @@ class AuctionResult:
     expert_index_T: torch.Tensor  # [T] long: each expert exactly T // E times
     price_E: torch.Tensor  # [E] compute dtype: expert prices, a dual certificate (docstring)
     rounds: int  # Jacobi bidding rounds, all phases
-    augmentations: int  # shortest augmenting paths in the final phase
+    augmentations: int  # tokens placed by augmenting paths in the final phase
+    searches: int  # shortest-path searches those paths took (several paths per search)
     phases: int  # epsilon-scaling phases
     eps: float  # final epsilon: the total is within T * eps of the optimum
 
@@ -148,7 +150,7 @@ def auction_assignment(
         return AuctionResult(
             expert_index_T=torch.zeros(T, dtype=torch.long, device=device),
             price_E=torch.zeros(E, dtype=torch.float32, device=device),
-            rounds=0, augmentations=0, phases=0, eps=0.0,  # exact: one way to assign
+            rounds=0, augmentations=0, searches=0, phases=0, eps=0.0,  # exact: one way to assign
         )
     M = T // E
     wide = torch.float64 if scores_TE.dtype == torch.float64 else torch.float32
@@ -157,7 +159,7 @@ def auction_assignment(
         return AuctionResult(
             expert_index_T=torch.arange(T, device=device) // M,
             price_E=torch.zeros(E, dtype=wide, device=device),
-            rounds=0, augmentations=0, phases=0, eps=0.0,
+            rounds=0, augmentations=0, searches=0, phases=0, eps=0.0,
         )
     eps_final = spread * _DEFAULT_EPS_FRACTION if eps is None else float(eps)
     if work_TE.dtype == torch.float32 and eps_final < spread * _FLOAT32_EPS_FLOOR:
@@ -172,7 +174,7 @@ def auction_assignment(
     holder_EM = torch.full((E, M), -1, dtype=torch.long, device=device)  # token in slot, or -1
     expert_T = torch.full((T,), -1, dtype=torch.long, device=device)  # holding expert, or -1
     eps_k = max(spread * _EPS_START_FRACTION, eps_final)
-    rounds = augmentations = phases = 0
+    rounds = augmentations = searches = phases = 0
     # On CPU the rounds run in numpy on views of the same tensors (auction_host: dispatch cost).
     if device.type == "cpu" and auction_host.HOST_ROUNDS["enabled"]:
         arrays = (work_TE.numpy(), price_E.numpy(), holder_EM.numpy(), expert_T.numpy())
@@ -196,7 +198,8 @@ def auction_assignment(
                 break
             stalled = len(bidders_history) >= _STALL_ROUNDS and bidders_history[-_STALL_ROUNDS] == U
             if final and (U <= _AUGMENT_BELOW or stalled or rounds >= max_rounds):
-                augmentations += augment_all(eps_k)
+                placed, searched = augment_all(eps_k)
+                augmentations, searches = augmentations + placed, searches + searched
                 break
             bidders_history.append(U)
             bid_round(bidder_U, eps_k)
@@ -210,7 +213,7 @@ def auction_assignment(
 
     return AuctionResult(
         expert_index_T=expert_T, price_E=price_E, rounds=rounds,
-        augmentations=augmentations, phases=phases, eps=eps_k,
+        augmentations=augmentations, searches=searches, phases=phases, eps=eps_k,
     )
 
 
@@ -335,8 +338,8 @@ def _release_unhappy(
 def _augment_all(
     scores_TE: torch.Tensor, price_E: torch.Tensor, holder_EM: torch.Tensor,
     expert_T: torch.Tensor, eps: float,
-) -> int:
-    """Place every unassigned token, one shortest augmenting path over the E experts each.
+) -> tuple[int, int]:
+    """Place every unassigned token, by shortest augmenting paths over the E experts.
 
     Edge j -> k: the cheapest holder t of j moves to k, at reduced cost
     `value[t, j] - value[t, k] + eps >= 0` (eps-CS). That cost splits into a price-free part
@@ -344,46 +347,17 @@ def _augment_all(
     `gap_EE[j, k] = min over holders t of j of (s[t, j] - s[t, k])` is computed once and only
     the rows of the experts on a path are refreshed after each augmentation. The source edge to
     k is the unassigned token with the least regret `max_e value[u, e] - value[u, k]`.
-    Bellman-Ford on the dense [E, E] costs (on the host, `_shortest_paths`) gives distances d_E;
-    the path ends at the nearest expert f with a free slot. Raising price_E by
-    max(d_f - d_E, 0) keeps every reduced cost >= 0 (so eps-CS for every token: check the four cases of d_j, d_k against d_f), and the
-    tokens that moved end exactly happy. Returns the number of tokens placed."""
-    E, M = holder_EM.shape
-    device = holder_EM.device
-    gap_EE, slot_EE = _move_gaps(scores_TE, holder_EM, torch.arange(E, device=device))
-    placed = 0
-    while True:
-        unassigned_V = (expert_T < 0).nonzero().squeeze(1)  # [V]
-        if unassigned_V.numel() == 0:
-            return placed
-        cost_EE = (gap_EE + price_E - price_E.unsqueeze(1) + eps).clamp_(min=0)  # [j, k]
-        value_VE = scores_TE.index_select(0, unassigned_V) - price_E
-        dist_E, source_E = (value_VE.amax(dim=1, keepdim=True) - value_VE).min(dim=0)
-        dist_host_E, pred = _shortest_paths(cost_EE.cpu().numpy(), dist_E.cpu().numpy())
-        dist_E = torch.from_numpy(dist_host_E).to(device)
-        has_room_E = (holder_EM < 0).any(dim=1)
-        sink = int(torch.where(has_room_E, dist_E, float("inf")).argmin())
-        price_E += (dist_E[sink] - dist_E).clamp(min=0)
-
-        # Path k_0 -> ... -> k_L = sink. The unassigned token takes the slot that the holder
-        # leaving k_0 frees, that holder takes the slot freed at k_1, ..., and the holder
-        # leaving k_{L-1} takes a free slot of the sink.
-        path = [sink]
-        while pred[path[-1]] >= 0:
-            path.append(pred[path[-1]])
-            if len(path) > E:  # strict relaxation with costs >= 0 cannot make a cycle
-                raise RuntimeError("auction: cycle in the shortest-path tree")
-        path_P = torch.tensor(path[::-1], device=device)
-        slot_P = torch.cat([
-            slot_EE[path_P[:-1], path_P[1:]],
-            (holder_EM[sink] < 0).nonzero()[0],  # first free slot of the sink
-        ])
-        first = unassigned_V[source_E[path_P[0]]].view(1)
-        arriving_P = torch.cat([first, holder_EM[path_P[:-1], slot_P[:-1]]])
-        holder_EM[path_P, slot_P] = arriving_P
-        expert_T[arriving_P] = path_P
-        gap_EE[path_P], slot_EE[path_P] = _move_gaps(scores_TE, holder_EM[path_P], path_P)
-        placed += 1
+    Bellman-Ford on the dense [E, E] costs (`_shortest_paths`) gives distances d_E; a path ends
+    at an expert f with a free slot. Raising price_E by max(d_f - d_E, 0) keeps every reduced
+    cost >= 0 (so eps-CS for every token: check the four cases of d_j, d_k against d_f), and
+    the tokens that moved end exactly happy. `auction_host.augment_all` does it, several paths
+    per search; on another device on host copies (a few searches, each synced to the host for
+    its stopping tests anyway). Returns (tokens placed, searches)."""
+    arrays = tuple(t.cpu().numpy().copy() for t in (scores_TE, price_E, holder_EM, expert_T))  # copies on CPU too: tests see the copy back
+    placed, searches = auction_host.augment_all(*arrays, eps=eps, shortest_paths=_shortest_paths)
+    for t, a in zip((price_E, holder_EM, expert_T), arrays[1:]):
+        t.copy_(torch.from_numpy(a))
+    return placed, searches
 
 
 def _shortest_paths(cost_EE: np.ndarray, dist_E: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -408,15 +382,3 @@ def _shortest_paths(cost_EE: np.ndarray, dist_E: np.ndarray) -> tuple[np.ndarray
         dist_E[better_B] = relaxed_E[better_B]
         frontier_F = better_B
     return dist_E, pred_E.tolist()
-
-
-def _move_gaps(
-    scores_TE: torch.Tensor, holder_RM: torch.Tensor, expert_R: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows R of the holder table (expert_R[r] holds holder_RM[r]): the least score lost by
-    moving one of its holders to each expert, `min_m s[t_m, e_r] - s[t_m, k]`, shape [R, E],
-    and the slot m that attains it (first on ties). Free slots never move (+inf)."""
-    scores_RME = scores_TE[holder_RM.clamp(min=0)]  # [R, M, E]
-    own_RM1 = scores_RME.gather(2, expert_R.view(-1, 1, 1).expand(-1, holder_RM.shape[1], 1))
-    gap_RME = (own_RM1 - scores_RME).masked_fill_(holder_RM.unsqueeze(2) < 0, float("inf"))
-    return gap_RME.min(dim=1)

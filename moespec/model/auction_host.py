@@ -1,4 +1,5 @@
-"""The auction's bidding round (`auction._bid_round`) in numpy, for CPU tensors.
+"""The auction's bidding round (`auction._bid_round`) in numpy, for CPU tensors, and its
+augmenting paths (`augment_all`) for every device.
 
 Why a second copy of the round. A round is about 45 small array ops on [U, E] and [J, C]
 tables. On CPU a torch op costs 5-15 us of dispatch before it does anything, a numpy op 1-3 us,
@@ -6,8 +7,8 @@ and at BASE's shapes (T 2048-8192, E 16-256) most ops touch a few thousand numbe
 round's time was its dispatch. Timed at T 4096, E 256 (`bench/base_solver.py`), the rounds
 were ~55% of a 40 ms solve. The arrays here are numpy views of the caller's CPU tensors
 (`Tensor.numpy()` shares memory), so the round updates the same holder table, token map and
-prices that the rest of the solver (augmenting paths, releases) reads in torch. On other
-devices the torch round runs where the scores are.
+prices that the rest of the solver (releases) reads in torch. On other devices the torch round
+runs where the scores are, and the augmenting paths run here on host copies.
 
 It is the same round, step for step: the same first-maximum argmax, a stable sort by target,
 incumbents before bidders, ties by column; `np.partition` gives the M-th largest willingness as
@@ -94,46 +95,91 @@ def bid_round(
 def augment_all(
     scores_TE: np.ndarray, price_E: np.ndarray, holder_EM: np.ndarray,
     expert_T: np.ndarray, eps: float, shortest_paths,
-) -> int:
-    """`auction._augment_all` on numpy views (its docstring has the method): one shortest
-    augmenting path over the E experts per unassigned token. Timed at T 4096, E 256, an
-    augmentation here was dispatch-bound too: ~30 small torch ops besides the host's
-    `shortest_paths`. Returns the number of tokens placed."""
+) -> tuple[int, int]:
+    """Place every unassigned token by shortest augmenting paths over the E experts
+    (`auction._augment_all` has the method), several per path search. Every device runs this
+    one, on the host (`auction._augment_all` copies to it). Returns (tokens placed, searches).
+
+    One search (Bellman-Ford from the unassigned tokens) gives distances d_E and a tree of
+    shortest paths. Raising price_E by max(D - d_E, 0) keeps every reduced cost >= 0 for any
+    level D (the same four cases as for D = the nearest free expert's distance), and makes
+    every tree edge into an expert with d <= D tight. So with D at the V-th nearest free slot
+    (V unassigned tokens), the tree paths to those V slots are all augmenting paths at once.
+    They may share experts: before each path after the first, its moves are checked against
+    the gaps as they now are (a move is kept only if its token loses no value, so it stays
+    within eps of its best), and the token entering it is the first one not yet placed that
+    is within eps of its best there. A path that fails waits for the next search.
+
+    Why: a group padded with constant filler rows (T % E != 0, `balanced_expert_index`) left
+    up to E - 1 tokens indifferent between experts. They all bid for the same cheapest expert
+    and were placed one search each: at T 4001, E 160, 145 searches, 58 ms of the auction
+    against 25 ms at T 4000 (bench/base_solver.py --filler). Timed at T 4096, E 256 before
+    that, one search and its path were dispatch-bound in torch (~30 small ops besides
+    `shortest_paths`): numpy on the host for that reason too."""
     E, M = holder_EM.shape
     eps_c = np.asarray(eps, dtype=scores_TE.dtype)
     gap_EE, slot_EE = _move_gaps(scores_TE, holder_EM, np.arange(E))
-    placed = 0
+    placed = searches = 0
     while True:
         unassigned_V = np.flatnonzero(expert_T < 0)  # [V]
         if unassigned_V.size == 0:
-            return placed
+            return placed, searches
         cost_EE = gap_EE + price_E - price_E[:, None] + eps_c  # [j, k]
         np.maximum(cost_EE, 0, out=cost_EE)
         value_VE = scores_TE.take(unassigned_V, axis=0) - price_E
         regret_VE = value_VE.max(axis=1, keepdims=True) - value_VE
         source_E = regret_VE.argmin(axis=0)  # first minimum
         dist_E, pred = shortest_paths(cost_EE, regret_VE[source_E, np.arange(E)])
-        has_room_E = (holder_EM < 0).any(axis=1)
-        sink = int(np.where(has_room_E, dist_E, np.inf).argmin())
-        price_E += np.maximum(dist_E[sink] - dist_E, 0)
-
-        path = [sink]  # k_0 -> ... -> k_L = sink, as in auction._augment_all
-        while pred[path[-1]] >= 0:
-            path.append(pred[path[-1]])
-            if len(path) > E:
-                raise RuntimeError("auction: cycle in the shortest-path tree")
-        path_P = np.array(path[::-1], dtype=np.int64)
-        slot_P = np.concatenate([slot_EE[path_P[:-1], path_P[1:]], np.flatnonzero(holder_EM[sink] < 0)[:1]])
-        arriving_P = np.concatenate([unassigned_V[source_E[path_P[:1]]], holder_EM[path_P[:-1], slot_P[:-1]]])
-        holder_EM[path_P, slot_P] = arriving_P
-        expert_T[arriving_P] = path_P
-        gap_EE[path_P], slot_EE[path_P] = _move_gaps(scores_TE, holder_EM[path_P], path_P)
-        placed += 1
+        searches += 1
+        free_E = (holder_EM < 0).sum(axis=1)
+        reach_E = np.where(free_E > 0, dist_E, np.inf)
+        by_distance = np.argsort(reach_E, kind="stable")
+        sink_S = np.repeat(by_distance, free_E[by_distance])[: unassigned_V.size]  # nearest free slots first
+        sink_S = sink_S[np.isfinite(reach_E[sink_S])]
+        price_E += np.maximum(dist_E[sink_S[-1]] - dist_E, 0)
+        value_VE = scores_TE.take(unassigned_V, axis=0) - price_E  # at the raised prices
+        regret_VE = value_VE.max(axis=1, keepdims=True) - value_VE
+        waiting_V = np.ones(unassigned_V.size, dtype=bool)
+        stale_E = np.zeros(E, dtype=bool)  # experts a path of this search has changed
+        stale, free = [False] * E, free_E.tolist()  # the same, as lists: the loop below is Python
+        for n, sink in enumerate(sink_S.tolist()):
+            if free[sink] == 0:
+                continue
+            path, node = [sink], pred[sink]  # k_L = sink, back to k_0
+            while node >= 0 and not stale[node]:  # later paths only through unchanged experts:
+                path.append(node)  # their moves are as searched
+                node = pred[node]
+                if len(path) > E:
+                    raise RuntimeError("auction: cycle in the shortest-path tree")
+            if node >= 0:  # stopped at a changed expert
+                continue
+            path_P = np.array(path[::-1], dtype=np.int64)
+            if n == 0:  # the nearest free slot's path, as one search alone would take
+                entering = source_E[path_P[0]]
+            else:
+                fits_V = waiting_V & (regret_VE[:, path_P[0]] <= eps_c)
+                moves_ok = (gap_EE[path_P[:-1], path_P[1:]] + price_E[path_P[1:]] - price_E[path_P[:-1]] <= 0).all()
+                if not (moves_ok and fits_V.any()):
+                    continue
+                entering = int(fits_V.argmax())  # the first that fits
+            slot_P = np.concatenate([slot_EE[path_P[:-1], path_P[1:]], np.flatnonzero(holder_EM[sink] < 0)[:1]])
+            arriving_P = np.concatenate([unassigned_V[[entering]], holder_EM[path_P[:-1], slot_P[:-1]]])
+            holder_EM[path_P, slot_P] = arriving_P
+            expert_T[arriving_P] = path_P
+            stale_E[path_P] = True
+            for k in path:
+                stale[k] = True
+            waiting_V[entering] = False
+            free[sink] -= 1
+            placed += 1
+        stale_R = np.flatnonzero(stale_E)  # their move gaps, in one call
+        gap_EE[stale_R], slot_EE[stale_R] = _move_gaps(scores_TE, holder_EM[stale_R], stale_R)
 
 
 def _move_gaps(scores_TE: np.ndarray, holder_RM: np.ndarray, expert_R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`auction._move_gaps`: [R, E] least score lost moving a holder of row r to each expert,
-    and the slot attaining it (first on ties). The slot is the least index where the gap
+    """For rows R of the holder table (expert_R[r] holds holder_RM[r]): [R, E] the least score
+    lost moving one of its holders to each expert, `min_m s[t_m, e_r] - s[t_m, k]`, and the slot
+    m attaining it (first on ties); free slots never move (+inf). The slot is the least index where the gap
     equals its minimum: numpy's argmin across the middle axis of [R, M, E] was 3 ms of a 5 ms
     call at R 256, M 16, E 256; min plus this takes 2."""
     R, M = holder_RM.shape
