@@ -105,10 +105,14 @@ def augment_all(
     level D (the same four cases as for D = the nearest free expert's distance), and makes
     every tree edge into an expert with d <= D tight. So with D at the V-th nearest free slot
     (V unassigned tokens), the tree paths to those V slots are all augmenting paths at once.
-    They may share experts: before each path after the first, its moves are checked against
-    the gaps as they now are (a move is kept only if its token loses no value, so it stays
-    within eps of its best), and the token entering it is the first one not yet placed that
-    is within eps of its best there. A path that fails waits for the next search.
+    They may share experts, and a path changes the holders of the experts on it. So after the
+    first, a path is taken only if it passes through no expert an earlier path of this search
+    changed (its moves are then as searched; each is checked to lose its token no value, so it
+    stays within eps of its best), its sink still has a free slot, and a token not yet placed
+    is within eps of its best at the path's first expert (the first such enters). The others
+    wait for the next search. Checking shared paths against refreshed gaps instead placed no
+    more tokens per search (the shared experts' next-cheapest holders would lose value) and
+    cost a gap refresh per try.
 
     Why: a group padded with constant filler rows (T % E != 0, `balanced_expert_index`) left
     up to E - 1 tokens indifferent between experts. They all bid for the same cheapest expert
