@@ -10,8 +10,11 @@ threshold) would still be mmap'd and faulted in afresh each time: a dropless lay
 rows are that big at k 8 (T 8192, D 256: 64 MiB), and gathering them into a fresh tensor took
 35-39 ms where the same gather into a reused one took 5-8. So mmap is switched off for
 malloc altogether (M_MMAP_MAX 0): large blocks come from the heap and stay there too (threads'
-arenas still mmap what their 64 MiB heaps cannot hold). No-op off glibc (macOS, musl) or when
-the user set MALLOC_* variables."""
+arenas still mmap what their 64 MiB heaps cannot hold). A loop that frees and asks again for
+the same large size may still take fresh pages once more, at its second or third step: torch's
+64-byte aligned request is a little larger than a freed block's hole when that block did not
+merge with the heap's top. After that it faults nothing (tests/test_malloc_tuning.py). No-op off
+glibc (macOS, musl) or when the user set MALLOC_* variables."""
 
 from __future__ import annotations
 
