@@ -155,7 +155,7 @@ def host_vs_torch(tokens: int, experts: int, dim: int, repeats: int) -> dict:
             "torch_ms": 1e3 * statistics.median(times[False][1:]), "same": bool(torch.equal(results[True], results[False]))}
 
 
-def filler_cost(experts: int, dim: int, repeats: int, seed: int) -> list[dict]:
+def filler_cost(experts: int, dim: int, repeats: int, seed: int, device: str = "cpu") -> list[dict]:
     """Auction time at T = 25E - 1 ... 26E + 1 (filler rows: E - T % E unless T % E == 0)."""
     generator = torch.Generator().manual_seed(seed)
     w_DE = torch.randn(dim, experts, generator=generator)
@@ -164,7 +164,7 @@ def filler_cost(experts: int, dim: int, repeats: int, seed: int) -> list[dict]:
         filler = -tokens % experts
         scores_TE = torch.randn(tokens, dim, generator=generator) @ w_DE
         padded_TE = torch.cat([scores_TE, scores_TE.new_zeros(filler, experts)])  # as balanced_expert_index pads
-        times_s, result = time_ours(padded_TE, repeats)
+        times_s, result = time_ours(padded_TE.to(device), repeats)
         rows.append({"tokens": tokens, "experts": experts, "filler_rows": filler, "ours_ms": 1e3 * statistics.median(times_s),
                      "rounds": result.rounds, "augmentations": result.augmentations, "searches": result.searches})
     return rows
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             f"T={r['tokens']:5d} E={r['experts']:3d}: numpy rounds {r['numpy_ms']:6.1f} ms, torch rounds {r['torch_ms']:6.1f} ms, "
             f"torch / numpy {r['torch_ms'] / r['numpy_ms']:.2f}x; same assignment: {r['same']}"))
     if args.filler:
-        rows = filler_cost(args.experts, args.dim, args.repeats, args.seed)
+        rows = filler_cost(args.experts, args.dim, args.repeats, args.seed, args.device)
         return emit(rows, args.json, lambda r: (
             f"T={r['tokens']:5d} E={r['experts']:3d}, {r['filler_rows']:3d} filler rows: {r['ours_ms']:6.1f} ms, "
             f"{r['rounds']} rounds + {r['augmentations']} augmenting paths in {r['searches']} searches"))

@@ -9,6 +9,8 @@
 # 4. the held-out accuracy suite (bench/accuracy.py --suite heldout) against that calibration;
 # 5. `train --device cuda` (NCCL, bf16 autocast per the spec): 20 steps with a checkpoint at
 #    10, then a resume from it whose losses must equal the uninterrupted run's steps 11-20.
+# Between 2 and 3, BASE's auction on CUDA (bench/base_solver.py): against scipy, and with filler
+# rows (its augmenting paths run on host copies since 2026-11-30).
 # Each step has its own time limit so the whole script stays under 9 minutes. Everything
 # lands in one work folder, packed at the end into OUT_DIR/gpu-check.tgz (the device tool
 # brings back 8 files at most) beside summary.txt. OUT_DIR: default $OUT, else ./gpu-check.
@@ -35,6 +37,10 @@ for spec in tiny-dropless tiny-topk; do
   timeout 60 "$py" -m moespec profile "specs/$spec.yaml" --device cuda --steps 10 --warmup 2 --trace-steps 1 --json --out "$work/prof-$spec" \
     > "$work/profile-$spec.json" 2> "$work/profile-$spec.err"; say "profile $spec cuda: exit $?"
 done
+timeout 60 "$py" bench/base_solver.py --device cuda --tokens 4096 --experts 256 --repeats 3 > "$work/auction-cuda.txt" 2>&1
+say "auction cuda against scipy: exit $? ($(grep -E 'ours|gap' "$work/auction-cuda.txt" | tr -s ' ' | paste -sd ';'))"
+timeout 60 "$py" bench/base_solver.py --device cuda --filler --experts 160 --repeats 3 >> "$work/auction-cuda.txt" 2>&1
+say "auction cuda, filler rows: exit $?"; grep "filler rows" "$work/auction-cuda.txt" | tee -a "$out/summary.txt"
 backend="${BACKEND:-h200-cluster-4n}"
 timeout 120 "$py" -m moespec calibrate --backend "$backend" --device cuda --nproc 1 --json > "$work/calibration.json" 2> "$work/calibrate.err"
 say "calibrate: exit $?"
