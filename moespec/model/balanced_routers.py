@@ -68,8 +68,9 @@ def balanced_expert_index(scores_TE: torch.Tensor, *, eps: float | None,
         # assignment has the same shapes and costs, so take the round-robin one.
         return torch.arange(n_tokens, device=scores_TE.device) % n_experts, None
     n_padded = math.ceil(n_tokens / n_experts) * n_experts
-    padding_PE = scores_TE.new_zeros(n_padded - n_tokens, n_experts)
-    result = auction_assignment(torch.cat([scores_TE, padding_PE]), eps=eps, price_init_E=price_init_E)
+    if n_padded > n_tokens:  # (no [T, E] copy when nothing is padded)
+        scores_TE = torch.cat([scores_TE, scores_TE.new_zeros(n_padded - n_tokens, n_experts)])
+    result = auction_assignment(scores_TE, eps=eps, price_init_E=price_init_E)
     return result.expert_index_T[:n_tokens].to(device=scores_TE.device, dtype=torch.long), result.price_E.float()
 
 
