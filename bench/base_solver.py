@@ -109,6 +109,7 @@ def run(tokens: int, experts: int, dim: int, repeats: int, seed: int, device: st
         "eps": result.eps,
         "rounds": result.rounds,
         "augmentations": result.augmentations,
+        "searches": result.searches,
         "phases": result.phases,
         "balanced": balanced,
     }
@@ -221,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  our objective               : {report['ours_objective']:.6f}")
     print(f"  optimality gap              : {report['gap_percent']:.6f} % "
           f"(guaranteed <= {report['bound_percent']:.4f} %, eps={report['eps']:.4g})")
-    print(f"  rounds / augmentations / phases: {report['rounds']} / "
-          f"{report['augmentations']} / {report['phases']}; balanced: {report['balanced']}")
+    print(f"  rounds / augmentations (searches) / phases: {report['rounds']} / "
+          f"{report['augmentations']} ({report['searches']}) / {report['phases']}; balanced: {report['balanced']}")
     return 0
 
 
