@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from moespec.model.auction import auction_assignment  # noqa: E402
+from moespec.model.balanced_routers import padded_scores  # noqa: E402
 
 
 def router_scores(tokens: int, experts: int, dim: int, seed: int) -> torch.Tensor:
@@ -164,8 +165,7 @@ def filler_cost(experts: int, dim: int, repeats: int, seed: int, device: str = "
     for tokens in (25 * experts, 25 * experts + 1, 25 * experts + experts // 2, 26 * experts - 1, 26 * experts):
         filler = -tokens % experts
         scores_TE = torch.randn(tokens, dim, generator=generator) @ w_DE
-        padded_TE = torch.cat([scores_TE, scores_TE.new_zeros(filler, experts)])  # as balanced_expert_index pads
-        times_s, result = time_ours(padded_TE.to(device), repeats)
+        times_s, result = time_ours(padded_scores(scores_TE).to(device), repeats)  # as balanced_expert_index pads
         rows.append({"tokens": tokens, "experts": experts, "filler_rows": filler, "ours_ms": 1e3 * statistics.median(times_s),
                      "rounds": result.rounds, "augmentations": result.augmentations, "searches": result.searches})
     return rows

@@ -130,7 +130,8 @@ def augment_all(
             return placed, searches
         cost_EE = gap_EE + price_E - price_E[:, None] + eps_c  # [j, k]
         np.maximum(cost_EE, 0, out=cost_EE)
-        value_VE = scores_TE.take(unassigned_V, axis=0) - price_E
+        scores_VE = scores_TE.take(unassigned_V, axis=0)
+        value_VE = scores_VE - price_E
         regret_VE = value_VE.max(axis=1, keepdims=True) - value_VE
         source_E = regret_VE.argmin(axis=0)  # first minimum
         dist_E, pred = shortest_paths(cost_EE, regret_VE[source_E, np.arange(E)])
@@ -141,11 +142,10 @@ def augment_all(
         sink_S = np.repeat(by_distance, free_E[by_distance])[: unassigned_V.size]  # nearest free slots first
         sink_S = sink_S[np.isfinite(reach_E[sink_S])]
         price_E += np.maximum(dist_E[sink_S[-1]] - dist_E, 0)
-        value_VE = scores_TE.take(unassigned_V, axis=0) - price_E  # at the raised prices
+        value_VE = scores_VE - price_E  # at the raised prices
         regret_VE = value_VE.max(axis=1, keepdims=True) - value_VE
         waiting_V = np.ones(unassigned_V.size, dtype=bool)
-        stale_E = np.zeros(E, dtype=bool)  # experts a path of this search has changed
-        stale, free = [False] * E, free_E.tolist()  # the same, as lists: the loop below is Python
+        stale, free = [False] * E, free_E.tolist()  # experts a path of this search changed; free slots
         for n, sink in enumerate(sink_S.tolist()):
             if free[sink] == 0:
                 continue
@@ -170,13 +170,12 @@ def augment_all(
             arriving_P = np.concatenate([unassigned_V[[entering]], holder_EM[path_P[:-1], slot_P[:-1]]])
             holder_EM[path_P, slot_P] = arriving_P
             expert_T[arriving_P] = path_P
-            stale_E[path_P] = True
             for k in path:
                 stale[k] = True
             waiting_V[entering] = False
             free[sink] -= 1
             placed += 1
-        stale_R = np.flatnonzero(stale_E)  # their move gaps, in one call
+        stale_R = np.flatnonzero(stale)  # their move gaps, in one call
         gap_EE[stale_R], slot_EE[stale_R] = _move_gaps(scores_TE, holder_EM[stale_R], stale_R)
 
 

@@ -67,11 +67,16 @@ def balanced_expert_index(scores_TE: torch.Tensor, *, eps: float | None,
         # Meta tensors (shape and FLOP counting) hold no values to solve with; every balanced
         # assignment has the same shapes and costs, so take the round-robin one.
         return torch.arange(n_tokens, device=scores_TE.device) % n_experts, None
-    n_padded = math.ceil(n_tokens / n_experts) * n_experts
-    if n_padded > n_tokens:  # (no [T, E] copy when nothing is padded)
-        scores_TE = torch.cat([scores_TE, scores_TE.new_zeros(n_padded - n_tokens, n_experts)])
-    result = auction_assignment(scores_TE, eps=eps, price_init_E=price_init_E)
+    result = auction_assignment(padded_scores(scores_TE), eps=eps, price_init_E=price_init_E)
     return result.expert_index_T[:n_tokens].to(device=scores_TE.device, dtype=torch.long), result.price_E.float()
+
+
+def padded_scores(scores_TE: torch.Tensor) -> torch.Tensor:
+    """[T', E] with T' the next multiple of E: rows of zeros appended (the auction needs T % E
+    == 0; the scores themselves, no copy, when T already is one)."""
+    n_tokens, n_experts = scores_TE.shape
+    filler = math.ceil(n_tokens / n_experts) * n_experts - n_tokens
+    return torch.cat([scores_TE, scores_TE.new_zeros(filler, n_experts)]) if filler else scores_TE
 
 
 def sinkhorn_log_plan(logits_TE: torch.Tensor, iterations: int) -> torch.Tensor:
