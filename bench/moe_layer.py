@@ -255,6 +255,15 @@ def worst(results: list[dict], num: str, den: str, where=lambda r: True) -> tupl
     return max(ratios) if ratios else None
 
 
+def parse_shape(text: str) -> dict:
+    """`--shape D,F,E,K,T`: a shape dict like the sets', named after its numbers."""
+    try:
+        d, f, e, k, t = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected D,F,E,K,T (five integers), got {text!r}") from None
+    return {"name": f"d{d}f{f}e{e}k{k}t{t}", "d": d, "f": f, "E": e, "k": k, "tokens": t}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document")
@@ -264,6 +273,8 @@ def main() -> None:
                         help="tuned: the shapes the kernel was tuned on; grid: chosen before measuring; fresh, unseen: chosen after the code was final")
     parser.add_argument("--engines", action="store_true", help="add our dropless layer on torch._grouped_mm beside the thread engine")
     parser.add_argument("--shapes", nargs="*", help="names from the chosen set (default: all of it)")
+    parser.add_argument("--shape", action="append", type=parse_shape, metavar="D,F,E,K,T",
+                        help="your own shape (d_model, expert d_ff, experts, k, tokens) instead of a set; repeatable")
     parser.add_argument("--routers", action="store_true", help="add BASE and Switch layers (k = 1) at each shape")
     parser.add_argument("--busy", action="store_true", help="run the set again beside a process that keeps one core busy; print slowdowns")
     parser.add_argument("--no-peers", action="store_true", help="skip Hugging Face's blocks")
@@ -287,7 +298,7 @@ def main() -> None:
         print(op_table(next(s for s in SHAPES + GRID + FRESH + UNSEEN if s["name"] == args.ops)))
         return
     load_before = os.getloadavg()
-    shapes = [s for s in panel if not args.shapes or s["name"] in args.shapes]
+    shapes = args.shape or [s for s in panel if not args.shapes or s["name"] in args.shapes]
     results = run_set(shapes, args)
     busy = None
     if args.busy:
