@@ -9,11 +9,16 @@ building the repeated matrix, so the speed-up is if anything understated.
     python bench/base_solver.py --warm 6   # cold against warm-started prices over 6 steps
     python bench/base_solver.py --rounds --threads 2 --repeats 5   # numpy rounds against torch ones
     python bench/base_solver.py --filler --experts 160   # T not a multiple of E: the filler rows' cost
+    python bench/base_solver.py --layer u-e160k4 f-e256k8  # on a bench/moe_layer.py BASE layer's own router
 
 `--filler`: a group of T tokens with T % E != 0 is padded with E - T % E constant rows
 (`balanced_expert_index`); they are indifferent between experts, so they all bid for the same
 cheapest one and are placed one augmenting path at a time. Times the auction at token counts
 around 25 * E with and without filler rows, same router weights.
+
+`--layer SHAPE...`: the auction as a BASE layer of bench/moe_layer.py runs it (k = 1): that
+layer's router scores of fresh tokens each step, warm-started from the previous step's prices
+(`balanced_expert_index`, padding included); the best of three medians over 9 steps.
 
 `--warm N`: N steps of fresh tokens through the same router weights (as in training, where
 the weights move little between steps), each solved cold (prices from zero) and warm (prices
@@ -171,6 +176,35 @@ def filler_cost(experts: int, dim: int, repeats: int, seed: int, device: str = "
     return rows
 
 
+def layer_auctions(names: list[str], seed: int) -> list[dict]:
+    """Auction ms per step on bench/moe_layer.py's BASE layers (module docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import moe_layer  # noqa: PLC0415  the bench's shapes and layer builder
+
+    from moespec.model.balanced_routers import balanced_expert_index
+    from moespec.spec.plan import BaseRouter
+
+    shapes = {s["name"]: s for s in moe_layer.SHAPES + moe_layer.GRID + moe_layer.FRESH + moe_layer.UNSEEN}
+    rows = []
+    for name in names:
+        shape = dict(shapes[name], k=1)
+        torch.manual_seed(seed)
+        _, layer = moe_layer.ours(shape, dropless=True, router=BaseRouter(shuffle=False))
+        with torch.no_grad():
+            scores = [layer.router.gate(torch.randn(shape["tokens"], shape["d"])) for _ in range(10)]
+        medians = []
+        for _ in range(3):
+            price_E, times_ms = None, []
+            for scores_TE in scores:
+                start = time.perf_counter()
+                _, price_E = balanced_expert_index(scores_TE, eps=None, price_init_E=price_E)
+                times_ms.append(1e3 * (time.perf_counter() - start))
+            medians.append(statistics.median(times_ms[1:]))
+        rows.append({"shape": name, "tokens": shape["tokens"], "experts": shape["E"],
+                     "filler_rows": -shape["tokens"] % shape["E"], "ours_ms": min(medians)})
+    return rows
+
+
 def emit(rows: list[dict], as_json: bool, line) -> int:
     """One JSON document of the rows, or one line of text each."""
     print(json.dumps(rows, indent=2) if as_json else "\n".join(line(r) for r in rows))
@@ -188,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, 0: torch's default")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--warm", type=int, default=0, metavar="STEPS", help="cold against warm-started prices over STEPS steps")
+    parser.add_argument("--layer", nargs="+", metavar="SHAPE", help="bench/moe_layer.py shape names: the auction on their BASE layers' own router")
     parser.add_argument("--filler", action="store_true", help="T %% E != 0: the cost of the filler rows that pad the group")
     parser.add_argument("--rounds", action="store_true",
                         help="CPU: the numpy rounds (auction_host, the default) against the torch ones, at shapes the numpy port was not tuned on")
@@ -199,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return emit(rows, args.json, lambda r: (
             f"T={r['tokens']:5d} E={r['experts']:3d}: numpy rounds {r['numpy_ms']:6.1f} ms, torch rounds {r['torch_ms']:6.1f} ms, "
             f"torch / numpy {r['torch_ms'] / r['numpy_ms']:.2f}x; same assignment: {r['same']}"))
+    if args.layer:
+        rows = layer_auctions(args.layer, args.seed)
+        return emit(rows, args.json, lambda r: (
+            f"{r['shape']:<9} T={r['tokens']:5d} E={r['experts']:3d}, {r['filler_rows']:3d} filler rows: {r['ours_ms']:6.1f} ms per step"))
     if args.filler:
         rows = filler_cost(args.experts, args.dim, args.repeats, args.seed, args.device)
         return emit(rows, args.json, lambda r: (
