@@ -325,11 +325,11 @@ def _release_unhappy(
     scores_TE: torch.Tensor, price_E: torch.Tensor, holder_EM: torch.Tensor,
     expert_T: torch.Tensor, eps: float,
 ) -> None:
-    """At a tighter eps, unassign the held tokens that break eps-CS; prices stay."""
-    own_T1 = expert_T.clamp(min=0).unsqueeze(1)  # [T, 1]
+    """At a tighter eps, unassign the held tokens that break eps-CS; prices stay. Compared with
+    the best of all experts, not of the others: where its own expert is the best, a token is
+    happy either way (own - eps < own), so the masking of its own column is not needed."""
     value_TE = scores_TE - price_E
-    own_value_T = value_TE.gather(1, own_T1).squeeze(1)
-    value_TE.scatter_(1, own_T1, float("-inf"))
+    own_value_T = value_TE.gather(1, expert_T.clamp(min=0).unsqueeze(1)).squeeze(1)
     unhappy_T = (expert_T >= 0) & (own_value_T < value_TE.amax(dim=1) - eps)
     holder_EM.masked_fill_(unhappy_T[holder_EM.clamp(min=0)] & (holder_EM >= 0), -1)
     expert_T.masked_fill_(unhappy_T, -1)
