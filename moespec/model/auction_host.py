@@ -166,9 +166,7 @@ def augment_all(
                 if not (moves_ok and fits_V.any()):
                     continue
                 entering = int(fits_V.argmax())  # the first that fits
-            edges = zip(path_P[:-1].tolist(), path_P[1:].tolist())
-            slot_P = np.array([_cheapest_slot(scores_TE, holder_EM[j], j, k) for j, k in edges]
-                              + [np.flatnonzero(holder_EM[sink] < 0)[0]], dtype=np.int64)
+            slot_P = np.append(_cheapest_slots(scores_TE, holder_EM, path_P), np.flatnonzero(holder_EM[sink] < 0)[0])
             arriving_P = np.concatenate([unassigned_V[[entering]], holder_EM[path_P[:-1], slot_P[:-1]]])
             holder_EM[path_P, slot_P] = arriving_P
             expert_T[arriving_P] = path_P
@@ -185,7 +183,7 @@ def _move_gaps(scores_TE: np.ndarray, holder_RM: np.ndarray, expert_R: np.ndarra
     """For rows R of the holder table (expert_R[r] holds holder_RM[r]): [R, E] the least score
     lost moving one of its holders to each expert, `min_m s[t_m, e_r] - s[t_m, k]`; free slots
     never move (+inf). Which holder attains it is found only for the few edges a path takes
-    (`_cheapest_slot`): finding it for all [R, M, E] took 2.5 of a 3.8 ms call at R 256,
+    (`_cheapest_slots`): finding it for all [R, M, E] took 2.5 of a 3.8 ms call at R 256,
     M 16, E 256."""
     R, M = holder_RM.shape
     scores_RME = scores_TE.take(np.maximum(holder_RM, 0), axis=0)  # [R, M, E], a copy
@@ -195,11 +193,12 @@ def _move_gaps(scores_TE: np.ndarray, holder_RM: np.ndarray, expert_R: np.ndarra
     return gap_RME.min(axis=1)
 
 
-def _cheapest_slot(scores_TE: np.ndarray, holder_M: np.ndarray, j: int, k: int) -> int:
-    """The slot of expert j whose holder loses least moving to expert k: the holder that
-    `_move_gaps` took its gap [j, k] from (the same float32 differences, first on ties; j's
-    holders have not changed since, or the path would not pass through j)."""
-    held_M = np.maximum(holder_M, 0)
-    gap_M = scores_TE[held_M, j] - scores_TE[held_M, k]
-    gap_M[holder_M < 0] = np.inf
-    return int(gap_M.argmin())
+def _cheapest_slots(scores_TE: np.ndarray, holder_EM: np.ndarray, path_P: np.ndarray) -> np.ndarray:
+    """[P - 1] for each move j -> k of the path, the slot of j whose holder loses least moving
+    to k: the holder `_move_gaps` took gap [j, k] from (the same float32 differences, first on
+    ties; j's holders have not changed since, or the path would not pass through j)."""
+    from_P1, to_P1 = path_P[:-1, None], path_P[1:, None]
+    held_PM = np.maximum(holder_EM[path_P[:-1]], 0)
+    gap_PM = scores_TE[held_PM, from_P1] - scores_TE[held_PM, to_P1]
+    gap_PM[holder_EM[path_P[:-1]] < 0] = np.inf
+    return gap_PM.argmin(axis=1)
