@@ -9,6 +9,9 @@ with the two entries in the order torchrun may print them when it sees both in o
 (the run that printed it had them the other way round).
 """
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from moespec.distributed.launch import FailureLog
@@ -46,3 +49,27 @@ def test_a_rank_that_raised_is_the_cause_and_the_ranks_that_lost_it_follow():
 def test_a_clean_run_has_no_verdict_and_a_silent_failure_still_gets_one():
     assert FailureLog().verdict(0) is None
     assert FailureLog().verdict(3) == "distributed run failed with exit code 3"
+
+
+def _rank_process(body: str) -> "subprocess.CompletedProcess[str]":
+    """A process that runs `body` as a rank's work under run_rank, with an exit hook that
+    prints 'finalized' if the interpreter's normal exit runs."""
+    code = ("import atexit\n"
+            "atexit.register(lambda: print('finalized', flush=True))\n"
+            "from moespec.distributed.launch import run_rank\n"
+            f"run_rank(lambda: {body})\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_a_finished_rank_exits_zero_with_its_output_and_skips_finalization():
+    # finalization is where gloo's threads were seen to abort a finished rank (run_rank)
+    done = _rank_process("print('report', end='')")  # no newline: flushed by run_rank, not by exit
+    assert (done.returncode, done.stdout) == (0, "report")
+
+
+def test_a_failed_rank_exits_one_with_a_line_naming_it():
+    failed = _rank_process("1 / 0")
+    assert failed.returncode == 1
+    assert failed.stdout == ""
+    assert failed.stderr.strip() == "moespec: rank 0 failed: ZeroDivisionError: division by zero"

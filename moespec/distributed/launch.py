@@ -19,9 +19,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
-
-T = TypeVar("T")
+from typing import Callable, NoReturn
 
 RANK_FAILED = "moespec: rank {rank} failed: {what}"
 _RANK_FAILED_RE = re.compile(r"moespec: rank (\d+) failed: (.*)")
@@ -44,11 +42,19 @@ def current_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def run_rank(body: Callable[[], T]) -> T:
-    """Run one rank's work; on any exception print one line naming the rank, then exit 1
-    without waiting for peers (they are stopped by the agent or by the collective timeout)."""
+def run_rank(body: Callable[[], object]) -> NoReturn:
+    """Run one rank's work and end the process: on any exception print one line naming the
+    rank, then exit 1 without waiting for peers (they are stopped by the agent or by the
+    collective timeout); on success flush and exit 0 at once.
+
+    Why a finished rank skips the interpreter's own exit: by then its work is written and its
+    process groups destroyed (`context.shutdown`), and what the normal exit adds is C++ and
+    Python finalization, where gloo's threads and the tensors their works still hold are torn
+    down in no fixed order. That was seen to end a rank that had finished in std::terminate
+    (SIGABRT, "terminate called without an active exception": `make test`, 2026-12-01, rank 2
+    of a 4-rank pp 2 x ep 2 train, after the report was printed), and the run then failed."""
     try:
-        return body()
+        body()
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure must name its rank
@@ -58,6 +64,9 @@ def run_rank(body: Callable[[], T]) -> T:
             traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def torchrun_command(nproc: int, program_args: list[str], *, module: bool = True,
