@@ -150,3 +150,22 @@ def test_tensor_and_pipeline_parallel_pay_for_their_traffic():
     assert across.tp_comm_s > 3 * in_node.tp_comm_s  # NIC bandwidth is ~1/9 of NVLink's per GPU
     piped = step_time(with_parallel(plan, dp=1, ep=1, tp=1, pp=4, global_batch=8 * plan.parallel.micro_batch), backend)
     assert piped.pp_comm_s > 0 and piped.bubble_s > 0
+
+
+def test_what_the_step_time_leaves_out_of_base_is_said_in_both_views(tmp_path):
+    # auction_eps and filler rows change the auction's run time, not its counts: the report says
+    # the time does not follow them, with the spec's own numbers (sim/model.py base_auction_caveat)
+    text = (ROOT / "specs/tiny-base.yaml").read_text()
+    spec = tmp_path / "tiny-base-eps.yaml"
+    spec.write_text(text.replace("router: {type: base, shuffle: true}", "router: {type: base, shuffle: true, auction_eps: 0.01}")
+                    .replace("count: 4, d_ff: 128", "count: 6, d_ff: 128"))  # fmt: skip
+    shown = moespec("simulate", str(spec), "--backend", "cpu-local")
+    as_json = moespec("simulate", str(spec), "--backend", "cpu-local", "--json")
+    assert shown.returncode == 0 and as_json.returncode == 0, shown.stderr + as_json.stderr
+    said = json.loads(as_json.stdout)["assumptions"]["base_auction"]
+    assert "auction_eps 0.01 is not modelled" in said
+    assert "T 512 is padded with filler rows (4 at E 6)" in said  # micro_batch 8 x seq_len 64 over 6 experts
+    assert "note: " + said[:60] in " ".join(shown.stdout.split())
+    plain = simulate(load_plan(ROOT / "specs/tiny-base.yaml"), load_backend("cpu-local"))["assumptions"]["base_auction"]
+    assert "not modelled" not in plain  # default eps, 512 tokens over 4 experts: nothing left out
+    assert "base_auction" not in simulate(load_plan(ROOT / "specs/tiny-ep.yaml"), load_backend("cpu-local"))["assumptions"]

@@ -115,6 +115,8 @@ def _print(report: dict) -> None:
         parts.add_row(name.replace("_", " "), f"{flops / total:.1%}", f"{report['compute_s_by_part'][name] * 1e3:,.2f} ms")
     console.print(parts)
     console.print(f"tokens/s {time['tokens_per_s']:,.0f}   MFU {time['mfu']:.1%}")
+    if "base_auction" in report["assumptions"]:
+        console.print(f"note: {report['assumptions']['base_auction']}")
     if "load" in report:
         load = report["load"]
         console.print(f"load: {load['source']}; busiest rank's expert rows {load['compute_imbalance']:.2f}x the mean, "

@@ -142,11 +142,38 @@ def simulate(plan: SpecPlan, backend: Backend, *, overlap: float = DEFAULT_OVERL
                      "ZeRO shards by rows (FSDP2 Shard(0)): dense over dp, experts over dp/ep",
         },
     }
+    auction = base_auction_caveat(plan)
+    if auction:
+        report["assumptions"]["base_auction"] = auction
     if load is not None:
         report["load"] = _load_report(plan, load, factors)
     if plan.parallel.pp > 1:
         _busiest_stage(report, plan, backend)
     return report
+
+
+def base_auction_caveat(plan: SpecPlan) -> str | None:
+    """What the step time leaves out of BASE's auction, for a spec with BASE layers (None
+    without). Why it is said rather than modelled: the operator database times the solver at
+    its default eps on groups whose T is a multiple of E (profiling/opbench.py). An
+    `auction_eps` is absolute, so its cost depends on the router's score range at run time,
+    which no spec states; and the filler rows that pad T up to a multiple of E cost more than
+    their share (bench/base_solver.py --filler: 1.2-2x the solve at E 96-200). Parameters,
+    FLOPs and all-to-all bytes do not depend on either."""
+    routers = [layer.moe for layer in plan.moe_layers if layer.moe.router.type == "base"]
+    if not routers:
+        return None
+    said = ["BASE's auction is timed at its default eps, on groups whose T is a multiple of E"]
+    eps = sorted({moe.router.auction_eps for moe in routers if moe.router.auction_eps is not None})
+    if eps:
+        said.append(f"auction_eps {', '.join(f'{e:g}' for e in eps)} is not modelled (coarser runs faster, finer slower)")
+    tokens = plan.tokens_per_group
+    padded = sorted({(moe.experts.count, -tokens % moe.experts.count) for moe in routers if tokens % moe.experts.count})
+    if padded:
+        said.append(f"T {tokens} is padded with filler rows ("
+                    + ", ".join(f"{filler} at E {experts}" for experts, filler in padded)
+                    + "), which cost more than their share and are not modelled")  # fmt: skip
+    return "; ".join(said)
 
 
 def _busiest_stage(report: dict, plan: SpecPlan, backend: Backend) -> None:
