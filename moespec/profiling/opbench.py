@@ -319,7 +319,9 @@ def elementwise_bandwidth(device: torch.device, *, tokens: int = 4096, width: in
     return passes * tokens * width * 4 / timed(run, sync=_sync(device), min_repeats=5)
 
 
-AUCTION_GRID = {"t": [256, 1024, 4096], "e": [4, 16, 64]}
+# E up to 256: past the grid the rate is held at the edge's, and from E 64 that over-predicted
+# the solve 1.14-1.5x at E 128 and 256 (T 1024 and 4096, measured 2026-12-01 on cpu-local).
+AUCTION_GRID = {"t": [256, 1024, 4096], "e": [4, 16, 64, 256]}
 
 
 def auction_grid(device: torch.device, *, quick: bool = False) -> dict:
