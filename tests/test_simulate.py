@@ -164,7 +164,7 @@ def test_what_the_step_time_leaves_out_of_base_is_said_in_both_views(tmp_path):
     assert shown.returncode == 0 and as_json.returncode == 0, shown.stderr + as_json.stderr
     said = json.loads(as_json.stdout)["assumptions"]["base_auction"]
     assert "auction_eps 0.01 is not modelled" in said
-    assert "T 512 is padded with filler rows (4 at E 6)" in said  # micro_batch 8 x seq_len 64 over 6 experts
+    assert "filler rows pad T 512 over E 6 (4 rows)" in said  # micro_batch 8 x seq_len 64 over 6 experts
     assert "note: " + said[:60] in " ".join(shown.stdout.split())
     plain = simulate(load_plan(ROOT / "specs/tiny-base.yaml"), load_backend("cpu-local"))["assumptions"]["base_auction"]
     assert "not modelled" not in plain  # default eps, 512 tokens over 4 experts: nothing left out

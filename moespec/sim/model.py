@@ -160,19 +160,18 @@ def base_auction_caveat(plan: SpecPlan) -> str | None:
     which no spec states; and the filler rows that pad T up to a multiple of E cost more than
     their share (bench/base_solver.py --filler: 1.2-2x the solve at E 96-200). Parameters,
     FLOPs and all-to-all bytes do not depend on either."""
-    routers = [layer.moe for layer in plan.moe_layers if layer.moe.router.type == "base"]
-    if not routers:
+    layers = [layer for layer in plan.moe_layers if layer.moe.router.type == "base"]
+    if not layers:
         return None
     said = ["BASE's auction is timed at its default eps, on groups whose T is a multiple of E"]
-    eps = sorted({moe.router.auction_eps for moe in routers if moe.router.auction_eps is not None})
+    eps = sorted({layer.moe.router.auction_eps for layer in layers if layer.moe.router.auction_eps is not None})
     if eps:
         said.append(f"auction_eps {', '.join(f'{e:g}' for e in eps)} is not modelled (coarser runs faster, finer slower)")
-    tokens = plan.tokens_per_group
-    padded = sorted({(moe.experts.count, -tokens % moe.experts.count) for moe in routers if tokens % moe.experts.count})
+    groups = sorted({(plan.tokens_of(layer), layer.moe.experts.count) for layer in layers})  # (T, E); an encoder's T is its own
+    padded = [(t, e) for t, e in groups if t % e]
     if padded:
-        said.append(f"T {tokens} is padded with filler rows ("
-                    + ", ".join(f"{filler} at E {experts}" for experts, filler in padded)
-                    + "), which cost more than their share and are not modelled")  # fmt: skip
+        said.append("filler rows pad " + ", ".join(f"T {t} over E {e} ({-t % e} rows)" for t, e in padded)
+                    + ": they cost more than their share and are not modelled")  # fmt: skip
     return "; ".join(said)
 
 
