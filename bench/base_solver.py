@@ -184,7 +184,7 @@ def layer_auctions(names: list[str], seed: int) -> list[dict]:
     from moespec.model.balanced_routers import balanced_expert_index
     from moespec.spec.plan import BaseRouter
 
-    shapes = {s["name"]: s for s in moe_layer.SHAPES + moe_layer.GRID + moe_layer.FRESH + moe_layer.UNSEEN}
+    shapes = {s["name"]: s for s in moe_layer.ALL}
     rows = []
     for name in names:
         shape = dict(shapes[name], k=1)

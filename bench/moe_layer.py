@@ -110,6 +110,7 @@ UNSEEN = [
     {"name": "u-e6k1", "d": 768, "f": 1536, "E": 6, "k": 1, "tokens": 3000},
     {"name": "u-e24k8", "d": 256, "f": 320, "E": 24, "k": 8, "tokens": 3072},
 ]
+ALL = SHAPES + GRID + FRESH + UNSEEN  # every named shape (--set all, --ops, base_solver.py --layer)
 
 
 def ours(shape: dict, *, dropless: bool, router=None):
@@ -293,9 +294,9 @@ def main() -> None:
               "malloc_keeps_freed_memory": not args.untuned and keep_freed_memory()}  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
-    panel = {"tuned": SHAPES, "grid": GRID, "fresh": FRESH, "unseen": UNSEEN, "all": SHAPES + GRID + FRESH + UNSEEN}[args.set]
+    panel = {"tuned": SHAPES, "grid": GRID, "fresh": FRESH, "unseen": UNSEEN, "all": ALL}[args.set]
     if args.ops:
-        print(op_table(next(s for s in SHAPES + GRID + FRESH + UNSEEN if s["name"] == args.ops)))
+        print(op_table(next(s for s in ALL if s["name"] == args.ops)))
         return
     load_before = os.getloadavg()
     shapes = args.shape or [s for s in panel if not args.shapes or s["name"] in args.shapes]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from scipy import optimize as scipy_optimize  # a test dependency (pyproject's `test` extra): never skipped
 
 from moespec.model.auction import AuctionResult, auction_assignment, balanced_assignment
+from moespec.model.balanced_routers import padded_scores
 
 
 def scipy_optimum(scores_TE: torch.Tensor) -> float:
@@ -348,7 +349,7 @@ def test_augmenting_paths_share_their_searches():
     carries the eps-CS certificate. At T 4001, E 160 (159 filler rows) it took 145 searches."""
     E = 160
     scores_TE = make_scores("router", 25 * E + 1, E, seed=5)
-    padded_TE = torch.cat([scores_TE, scores_TE.new_zeros(E - 1, E)])
+    padded_TE = padded_scores(scores_TE)  # E - 1 rows of zeros, as balanced_expert_index pads
     result = auction_assignment(padded_TE)
     assert result.augmentations >= 100  # the filler went through augmenting paths
     assert result.searches <= result.augmentations / 4

@@ -345,7 +345,7 @@ def _augment_all(
     `value[t, j] - value[t, k] + eps >= 0` (eps-CS). That cost splits into a price-free part
     and the prices, `(s[t, j] - s[t, k]) + price[k] - price[j] + eps`, so the matrix
     `gap_EE[j, k] = min over holders t of j of (s[t, j] - s[t, k])` is computed once and only
-    the rows of the experts on a path are refreshed after each augmentation. The source edge to
+    the rows of the experts that paths changed are refreshed, once per search. The source edge to
     k is the unassigned token with the least regret `max_e value[u, e] - value[u, k]`.
     Bellman-Ford on the dense [E, E] costs (`_shortest_paths`) gives distances d_E; a path ends
     at an expert f with a free slot. Raising price_E by max(d_f - d_E, 0) keeps every reduced

@@ -197,8 +197,8 @@ def _cheapest_slots(scores_TE: np.ndarray, holder_EM: np.ndarray, path_P: np.nda
     """[P - 1] for each move j -> k of the path, the slot of j whose holder loses least moving
     to k: the holder `_move_gaps` took gap [j, k] from (the same float32 differences, first on
     ties; j's holders have not changed since, or the path would not pass through j)."""
-    from_P1, to_P1 = path_P[:-1, None], path_P[1:, None]
-    held_PM = np.maximum(holder_EM[path_P[:-1]], 0)
-    gap_PM = scores_TE[held_PM, from_P1] - scores_TE[held_PM, to_P1]
-    gap_PM[holder_EM[path_P[:-1]] < 0] = np.inf
+    holder_PM = holder_EM[path_P[:-1]]
+    held_PM = np.maximum(holder_PM, 0)
+    gap_PM = scores_TE[held_PM, path_P[:-1, None]] - scores_TE[held_PM, path_P[1:, None]]
+    gap_PM[holder_PM < 0] = np.inf
     return gap_PM.argmin(axis=1)
