@@ -7,7 +7,7 @@ building the repeated matrix, so the speed-up is if anything understated.
 
     python bench/base_solver.py [--tokens 4096 --experts 64 --dim 256 --repeats 3] [--json]
     python bench/base_solver.py --warm 6   # cold against warm-started prices over 6 steps
-    python bench/base_solver.py --rounds --threads 2 --repeats 5   # numpy rounds against torch ones
+    python bench/base_solver.py --rounds --threads 2 --repeats 5   # compiled rounds against numpy's and torch's
     python bench/base_solver.py --filler --experts 160   # T not a multiple of E: the filler rows' cost
     python bench/base_solver.py --layer u-e160k4 f-e256k8  # on a bench/moe_layer.py BASE layer's own router
 
@@ -138,28 +138,35 @@ def warm_steps(tokens: int, experts: int, dim: int, steps: int, seed: int) -> di
             "cold_rounds": statistics.median(rounds["cold"][1:]), "warm_rounds": statistics.median(rounds["warm"][1:])}  # fmt: skip
 
 
-# Not the shape the numpy rounds were timed on while written (T 4096, E 256): chosen after.
+# Not the shape the numpy rounds were timed on while written (T 4096, E 256): chosen after, and
+# before the compiled kernels were written (2026-12-01).
 ROUNDS_SHAPES = [(2048, 32, 512), (6144, 96, 384), (8192, 16, 256), (3072, 192, 128), (1536, 8, 1024)]
 
 
-def host_vs_torch(tokens: int, experts: int, dim: int, repeats: int) -> dict:
-    """Median seconds of the auction on CPU with its rounds in numpy and in torch, interleaved."""
-    from moespec.model import auction_host
+ENGINES = {"compiled": (True, True), "numpy": (True, False), "torch": (False, False)}  # (HOST_ROUNDS, COMPILED)
+
+
+def round_engines(tokens: int, experts: int, dim: int, repeats: int) -> dict:
+    """Median ms of the auction on CPU with its rounds and paths compiled (auction_kernels, the
+    default where built), in numpy (auction_host) and with torch rounds, interleaved."""
+    from moespec.model import auction_host, auction_kernels
 
     generator = torch.Generator().manual_seed(tokens + experts)
     scores_TE = torch.randn(tokens, dim, generator=generator) @ (torch.randn(dim, experts, generator=generator) / dim**0.5)
-    times, results = {True: [], False: []}, {}
+    times, results = {name: [] for name in ENGINES}, {}
     try:
         for _ in range(repeats + 1):  # the first of each is a warm-up
-            for host in (True, False):
-                auction_host.HOST_ROUNDS["enabled"] = host
+            for name, (host, compiled) in ENGINES.items():
+                auction_host.HOST_ROUNDS["enabled"], auction_kernels.COMPILED["enabled"] = host, compiled
                 start = time.perf_counter()
-                results[host] = auction_assignment(scores_TE).expert_index_T
-                times[host].append(time.perf_counter() - start)
+                results[name] = auction_assignment(scores_TE).expert_index_T
+                times[name].append(time.perf_counter() - start)
     finally:
-        auction_host.HOST_ROUNDS["enabled"] = True
-    return {"tokens": tokens, "experts": experts, "numpy_ms": 1e3 * statistics.median(times[True][1:]),
-            "torch_ms": 1e3 * statistics.median(times[False][1:]), "same": bool(torch.equal(results[True], results[False]))}
+        auction_host.HOST_ROUNDS["enabled"], auction_kernels.COMPILED["enabled"] = True, True
+    row = {"tokens": tokens, "experts": experts, "compiled_built": auction_kernels.available()}
+    row.update({f"{name}_ms": 1e3 * statistics.median(times[name][1:]) for name in ENGINES})
+    row["same"] = all(torch.equal(results["compiled"], results[name]) for name in ENGINES)
+    return row
 
 
 def filler_cost(experts: int, dim: int, repeats: int, seed: int, device: str = "cpu") -> list[dict]:
@@ -225,15 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", nargs="+", metavar="SHAPE", help="bench/moe_layer.py shape names: the auction on their BASE layers' own router")
     parser.add_argument("--filler", action="store_true", help="T %% E != 0: the cost of the filler rows that pad the group")
     parser.add_argument("--rounds", action="store_true",
-                        help="CPU: the numpy rounds (auction_host, the default) against the torch ones, at shapes the numpy port was not tuned on")
+                        help="CPU: the compiled rounds and paths (the default) against numpy's and torch's, at shapes none was tuned on")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.rounds:
-        rows = [host_vs_torch(t, e, d, args.repeats) for t, e, d in ROUNDS_SHAPES]
+        rows = [round_engines(t, e, d, args.repeats) for t, e, d in ROUNDS_SHAPES]
         return emit(rows, args.json, lambda r: (
-            f"T={r['tokens']:5d} E={r['experts']:3d}: numpy rounds {r['numpy_ms']:6.1f} ms, torch rounds {r['torch_ms']:6.1f} ms, "
-            f"torch / numpy {r['torch_ms'] / r['numpy_ms']:.2f}x; same assignment: {r['same']}"))
+            f"T={r['tokens']:5d} E={r['experts']:3d}: compiled {r['compiled_ms']:6.1f} ms, numpy {r['numpy_ms']:6.1f} ms, "
+            f"torch rounds {r['torch_ms']:6.1f} ms; numpy / compiled {r['numpy_ms'] / r['compiled_ms']:.2f}x; "
+            f"same assignment: {r['same']}" + ("" if r["compiled_built"] else " (compiled kernels not built: numpy ran twice)")))
     if args.layer:
         rows = layer_auctions(args.layer, args.seed)
         return emit(rows, args.json, lambda r: (

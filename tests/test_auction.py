@@ -304,15 +304,17 @@ def test_numpy_rounds_match_the_torch_rounds(kind, T, E, eps):
     """On CPU the bidding rounds and augmentations run in numpy (auction_host); elsewhere the
     torch ones run. Both must pick the same assignment, to the bit the same prices, after the
     same number of rounds: only then does the CUDA path inherit the CPU path's tests."""
-    from moespec.model import auction_host
+    from moespec.model import auction_host, auction_kernels
 
     scores_TE = make_scores(kind, T, E, seed=T + E)
-    host = auction_assignment(scores_TE, eps=eps)
-    auction_host.HOST_ROUNDS["enabled"] = False
+    auction_kernels.COMPILED["enabled"] = False  # numpy against torch; the compiled ones are checked below
     try:
+        host = auction_assignment(scores_TE, eps=eps)
+        auction_host.HOST_ROUNDS["enabled"] = False
         device = auction_assignment(scores_TE, eps=eps)
     finally:
         auction_host.HOST_ROUNDS["enabled"] = True
+        auction_kernels.COMPILED["enabled"] = True
     assert host.rounds > 0 and host.augmentations > 0  # both halves of the solver ran
     assert torch.equal(host.expert_index_T, device.expert_index_T)
     assert torch.equal(host.price_E, device.price_E) and host.price_E.dtype == device.price_E.dtype
@@ -355,3 +357,69 @@ def test_augmenting_paths_share_their_searches():
     assert result.searches <= result.augmentations / 4
     assert_balanced(result.expert_index_T, E)
     assert_certificate(padded_TE, result)
+
+
+def solve_both_rounds(scores_TE: torch.Tensor, **kwargs) -> tuple[AuctionResult, AuctionResult]:
+    """The auction with the compiled round (auction_kernels), then with the numpy round."""
+    from moespec.model import auction_kernels
+
+    compiled = auction_assignment(scores_TE, **kwargs)
+    auction_kernels.COMPILED["enabled"] = False
+    try:
+        numpy_round = auction_assignment(scores_TE, **kwargs)
+    finally:
+        auction_kernels.COMPILED["enabled"] = True
+    return compiled, numpy_round
+
+
+def assert_same_solve(a: AuctionResult, b: AuctionResult) -> None:
+    assert torch.equal(a.expert_index_T, b.expert_index_T)
+    assert torch.equal(a.price_E, b.price_E) and a.price_E.dtype == b.price_E.dtype
+    assert (a.rounds, a.augmentations, a.searches, a.phases) == (b.rounds, b.augmentations, b.searches, b.phases)
+
+
+def test_the_compiled_round_is_built():
+    """`make test` installs with gcc on PATH, so the kernel must be there: without it every BASE
+    layer silently runs the numpy round, 2x slower, and the parity tests below would compare
+    the numpy round with itself."""
+    from moespec.model import auction_kernels
+
+    assert auction_kernels.available(), "moespec/model/_auction_c.c was not built: pip install -e . with a C compiler"
+
+
+@pytest.mark.parametrize(
+    ("kind", "T", "E", "eps"),
+    [("router", 4096, 256, None), ("router", 2016, 48, None), ("normal", 512, 16, None),
+     ("integers", 96, 8, None), ("integers", 1024, 32, None), ("offset", 240, 6, None),
+     ("router", 1024, 32, 1e-7), ("normal", 768, 12, 0.5)],  # 1e-7: float64; 0.5: one coarse phase
+)
+def test_compiled_round_matches_the_numpy_round(kind, T, E, eps):
+    """The compiled round (and its releases, with their cache of each token's best other
+    expert) is the numpy round to the bit: same assignment, prices and counts."""
+    scores_TE = make_scores(kind, T, E, seed=T + E + 1)
+    compiled, numpy_round = solve_both_rounds(scores_TE, eps=eps)
+    assert compiled.rounds > 0
+    assert_same_solve(compiled, numpy_round)
+    assert_certificate(scores_TE, compiled)
+
+
+def test_compiled_round_matches_with_warm_prices_and_filler():
+    """A BASE router's steps: fresh tokens, the previous step's prices, filler rows (T % E != 0)."""
+    E, price_E = 48, None
+    for step in range(3):
+        padded_TE = padded_scores(make_scores("router", 1201, E, seed=step))
+        compiled, numpy_round = solve_both_rounds(padded_TE, price_init_E=price_E)
+        assert_same_solve(compiled, numpy_round)
+        price_E = compiled.price_E
+
+
+@settings(max_examples=60, deadline=None)
+@given(E=st.integers(2, 7), M=st.integers(1, 5), data=st.data())
+def test_property_compiled_round_matches_on_ties(E, M, data):
+    """Small problems full of exact ties (integers), where first-maximum and column-order rules
+    decide everything."""
+    T = E * M
+    values = data.draw(st.lists(st.integers(-2, 2), min_size=T * E, max_size=T * E))
+    scores_TE = torch.tensor(values, dtype=torch.float32).view(T, E)
+    compiled, numpy_round = solve_both_rounds(scores_TE)
+    assert_same_solve(compiled, numpy_round)

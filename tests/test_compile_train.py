@@ -231,3 +231,18 @@ def test_train_refuses_a_full_size_spec_and_bad_options():
     assert "46,702,792,704 parameters" in result.stderr and "GiB per rank" in result.stderr, result.stderr
     assert invoke("train", TINY, "--steps", "0").exit_code == 2
     assert invoke("train", TINY, "--steps", "1", "--lr", "-1").exit_code == 2
+
+
+def test_compile_says_which_auction_a_base_layer_runs(monkeypatch):
+    """A BASE spec's plan names the auction's engine: compiled where setup.py built the kernels
+    (as `make test` does), numpy with a one-line reason where they are missing; a spec without
+    BASE layers says nothing."""
+    from moespec.model import auction_kernels
+
+    compiled = invoke("compile", ROOT / "specs" / "tiny-base.yaml", "--json")
+    assert compiled.exit_code == 0 and json.loads(compiled.stdout)["base_auction"] == "compiled"
+    assert json.loads(invoke("compile", ROOT / "specs" / "tiny-ep.yaml", "--json").stdout)["base_auction"] is None
+    monkeypatch.setattr(auction_kernels, "_KERNELS", None)  # as after an install without a C compiler
+    fallback = invoke("compile", ROOT / "specs" / "tiny-base.yaml")
+    assert fallback.exit_code == 0
+    assert "BASE auction on CPU: in numpy, as the compiled kernels were not built" in fallback.stdout

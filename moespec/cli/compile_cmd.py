@@ -98,13 +98,31 @@ def compile_command(
         "check": check_result,
         "out": written,
         "weights": None if weights is None else {"from": str(weights), "tensors": loaded},
+        "base_auction": _base_auction(plan),
     }
     if as_json:
         emit_json(document)
         return
     _print_report(plan, counts, on, check_result, written)
+    if document["base_auction"] == "compiled":
+        console.print("BASE auction on CPU: compiled rounds and augmenting paths (moespec/model/_auction_*.c)")
+    elif document["base_auction"] == "numpy":
+        console.print(
+            "BASE auction on CPU: in numpy, as the compiled kernels were not built at install (no C compiler?): "
+            "the same assignments, 3-5x slower; reinstall with gcc or cc on PATH"
+        )
     if loaded is not None:
         console.print(f"weights: {loaded} tensors loaded from {weights}")
+
+
+def _base_auction(plan) -> str | None:
+    """Which bidding round a BASE layer's auction runs on CPU (None without BASE layers): the
+    compiled one, or numpy's where the kernel was not built at install; same assignments."""
+    if not any(layer.moe.router.type == "base" for layer in plan.moe_layers):
+        return None
+    from moespec.model import auction_kernels
+
+    return "compiled" if auction_kernels.available() else "numpy"
 
 
 def save_compiled(model, plan, out: Path) -> dict:

@@ -76,7 +76,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moespec.model import auction_host
+from moespec.model import auction_host, auction_kernels
 
 # eps=None means eps = spread * _DEFAULT_EPS_FRACTION (module docstring).
 _DEFAULT_EPS_FRACTION = 2.0**-12
@@ -175,12 +175,16 @@ def auction_assignment(
     expert_T = torch.full((T,), -1, dtype=torch.long, device=device)  # holding expert, or -1
     eps_k = max(spread * _EPS_START_FRACTION, eps_final)
     rounds = augmentations = searches = phases = 0
-    # On CPU the rounds run in numpy on views of the same tensors (auction_host: dispatch cost).
+    # On CPU the rounds run on the host, on numpy views of the same tensors (auction_host: dispatch cost).
+    # Compiled where the kernels were built (auction_kernels), the same round to the bit.
+    release = functools.partial(_release_unhappy, work_TE, price_E, holder_EM, expert_T)
     if device.type == "cpu" and auction_host.HOST_ROUNDS["enabled"]:
         arrays = (work_TE.numpy(), price_E.numpy(), holder_EM.numpy(), expert_T.numpy())
         bidders = functools.partial(auction_host.unassigned, arrays[3])
         bid_round = functools.partial(auction_host.bid_round, *arrays)
         augment_all = functools.partial(auction_host.augment_all, *arrays, shortest_paths=_shortest_paths)
+        if auction_kernels.available():
+            bid_round, release = auction_kernels.bind(*arrays)
     else:
         bidders = functools.partial(_unassigned, expert_T)
         bid_round = functools.partial(_bid_round, work_TE, price_E, holder_EM, expert_T)
@@ -209,7 +213,7 @@ def auction_assignment(
         eps_k = max(eps_k / _EPS_FACTOR, eps_final)
         if rounds >= max_rounds:  # out of rounds: straight to the final eps
             eps_k = eps_final
-        _release_unhappy(work_TE, price_E, holder_EM, expert_T, eps_k)
+        release(eps_k)
 
     return AuctionResult(
         expert_index_T=expert_T, price_E=price_E, rounds=rounds,
