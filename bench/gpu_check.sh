@@ -10,7 +10,7 @@
 # 5. `train --device cuda` (NCCL, bf16 autocast per the spec): 20 steps with a checkpoint at
 #    10, then a resume from it whose losses must equal the uninterrupted run's steps 11-20.
 # Between 2 and 3, BASE's auction on CUDA (bench/base_solver.py): against scipy, and with filler
-# rows (its augmenting paths run on host copies since 2026-11-30).
+# rows (its augmenting paths run on host copies since 2026-11-30, compiled since 2026-12-01).
 # Each step has its own time limit so the whole script stays under 9 minutes. Everything
 # lands in one work folder, packed at the end into OUT_DIR/gpu-check.tgz (the device tool
 # brings back 8 files at most) beside summary.txt. OUT_DIR: default $OUT, else ./gpu-check.
@@ -31,6 +31,10 @@ py=.venv/bin/python
 say() { echo "$*" | tee -a "$out/summary.txt"; }
 nvidia-smi > "$work/nvidia-smi.txt" 2>&1 || { say "no GPU here (nvidia-smi failed)"; exit 2; }
 say "torch: $("$py" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' 2>&1 | tail -1)"
+# The auction's compiled kernels (setup.py; the checkout travels without its build): in place,
+# as `pip install -e .` puts them. Without a compiler the numpy solver runs, the same assignments.
+timeout 60 "$py" setup.py -q build_ext --inplace > "$work/build-kernels.txt" 2>&1
+say "auction kernels: $("$py" -c 'from moespec.model import auction_kernels as k; print("compiled" if k.available() else "numpy (not built)")' 2>&1 | tail -1)"
 timeout 150 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_distributed.py tests/test_auction.py tests/test_profile.py tests/test_cli_edges.py \
   -k "nccl or cuda" > "$work/gpu-tests.txt" 2>&1; say "gpu tests: exit $? ($(tail -1 "$work/gpu-tests.txt"))"
 for spec in tiny-dropless tiny-topk; do
