@@ -158,8 +158,8 @@ def base_auction_caveat(plan: SpecPlan) -> str | None:
     its default eps on groups whose T is a multiple of E (profiling/opbench.py). An
     `auction_eps` is absolute, so its cost depends on the router's score range at run time,
     which no spec states; and the filler rows that pad T up to a multiple of E cost more than
-    their share (bench/base_solver.py --filler: 1.2-2x the solve at E 96-200). Parameters,
-    FLOPs and all-to-all bytes do not depend on either."""
+    their share (bench/base_solver.py --filler: 1.1-1.4x the compiled solve at E 48-200, up
+    to 2x with the numpy one). Parameters, FLOPs and all-to-all bytes do not depend on either."""
     layers = [layer for layer in plan.moe_layers if layer.moe.router.type == "base"]
     if not layers:
         return None
