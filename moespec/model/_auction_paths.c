@@ -105,15 +105,19 @@ static int K(shortest_paths)(const KTYPE *restrict cost_EE, int64_t E, KTYPE *re
 /* np.maximum(x, 0) as numpy computes it (x >= 0 ? x : 0, so -0.0 stays -0.0). */
 static inline KTYPE K(at_least_zero)(KTYPE x) { return x >= 0 ? x : 0; }
 
-/* Ascending reach, ties by expert index: numpy's stable argsort. */
-static const KTYPE *K(sort_reach);
+/* An expert and its reach, sorted ascending by reach, ties by expert: numpy's stable argsort.
+ * The pair carries its own key, so the sort needs no global (ctypes lets threads run). */
+typedef struct {
+    KTYPE reach;
+    int64_t expert;
+} K(reach_t);
+
 static int K(by_reach)(const void *a, const void *b)
 {
-    int64_t i = *(const int64_t *)a, j = *(const int64_t *)b;
-    KTYPE x = K(sort_reach)[i], y = K(sort_reach)[j];
-    if (x < y) return -1;
-    if (y < x) return 1;
-    return (i > j) - (i < j);
+    const K(reach_t) *x = a, *y = b;
+    if (x->reach < y->reach) return -1;
+    if (y->reach < x->reach) return 1;
+    return (x->expert > y->expert) - (x->expert < y->expert);
 }
 
 /* regret_VE[v, e] = max_e' value[v, e'] - value[v, e], value = score - price, for the
@@ -144,25 +148,27 @@ int K(moespec_augment_all)(const KTYPE *restrict scores_TE, int64_t T, int64_t E
     KTYPE *gap_EE = malloc((size_t)(E * E) * sizeof(KTYPE));
     KTYPE *cost_EE = malloc((size_t)(E * E) * sizeof(KTYPE));
     KTYPE *dist_E = malloc((size_t)(2 * E) * sizeof(KTYPE)), *reach_E = dist_E + E;
-    KTYPE *regret_VE = malloc((size_t)(T * E) * sizeof(KTYPE)); /* V <= T rows */
+    KTYPE *regret_VE = NULL; /* [V, E], sized by the first search: V only falls */
+    K(reach_t) *order_E = malloc((size_t)E * sizeof(K(reach_t)));
     int64_t *ints = malloc((size_t)(7 * E + 3 * (E + 1)) * sizeof(int64_t));
     int64_t *tokens = malloc((size_t)(2 * T) * sizeof(int64_t));
     uint8_t *flags = malloc((size_t)(E + T));
-    if (!gap_EE || !cost_EE || !dist_E || !regret_VE || !ints || !tokens || !flags) goto done;
+    if (!gap_EE || !cost_EE || !dist_E || !order_E || !ints || !tokens || !flags) goto done;
     int64_t *pred_E = ints, *scratch = ints + E, *source_E = ints + 3 * E, *free_E = ints + 4 * E;
-    int64_t *order_E = ints + 5 * E, *left_E = ints + 6 * E;
+    int64_t *all_E = ints + 5 * E, *left_E = ints + 6 * E;
     int64_t *back_P = ints + 7 * E, *path_P = back_P + (E + 1), *slot_P = path_P + (E + 1); /* P <= E + 1 */
     int64_t *arriving_P = back_P; /* back_P is spent once path_P is written */
     int64_t *unassigned_V = tokens, *sink_S = tokens + T; /* S <= V <= T */
     uint8_t *stale_E = flags, *waiting_V = flags + E;
 
-    for (int64_t e = 0; e < E; e++) order_E[e] = e;
-    K(move_gaps)(scores_TE, E, holder_EM, E, M, order_E, gap_EE);
+    for (int64_t e = 0; e < E; e++) all_E[e] = e;
+    K(move_gaps)(scores_TE, E, holder_EM, E, M, all_E, gap_EE);
     for (;;) {
         int64_t V = 0;
         for (int64_t t = 0; t < T; t++)
             if (expert_T[t] < 0) unassigned_V[V++] = t;
         if (V == 0) break;
+        if (!regret_VE && !(regret_VE = malloc((size_t)(V * E) * sizeof(KTYPE)))) goto done;
         for (int64_t j = 0; j < E; j++) /* reduced costs ((gap + price[k]) - price[j]) + eps, at least 0 */
             for (int64_t k = 0; k < E; k++) {
                 KTYPE c = gap_EE[j * E + k] + price_E[k];
@@ -183,13 +189,13 @@ int K(moespec_augment_all)(const KTYPE *restrict scores_TE, int64_t T, int64_t E
             free_E[e] = 0;
             for (int64_t m = 0; m < M; m++) free_E[e] += holder_EM[e * M + m] < 0;
             reach_E[e] = free_E[e] > 0 ? dist_E[e] : INFINITY;
-            order_E[e] = e;
+            order_E[e].reach = reach_E[e];
+            order_E[e].expert = e;
         }
-        K(sort_reach) = reach_E;
-        qsort(order_E, (size_t)E, sizeof(int64_t), K(by_reach));
+        qsort(order_E, (size_t)E, sizeof(K(reach_t)), K(by_reach));
         int64_t S = 0; /* the V nearest free slots, finite ones only */
         for (int64_t i = 0; i < E && S < V; i++) {
-            int64_t e = order_E[i];
+            int64_t e = order_E[i].expert;
             if (!isfinite(reach_E[e])) break;
             for (int64_t f = 0; f < free_E[e] && S < V; f++) sink_S[S++] = e;
         }
@@ -273,6 +279,7 @@ done:
     free(cost_EE);
     free(dist_E);
     free(regret_VE);
+    free(order_E);
     free(ints);
     free(tokens);
     free(flags);
