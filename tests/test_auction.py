@@ -423,3 +423,20 @@ def test_property_compiled_round_matches_on_ties(E, M, data):
     scores_TE = torch.tensor(values, dtype=torch.float32).view(T, E)
     compiled, numpy_round = solve_both_rounds(scores_TE)
     assert_same_solve(compiled, numpy_round)
+
+
+def test_a_stale_kernel_build_is_not_loaded(tmp_path, monkeypatch):
+    """A library left by an older checkout (its ABI number differs) must not be called with
+    today's arguments: the loader refuses it and the numpy solver runs."""
+    import subprocess
+
+    from moespec.model import auction_kernels
+
+    source = tmp_path / "stale.c"
+    source.write_text("int moespec_auction_abi(void) { return -1; }\n")
+    library = tmp_path / "stale.so"
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    monkeypatch.setattr(auction_kernels, "_library_path", lambda: library)
+    assert auction_kernels._load() is None
+    monkeypatch.setattr(auction_kernels, "_library_path", lambda: None)
+    assert auction_kernels._load() is None  # not built at all
