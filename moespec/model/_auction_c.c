@@ -11,7 +11,7 @@
  * maximum, the same float sums in the same order (build with -ffp-contract=off, never
  * -ffast-math), bidders grouped by target in token order after the M holder slots, the M-th
  * largest willingness, ties kept in column order, kept tokens packed into the slots in that
- * order. tests/test_auction.py asserts identical assignments, prices and round counts.
+ * order. tests/test_auction_kernels.py asserts identical assignments, prices and round counts.
  *
  * The file is its own template: it includes itself twice, once for float and once for double
  * (the auction computes in float64 for float64 scores or a tiny eps). */

@@ -8,9 +8,9 @@
  *
  * It is auction_host.augment_all step for step, to the bit (the same float sums in the same
  * order: build with -ffp-contract=off; first minima; the nearest free slots in a stable order;
- * a path taken only through experts no earlier path of its search changed).
- * tests/test_auction.py asserts identical assignments, prices and counts. Its docstring has
- * the method. The file includes itself once per float type, as _auction_c.c does. */
+ * a path taken only through experts no earlier path of its search changed); the method is in
+ * that function's docstring. tests/test_auction_kernels.py asserts identical assignments,
+ * prices and counts. The file includes itself once per float type, as _auction_c.c does. */
 #ifndef KTYPE
 
 #include <math.h>
