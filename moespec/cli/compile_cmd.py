@@ -116,8 +116,8 @@ def compile_command(
 
 
 def _base_auction(plan) -> str | None:
-    """Which bidding round a BASE layer's auction runs on CPU (None without BASE layers): the
-    compiled one, or numpy's where the kernel was not built at install; same assignments."""
+    """Which solver a BASE layer's auction runs on the host (None without BASE layers): the
+    compiled kernels, or numpy where they were not built at install; the same assignments."""
     if not any(layer.moe.router.type == "base" for layer in plan.moe_layers):
         return None
     from moespec.model import auction_kernels
