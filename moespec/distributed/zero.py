@@ -74,8 +74,19 @@ class ShardedGroup:
         data, dim = _as_rows(self.params[i].data), self.dims[i]
         return -(-data.shape[dim] // self.world) * (data.numel() // max(data.shape[dim], 1))
 
+    def segments(self) -> dict[torch.dtype, tuple[list[int], list[int], int]]:
+        """Per dtype: the parameters' indices, their segments and the sum (one rank's share)."""
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, param in enumerate(self.params):
+            by_dtype.setdefault(param.dtype, []).append(i)
+        segments = {}
+        for dtype, indices in by_dtype.items():
+            sizes = [self.segment(i) for i in indices]
+            segments[dtype] = (indices, sizes, sum(sizes))
+        return segments
+
     @torch.no_grad()
-    def all_gather(self) -> None:
+    def all_gather(self, send_buffers: dict[torch.dtype, torch.Tensor] | None = None) -> None:
         """Every rank's updated chunks to every rank: one padded all-gather per dtype (one in
         all: the parameters are float32 at every precision), the chunks of all the group's
         parameters packed into one buffer. The optimizer makes one group per unit (a block's
@@ -84,16 +95,21 @@ class ShardedGroup:
         Mixtral's size, dp 32 x ep 8, when a group held all of them), in a call per unit.
         Two copies per element: mine into the send buffer, the others' out of the received
         one (not zero-filling the send buffer, not copying mine back onto itself: at world 2
-        those were half the gather's memory traffic)."""
+        those were half the gather's memory traffic).
+
+        send_buffers (per dtype, at least this group's segment): the send buffer, shared by all
+        of a step's groups (`ZeroAdamW.step`). Why: gloo's worker thread keeps a finished
+        collective's input until it next takes its queue lock, so a send buffer freed after
+        the call could still be alive when the next group allocated its own: a peak 12 MiB
+        above the simulator's in about one run in four (tests/test_profile_memory.py). A
+        shared one is the same memory whoever holds it last."""
         if self.world == 1:
             return
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, param in enumerate(self.params):
-            by_dtype.setdefault(param.dtype, []).append(i)
-        for indices in by_dtype.values():
-            sizes = [self.segment(i) for i in indices]
-            segment = sum(sizes)
-            send = self.params[indices[0]].new_empty(segment)  # a short chunk's padding is sent but never read
+        for dtype, (indices, sizes, segment) in self.segments().items():
+            if send_buffers is not None and dtype in send_buffers:
+                send = send_buffers[dtype][:segment]
+            else:
+                send = self.params[indices[0]].new_empty(segment)  # a short chunk's padding is sent but never read
             offset = 0
             for i, size in zip(indices, sizes):
                 mine = self.chunk(i).reshape(-1)
@@ -177,5 +193,13 @@ class ZeroAdamW:
         self.inner.step()
         for _, view, _, _, _ in self._views:
             view.grad = None  # a view of the gradient: do not keep it alive past zero_grad
+        longest: dict[torch.dtype, tuple[int, torch.Tensor]] = {}  # one send buffer per dtype for all groups
         for sharded in self.groups:
-            sharded.all_gather()
+            if sharded.world > 1:
+                for dtype, (indices, _, segment) in sharded.segments().items():
+                    if segment > longest.get(dtype, (-1, None))[0]:
+                        longest[dtype] = (segment, sharded.params[indices[0]])
+        send_buffers = {dtype: param.new_empty(segment) for dtype, (segment, param) in longest.items()}
+        for sharded in self.groups:
+            sharded.all_gather(send_buffers)
+        del send_buffers
