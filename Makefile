@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml setup.py moespec/model/_auction_c.c moespec/model/_auction_paths.c
+$(STAMP): pyproject.toml setup.py moespec/model/_auction_c.c moespec/model/_auction_paths.h
 	$(PY) -m venv $(VENV)
 	# torch first and pinned: 2.13.0 is the CPU build on this machine's disk (never a CUDA wheel).
 	$(BIN)/pip install -q torch==2.13.0

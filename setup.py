@@ -12,7 +12,8 @@ setup(
     ext_modules=[
         Extension(
             "moespec.model._auction_c",
-            sources=["moespec/model/_auction_c.c", "moespec/model/_auction_paths.c"],
+            sources=["moespec/model/_auction_c.c"],
+            depends=["moespec/model/_auction_paths.h"],  # included by _auction_c.c, once per float type
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math"],
             optional=True,
         )

@@ -1,4 +1,4 @@
-"""The BASE auction's compiled kernels (moespec/model/_auction_c.c, _auction_paths.c) against the
+"""The BASE auction's compiled kernels (moespec/model/_auction_c.c, _auction_paths.h) against the
 numpy solver they replace on the host: the same assignments, prices and counts to the bit, and
 a loader that never calls a library it was not built for. The solver's own guarantees (balance,
 the bound against scipy) are tests/test_auction.py's."""

@@ -105,7 +105,7 @@ def compile_command(
         return
     _print_report(plan, counts, on, check_result, written)
     if document["base_auction"] == "compiled":
-        console.print("BASE auction on CPU: compiled rounds and augmenting paths (moespec/model/_auction_*.c)")
+        console.print("BASE auction on CPU: compiled rounds and augmenting paths (moespec/model/_auction_c.c)")
     elif document["base_auction"] == "numpy":
         console.print(
             "BASE auction on CPU: in numpy, as the compiled kernels were not built at install (no C compiler?): "

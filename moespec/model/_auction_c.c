@@ -14,7 +14,8 @@
  * order. tests/test_auction_kernels.py asserts identical assignments, prices and round counts.
  *
  * The file is its own template: it includes itself twice, once for float and once for double
- * (the auction computes in float64 for float64 scores or a tiny eps). */
+ * (the auction computes in float64 for float64 scores or a tiny eps), and with each the
+ * augmenting paths of _auction_paths.h. */
 #ifndef KTYPE
 
 #include <math.h>
@@ -255,5 +256,7 @@ void K(moespec_release_unhappy)(const KTYPE *scores_TE, int64_t T, int64_t E, co
     for (int64_t s = 0; s < E * M; s++)
         if (holder_EM[s] >= 0 && unhappy_T[holder_EM[s]]) holder_EM[s] = -1;
 }
+
+#include "_auction_paths.h" /* the augmenting paths, for the same KTYPE */
 
 #endif

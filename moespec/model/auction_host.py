@@ -15,7 +15,7 @@ incumbents before bidders, ties by column; `np.partition` gives the M-th largest
 `topk` does; the float32 sums are taken in the same order. `tests/test_auction.py` asserts that
 the two rounds give identical assignments and prices.
 
-Where setup.py built them, compiled kernels (`auction_kernels`: `_auction_c.c`, `_auction_paths.c`)
+Where setup.py built them, compiled kernels (`auction_kernels`: `_auction_c.c`, `_auction_paths.h`)
 run this round and `augment_all` instead, to the bit the same and 3-5x faster whole solves
 (`bench/base_solver.py --rounds`); numpy is then only the fallback and the reference the tests
 hold them to.
@@ -127,7 +127,7 @@ def augment_all(
     against 25 ms at T 4000 (bench/base_solver.py --filler). Timed at T 4096, E 256 before
     that, one search and its path were dispatch-bound in torch (~30 small ops besides
     `shortest_paths`): numpy on the host for that reason too."""
-    if auction_kernels.available():  # compiled (_auction_paths.c): this, to the bit
+    if auction_kernels.available():  # compiled (_auction_paths.h): this, to the bit
         return auction_kernels.augment_all(scores_TE, price_E, holder_EM, expert_T, eps)
     E, M = holder_EM.shape
     eps_c = np.asarray(eps, dtype=scores_TE.dtype)

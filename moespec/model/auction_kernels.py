@@ -1,5 +1,5 @@
 """The auction's compiled round, releases (`_auction_c.c`) and augmenting paths
-(`_auction_paths.c`), through ctypes.
+(`_auction_paths.h`), through ctypes.
 
 Why ctypes and not an extension module: the kernels take numpy arrays and scalars and return
 nothing, so a plain C library needs no Python headers to build, and `setup.py` can mark it

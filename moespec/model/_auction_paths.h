@@ -10,27 +10,8 @@
  * order: build with -ffp-contract=off; first minima; the nearest free slots in a stable order;
  * a path taken only through experts no earlier path of its search changed); the method is in
  * that function's docstring. tests/test_auction_kernels.py asserts identical assignments,
- * prices and counts. The file includes itself once per float type, as _auction_c.c does. */
-#ifndef KTYPE
-
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#define KTYPE float
-#define K(name) name##_f32
-#include "_auction_paths.c"
-#undef KTYPE
-#undef K
-
-#define KTYPE double
-#define K(name) name##_f64
-#include "_auction_paths.c"
-#undef KTYPE
-#undef K
-
-#else /* the template, for one KTYPE */
+ * prices and counts. A template for one KTYPE: _auction_c.c includes it once per float type,
+ * so the two build as one library (setup.py compiles _auction_c.c alone). */
 
 /* For rows R of the holder table (expert_R[r] holds holder_RM[r]): gap_RE[r, e] the least score
  * lost moving one of its holders to e, min_m s[t_m, expert_R[r]] - s[t_m, e]; +inf where a row
@@ -285,5 +266,3 @@ done:
     free(flags);
     return status;
 }
-
-#endif
