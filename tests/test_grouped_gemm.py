@@ -210,3 +210,129 @@ def test_group_threads_under_inference_mode():
         y_TD = bank.forward_dropless(x_TD, token_A, gate_A, counts)
     with _threads(1), torch.no_grad():
         torch.testing.assert_close(y_TD, bank.forward_dropless(x_TD, token_A, gate_A, counts), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["biases-clamped", "no-gate", "frozen-input", "bf16", "ungated-one-group"])
+def test_one_group_per_thread_equals_all_groups_at_once(case):
+    """The thread engine runs each group's whole pipeline (gather, projections, activation,
+    gate, down projection, and the backward's) on one thread, writing its rows of shared
+    outputs and its expert's slice of the weight gradients: every input the kernel takes must
+    give what the all-groups loop gives, outputs and every gradient, with empty groups
+    keeping zero weight gradients."""
+    counts = [0, 0, 12, 0, 1] if case == "ungated-one-group" else [5, 0, 9, 3, 7]
+    activation = {"biases-clamped": "swiglu_clamped", "ungated-one-group": "relu"}.get(case, "swiglu")
+    torch.manual_seed(3)
+    bank = ExpertBank(n_experts=len(counts), d_model=16, d_ff=24, activation=activation, init_std=0.5, bias=case == "biases-clamped")
+    if bank.bias:
+        with torch.no_grad():
+            for b in (bank.b_gate, bank.b_up, bank.b_down):
+                b.normal_()
+    _, x_TD, token_A, gate_A = _problem("swiglu", 16, 24, counts, seed=4)
+    x_TD.requires_grad_(case != "frozen-input")
+    gate_A.requires_grad_(case != "frozen-input")
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+
+    def run(grouped: bool):
+        group_matmuls.GROUPED_GEMM["enabled"] = grouped
+        try:
+            for t in [*bank.parameters(), x_TD, gate_A]:
+                t.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                if case == "no-gate":
+                    y = bank.forward_dropless(x_TD, token_A, None, counts)
+                else:
+                    y = bank.forward_dropless(x_TD, token_A, gate_A, counts)
+            (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads = [x_TD.grad, gate_A.grad] + [p.grad for p in bank.parameters()]
+            return [y.detach().float()] + [None if g is None else g.float() for g in grads]
+        finally:
+            group_matmuls.GROUPED_GEMM["enabled"] = True
+
+    with _threads(2):
+        assert group_matmuls.engine(counts, bank.w_up) == "threads"
+        threaded = run(True)
+    loop = run(False)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for a, b in zip(threaded, loop, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    expected_none = {"frozen-input": 2, "no-gate": 1}.get(case, 0)
+    assert sum(g is None for g in threaded) == expected_none
+    empty = [e for e, n in enumerate(counts) if n == 0]
+    for p in (bank.w_up, bank.w_down):
+        assert p.grad[empty].abs().max() == 0  # experts without rows: zero gradient, not garbage
+
+
+def test_groups_are_cut_into_pieces_only_when_whole_groups_leave_a_thread_idle():
+    from moespec.model.group_threads import pieces
+
+    def covered(ps, counts):
+        rows = sorted((p.rows.start, p.rows.stop) for p in ps)
+        assert rows[0][0] == 0 and rows[-1][1] == sum(counts)
+        assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))  # every row exactly once
+        starts = [sum(counts[:e]) for e in range(len(counts))]
+        assert all(starts[p.expert] <= p.rows.start < p.rows.stop <= starts[p.expert] + counts[p.expert] for p in ps)
+
+    even16 = [4096] * 16  # 8 groups per thread: balanced whole
+    assert [p.extra for p in pieces(even16, 2, max_extra=100)] == [-1] * 16
+    seven = [1171] * 7  # one thread would run 4 groups, the other 3
+    ps = pieces(seven, 2, max_extra=100)
+    covered(ps, seven)
+    assert len(ps) == 14 and sorted(p.extra for p in ps) == [-1] * 7 + list(range(7))
+    assert pieces(seven, 2, max_extra=100) == ps  # the same counts, the same pieces
+    assert len(pieces(seven, 2, max_extra=3)) <= 10  # the scratch budget caps the extra pieces
+    assert [p.extra for p in pieces(seven, 2, max_extra=0)] == [-1] * 7
+    assert [p.extra for p in pieces(seven, 1, max_extra=100)] == [-1] * 7  # one thread: nothing to balance
+    skewed = [0, 3000, 10, 0, 200]
+    ps = pieces(skewed, 2, max_extra=100)
+    covered(ps, skewed)
+    assert all(p.rows.stop - p.rows.start >= 256 for p in ps if p.expert == 1) and len(ps) > 3
+
+
+@pytest.mark.parametrize("case", ["gated", "biases-clamped"])
+def test_split_groups_give_the_loops_gradients(case, monkeypatch):
+    """A group cut into pieces: each piece's weight gradient is a partial sum, added to its
+    expert's after the run. Outputs and every gradient must equal the loop's, and repeat
+    exactly from run to run whichever thread took which piece."""
+    from moespec.model import group_threads, grouped_experts
+
+    monkeypatch.setitem(group_threads.MIN_PIECE_ROWS, "rows", 4)
+    monkeypatch.setattr(grouped_experts, "_scratch_slots", lambda saved: 100)  # the real budget is an [A, D] tensor: tiny here
+    cut = []
+    monkeypatch.setattr(grouped_experts, "_add_partials", lambda grads, pieces, add=grouped_experts._add_partials: cut.append(len(pieces)) or add(grads, pieces))
+    counts = [9, 0, 40, 3, 5]  # whole groups: one thread 40 rows, the other 17
+    assert any(p.extra >= 0 for p in group_threads.pieces(counts, 2, max_extra=100))
+    torch.manual_seed(5)
+    bank = ExpertBank(n_experts=len(counts), d_model=16, d_ff=24, activation="swiglu_clamped" if case != "gated" else "swiglu",
+                      init_std=0.5, bias=case != "gated")  # fmt: skip
+    if bank.bias:
+        with torch.no_grad():
+            for b in (bank.b_gate, bank.b_up, bank.b_down):
+                b.normal_()
+    torch.manual_seed(6)
+    token_A = torch.cat([torch.randperm(48)[:n] for n in counts])
+    gate_A = torch.rand(token_A.numel(), requires_grad=True)
+    x_TD = torch.randn(48, 16, requires_grad=True)
+    with _threads(2):
+        assert group_matmuls.engine(counts, bank.w_up) == "threads"
+        first = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+        again = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+    loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
+    assert cut and all(n > 4 for n in cut)  # the backward ran split groups
+    for a, b, c in zip(first, again, loop, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_the_backwards_scratch_stays_within_one_gathered_copy_of_x():
+    """Split-off pieces of the backward hold partial gradients of one expert's weights each;
+    all of them together may take no more memory than the [A, D] gathered copy of x that
+    the all-groups path makes (f-e7k2 of bench/moe_layer.py: 5 slots of 1.5 MiB in 8.0 MiB)."""
+    from moespec.model.grouped_experts import _Saved, _scratch_slots
+
+    E, D, F, A = 7, 256, 512, 8200
+    meta = dict(device="meta")
+    weights = (torch.empty(E, D, F, **meta), torch.empty(E, D, F, **meta), torch.empty(E, F, D, **meta))
+    saved = _Saved(torch.empty(4100, D, **meta), torch.empty(A, dtype=torch.long, **meta), None, weights, (None,) * 3, None, None, "swiglu")
+    assert _scratch_slots(saved) == (A * D * 4) // (3 * D * F * 4) == 5

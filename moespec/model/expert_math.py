@@ -1,4 +1,4 @@
-"""The dropless kernel's elementwise math (model/experts.py GroupedExpertsFn): each FFN
+"""The dropless kernel's elementwise math (model/grouped_experts.py GroupedExpertsFn): each FFN
 activation from its pre-activations, and its derivative written by hand, because the kernel
 runs its own backward (one gather and one scatter per pass) instead of autograd's."""
 

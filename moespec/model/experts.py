@@ -10,14 +10,11 @@ Three ways to run the same weights, tested against each other (tests/test_moe_la
 - `forward_dropless(x_TD, token_A, gate_A, counts_E)`: dropless. The assignments arrive
   sorted by expert (token_A, gate_A in that order, counts_E rows per expert); one matmul per
   non-empty group, so FLOPs are exactly sum_e n_e rows. It is one custom autograd.Function
-  (`GroupedExpertsFn`) that also does the gather from x and the gated combine into y, group
-  by group: a group's rows ([N, D], a few hundred KiB) stay in cache between the gather, the
-  matmuls and the scatter-add, instead of an [A, D] copy of x and an [A, D] expert output
-  going through memory several times (A = T*K rows, K times the size of x). The gate is
-  folded into the hidden activation ([A, F], not [A, D]) before the down projection, which
-  is the same product by linearity. Weight gradients are written straight into [E, D, F]
-  buffers. With gate None and a permutation as token_A it is gather, experts, scatter: what
-  an expert-parallel rank runs on the rows it received.
+  (`grouped_experts.GroupedExpertsFn`) that also does the gather from x and the gated combine
+  into y: all groups at once (one gather, one grouped product per projection, one scatter),
+  or on a multi-core CPU each group's whole pipeline on one thread, its rows in cache from
+  the gather to the down projection. With gate None and a permutation as token_A it is
+  gather, experts, scatter: what an expert-parallel rank runs on the rows it received.
 - `reference_forward(...)`: the slow, obvious per-expert loop on the plain formula; the oracle.
 
 How the dropless matmuls run (`_grouped_mm`, one bmm, threads or a loop) is
@@ -32,8 +29,7 @@ import torch
 from torch import nn
 
 from moespec.model import group_matmuls
-from moespec.model.expert_math import activate, activate_backward, expert_of_rows, gate_nonlinearity
-from moespec.model.group_matmuls import matmul_engine, rows_times_weights, weight_grad
+from moespec.model.grouped_experts import GroupedExpertsFn
 from moespec.model.layers import GATED_ACTIVATIONS, DenseFFN, activation_fn, gated_activation
 
 
@@ -48,110 +44,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
-
-
-def _scale_rows(h_AF: torch.Tensor, gate_A: torch.Tensor) -> torch.Tensor:
-    """h * gate per row, in place; the product is taken in the gate's dtype (at least
-    float32: a bf16 h is upcast for it)."""
-    if h_AF.dtype == gate_A.dtype:
-        return h_AF.mul_(gate_A[:, None])
-    return h_AF.copy_(h_AF.to(gate_A.dtype) * gate_A[:, None])
-
-
-class GroupedExpertsFn(torch.autograd.Function):
-    """Dropless experts with gather and combine: y[token[a]] += gate[a] * expert_e(x[token[a]])
-    for the assignments a of each expert e, given sorted by expert, counts_E[e] of them.
-
-    One gather of the A rows and one scatter-add of their outputs per pass (forward, and the
-    input gradient in backward), whatever E is: on a busy CPU every op is a parallel region
-    whose threads wait on each other, so the cost of a layer follows its op count, and per
-    expert gathers and scatters made the dropless path collapse under load (issue 13). The
-    matmuls are one bmm when every group has the same rows (BASE's balanced assignment), else
-    grouped GEMMs (`torch._grouped_mm`, offsets = the group ends) where the device and dtype run
-    them, else one mm per group into slices of a preallocated output (`group_matmuls.engine`). Elementwise work (activation, gating, their derivatives) runs
-    once over all A rows. Forward saves x (not the gathered [A, D] copy: backward gathers again)
-    and the pre-activations (h_gate, h_up). The backward runs exactly the matmuls autograd would
-    run for the textbook formula (two per projection, one when x needs no gradient), so
-    FlopCounterMode reports 18 * N * D * F per gated group, 12 ungated (the grouped GEMM's
-    FLOP formula is registered below).
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, activation, engine,
-                b_gate_EF=None, b_up_EF=None, b_down_ED=None):  # fmt: skip
-        gated = w_gate_EDF is not None
-        dtype = w_up_EDF.dtype  # the compute dtype; the weights arrive already cast
-        how = matmul_engine(engine, counts_E, x_TD.device)
-        expert_A = expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None  # per-expert biases
-        x_AD = x_TD.index_select(0, token_A).to(dtype)  # the one gather
-        h_up_AF = rows_times_weights(x_AD, w_up_EDF, counts_E, how)
-        h_gate_AF = rows_times_weights(x_AD, w_gate_EDF, counts_E, how) if gated else None
-        del x_AD
-        if expert_A is not None:
-            h_up_AF += b_up_EF.index_select(0, expert_A)
-            if gated:
-                h_gate_AF += b_gate_EF.index_select(0, expert_A)
-        a_AF = activate(activation, h_gate_AF, h_up_AF)
-        if gate_A is not None:
-            a_AF = _scale_rows(a_AF, gate_A)
-        out_AD = rows_times_weights(a_AF, w_down_EFD, counts_E, how)
-        if expert_A is not None:  # the down bias is gated with the rest of the expert's output
-            bias_AD = b_down_ED.index_select(0, expert_A)
-            out_AD += bias_AD if gate_A is None else _scale_rows(bias_AD, gate_A)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, out_AD.to(x_TD.dtype))  # the one scatter
-        ctx.save_for_backward(x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF, expert_A, b_down_ED)
-        ctx.counts_E, ctx.activation, ctx.engine = counts_E, activation, engine
-        return y_TD
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y_TD):
-        x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF, expert_A, b_down_ED = ctx.saved_tensors
-        counts_E, n_experts = ctx.counts_E, w_up_EDF.shape[0]
-        gated = w_gate_EDF is not None
-        need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        dtype = w_up_EDF.dtype
-        how = matmul_engine(ctx.engine, counts_E, x_TD.device)
-
-        grad_y_AD = grad_y_TD.index_select(0, token_A).to(dtype)  # gather of the output gradient
-        grad_ga_AF = rows_times_weights(grad_y_AD, w_down_EFD.transpose(1, 2), counts_E, how)  # d(loss)/d(gate * a)
-        act_gate_AF = gate_nonlinearity(ctx.activation, h_gate_AF)  # once for both uses
-        a_AF = activate(ctx.activation, h_gate_AF, h_up_AF) if act_gate_AF is None else act_gate_AF * h_up_AF
-        grad_gate_A = grad_b_down = None
-        if expert_A is not None:  # the down bias: its gradient, and its share of the gate's
-            scaled_AD = grad_y_AD if gate_A is None else _scale_rows(grad_y_AD.clone(), gate_A)  # _scale_rows works in place
-            grad_b_down = torch.zeros_like(b_down_ED).index_add_(0, expert_A, scaled_AD.to(b_down_ED.dtype))
-        if gate_A is not None:
-            if need_gate:  # vecdot: one fused pass, no [A, F] product
-                grad_gate_A = torch.linalg.vecdot(grad_ga_AF.to(gate_A.dtype), a_AF.to(gate_A.dtype), dim=1)
-                if expert_A is not None:
-                    grad_gate_A += torch.linalg.vecdot(grad_y_AD.to(gate_A.dtype), b_down_ED.index_select(0, expert_A).to(gate_A.dtype), dim=1)
-            a_AF = _scale_rows(a_AF, gate_A)  # what the down projection saw
-            grad_a_AF = _scale_rows(grad_ga_AF, gate_A)
-        else:
-            grad_a_AF = grad_ga_AF
-        grad_gate_AF, grad_up_AF = activate_backward(ctx.activation, grad_a_AF, h_gate_AF, h_up_AF, act_gate_AF)
-        del grad_ga_AF, grad_a_AF, act_gate_AF
-
-        grad_down_EFD = weight_grad(a_AF, grad_y_AD, counts_E, how, n_experts)
-        del a_AF, grad_y_AD
-        x_AD = x_TD.index_select(0, token_A).to(dtype)  # gathered again rather than kept
-        grad_up_EDF = weight_grad(x_AD, grad_up_AF, counts_E, how, n_experts)
-        grad_gate_EDF = weight_grad(x_AD, grad_gate_AF, counts_E, how, n_experts) if gated else None
-        del x_AD
-        grad_b_gate = grad_b_up = None
-        if expert_A is not None:
-            grad_b_up = grad_up_AF.new_zeros(n_experts, grad_up_AF.shape[1]).index_add_(0, expert_A, grad_up_AF)
-            if gated:
-                grad_b_gate = grad_gate_AF.new_zeros(n_experts, grad_gate_AF.shape[1]).index_add_(0, expert_A, grad_gate_AF)
-        grad_x_TD = None
-        if need_x:
-            grad_x_AD = rows_times_weights(grad_up_AF, w_up_EDF.transpose(1, 2), counts_E, how)
-            if gated:
-                rows_times_weights(grad_gate_AF, w_gate_EDF.transpose(1, 2), counts_E, how, into=grad_x_AD)
-            grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_A, grad_x_AD.to(x_TD.dtype))  # the one scatter
-        return (grad_x_TD, None, grad_gate_A, grad_gate_EDF, grad_up_EDF, grad_down_EFD, None, None, None,
-                grad_b_gate, grad_b_up, grad_b_down)  # fmt: skip
 
 
 class ExpertBank(nn.Module):

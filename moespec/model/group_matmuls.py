@@ -1,4 +1,4 @@
-"""The dropless kernel's per-group matmuls (model/experts.py GroupedExpertsFn): which engine
+"""The dropless kernel's per-group matmuls (model/grouped_experts.py GroupedExpertsFn): which engine
 runs them and the engines themselves. Shape legend: A rows sorted by expert, E groups,
 K and N the two widths of a product.
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -55,11 +56,67 @@ def run(counts_E: list[int], work) -> None:
     thread and torch.get_num_threads() - 1 workers, largest group first. work must only write
     its own group's output; it runs without autograd recording (the kernel's matmuls are its
     own backward's business)."""
-    starts, start = [], 0
-    for n in counts_E:
-        starts.append(start)
+    run_pieces(pieces(counts_E, 1), lambda piece: work(piece.expert, piece.rows))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of one group's rows handed to one thread. `extra` is -1 for a group's first (or
+    only) piece, which writes its expert's own slices of the weight gradients; a further piece
+    of a split group writes partial gradients into slot `extra` of a scratch buffer, added to
+    its expert's after the run, in slot order (so the result does not depend on which thread
+    ran what)."""
+
+    expert: int
+    rows: slice
+    extra: int
+
+
+MIN_PIECE_ROWS = {"rows": 256}  # below this an mm's rows cost more than balance gains (tests lower it)
+
+
+def pieces(counts_E: list[int], threads: int, max_extra: int = 0) -> list[Piece]:
+    """The groups as pieces for `threads` threads: one piece per group, unless handing whole
+    groups out largest first would leave a thread idle for more than 5% of the run (7 groups on
+    2 threads: one thread runs 4, the other 3, idle an eighth of the time); then groups are cut
+    into pieces of about a quarter thread's share (at least `MIN_PIECE_ROWS`), the largest
+    pieces first, with at most `max_extra` pieces beyond one per group (each needs a scratch
+    slot for its partial weight gradients). Depends only on the counts and the thread count:
+    the same counts give the same pieces, and so the same sums."""
+    min_rows = MIN_PIECE_ROWS["rows"]
+    groups = [(e, n) for e, n in enumerate(counts_E) if n]
+    total = sum(n for _, n in groups)
+    cuts = {e: 1 for e, _ in groups}
+    if threads > 1 and max_extra > 0 and _largest_first_makespan([n for _, n in groups], threads) > 1.05 * total / threads:
+        target = max(min_rows, -(-total // (4 * threads)))
+        for _ in range(max_extra):  # one more cut to the group with the largest pieces, while they are too large
+            e, n = max(groups, key=lambda g: (g[1] / cuts[g[0]], -g[0]))
+            if n / cuts[e] <= target or n // (cuts[e] + 1) < min_rows:
+                break
+            cuts[e] += 1
+    out, start, extra = [], 0, 0
+    for e, n in enumerate(counts_E):
+        for i in range(cuts.get(e, 0)):
+            lo, hi = start + n * i // cuts[e], start + n * (i + 1) // cuts[e]
+            out.append(Piece(e, slice(lo, hi), -1 if i == 0 else extra))
+            extra += i > 0
         start += n
-    order = iter(sorted((e for e, n in enumerate(counts_E) if n), key=lambda e: -counts_E[e]))
+    return out
+
+
+def _largest_first_makespan(sizes: list[int], threads: int) -> int:
+    """The busiest thread's rows when whole groups go, largest first, to the least loaded."""
+    loads = [0] * threads
+    for n in sorted(sizes, reverse=True):
+        loads[loads.index(min(loads))] += n
+    return max(loads)
+
+
+def run_pieces(pieces_: list[Piece], work) -> None:
+    """work(piece) for every piece, on this thread and torch.get_num_threads() - 1 workers,
+    largest first as threads come free. work must only write its own piece's outputs; it runs
+    without autograd recording (the kernel's matmuls are its own backward's business)."""
+    order = iter(sorted(pieces_, key=lambda p: p.rows.start - p.rows.stop))
     take = threading.Lock()
     inference = torch.is_inference_mode_enabled()  # the caller's: its tensors may be inference tensors
 
@@ -67,10 +124,10 @@ def run(counts_E: list[int], work) -> None:
         with torch.inference_mode(inference), torch.no_grad():  # this order: inference_mode(False) turns grad mode on
             while True:
                 with take:
-                    e = next(order, None)
-                if e is None:
+                    piece = next(order, None)
+                if piece is None:
                     return
-                work(e, slice(starts[e], starts[e] + counts_E[e]))
+                work(piece)
 
     threads = torch.get_num_threads()
     pool = _workers(threads - 1)

@@ -1,0 +1,294 @@
+"""The dropless experts kernel: y[token[a]] += gate[a] * expert_e(x[token[a]]) for the
+assignments a of each expert e, given sorted by expert, counts_E[e] of them, as one
+autograd.Function with its own backward (`GroupedExpertsFn`).
+
+Shape legend: T tokens, D d_model, F expert d_ff, E experts, A assignments (rows after
+dispatch, sorted by expert), N rows of one slab (below).
+
+The forward and the backward are each one pipeline over a *slab* of the sorted rows: gather
+the slab's rows of x (of grad_y), the projections, the activation, the gate, the down
+projection (and their derivatives). It runs in one of two shapes, with the same ops per row:
+- **every group at once** (engines "batched", "grouped", "loop"): one slab of all A rows;
+  the matmuls are one bmm, one `torch._grouped_mm`, or one mm per group into slices
+  (`group_matmuls.rows_times_weights`), the elementwise work one op over [A, F]. So a layer
+  is one gather and one scatter per pass whatever E is: on a busy CPU every op is a parallel
+  region whose threads wait on each other, and per-expert ops made the dropless path
+  collapse under load (issue 13).
+- **one slab per group, spread over the threads** (engine "threads", a multi-core CPU;
+  `group_threads`): each group's whole pipeline runs on one thread, its ops single-threaded,
+  so no op crosses a barrier (the same robustness on a busy machine) and a group's gathered
+  rows and hidden activations ([N, D], [N, F]) are used while they are in cache instead of
+  [A, D] and [A, F] tensors going through memory pass after pass. Measured side by side at
+  g-e16k8 and u-e40k6 (bench/moe_layer.py), the kernel alone was 5-8% faster than the same
+  engine running one slab; its transient memory is one group's, not A rows'.
+Only what must cross groups stays whole: the scatter-add of the expert outputs into y (two
+groups may hold the same token) and the saved pre-activations.
+
+Forward saves x (not the gathered [A, D] copy: backward gathers again) and the
+pre-activations (h_gate, h_up). The gate is folded into the hidden activation ([A, F], not
+[A, D]) before the down projection, the same product by linearity. The backward runs exactly
+the matmuls autograd would run for the textbook formula (two per projection, one when x
+needs no gradient), so FlopCounterMode reports 18 * N * D * F per gated group, 12 ungated
+(`_grouped_mm`'s FLOP formula is registered in group_matmuls). With gate None and a
+permutation as token_A it is gather, experts, scatter: what an expert-parallel rank runs on
+the rows it received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moespec.model import group_threads
+from moespec.model.expert_math import activate, activate_backward, expert_of_rows, gate_nonlinearity
+from moespec.model.group_matmuls import matmul_engine, rows_times_weights, weight_grad
+
+
+def _scale_rows(h_NF: torch.Tensor, gate_N: torch.Tensor) -> torch.Tensor:
+    """h * gate per row, in place; the product is taken in the gate's dtype (at least
+    float32: a bf16 h is upcast for it)."""
+    if h_NF.dtype == gate_N.dtype:
+        return h_NF.mul_(gate_N[:, None])
+    return h_NF.copy_(h_NF.to(gate_N.dtype) * gate_N[:, None])
+
+
+@dataclass(frozen=True)
+class Slab:
+    """A contiguous run of the expert-sorted rows and how its products with the stacked
+    expert weights run: one expert's group (`expert` set: mm on w[expert], written into the
+    `out` slices it is given), or every group at once (`expert` None: the engine's grouped
+    product, `how`, into new tensors)."""
+
+    rows: slice
+    expert: int | None
+    counts_E: list[int]
+    how: object = None  # group_matmuls.matmul_engine's result, for the all-groups slab
+    expert_A: torch.Tensor | None = None  # all-groups slab with biases: the expert of each row
+    extra: int = -1  # a further piece of a split group: its slot of partial weight gradients
+
+    def part(self, full: torch.Tensor | None) -> torch.Tensor | None:
+        """This slab's rows of a preallocated per-row output (per-group slabs), else None."""
+        return None if full is None or self.expert is None else full[self.rows]
+
+    def times(self, a_NK: torch.Tensor, w_EKN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.expert is None:
+            return rows_times_weights(a_NK, w_EKN, self.counts_E, self.how)
+        return torch.mm(a_NK, w_EKN[self.expert]) if out is None else torch.mm(a_NK, w_EKN[self.expert], out=out)
+
+    def add_times(self, into_NN: torch.Tensor, a_NK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+        if self.expert is None:
+            return rows_times_weights(a_NK, w_EKN, self.counts_E, self.how, into=into_NN)
+        return into_NN.addmm_(a_NK, w_EKN[self.expert])
+
+    def weight_grad(self, a_NK: torch.Tensor, g_NN: torch.Tensor, name: str, grads: dict) -> None:
+        """a^T g per expert, [E, K, N], as grads[name]: set (all groups), or written into its
+        expert's slice (a group's first piece) or the piece's scratch slot (`_per_group_buffers`)."""
+        if self.expert is None:
+            grads[name] = weight_grad(a_NK, g_NN, self.counts_E, self.how, len(self.counts_E))
+        else:
+            torch.mm(a_NK.t(), g_NN, out=self._target(name, grads))
+
+    def bias(self, b_EN: torch.Tensor) -> torch.Tensor:
+        """Each row's expert bias, [N, N'] (broadcast over the rows of one group)."""
+        if self.expert is None:
+            return b_EN.index_select(0, self.expert_A)
+        return b_EN[self.expert].expand(self.rows.stop - self.rows.start, -1)
+
+    def bias_grad(self, g_NN: torch.Tensor, name: str, grads: dict) -> None:
+        """Sum of g over each expert's rows, [E, N'], as grads[name] (as `weight_grad`)."""
+        if self.expert is None:
+            grads[name] = g_NN.new_zeros(len(self.counts_E), g_NN.shape[1]).index_add_(0, self.expert_A, g_NN)
+        else:
+            torch.sum(g_NN, 0, out=self._target(name, grads))
+
+    def _target(self, name: str, grads: dict) -> torch.Tensor:
+        return grads[name][self.expert] if self.extra < 0 else grads[name + "+"][self.extra]
+
+
+@dataclass
+class _Saved:
+    """What the backward needs besides the slab: the forward's inputs and pre-activations."""
+
+    x_TD: torch.Tensor
+    token_A: torch.Tensor
+    gate_A: torch.Tensor | None
+    weights: tuple  # (w_gate [E, D, F] or None, w_up [E, D, F], w_down [E, F, D])
+    biases: tuple  # (b_gate [E, F], b_up [E, F], b_down [E, D]) or Nones
+    h_gate_AF: torch.Tensor | None
+    h_up_AF: torch.Tensor
+    activation: str
+
+
+def _forward_slab(s: Slab, x_TD, token_A, gate_A, weights, biases, activation, h_gate_NF=None, h_up_NF=None, out_ND=None):
+    """The slab's pre-activations and expert outputs (gate applied), into the given slices
+    (per-group slabs) or new tensors."""
+    (w_gate, w_up, w_down), (b_gate, b_up, b_down) = weights, biases
+    x_ND = x_TD.index_select(0, token_A[s.rows]).to(w_up.dtype)  # the gather
+    h_up_NF = s.times(x_ND, w_up, h_up_NF)
+    h_gate_NF = s.times(x_ND, w_gate, h_gate_NF) if w_gate is not None else None
+    del x_ND
+    if b_up is not None:
+        h_up_NF += s.bias(b_up)
+        if w_gate is not None:
+            h_gate_NF += s.bias(b_gate)
+    gate_N = None if gate_A is None else gate_A[s.rows]
+    a_NF = activate(activation, h_gate_NF, h_up_NF)
+    if gate_N is not None:
+        a_NF = _scale_rows(a_NF, gate_N)
+    out_ND = s.times(a_NF, w_down, out_ND)
+    if b_down is not None:  # the down bias is gated with the rest of the expert's output
+        bias_ND = s.bias(b_down).contiguous()
+        out_ND += bias_ND if gate_N is None else _scale_rows(bias_ND, gate_N)
+    return h_gate_NF, h_up_NF, out_ND
+
+
+def _backward_slab(s: Slab, saved: _Saved, grad_y_TD, need_x: bool, need_gate: bool, grads: dict) -> None:
+    """The slab's share of every gradient. Per-row results (grads "gate_A", "x_AD") go into
+    the preallocated rows of a per-group slab, else into `grads` as new tensors; weight and
+    bias gradients are written into their [E, ...] buffers (per-group) or set (all groups)."""
+    (w_gate, w_up, w_down), (_, b_up, b_down) = saved.weights, saved.biases
+    gated, dtype, rows = w_gate is not None, w_up.dtype, s.rows
+    h_gate_NF = None if saved.h_gate_AF is None else saved.h_gate_AF[rows]
+    h_up_NF = saved.h_up_AF[rows]
+    gate_N = None if saved.gate_A is None else saved.gate_A[rows]
+    token_N = saved.token_A[rows]
+
+    grad_y_ND = grad_y_TD.index_select(0, token_N).to(dtype)  # gather of the output gradient
+    grad_ga_NF = s.times(grad_y_ND, w_down.transpose(1, 2))  # d(loss)/d(gate * a)
+    act_gate_NF = gate_nonlinearity(saved.activation, h_gate_NF)  # once for both uses
+    a_NF = activate(saved.activation, h_gate_NF, h_up_NF) if act_gate_NF is None else act_gate_NF * h_up_NF
+    if b_down is not None:  # the down bias: its gradient, and its share of the gate's
+        scaled_ND = grad_y_ND if gate_N is None else _scale_rows(grad_y_ND.clone(), gate_N)  # _scale_rows works in place
+        s.bias_grad(scaled_ND.to(b_down.dtype), "b_down", grads)
+    if gate_N is not None:
+        if need_gate:  # vecdot: one fused pass, no [N, F] product
+            gdtype, out = gate_N.dtype, s.part(grads.get("gate_A"))
+            grad_gate_N = torch.linalg.vecdot(grad_ga_NF.to(gdtype), a_NF.to(gdtype), dim=1, out=out)
+            if b_down is not None:
+                grad_gate_N += torch.linalg.vecdot(grad_y_ND.to(gdtype), s.bias(b_down).to(gdtype), dim=1)
+            if s.expert is None:
+                grads["gate_A"] = grad_gate_N
+        a_NF = _scale_rows(a_NF, gate_N)  # what the down projection saw
+        grad_a_NF = _scale_rows(grad_ga_NF, gate_N)
+    else:
+        grad_a_NF = grad_ga_NF
+    grad_gate_NF, grad_up_NF = activate_backward(saved.activation, grad_a_NF, h_gate_NF, h_up_NF, act_gate_NF)
+    del grad_ga_NF, grad_a_NF, act_gate_NF
+
+    s.weight_grad(a_NF, grad_y_ND, "w_down", grads)
+    del a_NF, grad_y_ND
+    x_ND = saved.x_TD.index_select(0, token_N).to(dtype)  # gathered again rather than kept
+    s.weight_grad(x_ND, grad_up_NF, "w_up", grads)
+    if gated:
+        s.weight_grad(x_ND, grad_gate_NF, "w_gate", grads)
+    del x_ND
+    if b_up is not None:
+        s.bias_grad(grad_up_NF, "b_up", grads)
+        if gated:
+            s.bias_grad(grad_gate_NF, "b_gate", grads)
+    if need_x:
+        grad_x_ND = s.times(grad_up_NF, w_up.transpose(1, 2), s.part(grads.get("x_AD")))
+        if gated:
+            s.add_times(grad_x_ND, grad_gate_NF, w_gate.transpose(1, 2))
+        if s.expert is None:
+            grads["x_AD"] = grad_x_ND
+
+
+class GroupedExpertsFn(torch.autograd.Function):
+    """Dropless experts with gather and combine (module docstring): forward and backward are
+    one slab pipeline each, over all rows at once or one group per slab on threads."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, activation, engine,
+                b_gate_EF=None, b_up_EF=None, b_down_ED=None):  # fmt: skip
+        weights, biases = (w_gate_EDF, w_up_EDF, w_down_EFD), (b_gate_EF, b_up_EF, b_down_ED)
+        how = matmul_engine(engine, counts_E, x_TD.device)
+        expert_A = None  # the all-groups slab's per-row expert, for per-expert biases
+        if how == "threads":
+            n_rows, dtype = token_A.shape[0], w_up_EDF.dtype
+            h_up_AF = x_TD.new_empty(n_rows, w_up_EDF.shape[2], dtype=dtype)
+            h_gate_AF = torch.empty_like(h_up_AF) if w_gate_EDF is not None else None
+            out_AD = x_TD.new_empty(n_rows, x_TD.shape[1], dtype=dtype)
+
+            def one_piece(piece: group_threads.Piece) -> None:
+                s = Slab(piece.rows, piece.expert, counts_E)
+                _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation, s.part(h_gate_AF), s.part(h_up_AF), s.part(out_AD))
+
+            # the forward's pieces write only their own rows: a group may be cut as finely as balance asks
+            group_threads.run_pieces(group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=n_rows), one_piece)
+        else:
+            expert_A = expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None
+            s = Slab(slice(0, token_A.shape[0]), None, counts_E, how, expert_A)
+            h_gate_AF, h_up_AF, out_AD = _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, out_AD.to(x_TD.dtype))  # the one scatter
+        ctx.save_for_backward(x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF, b_gate_EF, b_up_EF, b_down_ED, expert_A)
+        ctx.counts_E, ctx.activation, ctx.engine = counts_E, activation, engine
+        return y_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y_TD):
+        x_TD, token_A, gate_A, w_gate, w_up, w_down, h_gate_AF, h_up_AF, b_gate, b_up, b_down, expert_A = ctx.saved_tensors
+        saved = _Saved(x_TD, token_A, gate_A, (w_gate, w_up, w_down), (b_gate, b_up, b_down), h_gate_AF, h_up_AF, ctx.activation)
+        counts_E = ctx.counts_E
+        need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        how = matmul_engine(ctx.engine, counts_E, x_TD.device)
+        if how == "threads":
+            pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved))
+            grads = _per_group_buffers(saved, counts_E, pieces, need_x, need_gate)
+            group_threads.run_pieces(
+                pieces, lambda p: _backward_slab(Slab(p.rows, p.expert, counts_E, extra=p.extra), saved, grad_y_TD, need_x, need_gate, grads)
+            )
+            _add_partials(grads, pieces)
+        else:
+            grads = {}
+            _backward_slab(Slab(slice(0, token_A.shape[0]), None, counts_E, how, expert_A), saved, grad_y_TD, need_x, need_gate, grads)
+        grad_x_TD = None
+        if need_x:
+            grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_A, grads.pop("x_AD").to(x_TD.dtype))  # the one scatter
+        return (grad_x_TD, None, grads.get("gate_A"), grads.get("w_gate"), grads["w_up"], grads["w_down"], None, None, None,
+                grads.get("b_gate"), grads.get("b_up"), grads.get("b_down"))  # fmt: skip
+
+
+_PARAMETERS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+
+
+def _scratch_slots(saved: _Saved) -> int:
+    """How many split-off pieces the backward may have: each needs a slot of partial weight
+    (and bias) gradients, and all of them together stay within one [A, D] tensor, the gathered
+    copy of x that the all-groups path holds and this one never makes."""
+    per_slot = sum(t[0].numel() * t.element_size() for t in (*saved.weights, *saved.biases) if t is not None)  # one expert's
+    rows_bytes = saved.token_A.shape[0] * saved.x_TD.shape[1] * saved.weights[1].element_size()
+    return rows_bytes // max(per_slot, 1)
+
+
+def _per_group_buffers(saved: _Saved, counts_E: list[int], pieces: list, need_x: bool, need_gate: bool) -> dict:
+    """The gradients' full tensors that the pieces write their parts of (an expert with no rows
+    keeps zeros), and "<name>+" scratch slots for split-off pieces' partial gradients."""
+    new = torch.zeros if 0 in counts_E else torch.empty
+    x_TD, dtype, n_rows = saved.x_TD, saved.weights[1].dtype, saved.token_A.shape[0]
+    slots = sum(p.extra >= 0 for p in pieces)
+    grads = {}
+    for name, t in zip(_PARAMETERS, (*saved.weights, *saved.biases)):
+        if t is not None:
+            grads[name] = new(t.shape, dtype=t.dtype, device=t.device)
+            if slots:
+                grads[name + "+"] = t.new_empty(slots, *t.shape[1:])
+    if need_gate and saved.gate_A is not None:
+        grads["gate_A"] = torch.empty_like(saved.gate_A)
+    if need_x:
+        grads["x_AD"] = x_TD.new_empty(n_rows, x_TD.shape[1], dtype=dtype)
+    return grads
+
+
+def _add_partials(grads: dict, pieces: list) -> None:
+    """Add split-off pieces' partial gradients to their experts', in slot order (index_add_
+    on CPU adds in index order): the same sums whichever thread ran which piece."""
+    split = [p.expert for p in sorted((p for p in pieces if p.extra >= 0), key=lambda p: p.extra)]
+    if not split:
+        return
+    experts_S = torch.tensor(split, device=grads["w_up"].device)
+    for name in _PARAMETERS:
+        if name + "+" in grads:
+            grads[name].index_add_(0, experts_S, grads.pop(name + "+"))
