@@ -219,7 +219,7 @@ def test_one_group_per_thread_equals_all_groups_at_once(case):
     outputs and its expert's slice of the weight gradients: every input the kernel takes must
     give what the all-groups loop gives, outputs and every gradient, with empty groups
     keeping zero weight gradients."""
-    counts = [0, 0, 12, 0, 1] if case == "ungated-one-group" else [5, 0, 9, 3, 7]
+    counts = [0, 0, 12, 0, 1] if case == "ungated-one-group" else [5, 0, 9, 1, 7]  # a one-row group too
     activation = {"biases-clamped": "swiglu_clamped", "ungated-one-group": "relu"}.get(case, "swiglu")
     torch.manual_seed(3)
     bank = ExpertBank(n_experts=len(counts), d_model=16, d_ff=24, activation=activation, init_std=0.5, bias=case == "biases-clamped")

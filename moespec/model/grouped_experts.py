@@ -89,11 +89,14 @@ class Slab:
         else:
             torch.mm(a_NK.t(), g_NN, out=self._target(name, grads))
 
-    def bias(self, b_EN: torch.Tensor) -> torch.Tensor:
-        """Each row's expert bias, [N, N'] (broadcast over the rows of one group)."""
+    def bias(self, b_EN: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """Each row's expert bias, [N, N']: broadcast over the rows of one group, or a new
+        tensor (fresh: to be scaled in place; `contiguous()` would hand a one-row group the
+        parameter's own memory)."""
         if self.expert is None:
             return b_EN.index_select(0, self.expert_A)
-        return b_EN[self.expert].expand(self.rows.stop - self.rows.start, -1)
+        rows = b_EN[self.expert].expand(self.rows.stop - self.rows.start, -1)
+        return rows.clone(memory_format=torch.contiguous_format) if fresh else rows
 
     def bias_grad(self, g_NN: torch.Tensor, name: str, grads: dict) -> None:
         """Sum of g over each expert's rows, [E, N'], as grads[name] (as `weight_grad`)."""
@@ -138,7 +141,7 @@ def _forward_slab(s: Slab, x_TD, token_A, gate_A, weights, biases, activation, h
         a_NF = _scale_rows(a_NF, gate_N)
     out_ND = s.times(a_NF, w_down, out_ND)
     if b_down is not None:  # the down bias is gated with the rest of the expert's output
-        bias_ND = s.bias(b_down).contiguous()
+        bias_ND = s.bias(b_down, fresh=True)
         out_ND += bias_ND if gate_N is None else _scale_rows(bias_ND, gate_N)
     return h_gate_NF, h_up_NF, out_ND
 
