@@ -116,3 +116,21 @@ def test_a_two_rank_calibration_keeps_the_slowest_rank_at_every_point(tmp_path):
         assert ops["linear"]["fp32"]["seconds"] == [[2.0, 3.0]] and ops["linear"]["fp32"]["axes"] == {"m": [16, 64]}
         assert ops["linear"]["fp32"]["floor_s"] == pytest.approx(2e-6) and ops["op_s"] == pytest.approx(2e-5)
         assert ops["bandwidth_Bps"] == pytest.approx(4e9) and ops["gather_Bps"] == pytest.approx(1e9)
+
+
+def test_the_grouped_grid_times_the_engine_a_top_k_layer_runs():
+    """The calibration's dropless-kernel grid stands for routed (uneven) groups: equal ones
+    would time BASE's one-bmm engine instead. Every grid point: uneven, not the batched engine,
+    n rows per group on average (the same FLOPs as n each)."""
+    import torch
+
+    from moespec.model import group_matmuls
+    from moespec.profiling.opbench import GROUPED_EXPERTS, GROUPED_GRID, uneven_counts
+
+    w = torch.empty(GROUPED_EXPERTS, 32, 32)
+    for axes in GROUPED_GRID.values():
+        for n in axes["n"]:
+            counts = uneven_counts(n, GROUPED_EXPERTS)
+            assert sum(counts) == n * GROUPED_EXPERTS and min(counts) > 0
+            assert group_matmuls.engine(counts, w) != "batched"
+    assert uneven_counts(1, 1) == [1]  # the one-group call the fixed cost is taken from

@@ -267,9 +267,18 @@ GROUPED_GRID = {  # rows per expert, width (D = F): the real dropless kernel, 8 
 GROUPED_EXPERTS = 8
 
 
+def uneven_counts(n: int, groups: int) -> list[int]:
+    """n rows per group on average, alternately n + n/4 and n - n/4: routed groups are never
+    all equal, and equal ones would time the kernel's one-bmm engine, which only BASE's
+    balanced groups run (`group_matmuls.engine`), instead of the one a top-k layer runs."""
+    delta = n // 4
+    return [n + delta if i % 2 == 0 else n - delta for i in range(groups)] if groups > 1 else [n]
+
+
 def grouped_grid(device: torch.device, dtype: str, *, quick: bool = False, engine_s: float = 0.0) -> dict:
     """Seconds per group of the dropless experts (`ExpertBank.forward_dropless`, SwiGLU,
-    gather, gated combine, forward + backward) with n rows per expert of width w = D = F,
+    gather, gated combine, forward + backward) with n rows per expert on average (uneven:
+    `uneven_counts`) of width w = D = F,
     beside `call_s`, the fixed cost of one call (one group of one row), taken out of each:
     its per-group matmuls run on slices with `out=` and transposed operands, at rates the
     Linear grid does not show, and its dispatch is per group."""
@@ -285,10 +294,11 @@ def grouped_grid(device: torch.device, dtype: str, *, quick: bool = False, engin
         x = torch.randn(rows, w, device=device, requires_grad=True)
         token = torch.arange(rows, device=device)
         gate = torch.rand(rows, device=device, requires_grad=True)
+        counts = uneven_counts(n, groups)
 
         def run():
             with _autocast(dtype, device):
-                y = bank.forward_dropless(x, token, gate, [n] * groups)
+                y = bank.forward_dropless(x, token, gate, counts)
             y.sum().backward()
             x.grad = gate.grad = None
             bank.zero_grad(set_to_none=True)
