@@ -15,8 +15,9 @@ k 1-8), `unseen` (five shapes chosen after the process tuning of 2026-11-30, E 6
 beside the thread engine, same weights and routing.
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
 - dense: DenseFFN (SwiGLU) of width K*F, the same matmul FLOPs as K routed experts per token;
-- ours_dropless: build_moe_layer with a topk router, `dropless: true` (one gather and one
-  scatter per pass; the groups' mm's spread over the threads, `torch._grouped_mm` on one thread);
+- ours_dropless: build_moe_layer with a topk router, `dropless: true` (with two or more
+  threads each group's whole pipeline on one thread, then one scatter; on one thread one
+  gather, one `torch._grouped_mm` per projection, one scatter);
 - ours_capacity: the same with capacity factor 1.0 (fixed [E, C, D] buffers, drops allowed);
 - with --routers, at k = 1: ours_base (BASE: the auction, then the dropless kernel on exactly
   T/E rows per expert: one bmm per projection) and ours_switch (Switch top-1, capacity 1.0);
@@ -37,10 +38,12 @@ see what they change.
 
 Reading the numbers: on this 2-core VM one run's ratios move by 10-20% between runs (compare
 paths within a run, never across runs). With two or more threads the dropless kernel runs each
-group's mm on one thread, groups handed out as threads come free (model/group_threads.py):
+group's whole pipeline on one thread, groups handed out as threads come free
+(model/grouped_experts.py, model/group_threads.py):
 torch._grouped_mm on CPU is one mm per group split over both threads, a barrier per group,
 which a busy core turns into a stall per group (its layer slowed 2.5-4.4x beside a busy core
-where the capacity path's bmm slowed 2x). Quiet, the two are within about 10% of each other;
+where the capacity path's bmm slowed 2x). Quiet, the thread engine was 0.88-0.95x the
+`_grouped_mm` path's time (`--engines`, 2026-12-01, fine, issue-2, g-e16k8, f-e7k2);
 BASE's equal groups run one bmm. On GPUs grouped GEMMs are one kernel.
 """
 
