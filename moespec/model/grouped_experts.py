@@ -207,7 +207,10 @@ class GroupedExpertsFn(torch.autograd.Function):
                 b_gate_EF=None, b_up_EF=None, b_down_ED=None):  # fmt: skip
         weights, biases = (w_gate_EDF, w_up_EDF, w_down_EFD), (b_gate_EF, b_up_EF, b_down_ED)
         how = matmul_engine(engine, counts_E, x_TD.device)
-        expert_A = None  # the all-groups slab's per-row expert, for per-expert biases
+        # Each row's expert, for per-expert biases: the all-groups slab reads it; the thread
+        # engine does not, but saves it too, so that what a layer keeps for backward (which
+        # the simulator counts, sim/activations.py) does not depend on the engine.
+        expert_A = expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None
         if how == "threads":
             n_rows, dtype = token_A.shape[0], w_up_EDF.dtype
             h_up_AF = x_TD.new_empty(n_rows, w_up_EDF.shape[2], dtype=dtype)
@@ -221,7 +224,6 @@ class GroupedExpertsFn(torch.autograd.Function):
             # the forward's pieces write only their own rows: a group may be cut as finely as balance asks
             group_threads.run_pieces(group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=n_rows), one_piece)
         else:
-            expert_A = expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None
             s = Slab(slice(0, token_A.shape[0]), None, counts_E, how, expert_A)
             h_gate_AF, h_up_AF, out_AD = _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, out_AD.to(x_TD.dtype))  # the one scatter
