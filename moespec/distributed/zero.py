@@ -26,6 +26,8 @@ is one parameter per projection). Neither is what the cost model counts.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +76,10 @@ class ShardedGroup:
         data, dim = _as_rows(self.params[i].data), self.dims[i]
         return -(-data.shape[dim] // self.world) * (data.numel() // max(data.shape[dim], 1))
 
+    @functools.cached_property
     def segments(self) -> dict[torch.dtype, tuple[list[int], list[int], int]]:
-        """Per dtype: the parameters' indices, their segments and the sum (one rank's share)."""
+        """Per dtype: the parameters' indices, their segments and the sum (one rank's share).
+        Shapes only: worked out once, not at each step's gather."""
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, param in enumerate(self.params):
             by_dtype.setdefault(param.dtype, []).append(i)
@@ -105,7 +109,7 @@ class ShardedGroup:
         shared one is the same memory whoever holds it last."""
         if self.world == 1:
             return
-        for dtype, (indices, sizes, segment) in self.segments().items():
+        for dtype, (indices, sizes, segment) in self.segments.items():
             if send_buffers is not None and dtype in send_buffers:
                 send = send_buffers[dtype][:segment]
             else:
@@ -196,7 +200,7 @@ class ZeroAdamW:
         longest: dict[torch.dtype, tuple[int, torch.Tensor]] = {}  # one send buffer per dtype for all groups
         for sharded in self.groups:
             if sharded.world > 1:
-                for dtype, (indices, _, segment) in sharded.segments().items():
+                for dtype, (indices, _, segment) in sharded.segments.items():
                     if segment > longest.get(dtype, (-1, None))[0]:
                         longest[dtype] = (segment, sharded.params[indices[0]])
         send_buffers = {dtype: param.new_empty(segment) for dtype, (segment, param) in longest.items()}

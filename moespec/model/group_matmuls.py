@@ -12,9 +12,12 @@ is one op where the loop is E. FlopCounterMode counts `_grouped_mm` as zero FLOP
 its formula is registered below (2 * rows * K * N for any group sizes), so counts stay exact.
 When every group has the same rows (BASE layers: exactly T/E each) the matmuls are one bmm on
 the [E, N, .] view instead, the same FLOPs with both cores busy (`uniform_rows`). On a CPU
-with several intra-op threads the per-group mm's are spread over the threads instead, one
-group per thread at a time (`group_threads`: no barrier per group, so a busy core slows the
-layer no more than the capacity path's bmm). `engine` chooses; all give the same numbers.
+with several intra-op threads the engine is "threads": the kernel then runs each group's whole
+pipeline on one thread (grouped_experts.py, `group_threads`: no barrier per group, so a busy
+core slows the layer no more than the capacity path's bmm), with plain mm's. The "threads"
+form of `rows_times_weights` and `weight_grad` below (one product's groups spread over the
+threads) is what the product-level benches time it against (bench/group_products.py,
+bench/moe_stages.py). `engine` chooses; all give the same numbers.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def run(counts_E: list[int], work) -> None:
     thread and torch.get_num_threads() - 1 workers, largest group first. work must only write
     its own group's output; it runs without autograd recording (the kernel's matmuls are its
     own backward's business)."""
-    run_pieces(pieces(counts_E, 1), lambda piece: work(piece.expert, piece.rows))
+    run_pieces(pieces(counts_E, torch.get_num_threads(), max_extra=0), lambda piece: work(piece.expert, piece.rows))  # whole groups
 
 
 @dataclass(frozen=True)

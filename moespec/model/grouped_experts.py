@@ -57,9 +57,9 @@ def _scale_rows(h_NF: torch.Tensor, gate_N: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Slab:
     """A contiguous run of the expert-sorted rows and how its products with the stacked
-    expert weights run: one expert's group (`expert` set: mm on w[expert], written into the
-    `out` slices it is given), or every group at once (`expert` None: the engine's grouped
-    product, `how`, into new tensors)."""
+    expert weights run: one expert's group or a piece of it (`expert` set: mm on w[expert],
+    written into the `out` slices it is given), or every group at once (`expert` None: the
+    engine's grouped product, `how`, into new tensors)."""
 
     rows: slice
     expert: int | None
@@ -75,7 +75,7 @@ class Slab:
     def times(self, a_NK: torch.Tensor, w_EKN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.expert is None:
             return rows_times_weights(a_NK, w_EKN, self.counts_E, self.how)
-        return torch.mm(a_NK, w_EKN[self.expert]) if out is None else torch.mm(a_NK, w_EKN[self.expert], out=out)
+        return torch.mm(a_NK, w_EKN[self.expert], out=out)
 
     def add_times(self, into_NN: torch.Tensor, a_NK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
         if self.expert is None:
