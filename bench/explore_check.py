@@ -31,6 +31,7 @@ from moespec.explore import explore, load_sweep  # noqa: E402
 from moespec.explore.space import DesignSpace, resolve_spec  # noqa: E402
 from moespec.sim.calibration import backend_with_calibration  # noqa: E402
 from moespec.spec.emit import plan_to_yaml  # noqa: E402
+from moespec.profiling.report import MIN_TIMED_STEPS  # noqa: E402
 
 
 def ranks(values: np.ndarray) -> np.ndarray:
@@ -49,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default=str(ROOT / "specs/sweeps/cpu-tiny.yaml"))
     parser.add_argument("--top", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=MIN_TIMED_STEPS, help="timed steps per design (moespec profile's minimum)")
     parser.add_argument("--spread", action="store_true",
                         help="profile --top designs spread evenly over the whole predicted ranking instead of the best ones")
     args = parser.parse_args()

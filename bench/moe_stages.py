@@ -3,6 +3,11 @@
 matmuls on the thread engine and on `torch._grouped_mm`, beside the capacity path's bmm's and
 a dense FFN's products of the same FLOPs. Medians in ms, one column per stage.
 
+The "threads" rows run the all-groups pipeline with each product's groups spread over the
+threads (`group_matmuls`' product-level form). The layer's thread engine runs
+each group's whole pipeline on one thread instead (grouped_experts.py), so these rows show
+what each stage costs, not the layer's time: `bench/moe_layer.py` times the layer.
+
     python bench/moe_stages.py f-e10k1 g-e16k8      # shape names from bench/moe_layer.py
 
 Run as `moespec train` runs (OpenMP spin capped, malloc keeping freed memory). This is how the
@@ -25,6 +30,7 @@ from moespec.malloc_tuning import keep_freed_memory
 from moespec.model import experts as X
 from moespec.model import group_matmuls as G
 from moespec.model.expert_math import activate, activate_backward, gate_nonlinearity
+from moespec.model.grouped_experts import _scale_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 import moe_layer  # noqa: E402  the bench's shapes and layer builder
@@ -67,7 +73,7 @@ def forward(x_TD, r, w, how) -> list[float]:
         lambda: s.update(up=G.rows_times_weights(s["x"], w_up, counts, how)),
         lambda: s.update(gate=G.rows_times_weights(s["x"], w_gate, counts, how)),
         lambda: s.update(a=activate("swiglu", s["gate"], s["up"])),
-        lambda: s.update(a=X._scale_rows(s["a"], gate_A)),
+        lambda: s.update(a=_scale_rows(s["a"], gate_A)),
         lambda: s.update(out=G.rows_times_weights(s["a"], w_down, counts, how)),
         lambda: torch.zeros_like(x_TD).index_add_(0, token_A, s["out"]),
     ])  # fmt: skip
@@ -89,7 +95,7 @@ def backward(x_TD, r, w, how, h_gate_AF, h_up_AF, dy_TD) -> list[float]:
         lambda: s.update(dga=G.rows_times_weights(s["dy"], w_down.transpose(1, 2), counts, how)),
         lambda: s.update(ag=gate_nonlinearity("swiglu", h_gate_AF)) or s.update(a=s["ag"] * h_up_AF),
         lambda: torch.linalg.vecdot(s["dga"], s["a"], dim=1),
-        lambda: s.update(a=X._scale_rows(s["a"], gate_A), da=X._scale_rows(s["dga"], gate_A)),
+        lambda: s.update(a=_scale_rows(s["a"], gate_A), da=_scale_rows(s["dga"], gate_A)),
         lambda: s.update(zip(("dgate", "dup"), activate_backward("swiglu", s["da"], h_gate_AF, h_up_AF, s["ag"]))),
         lambda: G.weight_grad(s["a"], s["dy"], counts, how, E),
         lambda: s.update(x=x_TD.index_select(0, token_A)),

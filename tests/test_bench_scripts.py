@@ -1,0 +1,44 @@
+"""The benches import moespec's internals, so a refactor can break them without any other
+test noticing: bench/moe_stages.py still called `experts._scale_rows` after it moved to
+grouped_experts and failed on its first stage. These run the benches' own
+report functions on a tiny shape, as a user's command would, in well under a second."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH))  # the benches import each other (moe_stages imports moe_layer)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_moe_stages_reports_every_stage_of_every_engine():
+    stages = _bench_module("moe_stages")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the product-level thread engine it times needs a second thread
+    try:
+        text = stages.report({"name": "tiny", "d": 32, "f": 16, "E": 4, "k": 2, "tokens": 64}, repeats=3)
+    finally:
+        torch.set_num_threads(threads)
+    lines = text.splitlines()
+    assert lines[0].startswith("tiny: D 32, F 16, E 4, k 2, T 64")
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in lines[1:]}
+    assert set(rows) == {"fwd threads", "fwd grouped_mm", "fwd capacity", "bwd threads", "bwd grouped_mm", "dense products"}
+    for name in stages.FORWARD:
+        assert f" {name} " in rows["fwd threads"]
+    for name in stages.BACKWARD:
+        assert f" {name} " in rows["bwd threads"]
+    assert all("| sum " in line for line in rows.values())
