@@ -1,5 +1,5 @@
 """Where a dropless layer's time goes, stage by stage: the kernel's forward and backward
-(model/experts.py GroupedExpertsFn) replayed op by op on one layer's real routing, with the
+(model/grouped_experts.py GroupedExpertsFn) replayed op by op on one layer's real routing, with the
 matmuls on the thread engine and on `torch._grouped_mm`, beside the capacity path's bmm's and
 a dense FFN's products of the same FLOPs. Medians in ms, one column per stage.
 
