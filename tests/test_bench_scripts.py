@@ -42,3 +42,21 @@ def test_moe_stages_reports_every_stage_of_every_engine():
     for name in stages.BACKWARD:
         assert f" {name} " in rows["bwd threads"]
     assert all("| sum " in line for line in rows.values())
+
+
+def test_moe_threads_counts_exactly_the_kernels_product_flops():
+    """bench/moe_threads.py's accounting: the products it times on the two threads are all
+    of the dropless kernel's, 18 * A * D * F FLOPs a step for a gated expert."""
+    threads_bench = _bench_module("moe_threads")
+    shape = {"name": "tiny", "d": 32, "f": 16, "E": 4, "k": 2, "tokens": 64}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the thread engine runs only with a second intra-op thread
+    try:
+        result = threads_bench.measure(shape, steps=1, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
+    rows_A = shape["tokens"] * shape["k"]
+    counted = sum(t["product_gflops"] for t in result["threads"].values())
+    assert round(counted * 1e9) == 18 * rows_A * shape["d"] * shape["f"]
+    assert all(t["products_ms"] <= t["forward_ms"] + t["backward_ms"] for t in result["threads"].values())
+    assert "outside the groups" in threads_bench.render(result)
