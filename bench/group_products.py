@@ -35,8 +35,10 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--rows", type=int, default=64, help="rows per expert (equal groups; uneven ones have the same total)")
     parser.add_argument("--width", type=int, default=256, help="K = N of each product")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="rounds of every row; the first 3 warm up and are not counted")
     args = parser.parse_args()
+    if args.repeats < 4:
+        parser.error(f"--repeats {args.repeats}: the first 3 rounds warm up, so at least 4 are needed")
     keep_freed_memory()
     E, n, K = args.experts, args.rows, args.width
     generator = torch.Generator().manual_seed(0)

@@ -178,17 +178,20 @@ def render(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="shape names from bench/moe_layer.py")
-    parser.add_argument("--shape", action="append", default=[], metavar="D,F,E,K,T", help="your own shape; repeatable")
+    parser.add_argument("--shape", action="append", default=[], type=moe_layer.parse_shape, metavar="D,F,E,K,T",
+                        help="your own shape; repeatable")
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: at least one timed step")
     shapes = {s["name"]: s for s in moe_layer.ALL}
     unknown = [n for n in args.names if n not in shapes]
     if unknown or not (args.names or args.shape):
         print(f"give shape names from bench/moe_layer.py ({', '.join(shapes)}) or --shape; unknown: {unknown}", file=sys.stderr)
         raise SystemExit(2)
     keep_freed_memory()
-    chosen = [shapes[n] for n in args.names] + [moe_layer.parse_shape(text) for text in args.shape]
+    chosen = [shapes[n] for n in args.names] + args.shape
     results = [measure(shape, steps=args.steps) for shape in chosen]
     if args.json:
         print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "shapes": results}, indent=1))

@@ -1,14 +1,17 @@
 """The benches import moespec's internals, so a refactor can break them without any other
 test noticing: bench/moe_stages.py still called `experts._scale_rows` after it moved to
 grouped_experts and failed on its first stage. These run the benches' own
-report functions on a tiny shape, as a user's command would, in well under a second."""
+report functions on a tiny shape, and the cheaper benches from the command line at a size that
+takes a second or two."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -60,3 +63,23 @@ def test_moe_threads_counts_exactly_the_kernels_product_flops():
     assert round(counted * 1e9) == 18 * rows_A * shape["d"] * shape["f"]
     assert all(t["products_ms"] <= t["forward_ms"] + t["backward_ms"] for t in result["threads"].values())
     assert "outside the groups" in threads_bench.render(result)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["moe_layer.py", "--shape", "32,16,4,2,64", "--no-peers", "--repeats", "1", "--warmup", "0"], "worst dropless / capacity"),
+        (["moe_threads.py", "--shape", "32,16,4,2,64", "--steps", "1"], "outside the groups"),
+        (["group_products.py", "--experts", "8", "--rows", "32", "--width", "64", "--repeats", "4"], "1 thread: bmm"),
+        (["base_solver.py", "--tokens", "256", "--experts", "8", "--dim", "32", "--repeats", "1"], "optimality gap"),
+        (["sim_speed.py", "--designs", "1000", "--chunk", "500", "--repeats", "1"], "designs/s"),
+        (["vs_llm_analysis.py"], "params, total"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) else None,
+)
+def test_bench_runs_from_the_command_line(args, expected):
+    """Each bench as a user starts it, at a size that takes a second or two."""
+    done = subprocess.run([sys.executable, str(BENCH / args[0]), *args[1:]], capture_output=True, text=True, timeout=120,
+                          cwd=BENCH.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expected in done.stdout
