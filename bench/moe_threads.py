@@ -35,6 +35,7 @@ from moespec.model import grouped_experts as GX
 
 sys.path.insert(0, str(Path(__file__).parent))
 import moe_layer  # noqa: E402  the bench's shapes and layer builders
+import moe_stages  # noqa: E402  the dense FFN's product forms
 
 
 class _Clock:
@@ -70,15 +71,15 @@ def instrument(clock: _Clock):
     """Wrap the kernel's per-group pipeline and products; returns a function that unwraps."""
     saved = {name: getattr(GX, name) for name in ("_forward_slab", "_backward_slab")}
     methods = {name: getattr(GX.Slab, name) for name in ("times", "add_times", "weight_grad")}
-    per_group = lambda s: s.expert is not None  # noqa: E731  the thread engine's slabs
-    GX._forward_slab = _timed(clock, "forward", saved["_forward_slab"], lambda s, *a: 0)
-    GX._backward_slab = _timed(clock, "backward", saved["_backward_slab"], lambda s, *a: 0)
-    GX.Slab.times = _timed(clock, "products", methods["times"],
-                           lambda s, a, w, out=None: 2 * a.shape[0] * a.shape[1] * w.shape[2] if per_group(s) else 0)
-    GX.Slab.add_times = _timed(clock, "products", methods["add_times"],
-                               lambda s, into, a, w: 2 * a.shape[0] * a.shape[1] * w.shape[2] if per_group(s) else 0)
-    GX.Slab.weight_grad = _timed(clock, "products", methods["weight_grad"],
-                                 lambda s, a, g, *rest: 2 * a.shape[0] * a.shape[1] * g.shape[1] if per_group(s) else 0)
+
+    def flops(s, a_NK, n_cols: int) -> int:  # a per-group slab's product; the all-groups slab is not the thread engine
+        return 2 * a_NK.shape[0] * a_NK.shape[1] * n_cols if s.expert is not None else 0
+
+    GX._forward_slab = _timed(clock, "forward", saved["_forward_slab"], lambda *args: 0)
+    GX._backward_slab = _timed(clock, "backward", saved["_backward_slab"], lambda *args: 0)
+    GX.Slab.times = _timed(clock, "products", methods["times"], lambda s, a, w, out=None: flops(s, a, w.shape[2]))
+    GX.Slab.add_times = _timed(clock, "products", methods["add_times"], lambda s, into, a, w: flops(s, a, w.shape[2]))
+    GX.Slab.weight_grad = _timed(clock, "products", methods["weight_grad"], lambda s, a, g, *rest: flops(s, a, g.shape[1]))
 
     def undo() -> None:
         for name, fn in saved.items():
@@ -87,24 +88,6 @@ def instrument(clock: _Clock):
             setattr(GX.Slab, name, fn)
 
     return undo
-
-
-def dense_products(shape: dict, x_TD: torch.Tensor, dy_TD: torch.Tensor) -> float:
-    """Seconds of the dense FFN's nine products (forward 3, backward 6) alone, in the layouts
-    nn.Linear runs them: the floor under anything with the same active FLOPs."""
-    T, D, F = shape["tokens"], shape["d"], shape["k"] * shape["f"]
-    w_FD, w_DF = torch.randn(F, D), torch.randn(D, F)
-    h_TF = torch.randn(T, F)
-    start = time.perf_counter()
-    for _ in range(2):  # gate and up
-        x_TD @ w_FD.t()
-    h_TF @ w_DF.t()
-    dy_TD.t() @ h_TF  # grad of w_down
-    dy_TD @ w_DF  # grad of h
-    for _ in range(2):
-        h_TF.t() @ x_TD  # grad of w_gate, w_up
-        h_TF @ w_FD  # grad of x
-    return time.perf_counter() - start
 
 
 def measure(shape: dict, steps: int = 7, warmup: int = 2) -> dict:
@@ -126,8 +109,8 @@ def measure(shape: dict, steps: int = 7, warmup: int = 2) -> dict:
                 if label == "products":
                     by_thread[thread]["flops"] = clock.flops[(thread, label)]
             dense_s = moe_layer.time_step(dense_fn, dense, x, dy)
-            with torch.no_grad():
-                products_s = dense_products(shape, x.detach(), dy)
+            with torch.no_grad():  # the nine products: each of the three forms three times
+                products_s = sum(sum(moe_stages.dense_products(shape)) for _ in range(3)) / 1e3
             if step >= warmup:
                 runs.append({"dropless": dropless_s, "dense": dense_s, "dense_products": products_s, "threads": dict(by_thread)})
     finally:

@@ -6,6 +6,7 @@ takes a second or two."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import subprocess
 import sys
@@ -15,6 +16,18 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+TINY = {"name": "tiny", "d": 32, "f": 16, "E": 4, "k": 2, "tokens": 64}
+
+
+@contextlib.contextmanager
+def _two_threads():
+    """The thread engine (and its product-level form) runs only with a second intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _bench_module(name: str):
@@ -30,12 +43,8 @@ def _bench_module(name: str):
 
 def test_moe_stages_reports_every_stage_of_every_engine():
     stages = _bench_module("moe_stages")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the product-level thread engine it times needs a second thread
-    try:
-        text = stages.report({"name": "tiny", "d": 32, "f": 16, "E": 4, "k": 2, "tokens": 64}, repeats=3)
-    finally:
-        torch.set_num_threads(threads)
+    with _two_threads():
+        text = stages.report(TINY, repeats=3)
     lines = text.splitlines()
     assert lines[0].startswith("tiny: D 32, F 16, E 4, k 2, T 64")
     rows = {line.split()[0] + " " + line.split()[1]: line for line in lines[1:]}
@@ -51,13 +60,9 @@ def test_moe_threads_counts_exactly_the_kernels_product_flops():
     """bench/moe_threads.py's accounting: the products it times on the two threads are all
     of the dropless kernel's, 18 * A * D * F FLOPs a step for a gated expert."""
     threads_bench = _bench_module("moe_threads")
-    shape = {"name": "tiny", "d": 32, "f": 16, "E": 4, "k": 2, "tokens": 64}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the thread engine runs only with a second intra-op thread
-    try:
+    shape = TINY
+    with _two_threads():
         result = threads_bench.measure(shape, steps=1, warmup=1)
-    finally:
-        torch.set_num_threads(threads)
     rows_A = shape["tokens"] * shape["k"]
     counted = sum(t["product_gflops"] for t in result["threads"].values())
     assert round(counted * 1e9) == 18 * rows_A * shape["d"] * shape["f"]
