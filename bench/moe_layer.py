@@ -62,7 +62,7 @@ import moespec  # before torch: caps OpenMP's idle spin as in every moespec proc
 import torch
 
 from moespec.malloc_tuning import keep_freed_memory
-from moespec.model import group_matmuls
+from moespec.model import cpu_gemm, group_matmuls
 from moespec.model.layers import DenseFFN
 from moespec.model.moe_layer import build_moe_layer
 from moespec.spec.plan import BaseRouter, CapacityPlan, ExpertsPlan, MoELayerPlan, SwitchRouter, TopKRouter
@@ -283,6 +283,8 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true", help="run the set again beside a process that keeps one core busy; print slowdowns")
     parser.add_argument("--no-peers", action="store_true", help="skip Hugging Face's blocks")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--cpu-gemm", choices=("auto", "mkl", "onednn"),
+                        help="the thread engine's fp32 products: MKL or oneDNN (default: MOESPEC_CPU_GEMM, else auto; model/cpu_gemm.py)")
     parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense")
     parser.add_argument("--show", metavar="FILE", help="print the tables of a saved --json run instead of running")
     parser.add_argument("--untuned", action="store_true", help="libgomp's default spin and glibc's default malloc (not what moespec runs with)")
@@ -297,6 +299,7 @@ def main() -> None:
               "malloc_keeps_freed_memory": not args.untuned and keep_freed_memory()}  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
+    cpu_gemm.force(args.cpu_gemm)  # None: the environment's choice
     panel = {"tuned": SHAPES, "grid": GRID, "fresh": FRESH, "unseen": UNSEEN, "all": ALL}[args.set]
     if args.ops:
         print(op_table(next(s for s in ALL if s["name"] == args.ops)))
@@ -325,6 +328,7 @@ def main() -> None:
         # big matmul (dense): record the 1-minute load average around the run.
         "load_avg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "process_tuning": tuning,
+        "cpu_gemm": cpu_gemm.backend(),
         "shapes": results,
         "busy_shapes": busy,
     }
@@ -341,7 +345,8 @@ def render(doc: dict) -> str:
                 f"load average {doc['load_avg_1min'][0]} -> {doc['load_avg_1min'][1]}")
     if "process_tuning" in doc:
         tuning = doc["process_tuning"]
-        text.append(f"process: GOMP_SPINCOUNT {tuning['GOMP_SPINCOUNT']}, malloc keeps freed memory: {tuning['malloc_keeps_freed_memory']}")
+        text.append(f"process: GOMP_SPINCOUNT {tuning['GOMP_SPINCOUNT']}, malloc keeps freed memory: {tuning['malloc_keeps_freed_memory']}"
+                    + (f"; thread engine's fp32 products on {doc['cpu_gemm']}" if "cpu_gemm" in doc else ""))
     names = list(doc["shapes"][0]["median_ms"])
     text.append(f"{'shape':<9} {'D':>4} {'F':>5} {'E':>3} {'K':>2} {'T':>5} {'rows/E':>6}  " + "  ".join(f"{n:>22}" for n in names))
     for r in doc["shapes"]:

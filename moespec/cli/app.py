@@ -6,6 +6,8 @@ and `moespec show` start without loading it.
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from moespec.cli import calibrate_cmd, compile_cmd, data_cmd, explore_cmd, export_cmd, import_cmd, profile_cmd, schema_cmd, show_cmd, simulate_cmd, train_cmd, validate_cmd
@@ -17,6 +19,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _check_environment() -> None:
+    # A bad MOESPEC_CPU_GEMM would otherwise surface as a traceback deep in a training step;
+    # cpu_gemm loads torch, so it is imported only when the variable is set.
+    if os.environ.get("MOESPEC_CPU_GEMM") is not None:
+        from moespec.cli.common import fail
+        from moespec.model import cpu_gemm
+
+        try:
+            cpu_gemm.requested()
+        except ValueError as exc:
+            fail(str(exc))
+
+
 app.command("validate")(validate_cmd.validate_command)
 app.command("show")(show_cmd.show_command)
 app.command("schema")(schema_cmd.schema_command)

@@ -14,7 +14,8 @@ When every group has the same rows (BASE layers: exactly T/E each) the matmuls a
 the [E, N, .] view instead, the same FLOPs with both cores busy (`uniform_rows`). On a CPU
 with several intra-op threads the engine is "threads": the kernel then runs each group's whole
 pipeline on one thread (grouped_experts.py, `group_threads`: no barrier per group, so a busy
-core slows the layer no more than the capacity path's bmm), with plain mm's. The "threads"
+core slows the layer no more than the capacity path's bmm), with plain mm's (fp32 ones on
+oneDNN where this CPU runs them faster than MKL: `cpu_gemm`). The "threads"
 form of `rows_times_weights` and `weight_grad` below (one product's groups spread over the
 threads) is what the product-level benches time it against (bench/group_products.py,
 bench/moe_stages.py). `engine` chooses; all give the same numbers.

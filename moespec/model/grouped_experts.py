@@ -22,6 +22,8 @@ projection (and their derivatives). It runs in one of two shapes, with the same 
   where whole groups would leave a thread idle (`group_threads.pieces`). Against the kernel
   before it (one slab, only its matmuls on threads), the layer took 0.88-1.00x the time
   (bench/moe_layer.py, A/B at 8 shapes); its transient memory is one group's, not A rows'.
+  Its fp32 products run on oneDNN instead of MKL where the CPU runs them faster (AVX-512
+  AMD CPUs, where MKL takes its AVX2 path: `cpu_gemm`, decided once per process).
 Only what must cross groups stays whole: the scatter-add of the expert outputs into y (two
 groups may hold the same token) and the saved pre-activations.
 
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moespec.model import group_threads
+from moespec.model import cpu_gemm, group_threads
 from moespec.model.expert_math import activate, activate_backward, expert_of_rows, gate_nonlinearity
 from moespec.model.group_matmuls import matmul_engine, rows_times_weights, weight_grad
 
@@ -67,6 +69,7 @@ class Slab:
     how: object = None  # group_matmuls.matmul_engine's result, for the all-groups slab
     expert_A: torch.Tensor | None = None  # all-groups slab with biases: the expert of each row
     extra: int = -1  # a further piece of a split group: its slot of partial weight gradients
+    onednn: bool = False  # a per-group slab's products on oneDNN (cpu_gemm: fp32, where faster)
 
     def part(self, full: torch.Tensor | None) -> torch.Tensor | None:
         """This slab's rows of a preallocated per-row output (per-group slabs), else None."""
@@ -75,11 +78,16 @@ class Slab:
     def times(self, a_NK: torch.Tensor, w_EKN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.expert is None:
             return rows_times_weights(a_NK, w_EKN, self.counts_E, self.how)
+        if self.onednn:
+            out = a_NK.new_empty(a_NK.shape[0], w_EKN.shape[2]) if out is None else out
+            return cpu_gemm.times_into(a_NK, w_EKN[self.expert], out)
         return torch.mm(a_NK, w_EKN[self.expert], out=out)
 
     def add_times(self, into_NN: torch.Tensor, a_NK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
         if self.expert is None:
             return rows_times_weights(a_NK, w_EKN, self.counts_E, self.how, into=into_NN)
+        if self.onednn:
+            return cpu_gemm.times_into(a_NK, w_EKN[self.expert], into_NN, add=True)
         return into_NN.addmm_(a_NK, w_EKN[self.expert])
 
     def weight_grad(self, a_NK: torch.Tensor, g_NN: torch.Tensor, name: str, grads: dict) -> None:
@@ -87,6 +95,8 @@ class Slab:
         expert's slice (a group's first piece) or the piece's scratch slot (`_per_group_buffers`)."""
         if self.expert is None:
             grads[name] = weight_grad(a_NK, g_NN, self.counts_E, self.how, len(self.counts_E))
+        elif self.onednn:
+            cpu_gemm.weight_grad_into(a_NK, g_NN, self._target(name, grads))
         else:
             torch.mm(a_NK.t(), g_NN, out=self._target(name, grads))
 
@@ -212,6 +222,7 @@ class GroupedExpertsFn(torch.autograd.Function):
         # engine does not, but saves it too, so that what a layer keeps for backward (which
         # the simulator counts, sim/activations.py) does not depend on the engine.
         expert_A = expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None
+        onednn = how == "threads" and cpu_gemm.use_onednn(w_up_EDF)  # decided here, on the main thread, and kept for backward
         if how == "threads":
             n_rows, dtype = token_A.shape[0], w_up_EDF.dtype
             h_up_AF = x_TD.new_empty(n_rows, w_up_EDF.shape[2], dtype=dtype)
@@ -219,7 +230,7 @@ class GroupedExpertsFn(torch.autograd.Function):
             out_AD = x_TD.new_empty(n_rows, x_TD.shape[1], dtype=dtype)
 
             def one_piece(piece: group_threads.Piece) -> None:
-                s = Slab(piece.rows, piece.expert, counts_E)
+                s = Slab(piece.rows, piece.expert, counts_E, onednn=onednn)
                 _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation, s.part(h_gate_AF), s.part(h_up_AF), s.part(out_AD))
 
             # the forward's pieces write only their own rows: a group may be cut as finely as balance asks
@@ -229,7 +240,7 @@ class GroupedExpertsFn(torch.autograd.Function):
             h_gate_AF, h_up_AF, out_AD = _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, out_AD.to(x_TD.dtype))  # the one scatter
         ctx.save_for_backward(x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF, b_gate_EF, b_up_EF, b_down_ED, expert_A)
-        ctx.counts_E, ctx.activation, ctx.engine = counts_E, activation, engine
+        ctx.counts_E, ctx.activation, ctx.engine, ctx.onednn = counts_E, activation, engine, onednn
         return y_TD
 
     @staticmethod
@@ -244,7 +255,7 @@ class GroupedExpertsFn(torch.autograd.Function):
             pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved))
             grads = _per_group_buffers(saved, counts_E, pieces, need_x, need_gate)
             group_threads.run_pieces(
-                pieces, lambda p: _backward_slab(Slab(p.rows, p.expert, counts_E, extra=p.extra), saved, grad_y_TD, need_x, need_gate, grads)
+                pieces, lambda p: _backward_slab(Slab(p.rows, p.expert, counts_E, extra=p.extra, onednn=ctx.onednn), saved, grad_y_TD, need_x, need_gate, grads)
             )
             _add_partials(grads, pieces)
         else:

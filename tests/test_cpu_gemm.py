@@ -1,0 +1,136 @@
+"""The thread engine's fp32 products on oneDNN (model/cpu_gemm.py): the same numbers as mm in
+every product form, a bounded set of shapes handed to oneDNN whatever the group sizes, the
+dropless kernel's outputs and gradients equal to the loop's when its groups run there, and
+MOESPEC_CPU_GEMM honoured or refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cli_here import run_here
+from moespec.model import cpu_gemm, group_matmuls
+from moespec.model.experts import ExpertBank
+
+pytestmark = pytest.mark.skipif(not cpu_gemm._runs(), reason="this torch has no oneDNN inner product")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 32 rows (16-row alignment), so that tiny problems cross chunks and pad tails;
+    every product goes to oneDNN; the choice is restored after the test."""
+    monkeypatch.setattr(cpu_gemm, "CHUNK", 32)
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
+    shapes = []
+    linear = cpu_gemm._linear
+    monkeypatch.setattr(cpu_gemm, "_linear", lambda x, w: shapes.append((tuple(x.shape), tuple(w.shape))) or linear(x, w))
+    yield shapes
+    cpu_gemm.force(None)
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 33, 70])
+def test_every_product_form_equals_float64_mm(rows, small_chunks):
+    torch.manual_seed(rows)
+    a_MK, w_KN = torch.randn(rows, 24), torch.randn(24, 40)
+    w_NK_view = torch.randn(40, 24).t()  # the backward's w^T: a strided view
+    g_MN, into_MN = torch.randn(rows, 40), torch.randn(rows, 40)
+    f64 = torch.float64
+    for w in (w_KN, w_NK_view):
+        out_MN = torch.full((rows, 40), float("nan"))
+        torch.testing.assert_close(cpu_gemm.times_into(a_MK, w, out_MN, min_flops=0).double(), a_MK.double() @ w.double(), rtol=1e-5, atol=1e-5)
+        added = cpu_gemm.times_into(a_MK, w, into_MN.clone(), add=True, min_flops=0)
+        torch.testing.assert_close(added.double(), into_MN.double() + a_MK.double() @ w.double(), rtol=1e-5, atol=1e-5)
+    grad_KN = cpu_gemm.weight_grad_into(a_MK, g_MN, torch.full((24, 40), float("nan")), min_flops=0)
+    torch.testing.assert_close(grad_KN.to(f64), a_MK.to(f64).t() @ g_MN.to(f64), rtol=1e-5, atol=1e-4)
+    assert len(small_chunks) == 5 * -(-rows // 32)  # every call went to oneDNN, one per chunk
+
+
+def test_onednn_sees_a_bounded_set_of_row_counts(small_chunks):
+    """Whatever the group sizes, oneDNN is handed row counts that are multiples of ALIGN up to
+    CHUNK: each is one primitive, built once and kept."""
+    w_KN = torch.randn(8, 8)
+    for rows in range(1, 200):
+        a_MK = torch.randn(rows, 8)
+        cpu_gemm.times_into(a_MK, w_KN, torch.empty(rows, 8), min_flops=0)
+        cpu_gemm.weight_grad_into(a_MK, torch.randn(rows, 8), torch.empty(8, 8), min_flops=0)
+    row_counts = {x[0] for x, _ in small_chunks if x[0] != 8} | {x[1] for x, _ in small_chunks if x[0] == 8}
+    assert row_counts == {16, 32}
+
+
+def test_small_products_stay_on_mm(small_chunks):
+    a_MK, w_KN = torch.randn(4, 8), torch.randn(8, 8)
+    out = cpu_gemm.times_into(a_MK, w_KN, torch.empty(4, 8), min_flops=10**9)
+    torch.testing.assert_close(out, a_MK @ w_KN)
+    assert small_chunks == []
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["gated", "biases-clamped"])
+def test_the_dropless_kernel_on_onednn_gives_the_loops_gradients(bias, small_chunks):
+    """The thread engine with oneDNN products (forced, with chunks small enough that the 40-row
+    group crosses two and every group pads): outputs and every gradient equal the loop's."""
+    counts = [9, 0, 40, 3, 5]
+    torch.manual_seed(7)
+    bank = ExpertBank(n_experts=len(counts), d_model=16, d_ff=24, activation="swiglu_clamped" if bias else "swiglu", init_std=0.5, bias=bias)
+    if bias:
+        with torch.no_grad():
+            for b in (bank.b_gate, bank.b_up, bank.b_down):
+                b.normal_()
+    token_A = torch.cat([torch.randperm(48)[:n] for n in counts])
+    gate_A = torch.rand(token_A.numel(), requires_grad=True)
+    x_TD = torch.randn(48, 16, requires_grad=True)
+
+    def run(enabled: bool):
+        group_matmuls.GROUPED_GEMM["enabled"] = enabled
+        try:
+            for t in [*bank.parameters(), x_TD, gate_A]:
+                t.grad = None
+            y_TD = bank.forward_dropless(x_TD, token_A, gate_A, counts)
+            (y_TD * torch.linspace(-1, 1, y_TD.numel()).view_as(y_TD)).sum().backward()
+            return [y_TD.detach(), x_TD.grad, gate_A.grad] + [p.grad for p in bank.parameters()]
+        finally:
+            group_matmuls.GROUPED_GEMM["enabled"] = True
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cpu_gemm.force("onednn")
+        assert group_matmuls.engine(counts, bank.w_up) == "threads"
+        onednn = run(True)
+        calls = len(small_chunks)
+        cpu_gemm.force("mkl")
+        mkl = run(True)
+    finally:
+        torch.set_num_threads(before)
+    loop = run(False)
+    assert calls >= 4 * 9 and len(small_chunks) == calls  # 9 products a group, 4 groups (one of 2 chunks); none under "mkl"
+    for a, b, c in zip(onednn, mkl, loop, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_takes_onednn_only_where_the_probe_finds_it_faster(monkeypatch):
+    try:
+        monkeypatch.setattr(cpu_gemm, "_probe", lambda: 2.0)
+        cpu_gemm.force("auto")
+        assert cpu_gemm.backend() == "onednn" and cpu_gemm.use_onednn(torch.ones(1))
+        assert not cpu_gemm.use_onednn(torch.ones(1, dtype=torch.bfloat16))  # bf16 mm is oneDNN in torch already
+        monkeypatch.setattr(cpu_gemm, "_probe", lambda: 1.1)
+        cpu_gemm.force("auto")
+        assert cpu_gemm.backend() == "mkl"
+        monkeypatch.setenv("MOESPEC_CPU_GEMM", "onednn")
+        cpu_gemm.force(None)
+        assert cpu_gemm.backend() == "onednn"
+        assert 0.1 < cpu_gemm._probe() < 20  # the real probe: a ratio of two timings
+    finally:
+        cpu_gemm.force(None)
+
+
+def test_a_bad_choice_is_one_line_and_exit_2(monkeypatch):
+    monkeypatch.setenv("MOESPEC_CPU_GEMM", "fastest")
+    with pytest.raises(ValueError, match="use auto, mkl or onednn"):
+        cpu_gemm.requested()
+    result = run_here("validate", "specs/mixtral-8x7b.yaml")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: MOESPEC_CPU_GEMM='fastest' is not a CPU GEMM choice: use auto, mkl or onednn"]
+    monkeypatch.setenv("MOESPEC_CPU_GEMM", "MKL")  # case and spaces do not matter
+    assert run_here("validate", "specs/mixtral-8x7b.yaml").returncode == 0
