@@ -73,7 +73,7 @@ def instrument(clock: _Clock):
     methods = {name: getattr(GX.Slab, name) for name in ("times", "add_times", "weight_grad")}
 
     def flops(s, a_NK, n_cols: int) -> int:  # a per-group slab's product; the all-groups slab is not the thread engine
-        return 2 * a_NK.shape[0] * a_NK.shape[1] * n_cols if s.expert is not None else 0
+        return 2 * a_NK.shape[0] * a_NK.shape[1] * n_cols if s.per_group else 0
 
     GX._forward_slab = _timed(clock, "forward", saved["_forward_slab"], lambda *args: 0)
     GX._backward_slab = _timed(clock, "backward", saved["_backward_slab"], lambda *args: 0)

@@ -271,8 +271,12 @@ def test_groups_are_cut_into_pieces_only_when_whole_groups_leave_a_thread_idle()
         rows = sorted((p.rows.start, p.rows.stop) for p in ps)
         assert rows[0][0] == 0 and rows[-1][1] == sum(counts)
         assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))  # every row exactly once
-        starts = [sum(counts[:e]) for e in range(len(counts))]
-        assert all(starts[p.expert] <= p.rows.start < p.rows.stop <= starts[p.expert] + counts[p.expert] for p in ps)
+        starts = [sum(counts[:e]) for e in range(len(counts) + 1)]
+        for p in ps:
+            if p.groups == 1:
+                assert starts[p.expert] <= p.rows.start < p.rows.stop <= starts[p.expert + 1]
+            else:  # a bundle: exactly its groups' rows, whole
+                assert (p.rows.start, p.rows.stop) == (starts[p.expert], starts[p.expert + p.groups]) and p.extra == -1
 
     even16 = [4096] * 16  # 8 groups per thread: balanced whole
     assert [p.extra for p in pieces(even16, 2, max_extra=100)] == [-1] * 16
@@ -288,6 +292,60 @@ def test_groups_are_cut_into_pieces_only_when_whole_groups_leave_a_thread_idle()
     ps = pieces(skewed, 2, max_extra=100)
     covered(ps, skewed)
     assert all(p.rows.stop - p.rows.start >= 256 for p in ps if p.expert == 1) and len(ps) > 3
+    assert all(p.groups == 1 for p in ps)  # bundles only where asked
+
+
+def test_small_whole_groups_run_in_bundles():
+    """At 64 rows a group, dispatching each group's ~40 ops costs more than their arithmetic:
+    the kernel's pieces join consecutive small whole groups into bundles of about 512 rows,
+    never a split group, and not more than an eighth of a thread's share each."""
+    from moespec.model.group_threads import BUNDLE_ROWS, pieces
+
+    sixty_four = [64] * 128  # issue-2: 8192 rows
+    ps = pieces(sixty_four, 2, max_extra=100, bundle=True)
+    assert [(p.groups, p.rows.stop - p.rows.start) for p in ps] == [(8, 512)] * 16 and BUNDLE_ROWS["rows"] == 512
+    assert [p.groups for p in pieces(sixty_four, 2, max_extra=100)] == [1] * 128  # not asked
+    assert [p.groups for p in pieces(sixty_four, 1, bundle=True)] == [1] * 128  # one thread: the all-groups slab's business
+    few = [64] * 16  # 1024 rows: bundles of at most 1024 / 16 = 64 rows, so none
+    assert [p.groups for p in pieces(few, 2, bundle=True)] == [1] * 16
+    mixed = [600, 0, 100, 0, 0, 50, 6000, 90, 90]  # empty groups inside a bundle; the split 6000-row group is not joined
+    ps = pieces(mixed, 2, max_extra=100, bundle=True)
+    spans = [(p.expert, p.groups) for p in ps]
+    assert (2, 4) in spans and (7, 2) in spans and all(p.groups == 1 for p in ps if p.expert in (0, 6))
+    assert sum(p.expert == 6 for p in ps) > 1
+
+
+BUNDLED = [2, 0, 1, 2, 60, 1, 0, 3, 1, 2, 9]  # 81 rows: bundles of >= 5 rows (0-3, 5-8), the 60-row group split
+
+
+@pytest.mark.parametrize("case", ["gated", "biases-clamped"])
+def test_bundled_groups_give_the_loops_gradients(case, monkeypatch):
+    """Bundles (a run of small groups: elementwise ops once, a product per group, empty groups
+    inside) beside a split group: outputs and every gradient equal the loop's."""
+    from moespec.model import group_threads, grouped_experts
+
+    monkeypatch.setitem(group_threads.MIN_PIECE_ROWS, "rows", 4)
+    monkeypatch.setattr(grouped_experts, "_scratch_slots", lambda saved: 100)
+    ps = group_threads.pieces(BUNDLED, 2, max_extra=100, bundle=True)
+    assert {(p.expert, p.groups) for p in ps if p.groups > 1} == {(0, 4), (5, 4)} and any(p.extra >= 0 for p in ps)
+    torch.manual_seed(8)
+    bank = ExpertBank(n_experts=len(BUNDLED), d_model=16, d_ff=24, activation="swiglu_clamped" if case != "gated" else "swiglu",
+                      init_std=0.5, bias=case != "gated")  # fmt: skip
+    if bank.bias:
+        with torch.no_grad():
+            for b in (bank.b_gate, bank.b_up, bank.b_down):
+                b.normal_()
+    token_A = torch.cat([torch.randperm(64)[:n] for n in BUNDLED])
+    gate_A = torch.rand(token_A.numel(), requires_grad=True)
+    x_TD = torch.randn(64, 16, requires_grad=True)
+    with _threads(2):
+        assert group_matmuls.engine(BUNDLED, bank.w_up) == "threads"
+        bundled = _run(bank, x_TD, token_A, gate_A, BUNDLED, grouped=True)
+    loop = _run(bank, x_TD, token_A, gate_A, BUNDLED, grouped=False)
+    for a, b in zip(bundled, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for p in (bank.w_up, bank.w_down):
+        assert p.grad[[1, 6]].abs().max() == 0  # the empty groups inside bundles
 
 
 @pytest.mark.parametrize("case", ["gated", "biases-clamped"])

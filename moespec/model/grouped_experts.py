@@ -22,8 +22,12 @@ projection (and their derivatives). It runs in one of two shapes, with the same 
   where whole groups would leave a thread idle (`group_threads.pieces`). Against the kernel
   before it (one slab, only its matmuls on threads), the layer took 0.88-1.00x the time
   (bench/moe_layer.py, A/B at 8 shapes); its transient memory is one group's, not A rows'.
-  Its fp32 products run on oneDNN instead of MKL where the CPU runs them faster (AVX-512
-  AMD CPUs, where MKL takes its AVX2 path: `cpu_gemm`, decided once per process).
+  Small whole groups (under ~512 rows) run in bundles of consecutive groups: the bundle's
+  elementwise ops once, its products one mm per group (`group_threads._bundled`; at 64 rows
+  a group the ops' dispatch was most of the non-product time: issue-2's step 0.89-0.95x,
+  f-e256k8's 0.83-0.95x, bench/moe_threads.py). Its fp32 products run on oneDNN instead of
+  MKL where the CPU runs them faster (AVX-512 AMD CPUs, where MKL takes its AVX2 path:
+  `cpu_gemm`, decided once per process).
 Only what must cross groups stays whole: the scatter-add of the expert outputs into y (two
 groups may hold the same token) and the saved pre-activations.
 
@@ -45,7 +49,7 @@ import torch
 
 from moespec.model import cpu_gemm, group_threads
 from moespec.model.expert_math import activate, activate_backward, expert_of_rows, gate_nonlinearity
-from moespec.model.group_matmuls import matmul_engine, rows_times_weights, weight_grad
+from moespec.model.group_matmuls import groups, matmul_engine, rows_times_weights, weight_grad
 
 
 def _scale_rows(h_NF: torch.Tensor, gate_N: torch.Tensor) -> torch.Tensor:
@@ -59,46 +63,69 @@ def _scale_rows(h_NF: torch.Tensor, gate_N: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Slab:
     """A contiguous run of the expert-sorted rows and how its products with the stacked
-    expert weights run: one expert's group or a piece of it (`expert` set: mm on w[expert],
-    written into the `out` slices it is given), or every group at once (`expert` None: the
-    engine's grouped product, `how`, into new tensors)."""
+    expert weights run: one expert's group or a piece of it (`expert` set), or a bundle of
+    small whole groups (`first` set: experts first.., `counts_E` theirs, `expert_A` its rows'
+    experts where there are biases), each product one mm per group, written into the `out`
+    slices it is given; or every group at once (neither: the engine's grouped product, `how`,
+    into new tensors)."""
 
     rows: slice
     expert: int | None
     counts_E: list[int]
     how: object = None  # group_matmuls.matmul_engine's result, for the all-groups slab
-    expert_A: torch.Tensor | None = None  # all-groups slab with biases: the expert of each row
+    expert_A: torch.Tensor | None = None  # all-groups slab or bundle with biases: the expert of each row
     extra: int = -1  # a further piece of a split group: its slot of partial weight gradients
-    onednn: bool = False  # a per-group slab's products on oneDNN (cpu_gemm: fp32, where faster)
+    onednn: bool = False  # per-group products on oneDNN (cpu_gemm: fp32, where faster)
+    first: int = -1  # a bundle's first expert
+
+    @property
+    def per_group(self) -> bool:
+        """Written into slices of preallocated outputs (a group, a piece, a bundle)."""
+        return self.expert is not None or self.first >= 0
 
     def part(self, full: torch.Tensor | None) -> torch.Tensor | None:
         """This slab's rows of a preallocated per-row output (per-group slabs), else None."""
-        return None if full is None or self.expert is None else full[self.rows]
+        return None if full is None or not self.per_group else full[self.rows]
+
+    def _groups(self, *tensors: torch.Tensor):
+        """(expert, each tensor's rows of that expert) for each group of a per-group slab."""
+        if self.expert is not None:  # one group: the tensors whole, no slicing ops
+            return [(self.expert, tensors)]
+        return [(self.first + e, [t[rows] for t in tensors]) for e, rows in groups(self.counts_E)]
 
     def times(self, a_NK: torch.Tensor, w_EKN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.expert is None:
+        if not self.per_group:
             return rows_times_weights(a_NK, w_EKN, self.counts_E, self.how)
-        if self.onednn:
-            out = a_NK.new_empty(a_NK.shape[0], w_EKN.shape[2]) if out is None else out
-            return cpu_gemm.times_into(a_NK, w_EKN[self.expert], out)
-        return torch.mm(a_NK, w_EKN[self.expert], out=out)
+        out = a_NK.new_empty(a_NK.shape[0], w_EKN.shape[2]) if out is None else out
+        for e, (a, o) in self._groups(a_NK, out):
+            if self.onednn:
+                cpu_gemm.times_into(a, w_EKN[e], o)
+            else:
+                torch.mm(a, w_EKN[e], out=o)
+        return out
 
     def add_times(self, into_NN: torch.Tensor, a_NK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
-        if self.expert is None:
+        if not self.per_group:
             return rows_times_weights(a_NK, w_EKN, self.counts_E, self.how, into=into_NN)
-        if self.onednn:
-            return cpu_gemm.times_into(a_NK, w_EKN[self.expert], into_NN, add=True)
-        return into_NN.addmm_(a_NK, w_EKN[self.expert])
+        for e, (a, o) in self._groups(a_NK, into_NN):
+            if self.onednn:
+                cpu_gemm.times_into(a, w_EKN[e], o, add=True)
+            else:
+                o.addmm_(a, w_EKN[e])
+        return into_NN
 
     def weight_grad(self, a_NK: torch.Tensor, g_NN: torch.Tensor, name: str, grads: dict) -> None:
         """a^T g per expert, [E, K, N], as grads[name]: set (all groups), or written into its
-        expert's slice (a group's first piece) or the piece's scratch slot (`_per_group_buffers`)."""
-        if self.expert is None:
+        experts' slices (a group's first piece, a bundle) or the piece's scratch slot
+        (`_per_group_buffers`)."""
+        if not self.per_group:
             grads[name] = weight_grad(a_NK, g_NN, self.counts_E, self.how, len(self.counts_E))
-        elif self.onednn:
-            cpu_gemm.weight_grad_into(a_NK, g_NN, self._target(name, grads))
-        else:
-            torch.mm(a_NK.t(), g_NN, out=self._target(name, grads))
+            return
+        for e, (a, g) in self._groups(a_NK, g_NN):
+            if self.onednn:
+                cpu_gemm.weight_grad_into(a, g, self._target(name, grads, e))
+            else:
+                torch.mm(a.t(), g, out=self._target(name, grads, e))
 
     def bias(self, b_EN: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         """Each row's expert bias, [N, N']: broadcast over the rows of one group, or a new
@@ -111,13 +138,23 @@ class Slab:
 
     def bias_grad(self, g_NN: torch.Tensor, name: str, grads: dict) -> None:
         """Sum of g over each expert's rows, [E, N'], as grads[name] (as `weight_grad`)."""
-        if self.expert is None:
+        if not self.per_group:
             grads[name] = g_NN.new_zeros(len(self.counts_E), g_NN.shape[1]).index_add_(0, self.expert_A, g_NN)
-        else:
-            torch.sum(g_NN, 0, out=self._target(name, grads))
+            return
+        for e, (g,) in self._groups(g_NN):
+            torch.sum(g, 0, out=self._target(name, grads, e))
 
-    def _target(self, name: str, grads: dict) -> torch.Tensor:
-        return grads[name][self.expert] if self.extra < 0 else grads[name + "+"][self.extra]
+    def _target(self, name: str, grads: dict, expert: int) -> torch.Tensor:
+        return grads[name][expert] if self.extra < 0 else grads[name + "+"][self.extra]
+
+
+def _slab(piece: group_threads.Piece, counts_E: list[int], expert_A: torch.Tensor | None, onednn: bool) -> Slab:
+    """The per-group slab of a thread engine's piece: a group, a piece of one, or a bundle."""
+    if piece.groups == 1:
+        return Slab(piece.rows, piece.expert, counts_E, extra=piece.extra, onednn=onednn)
+    sub_counts = counts_E[piece.expert : piece.expert + piece.groups]
+    rows_expert = None if expert_A is None else expert_A[piece.rows]
+    return Slab(piece.rows, None, sub_counts, expert_A=rows_expert, onednn=onednn, first=piece.expert)
 
 
 @dataclass
@@ -181,7 +218,7 @@ def _backward_slab(s: Slab, saved: _Saved, grad_y_TD, need_x: bool, need_gate: b
             grad_gate_N = torch.linalg.vecdot(grad_ga_NF.to(gdtype), a_NF.to(gdtype), dim=1, out=out)
             if b_down is not None:
                 grad_gate_N += torch.linalg.vecdot(grad_y_ND.to(gdtype), s.bias(b_down).to(gdtype), dim=1)
-            if s.expert is None:
+            if not s.per_group:
                 grads["gate_A"] = grad_gate_N
         a_NF = _scale_rows(a_NF, gate_N)  # what the down projection saw
         grad_a_NF = _scale_rows(grad_ga_NF, gate_N)
@@ -205,7 +242,7 @@ def _backward_slab(s: Slab, saved: _Saved, grad_y_TD, need_x: bool, need_gate: b
         grad_x_ND = s.times(grad_up_NF, w_up.transpose(1, 2), s.part(grads.get("x_AD")))
         if gated:
             s.add_times(grad_x_ND, grad_gate_NF, w_gate.transpose(1, 2))
-        if s.expert is None:
+        if not s.per_group:
             grads["x_AD"] = grad_x_ND
 
 
@@ -230,11 +267,11 @@ class GroupedExpertsFn(torch.autograd.Function):
             out_AD = x_TD.new_empty(n_rows, x_TD.shape[1], dtype=dtype)
 
             def one_piece(piece: group_threads.Piece) -> None:
-                s = Slab(piece.rows, piece.expert, counts_E, onednn=onednn)
+                s = _slab(piece, counts_E, expert_A, onednn)
                 _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation, s.part(h_gate_AF), s.part(h_up_AF), s.part(out_AD))
 
             # the forward's pieces write only their own rows: a group may be cut as finely as balance asks
-            group_threads.run_pieces(group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=n_rows), one_piece)
+            group_threads.run_pieces(group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=n_rows, bundle=True), one_piece)
         else:
             s = Slab(slice(0, token_A.shape[0]), None, counts_E, how, expert_A)
             h_gate_AF, h_up_AF, out_AD = _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation)
@@ -252,10 +289,10 @@ class GroupedExpertsFn(torch.autograd.Function):
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         how = matmul_engine(ctx.engine, counts_E, x_TD.device)
         if how == "threads":
-            pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved))
+            pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved), bundle=True)
             grads = _per_group_buffers(saved, counts_E, pieces, need_x, need_gate)
             group_threads.run_pieces(
-                pieces, lambda p: _backward_slab(Slab(p.rows, p.expert, counts_E, extra=p.extra, onednn=ctx.onednn), saved, grad_y_TD, need_x, need_gate, grads)
+                pieces, lambda p: _backward_slab(_slab(p, counts_E, expert_A, ctx.onednn), saved, grad_y_TD, need_x, need_gate, grads)
             )
             _add_partials(grads, pieces)
         else:
