@@ -297,25 +297,29 @@ def test_groups_are_cut_into_pieces_only_when_whole_groups_leave_a_thread_idle()
 
 def test_small_whole_groups_run_in_bundles():
     """At 64 rows a group, dispatching each group's ~40 ops costs more than their arithmetic:
-    the kernel's pieces join consecutive small whole groups into bundles of about 512 rows,
-    never a split group, and not more than an eighth of a thread's share each."""
-    from moespec.model.group_threads import BUNDLE_ROWS, pieces
+    the kernel's pieces join consecutive whole groups into bundles of at most 512 rows (fewer
+    where the rows' activations would not stay in cache), never a split group, and not more
+    than an eighth of a thread's share each."""
+    from moespec.model.group_threads import bundle_rows, pieces
 
+    assert bundle_rows((256 + 2 * 256) * 4) == 512  # issue-2: D 256, F 256, gated
+    assert bundle_rows((1024 + 2 * 128) * 4) == 307  # g-e64k8: 256-row groups stay whole
     sixty_four = [64] * 128  # issue-2: 8192 rows
-    ps = pieces(sixty_four, 2, max_extra=100, bundle=True)
-    assert [(p.groups, p.rows.stop - p.rows.start) for p in ps] == [(8, 512)] * 16 and BUNDLE_ROWS["rows"] == 512
+    ps = pieces(sixty_four, 2, max_extra=100, bundle_rows=512)
+    assert [(p.groups, p.rows.stop - p.rows.start) for p in ps] == [(8, 512)] * 16
     assert [p.groups for p in pieces(sixty_four, 2, max_extra=100)] == [1] * 128  # not asked
-    assert [p.groups for p in pieces(sixty_four, 1, bundle=True)] == [1] * 128  # one thread: the all-groups slab's business
+    assert [p.groups for p in pieces(sixty_four, 1, bundle_rows=512)] == [1] * 128  # one thread: the all-groups slab's business
+    assert [p.groups for p in pieces([256] * 64, 2, bundle_rows=307)] == [1] * 64
     few = [64] * 16  # 1024 rows: bundles of at most 1024 / 16 = 64 rows, so none
-    assert [p.groups for p in pieces(few, 2, bundle=True)] == [1] * 16
+    assert [p.groups for p in pieces(few, 2, bundle_rows=512)] == [1] * 16
     mixed = [600, 0, 100, 0, 0, 50, 6000, 90, 90]  # empty groups inside a bundle; the split 6000-row group is not joined
-    ps = pieces(mixed, 2, max_extra=100, bundle=True)
+    ps = pieces(mixed, 2, max_extra=100, bundle_rows=512)
     spans = [(p.expert, p.groups) for p in ps]
     assert (2, 4) in spans and (7, 2) in spans and all(p.groups == 1 for p in ps if p.expert in (0, 6))
     assert sum(p.expert == 6 for p in ps) > 1
 
 
-BUNDLED = [2, 0, 1, 2, 60, 1, 0, 3, 1, 2, 9]  # 81 rows: bundles of >= 5 rows (0-3, 5-8), the 60-row group split
+BUNDLED = [2, 0, 1, 2, 60, 1, 0, 3, 1, 2, 9]  # 81 rows: bundles of <= 5 rows (0-3, 5-8), the 60-row group split
 
 
 @pytest.mark.parametrize("case", ["gated", "biases-clamped"])
@@ -326,7 +330,7 @@ def test_bundled_groups_give_the_loops_gradients(case, monkeypatch):
 
     monkeypatch.setitem(group_threads.MIN_PIECE_ROWS, "rows", 4)
     monkeypatch.setattr(grouped_experts, "_scratch_slots", lambda saved: 100)
-    ps = group_threads.pieces(BUNDLED, 2, max_extra=100, bundle=True)
+    ps = group_threads.pieces(BUNDLED, 2, max_extra=100, bundle_rows=512)
     assert {(p.expert, p.groups) for p in ps if p.groups > 1} == {(0, 4), (5, 4)} and any(p.extra >= 0 for p in ps)
     torch.manual_seed(8)
     bank = ExpertBank(n_experts=len(BUNDLED), d_model=16, d_ff=24, activation="swiglu_clamped" if case != "gated" else "swiglu",

@@ -74,17 +74,26 @@ class Piece:
 
 
 MIN_PIECE_ROWS = {"rows": 256}  # below this an mm's rows cost more than balance gains (tests lower it)
-BUNDLE_ROWS = {"rows": 512}  # whole groups smaller than this run in bundles of about this many rows
+BUNDLE = {"rows": 512, "bytes": 3 << 19}  # a bundle's most rows, and most bytes of its rows' activations (1.5 MiB)
 
 
-def pieces(counts_E: list[int], threads: int, max_extra: int = 0, bundle: bool = False) -> list[Piece]:
+def bundle_rows(row_bytes: int) -> int:
+    """The most rows a bundle of small groups may hold when each row's activations (gathered
+    input, hidden pre-activations) take `row_bytes`: bundles help while those stay in cache
+    (A/B on a 2-core Zen 3 VM: 64-128-row groups at D 256 took 0.83-0.95x the time in bundles
+    of 512 rows; 256-row groups at D 512-1024 joined in pairs took 1.03-1.08x)."""
+    return min(BUNDLE["rows"], BUNDLE["bytes"] // max(row_bytes, 1))
+
+
+def pieces(counts_E: list[int], threads: int, max_extra: int = 0, bundle_rows: int = 0) -> list[Piece]:
     """The groups as pieces for `threads` threads: one piece per group, unless handing whole
     groups out largest first would leave a thread idle for more than 5% of the run (7 groups on
     2 threads: one thread runs 4, the other 3, idle an eighth of the time); then groups are cut
     into pieces of about a quarter thread's share (at least `MIN_PIECE_ROWS`), the largest
     pieces first, with at most `max_extra` pieces beyond one per group (each needs a scratch
-    slot for its partial weight gradients). `bundle`: small whole groups joined (`_bundled`), for
-    work that takes a run of groups. Depends only on the counts and the thread count:
+    slot for its partial weight gradients). `bundle_rows`: consecutive whole groups joined into
+    bundles of at most that many rows (`_bundled`), for work that takes a run of groups. Depends
+    only on the counts, the thread count and the bundle size:
     the same counts give the same pieces, and so the same sums."""
     min_rows = MIN_PIECE_ROWS["rows"]
     groups = [(e, n) for e, n in enumerate(counts_E) if n]
@@ -105,21 +114,20 @@ def pieces(counts_E: list[int], threads: int, max_extra: int = 0, bundle: bool =
             extra += i > 0
         start += n
     whole = {e for e, c in cuts.items() if c == 1}
-    return _bundled(out, whole, min(BUNDLE_ROWS["rows"], total // (8 * threads))) if bundle and threads > 1 else out
+    return _bundled(out, whole, min(bundle_rows, total // (8 * threads))) if bundle_rows and threads > 1 else out
 
 
 def _bundled(pieces_: list[Piece], whole: set[int], rows: int) -> list[Piece]:
-    """Consecutive small whole groups joined into bundles of at least `rows` rows (the last may
-    be smaller). Why: a group's pipeline is ~40 ops (gather, products, activation, gate, their
-    backward), and at 64-128 rows per group their dispatch, not their arithmetic, is most of
-    the time (issue-2: E 128, 64 rows a group). A bundle runs its elementwise ops once over all
-    its rows and only its products per group; at most a bundle's worth of rows (an eighth of a
-    thread's share) can then be left for one thread at the end."""
+    """Consecutive whole groups joined into bundles of at most `rows` rows. Why: a group's
+    pipeline is ~40 ops (gather, products, activation, gate, their backward), and at 64-128
+    rows a group their dispatch, not their arithmetic, was most of the non-product time
+    (issue-2: E 128, 64 rows a group, ~60 of ~215 ms a thread; ~18 in bundles). A bundle runs
+    its elementwise ops once over all its rows and only its products per group. The caller
+    caps `rows` at an eighth of a thread's share, so balance suffers little."""
     out: list[Piece] = []
     for p in pieces_:
-        small = p.expert in whole and p.rows.stop - p.rows.start < rows
         last = out[-1] if out else None
-        if small and last is not None and last.expert in whole and last.rows.stop - last.rows.start < rows:
+        if last is not None and p.expert in whole and last.expert in whole and p.rows.stop - last.rows.start <= rows:
             out[-1] = Piece(last.expert, slice(last.rows.start, p.rows.stop), -1, p.expert - last.expert + 1)
         else:
             out.append(p)

@@ -22,10 +22,11 @@ projection (and their derivatives). It runs in one of two shapes, with the same 
   where whole groups would leave a thread idle (`group_threads.pieces`). Against the kernel
   before it (one slab, only its matmuls on threads), the layer took 0.88-1.00x the time
   (bench/moe_layer.py, A/B at 8 shapes); its transient memory is one group's, not A rows'.
-  Small whole groups (under ~512 rows) run in bundles of consecutive groups: the bundle's
-  elementwise ops once, its products one mm per group (`group_threads._bundled`; at 64 rows
-  a group the ops' dispatch was most of the non-product time: issue-2's step 0.89-0.95x,
-  f-e256k8's 0.83-0.95x, bench/moe_threads.py). Its fp32 products run on oneDNN instead of
+  Consecutive small whole groups run in bundles of at most 512 rows (fewer where their
+  activations would leave cache): the bundle's elementwise ops once, its products one mm per
+  group (`group_threads._bundled`; at 64-128 rows a group the ops' dispatch was most of the
+  non-product time; A/B in one process, 2-core Zen 3 VM: issue-2's step 0.78-0.95x,
+  f-e256k8's 0.83-0.95x, elsewhere within noise). Its fp32 products run on oneDNN instead of
   MKL where the CPU runs them faster (AVX-512 AMD CPUs, where MKL takes its AVX2 path:
   `cpu_gemm`, decided once per process).
 Only what must cross groups stays whole: the scatter-add of the expert outputs into y (two
@@ -271,7 +272,8 @@ class GroupedExpertsFn(torch.autograd.Function):
                 _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation, s.part(h_gate_AF), s.part(h_up_AF), s.part(out_AD))
 
             # the forward's pieces write only their own rows: a group may be cut as finely as balance asks
-            group_threads.run_pieces(group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=n_rows, bundle=True), one_piece)
+            bundle = _bundle_rows(x_TD, w_gate_EDF, w_up_EDF)
+            group_threads.run_pieces(group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=n_rows, bundle_rows=bundle), one_piece)
         else:
             s = Slab(slice(0, token_A.shape[0]), None, counts_E, how, expert_A)
             h_gate_AF, h_up_AF, out_AD = _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation)
@@ -289,7 +291,8 @@ class GroupedExpertsFn(torch.autograd.Function):
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         how = matmul_engine(ctx.engine, counts_E, x_TD.device)
         if how == "threads":
-            pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved), bundle=True)
+            bundle = _bundle_rows(x_TD, w_gate, w_up)
+            pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved), bundle_rows=bundle)
             grads = _per_group_buffers(saved, counts_E, pieces, need_x, need_gate)
             group_threads.run_pieces(
                 pieces, lambda p: _backward_slab(_slab(p, counts_E, expert_A, ctx.onednn), saved, grad_y_TD, need_x, need_gate, grads)
@@ -306,6 +309,13 @@ class GroupedExpertsFn(torch.autograd.Function):
 
 
 _PARAMETERS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+
+
+def _bundle_rows(x_TD: torch.Tensor, w_gate_EDF: torch.Tensor | None, w_up_EDF: torch.Tensor) -> int:
+    """How many rows a bundle of small groups may hold: its gathered rows of x and hidden
+    pre-activations, [N, D + F (+ F gated)], within group_threads.BUNDLE's bytes."""
+    widths = x_TD.shape[1] + w_up_EDF.shape[2] * (2 if w_gate_EDF is not None else 1)
+    return group_threads.bundle_rows(widths * w_up_EDF.element_size())
 
 
 def _scratch_slots(saved: _Saved) -> int:
