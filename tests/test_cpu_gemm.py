@@ -10,7 +10,7 @@ import torch
 
 from cli_here import run_here
 from moespec.model import cpu_gemm, group_matmuls
-from moespec.model.experts import ExpertBank
+from test_grouped_gemm import routed_bank
 
 pytestmark = pytest.mark.skipif(not cpu_gemm._runs(), reason="this torch has no oneDNN inner product")
 
@@ -70,15 +70,7 @@ def test_the_dropless_kernel_on_onednn_gives_the_loops_gradients(bias, counts, s
     """The thread engine with oneDNN products (forced, with chunks small enough that a 40- or
     60-row group crosses two and every group pads; in bundles of small groups too): outputs
     and every gradient equal the loop's."""
-    torch.manual_seed(7)
-    bank = ExpertBank(n_experts=len(counts), d_model=16, d_ff=24, activation="swiglu_clamped" if bias else "swiglu", init_std=0.5, bias=bias)
-    if bias:
-        with torch.no_grad():
-            for b in (bank.b_gate, bank.b_up, bank.b_down):
-                b.normal_()
-    token_A = torch.cat([torch.randperm(64)[:n] for n in counts])
-    gate_A = torch.rand(token_A.numel(), requires_grad=True)
-    x_TD = torch.randn(64, 16, requires_grad=True)
+    bank, x_TD, token_A, gate_A = routed_bank(counts, 64, bias, seed=7)
 
     def run(enabled: bool):
         group_matmuls.GROUPED_GEMM["enabled"] = enabled

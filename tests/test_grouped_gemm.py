@@ -25,6 +25,20 @@ def _problem(activation: str, d: int, f: int, counts: list[int], dtype=torch.flo
     return bank, x_TD, token_A, gate_A
 
 
+def routed_bank(counts: list[int], tokens: int, biased: bool, seed: int):
+    """Experts (d 16, d_ff 24; clamped SwiGLU with random biases, or SwiGLU) and rows routed to
+    them: token_A sorted by expert (counts[e] each), gates and x, all requiring grad."""
+    torch.manual_seed(seed)
+    bank = ExpertBank(n_experts=len(counts), d_model=16, d_ff=24, activation="swiglu_clamped" if biased else "swiglu", init_std=0.5, bias=biased)
+    if biased:
+        with torch.no_grad():
+            for b in (bank.b_gate, bank.b_up, bank.b_down):
+                b.normal_()
+    token_A = torch.cat([torch.randperm(tokens)[:n] for n in counts])
+    gate_A = torch.rand(token_A.numel(), requires_grad=True)
+    return bank, torch.randn(tokens, 16, requires_grad=True), token_A, gate_A
+
+
 def _run(bank, x_TD, token_A, gate_A, counts, *, grouped: bool, dtype=torch.float32):
     group_matmuls.GROUPED_GEMM["enabled"] = grouped
     try:
@@ -332,16 +346,7 @@ def test_bundled_groups_give_the_loops_gradients(case, monkeypatch):
     monkeypatch.setattr(grouped_experts, "_scratch_slots", lambda saved: 100)
     ps = group_threads.pieces(BUNDLED, 2, max_extra=100, bundle_rows=512)
     assert {(p.expert, p.groups) for p in ps if p.groups > 1} == {(0, 4), (5, 4)} and any(p.extra >= 0 for p in ps)
-    torch.manual_seed(8)
-    bank = ExpertBank(n_experts=len(BUNDLED), d_model=16, d_ff=24, activation="swiglu_clamped" if case != "gated" else "swiglu",
-                      init_std=0.5, bias=case != "gated")  # fmt: skip
-    if bank.bias:
-        with torch.no_grad():
-            for b in (bank.b_gate, bank.b_up, bank.b_down):
-                b.normal_()
-    token_A = torch.cat([torch.randperm(64)[:n] for n in BUNDLED])
-    gate_A = torch.rand(token_A.numel(), requires_grad=True)
-    x_TD = torch.randn(64, 16, requires_grad=True)
+    bank, x_TD, token_A, gate_A = routed_bank(BUNDLED, 64, case != "gated", seed=8)
     with _threads(2):
         assert group_matmuls.engine(BUNDLED, bank.w_up) == "threads"
         bundled = _run(bank, x_TD, token_A, gate_A, BUNDLED, grouped=True)
@@ -365,17 +370,7 @@ def test_split_groups_give_the_loops_gradients(case, monkeypatch):
     monkeypatch.setattr(grouped_experts, "_add_partials", lambda grads, pieces, add=grouped_experts._add_partials: cut.append(len(pieces)) or add(grads, pieces))
     counts = [9, 0, 40, 3, 5]  # whole groups: one thread 40 rows, the other 17
     assert any(p.extra >= 0 for p in group_threads.pieces(counts, 2, max_extra=100))
-    torch.manual_seed(5)
-    bank = ExpertBank(n_experts=len(counts), d_model=16, d_ff=24, activation="swiglu_clamped" if case != "gated" else "swiglu",
-                      init_std=0.5, bias=case != "gated")  # fmt: skip
-    if bank.bias:
-        with torch.no_grad():
-            for b in (bank.b_gate, bank.b_up, bank.b_down):
-                b.normal_()
-    torch.manual_seed(6)
-    token_A = torch.cat([torch.randperm(48)[:n] for n in counts])
-    gate_A = torch.rand(token_A.numel(), requires_grad=True)
-    x_TD = torch.randn(48, 16, requires_grad=True)
+    bank, x_TD, token_A, gate_A = routed_bank(counts, 48, case != "gated", seed=5)
     with _threads(2):
         assert group_matmuls.engine(counts, bank.w_up) == "threads"
         first = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
