@@ -62,7 +62,7 @@ import moespec  # before torch: caps OpenMP's idle spin as in every moespec proc
 import torch
 
 from moespec.malloc_tuning import keep_freed_memory
-from moespec.model import cpu_gemm, group_matmuls
+from moespec.model import cpu_gemm, group_matmuls, group_threads
 from moespec.model.layers import DenseFFN
 from moespec.model.moe_layer import build_moe_layer
 from moespec.spec.plan import BaseRouter, CapacityPlan, ExpertsPlan, MoELayerPlan, SwitchRouter, TopKRouter
@@ -285,6 +285,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--cpu-gemm", choices=("auto", "mkl", "onednn"),
                         help="the thread engine's fp32 products: MKL or oneDNN (default: MOESPEC_CPU_GEMM, else auto; model/cpu_gemm.py)")
+    parser.add_argument("--bundle-rows", type=int, metavar="N",
+                        help="the thread engine's bundles of small groups: at most N rows (0: none; default 512, model/group_threads.py)")
     parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense")
     parser.add_argument("--show", metavar="FILE", help="print the tables of a saved --json run instead of running")
     parser.add_argument("--untuned", action="store_true", help="libgomp's default spin and glibc's default malloc (not what moespec runs with)")
@@ -300,6 +302,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_gemm.force(args.cpu_gemm)  # None: the environment's choice
+    if args.bundle_rows is not None:
+        group_threads.BUNDLE["rows"] = args.bundle_rows
     panel = {"tuned": SHAPES, "grid": GRID, "fresh": FRESH, "unseen": UNSEEN, "all": ALL}[args.set]
     if args.ops:
         print(op_table(next(s for s in ALL if s["name"] == args.ops)))
@@ -329,6 +333,7 @@ def main() -> None:
         "load_avg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "process_tuning": tuning,
         "cpu_gemm": cpu_gemm.backend(),
+        "bundle_rows": group_threads.BUNDLE["rows"],
         "shapes": results,
         "busy_shapes": busy,
     }

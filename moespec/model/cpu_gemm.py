@@ -46,10 +46,13 @@ _STATE: dict[str, str | None] = {"backend": None}  # resolved: "mkl" | "onednn"
 
 def requested() -> str:
     """The user's MOESPEC_CPU_GEMM (default "auto"); ValueError with one line if unknown."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ValueError(f"{ENV}={value!r} is not a CPU GEMM choice: use auto, mkl or onednn")
-    return value
+    return _known(os.environ.get(ENV, "auto").strip().lower() or "auto")
+
+
+def _known(choice: str) -> str:
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r} is not a CPU GEMM choice: use auto, mkl or onednn")
+    return choice
 
 
 def backend() -> str:
@@ -70,9 +73,7 @@ def use_onednn(a: torch.Tensor) -> bool:
 
 
 def _resolve(choice: str) -> str:
-    if choice not in CHOICES:
-        raise ValueError(f"{ENV}={choice!r} is not a CPU GEMM choice: use auto, mkl or onednn")
-    if choice == "mkl":
+    if _known(choice) == "mkl":
         return "mkl"
     if not _runs():
         if choice == "onednn":
