@@ -12,7 +12,8 @@ Sets: `tuned` (the four shapes the kernel was tuned on and the three of issue 13
 looking at some of them), `fresh` (five shapes chosen after that code was final, E 12-256,
 k 1-8), `unseen` (five shapes chosen after the process tuning of 2026-11-30, E 6-160, k
 1-8), `all`. `--engines` adds our dropless layer on `torch._grouped_mm` (dropless_grouped_mm)
-beside the thread engine, same weights and routing.
+beside the thread engine, same weights and routing; `--gemm-ab` adds it with its products on
+MKL (dropless_mkl) beside the library this process chose (model/cpu_gemm.py).
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
 - dense: DenseFFN (SwiGLU) of width K*F, the same matmul FLOPs as K routed experts per token;
 - ours_dropless: build_moe_layer with a topk router, `dropless: true` (with two or more
@@ -28,7 +29,9 @@ Every step is `y = layer(x); y.backward(dy)` with x requiring grad, as inside a 
 implementations are timed interleaved (one step of each, then again), so machine noise hits
 all of them alike; the median over repeats is reported, with its ratio to dense. The run
 ends with the worst ratios (dropless / capacity; dropless / dense where each expert gets at
-least 512 rows; dropless / HF grouped_mm; BASE / Switch) and where they are.
+least 512 rows; dropless / HF grouped_mm; BASE / Switch) and where they are, each also as the
+median of per-repeat ratios ("paired by repeat": the two steps of a pair run back to back, so
+a slow stretch of the machine hits both; `--json` keeps every step in `step_ms`).
 `--busy` runs the set again beside a process that keeps one core busy and prints each path's
 slowdown (busy / quiet) and the worst dropless-to-capacity slowdown ratio.
 The process is tuned as `moespec train` and `profile` tune theirs, for every column alike:
@@ -188,11 +191,26 @@ def on_grouped_mm(impl):
     return run, module
 
 
-def bench_shape(shape: dict, *, repeats: int, warmup: int, routers: bool = False, peers: bool = True, engines: bool = False) -> dict:
+def on_mkl(impl):
+    """The same layer with the thread engine's products on MKL whatever this process chose
+    (the choice is taken in forward and kept for backward, model/cpu_gemm.py)."""
+    fn, module = impl
+
+    def run(x):
+        with cpu_gemm.using("mkl"):
+            return fn(x)
+
+    return run, module
+
+
+def bench_shape(shape: dict, *, repeats: int, warmup: int, routers: bool = False, peers: bool = True, engines: bool = False,
+                gemm_ab: bool = False) -> dict:  # fmt: skip
     torch.manual_seed(0)
     impls = {"dense": dense(shape), "ours_dropless": ours(shape, dropless=True), "ours_capacity": ours(shape, dropless=False)}
     if engines:  # the same weights and routing on _grouped_mm: the thread engine against it
         impls["dropless_grouped_mm"] = on_grouped_mm(impls["ours_dropless"])
+    if gemm_ab:  # the same weights and routing, products on MKL: what the oneDNN choice buys
+        impls["dropless_mkl"] = on_mkl(impls["ours_dropless"])
     if routers:  # BASE (balanced assignment, every expert T/E rows: the dropless kernel) and Switch (top-1, capacity 1.0)
         top1 = dict(shape, k=1)
         impls["ours_base"] = ours(top1, dropless=True, router=BaseRouter(shuffle=False))
@@ -217,6 +235,7 @@ def bench_shape(shape: dict, *, repeats: int, warmup: int, routers: bool = False
     return {
         **shape,
         "median_ms": ms,
+        "step_ms": {name: [round(1e3 * v, 2) for v in t] for name, t in times.items()},  # per repeat, in run order
         "ratio_to_dense": {name: ms[name] / ms["dense"] for name in ms},
         "notes": notes,
     }
@@ -249,13 +268,23 @@ def competitor() -> subprocess.Popen:
 
 
 def run_set(shapes: list[dict], args) -> list[dict]:
-    return [bench_shape(s, repeats=args.repeats, warmup=args.warmup, routers=args.routers, peers=not args.no_peers, engines=args.engines)
-            for s in shapes]  # fmt: skip
+    return [bench_shape(s, repeats=args.repeats, warmup=args.warmup, routers=args.routers, peers=not args.no_peers, engines=args.engines,
+                        gemm_ab=args.gemm_ab) for s in shapes]  # fmt: skip
 
 
 def worst(results: list[dict], num: str, den: str, where=lambda r: True) -> tuple[float, str] | None:
     ratios = [(r["median_ms"][num] / r["median_ms"][den], r["name"]) for r in results
               if num in r["median_ms"] and den in r["median_ms"] and where(r)]  # fmt: skip
+    return max(ratios) if ratios else None
+
+
+def worst_paired(results: list[dict], num: str, den: str, where=lambda r: True) -> tuple[float, str] | None:
+    """As `worst`, each shape's ratio the median over repeats of num's step / den's step in
+    the same repeat: the two run within a second of each other, so a slow stretch of the
+    machine (this VM's dense FFN moved 1.5x between runs) lands on both sides of a ratio,
+    where it may land on one side of a ratio of medians. None for runs saved without steps."""
+    ratios = [(statistics.median(a / b for a, b in zip(r["step_ms"][num], r["step_ms"][den])), r["name"]) for r in results
+              if "step_ms" in r and num in r["step_ms"] and den in r["step_ms"] and where(r)]  # fmt: skip
     return max(ratios) if ratios else None
 
 
@@ -285,6 +314,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--cpu-gemm", choices=("auto", "mkl", "onednn"),
                         help="the thread engine's fp32 products: MKL or oneDNN (default: MOESPEC_CPU_GEMM, else auto; model/cpu_gemm.py)")
+    parser.add_argument("--gemm-ab", action="store_true",
+                        help="add our dropless layer with its products on MKL (dropless_mkl) beside the chosen library, same weights and routing")
     parser.add_argument("--bundle-rows", type=int, metavar="N",
                         help="the thread engine's bundles of small groups: at most N rows (0: none; default 512, model/group_threads.py)")
     parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense")
@@ -360,17 +391,21 @@ def render(doc: dict) -> str:
         text.append(f"{r['name']:<9} {r['d']:>4} {r['f']:>5} {r['E']:>3} {r['k']:>2} {r['tokens']:>5} {rows:>6}  " + "  ".join(f"{c:>22}" for c in cells))
         for note in r["notes"]:
             text.append(f"   note: {note}")
-    lines = [("dropless / capacity", worst(doc["shapes"], "ours_dropless", "ours_capacity")),
-             ("dropless / dense where rows per expert >= 512",
-              worst(doc["shapes"], "ours_dropless", "dense", lambda r: r["tokens"] * r["k"] // r["E"] >= 512)),
-             ("dropless / HF grouped_mm", worst(doc["shapes"], "ours_dropless", "hf_grouped_mm")),
-             ("BASE / Switch", worst(doc["shapes"], "ours_base", "ours_switch"))]  # fmt: skip
-    for label, found in lines:
+    big = lambda r: r["tokens"] * r["k"] // r["E"] >= 512  # noqa: E731
+    lines = [("dropless / capacity", "ours_dropless", "ours_capacity", lambda r: True),
+             ("dropless / dense where rows per expert >= 512", "ours_dropless", "dense", big),
+             ("dropless / HF grouped_mm", "ours_dropless", "hf_grouped_mm", lambda r: True),
+             ("BASE / Switch", "ours_base", "ours_switch", lambda r: True)]  # fmt: skip
+    for label, num, den, where in lines:
+        found, paired = worst(doc["shapes"], num, den, where), worst_paired(doc["shapes"], num, den, where)
         if found:
-            text.append(f"worst {label}: {found[0]:.2f}x at {found[1]}")
+            text.append(f"worst {label}: {found[0]:.2f}x at {found[1]}" + (f" (paired by repeat: {paired[0]:.2f}x at {paired[1]})" if paired else ""))
     engines = [r["median_ms"]["ours_dropless"] / r["median_ms"]["dropless_grouped_mm"] for r in doc["shapes"] if "dropless_grouped_mm" in r["median_ms"]]
     if engines:
         text.append(f"thread engine / _grouped_mm (ours_dropless / dropless_grouped_mm): {min(engines):.2f}x to {max(engines):.2f}x")
+    if "dropless_mkl" in doc["shapes"][0]["median_ms"]:
+        gemm = [statistics.median(a / b for a, b in zip(r["step_ms"]["ours_dropless"], r["step_ms"]["dropless_mkl"])) for r in doc["shapes"]]
+        text.append(f"chosen library / MKL (ours_dropless / dropless_mkl, paired by repeat): {min(gemm):.2f}x to {max(gemm):.2f}x")
     small = [r for r in doc["shapes"] if r["tokens"] * r["k"] // r["E"] < 512 and "hf_grouped_mm" in r["median_ms"]]
     if small:
         speedups = [r["median_ms"]["hf_grouped_mm"] / r["median_ms"]["ours_dropless"] for r in small]

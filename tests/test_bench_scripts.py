@@ -88,3 +88,43 @@ def test_bench_runs_from_the_command_line(args, expected):
                           cwd=BENCH.parent)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert expected in done.stdout
+
+
+def test_moe_layer_pairs_each_repeat_against_a_slow_stretch():
+    """One slow repeat of one path moves a ratio of medians; the median of per-repeat ratios
+    follows the other repeats. Here the capacity path's third step fell in a fast stretch
+    (5 ms) and the dropless path's did not (11 ms): medians give 11 / 10, pairs give 1.00."""
+    bench = _bench_module("moe_layer")
+    shape = {"name": "s", "d": 8, "f": 8, "E": 2, "k": 1, "tokens": 2048,
+             "median_ms": {"ours_dropless": 11.0, "ours_capacity": 10.0},
+             "step_ms": {"ours_dropless": [10.0, 30.0, 11.0], "ours_capacity": [10.0, 30.0, 5.0]}}  # fmt: skip
+    assert bench.worst([shape], "ours_dropless", "ours_capacity") == (1.1, "s")
+    assert bench.worst_paired([shape], "ours_dropless", "ours_capacity") == (1.0, "s")
+    saved_before = {k: v for k, v in shape.items() if k != "step_ms"}  # a --json run from before steps were kept
+    assert bench.worst_paired([saved_before], "ours_dropless", "ours_capacity") is None
+    result = bench.bench_shape(TINY, repeats=3, warmup=0, peers=False)
+    assert {len(steps) for steps in result["step_ms"].values()} == {3}
+    assert result["median_ms"]["dense"] == pytest.approx(sorted(result["step_ms"]["dense"])[1], abs=0.01)
+
+
+def test_moe_layer_gemm_ab_runs_the_same_layer_on_mkl(monkeypatch):
+    """--gemm-ab's dropless_mkl column: the chosen library's products are not called in its
+    steps, and the process's choice is back afterwards."""
+    from moespec.model import cpu_gemm
+
+    bench = _bench_module("moe_layer")
+    cpu_gemm.force("onednn")  # its check runs a product: before the count starts
+    calls = []
+    real = cpu_gemm.times_into
+    monkeypatch.setattr(cpu_gemm, "times_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        with _two_threads():
+            chosen = bench.ours(TINY, dropless=True)
+            on_mkl = bench.on_mkl(chosen)
+            x, dy = torch.randn(TINY["tokens"], TINY["d"], requires_grad=True), torch.randn(TINY["tokens"], TINY["d"])
+            bench.time_step(*on_mkl, x, dy)
+            assert calls == [] and cpu_gemm.backend() == "onednn"
+            bench.time_step(*chosen, x, dy)
+            assert calls
+    finally:
+        cpu_gemm.force(None)

@@ -28,6 +28,7 @@ on oneDNN in torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -65,6 +66,18 @@ def backend() -> str:
 def force(choice: str | None) -> None:
     """Decide again: "mkl", "onednn", "auto", or None (MOESPEC_CPU_GEMM). Tests and benches."""
     _STATE["backend"] = None if choice is None else _resolve(choice)
+
+
+@contextlib.contextmanager
+def using(choice: str):
+    """Products decided inside the block on `choice` (resolved as `force`), the process's own
+    choice kept for after it without deciding again (a bench's A/B, step by step)."""
+    before = backend()
+    _STATE["backend"] = _resolve(choice)
+    try:
+        yield
+    finally:
+        _STATE["backend"] = before
 
 
 def use_onednn(a: torch.Tensor) -> bool:
