@@ -216,6 +216,37 @@ def test_equal_groups_run_one_batched_matmul_equal_to_the_loop_and_counted_exact
     assert counter.get_total_flops() == 6 * projections * sum(counts) * 16 * 32
 
 
+def test_equal_groups_leave_the_bmm_where_onednn_products_are_faster(monkeypatch):
+    """Where the thread engine's fp32 products run on oneDNN, equal groups whose products reach
+    cpu_gemm.MIN_FLOPS go to the thread engine (bmm is MKL's); smaller ones, MKL processes,
+    bf16, one thread and dispatch modes keep the bmm. The numbers are the loop's either way."""
+    from moespec.model import cpu_gemm
+
+    counts = [4, 4, 4, 4, 4, 4]  # products of 2 * 4 * 16 * 32 = 4096 FLOPs
+    bank, x_TD, token_A, gate_A = _problem("swiglu", 16, 32, counts)
+    try:
+        with _threads(2):
+            cpu_gemm.force("onednn")
+            assert group_matmuls.engine(counts, bank.w_up) == "batched"  # under 12 MFLOP
+            monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 4096)
+            assert group_matmuls.engine(counts, bank.w_up) == "threads"
+            assert group_matmuls.engine([3, 3, 3, 3, 3, 3], bank.w_up) == "batched"  # 3072 FLOPs
+            assert group_matmuls.engine(counts, bank.w_up.to(torch.bfloat16)) == "batched"
+            with FlopCounterMode(display=False):
+                assert group_matmuls.engine(counts, bank.w_up) == "batched"
+            threaded = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+            cpu_gemm.force("mkl")
+            assert group_matmuls.engine(counts, bank.w_up) == "batched"
+        with _threads(1):
+            cpu_gemm.force("onednn")
+            assert group_matmuls.engine(counts, bank.w_up) == "batched"
+    finally:
+        cpu_gemm.force(None)
+    loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
+    for a, b in zip(threaded, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_group_threads_under_inference_mode():
     counts = [5, 0, 9, 3, 7]
     bank, x_TD, token_A, gate_A = _problem("swiglu", 16, 24, counts)

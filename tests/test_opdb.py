@@ -134,3 +134,31 @@ def test_the_grouped_grid_times_the_engine_a_top_k_layer_runs():
             assert sum(counts) == n * GROUPED_EXPERTS and min(counts) > 0
             assert group_matmuls.engine(counts, w) != "batched"
     assert uneven_counts(1, 1) == [1]  # the one-group call the fixed cost is taken from
+
+
+def test_a_calibration_that_threads_equal_groups_times_base_by_the_kernels_grid():
+    """A calibration made where BASE's fp32 equal groups left the bmm for the thread engine
+    (oneDNN products, model/group_matmuls.py equal_groups_threaded_flops) records the product
+    size from which they did: from it on, the cost model times those groups by the dropless
+    kernel's grid (its gathers inside), below it and without it by the bmm grid and counts
+    their gathers apart."""
+    from pathlib import Path
+
+    from moespec.sim import ops
+    from moespec.sim.design import DesignBatch
+    from moespec.spec import load_plan
+
+    batch = DesignBatch.from_plans([load_plan(Path(__file__).resolve().parents[1] / "specs" / "tiny-base.yaml")])
+    product_flops = 2 * (8 * 64 // 4) * 64 * 128  # 2 * rows (T / E) * D * F of the spec's BASE layer
+    plain = _document(lambda m, k, n: 1e9)  # bmm at 1e9 FLOP/s, the kernel's grid at 3e9
+    bmm_db = database_from_dict(plain)
+    at_db = database_from_dict({**plain, "equal_groups_threaded_flops": product_flops})
+    above_db = database_from_dict({**plain, "equal_groups_threaded_flops": product_flops + 1})
+    batched = ops.batched_kernel(batch, batch.table, bmm_db)
+    assert batched.sum() == 1  # the one BASE layer
+    assert not ops.batched_kernel(batch, batch.table, at_db).any()
+    assert (ops.batched_kernel(batch, batch.table, above_db) == batched).all()
+    linear_bmm, linear_threaded = ops.linear_and_attention_s(batch, bmm_db)[0][0], ops.linear_and_attention_s(batch, at_db)[0][0]
+    assert linear_threaded < linear_bmm  # the faster grid now times the experts
+    assert ops.linear_and_attention_s(batch, above_db)[0][0] == linear_bmm
+    assert ops.gather_bytes(batch, at_db)[0] < ops.gather_bytes(batch, bmm_db)[0]

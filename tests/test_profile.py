@@ -209,12 +209,16 @@ def test_profile_refuses_bad_input_in_one_line(tmp_path):
 
 
 def test_calibrate_writes_a_calibration_that_validates_and_is_used(tmp_path):
+    """Two threads and oneDNN products forced: BASE's equal groups leave the bmm for the thread
+    engine from 12 MFLOP a product there, and the calibration says so for the cost model."""
     out = tmp_path / "cpu-local.json"
-    done = run(["calibrate", "--backend", "cpu-local", "--quick", "--out", str(out), "--json"])
+    env = dict(os.environ, MOESPEC_CPU_GEMM="onednn")
+    done = run(["calibrate", "--backend", "cpu-local", "--quick", "--threads", "2", "--out", str(out), "--json"], env=env)
     assert done.returncode == 0, done.stderr
     calibration = load_calibration(out)  # raises if it does not validate
     assert calibration_errors(calibration) == []
     assert calibration["backend"] == "cpu-local" and calibration["machine"]["nproc"] == 1
+    assert calibration["machine"]["threads_per_rank"] == 2 and calibration["ops"]["equal_groups_threaded_flops"] == 12_000_000
     assert 1e-4 < calibration["probe_s"] < 1.0  # the machine probe, for profile's drift check
     ops = calibration["ops"]
     assert set(ops["linear"]) == set(ops["bmm"]) == set(ops["grouped"]) == set(ops["attention"]) == {"fp32", "bf16"}

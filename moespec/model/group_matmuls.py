@@ -11,7 +11,8 @@ grouped call is 0.87-1.04x the loop's time (timed alone against it at E 8-128, D
 is one op where the loop is E. FlopCounterMode counts `_grouped_mm` as zero FLOPs unless told:
 its formula is registered below (2 * rows * K * N for any group sizes), so counts stay exact.
 When every group has the same rows (BASE layers: exactly T/E each) the matmuls are one bmm on
-the [E, N, .] view instead, the same FLOPs with both cores busy (`uniform_rows`). On a CPU
+the [E, N, .] view instead, the same FLOPs with both cores busy (`uniform_rows`), except where
+the thread engine's oneDNN products beat MKL's bmm (`equal_groups_threaded_flops`). On a CPU
 with several intra-op threads the engine is "threads": the kernel then runs each group's whole
 pipeline on one thread (grouped_experts.py, `group_threads`: no barrier per group, so a busy
 core slows the layer no more than the capacity path's bmm), with plain mm's (fp32 ones on
@@ -25,12 +26,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
 
-from moespec.model import group_threads
+from moespec.model import cpu_gemm, group_threads
 
 
 def groups(counts_E: list[int]):
@@ -87,16 +89,32 @@ def _try_grouped_gemm(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def engine(counts_E: list[int], w_EKN: torch.Tensor) -> str:  # "batched" | "threads" | "grouped" | "loop"
-    """"batched" when every group has the same rows (BASE); else on a multi-core CPU
+    """"batched" when every group has the same rows (BASE), unless the thread engine's oneDNN
+    products are the faster (`equal_groups_threaded_flops`); else on a multi-core CPU
     "threads" (each group's mm on one thread, `group_threads`); else "grouped" where
     `_grouped_mm` runs; else "loop". GROUPED_GEMM off forces the loop (tests compare with it)."""
     if not GROUPED_GEMM["enabled"]:
         return "loop"
-    if uniform_rows(counts_E):
+    rows = uniform_rows(counts_E)
+    if rows and 2 * rows * w_EKN.shape[1] * w_EKN.shape[2] < equal_groups_threaded_flops(w_EKN):
         return "batched"
     if GROUPED_GEMM["threads"] and group_threads.usable(w_EKN.device):
         return "threads"
     return "grouped" if grouped_gemm_available(w_EKN) else "loop"
+
+
+def equal_groups_threaded_flops(w_EKN: torch.Tensor) -> float:
+    """The FLOPs of one product (2 * rows * D * F) from which equal groups leave the bmm for
+    the thread engine: `cpu_gemm.MIN_FLOPS` where that engine runs and its fp32 products are on
+    oneDNN, else never (inf). Why: bmm is MKL's, which takes its AVX2 path on AMD CPUs; on a
+    2-core AVX-512 EPYC (Zen 5) a BASE layer took 0.56-0.77x the time on the thread engine at
+    10 shapes whose products are 34-1180 MFLOP, and 1.09-1.18x at 4-8 MFLOP, where its
+    products are MKL's too (one process, interleaved, paired by step). The calibration
+    records it (`OpDatabase.equal_groups_threaded_flops`) so the cost model times such groups
+    by the kernel's own database, as it does uneven ones."""
+    if GROUPED_GEMM["threads"] and group_threads.usable(w_EKN.device) and cpu_gemm.use_onednn(w_EKN):
+        return float(cpu_gemm.MIN_FLOPS)
+    return math.inf
 
 
 def grouped_gemm_available(w_EKN: torch.Tensor) -> bool:

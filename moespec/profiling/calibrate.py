@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import socket
@@ -196,6 +197,7 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
     calibration document, the others None."""
     import torch.distributed as dist
 
+    from moespec.model import group_matmuls
     from moespec.profiling import microbench, opbench
     from moespec.sim.opdb import database_from_dict
 
@@ -219,6 +221,9 @@ def calibrate_rank(backend: Backend, *, device: torch.device, world: int, quick:
     ops = {"linear": linear, "bmm": bmm, "attention": attention, "auction": auction, "grouped": grouped, "op_s": 0.0, "step_s": 0.0, "a2a_call_s": 0.0, "optimizer_op_s": optimizer_op_s,
            "optimizer_param_s": optimizer_param_s, "bandwidth_Bps": bandwidth_Bps, "gather_Bps": gather_Bps}  # fmt: skip
     ops = opbench.slowest_rank(ops)  # every rank measured the same points at once (lockstep); a step runs at the slowest's pace
+    threaded = group_matmuls.equal_groups_threaded_flops(torch.empty(1, 1, 1, device=device))  # what the kernel does with BASE's groups here
+    if math.isfinite(threaded):
+        ops["equal_groups_threaded_flops"] = threaded
     bandwidth_Bps = ops["bandwidth_Bps"]
     partial = dataclasses.replace(backend, intra_node=link, allreduce_scale=allreduce_scale, overheads=Overheads(),
                                   ops=database_from_dict(ops))  # fmt: skip

@@ -236,7 +236,7 @@ def _op_times(b: DesignBatch, db, state: dict, *, imbalance: float) -> tuple[np.
     for part in parts(b):  # an encoder-decoder's encoder stack runs its own ops
         part_linear_s, part_attention_s = ops.linear_and_attention_s(part, db, imbalance=imbalance)
         linear_s, attention_s = linear_s + part_linear_s, attention_s + part_attention_s
-        host_ops, gathered, auction = host_ops + ops.other_ops(part)[0], gathered + ops.gather_bytes(part), auction + ops.auction_s(part, db)
+        host_ops, gathered, auction = host_ops + ops.other_ops(part)[0], gathered + ops.gather_bytes(part, db), auction + ops.auction_s(part, db)
     replay = np.where(b.recompute == FULL, 4 / 3, 1.0)
     elementwise_s = elementwise_bytes(b, state["elementwise_activations"]) / db.bandwidth_Bps + gathered * replay / db.gather_Bps
     host_s = host_ops * db.op_s * replay + auction

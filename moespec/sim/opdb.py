@@ -40,6 +40,8 @@ file that ships with a cluster description (`ops` in a calibration document):
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,6 +110,9 @@ class OpDatabase:
     gather_Bps: float
     tp_call_s: float = 0.0
     pp_micro_s: float = 0.0
+    # fp32 equal groups (BASE) whose products (2 * rows * D * F) reach this run on the thread
+    # engine, timed by `grouped`, not by `bmm` (model/group_matmuls.py equal_groups_threaded_flops)
+    equal_groups_threaded_flops: float = math.inf
 
     def _by_dtype(self, table: dict, dtype_code, args, seconds) -> np.ndarray:
         """`seconds(key, *args)` for each dtype's designs, args broadcast together as float64;
@@ -215,4 +220,5 @@ def database_from_dict(data: dict) -> OpDatabase:
         gather_Bps=float(data["gather_Bps"]),
         tp_call_s=float(data.get("tp_call_s", 0.0)),  # calibrations before these two: none fitted
         pp_micro_s=float(data.get("pp_micro_s", 0.0)),
+        equal_groups_threaded_flops=float(data.get("equal_groups_threaded_flops", math.inf)),  # absent: always bmm
     )

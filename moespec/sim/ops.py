@@ -151,13 +151,20 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     return host.astype(np.float64), group.astype(np.float64)
 
 
-def batched_kernel(b: DesignBatch, layers) -> np.ndarray:
+def batched_kernel(b: DesignBatch, layers, db: OpDatabase | None = None) -> np.ndarray:
     """Per group: BASE with T % E == 0 gives every expert exactly T/E rows, and on one rank
     groups left uneven by its padding are padded back (`base_padded`); the dropless kernel
     runs them as one bmm per projection (model/group_matmuls.py `uniform_rows`): timed by the
-    bmm database, its gathers and scatters at the gather bandwidth (`gather_bytes`)."""
+    bmm database, its gathers and scatters at the gather bandwidth (`gather_bytes`). Not where
+    the calibrated machine runs such fp32 products on the thread engine instead (`db`'s
+    `equal_groups_threaded_flops`, from 2 * rows * D * F): those time as other dropless groups."""
     even = layers.lift(b.micro_batch * b.seq_len) % np.maximum(layers.experts, 1) == 0
-    return layers.moe & layers.dropless & layers.balanced & (even | base_padded(b, layers))
+    equal = layers.moe & layers.dropless & layers.balanced & (even | base_padded(b, layers))
+    if db is None or not np.isfinite(db.equal_groups_threaded_flops):
+        return equal
+    rows = expert_rows(b, layers) * layers.lift(b.ep) / np.maximum(layers.experts, 1)  # per local expert
+    flops = 2.0 * rows * layers.lift(b.d_model) * layers.expert_d_ff
+    return equal & ~((layers.lift(b.precision) == FP32) & (flops >= db.equal_groups_threaded_flops))
 
 
 def grouped_gemm(b: DesignBatch, layers) -> np.ndarray:
@@ -205,10 +212,11 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     rows = rows * np.where(layers.dropless & ~layers.balanced, imbalance, 1.0)
     # Routed experts: a capacity bank's bmm per projection (bmm database); dropless groups by
     # the grouped database (the real kernel: its gathers, grouped GEMMs and scatter); BASE's
-    # equal groups by the bmm database (the kernel's bmm), their gathers in `gather_bytes`.
+    # equal groups by the bmm database (the kernel's bmm), their gathers in `gather_bytes`,
+    # unless the calibrated machine runs them on the thread engine (`batched_kernel`).
     bank = inputs * db.bmm_s(code, local, rows, dl, layers.expert_d_ff) + db.bmm_s(code, local, rows, layers.expert_d_ff, dl)
     grouped = db.grouped_s(code, local, rows, dl, layers.expert_d_ff) * np.where(inputs == 2, 1.0, 2 / 3)  # plain: 2 of 3 matrices
-    experts = np.where(layers.dropless & ~batched_kernel(b, layers), grouped, bank)
+    experts = np.where(layers.dropless & ~batched_kernel(b, layers, db), grouped, bank)
     dense_groups = np.where(layers.d_ff > 0, ffn(code, tl, dl, layers.d_ff, inputs), 0.0)
     # Tensor parallel splits attention (heads) and the dense and shared FFNs (width) over tp;
     # the router, the routed experts and the head run whole on every tp rank.
@@ -242,10 +250,10 @@ def auction_s(b: DesignBatch, db: OpDatabase) -> np.ndarray:
     return layers.per_design(layers.count * per_group, len(b)) / b.pp
 
 
-def gather_bytes(b: DesignBatch) -> np.ndarray:
+def gather_bytes(b: DesignBatch, db: OpDatabase | None = None) -> np.ndarray:
     """Bytes dispatch and combine move per micro-step on one rank (rows in the compute dtype)."""
     layers = b.table
     rows = expert_rows(b, layers)
-    passes = np.where(batched_kernel(b, layers), KERNEL_GATHER_PASSES, np.where(layers.moe & ~layers.dropless, GATHER_PASSES, 0))
+    passes = np.where(batched_kernel(b, layers, db), KERNEL_GATHER_PASSES, np.where(layers.moe & ~layers.dropless, GATHER_PASSES, 0))
     per_group = passes * rows * layers.lift(b.d_model * compute_bytes(b))
     return layers.per_design(layers.count * per_group, len(b)).astype(np.float64) / b.pp  # every tp rank dispatches all rows
