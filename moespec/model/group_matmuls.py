@@ -108,7 +108,7 @@ def equal_groups_threaded_flops(w_EKN: torch.Tensor) -> float:
     the thread engine: `cpu_gemm.MIN_FLOPS` where that engine runs and its fp32 products are on
     oneDNN, else never (inf). Why: bmm is MKL's, which takes its AVX2 path on AMD CPUs; on a
     2-core AVX-512 EPYC (Zen 5) a BASE layer took 0.56-0.77x the time on the thread engine at
-    10 shapes whose products are 34-1180 MFLOP, and 1.09-1.18x at 4-8 MFLOP, where its
+    8 shapes whose products are 34-1180 MFLOP, and 1.09-1.18x at two of 4-8 MFLOP, where its
     products are MKL's too (one process, interleaved, paired by step). The calibration
     records it (`OpDatabase.equal_groups_threaded_flops`) so the cost model times such groups
     by the kernel's own database, as it does uneven ones."""
