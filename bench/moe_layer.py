@@ -272,20 +272,30 @@ def run_set(shapes: list[dict], args) -> list[dict]:
                         gemm_ab=args.gemm_ab) for s in shapes]  # fmt: skip
 
 
-def worst(results: list[dict], num: str, den: str, where=lambda r: True) -> tuple[float, str] | None:
-    ratios = [(r["median_ms"][num] / r["median_ms"][den], r["name"]) for r in results
-              if num in r["median_ms"] and den in r["median_ms"] and where(r)]  # fmt: skip
+def median_ratio(r: dict, num: str, den: str) -> float:
+    return r["median_ms"][num] / r["median_ms"][den]
+
+
+def paired_ratio(r: dict, num: str, den: str) -> float:
+    """The median over repeats of num's step / den's step in the same repeat: the two run
+    within a second of each other, so a slow stretch of the machine (this VM's dense FFN moved
+    1.5x between runs) lands on both sides of a ratio, where it may land on one side of a
+    ratio of medians."""
+    return statistics.median(a / b for a, b in zip(r["step_ms"][num], r["step_ms"][den]))
+
+
+def _worst(results: list[dict], num: str, den: str, where, ratio, times: str) -> tuple[float, str] | None:
+    ratios = [(ratio(r, num, den), r["name"]) for r in results if times in r and num in r[times] and den in r[times] and where(r)]
     return max(ratios) if ratios else None
+
+
+def worst(results: list[dict], num: str, den: str, where=lambda r: True) -> tuple[float, str] | None:
+    return _worst(results, num, den, where, median_ratio, "median_ms")
 
 
 def worst_paired(results: list[dict], num: str, den: str, where=lambda r: True) -> tuple[float, str] | None:
-    """As `worst`, each shape's ratio the median over repeats of num's step / den's step in
-    the same repeat: the two run within a second of each other, so a slow stretch of the
-    machine (this VM's dense FFN moved 1.5x between runs) lands on both sides of a ratio,
-    where it may land on one side of a ratio of medians. None for runs saved without steps."""
-    ratios = [(statistics.median(a / b for a, b in zip(r["step_ms"][num], r["step_ms"][den])), r["name"]) for r in results
-              if "step_ms" in r and num in r["step_ms"] and den in r["step_ms"] and where(r)]  # fmt: skip
-    return max(ratios) if ratios else None
+    """As `worst`, by `paired_ratio`; None for runs saved without steps."""
+    return _worst(results, num, den, where, paired_ratio, "step_ms")
 
 
 def parse_shape(text: str) -> dict:
@@ -391,11 +401,11 @@ def render(doc: dict) -> str:
         text.append(f"{r['name']:<9} {r['d']:>4} {r['f']:>5} {r['E']:>3} {r['k']:>2} {r['tokens']:>5} {rows:>6}  " + "  ".join(f"{c:>22}" for c in cells))
         for note in r["notes"]:
             text.append(f"   note: {note}")
-    big = lambda r: r["tokens"] * r["k"] // r["E"] >= 512  # noqa: E731
-    lines = [("dropless / capacity", "ours_dropless", "ours_capacity", lambda r: True),
-             ("dropless / dense where rows per expert >= 512", "ours_dropless", "dense", big),
-             ("dropless / HF grouped_mm", "ours_dropless", "hf_grouped_mm", lambda r: True),
-             ("BASE / Switch", "ours_base", "ours_switch", lambda r: True)]  # fmt: skip
+    every = lambda r: True  # noqa: E731
+    lines = [("dropless / capacity", "ours_dropless", "ours_capacity", every),
+             ("dropless / dense where rows per expert >= 512", "ours_dropless", "dense", lambda r: r["tokens"] * r["k"] // r["E"] >= 512),
+             ("dropless / HF grouped_mm", "ours_dropless", "hf_grouped_mm", every),
+             ("BASE / Switch", "ours_base", "ours_switch", every)]  # fmt: skip
     for label, num, den, where in lines:
         found, paired = worst(doc["shapes"], num, den, where), worst_paired(doc["shapes"], num, den, where)
         if found:
@@ -404,7 +414,7 @@ def render(doc: dict) -> str:
     if engines:
         text.append(f"thread engine / _grouped_mm (ours_dropless / dropless_grouped_mm): {min(engines):.2f}x to {max(engines):.2f}x")
     if "dropless_mkl" in doc["shapes"][0]["median_ms"]:
-        gemm = [statistics.median(a / b for a, b in zip(r["step_ms"]["ours_dropless"], r["step_ms"]["dropless_mkl"])) for r in doc["shapes"]]
+        gemm = [paired_ratio(r, "ours_dropless", "dropless_mkl") for r in doc["shapes"]]
         text.append(f"chosen library / MKL (ours_dropless / dropless_mkl, paired by repeat): {min(gemm):.2f}x to {max(gemm):.2f}x")
     small = [r for r in doc["shapes"] if r["tokens"] * r["k"] // r["E"] < 512 and "hf_grouped_mm" in r["median_ms"]]
     if small:

@@ -151,7 +151,13 @@ def other_ops(b: DesignBatch) -> tuple[np.ndarray, np.ndarray]:
     return host.astype(np.float64), group.astype(np.float64)
 
 
-def batched_kernel(b: DesignBatch, layers, db: OpDatabase | None = None) -> np.ndarray:
+def local_expert_rows(b: DesignBatch, layers) -> np.ndarray:
+    """Rows each rank's local expert computes on per micro-step, per group (every ep rank's
+    share of its tokens)."""
+    return expert_rows(b, layers) * layers.lift(b.ep) / np.maximum(layers.experts, 1)
+
+
+def batched_kernel(b: DesignBatch, layers, db: OpDatabase) -> np.ndarray:
     """Per group: BASE with T % E == 0 gives every expert exactly T/E rows, and on one rank
     groups left uneven by its padding are padded back (`base_padded`); the dropless kernel
     runs them as one bmm per projection (model/group_matmuls.py `uniform_rows`): timed by the
@@ -160,10 +166,9 @@ def batched_kernel(b: DesignBatch, layers, db: OpDatabase | None = None) -> np.n
     `equal_groups_threaded_flops`, from 2 * rows * D * F): those time as other dropless groups."""
     even = layers.lift(b.micro_batch * b.seq_len) % np.maximum(layers.experts, 1) == 0
     equal = layers.moe & layers.dropless & layers.balanced & (even | base_padded(b, layers))
-    if db is None or not np.isfinite(db.equal_groups_threaded_flops):
+    if not np.isfinite(db.equal_groups_threaded_flops):
         return equal
-    rows = expert_rows(b, layers) * layers.lift(b.ep) / np.maximum(layers.experts, 1)  # per local expert
-    flops = 2.0 * rows * layers.lift(b.d_model) * layers.expert_d_ff
+    flops = 2.0 * local_expert_rows(b, layers) * layers.lift(b.d_model) * layers.expert_d_ff
     return equal & ~((layers.lift(b.precision) == FP32) & (flops >= db.equal_groups_threaded_flops))
 
 
@@ -208,8 +213,7 @@ def linear_and_attention_s(b: DesignBatch, db: OpDatabase, *, imbalance: float =
     shared = np.where(layers.shared_count > 0, ffn(code, tl, dl, layers.shared_count * layers.shared_d_ff, inputs), 0.0)
     ep = lift(b.ep)
     local = layers.experts // ep
-    rows = expert_rows(b, layers) * ep / np.maximum(layers.experts, 1)  # per local expert
-    rows = rows * np.where(layers.dropless & ~layers.balanced, imbalance, 1.0)
+    rows = local_expert_rows(b, layers) * np.where(layers.dropless & ~layers.balanced, imbalance, 1.0)
     # Routed experts: a capacity bank's bmm per projection (bmm database); dropless groups by
     # the grouped database (the real kernel: its gathers, grouped GEMMs and scatter); BASE's
     # equal groups by the bmm database (the kernel's bmm), their gathers in `gather_bytes`,
@@ -250,7 +254,7 @@ def auction_s(b: DesignBatch, db: OpDatabase) -> np.ndarray:
     return layers.per_design(layers.count * per_group, len(b)) / b.pp
 
 
-def gather_bytes(b: DesignBatch, db: OpDatabase | None = None) -> np.ndarray:
+def gather_bytes(b: DesignBatch, db: OpDatabase) -> np.ndarray:
     """Bytes dispatch and combine move per micro-step on one rank (rows in the compute dtype)."""
     layers = b.table
     rows = expert_rows(b, layers)
