@@ -23,11 +23,15 @@ projection (and their derivatives). It runs in one of two shapes, with the same 
   before it (one slab, only its matmuls on threads), the layer took 0.88-1.00x the time
   (bench/moe_layer.py, A/B at 8 shapes); its transient memory is one group's, not A rows'.
   Consecutive small whole groups run in bundles of at most 512 rows (fewer where their
-  activations would leave cache): the bundle's elementwise ops once, its products one mm per
-  group (`group_threads._bundled`; at 64-128 rows a group the ops' dispatch was most of the
-  non-product time; A/B in one process, 2-core Zen 3 VM: issue-2's step 0.78-0.95x,
-  f-e256k8's 0.83-0.95x, elsewhere within noise). Its fp32 products run on oneDNN instead of
-  MKL where the CPU runs them faster (AVX-512 AMD CPUs, where MKL takes its AVX2 path:
+  activations would leave cache): the bundle's elementwise ops once (`group_threads._bundled`;
+  at 64-128 rows a group the ops' dispatch was most of the non-product time; A/B in one
+  process, 2-core Zen 3 VM: issue-2's step 0.78-0.95x, f-e256k8's 0.83-0.95x, elsewhere within
+  noise), and each of its products one `torch._grouped_mm` (on CPU the per-group mm loop in
+  C++: one call from Python for the bundle, not one per group with three slicings each),
+  except where a group's product would run on oneDNN (`_grouped_rows`). A/B in one process,
+  2-core Zen 5 VM, paired by step: issue-2 0.95-0.97x, f-e256k8 0.96-0.98x, u-e160k4
+  0.97-1.00x; at E 128, d 16 (all dispatch, no arithmetic) 0.64x. Its fp32 products run on
+  oneDNN instead of MKL where the CPU runs them faster (AVX-512 AMD CPUs, where MKL takes its AVX2 path:
   `cpu_gemm`, decided once per process).
 Only what must cross groups stays whole: the scatter-add of the expert outputs into y (two
 groups may hold the same token) and the saved pre-activations.
@@ -44,13 +48,14 @@ the rows it received.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from moespec.model import cpu_gemm, group_threads
 from moespec.model.expert_math import activate, activate_backward, expert_of_rows, gate_nonlinearity
-from moespec.model.group_matmuls import groups, matmul_engine, rows_times_weights, weight_grad
+from moespec.model.group_matmuls import grouped_gemm_available, groups, matmul_engine, offsets, rows_times_weights, weight_grad
 
 
 def _scale_rows(h_NF: torch.Tensor, gate_N: torch.Tensor) -> torch.Tensor:
@@ -78,6 +83,7 @@ class Slab:
     extra: int = -1  # a further piece of a split group: its slot of partial weight gradients
     onednn: bool = False  # per-group products on oneDNN (cpu_gemm: fp32, where faster)
     first: int = -1  # a bundle's first expert
+    offs: torch.Tensor | None = None  # a bundle whose products are one torch._grouped_mm each: its groups' end rows
 
     @property
     def per_group(self) -> bool:
@@ -94,9 +100,16 @@ class Slab:
             return [(self.expert, tensors)]
         return [(self.first + e, [t[rows] for t in tensors]) for e, rows in groups(self.counts_E)]
 
+    def _grouped(self, a_NK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+        """A bundle's product as one grouped GEMM over its experts' weights, [N, N']."""
+        return torch._grouped_mm(a_NK, w_EKN[self.first : self.first + len(self.counts_E)], offs=self.offs)
+
     def times(self, a_NK: torch.Tensor, w_EKN: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if not self.per_group:
             return rows_times_weights(a_NK, w_EKN, self.counts_E, self.how)
+        if self.offs is not None:
+            out_NN = self._grouped(a_NK, w_EKN)
+            return out_NN if out is None else out.copy_(out_NN)
         out = a_NK.new_empty(a_NK.shape[0], w_EKN.shape[2]) if out is None else out
         for e, (a, o) in self._groups(a_NK, out):
             if self.onednn:
@@ -108,6 +121,8 @@ class Slab:
     def add_times(self, into_NN: torch.Tensor, a_NK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
         if not self.per_group:
             return rows_times_weights(a_NK, w_EKN, self.counts_E, self.how, into=into_NN)
+        if self.offs is not None:
+            return into_NN.add_(self._grouped(a_NK, w_EKN))
         for e, (a, o) in self._groups(a_NK, into_NN):
             if self.onednn:
                 cpu_gemm.times_into(a, w_EKN[e], o, add=True)
@@ -121,6 +136,9 @@ class Slab:
         (`_per_group_buffers`)."""
         if not self.per_group:
             grads[name] = weight_grad(a_NK, g_NN, self.counts_E, self.how, len(self.counts_E))
+            return
+        if self.offs is not None:  # an empty group's slice gets zeros (group_matmuls' probe checks that)
+            grads[name][self.first : self.first + len(self.counts_E)].copy_(torch._grouped_mm(a_NK.t(), g_NN, offs=self.offs))
             return
         for e, (a, g) in self._groups(a_NK, g_NN):
             if self.onednn:
@@ -149,13 +167,27 @@ class Slab:
         return grads[name][expert] if self.extra < 0 else grads[name + "+"][self.extra]
 
 
-def _slab(piece: group_threads.Piece, counts_E: list[int], expert_A: torch.Tensor | None, onednn: bool) -> Slab:
-    """The per-group slab of a thread engine's piece: a group, a piece of one, or a bundle."""
+def _slab(piece: group_threads.Piece, counts_E: list[int], expert_A: torch.Tensor | None, onednn: bool, grouped_rows: float) -> Slab:
+    """The per-group slab of a thread engine's piece: a group, a piece of one, or a bundle
+    (its products one grouped GEMM each where no group reaches `grouped_rows`)."""
     if piece.groups == 1:
         return Slab(piece.rows, piece.expert, counts_E, extra=piece.extra, onednn=onednn)
     sub_counts = counts_E[piece.expert : piece.expert + piece.groups]
     rows_expert = None if expert_A is None else expert_A[piece.rows]
-    return Slab(piece.rows, None, sub_counts, expert_A=rows_expert, onednn=onednn, first=piece.expert)
+    offs = offsets(sub_counts, torch.device("cpu")) if max(sub_counts) < grouped_rows else None
+    return Slab(piece.rows, None, sub_counts, expert_A=rows_expert, onednn=onednn, first=piece.expert, offs=offs)
+
+
+def _grouped_rows(w_EKN: torch.Tensor, onednn: bool) -> float:
+    """The rows from which a bundled group's products leave the bundle's grouped GEMM: never
+    where `_grouped_mm` cannot run (0), else where they would run on oneDNN (`cpu_gemm`:
+    2 * rows * D * F from MIN_FLOPS). Why one grouped GEMM per bundle: on CPU it is the loop of
+    per-group mm's in C++, so a bundle's product is one call from Python where it was eight or
+    more, each with its three slicings; at 64-128 rows a group those calls' dispatch was a
+    good part of the layer's non-product time (module docstring)."""
+    if not grouped_gemm_available(w_EKN):
+        return 0.0
+    return cpu_gemm.MIN_FLOPS / (2 * w_EKN.shape[1] * w_EKN.shape[2]) if onednn else math.inf
 
 
 @dataclass
@@ -267,8 +299,10 @@ class GroupedExpertsFn(torch.autograd.Function):
             h_gate_AF = torch.empty_like(h_up_AF) if w_gate_EDF is not None else None
             out_AD = x_TD.new_empty(n_rows, x_TD.shape[1], dtype=dtype)
 
+            grouped_rows = _grouped_rows(w_up_EDF, onednn)
+
             def one_piece(piece: group_threads.Piece) -> None:
-                s = _slab(piece, counts_E, expert_A, onednn)
+                s = _slab(piece, counts_E, expert_A, onednn, grouped_rows)
                 _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation, s.part(h_gate_AF), s.part(h_up_AF), s.part(out_AD))
 
             # the forward's pieces write only their own rows: a group may be cut as finely as balance asks
@@ -291,11 +325,11 @@ class GroupedExpertsFn(torch.autograd.Function):
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         how = matmul_engine(ctx.engine, counts_E, x_TD.device)
         if how == "threads":
-            bundle = _bundle_rows(x_TD, w_gate, w_up)
+            bundle, grouped_rows = _bundle_rows(x_TD, w_gate, w_up), _grouped_rows(w_up, ctx.onednn)
             pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved), bundle_rows=bundle)
             grads = _per_group_buffers(saved, counts_E, pieces, need_x, need_gate)
             group_threads.run_pieces(
-                pieces, lambda p: _backward_slab(_slab(p, counts_E, expert_A, ctx.onednn), saved, grad_y_TD, need_x, need_gate, grads)
+                pieces, lambda p: _backward_slab(_slab(p, counts_E, expert_A, ctx.onednn, grouped_rows), saved, grad_y_TD, need_x, need_gate, grads)
             )
             _add_partials(grads, pieces)
         else:
