@@ -377,8 +377,8 @@ def test_bundled_groups_give_the_loops_gradients(case, products, monkeypatch):
 
     monkeypatch.setitem(group_threads.MIN_PIECE_ROWS, "rows", 4)
     monkeypatch.setattr(grouped_experts, "_scratch_slots", lambda saved: 100)
-    if products == "per-group":  # as where a bundled group's products would run on oneDNN
-        monkeypatch.setattr(grouped_experts, "_grouped_rows", lambda w_EKN, onednn: 0.0)
+    if products == "per-group":  # as where a bundled group's products reach cpu_gemm.MIN_FLOPS
+        monkeypatch.setattr(grouped_experts, "_grouped_rows", lambda w_EKN: 0.0)
     ps = group_threads.pieces(BUNDLED, 2, max_extra=100, bundle_rows=512)
     assert {(p.expert, p.groups) for p in ps if p.groups > 1} == {(0, 4), (5, 4)} and any(p.extra >= 0 for p in ps)
     bank, x_TD, token_A, gate_A = routed_bank(BUNDLED, 64, case != "gated", seed=8)
@@ -397,24 +397,22 @@ def test_bundled_groups_give_the_loops_gradients(case, products, monkeypatch):
         assert p.grad[[1, 6]].abs().max() == 0  # the empty groups inside bundles
 
 
-def test_bundles_run_one_grouped_gemm_per_product_unless_their_groups_go_to_onednn():
-    """A bundle's products are one torch._grouped_mm each where every group's would run mm
-    (MKL, or under cpu_gemm.MIN_FLOPS on oneDNN), else one product per group; a lone group or
-    a piece of one never is; and never where _grouped_mm cannot run (widths not 16-byte)."""
+def test_bundles_run_one_grouped_gemm_per_product_while_their_products_are_small():
+    """A bundle's products are one torch._grouped_mm each while every group's product is under
+    cpu_gemm.MIN_FLOPS (where it would run mm, and dispatch matters), else one product per
+    group; a lone group never is; nor anything where _grouped_mm cannot run (widths not
+    16-byte multiples)."""
     from moespec.model import cpu_gemm
     from moespec.model.group_threads import Piece
     from moespec.model.grouped_experts import _grouped_rows, _slab
 
-    w_EDF = torch.zeros(8, 256, 256)
-    assert _grouped_rows(w_EDF, onednn=False) == float("inf")
-    limit = _grouped_rows(w_EDF, onednn=True)
-    assert limit == cpu_gemm.MIN_FLOPS / (2 * 256 * 256)  # 91.6 rows: a 92-row group's product is oneDNN's
-    assert _grouped_rows(torch.zeros(8, 6, 256), onednn=False) == 0.0  # 24-byte rows
+    limit = _grouped_rows(torch.zeros(8, 256, 256))
+    assert limit == cpu_gemm.MIN_FLOPS / (2 * 256 * 256)  # 91.6 rows: a 92-row group's product reaches it
+    assert _grouped_rows(torch.zeros(8, 6, 256)) == 0.0  # 24-byte rows
     counts = [40, 91, 0, 92, 300]
-    bundle = _slab(Piece(0, slice(0, 131), -1, groups=3), counts, None, True, limit)
+    bundle = _slab(Piece(0, slice(0, 131), -1, groups=3), counts, None, False, limit)
     assert bundle.offs.tolist() == [40, 131, 131]
-    assert _slab(Piece(1, slice(40, 223), -1, groups=3), counts, None, True, limit).offs is None  # 92 rows: oneDNN
-    assert _slab(Piece(1, slice(40, 223), -1, groups=3), counts, None, False, float("inf")).offs is not None
+    assert _slab(Piece(1, slice(40, 223), -1, groups=3), counts, None, False, limit).offs is None  # 92 rows
     assert _slab(Piece(4, slice(223, 523), -1), counts, None, False, float("inf")).offs is None  # one group: one mm
 
 

@@ -28,7 +28,7 @@ projection (and their derivatives). It runs in one of two shapes, with the same 
   process, 2-core Zen 3 VM: issue-2's step 0.78-0.95x, f-e256k8's 0.83-0.95x, elsewhere within
   noise), and each of its products one `torch._grouped_mm` (on CPU the per-group mm loop in
   C++: one call from Python for the bundle, not one per group with three slicings each),
-  except where a group's product would run on oneDNN (`_grouped_rows`). A/B in one process,
+  where every group's product is under `cpu_gemm.MIN_FLOPS` (`_grouped_rows`). A/B in one process,
   2-core Zen 5 VM, paired by step: issue-2 0.95-0.97x, f-e256k8 0.96-0.98x, u-e160k4
   0.97-1.00x; at E 128, d 16 (all dispatch, no arithmetic) 0.64x. Its fp32 products run on
   oneDNN instead of MKL where the CPU runs them faster (AVX-512 AMD CPUs, where MKL takes its AVX2 path:
@@ -178,16 +178,19 @@ def _slab(piece: group_threads.Piece, counts_E: list[int], expert_A: torch.Tenso
     return Slab(piece.rows, None, sub_counts, expert_A=rows_expert, onednn=onednn, first=piece.expert, offs=offs)
 
 
-def _grouped_rows(w_EKN: torch.Tensor, onednn: bool) -> float:
-    """The rows from which a bundled group's products leave the bundle's grouped GEMM: never
-    where `_grouped_mm` cannot run (0), else where they would run on oneDNN (`cpu_gemm`:
-    2 * rows * D * F from MIN_FLOPS). Why one grouped GEMM per bundle: on CPU it is the loop of
-    per-group mm's in C++, so a bundle's product is one call from Python where it was eight or
-    more, each with its three slicings; at 64-128 rows a group those calls' dispatch was a
-    good part of the layer's non-product time (module docstring)."""
+def _grouped_rows(w_EKN: torch.Tensor) -> float:
+    """The rows from which a bundled group's products leave the bundle's grouped GEMM for one
+    call per group: where 2 * rows * D * F reaches `cpu_gemm.MIN_FLOPS` (never where
+    `_grouped_mm` cannot run: 0). Why one grouped GEMM per bundle: on CPU it is the loop of
+    per-group mm's in C++, so a bundle's product is one call from Python where it was one per
+    group with three slicings; at 64-128 rows a group those calls were a good part of the
+    layer's non-product time (module docstring). Why not above MIN_FLOPS: there the arithmetic
+    dwarfs the calls, the copy out of the grouped GEMM's fresh result (it has no `out=`) does
+    not (f-e96k1 on MKL, two-group bundles of 67 MFLOP products: 1.07x the step), and on
+    oneDNN CPUs such products run on oneDNN (`cpu_gemm`), which `_grouped_mm` would bypass."""
     if not grouped_gemm_available(w_EKN):
         return 0.0
-    return cpu_gemm.MIN_FLOPS / (2 * w_EKN.shape[1] * w_EKN.shape[2]) if onednn else math.inf
+    return cpu_gemm.MIN_FLOPS / (2 * w_EKN.shape[1] * w_EKN.shape[2])
 
 
 @dataclass
@@ -299,7 +302,7 @@ class GroupedExpertsFn(torch.autograd.Function):
             h_gate_AF = torch.empty_like(h_up_AF) if w_gate_EDF is not None else None
             out_AD = x_TD.new_empty(n_rows, x_TD.shape[1], dtype=dtype)
 
-            grouped_rows = _grouped_rows(w_up_EDF, onednn)
+            grouped_rows = _grouped_rows(w_up_EDF)
 
             def one_piece(piece: group_threads.Piece) -> None:
                 s = _slab(piece, counts_E, expert_A, onednn, grouped_rows)
@@ -325,7 +328,7 @@ class GroupedExpertsFn(torch.autograd.Function):
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         how = matmul_engine(ctx.engine, counts_E, x_TD.device)
         if how == "threads":
-            bundle, grouped_rows = _bundle_rows(x_TD, w_gate, w_up), _grouped_rows(w_up, ctx.onednn)
+            bundle, grouped_rows = _bundle_rows(x_TD, w_gate, w_up), _grouped_rows(w_up)
             pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved), bundle_rows=bundle)
             grads = _per_group_buffers(saved, counts_E, pieces, need_x, need_gate)
             group_threads.run_pieces(
