@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,30 @@ def test_moe_layer_pairs_each_repeat_against_a_slow_stretch():
     result = bench.bench_shape(TINY, repeats=3, warmup=0, peers=False)
     assert {len(steps) for steps in result["step_ms"].values()} == {3}
     assert result["median_ms"]["dense"] == pytest.approx(sorted(result["step_ms"]["dense"])[1], abs=0.01)
+
+
+def test_moe_layer_re_measures_the_worst_shape_on_the_same_layers():
+    """--confirm: fresh pairs at the shape with the worst paired dropless / capacity ratio (not
+    the worst ratio of medians), on layers rebuilt with the same weights and input."""
+    import argparse
+
+    bench = _bench_module("moe_layer")
+    other = dict(TINY, name="other", E=8)
+    results = [dict(TINY, step_ms={"ours_dropless": [12.0, 14.0, 14.0], "ours_capacity": [10.0, 10.0, 13.0]}),  # medians 1.4, paired 1.2
+               dict(other, step_ms={"ours_dropless": [13.0, 13.0, 13.0], "ours_capacity": [10.0, 10.0, 10.0]})]  # both 1.3  # fmt: skip
+    for r in results:
+        r["median_ms"] = {name: statistics.median(steps) for name, steps in r["step_ms"].items()}
+    assert bench.worst(results, "ours_dropless", "ours_capacity")[1] == "tiny"
+    args = argparse.Namespace(confirm=3, warmup=0, routers=False, no_peers=True, engines=False, gemm_ab=False)
+    checked = bench.confirm(results, args)
+    assert checked["name"] == "other" and {len(v) for v in checked["step_ms"].values()} == {3}
+    assert bench.confirm(results, argparse.Namespace(**{**vars(args), "confirm": 0})) is None
+    line = bench.confirm_line({"name": "other", "step_ms": {"ours_dropless": [11.0, 12.0, 15.0, 10.0], "ours_capacity": [10.0] * 4}})
+    assert line == "worst dropless / capacity re-measured at other: 1.15x paired over 4 fresh repeats (quartiles 1.10x-1.50x)"
+    (first, _, x1, _), (again, _, x2, _) = bench.layers(other, peers=False), bench.layers(other, peers=False)
+    assert torch.equal(x1, x2)
+    for a, b in zip(first["ours_dropless"][1].parameters(), again["ours_dropless"][1].parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_moe_layer_gemm_ab_runs_the_same_layer_on_mkl(monkeypatch):
