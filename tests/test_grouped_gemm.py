@@ -112,6 +112,10 @@ def test_group_threads_run_every_group_once_and_pass_errors_on():
         with pytest.raises(RuntimeError, match="group 3 failed"):
             group_threads.run(counts, fail)
         assert torch.get_num_threads() == 2
+    seen.clear()
+    with _threads(1):  # after a pool of workers was made: the groups on this thread alone
+        group_threads.run(counts, lambda e, rows: seen.append((e, rows.start, rows.stop)))
+    assert sorted(seen) == [(0, 0, 3), (2, 3, 11), (3, 11, 12), (5, 12, 17)]
 
 
 def test_grouped_gemm_equals_the_loop_bf16():

@@ -160,7 +160,7 @@ def run_pieces(pieces_: list[Piece], work) -> None:
                 work(piece)
 
     threads = torch.get_num_threads()
-    pool = _workers(threads - 1)
+    pool = _workers(threads - 1) if threads > 1 else None  # one thread: no pool (the kernel never asks; a bench may)
     torch.set_num_threads(1)
     try:
         futures = [pool.submit(drain) for _ in range(threads - 1)]
