@@ -28,12 +28,12 @@ projection (and their derivatives). It runs in one of two shapes, with the same 
   process, 2-core Zen 3 VM: issue-2's step 0.78-0.95x, f-e256k8's 0.83-0.95x, elsewhere within
   noise), and each of its products one `torch._grouped_mm` (on CPU the per-group mm loop in
   C++: one call from Python for the bundle, not one per group with three slicings each),
-  where every group's product is under `cpu_gemm.MIN_FLOPS` (`_grouped_rows`). A/B in one process,
-  2-core Zen 5 VM, paired by step: issue-2 0.95-0.98x, f-e256k8 0.96-0.99x, u-e160k4
-  0.97-1.00x (chosen on these), d288 f192 E96 k3 0.90-0.97x and d256 f192 E160 k2
-  0.92-0.97x (not); at E 128, d 16 (all dispatch, no arithmetic) 0.64x. Its fp32 products run on
-  oneDNN instead of MKL where the CPU runs them faster (AVX-512 AMD CPUs, where MKL takes its AVX2 path:
-  `cpu_gemm`, decided once per process).
+  where every group's product is under `cpu_gemm.MIN_FLOPS` (`_grouped_rows`). A/B in one
+  process, 2-core Zen 5 VM, paired by step: issue-2 0.95-0.98x, f-e256k8 0.96-0.99x,
+  u-e160k4 0.97-1.00x (chosen on these), d288 f192 E96 k3 0.90-0.97x and d256 f192 E160 k2
+  0.92-0.97x (not); at E 128, d 16 (all dispatch, no arithmetic) 0.64x. Its fp32 products
+  run on oneDNN instead of MKL where the CPU runs them faster (AVX-512 AMD CPUs, where MKL
+  takes its AVX2 path: `cpu_gemm`, decided once per process).
 Only what must cross groups stays whole: the scatter-add of the expert outputs into y (two
 groups may hold the same token) and the saved pre-activations.
 
@@ -49,7 +49,6 @@ the rows it received.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +72,8 @@ class Slab:
     expert weights run: one expert's group or a piece of it (`expert` set), or a bundle of
     small whole groups (`first` set: experts first.., `counts_E` theirs, `expert_A` its rows'
     experts where there are biases), each product one grouped GEMM (`offs` set) or one mm per
-    group, written into the `out` slices it is given; or every group at once (neither: the engine's grouped product, `how`,
-    into new tensors)."""
+    group, written into the `out` slices it is given; or every group at once (neither: the
+    engine's grouped product, `how`, into new tensors)."""
 
     rows: slice
     expert: int | None
