@@ -296,13 +296,12 @@ class GroupedExpertsFn(torch.autograd.Function):
         # the simulator counts, sim/activations.py) does not depend on the engine.
         expert_A = expert_of_rows(counts_E, x_TD.device) if b_up_EF is not None else None
         onednn = how == "threads" and cpu_gemm.use_onednn(w_up_EDF)  # decided here, on the main thread, and kept for backward
+        grouped_rows = _grouped_rows(w_up_EDF) if how == "threads" else 0.0  # likewise
         if how == "threads":
             n_rows, dtype = token_A.shape[0], w_up_EDF.dtype
             h_up_AF = x_TD.new_empty(n_rows, w_up_EDF.shape[2], dtype=dtype)
             h_gate_AF = torch.empty_like(h_up_AF) if w_gate_EDF is not None else None
             out_AD = x_TD.new_empty(n_rows, x_TD.shape[1], dtype=dtype)
-
-            grouped_rows = _grouped_rows(w_up_EDF)
 
             def one_piece(piece: group_threads.Piece) -> None:
                 s = _slab(piece, counts_E, expert_A, onednn, grouped_rows)
@@ -316,7 +315,7 @@ class GroupedExpertsFn(torch.autograd.Function):
             h_gate_AF, h_up_AF, out_AD = _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, out_AD.to(x_TD.dtype))  # the one scatter
         ctx.save_for_backward(x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF, b_gate_EF, b_up_EF, b_down_ED, expert_A)
-        ctx.counts_E, ctx.activation, ctx.engine, ctx.onednn = counts_E, activation, engine, onednn
+        ctx.counts_E, ctx.activation, ctx.engine, ctx.onednn, ctx.grouped_rows = counts_E, activation, engine, onednn, grouped_rows
         return y_TD
 
     @staticmethod
@@ -328,11 +327,11 @@ class GroupedExpertsFn(torch.autograd.Function):
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         how = matmul_engine(ctx.engine, counts_E, x_TD.device)
         if how == "threads":
-            bundle, grouped_rows = _bundle_rows(x_TD, w_gate, w_up), _grouped_rows(w_up)
+            bundle = _bundle_rows(x_TD, w_gate, w_up)
             pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved), bundle_rows=bundle)
             grads = _per_group_buffers(saved, counts_E, pieces, need_x, need_gate)
             group_threads.run_pieces(
-                pieces, lambda p: _backward_slab(_slab(p, counts_E, expert_A, ctx.onednn, grouped_rows), saved, grad_y_TD, need_x, need_gate, grads)
+                pieces, lambda p: _backward_slab(_slab(p, counts_E, expert_A, ctx.onednn, ctx.grouped_rows), saved, grad_y_TD, need_x, need_gate, grads)
             )
             _add_partials(grads, pieces)
         else:
