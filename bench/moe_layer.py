@@ -32,9 +32,10 @@ all of them alike; the median over repeats is reported, with its ratio to dense.
 ends with the worst ratios (dropless / capacity; dropless / dense where each expert gets at
 least 512 rows; dropless / HF grouped_mm; BASE / Switch) and where they are, each also as the
 median of per-repeat ratios ("paired by repeat": the two steps of a pair run back to back, so
-a slow stretch of the machine hits both; `--json` keeps every step in `step_ms`). The worst
-dropless / capacity shape is then re-measured alone with `--confirm` fresh pairs (20 by
-default): picked as the worst of 28 noisy ratios, its first figure is biased upward.
+a slow stretch of the machine hits both; `--json` keeps every step in `step_ms`). Each of
+these ratios is then re-measured alone at its worst paired shape with `--confirm` fresh pairs
+(20 by default): picked as the worst of up to 28 noisy ratios, its first figure is biased
+upward.
 `--busy` runs the set again beside a process that keeps one core busy and prints each path's
 slowdown (busy / quiet) and the worst dropless-to-capacity slowdown ratio.
 The process is tuned as `moespec train` and `profile` tune theirs, for every column alike:
@@ -308,29 +309,54 @@ def worst_paired(results: list[dict], num: str, den: str, where=lambda r: True) 
     return _worst(results, num, den, where, paired_ratio, "step_ms")
 
 
-def confirm(results: list[dict], args) -> dict | None:
-    """Fresh steps of dropless and capacity alone at the shape whose paired ratio was the worst,
-    `args.confirm` pairs, back to back, which goes first alternating. Why: the worst of many
-    noisy ratios is biased upward (the shape is picked by the same samples that measure it, the
-    winner's curse); new samples measure the picked shape without that bias."""
-    found = worst_paired(results, "ours_dropless", "ours_capacity")
-    if not args.confirm or not found:
+def _every(r: dict) -> bool:
+    return True
+
+
+def _many_rows(r: dict) -> bool:
+    return r["tokens"] * r["k"] // r["E"] >= 512
+
+
+# The issue-13 targets the run ends with: (label, numerator, denominator, which shapes).
+TARGETS = [("dropless / capacity", "ours_dropless", "ours_capacity", _every),
+           ("dropless / dense where rows per expert >= 512", "ours_dropless", "dense", _many_rows),
+           ("dropless / HF grouped_mm", "ours_dropless", "hf_grouped_mm", _every),
+           ("BASE / Switch", "ours_base", "ours_switch", _every)]  # fmt: skip
+
+
+def confirm(results: list[dict], args) -> list[dict] | None:
+    """For each target ratio of the run, fresh steps of its two layers alone at the shape
+    whose paired ratio was the worst, `args.confirm` pairs, back to back, which goes first
+    alternating. Why: the worst of many noisy ratios is biased upward (the shape is picked by
+    the same samples that measure it, the winner's curse); new samples measure the picked
+    shape without that bias."""
+    if not args.confirm:
         return None
-    shape = next({k: r[k] for k in ("name", "d", "f", "E", "k", "tokens")} for r in results if r["name"] == found[1])
-    impls, _, x, dy = layers(shape, routers=args.routers, peers=not args.no_peers, engines=args.engines, gemm_ab=args.gemm_ab)
-    steps = {"ours_dropless": [], "ours_capacity": []}
-    for rep in range(args.warmup + args.confirm):
-        for name in list(steps)[:: 1 if rep % 2 == 0 else -1]:
-            elapsed = time_step(*impls[name], x, dy)
-            if rep >= args.warmup:
-                steps[name].append(round(1e3 * elapsed, 2))
-    return {"name": shape["name"], "step_ms": steps}
+    checked = []
+    for label, num, den, where in TARGETS:
+        found = worst_paired(results, num, den, where)
+        if not found:
+            continue
+        shape = next({k: r[k] for k in ("name", "d", "f", "E", "k", "tokens")} for r in results if r["name"] == found[1])
+        impls, _, x, dy = layers(shape, routers=args.routers, peers=not args.no_peers, engines=args.engines, gemm_ab=args.gemm_ab)
+        steps = {num: [], den: []}
+        for rep in range(args.warmup + args.confirm):
+            for name in list(steps)[:: 1 if rep % 2 == 0 else -1]:
+                elapsed = time_step(*impls[name], x, dy)
+                if rep >= args.warmup:
+                    steps[name].append(round(1e3 * elapsed, 2))
+        checked.append({"label": label, "name": shape["name"], "step_ms": steps})
+    return checked or None
 
 
 def confirm_line(checked: dict) -> str:
-    ratios = sorted(a / b for a, b in zip(checked["step_ms"]["ours_dropless"], checked["step_ms"]["ours_capacity"]))
+    """The re-measured figure of one target (a run saved before other targets were re-measured
+    holds one dict without a label: dropless / capacity)."""
+    label = checked.get("label", "dropless / capacity")
+    num, den = next((n, d) for lab, n, d, _ in TARGETS if lab == label)
+    ratios = sorted(a / b for a, b in zip(checked["step_ms"][num], checked["step_ms"][den]))
     n = len(ratios)
-    return (f"worst dropless / capacity re-measured at {checked['name']}: {statistics.median(ratios):.2f}x paired over {n} fresh repeats "
+    return (f"worst {label} re-measured at {checked['name']}: {statistics.median(ratios):.2f}x paired over {n} fresh repeats "
             f"(quartiles {ratios[n // 4]:.2f}x-{ratios[(3 * n) // 4]:.2f}x)")
 
 
@@ -356,7 +382,7 @@ def main() -> None:
                         help="your own shape (d_model, expert d_ff, experts, k, tokens) instead of a set; repeatable")
     parser.add_argument("--routers", action="store_true", help="add BASE and Switch layers (k = 1) at each shape")
     parser.add_argument("--confirm", type=int, default=20, metavar="N",
-                        help="re-measure dropless / capacity at the worst shape with N fresh paired repeats (0: not)")
+                        help="re-measure each target ratio at its worst shape with N fresh paired repeats (0: not)")
     parser.add_argument("--busy", action="store_true", help="run the set again beside a process that keeps one core busy; print slowdowns")
     parser.add_argument("--no-peers", action="store_true", help="skip Hugging Face's blocks")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -441,17 +467,13 @@ def render(doc: dict) -> str:
         text.append(f"{r['name']:<9} {r['d']:>4} {r['f']:>5} {r['E']:>3} {r['k']:>2} {r['tokens']:>5} {rows:>6}  " + "  ".join(f"{c:>22}" for c in cells))
         for note in r["notes"]:
             text.append(f"   note: {note}")
-    every = lambda r: True  # noqa: E731
-    lines = [("dropless / capacity", "ours_dropless", "ours_capacity", every),
-             ("dropless / dense where rows per expert >= 512", "ours_dropless", "dense", lambda r: r["tokens"] * r["k"] // r["E"] >= 512),
-             ("dropless / HF grouped_mm", "ours_dropless", "hf_grouped_mm", every),
-             ("BASE / Switch", "ours_base", "ours_switch", every)]  # fmt: skip
-    for label, num, den, where in lines:
+    checked = doc.get("confirm") or []
+    checked = [checked] if isinstance(checked, dict) else checked  # saved before every target was re-measured
+    for label, num, den, where in TARGETS:
         found, paired = worst(doc["shapes"], num, den, where), worst_paired(doc["shapes"], num, den, where)
         if found:
             text.append(f"worst {label}: {found[0]:.2f}x at {found[1]}" + (f" (paired by repeat: {paired[0]:.2f}x at {paired[1]})" if paired else ""))
-        if num == "ours_dropless" and den == "ours_capacity" and doc.get("confirm"):
-            text.append(confirm_line(doc["confirm"]))
+        text.extend(confirm_line(c) for c in checked if c.get("label", "dropless / capacity") == label)
     engines = [r["median_ms"]["ours_dropless"] / r["median_ms"]["dropless_grouped_mm"] for r in doc["shapes"] if "dropless_grouped_mm" in r["median_ms"]]
     if engines:
         text.append(f"thread engine / _grouped_mm (ours_dropless / dropless_grouped_mm): {min(engines):.2f}x to {max(engines):.2f}x")

@@ -108,24 +108,37 @@ def test_moe_layer_pairs_each_repeat_against_a_slow_stretch():
     assert result["median_ms"]["dense"] == pytest.approx(sorted(result["step_ms"]["dense"])[1], abs=0.01)
 
 
-def test_moe_layer_re_measures_the_worst_shape_on_the_same_layers():
-    """--confirm: fresh pairs at the shape with the worst paired dropless / capacity ratio (not
-    the worst ratio of medians), on layers rebuilt with the same weights and input."""
+def test_moe_layer_re_measures_each_target_at_its_worst_shape_on_the_same_layers():
+    """--confirm: for each target ratio the run has, fresh pairs at the shape with its worst
+    paired ratio (not the worst ratio of medians), on layers rebuilt with the same weights and
+    input; a target with no shape (no BASE layers in the run) is not re-measured."""
     import argparse
 
     bench = _bench_module("moe_layer")
     other = dict(TINY, name="other", E=8)
-    results = [dict(TINY, step_ms={"ours_dropless": [12.0, 14.0, 14.0], "ours_capacity": [10.0, 10.0, 13.0]}),  # medians 1.4, paired 1.2
-               dict(other, step_ms={"ours_dropless": [13.0, 13.0, 13.0], "ours_capacity": [10.0, 10.0, 10.0]})]  # both 1.3  # fmt: skip
+    big = {"name": "big", "d": 8, "f": 8, "E": 2, "k": 1, "tokens": 1024}  # 512 rows per expert: the dense target's
+    results = [dict(TINY, step_ms={"ours_dropless": [12.0, 14.0, 14.0], "ours_capacity": [10.0, 10.0, 13.0], "dense": [9.0] * 3}),  # medians 1.4, paired 1.2
+               dict(other, step_ms={"ours_dropless": [13.0, 13.0, 13.0], "ours_capacity": [10.0, 10.0, 10.0], "dense": [9.0] * 3}),  # both 1.3
+               dict(big, step_ms={"ours_dropless": [10.0] * 3, "ours_capacity": [10.0] * 3, "dense": [9.0, 8.0, 10.0]})]  # fmt: skip
     for r in results:
         r["median_ms"] = {name: statistics.median(steps) for name, steps in r["step_ms"].items()}
+        r["ratio_to_dense"], r["notes"] = {name: ms / r["median_ms"]["dense"] for name, ms in r["median_ms"].items()}, []
     assert bench.worst(results, "ours_dropless", "ours_capacity")[1] == "tiny"
     args = argparse.Namespace(confirm=3, warmup=0, routers=False, no_peers=True, engines=False, gemm_ab=False)
     checked = bench.confirm(results, args)
-    assert checked["name"] == "other" and {len(v) for v in checked["step_ms"].values()} == {3}
+    assert [(c["label"], c["name"]) for c in checked] == [("dropless / capacity", "other"), ("dropless / dense where rows per expert >= 512", "big")]
+    assert [sorted(c["step_ms"]) for c in checked] == [["ours_capacity", "ours_dropless"], ["dense", "ours_dropless"]]
+    assert {len(v) for c in checked for v in c["step_ms"].values()} == {3}
     assert bench.confirm(results, argparse.Namespace(**{**vars(args), "confirm": 0})) is None
-    line = bench.confirm_line({"name": "other", "step_ms": {"ours_dropless": [11.0, 12.0, 15.0, 10.0], "ours_capacity": [10.0] * 4}})
-    assert line == "worst dropless / capacity re-measured at other: 1.15x paired over 4 fresh repeats (quartiles 1.10x-1.50x)"
+    line = bench.confirm_line({"label": "BASE / Switch", "name": "other", "step_ms": {"ours_base": [11.0, 12.0, 15.0, 10.0], "ours_switch": [10.0] * 4}})
+    assert line == "worst BASE / Switch re-measured at other: 1.15x paired over 4 fresh repeats (quartiles 1.10x-1.50x)"
+    saved_before = {"name": "other", "step_ms": {"ours_dropless": [11.0, 12.0], "ours_capacity": [10.0] * 2}}  # a run from before labels
+    assert bench.confirm_line(saved_before).startswith("worst dropless / capacity re-measured at other: 1.15x paired over 2")
+    doc = {"torch": "t", "threads": 2, "step": "s", "repeats": 3, "load_avg_1min": [0, 0], "shapes": results, "busy_shapes": None}
+    text = bench.render(dict(doc, confirm=checked)).splitlines()
+    dense_at = next(i for i, t in enumerate(text) if t.startswith("worst dropless / dense"))
+    assert text[dense_at + 1].startswith("worst dropless / dense where rows per expert >= 512 re-measured at big: ")
+    assert any(t.startswith("worst dropless / capacity re-measured at other: 1.15x") for t in bench.render(dict(doc, confirm=saved_before)).splitlines())
     (first, _, x1, _), (again, _, x2, _) = bench.layers(other, peers=False), bench.layers(other, peers=False)
     assert torch.equal(x1, x2)
     for a, b in zip(first["ours_dropless"][1].parameters(), again["ours_dropless"][1].parameters(), strict=True):
