@@ -17,9 +17,9 @@ pytestmark = pytest.mark.skipif(not cpu_gemm._runs(), reason="this torch has no 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 32 rows (16-row alignment), so that tiny problems cross chunks and pad tails;
-    every product goes to oneDNN; the choice is restored after the test."""
-    monkeypatch.setattr(cpu_gemm, "CHUNK", 32)
+    """Chunks of 64 and 32 rows (16-row alignment), so that tiny problems cross chunks and pad
+    tails; every product goes to oneDNN; the choice is restored after the test."""
+    monkeypatch.setattr(cpu_gemm, "CHUNKS", (64, 32))
     monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
     shapes = []
     linear = cpu_gemm._linear
@@ -28,8 +28,8 @@ def small_chunks(monkeypatch):
     cpu_gemm.force(None)
 
 
-@pytest.mark.parametrize("rows", [1, 15, 16, 33, 70])
-def test_every_product_form_equals_float64_mm(rows, small_chunks):
+@pytest.mark.parametrize("rows, calls", [(1, 1), (15, 1), (16, 1), (33, 2), (70, 2), (127, 3), (160, 3)])
+def test_every_product_form_equals_float64_mm(rows, calls, small_chunks):
     torch.manual_seed(rows)
     a_MK, w_KN = torch.randn(rows, 24), torch.randn(24, 40)
     w_NK_view = torch.randn(40, 24).t()  # the backward's w^T: a strided view
@@ -42,19 +42,20 @@ def test_every_product_form_equals_float64_mm(rows, small_chunks):
         torch.testing.assert_close(added.double(), into_MN.double() + a_MK.double() @ w.double(), rtol=1e-5, atol=1e-5)
     grad_KN = cpu_gemm.weight_grad_into(a_MK, g_MN, torch.full((24, 40), float("nan")), min_flops=0)
     torch.testing.assert_close(grad_KN.to(f64), a_MK.to(f64).t() @ g_MN.to(f64), rtol=1e-5, atol=1e-4)
-    assert len(small_chunks) == 5 * -(-rows // 32)  # every call went to oneDNN, one per chunk
+    assert len(small_chunks) == 5 * calls  # every call went to oneDNN, one per chunk (127 rows: 64 + 32 + a padded 31)
 
 
 def test_onednn_sees_a_bounded_set_of_row_counts(small_chunks):
-    """Whatever the group sizes, oneDNN is handed row counts that are multiples of ALIGN up to
-    CHUNK: each is one primitive, built once and kept."""
+    """Whatever the group sizes, oneDNN is handed the chunk sizes and, below the smallest,
+    multiples of ALIGN: each is one primitive, built once and kept."""
     w_KN = torch.randn(8, 8)
     for rows in range(1, 200):
         a_MK = torch.randn(rows, 8)
         cpu_gemm.times_into(a_MK, w_KN, torch.empty(rows, 8), min_flops=0)
         cpu_gemm.weight_grad_into(a_MK, torch.randn(rows, 8), torch.empty(8, 8), min_flops=0)
     row_counts = {x[0] for x, _ in small_chunks if x[0] != 8} | {x[1] for x, _ in small_chunks if x[0] == 8}
-    assert row_counts == {16, 32}
+    assert row_counts == {16, 32, 64}
+    assert [(a, b, p) for a, b, p in cpu_gemm._chunks(127)] == [(0, 64, 64), (64, 96, 32), (96, 127, 32)]
 
 
 def test_small_products_stay_on_mm(small_chunks):

@@ -14,9 +14,15 @@ least PROBE_GAIN faster. MOESPEC_CPU_GEMM=mkl|onednn|auto overrides.
 Bounded shapes. oneDNN builds a primitive per distinct shape (0.2-6 ms to create, 0.4-3 MB
 of memory each, in a cache of 1024), and a dropless group's rows change every step: calls
 at each exact row count would rebuild primitives every step and hold GBs. So a product is
-cut into chunks of CHUNK rows, and a chunk whose rows are not a multiple of ALIGN is copied
-into a zero-padded buffer first: at most CHUNK / ALIGN row counts per product form (six
-forms per expert shape: ~100 primitives, tens of MB).
+cut into chunks of CHUNKS[0] rows (1024), the rest into at most one chunk of each smaller
+size (512, 256), and a tail under the smallest, copied into a zero-padded buffer of a
+multiple of ALIGN rows first: at most 3 + 256 / 16 = 18 row counts per product form (six
+forms per expert shape: ~100 primitives, tens of MB). Why chunks as large as 1024: calls of
+256 rows ran narrow products (K or N 128-256) at 109-115 GF/s on one thread where calls of
+1024 ran them at 145 (Zen 5 VM, 4096 x 256 x 128); with 256-row calls the dropless layer at
+g-e16k8 (D 256, F 128, 4096 rows a group) took 1.16x a dense FFN, with these 0.84x of that
+time (A/B in one process, paired by step; 0.92-0.96x at u-e24k8, fine-32, g-e16k2, issue-3,
+coarse). Above 1024 rows a call gained nothing more (2048: 0.98-0.99x).
 
 Small products stay on mm: a oneDNN call from Python costs ~10 us beside mm's ~1 us, plus
 the copy of its result into the slice the kernel hands it, so a product under MIN_FLOPS
@@ -37,8 +43,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 ENV = "MOESPEC_CPU_GEMM"
 CHOICES = ("auto", "mkl", "onednn")
-CHUNK = 256  # rows per oneDNN call
-ALIGN = 16  # a chunk's rows are padded to a multiple of this
+CHUNKS = (1024, 512, 256)  # rows of oneDNN calls, each at most half the one before (module docstring)
+ALIGN = 16  # a tail's rows are padded to a multiple of this
 MIN_FLOPS = 12_000_000  # 2 * M * K * N below which a product runs mm
 PROBE_GAIN = 1.3
 
@@ -135,10 +141,19 @@ def _linear(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks(rows: int):
-    """(start, stop, padded rows) of each oneDNN call over `rows` rows."""
-    for start in range(0, rows, CHUNK):
-        stop = min(start + CHUNK, rows)
-        yield start, stop, -(-(stop - start) // ALIGN) * ALIGN
+    """(start, stop, padded rows) of each oneDNN call over `rows` rows: chunks of CHUNKS[0]
+    rows, then at most one of each smaller size, then the tail padded to a multiple of ALIGN."""
+    sizes, rest = [CHUNKS[0]] * (rows // CHUNKS[0]), rows % CHUNKS[0]
+    for size in CHUNKS[1:]:
+        if rest >= size:
+            sizes.append(size)
+            rest -= size
+    start = 0
+    for size in sizes:
+        yield start, start + size, size
+        start += size
+    if rest:
+        yield start, rows, -(-rest // ALIGN) * ALIGN
 
 
 def _padded(a_MK: torch.Tensor, rows: int) -> torch.Tensor:
