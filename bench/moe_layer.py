@@ -12,7 +12,8 @@ Sets: `tuned` (the four shapes the kernel was tuned on and the three of issue 13
 looking at some of them), `fresh` (five shapes chosen after that code was final, E 12-256,
 k 1-8), `unseen` (five shapes chosen after the process tuning of 2026-11-30, E 6-160, k
 1-8), `all`. The bundles' grouped GEMMs (2026-12-02) were chosen on issue-2, f-e256k8 and
-u-e160k4 (model/grouped_experts.py). `--engines` adds our dropless layer on `torch._grouped_mm` (dropless_grouped_mm)
+u-e160k4 (model/grouped_experts.py); oneDNN's call sizes (model/cpu_gemm.py CHUNKS, the same
+day) on g-e16k8, u-e24k8, fine-32, g-e16k2, issue-3 and coarse. `--engines` adds our dropless layer on `torch._grouped_mm` (dropless_grouped_mm)
 beside the thread engine, same weights and routing; `--gemm-ab` adds it with its products on
 MKL (dropless_mkl) beside the library this process chose (model/cpu_gemm.py).
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
