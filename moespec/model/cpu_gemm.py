@@ -19,10 +19,11 @@ size (512, 256), and a tail under the smallest, copied into a zero-padded buffer
 multiple of ALIGN rows first: at most 3 + 256 / 16 = 18 row counts per product form (six
 forms per expert shape: ~100 primitives, tens of MB). Why chunks as large as 1024: calls of
 256 rows ran narrow products (K or N 128-256) at 109-115 GF/s on one thread where calls of
-1024 ran them at 145 (Zen 5 VM, 4096 x 256 x 128); with 256-row calls the dropless layer at
-g-e16k8 (D 256, F 128, 4096 rows a group) took 1.16x a dense FFN, with these 0.84x of that
-time (A/B in one process, paired by step; 0.92-0.96x at u-e24k8, fine-32, g-e16k2, issue-3,
-coarse). Above 1024 rows a call gained nothing more (2048: 0.98-0.99x).
+1024 ran them at 145 (Zen 5 VM, 4096 x 256 x 128). The dropless layer's step at g-e16k8
+(D 256, F 128, 4096 rows a group) took 0.84x the time it took with 256-row calls (1.16x a
+dense FFN before, 0.98x after; A/B in one process, paired by step), 0.92-0.96x at u-e24k8,
+fine-32, g-e16k2, issue-3 and coarse, and 0.95-1.02x at eight shapes not looked at before.
+Calls of 2048 rows gained nothing more (0.98-0.99x).
 
 Small products stay on mm: a oneDNN call from Python costs ~10 us beside mm's ~1 us, plus
 the copy of its result into the slice the kernel hands it, so a product under MIN_FLOPS
