@@ -15,7 +15,8 @@ k 1-8), `unseen` (five shapes chosen after the process tuning of 2026-11-30, E 6
 u-e160k4 (model/grouped_experts.py); oneDNN's call sizes (model/cpu_gemm.py CHUNKS, the same
 day) on g-e16k8, u-e24k8, fine-32, g-e16k2, issue-3 and coarse. `--engines` adds our dropless layer on `torch._grouped_mm` (dropless_grouped_mm)
 beside the thread engine, same weights and routing; `--gemm-ab` adds it with its products on
-MKL (dropless_mkl) beside the library this process chose (model/cpu_gemm.py).
+MKL (dropless_mkl) beside the library this process chose (model/cpu_gemm.py); `--chunks-ab`
+with oneDNN called 256 rows at a time (dropless_chunks256), as before its calls grew to 1024.
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
 - dense: DenseFFN (SwiGLU) of width K*F, the same matmul FLOPs as K routed experts per token;
 - ours_dropless: build_moe_layer with a topk router, `dropless: true` (with two or more
@@ -58,6 +59,7 @@ BASE's equal groups run one bmm. On GPUs grouped GEMMs are one kernel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -75,54 +77,7 @@ from moespec.model.layers import DenseFFN
 from moespec.model.moe_layer import build_moe_layer
 from moespec.spec.plan import BaseRouter, CapacityPlan, ExpertsPlan, MoELayerPlan, SwitchRouter, TopKRouter
 from moe_report import TARGETS, confirm_line, render, worst, worst_paired  # noqa: F401  the run's report (bench/ is on sys.path)
-
-# From coarse-grained (Mixtral-like: few wide experts) to fine-grained (DeepSeek-like). The
-# kernel was tuned on these four ("tuned") and on the three shapes of issue 13 ("issue");
-# GRID holds shapes chosen before any measurement, from the designs users hit (E 8-128, k 1-8,
-# T 2048 and 8192, d_model 256-1024, coarse and fine d_ff), on which nothing was tuned.
-SHAPES = [
-    {"name": "coarse", "d": 512, "f": 1024, "E": 8, "k": 2, "tokens": 4096},
-    {"name": "medium", "d": 512, "f": 512, "E": 16, "k": 4, "tokens": 4096},
-    {"name": "fine-32", "d": 512, "f": 256, "E": 32, "k": 8, "tokens": 2048},
-    {"name": "fine", "d": 512, "f": 256, "E": 64, "k": 8, "tokens": 2048},
-    {"name": "issue-1", "d": 384, "f": 768, "E": 32, "k": 1, "tokens": 3072},
-    {"name": "issue-2", "d": 256, "f": 256, "E": 128, "k": 2, "tokens": 4096},
-    {"name": "issue-3", "d": 320, "f": 640, "E": 24, "k": 4, "tokens": 3072},
-]
-GRID = [  # each sized so that dense's step is ~0.5 s on a 2-core CPU (18 * T * D * k * F ~ 4e10 FLOPs)
-    {"name": "g-e8k1", "d": 512, "f": 2048, "E": 8, "k": 1, "tokens": 2048},
-    {"name": "g-e8k2", "d": 1024, "f": 512, "E": 8, "k": 2, "tokens": 2048},
-    {"name": "g-e16k2", "d": 256, "f": 512, "E": 16, "k": 2, "tokens": 8192},
-    {"name": "g-e16k8", "d": 256, "f": 128, "E": 16, "k": 8, "tokens": 8192},
-    {"name": "g-e64k1", "d": 512, "f": 512, "E": 64, "k": 1, "tokens": 8192},
-    {"name": "g-e64k8", "d": 1024, "f": 128, "E": 64, "k": 8, "tokens": 2048},
-    {"name": "g-e128k2", "d": 256, "f": 512, "E": 128, "k": 2, "tokens": 8192},
-    {"name": "g-e128k8", "d": 512, "f": 128, "E": 128, "k": 8, "tokens": 2048},
-]
-# FRESH: chosen after the thread engine and BASE's batched groups were final (2026-11-30), and
-# before any of them was measured; GRID's shapes were looked at while those were built.
-FRESH = [
-    {"name": "f-e12k3", "d": 640, "f": 640, "E": 12, "k": 3, "tokens": 2048},
-    {"name": "f-e32k4", "d": 768, "f": 384, "E": 32, "k": 4, "tokens": 2048},
-    {"name": "f-e48k2", "d": 384, "f": 768, "E": 48, "k": 2, "tokens": 4096},
-    {"name": "f-e96k1", "d": 512, "f": 1024, "E": 96, "k": 1, "tokens": 6144},
-    {"name": "f-e256k8", "d": 256, "f": 128, "E": 256, "k": 8, "tokens": 4096},
-    # added after the auction's host shortest paths and BASE's padded groups were final (ninth
-    # session), before they were measured: token counts that do not divide over the experts
-    {"name": "f-e7k2", "d": 256, "f": 512, "E": 7, "k": 2, "tokens": 4100},
-    {"name": "f-e10k1", "d": 384, "f": 768, "E": 10, "k": 1, "tokens": 3003},
-    {"name": "f-e48k4", "d": 512, "f": 256, "E": 48, "k": 4, "tokens": 2000},
-]
-# UNSEEN: chosen on 2026-11-30 after the OpenMP spin cap and malloc change were final, before
-# any of them was measured; nothing was tuned on them.
-UNSEEN = [
-    {"name": "u-e20k2", "d": 448, "f": 896, "E": 20, "k": 2, "tokens": 3072},
-    {"name": "u-e40k6", "d": 320, "f": 192, "E": 40, "k": 6, "tokens": 4096},
-    {"name": "u-e160k4", "d": 384, "f": 128, "E": 160, "k": 4, "tokens": 4096},
-    {"name": "u-e6k1", "d": 768, "f": 1536, "E": 6, "k": 1, "tokens": 3000},
-    {"name": "u-e24k8", "d": 256, "f": 320, "E": 24, "k": 8, "tokens": 3072},
-]
-ALL = SHAPES + GRID + FRESH + UNSEEN  # every named shape (--set all, --ops, base_solver.py --layer)
+from moe_shapes import ALL, FRESH, GRID, SHAPES, UNSEEN, parse_shape  # noqa: F401  the named shapes (other benches read them here)
 
 
 def ours(shape: dict, *, dropless: bool, router=None):
@@ -209,7 +164,47 @@ def on_mkl(impl):
     return run, module
 
 
-def layers(shape: dict, *, routers: bool = False, peers: bool = True, engines: bool = False, gemm_ab: bool = False):
+@contextlib.contextmanager
+def _onednn_calls(chunks: tuple):
+    """oneDNN calls of `chunks` rows (model/cpu_gemm.py CHUNKS) inside the block."""
+    before, cpu_gemm.CHUNKS = cpu_gemm.CHUNKS, chunks
+    try:
+        yield
+    finally:
+        cpu_gemm.CHUNKS = before
+
+
+class _BackwardUnder:
+    """A layer's output whose backward runs under `context()` too: the call sizes are read at
+    each call, and the step's backward runs outside the layer's forward."""
+
+    def __init__(self, y, context):
+        self.y, self.context = y, context
+
+    def backward(self, dy):
+        with self.context():
+            self.y.backward(dy)
+
+
+def on_chunks(impl, chunks: tuple = (256,)):
+    """The same layer with oneDNN calls of `chunks` rows in its forward and backward (256: the
+    call sizes before 2026-12-02), beside today's CHUNKS: what the larger calls buy."""
+    fn, module = impl
+
+    def run(x):
+        with _onednn_calls(chunks):
+            return _BackwardUnder(fn(x), lambda: _onednn_calls(chunks))
+
+    return run, module
+
+
+def layer_options(args) -> dict:
+    """The `layers` keywords a run's flags ask for."""
+    return {"routers": args.routers, "peers": not args.no_peers, "engines": args.engines, "gemm_ab": args.gemm_ab,
+            "chunks_ab": getattr(args, "chunks_ab", False)}  # fmt: skip
+
+
+def layers(shape: dict, *, routers: bool = False, peers: bool = True, engines: bool = False, gemm_ab: bool = False, chunks_ab: bool = False):
     """(impls, notes, x, dy) of one shape, every layer from seed 0 in the same order, so a
     second build (`confirm`) has the same weights, routing and input as the first."""
     torch.manual_seed(0)
@@ -218,6 +213,8 @@ def layers(shape: dict, *, routers: bool = False, peers: bool = True, engines: b
         impls["dropless_grouped_mm"] = on_grouped_mm(impls["ours_dropless"])
     if gemm_ab:  # the same weights and routing, products on MKL: what the oneDNN choice buys
         impls["dropless_mkl"] = on_mkl(impls["ours_dropless"])
+    if chunks_ab:  # the same weights and routing, oneDNN called 256 rows at a time
+        impls["dropless_chunks256"] = on_chunks(impls["ours_dropless"])
     if routers:  # BASE (balanced assignment, every expert T/E rows: the dropless kernel) and Switch (top-1, capacity 1.0)
         top1 = dict(shape, k=1)
         impls["ours_base"] = ours(top1, dropless=True, router=BaseRouter(shuffle=False))
@@ -235,9 +232,9 @@ def layers(shape: dict, *, routers: bool = False, peers: bool = True, engines: b
     return impls, notes, x, dy
 
 
-def bench_shape(shape: dict, *, repeats: int, warmup: int, routers: bool = False, peers: bool = True, engines: bool = False,
-                gemm_ab: bool = False) -> dict:  # fmt: skip
-    impls, notes, x, dy = layers(shape, routers=routers, peers=peers, engines=engines, gemm_ab=gemm_ab)
+def bench_shape(shape: dict, *, repeats: int, warmup: int, **options) -> dict:
+    """One shape's layers (`layers(shape, **options)`) timed interleaved."""
+    impls, notes, x, dy = layers(shape, **options)
     times = {name: [] for name in impls}
     for rep in range(warmup + repeats):
         for name, (fn, module) in impls.items():
@@ -281,8 +278,7 @@ def competitor() -> subprocess.Popen:
 
 
 def run_set(shapes: list[dict], args) -> list[dict]:
-    return [bench_shape(s, repeats=args.repeats, warmup=args.warmup, routers=args.routers, peers=not args.no_peers, engines=args.engines,
-                        gemm_ab=args.gemm_ab) for s in shapes]  # fmt: skip
+    return [bench_shape(s, repeats=args.repeats, warmup=args.warmup, **layer_options(args)) for s in shapes]
 
 
 def confirm(results: list[dict], args) -> list[dict] | None:
@@ -297,7 +293,7 @@ def confirm(results: list[dict], args) -> list[dict] | None:
     checked = []
     for name in dict.fromkeys(shape for *_, shape in picked):  # each shape once, in the targets' order
         shape = next({k: r[k] for k in ("name", "d", "f", "E", "k", "tokens")} for r in results if r["name"] == name)
-        impls, _, x, dy = layers(shape, routers=args.routers, peers=not args.no_peers, engines=args.engines, gemm_ab=args.gemm_ab)
+        impls, _, x, dy = layers(shape, **layer_options(args))
         for label, num, den, _ in (p for p in picked if p[3] == name):
             steps = {num: [], den: []}
             for rep in range(args.warmup + args.confirm):
@@ -308,15 +304,6 @@ def confirm(results: list[dict], args) -> list[dict] | None:
             checked.append({"label": label, "name": name, "step_ms": steps})
     order = [label for label, *_ in TARGETS]
     return sorted(checked, key=lambda c: order.index(c["label"])) or None
-
-
-def parse_shape(text: str) -> dict:
-    """`--shape D,F,E,K,T`: a shape dict like the sets', named after its numbers."""
-    try:
-        d, f, e, k, t = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected D,F,E,K,T (five integers), got {text!r}") from None
-    return {"name": f"d{d}f{f}e{e}k{k}t{t}", "d": d, "f": f, "E": e, "k": k, "tokens": t}
 
 
 def main() -> None:
@@ -340,6 +327,8 @@ def main() -> None:
                         help="the thread engine's fp32 products: MKL or oneDNN (default: MOESPEC_CPU_GEMM, else auto; model/cpu_gemm.py)")
     parser.add_argument("--gemm-ab", action="store_true",
                         help="add our dropless layer with its products on MKL (dropless_mkl) beside the chosen library, same weights and routing")
+    parser.add_argument("--chunks-ab", action="store_true",
+                        help="add our dropless layer with oneDNN called 256 rows at a time (dropless_chunks256, the sizes before 2026-12-02), same weights and routing")
     parser.add_argument("--bundle-rows", type=int, metavar="N",
                         help="the thread engine's bundles of small groups: at most N rows (0: none; default 512, model/group_threads.py)")
     parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense")

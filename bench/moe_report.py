@@ -95,6 +95,10 @@ def render(doc: dict) -> str:
     if "dropless_mkl" in doc["shapes"][0]["median_ms"]:
         gemm = [paired_ratio(r, "ours_dropless", "dropless_mkl") for r in doc["shapes"]]
         text.append(f"chosen library / MKL (ours_dropless / dropless_mkl, paired by repeat): {min(gemm):.2f}x to {max(gemm):.2f}x")
+    if "dropless_chunks256" in doc["shapes"][0]["median_ms"]:
+        calls = [(paired_ratio(r, "ours_dropless", "dropless_chunks256"), r["name"]) for r in doc["shapes"]]
+        text.append("oneDNN calls of up to 1024 rows / of 256 (ours_dropless / dropless_chunks256, paired by repeat): "
+                    + ", ".join(f"{name} {v:.2f}x" for v, name in calls))
     small = [r for r in doc["shapes"] if not _many_rows(r) and "hf_grouped_mm" in r["median_ms"]]
     if small:
         speedups = [r["median_ms"]["hf_grouped_mm"] / r["median_ms"]["ours_dropless"] for r in small]

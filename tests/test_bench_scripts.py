@@ -145,6 +145,33 @@ def test_moe_layer_re_measures_each_target_at_its_worst_shape_on_the_same_layers
         assert torch.equal(a, b)
 
 
+def test_moe_layer_chunks_ab_calls_onednn_256_rows_at_a_time_forward_and_backward(monkeypatch):
+    """--chunks-ab's dropless_chunks256 column: every oneDNN call of its step, the backward's
+    included (it runs after the layer's forward returned), is cut with the old sizes; today's
+    column and the process keep CHUNKS."""
+    from moespec.model import cpu_gemm
+
+    bench = _bench_module("moe_layer")
+    cpu_gemm.force("onednn")
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)  # TINY's products go to oneDNN too
+    seen = []
+    real = cpu_gemm._chunks
+    monkeypatch.setattr(cpu_gemm, "_chunks", lambda rows: seen.append(cpu_gemm.CHUNKS) or real(rows))
+    try:
+        with _two_threads():
+            today = bench.ours(TINY, dropless=True)
+            old = bench.on_chunks(today)
+            x, dy = torch.randn(TINY["tokens"], TINY["d"], requires_grad=True), torch.randn(TINY["tokens"], TINY["d"])
+            bench.time_step(*old, x, dy)
+            assert len(seen) == 9 * 4 and set(seen) == {(256,)}  # 9 products of 4 groups, forward and backward
+            assert cpu_gemm.CHUNKS == (1024, 512, 256)
+            seen.clear()
+            bench.time_step(*today, x, dy)
+            assert len(seen) == 36 and set(seen) == {(1024, 512, 256)}
+    finally:
+        cpu_gemm.force(None)
+
+
 def test_moe_layer_gemm_ab_runs_the_same_layer_on_mkl(monkeypatch):
     """--gemm-ab's dropless_mkl column: the chosen library's products are not called in its
     steps, and the process's choice is back afterwards."""
