@@ -306,6 +306,17 @@ def confirm(results: list[dict], args) -> list[dict] | None:
     return sorted(checked, key=lambda c: order.index(c["label"])) or None
 
 
+def ops_shape(text: str, parser: argparse.ArgumentParser) -> dict:
+    """`--ops`'s shape: a named one, else D,F,E,K,T; anything else is a one-line usage error."""
+    named = [s for s in ALL if s["name"] == text]
+    if named:
+        return named[0]
+    try:
+        return parse_shape(text)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--ops: not a shape name ({', '.join(s['name'] for s in ALL)}) and {error}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document")
@@ -331,7 +342,7 @@ def main() -> None:
                         help="add our dropless layer with oneDNN called 256 rows at a time (dropless_chunks256, the sizes before 2026-12-02), same weights and routing")
     parser.add_argument("--bundle-rows", type=int, metavar="N",
                         help="the thread engine's bundles of small groups: at most N rows (0: none; default 512, model/group_threads.py)")
-    parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense")
+    parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense at a named shape or D,F,E,K,T")
     parser.add_argument("--show", metavar="FILE", help="print the tables of a saved --json run instead of running")
     parser.add_argument("--untuned", action="store_true", help="libgomp's default spin and glibc's default malloc (not what moespec runs with)")
     args = parser.parse_args()
@@ -350,7 +361,7 @@ def main() -> None:
         group_threads.BUNDLE["rows"] = args.bundle_rows
     panel = {"tuned": SHAPES, "grid": GRID, "fresh": FRESH, "unseen": UNSEEN, "all": ALL}[args.set]
     if args.ops:
-        print(op_table(next(s for s in ALL if s["name"] == args.ops)))
+        print(op_table(ops_shape(args.ops, parser)))
         return
     load_before = os.getloadavg()
     shapes = args.shape or [s for s in panel if not args.shapes or s["name"] in args.shapes]

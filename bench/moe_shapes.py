@@ -62,3 +62,24 @@ def parse_shape(text: str) -> dict:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected D,F,E,K,T (five integers), got {text!r}") from None
     return {"name": f"d{d}f{f}e{e}k{k}t{t}", "d": d, "f": f, "E": e, "k": k, "tokens": t}
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The shape-naming CLI of the benches that take shapes as positional names (moe_threads,
+    moe_ceiling): names from these sets, `--shape` for one's own, `--steps`, `--json`."""
+    parser.add_argument("names", nargs="*", help="shape names from bench/moe_shapes.py")
+    parser.add_argument("--shape", action="append", default=[], type=parse_shape, metavar="D,F,E,K,T", help="your own shape; repeatable")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def chosen_shapes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]:
+    """The named shapes, then the `--shape` ones; a usage error (exit 2) for an unknown name,
+    none at all, or no timed step."""
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: at least one timed step")
+    shapes = {s["name"]: s for s in ALL}
+    unknown = [n for n in args.names if n not in shapes]
+    if unknown or not (args.names or args.shape):
+        parser.error(f"give shape names ({', '.join(shapes)}) or --shape; unknown: {unknown}")
+    return [shapes[n] for n in args.names] + args.shape

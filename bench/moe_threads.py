@@ -35,6 +35,7 @@ from moespec.model import grouped_experts as GX
 
 sys.path.insert(0, str(Path(__file__).parent))
 import moe_layer  # noqa: E402  the bench's shapes and layer builders
+import moe_shapes  # noqa: E402
 import moe_stages  # noqa: E402  the dense FFN's product forms
 
 
@@ -160,21 +161,10 @@ def render(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help="shape names from bench/moe_layer.py")
-    parser.add_argument("--shape", action="append", default=[], type=moe_layer.parse_shape, metavar="D,F,E,K,T",
-                        help="your own shape; repeatable")
-    parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    moe_shapes.add_shape_arguments(parser, steps=7)
     args = parser.parse_args()
-    if args.steps < 1:
-        parser.error(f"--steps {args.steps}: at least one timed step")
-    shapes = {s["name"]: s for s in moe_layer.ALL}
-    unknown = [n for n in args.names if n not in shapes]
-    if unknown or not (args.names or args.shape):
-        print(f"give shape names from bench/moe_layer.py ({', '.join(shapes)}) or --shape; unknown: {unknown}", file=sys.stderr)
-        raise SystemExit(2)
+    chosen = moe_shapes.chosen_shapes(args, parser)
     keep_freed_memory()
-    chosen = [shapes[n] for n in args.names] + args.shape
     results = [measure(shape, steps=args.steps) for shape in chosen]
     if args.json:
         print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "shapes": results}, indent=1))

@@ -71,11 +71,53 @@ def test_moe_threads_counts_exactly_the_kernels_product_flops():
     assert "outside the groups" in threads_bench.render(result)
 
 
+def test_moe_ceiling_drops_exactly_the_gathers_and_scatters():
+    """bench/moe_ceiling.py's column: the kernel's gathers read rows of a ready [A, D] buffer
+    and its scatters write nothing, while its products keep every FLOP; outside the block the
+    kernel moves rows again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moespec.model import grouped_experts as GX
+
+    ceiling = _bench_module("moe_ceiling")
+    shape = TINY
+    torch.manual_seed(0)
+    fn, layer = ceiling.moe_layer.ours(shape, dropless=True)
+    x = torch.randn(shape["tokens"], shape["d"], requires_grad=True)
+
+    def flops() -> int:
+        with FlopCounterMode(display=False) as counter:  # the all-groups path: the thread engine is off under a mode
+            fn(x).sum().backward()
+        return counter.get_total_flops()
+
+    real_y, real_flops = fn(x).detach(), flops()
+    calls = []
+    gather, scatter = GX.gather, GX.scatter
+    GX.gather = lambda *args: calls.append("gather") or gather(*args)
+    GX.scatter = lambda *args: calls.append("scatter") or scatter(*args)
+    try:
+        buffers = {}
+        with ceiling.without_data_movement(buffers), _two_threads():
+            y = fn(x)
+            y.backward(torch.ones_like(y))
+            assert calls == []
+            assert torch.count_nonzero(y) == 0  # (x's gradient still flows through the router)
+            assert sorted(tuple(b.shape) for b in buffers.values()) == [(shape["tokens"] * shape["k"], shape["d"])] * 2  # x and dy
+        with ceiling.without_data_movement(buffers):
+            assert flops() == real_flops
+        calls.clear()
+        assert torch.equal(fn(x).detach(), real_y) and calls.count("gather") >= 1 and calls.count("scatter") == 1
+    finally:
+        GX.gather, GX.scatter = gather, scatter
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
         (["moe_layer.py", "--shape", "32,16,4,2,64", "--no-peers", "--repeats", "1", "--warmup", "0"], "worst dropless / capacity"),
         (["moe_threads.py", "--shape", "32,16,4,2,64", "--steps", "1"], "outside the groups"),
+        (["moe_ceiling.py", "--shape", "32,16,4,2,64", "--steps", "1"], "without moving rows"),
+        (["moe_layer.py", "--ops", "32,16,4,2,64"], "ours_dropless (d32f16e4k2t64, 3 steps)"),
         (["group_products.py", "--experts", "8", "--rows", "32", "--width", "64", "--repeats", "4"], "1 thread: bmm"),
         (["base_solver.py", "--tokens", "256", "--experts", "8", "--dim", "32", "--repeats", "1"], "optimality gap"),
         (["sim_speed.py", "--designs", "1000", "--chunk", "500", "--repeats", "1"], "designs/s"),
@@ -89,6 +131,12 @@ def test_bench_runs_from_the_command_line(args, expected):
                           cwd=BENCH.parent)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert expected in done.stdout
+
+
+@pytest.mark.parametrize("script", ["moe_ceiling.py", "moe_threads.py"])
+def test_shape_benches_refuse_an_unknown_shape_with_exit_2(script):
+    done = subprocess.run([sys.executable, str(BENCH / script), "g-e16k8", "nope"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown: ['nope']" in done.stderr.splitlines()[-1] and done.stdout == ""
 
 
 def test_moe_layer_pairs_each_repeat_against_a_slow_stretch():

@@ -66,6 +66,17 @@ def _scale_rows(h_NF: torch.Tensor, gate_N: torch.Tensor) -> torch.Tensor:
     return h_NF.copy_(h_NF.to(gate_N.dtype) * gate_N[:, None])
 
 
+def gather(src_TD: torch.Tensor, token_A: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """The slab's rows of src, [N, D]: src[token_A[rows]]. Named, with `scatter`, so that
+    `bench/moe_ceiling.py` can time the kernel without its data movement."""
+    return src_TD.index_select(0, token_A[rows]).to(dtype)
+
+
+def scatter(like_TD: torch.Tensor, token_A: torch.Tensor, rows_AD: torch.Tensor) -> torch.Tensor:
+    """Each token's sum of its rows, [T, D] in like's dtype (two groups may hold one token)."""
+    return torch.zeros_like(like_TD).index_add_(0, token_A, rows_AD.to(like_TD.dtype))
+
+
 @dataclass(frozen=True)
 class Slab:
     """A contiguous run of the expert-sorted rows and how its products with the stacked
@@ -211,7 +222,7 @@ def _forward_slab(s: Slab, x_TD, token_A, gate_A, weights, biases, activation, h
     """The slab's pre-activations and expert outputs (gate applied), into the given slices
     (per-group slabs) or new tensors."""
     (w_gate, w_up, w_down), (b_gate, b_up, b_down) = weights, biases
-    x_ND = x_TD.index_select(0, token_A[s.rows]).to(w_up.dtype)  # the gather
+    x_ND = gather(x_TD, token_A, s.rows, w_up.dtype)  # the gather
     h_up_NF = s.times(x_ND, w_up, h_up_NF)
     h_gate_NF = s.times(x_ND, w_gate, h_gate_NF) if w_gate is not None else None
     del x_ND
@@ -239,9 +250,8 @@ def _backward_slab(s: Slab, saved: _Saved, grad_y_TD, need_x: bool, need_gate: b
     h_gate_NF = None if saved.h_gate_AF is None else saved.h_gate_AF[rows]
     h_up_NF = saved.h_up_AF[rows]
     gate_N = None if saved.gate_A is None else saved.gate_A[rows]
-    token_N = saved.token_A[rows]
 
-    grad_y_ND = grad_y_TD.index_select(0, token_N).to(dtype)  # gather of the output gradient
+    grad_y_ND = gather(grad_y_TD, saved.token_A, rows, dtype)  # gather of the output gradient
     grad_ga_NF = s.times(grad_y_ND, w_down.transpose(1, 2))  # d(loss)/d(gate * a)
     act_gate_NF = gate_nonlinearity(saved.activation, h_gate_NF)  # once for both uses
     a_NF = activate(saved.activation, h_gate_NF, h_up_NF) if act_gate_NF is None else act_gate_NF * h_up_NF
@@ -265,7 +275,7 @@ def _backward_slab(s: Slab, saved: _Saved, grad_y_TD, need_x: bool, need_gate: b
 
     s.weight_grad(a_NF, grad_y_ND, "w_down", grads)
     del a_NF, grad_y_ND
-    x_ND = saved.x_TD.index_select(0, token_N).to(dtype)  # gathered again rather than kept
+    x_ND = gather(saved.x_TD, saved.token_A, rows, dtype)  # gathered again rather than kept
     s.weight_grad(x_ND, grad_up_NF, "w_up", grads)
     if gated:
         s.weight_grad(x_ND, grad_gate_NF, "w_gate", grads)
@@ -313,7 +323,7 @@ class GroupedExpertsFn(torch.autograd.Function):
         else:
             s = Slab(slice(0, token_A.shape[0]), None, counts_E, how, expert_A)
             h_gate_AF, h_up_AF, out_AD = _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, out_AD.to(x_TD.dtype))  # the one scatter
+        y_TD = scatter(x_TD, token_A, out_AD)  # the one scatter
         ctx.save_for_backward(x_TD, token_A, gate_A, w_gate_EDF, w_up_EDF, w_down_EFD, h_gate_AF, h_up_AF, b_gate_EF, b_up_EF, b_down_ED, expert_A)
         ctx.counts_E, ctx.activation, ctx.engine, ctx.onednn, ctx.grouped_rows = counts_E, activation, engine, onednn, grouped_rows
         return y_TD
@@ -339,7 +349,7 @@ class GroupedExpertsFn(torch.autograd.Function):
             _backward_slab(Slab(slice(0, token_A.shape[0]), None, counts_E, how, expert_A), saved, grad_y_TD, need_x, need_gate, grads)
         grad_x_TD = None
         if need_x:
-            grad_x_TD = torch.zeros_like(x_TD).index_add_(0, token_A, grads.pop("x_AD").to(x_TD.dtype))  # the one scatter
+            grad_x_TD = scatter(x_TD, token_A, grads.pop("x_AD"))  # the one scatter
         return (grad_x_TD, None, grads.get("gate_A"), grads.get("w_gate"), grads["w_up"], grads["w_down"], None, None, None,
                 grads.get("b_gate"), grads.get("b_up"), grads.get("b_down"))  # fmt: skip
 
