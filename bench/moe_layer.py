@@ -16,7 +16,10 @@ u-e160k4 (model/grouped_experts.py); oneDNN's call sizes (model/cpu_gemm.py CHUN
 day) on g-e16k8, u-e24k8, fine-32, g-e16k2, issue-3 and coarse. `--engines` adds our dropless layer on `torch._grouped_mm` (dropless_grouped_mm)
 beside the thread engine, same weights and routing; `--gemm-ab` adds it with its products on
 MKL (dropless_mkl) beside the library this process chose (model/cpu_gemm.py); `--chunks-ab`
-with oneDNN called 256 rows at a time (dropless_chunks256), as before its calls grew to 1024.
+with oneDNN called 256 rows at a time (dropless_chunks256), as before its calls grew to 1024;
+`--gate-up-ab` with its gate and up products apart at every d_ff (dropless_gate_up_apart; the
+thread engine stacks them at d_ff <= 96 on oneDNN, model/grouped_experts.py GATE_UP, chosen on
+d192 f64, d256 f64/f96/f128, d512 f128, d384 f192 and f-e7k2, none of the sets' shapes).
 Columns, per shape (D d_model, F expert d_ff, E experts, K experts per token, T tokens):
 - dense: DenseFFN (SwiGLU) of width K*F, the same matmul FLOPs as K routed experts per token;
 - ours_dropless: build_moe_layer with a topk router, `dropless: true` (with two or more
@@ -59,7 +62,6 @@ BASE's equal groups run one bmm. On GPUs grouped GEMMs are one kernel.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -72,12 +74,13 @@ import moespec  # before torch: caps OpenMP's idle spin as in every moespec proc
 import torch
 
 from moespec.malloc_tuning import keep_freed_memory
-from moespec.model import cpu_gemm, group_matmuls, group_threads
+from moespec.model import cpu_gemm, group_threads
 from moespec.model.layers import DenseFFN
 from moespec.model.moe_layer import build_moe_layer
 from moespec.spec.plan import BaseRouter, CapacityPlan, ExpertsPlan, MoELayerPlan, SwitchRouter, TopKRouter
 from moe_report import TARGETS, confirm_line, render, worst, worst_paired  # noqa: F401  the run's report (bench/ is on sys.path)
 from moe_shapes import ALL, FRESH, GRID, SHAPES, UNSEEN, parse_shape  # noqa: F401  the named shapes (other benches read them here)
+from moe_variants import AB, on_chunks, on_grouped_mm, on_mkl, under  # noqa: F401  the layer with one knob turned (tests read them here)
 
 
 def ours(shape: dict, *, dropless: bool, router=None):
@@ -137,74 +140,13 @@ def time_step(fn, module, x, dy) -> float:
     return time.perf_counter() - start
 
 
-def on_grouped_mm(impl):
-    """The same layer with its dropless matmuls on `_grouped_mm` instead of the thread engine
-    (the engine is chosen in forward and kept for backward)."""
-    fn, module = impl
-
-    def run(x):
-        group_matmuls.GROUPED_GEMM["threads"] = False
-        try:
-            return fn(x)
-        finally:
-            group_matmuls.GROUPED_GEMM["threads"] = True
-
-    return run, module
-
-
-def on_mkl(impl):
-    """The same layer with the thread engine's products on MKL whatever this process chose
-    (the choice is taken in forward and kept for backward, model/cpu_gemm.py)."""
-    fn, module = impl
-
-    def run(x):
-        with cpu_gemm.using("mkl"):
-            return fn(x)
-
-    return run, module
-
-
-@contextlib.contextmanager
-def _onednn_calls(chunks: tuple):
-    """oneDNN calls of `chunks` rows (model/cpu_gemm.py CHUNKS) inside the block."""
-    before, cpu_gemm.CHUNKS = cpu_gemm.CHUNKS, chunks
-    try:
-        yield
-    finally:
-        cpu_gemm.CHUNKS = before
-
-
-class _BackwardUnder:
-    """A layer's output whose backward runs under `context()` too: the call sizes are read at
-    each call, and the step's backward runs outside the layer's forward."""
-
-    def __init__(self, y, context):
-        self.y, self.context = y, context
-
-    def backward(self, dy):
-        with self.context():
-            self.y.backward(dy)
-
-
-def on_chunks(impl, chunks: tuple = (256,)):
-    """The same layer with oneDNN calls of `chunks` rows in its forward and backward (256: the
-    call sizes before 2026-12-02), beside today's CHUNKS: what the larger calls buy."""
-    fn, module = impl
-
-    def run(x):
-        with _onednn_calls(chunks):
-            return _BackwardUnder(fn(x), lambda: _onednn_calls(chunks))
-
-    return run, module
-
-
 def layer_options(args) -> dict:
     """The `layers` keywords a run's flags ask for."""
     return {"routers": args.routers, "peers": not args.no_peers, "engines": args.engines, "gemm_ab": args.gemm_ab,
-            "chunks_ab": getattr(args, "chunks_ab", False)}  # fmt: skip
+            "ab": [flag for flag in AB if getattr(args, flag, False)]}  # fmt: skip
 
 
-def layers(shape: dict, *, routers: bool = False, peers: bool = True, engines: bool = False, gemm_ab: bool = False, chunks_ab: bool = False):
+def layers(shape: dict, *, routers: bool = False, peers: bool = True, engines: bool = False, gemm_ab: bool = False, ab: tuple = ()):
     """(impls, notes, x, dy) of one shape, every layer from seed 0 in the same order, so a
     second build (`confirm`) has the same weights, routing and input as the first."""
     torch.manual_seed(0)
@@ -213,8 +155,8 @@ def layers(shape: dict, *, routers: bool = False, peers: bool = True, engines: b
         impls["dropless_grouped_mm"] = on_grouped_mm(impls["ours_dropless"])
     if gemm_ab:  # the same weights and routing, products on MKL: what the oneDNN choice buys
         impls["dropless_mkl"] = on_mkl(impls["ours_dropless"])
-    if chunks_ab:  # the same weights and routing, oneDNN called 256 rows at a time
-        impls["dropless_chunks256"] = on_chunks(impls["ours_dropless"])
+    for flag in ab:  # the same weights and routing, one knob changed (AB)
+        impls[AB[flag][0]] = under(impls["ours_dropless"], AB[flag][1])
     if routers:  # BASE (balanced assignment, every expert T/E rows: the dropless kernel) and Switch (top-1, capacity 1.0)
         top1 = dict(shape, k=1)
         impls["ours_base"] = ours(top1, dropless=True, router=BaseRouter(shuffle=False))
@@ -340,6 +282,8 @@ def main() -> None:
                         help="add our dropless layer with its products on MKL (dropless_mkl) beside the chosen library, same weights and routing")
     parser.add_argument("--chunks-ab", action="store_true",
                         help="add our dropless layer with oneDNN called 256 rows at a time (dropless_chunks256, the sizes before 2026-12-02), same weights and routing")
+    parser.add_argument("--gate-up-ab", action="store_true",
+                        help="add our dropless layer with its gate and up products apart at every d_ff (dropless_gate_up_apart; model/grouped_experts.py GATE_UP)")
     parser.add_argument("--bundle-rows", type=int, metavar="N",
                         help="the thread engine's bundles of small groups: at most N rows (0: none; default 512, model/group_threads.py)")
     parser.add_argument("--ops", metavar="SHAPE", help="instead of the table: torch.profiler's top ops of ours_dropless and dense at a named shape or D,F,E,K,T")

@@ -55,6 +55,11 @@ TARGETS = [("dropless / capacity", "ours_dropless", "ours_capacity", _every),
            ("BASE / Switch", "ours_base", "ours_switch", _every)]  # fmt: skip
 
 
+# The A/B columns beside ours_dropless (moe_layer.AB) and what their ratio reads as
+AB_LABELS = {"dropless_chunks256": "oneDNN calls of up to 1024 rows / of 256",
+             "dropless_gate_up_apart": "gate and up as one product where d_ff <= 96 / apart"}  # fmt: skip
+
+
 def confirm_line(checked: dict) -> str:
     """The re-measured figure of one target (a run saved before other targets were re-measured
     holds one dict without a label: dropless / capacity)."""
@@ -95,10 +100,10 @@ def render(doc: dict) -> str:
     if "dropless_mkl" in doc["shapes"][0]["median_ms"]:
         gemm = [paired_ratio(r, "ours_dropless", "dropless_mkl") for r in doc["shapes"]]
         text.append(f"chosen library / MKL (ours_dropless / dropless_mkl, paired by repeat): {min(gemm):.2f}x to {max(gemm):.2f}x")
-    if "dropless_chunks256" in doc["shapes"][0]["median_ms"]:
-        calls = [(paired_ratio(r, "ours_dropless", "dropless_chunks256"), r["name"]) for r in doc["shapes"]]
-        text.append("oneDNN calls of up to 1024 rows / of 256 (ours_dropless / dropless_chunks256, paired by repeat): "
-                    + ", ".join(f"{name} {v:.2f}x" for v, name in calls))
+    for column, label in AB_LABELS.items():
+        if column in doc["shapes"][0]["median_ms"]:
+            ratios = [(paired_ratio(r, "ours_dropless", column), r["name"]) for r in doc["shapes"]]
+            text.append(f"{label} (ours_dropless / {column}, paired by repeat): " + ", ".join(f"{name} {v:.2f}x" for v, name in ratios))
     small = [r for r in doc["shapes"] if not _many_rows(r) and "hf_grouped_mm" in r["median_ms"]]
     if small:
         speedups = [r["median_ms"]["hf_grouped_mm"] / r["median_ms"]["ours_dropless"] for r in small]

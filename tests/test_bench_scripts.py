@@ -197,11 +197,12 @@ def test_moe_layer_chunks_ab_calls_onednn_256_rows_at_a_time_forward_and_backwar
     """--chunks-ab's dropless_chunks256 column: every oneDNN call of its step, the backward's
     included (it runs after the layer's forward returned), is cut with the old sizes; today's
     column and the process keep CHUNKS."""
-    from moespec.model import cpu_gemm
+    from moespec.model import cpu_gemm, grouped_experts
 
     bench = _bench_module("moe_layer")
     cpu_gemm.force("onednn")
     monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)  # TINY's products go to oneDNN too
+    monkeypatch.setitem(grouped_experts.GATE_UP, "max_f", 0)  # gate and up apart: 9 products a group
     seen = []
     real = cpu_gemm._chunks
     monkeypatch.setattr(cpu_gemm, "_chunks", lambda rows: seen.append(cpu_gemm.CHUNKS) or real(rows))
@@ -216,6 +217,36 @@ def test_moe_layer_chunks_ab_calls_onednn_256_rows_at_a_time_forward_and_backwar
             seen.clear()
             bench.time_step(*today, x, dy)
             assert len(seen) == 36 and set(seen) == {(1024, 512, 256)}
+    finally:
+        cpu_gemm.force(None)
+
+
+def test_moe_layer_gate_up_ab_runs_gate_and_up_apart_forward_and_backward(monkeypatch):
+    """--gate-up-ab's dropless_gate_up_apart column: no product of its step (forward or
+    backward) takes the stacked [w_gate | w_up]; today's column, at d_ff 20 (d 48) on oneDNN,
+    takes it in the forward, the input gradient and the weight gradient; GATE_UP is back after."""
+    from moespec.model import cpu_gemm, grouped_experts
+
+    bench = _bench_module("moe_layer")
+    cpu_gemm.force("onednn")
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)  # TINY's products go to oneDNN too
+    widths = []
+    real = cpu_gemm._linear
+    monkeypatch.setattr(cpu_gemm, "_linear", lambda x, w: widths.append((x.shape[1], *w.shape)) or real(x, w))
+    shape = dict(TINY, d=48, f=20)  # the stacked width 2F = 40 is no other width, nor a (16-aligned) row count
+    try:
+        with _two_threads():
+            today = bench.ours(shape, dropless=True)
+            apart = bench.layers(shape, peers=False, ab=["gate_up_ab"])[0]["dropless_gate_up_apart"]
+            x, dy = torch.randn(shape["tokens"], shape["d"], requires_grad=True), torch.randn(shape["tokens"], shape["d"])
+            bench.time_step(*apart, x, dy)
+            stacked = 2 * shape["f"]
+            assert widths and not any(stacked in pair for pair in widths)
+            assert grouped_experts.GATE_UP["max_f"] == 96
+            widths.clear()
+            bench.time_step(*today, x, dy)
+            assert {(shape["d"], stacked, shape["d"]), (stacked, shape["d"], stacked)} <= set(widths)  # forward [D -> 2F]; input gradient [2F -> D]
+            assert any(w_rows == stacked and x_cols == w_cols for x_cols, w_rows, w_cols in widths if x_cols != shape["d"])  # x^T @ grad [.., 2F]
     finally:
         cpu_gemm.force(None)
 

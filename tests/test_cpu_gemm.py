@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cli_here import run_here
-from moespec.model import cpu_gemm, group_matmuls
-from test_grouped_gemm import routed_bank
+from moespec.model import cpu_gemm, group_matmuls, grouped_experts
+from test_grouped_gemm import _run, routed_bank
 
 pytestmark = pytest.mark.skipif(not cpu_gemm._runs(), reason="this torch has no oneDNN inner product")
 
@@ -65,41 +65,61 @@ def test_small_products_stay_on_mm(small_chunks):
     assert small_chunks == []
 
 
-@pytest.mark.parametrize("counts", [[9, 0, 40, 3, 5], [2, 0, 1, 2, 60, 1, 0, 3, 1, 2, 9]], ids=["groups", "bundles"])
-@pytest.mark.parametrize("bias", [False, True], ids=["gated", "biases-clamped"])
-def test_the_dropless_kernel_on_onednn_gives_the_loops_gradients(bias, counts, small_chunks):
-    """The thread engine with oneDNN products (forced, with chunks small enough that a 40- or
-    60-row group crosses two and every group pads; in bundles of small groups too): outputs
-    and every gradient equal the loop's."""
-    bank, x_TD, token_A, gate_A = routed_bank(counts, 64, bias, seed=7)
-
-    def run(enabled: bool):
-        group_matmuls.GROUPED_GEMM["enabled"] = enabled
-        try:
-            for t in [*bank.parameters(), x_TD, gate_A]:
-                t.grad = None
-            y_TD = bank.forward_dropless(x_TD, token_A, gate_A, counts)
-            (y_TD * torch.linspace(-1, 1, y_TD.numel()).view_as(y_TD)).sum().backward()
-            return [y_TD.detach(), x_TD.grad, gate_A.grad] + [p.grad for p in bank.parameters()]
-        finally:
-            group_matmuls.GROUPED_GEMM["enabled"] = True
-
+def _threaded(bank, x_TD, token_A, gate_A, counts: list[int], choice: str) -> list[torch.Tensor]:
+    """The bank's outputs and gradients on the thread engine (two threads), products on `choice`."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cpu_gemm.force("onednn")
+        cpu_gemm.force(choice)
         assert group_matmuls.engine(counts, bank.w_up) == "threads"
-        onednn = run(True)
-        calls = len(small_chunks)
-        cpu_gemm.force("mkl")
-        mkl = run(True)
+        return _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
     finally:
         torch.set_num_threads(before)
-    loop = run(False)
-    assert calls >= 9 * sum(n > 0 for n in counts) and len(small_chunks) == calls  # 9 products a group (+1 for 2 chunks); none under "mkl"
+
+
+@pytest.mark.parametrize("gate_up", [True, False], ids=["gate-up-one-product", "gate-up-apart"])
+@pytest.mark.parametrize("counts", [[9, 0, 40, 3, 5], [2, 0, 1, 2, 60, 1, 0, 3, 1, 2, 9]], ids=["groups", "bundles"])
+@pytest.mark.parametrize("bias", [False, True], ids=["gated", "biases-clamped"])
+def test_the_dropless_kernel_on_onednn_gives_the_loops_gradients(bias, counts, gate_up, small_chunks, monkeypatch):
+    """The thread engine with oneDNN products (forced, with chunks small enough that a 40- or
+    60-row group crosses two and every group pads; in bundles of small groups too), its gate
+    and up products as one [D, 2F] product or apart: outputs and every gradient equal the
+    loop's."""
+    monkeypatch.setitem(grouped_experts.GATE_UP, "max_f", 24 if gate_up else 0)  # the bank's d_ff is 24
+    bank, x_TD, token_A, gate_A = routed_bank(counts, 64, bias, seed=7)
+
+    onednn = _threaded(bank, x_TD, token_A, gate_A, counts, "onednn")
+    calls = len(small_chunks)
+    mkl = _threaded(bank, x_TD, token_A, gate_A, counts, "mkl")
+    loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
+    products = 6 if gate_up else 9  # a group's: forward 2 or 3, backward 4 or 6
+    assert calls >= products * sum(n > 0 for n in counts) and len(small_chunks) == calls  # (+1 for 2 chunks); none under "mkl"
+    stacked = {w for _, w in small_chunks[:calls]} & {(48, 16), (16, 48)}  # [w_gate | w_up] or its transpose, as oneDNN's weight
+    assert bool(stacked) == gate_up
     for a, b, c in zip(onednn, mkl, loop, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_and_up_as_one_product_in_bundles_of_grouped_gemms(monkeypatch):
+    """Small groups in bundles whose products are one `_grouped_mm` each (products under
+    MIN_FLOPS), on the oneDNN choice with gate and up stacked: the loop's outputs and gradients."""
+    if not group_matmuls.grouped_gemm_available(torch.empty(2, 16, 24)):
+        pytest.skip("torch._grouped_mm does not run here")
+    monkeypatch.setitem(grouped_experts.GATE_UP, "max_f", 24)
+    counts = [20 + (7 * e) % 11 for e in range(48)]  # 1,200 rows: bundles of 2-3 groups (group_threads.pieces caps them at 1/16 of the rows)
+    counts[5] = 0
+    bank, x_TD, token_A, gate_A = routed_bank(counts, 64, False, seed=3)
+    weights = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs=None: weights.append(tuple(b.shape[1:])) or real(a, b, offs=offs))
+    try:
+        stacked = _threaded(bank, x_TD, token_A, gate_A, counts, "onednn")
+    finally:
+        cpu_gemm.force(None)
+    assert (16, 48) in weights and (48, 16) in weights  # the forward's [D, 2F] and the input gradient's [2F, D]
+    for a, b in zip(stacked, _run(bank, x_TD, token_A, gate_A, counts, grouped=False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_takes_onednn_only_where_the_probe_finds_it_faster(monkeypatch):

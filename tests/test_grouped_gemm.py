@@ -377,10 +377,11 @@ def test_bundled_groups_give_the_loops_gradients(case, products, monkeypatch):
     """Bundles (a run of small groups: elementwise ops once, each product one grouped GEMM or
     one mm per group, empty groups inside) beside a split group: outputs and every gradient
     equal the loop's."""
-    from moespec.model import group_threads, grouped_experts
+    from moespec.model import group_grads, group_threads, grouped_experts
 
     monkeypatch.setitem(group_threads.MIN_PIECE_ROWS, "rows", 4)
-    monkeypatch.setattr(grouped_experts, "_scratch_slots", lambda saved: 100)
+    monkeypatch.setitem(grouped_experts.GATE_UP, "max_f", 0)  # gate and up apart on oneDNN CPUs too (stacked: test_cpu_gemm)
+    monkeypatch.setattr(group_grads, "scratch_slots", lambda saved: 100)
     if products == "per-group":  # as where a bundled group's products reach cpu_gemm.MIN_FLOPS
         monkeypatch.setattr(grouped_experts, "_grouped_rows", lambda w_EKN: 0.0)
     ps = group_threads.pieces(BUNDLED, 2, max_extra=100, bundle_rows=512)
@@ -421,25 +422,40 @@ def test_bundles_run_one_grouped_gemm_per_product_while_their_products_are_small
 
 
 @pytest.mark.parametrize("case", ["gated", "biases-clamped"])
-def test_split_groups_give_the_loops_gradients(case, monkeypatch):
+@pytest.mark.parametrize("products", ["chosen", "onednn-gate-up"])
+def test_split_groups_give_the_loops_gradients(case, products, monkeypatch):
     """A group cut into pieces: each piece's weight gradient is a partial sum, added to its
     expert's after the run. Outputs and every gradient must equal the loop's, and repeat
-    exactly from run to run whichever thread took which piece."""
-    from moespec.model import group_threads, grouped_experts
+    exactly from run to run whichever thread took which piece. Also on oneDNN with gate and up
+    as one product, whose partial gradients are [D, 2F] slots."""
+    from moespec.model import cpu_gemm, group_grads, group_threads, grouped_experts
+
+    if products == "onednn-gate-up":
+        if not cpu_gemm._runs():
+            pytest.skip("this torch has no oneDNN inner product")
+        cpu_gemm.force("onednn")
+        monkeypatch.setitem(grouped_experts.GATE_UP, "max_f", 24)  # the bank's d_ff
+        monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)  # its tiny products on oneDNN too
+    else:
+        monkeypatch.setitem(grouped_experts.GATE_UP, "max_f", 0)
 
     monkeypatch.setitem(group_threads.MIN_PIECE_ROWS, "rows", 4)
-    monkeypatch.setattr(grouped_experts, "_scratch_slots", lambda saved: 100)  # the real budget is an [A, D] tensor: tiny here
+    monkeypatch.setattr(group_grads, "scratch_slots", lambda saved: 100)  # the real budget is an [A, D] tensor: tiny here
     cut = []
-    monkeypatch.setattr(grouped_experts, "_add_partials", lambda grads, pieces, add=grouped_experts._add_partials: cut.append(len(pieces)) or add(grads, pieces))
+    monkeypatch.setattr(group_grads, "add_partials", lambda grads, pieces, add=group_grads.add_partials: cut.append(sorted(grads)) or add(grads, pieces))
     counts = [9, 0, 40, 3, 5]  # whole groups: one thread 40 rows, the other 17
     assert any(p.extra >= 0 for p in group_threads.pieces(counts, 2, max_extra=100))
     bank, x_TD, token_A, gate_A = routed_bank(counts, 48, case != "gated", seed=5)
-    with _threads(2):
-        assert group_matmuls.engine(counts, bank.w_up) == "threads"
-        first = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
-        again = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+    try:
+        with _threads(2):
+            assert group_matmuls.engine(counts, bank.w_up) == "threads"
+            first = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+            again = _run(bank, x_TD, token_A, gate_A, counts, grouped=True)
+    finally:
+        cpu_gemm.force(None)
     loop = _run(bank, x_TD, token_A, gate_A, counts, grouped=False)
-    assert cut and all(n > 4 for n in cut)  # the backward ran split groups
+    slots = "w_gu+" if products == "onednn-gate-up" else "w_up+"
+    assert len(cut) == 2 and all(slots in names for names in cut)  # the backward ran split groups, their partials in these slots
     for a, b, c in zip(first, again, loop, strict=True):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
@@ -449,10 +465,11 @@ def test_the_backwards_scratch_stays_within_one_gathered_copy_of_x():
     """Split-off pieces of the backward hold partial gradients of one expert's weights each;
     all of them together may take no more memory than the [A, D] gathered copy of x that
     the all-groups path makes (f-e7k2 of bench/moe_layer.py: 5 slots of 1.5 MiB in 8.0 MiB)."""
-    from moespec.model.grouped_experts import _Saved, _scratch_slots
+    from moespec.model.group_grads import scratch_slots
+    from moespec.model.grouped_experts import _Saved
 
     E, D, F, A = 7, 256, 512, 8200
     meta = dict(device="meta")
     weights = (torch.empty(E, D, F, **meta), torch.empty(E, D, F, **meta), torch.empty(E, F, D, **meta))
     saved = _Saved(torch.empty(4100, D, **meta), torch.empty(A, dtype=torch.long, **meta), None, weights, (None,) * 3, None, None, "swiglu")
-    assert _scratch_slots(saved) == (A * D * 4) // (3 * D * F * 4) == 5
+    assert scratch_slots(saved) == (A * D * 4) // (3 * D * F * 4) == 5

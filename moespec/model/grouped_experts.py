@@ -33,7 +33,10 @@ projection (and their derivatives). It runs in one of two shapes, with the same 
   u-e160k4 0.97-1.00x (chosen on these), d288 f192 E96 k3 0.90-0.97x and d256 f192 E160 k2
   0.92-0.97x (not); at E 128, d 16 (all dispatch, no arithmetic) 0.64x. Its fp32 products
   run on oneDNN instead of MKL where the CPU runs them faster (AVX-512 AMD CPUs, where MKL
-  takes its AVX2 path: `cpu_gemm`, decided once per process).
+  takes its AVX2 path: `cpu_gemm`, decided once per process). There, at expert d_ff up to 96,
+  a group's gate and up products run as one product with the stacked [w_gate | w_up], in the
+  forward, the input gradient and the weight gradient (`_gate_up`: the same FLOPs, in fewer
+  and wider calls).
 Only what must cross groups stays whole: the scatter-add of the expert outputs into y (two
 groups may hold the same token) and the saved pre-activations.
 
@@ -53,7 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moespec.model import cpu_gemm, group_threads
+from moespec.model import cpu_gemm, group_grads, group_threads
 from moespec.model.expert_math import activate, activate_backward, expert_of_rows, gate_nonlinearity
 from moespec.model.group_matmuls import grouped_gemm_available, groups, matmul_engine, offsets, rows_times_weights, weight_grad
 
@@ -95,6 +98,7 @@ class Slab:
     onednn: bool = False  # per-group products on oneDNN (cpu_gemm: fp32, where faster)
     first: int = -1  # a bundle's first expert
     offs: torch.Tensor | None = None  # a bundle whose products are one torch._grouped_mm each: its groups' end rows
+    w_gu: torch.Tensor | None = None  # [E, D, 2F]: gate and up as one product (`GATE_UP`)
 
     @property
     def per_group(self) -> bool:
@@ -178,15 +182,35 @@ class Slab:
         return grads[name][expert] if self.extra < 0 else grads[name + "+"][self.extra]
 
 
-def _slab(piece: group_threads.Piece, counts_E: list[int], expert_A: torch.Tensor | None, onednn: bool, grouped_rows: float) -> Slab:
+def _slab(piece: group_threads.Piece, counts_E: list[int], expert_A: torch.Tensor | None, onednn: bool, grouped_rows: float,
+          w_gu: torch.Tensor | None = None) -> Slab:  # fmt: skip
     """The per-group slab of a thread engine's piece: a group, a piece of one, or a bundle
     (its products one grouped GEMM each where no group reaches `grouped_rows`)."""
     if piece.groups == 1:
-        return Slab(piece.rows, piece.expert, counts_E, extra=piece.extra, onednn=onednn)
+        return Slab(piece.rows, piece.expert, counts_E, extra=piece.extra, onednn=onednn, w_gu=w_gu)
     sub_counts = counts_E[piece.expert : piece.expert + piece.groups]
     rows_expert = None if expert_A is None else expert_A[piece.rows]
     offs = offsets(sub_counts, torch.device("cpu")) if max(sub_counts) < grouped_rows else None
-    return Slab(piece.rows, None, sub_counts, expert_A=rows_expert, onednn=onednn, first=piece.expert, offs=offs)
+    return Slab(piece.rows, None, sub_counts, expert_A=rows_expert, onednn=onednn, first=piece.expert, offs=offs, w_gu=w_gu)
+
+
+GATE_UP = {"max_f": 96}  # expert d_ff up to which gate and up run as one product on oneDNN (`_gate_up`)
+
+
+def _gate_up(onednn: bool, w_gate_EDF: torch.Tensor | None, w_up_EDF: torch.Tensor) -> torch.Tensor | None:
+    """[w_gate | w_up], [E, D, 2F], where the thread engine runs a gated expert's gate and up
+    products as one (forward, input gradient, weight gradient): on oneDNN at d_ff <= GATE_UP.
+    Why: a product 64-96 columns wide runs well under oneDNN's rate, and x (and the gradient
+    block) is read once instead of twice. A/B in one process, 2-core Zen 5 VM, paired by step:
+    d 192, d_ff 64 (E 16, k 4) 0.90x; d 256, d_ff 64 or 96: 0.94-0.95x; d_ff 128: 0.97x and
+    1.02x; d_ff 192: 1.04x; d_ff 512: 1.08x (the copies of the stacked weights and of the
+    gradient block outweigh it). On MKL it gained nothing at any width (1.00-1.03x), as an A/B
+    on MKL found before oneDNN was used. Judged on six shapes not looked at before (d 128-640,
+    d_ff 32-96; `bench/moe_layer.py --gate-up-ab`): 0.89-0.98x. Built each pass (not saved:
+    what a layer keeps for backward stays as the simulator counts it)."""
+    if not onednn or w_gate_EDF is None or w_up_EDF.shape[2] > GATE_UP["max_f"]:
+        return None
+    return torch.cat([w_gate_EDF, w_up_EDF], 2)
 
 
 def _grouped_rows(w_EKN: torch.Tensor) -> float:
@@ -218,13 +242,18 @@ class _Saved:
     activation: str
 
 
-def _forward_slab(s: Slab, x_TD, token_A, gate_A, weights, biases, activation, h_gate_NF=None, h_up_NF=None, out_ND=None):
+def _forward_slab(s: Slab, x_TD, token_A, gate_A, weights, biases, activation, h_gate_NF=None, h_up_NF=None, out_ND=None,
+                  h_N2F=None):  # fmt: skip
     """The slab's pre-activations and expert outputs (gate applied), into the given slices
-    (per-group slabs) or new tensors."""
+    (per-group slabs; with `s.w_gu`, h_N2F is the block whose halves h_gate_NF and h_up_NF
+    are) or new tensors."""
     (w_gate, w_up, w_down), (b_gate, b_up, b_down) = weights, biases
     x_ND = gather(x_TD, token_A, s.rows, w_up.dtype)  # the gather
-    h_up_NF = s.times(x_ND, w_up, h_up_NF)
-    h_gate_NF = s.times(x_ND, w_gate, h_gate_NF) if w_gate is not None else None
+    if s.w_gu is not None:
+        s.times(x_ND, s.w_gu, h_N2F)
+    else:
+        h_up_NF = s.times(x_ND, w_up, h_up_NF)
+        h_gate_NF = s.times(x_ND, w_gate, h_gate_NF) if w_gate is not None else None
     del x_ND
     if b_up is not None:
         h_up_NF += s.bias(b_up)
@@ -276,15 +305,21 @@ def _backward_slab(s: Slab, saved: _Saved, grad_y_TD, need_x: bool, need_gate: b
     s.weight_grad(a_NF, grad_y_ND, "w_down", grads)
     del a_NF, grad_y_ND
     x_ND = gather(saved.x_TD, saved.token_A, rows, dtype)  # gathered again rather than kept
-    s.weight_grad(x_ND, grad_up_NF, "w_up", grads)
-    if gated:
-        s.weight_grad(x_ND, grad_gate_NF, "w_gate", grads)
+    grad_N2F = None if s.w_gu is None else torch.cat([grad_gate_NF, grad_up_NF], 1)  # the gate-and-up product's gradient
+    if grad_N2F is not None:
+        s.weight_grad(x_ND, grad_N2F, "w_gu", grads)
+    else:
+        s.weight_grad(x_ND, grad_up_NF, "w_up", grads)
+        if gated:
+            s.weight_grad(x_ND, grad_gate_NF, "w_gate", grads)
     del x_ND
     if b_up is not None:
         s.bias_grad(grad_up_NF, "b_up", grads)
         if gated:
             s.bias_grad(grad_gate_NF, "b_gate", grads)
-    if need_x:
+    if need_x and grad_N2F is not None:
+        s.times(grad_N2F, s.w_gu.transpose(1, 2), s.part(grads["x_AD"]))
+    elif need_x:
         grad_x_ND = s.times(grad_up_NF, w_up.transpose(1, 2), s.part(grads.get("x_AD")))
         if gated:
             s.add_times(grad_x_ND, grad_gate_NF, w_gate.transpose(1, 2))
@@ -308,14 +343,20 @@ class GroupedExpertsFn(torch.autograd.Function):
         onednn = how == "threads" and cpu_gemm.use_onednn(w_up_EDF)  # decided here, on the main thread, and kept for backward
         grouped_rows = _grouped_rows(w_up_EDF) if how == "threads" else 0.0  # likewise
         if how == "threads":
-            n_rows, dtype = token_A.shape[0], w_up_EDF.dtype
-            h_up_AF = x_TD.new_empty(n_rows, w_up_EDF.shape[2], dtype=dtype)
-            h_gate_AF = torch.empty_like(h_up_AF) if w_gate_EDF is not None else None
+            n_rows, dtype, d_ff = token_A.shape[0], w_up_EDF.dtype, w_up_EDF.shape[2]
+            w_gu = _gate_up(onednn, w_gate_EDF, w_up_EDF)
+            if w_gu is not None:  # the pre-activations side by side, [A, 2F]: one product writes both
+                h_A2F = x_TD.new_empty(n_rows, 2 * d_ff, dtype=dtype)
+                h_gate_AF, h_up_AF = h_A2F[:, :d_ff], h_A2F[:, d_ff:]
+            else:
+                h_A2F, h_up_AF = None, x_TD.new_empty(n_rows, d_ff, dtype=dtype)
+                h_gate_AF = torch.empty_like(h_up_AF) if w_gate_EDF is not None else None
             out_AD = x_TD.new_empty(n_rows, x_TD.shape[1], dtype=dtype)
 
             def one_piece(piece: group_threads.Piece) -> None:
-                s = _slab(piece, counts_E, expert_A, onednn, grouped_rows)
-                _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation, s.part(h_gate_AF), s.part(h_up_AF), s.part(out_AD))
+                s = _slab(piece, counts_E, expert_A, onednn, grouped_rows, w_gu)
+                _forward_slab(s, x_TD, token_A, gate_A, weights, biases, activation, s.part(h_gate_AF), s.part(h_up_AF), s.part(out_AD),
+                              s.part(h_A2F))  # fmt: skip
 
             # the forward's pieces write only their own rows: a group may be cut as finely as balance asks
             bundle = _bundle_rows(x_TD, w_gate_EDF, w_up_EDF)
@@ -338,12 +379,15 @@ class GroupedExpertsFn(torch.autograd.Function):
         how = matmul_engine(ctx.engine, counts_E, x_TD.device)
         if how == "threads":
             bundle = _bundle_rows(x_TD, w_gate, w_up)
-            pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=_scratch_slots(saved), bundle_rows=bundle)
-            grads = _per_group_buffers(saved, counts_E, pieces, need_x, need_gate)
+            pieces = group_threads.pieces(counts_E, torch.get_num_threads(), max_extra=group_grads.scratch_slots(saved), bundle_rows=bundle)
+            w_gu = _gate_up(ctx.onednn, w_gate, w_up)
+            grads = group_grads.per_group_buffers(saved, counts_E, pieces, need_x, need_gate, gate_up=w_gu is not None)
             group_threads.run_pieces(
-                pieces, lambda p: _backward_slab(_slab(p, counts_E, expert_A, ctx.onednn, ctx.grouped_rows), saved, grad_y_TD, need_x, need_gate, grads)
+                pieces, lambda p: _backward_slab(_slab(p, counts_E, expert_A, ctx.onednn, ctx.grouped_rows, w_gu), saved, grad_y_TD, need_x, need_gate, grads)
             )
-            _add_partials(grads, pieces)
+            group_grads.add_partials(grads, pieces)
+            if w_gu is not None:  # the stacked gradient's halves, each contiguous like its parameter
+                grads["w_gate"], grads["w_up"] = (half.contiguous() for half in grads.pop("w_gu").split(w_up.shape[2], dim=2))
         else:
             grads = {}
             _backward_slab(Slab(slice(0, token_A.shape[0]), None, counts_E, how, expert_A), saved, grad_y_TD, need_x, need_gate, grads)
@@ -354,51 +398,8 @@ class GroupedExpertsFn(torch.autograd.Function):
                 grads.get("b_gate"), grads.get("b_up"), grads.get("b_down"))  # fmt: skip
 
 
-_PARAMETERS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
-
-
 def _bundle_rows(x_TD: torch.Tensor, w_gate_EDF: torch.Tensor | None, w_up_EDF: torch.Tensor) -> int:
     """How many rows a bundle of small groups may hold: its gathered rows of x and hidden
     pre-activations, [N, D + F (+ F gated)], within group_threads.BUNDLE's bytes."""
     widths = x_TD.shape[1] + w_up_EDF.shape[2] * (2 if w_gate_EDF is not None else 1)
     return group_threads.bundle_rows(widths * w_up_EDF.element_size())
-
-
-def _scratch_slots(saved: _Saved) -> int:
-    """How many split-off pieces the backward may have: each needs a slot of partial weight
-    (and bias) gradients, and all of them together stay within one [A, D] tensor, the gathered
-    copy of x that the all-groups path holds and this one never makes."""
-    per_slot = sum(t[0].numel() * t.element_size() for t in (*saved.weights, *saved.biases) if t is not None)  # one expert's
-    rows_bytes = saved.token_A.shape[0] * saved.x_TD.shape[1] * saved.weights[1].element_size()
-    return rows_bytes // max(per_slot, 1)
-
-
-def _per_group_buffers(saved: _Saved, counts_E: list[int], pieces: list, need_x: bool, need_gate: bool) -> dict:
-    """The gradients' full tensors that the pieces write their parts of (an expert with no rows
-    keeps zeros), and "<name>+" scratch slots for split-off pieces' partial gradients."""
-    new = torch.zeros if 0 in counts_E else torch.empty
-    x_TD, dtype, n_rows = saved.x_TD, saved.weights[1].dtype, saved.token_A.shape[0]
-    slots = sum(p.extra >= 0 for p in pieces)
-    grads = {}
-    for name, t in zip(_PARAMETERS, (*saved.weights, *saved.biases)):
-        if t is not None:
-            grads[name] = new(t.shape, dtype=t.dtype, device=t.device)
-            if slots:
-                grads[name + "+"] = t.new_empty(slots, *t.shape[1:])
-    if need_gate and saved.gate_A is not None:
-        grads["gate_A"] = torch.empty_like(saved.gate_A)
-    if need_x:
-        grads["x_AD"] = x_TD.new_empty(n_rows, x_TD.shape[1], dtype=dtype)
-    return grads
-
-
-def _add_partials(grads: dict, pieces: list) -> None:
-    """Add split-off pieces' partial gradients to their experts', in slot order (index_add_
-    on CPU adds in index order): the same sums whichever thread ran which piece."""
-    split = [p.expert for p in sorted((p for p in pieces if p.extra >= 0), key=lambda p: p.extra)]
-    if not split:
-        return
-    experts_S = torch.tensor(split, device=grads["w_up"].device)
-    for name in _PARAMETERS:
-        if name + "+" in grads:
-            grads[name].index_add_(0, experts_S, grads.pop(name + "+"))
