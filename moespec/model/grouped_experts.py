@@ -206,8 +206,8 @@ def _gate_up(onednn: bool, w_gate_EDF: torch.Tensor | None, w_up_EDF: torch.Tens
     1.02x; d_ff 192: 1.04x; d_ff 512: 1.08x (the copies of the stacked weights and of the
     gradient block outweigh it). On MKL it gained nothing at any width (1.00-1.03x), as an A/B
     on MKL found before oneDNN was used. Judged on six shapes not looked at before (d 128-640,
-    d_ff 32-96; `bench/moe_layer.py --gate-up-ab`): 0.89-0.98x. Built each pass (not saved:
-    what a layer keeps for backward stays as the simulator counts it)."""
+    d_ff 32-96; `bench/moe_layer.py --gate-up-ab`), two runs: 0.85-1.00x. Built each pass
+    (not saved: what a layer keeps for backward stays as the simulator counts it)."""
     if not onednn or w_gate_EDF is None or w_up_EDF.shape[2] > GATE_UP["max_f"]:
         return None
     return torch.cat([w_gate_EDF, w_up_EDF], 2)
