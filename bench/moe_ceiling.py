@@ -61,11 +61,7 @@ def without_data_movement(buffers: dict):
 
 
 def measure(shape: dict, steps: int = 12, warmup: int = 2) -> dict:
-    torch.manual_seed(0)
-    fn, layer = moe_layer.ours(shape, dropless=True)
-    dense_fn, dense = moe_layer.dense(shape)
-    x = torch.randn(shape["tokens"], shape["d"], requires_grad=True)
-    dy = torch.randn(shape["tokens"], shape["d"])
+    (fn, layer), (dense_fn, dense), x, dy = moe_layer.dropless_and_dense(shape)
     runs = {"dense": [], "dropless": [], "no_movement": []}
     buffers: dict = {}
     for step in range(warmup + steps):

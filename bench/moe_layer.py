@@ -107,6 +107,14 @@ def dense(shape: dict):
     return ffn, ffn
 
 
+def dropless_and_dense(shape: dict):
+    """(dropless layer, dense FFN, x, dy) from seed 0: the pair the moe_threads and moe_ceiling
+    benches time, each as (step function, module)."""
+    torch.manual_seed(0)
+    pair = ours(shape, dropless=True), dense(shape)
+    return (*pair, torch.randn(shape["tokens"], shape["d"], requires_grad=True), torch.randn(shape["tokens"], shape["d"]))
+
+
 def hf_mixtral(shape: dict, implementation: str):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock

@@ -92,11 +92,7 @@ def instrument(clock: _Clock):
 
 
 def measure(shape: dict, steps: int = 7, warmup: int = 2) -> dict:
-    torch.manual_seed(0)
-    fn, layer = moe_layer.ours(shape, dropless=True)
-    dense_fn, dense = moe_layer.dense(shape)
-    x = torch.randn(shape["tokens"], shape["d"], requires_grad=True)
-    dy = torch.randn(shape["tokens"], shape["d"])
+    (fn, layer), (dense_fn, dense), x, dy = moe_layer.dropless_and_dense(shape)
     clock = _Clock()
     undo = instrument(clock)
     runs = []
