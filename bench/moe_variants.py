@@ -4,50 +4,9 @@ on `torch._grouped_mm` (--engines), on MKL (--gemm-ab), and the A/B columns (`AB
 
 from __future__ import annotations
 
-import contextlib
+from unittest import mock
 
 from moespec.model import cpu_gemm, group_matmuls, grouped_experts
-
-
-def on_grouped_mm(impl):
-    """The same layer with its dropless matmuls on `_grouped_mm` instead of the thread engine
-    (the engine is chosen in forward and kept for backward)."""
-    fn, module = impl
-
-    def run(x):
-        group_matmuls.GROUPED_GEMM["threads"] = False
-        try:
-            return fn(x)
-        finally:
-            group_matmuls.GROUPED_GEMM["threads"] = True
-
-    return run, module
-
-
-def on_mkl(impl):
-    """The same layer with the thread engine's products on MKL whatever this process chose
-    (the choice is taken in forward and kept for backward, model/cpu_gemm.py)."""
-    fn, module = impl
-
-    def run(x):
-        with cpu_gemm.using("mkl"):
-            return fn(x)
-
-    return run, module
-
-
-@contextlib.contextmanager
-def _setting(table, key, value):
-    """table[key] (a dict) or table.key (a module) = value inside the block: a knob such as
-    cpu_gemm.CHUNKS or grouped_experts.GATE_UP."""
-    is_dict = isinstance(table, dict)
-    before = table[key] if is_dict else getattr(table, key)
-    put = table.__setitem__ if is_dict else lambda k, v: setattr(table, k, v)
-    put(key, value)
-    try:
-        yield
-    finally:
-        put(key, before)
 
 
 class _BackwardUnder:
@@ -73,11 +32,23 @@ def under(impl, context):
     return run, module
 
 
+def on_grouped_mm(impl):
+    """The same layer with its dropless matmuls on `_grouped_mm` instead of the thread engine
+    (the engine is chosen in forward and kept for backward)."""
+    return under(impl, lambda: mock.patch.dict(group_matmuls.GROUPED_GEMM, {"threads": False}))
+
+
+def on_mkl(impl):
+    """The same layer with the thread engine's products on MKL whatever this process chose
+    (the choice is taken in forward and kept for backward, model/cpu_gemm.py)."""
+    return under(impl, lambda: cpu_gemm.using("mkl"))
+
+
 # The A/B columns beside ours_dropless, same weights and routing: flag -> (column, the knob it
 # turns); moe_report.AB_LABELS says what each ratio reads as
 AB = {
-    "chunks_ab": ("dropless_chunks256", lambda: _setting(cpu_gemm, "CHUNKS", (256,))),
-    "gate_up_ab": ("dropless_gate_up_apart", lambda: _setting(grouped_experts.GATE_UP, "max_f", 0)),
+    "chunks_ab": ("dropless_chunks256", lambda: mock.patch.object(cpu_gemm, "CHUNKS", (256,))),
+    "gate_up_ab": ("dropless_gate_up_apart", lambda: mock.patch.dict(grouped_experts.GATE_UP, {"max_f": 0})),
 }
 
 

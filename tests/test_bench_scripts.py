@@ -193,62 +193,69 @@ def test_moe_layer_re_measures_each_target_at_its_worst_shape_on_the_same_layers
         assert torch.equal(a, b)
 
 
-def test_moe_layer_chunks_ab_calls_onednn_256_rows_at_a_time_forward_and_backward(monkeypatch):
+@pytest.fixture
+def onednn_products(monkeypatch):
+    """Every product of the thread engine on oneDNN (TINY's too: no MIN_FLOPS), the process's
+    choice back after the test."""
+    from moespec.model import cpu_gemm
+
+    cpu_gemm.force("onednn")
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
+    yield
+    cpu_gemm.force(None)
+
+
+def _input(shape: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (requiring grad) and dy for one step at `shape`."""
+    return torch.randn(shape["tokens"], shape["d"], requires_grad=True), torch.randn(shape["tokens"], shape["d"])
+
+
+def test_moe_layer_chunks_ab_calls_onednn_256_rows_at_a_time_forward_and_backward(onednn_products, monkeypatch):
     """--chunks-ab's dropless_chunks256 column: every oneDNN call of its step, the backward's
     included (it runs after the layer's forward returned), is cut with the old sizes; today's
     column and the process keep CHUNKS."""
     from moespec.model import cpu_gemm, grouped_experts
 
     bench = _bench_module("moe_layer")
-    cpu_gemm.force("onednn")
-    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)  # TINY's products go to oneDNN too
     monkeypatch.setitem(grouped_experts.GATE_UP, "max_f", 0)  # gate and up apart: 9 products a group
     seen = []
     real = cpu_gemm._chunks
     monkeypatch.setattr(cpu_gemm, "_chunks", lambda rows: seen.append(cpu_gemm.CHUNKS) or real(rows))
-    try:
-        with _two_threads():
-            today = bench.ours(TINY, dropless=True)
-            old = bench.on_chunks(today)
-            x, dy = torch.randn(TINY["tokens"], TINY["d"], requires_grad=True), torch.randn(TINY["tokens"], TINY["d"])
-            bench.time_step(*old, x, dy)
-            assert len(seen) == 9 * 4 and set(seen) == {(256,)}  # 9 products of 4 groups, forward and backward
-            assert cpu_gemm.CHUNKS == (1024, 512, 256)
-            seen.clear()
-            bench.time_step(*today, x, dy)
-            assert len(seen) == 36 and set(seen) == {(1024, 512, 256)}
-    finally:
-        cpu_gemm.force(None)
+    with _two_threads():
+        today = bench.ours(TINY, dropless=True)
+        old = bench.on_chunks(today)
+        x, dy = _input(TINY)
+        bench.time_step(*old, x, dy)
+        assert len(seen) == 9 * 4 and set(seen) == {(256,)}  # 9 products of 4 groups, forward and backward
+        assert cpu_gemm.CHUNKS == (1024, 512, 256)
+        seen.clear()
+        bench.time_step(*today, x, dy)
+        assert len(seen) == 36 and set(seen) == {(1024, 512, 256)}
 
 
-def test_moe_layer_gate_up_ab_runs_gate_and_up_apart_forward_and_backward(monkeypatch):
+def test_moe_layer_gate_up_ab_runs_gate_and_up_apart_forward_and_backward(onednn_products, monkeypatch):
     """--gate-up-ab's dropless_gate_up_apart column: no product of its step (forward or
     backward) takes the stacked [w_gate | w_up]; today's column, at d_ff 20 (d 48) on oneDNN,
     takes it in the forward, the input gradient and the weight gradient; GATE_UP is back after."""
     from moespec.model import cpu_gemm, grouped_experts
 
     bench = _bench_module("moe_layer")
-    cpu_gemm.force("onednn")
-    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)  # TINY's products go to oneDNN too
     widths = []
     real = cpu_gemm._linear
     monkeypatch.setattr(cpu_gemm, "_linear", lambda x, w: widths.append((x.shape[1], *w.shape)) or real(x, w))
     shape = dict(TINY, d=48, f=20)  # the stacked width 2F = 40 is no other width, nor a (16-aligned) row count
-    try:
-        with _two_threads():
-            today = bench.ours(shape, dropless=True)
-            apart = bench.layers(shape, peers=False, ab=["gate_up_ab"])[0]["dropless_gate_up_apart"]
-            x, dy = torch.randn(shape["tokens"], shape["d"], requires_grad=True), torch.randn(shape["tokens"], shape["d"])
-            bench.time_step(*apart, x, dy)
-            stacked = 2 * shape["f"]
-            assert widths and not any(stacked in pair for pair in widths)
-            assert grouped_experts.GATE_UP["max_f"] == 96
-            widths.clear()
-            bench.time_step(*today, x, dy)
-            assert {(shape["d"], stacked, shape["d"]), (stacked, shape["d"], stacked)} <= set(widths)  # forward [D -> 2F]; input gradient [2F -> D]
-            assert any(w_rows == stacked and x_cols == w_cols for x_cols, w_rows, w_cols in widths if x_cols != shape["d"])  # x^T @ grad [.., 2F]
-    finally:
-        cpu_gemm.force(None)
+    with _two_threads():
+        today = bench.ours(shape, dropless=True)
+        apart = bench.layers(shape, peers=False, ab=["gate_up_ab"])[0]["dropless_gate_up_apart"]
+        x, dy = _input(shape)
+        bench.time_step(*apart, x, dy)
+        stacked = 2 * shape["f"]
+        assert widths and not any(stacked in pair for pair in widths)
+        assert grouped_experts.GATE_UP["max_f"] == 96
+        widths.clear()
+        bench.time_step(*today, x, dy)
+        assert {(shape["d"], stacked, shape["d"]), (stacked, shape["d"], stacked)} <= set(widths)  # forward [D -> 2F]; input gradient [2F -> D]
+        assert any(w_rows == stacked and x_cols == w_cols for x_cols, w_rows, w_cols in widths if x_cols != shape["d"])  # x^T @ grad [.., 2F]
 
 
 def test_moe_layer_gemm_ab_runs_the_same_layer_on_mkl(monkeypatch):
@@ -265,7 +272,7 @@ def test_moe_layer_gemm_ab_runs_the_same_layer_on_mkl(monkeypatch):
         with _two_threads():
             chosen = bench.ours(TINY, dropless=True)
             on_mkl = bench.on_mkl(chosen)
-            x, dy = torch.randn(TINY["tokens"], TINY["d"], requires_grad=True), torch.randn(TINY["tokens"], TINY["d"])
+            x, dy = _input(TINY)
             bench.time_step(*on_mkl, x, dy)
             assert calls == [] and cpu_gemm.backend() == "onednn"
             bench.time_step(*chosen, x, dy)

@@ -317,12 +317,13 @@ def _backward_slab(s: Slab, saved: _Saved, grad_y_TD, need_x: bool, need_gate: b
         s.bias_grad(grad_up_NF, "b_up", grads)
         if gated:
             s.bias_grad(grad_gate_NF, "b_gate", grads)
-    if need_x and grad_N2F is not None:
-        s.times(grad_N2F, s.w_gu.transpose(1, 2), s.part(grads["x_AD"]))
-    elif need_x:
-        grad_x_ND = s.times(grad_up_NF, w_up.transpose(1, 2), s.part(grads.get("x_AD")))
-        if gated:
-            s.add_times(grad_x_ND, grad_gate_NF, w_gate.transpose(1, 2))
+    if need_x:
+        if grad_N2F is not None:
+            grad_x_ND = s.times(grad_N2F, s.w_gu.transpose(1, 2), s.part(grads.get("x_AD")))
+        else:
+            grad_x_ND = s.times(grad_up_NF, w_up.transpose(1, 2), s.part(grads.get("x_AD")))
+            if gated:
+                s.add_times(grad_x_ND, grad_gate_NF, w_gate.transpose(1, 2))
         if not s.per_group:
             grads["x_AD"] = grad_x_ND
 
